@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the local environment needs (libvirt, QEMU, etcd,
+# the Go toolchain for the kube-apiserver build, buildah/debootstrap for the image).
+# Idempotent: does nothing when every package is already installed.
+set -euo pipefail
+
+PKGS=(
+  # hypervisor
+  libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
+  libvirt-dev pkg-config
+  # small guest that writes to its disk during copies
+  linux-image-cloud-amd64 busybox-static cpio
+  # control plane
+  etcd-server
+  # kube-apiserver build from Debian's source package
+  dpkg-dev golang-go rsync golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev
+  # container image build without a Docker engine
+  buildah debootstrap
+  # misc tools used by scripts and tests
+  curl unzip lua5.4 psmisc procps
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "system packages: all present"
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing packages (${missing[*]}) and not root: run 'sudo $0'" >&2
+  exit 1
+fi
+echo "installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+# No init system here: keep package scripts from trying to start services.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+  chmod +x /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"

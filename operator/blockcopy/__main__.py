@@ -1,0 +1,5 @@
+import sys
+
+from blockcopy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""`blockcopy-operator`: the node agent's command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+
+from blockcopy import __version__
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="blockcopy-operator",
+        description="Node agent for BlockCopy objects (blockcopy.dev/v1alpha1): drives libvirt "
+        "block-copy jobs for the domains running on this node and reports their status.")
+    parser.add_argument("--node-name", default=os.environ.get("NODE_NAME"),
+                        help="name of this node (env NODE_NAME; default: the host name)")
+    parser.add_argument("--libvirt-uri", default=os.environ.get("LIBVIRT_URI", "qemu:///system"),
+                        help="libvirt connection URI (env LIBVIRT_URI; default qemu:///system)")
+    parser.add_argument("--status-interval", type=float, default=1.0,
+                        help="at most one status write per object per this many seconds")
+    parser.add_argument("--namespace", action="append", default=None,
+                        help="watch only this namespace (repeatable; default: all namespaces)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Imported here so that --help works without a cluster or libvirt configuration.
+    import kopf
+
+    from blockcopy import handlers
+    from blockcopy.agent import AgentConfig
+
+    handlers.CONFIG = AgentConfig(
+        node_name=args.node_name or socket.gethostname(),
+        libvirt_uri=args.libvirt_uri,
+        status_interval=args.status_interval,
+    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kopf.configure(verbose=args.verbose)
+    asyncio.run(kopf.operator(
+        standalone=True,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or (),
+    ))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

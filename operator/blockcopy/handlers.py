@@ -1,0 +1,81 @@
+"""kopf handlers: only wiring. Everything they call lives in agent / kube / hypervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from blockcopy import hypervisor
+from blockcopy.agent import Agent, AgentConfig
+from blockcopy.api import GROUP, PLURAL, VERSION
+from blockcopy.hypervisor import HypervisorError, HypervisorUnavailable
+from blockcopy.kube import Kube, load_config
+
+log = logging.getLogger(__name__)
+
+# Set by the command line before kopf starts; the Agent is built on kopf's loop at startup.
+CONFIG: AgentConfig | None = None
+AGENT: Agent | None = None
+
+
+def _post_event(body: Any, etype: str, reason: str, message: str) -> None:
+    kopf.event(body, type=etype, reason=reason, message=message[:1024])
+
+
+@kopf.on.startup()
+async def start_agent(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+    global AGENT
+    assert CONFIG is not None, "blockcopy.cli sets CONFIG before kopf runs"
+    # One agent per node: no peering between them (they must all run at once).
+    settings.peering.standalone = True
+    # Keep kopf's bookkeeping in status, not in annotations: GitOps tools own the object.
+    settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
+        field="status.kopf.lastHandledConfiguration")
+    settings.persistence.finalizer = f"{GROUP}/cancel-job"
+    load_config()
+    hypervisor.use_asyncio_loop(asyncio.get_running_loop())
+    hv = hypervisor.Hypervisor(CONFIG.libvirt_uri)
+    try:
+        logger.info("libvirt %s at %s", await asyncio.to_thread(hv.version), CONFIG.libvirt_uri)
+    except HypervisorError as exc:  # keep running: the follow loops retry with backoff
+        logger.warning("libvirt not reachable yet at %s: %s", CONFIG.libvirt_uri, exc)
+    AGENT = Agent(CONFIG, Kube(), hv, _post_event)
+    logger.info("agent ready on node %s", CONFIG.node_name)
+
+
+def _owned(body: kopf.Body, **_: Any) -> bool:
+    return AGENT is not None and AGENT.owns(body)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def on_change(body: kopf.Body, type: str, namespace: str, name: str, **_: Any) -> None:
+    assert AGENT is not None
+    if type == "DELETED":
+        return
+    if AGENT.owns(body):
+        AGENT.poke(namespace, name)
+    elif AGENT.is_unclaimed(body):
+        await AGENT.try_claim(body)
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, when=_owned, cancellation_timeout=10)
+async def follow(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    assert AGENT is not None
+    await AGENT.follow(body, stopped)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_owned)
+async def cancel_on_delete(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    assert AGENT is not None
+    try:
+        outcome = await AGENT.cancel_for_deletion(body)
+    except HypervisorUnavailable as exc:
+        raise kopf.TemporaryError(f"libvirt unreachable, cannot cancel yet: {exc}",
+                                  delay=10) from exc
+    except HypervisorError as exc:
+        raise kopf.TemporaryError(f"cancelling the block job failed: {exc}", delay=10) from exc
+    logger.info(outcome)

@@ -1,0 +1,55 @@
+"""What the agent observed of a disk in libvirt: plain data, shared by the hypervisor
+driver (which produces it) and the phase logic (which reads it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class MirrorReady(enum.StrEnum):
+    """The ``ready`` attribute of the live ``<mirror>`` element."""
+
+    COPYING = ""  # attribute absent: still copying
+    READY = "yes"  # source and destination in sync: pivot or finish allowed
+    ABORTING = "abort"  # finishing towards the source
+    PIVOTING = "pivot"  # finishing towards the destination
+
+
+class JobEvent(enum.StrEnum):
+    """libvirt block-job event (VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2) statuses."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    READY = "ready"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mirror:
+    dest: str
+    ready: MirrorReady
+    job: str = "copy"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobProgress:
+    cur: int
+    end: int
+    bandwidth: int  # bytes/s, 0 = unlimited
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskState:
+    domain_found: bool
+    domain_uuid: str | None = None
+    domain_name: str | None = None
+    domain_running: bool = False
+    domain_persistent: bool = False
+    disk_found: bool = False
+    target: str | None = None
+    source: str | None = None  # path of the active image (file or block device)
+    source_format: str | None = None
+    backing: str | None = None  # the active image's backing file, if libvirt knows it
+    job: JobProgress | None = None  # any block job on the disk
+    mirror: Mirror | None = None  # a copy job's destination, from the live XML

@@ -1,0 +1,132 @@
+"""Status, conditions and Events of a BlockCopy, built from decisions. Pure: the caller
+passes the clock and does the writing."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from blockcopy.api import Phase
+from blockcopy.observation import DiskState
+from blockcopy.reconcile import Decision
+
+# Condition types, each True in the phases named, so `kubectl wait --for=condition=X` works.
+MIRRORED = "Mirrored"  # the destination reached sync (stays True after a pivot)
+PIVOTED = "Pivoted"
+ABORTED = "Aborted"
+FAILED = "Failed"
+CONDITION_TYPES = (MIRRORED, PIVOTED, ABORTED, FAILED)
+
+_WARNING_PHASES = {Phase.FAILED}
+
+
+def timestamp(now: dt.datetime) -> str:
+    return now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def progress_text(cur: int | None, end: int | None) -> str:
+    """cur/end in whole percent; 100% only once cur == end."""
+    if not end or cur is None or (end <= 1 and cur == 0):
+        return "0%"
+    if cur >= end:
+        return "100%"
+    return f"{min(99, cur * 100 // end)}%"
+
+
+def _condition_states(phase: Phase, was_mirrored: bool) -> dict[str, bool]:
+    return {
+        MIRRORED: phase in (Phase.MIRRORED, Phase.PIVOTING, Phase.PIVOTED)
+        or (was_mirrored and phase in (Phase.ABORTING, Phase.ABORTED)),
+        PIVOTED: phase == Phase.PIVOTED,
+        ABORTED: phase == Phase.ABORTED,
+        FAILED: phase == Phase.FAILED,
+    }
+
+
+def conditions(
+    phase: Phase,
+    *,
+    reason: str,
+    message: str,
+    was_mirrored: bool,
+    generation: int | None,
+    now: dt.datetime,
+    previous: Sequence[Mapping[str, Any]] | None,
+    extra: Sequence[Mapping[str, Any]] = (),
+) -> list[dict[str, Any]]:
+    """The standard-shaped conditions list; lastTransitionTime moves only on a flip."""
+    before = {c.get("type"): c for c in previous or ()}
+    result = []
+    for ctype, is_true in _condition_states(phase, was_mirrored).items():
+        value = "True" if is_true else "False"
+        old = before.get(ctype)
+        changed = old is None or old.get("status") != value
+        result.append({
+            "type": ctype,
+            "status": value,
+            "reason": reason or phase.value,
+            "message": message if is_true else f"phase is {phase.value}",
+            "lastTransitionTime": timestamp(now) if changed else old.get("lastTransitionTime"),
+            "observedGeneration": generation,
+        })
+    for cond in extra:
+        old = before.get(cond["type"])
+        same = old is not None and old.get("status") == cond["status"]
+        result.append({**cond, "observedGeneration": generation,
+                       "lastTransitionTime": old.get("lastTransitionTime") if same
+                       else timestamp(now)})
+    return result
+
+
+def build_status(
+    decision: Decision,
+    *,
+    previous: Mapping[str, Any],
+    disk: DiskState | None,
+    node_name: str,
+    generation: int | None,
+    now: dt.datetime,
+    started: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The whole status (except kopf's own stanza) for a decision.
+
+    ``started`` carries the fields recorded when a job was started (source, flags, start time).
+    """
+    old_phase = previous.get("phase")
+    phase = decision.phase
+    status: dict[str, Any] = {
+        k: previous[k] for k in ("cur", "end", "bandwidth", "source", "flags", "startTime",
+                                 "mirroredTime", "completionTime") if k in previous
+    }
+    status.update(started or {})
+    job = disk.job if disk is not None else None
+    if job is not None and (disk.mirror is not None):
+        status["cur"], status["end"], status["bandwidth"] = job.cur, job.end, job.bandwidth
+    if phase in (Phase.PIVOTED, Phase.MIRRORED) and "end" in status:
+        status["cur"] = status["end"]  # a finished mirror has copied everything
+    status["progress"] = progress_text(status.get("cur"), status.get("end"))
+    if phase == Phase.MIRRORED and not status.get("mirroredTime"):
+        status["mirroredTime"] = timestamp(now)
+    if phase in (Phase.PIVOTED, Phase.ABORTED, Phase.FAILED) and old_phase != phase.value:
+        status["completionTime"] = timestamp(now)
+    status.update({
+        "phase": phase.value,
+        "nodeName": node_name,
+        "message": decision.message,
+        "observedGeneration": generation,
+        "conditions": conditions(
+            phase, reason=decision.reason, message=decision.message,
+            was_mirrored=bool(status.get("mirroredTime")), generation=generation, now=now,
+            previous=previous.get("conditions")),
+    })
+    return status
+
+
+def phase_event(old_phase: str | None, decision: Decision) -> tuple[str, str, str] | None:
+    """(type, reason, message) of the Event for a phase change, or None if no change."""
+    if old_phase == decision.phase.value:
+        return None
+    etype = "Warning" if decision.phase in _WARNING_PHASES else "Normal"
+    return etype, decision.reason or decision.phase.value, \
+        f"{decision.phase.value}: {decision.message}" if decision.message else decision.phase.value
