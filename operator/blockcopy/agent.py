@@ -38,6 +38,9 @@ class _Tracked:
     wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     writer: StatusWriter | None = None
+    # The status as this agent last wrote it: the only writer of status is this agent, and
+    # kopf's live body lags behind our own writes by one watch event.
+    status: dict[str, Any] | None = None
     domain_uuid: str | None = None
     target: str | None = None
     last_event: JobEvent | None = None
@@ -139,7 +142,7 @@ class Agent:
                 if done:
                     return
                 if not busy:
-                    phase = phase_of(body.get("status"))
+                    phase = phase_of(self._known_status(body, tracked))
                     timeout = (self.config.status_interval if phase == Phase.COPYING
                                else self.config.poll_interval)
                     await self._sleep(tracked, stopped, timeout)
@@ -162,7 +165,7 @@ class Agent:
     async def _step(self, body: Mapping[str, Any], tracked: _Tracked) -> tuple[bool, bool]:
         """One observe-decide-act-record round. Returns (terminal, act-again-at-once)."""
         meta = body["metadata"]
-        previous = dict(body.get("status") or {})
+        previous = self._known_status(body, tracked)
         current = phase_of(previous)
         if current in TERMINAL_PHASES:
             return True, False
@@ -174,7 +177,9 @@ class Agent:
             await self._record(body, tracked, decision, previous, None, generation)
             return True, False
 
-        disk = await asyncio.to_thread(self.hv.observe, spec.domain, spec.disk)
+        # Once started, follow the disk by target: a source path changes with the pivot.
+        disk_ref = previous.get("target") or spec.disk
+        disk = await asyncio.to_thread(self.hv.observe, spec.domain, disk_ref)
         tracked.domain_uuid, tracked.target = disk.domain_uuid, disk.target
         decision = reconcile.decide(spec, current, disk, last_event=tracked.last_event,
                                     was_mirrored=bool(previous.get("mirroredTime")))
@@ -185,7 +190,7 @@ class Agent:
                 # Record the intent first: if the agent dies mid-way, the phase tells the
                 # restarted agent to finish the same thing (the mirror state is re-checked).
                 await self._record(body, tracked, decision, previous, disk, generation)
-                previous = dict(body.get("status") or {}) | {"phase": decision.phase.value}
+                previous = self._known_status(body, tracked)
             try:
                 started = await self._act(spec, disk, decision)
             except HypervisorUnavailable:
@@ -216,7 +221,8 @@ class Agent:
                     self.hv.start_copy, spec.domain, target, spec.dest, fmt=fmt, flags=flags,
                     bandwidth=spec.bandwidth, granularity=spec.granularity,
                     buf_size=spec.buf_size)
-                return {"source": disk.source, "flags": sorted(f.value for f in flags),
+                return {"source": disk.source, "target": target,
+                        "flags": sorted(f.value for f in flags),
                         "startTime": status.timestamp(_now()), "bandwidth": spec.bandwidth}
             case Action.PIVOT:
                 await asyncio.to_thread(self.hv.pivot, spec.domain, target)
@@ -250,19 +256,26 @@ class Agent:
                                   now=_now(), started=started)
         assert tracked.writer is not None
         await tracked.writer.write(new, previous=previous)
+        tracked.status = new
         event = status.phase_event(previous.get("phase"), decision)
         if event is not None:
             self.post_event(body, *event)
             log.info("%s/%s: %s", body["metadata"]["namespace"], body["metadata"]["name"],
                      event[2])
 
+    @staticmethod
+    def _known_status(body: Mapping[str, Any], tracked: _Tracked) -> dict[str, Any]:
+        known = tracked.status if tracked.status is not None else body.get("status") or {}
+        return {k: v for k, v in known.items() if k != "kopf"}
+
     async def _note_unreachable(self, body, tracked: _Tracked, message: str, delay: float):
-        previous = dict(body.get("status") or {})
+        previous = self._known_status(body, tracked)
         text = f"libvirt unreachable, retrying in {delay:g}s: {message}"
         if previous.get("message") != text:
             assert tracked.writer is not None
-            await tracked.writer.write({**{k: v for k, v in previous.items() if k != "kopf"},
-                                        "message": text}, previous=previous)
+            new = {**previous, "message": text}
+            await tracked.writer.write(new, previous=previous)
+            tracked.status = new
 
     # -- deletion ------------------------------------------------------------------------
     async def cancel_for_deletion(self, body: Mapping[str, Any]) -> str:
@@ -278,7 +291,8 @@ class Agent:
         meta = body["metadata"]
         tracked = self._track(meta["namespace"], meta["name"])
         async with tracked.lock:
-            disk = await asyncio.to_thread(self.hv.observe, spec.domain, spec.disk)
+            disk_ref = (body.get("status") or {}).get("target") or spec.disk
+            disk = await asyncio.to_thread(self.hv.observe, spec.domain, disk_ref)
             mirror = disk.mirror
             if mirror is None or not reconcile.same_path(mirror.dest, spec.dest):
                 return "nothing to cancel: no job of this BlockCopy is running"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import socket
 import sys
@@ -43,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         libvirt_uri=args.libvirt_uri,
         status_interval=args.status_interval,
     )
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    kopf.configure(verbose=args.verbose)
+    kopf.configure(verbose=args.verbose)  # one handler on the root logger, for ours too
     asyncio.run(kopf.operator(
         standalone=True,
         clusterwide=not args.namespace,

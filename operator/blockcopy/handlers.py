@@ -25,6 +25,16 @@ def _post_event(body: Any, etype: str, reason: str, message: str) -> None:
     kopf.event(body, type=etype, reason=reason, message=message[:1024])
 
 
+class _QuietWatchEvents(logging.Filter):
+    """Drop kopf's per-event success lines of the watch handler (one per status write)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "'on_change' succeeded" not in record.getMessage()
+
+
+logging.getLogger("kopf.objects").addFilter(_QuietWatchEvents())
+
+
 @kopf.on.startup()
 async def start_agent(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
     global AGENT

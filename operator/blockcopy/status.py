@@ -96,8 +96,8 @@ def build_status(
     old_phase = previous.get("phase")
     phase = decision.phase
     status: dict[str, Any] = {
-        k: previous[k] for k in ("cur", "end", "bandwidth", "source", "flags", "startTime",
-                                 "mirroredTime", "completionTime") if k in previous
+        k: previous[k] for k in ("cur", "end", "bandwidth", "source", "target", "flags",
+                                 "startTime", "mirroredTime", "completionTime") if k in previous
     }
     status.update(started or {})
     job = disk.job if disk is not None else None
@@ -106,7 +106,7 @@ def build_status(
     if phase in (Phase.PIVOTED, Phase.MIRRORED) and "end" in status:
         status["cur"] = status["end"]  # a finished mirror has copied everything
     status["progress"] = progress_text(status.get("cur"), status.get("end"))
-    if phase == Phase.MIRRORED and not status.get("mirroredTime"):
+    if phase in (Phase.MIRRORED, Phase.PIVOTING) and not status.get("mirroredTime"):
         status["mirroredTime"] = timestamp(now)
     if phase in (Phase.PIVOTED, Phase.ABORTED, Phase.FAILED) and old_phase != phase.value:
         status["completionTime"] = timestamp(now)

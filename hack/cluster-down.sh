@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Tears down what hack/cluster-up.sh started: kube-apiserver, etcd (and its data), the test
+# VMs (libvirt domains named bct-*) and their throwaway images, and libvirtd/virtlogd only if
+# cluster-up started them. Keeps $STATE/pki so certificates/tokens survive a restart.
+# Safe to run when nothing is up: exits 0.
+set -euo pipefail
+
+HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$HACK")
+STATE=${BLOCKCOPY_STATE_DIR:-$REPO/.local}
+RUN="$STATE/run"
+VM_PREFIX=bct-
+IMAGES_DIR=/var/lib/libvirt/images/blockcopy-test
+VIRSH=(virsh -c qemu:///system)
+status=0   # set to 1 on a cleanup step that failed; the others still run
+
+log() { echo "[cluster-down] $*" >&2; }
+
+if [ -d "$STATE" ]; then
+  # Same lock as cluster-up, so a teardown never races a bring-up.
+  exec 9>"$STATE/.lock"
+  flock 9
+fi
+
+# stop_pid NAME PID: TERM, wait up to 10 s, then KILL and wait until it is gone.
+stop_pid() {
+  local name=$1 pid=$2 _
+  kill -0 "$pid" 2>/dev/null || return 0
+  log "stopping $name (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  log "$name did not exit after 10 s; killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+}
+
+# stop_from_pidfile NAME FILE: stops the pid in FILE if it is alive and really is NAME
+# (a recycled pid must not be killed), then removes FILE.
+stop_from_pidfile() {
+  local name=$1 file=$2 pid
+  [ -f "$file" ] || return 0
+  pid=$(cat "$file" 2>/dev/null || true)
+  if [[ "$pid" =~ ^[0-9]+$ ]] \
+     && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q -- "$name"; then
+    stop_pid "$name" "$pid"
+  fi
+  rm -f "$file"
+}
+
+# stop_matching NAME PATTERN: catches our own processes whose pid file was lost. PATTERN
+# names a flag pointing into $STATE, so only this state dir's processes match.
+stop_matching() {
+  local name=$1 pattern=$2 pid
+  for pid in $(pgrep -f -- "$pattern" || true); do
+    stop_pid "$name" "$pid"
+  done
+}
+
+# ---------------------------------------------------------------- control plane
+# apiserver first: it would only log errors while etcd is going away.
+stop_from_pidfile kube-apiserver "$RUN/kube-apiserver.pid"
+stop_matching kube-apiserver "kube-apiserver .*--token-auth-file=$STATE/pki/tokens.csv"
+stop_from_pidfile etcd "$RUN/etcd.pid"
+stop_matching etcd "etcd .*--data-dir $STATE/etcd( |\$)"
+rm -rf "$STATE/etcd" "$STATE/kubeconfig" "$STATE/kubeconfig.tmp"
+
+# ---------------------------------------------------------------- libvirt
+virsh_ok() { timeout 10 "${VIRSH[@]}" version >/dev/null 2>&1; }
+if virsh_ok; then
+  # Test/demo VMs are all named bct-*; destroy (if running) and undefine each one. This is
+  # machine-wide: it also removes bct-* VMs of any other checkout using the same libvirtd.
+  # No --remove-all-storage: their images are removed with $IMAGES_DIR below.
+  while read -r dom; do
+    [ -n "$dom" ] || continue
+    case "$dom" in "$VM_PREFIX"*) ;; *) continue ;; esac
+    log "removing domain $dom"
+    "${VIRSH[@]}" destroy "$dom" >/dev/null 2>&1 || true   # fails harmlessly if shut off
+    # Transient domains vanish on destroy; persistent ones need undefine. A plain undefine
+    # fails for domains with NVRAM or snapshot metadata, hence the fallback.
+    if "${VIRSH[@]}" dominfo "$dom" >/dev/null 2>&1; then
+      "${VIRSH[@]}" undefine "$dom" >/dev/null 2>&1 \
+        || "${VIRSH[@]}" undefine "$dom" --nvram --snapshots-metadata --checkpoints-metadata >/dev/null \
+        || { log "WARNING: could not undefine $dom"; status=1; }
+    fi
+  done < <("${VIRSH[@]}" list --all --name)
+elif pgrep -f "qemu-system.*-name guest=$VM_PREFIX" >/dev/null; then
+  log "WARNING: libvirtd is not answering but $VM_PREFIX* qemu processes exist"
+fi
+rm -rf "$IMAGES_DIR"
+
+if [ -f "$RUN/libvirt-started-by-us" ]; then
+  if virsh_ok; then
+    # Networks we may have started would leave dnsmasq behind once libvirtd is gone.
+    for net in $("${VIRSH[@]}" net-list --name); do
+      log "stopping libvirt network $net"
+      "${VIRSH[@]}" net-destroy "$net" >/dev/null || true
+    done
+  fi
+  for d in libvirtd virtlogd; do
+    stop_from_pidfile "$d" "/run/$d.pid"
+  done
+  rm -f "$RUN/libvirt-started-by-us"
+fi
+
+rm -rf "$RUN"
+log "down"
+exit "$status"

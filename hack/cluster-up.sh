@@ -1,0 +1,266 @@
+#!/usr/bin/env bash
+# Brings up a local, real environment for blockcopy-operator on a machine with no container
+# engine and no init system: etcd + kube-apiserver 1.20.2 as plain background processes, plus
+# the system libvirtd. See ../shared/reference/local-kube-apiserver.md for the background.
+#
+# Idempotent: a component whose pid file names a live process that answers is left alone, so
+# running this again while everything is up changes nothing and returns in about a second.
+# Tear down with hack/cluster-down.sh.
+set -euo pipefail
+
+HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$HACK")
+CACHE=${BLOCKCOPY_CACHE_DIR:-/var/cache/blockcopy-operator}
+STATE=${BLOCKCOPY_STATE_DIR:-$REPO/.local}
+ETCD_PORT=${BLOCKCOPY_ETCD_PORT:-23790}
+ETCD_PEER_PORT=${BLOCKCOPY_ETCD_PEER_PORT:-23800}
+API_PORT=${BLOCKCOPY_API_PORT:-16443}
+PKI="$STATE/pki"
+RUN="$STATE/run"
+LOGS="$STATE/log"
+ADMIN_TOKEN=admin-token
+VIRSH=(virsh -c qemu:///system)
+
+log() { echo "[cluster-up] $*" >&2; }
+die() { echo "[cluster-up] ERROR: $*" >&2; exit 1; }
+
+mkdir -p "$PKI" "$RUN" "$LOGS"
+# One cluster-up/cluster-down at a time per state dir.
+exec 9>"$STATE/.lock"
+flock 9
+
+# ---------------------------------------------------------------- binaries
+# build-kube-apiserver.sh prints the cached path (and only builds when it is missing).
+APISERVER=$("$HACK/build-kube-apiserver.sh")
+BLOCKCOPY_CACHE_DIR="$CACHE" "$HACK/install-kube-tools.sh"
+KUBECTL="$CACHE/bin/kubectl"
+ETCD=$(command -v etcd) || die "etcd not found: run hack/install-system-deps.sh"
+
+# ---------------------------------------------------------------- helpers
+# pid_of FILE NAME: prints the pid in FILE if that process is alive and really is NAME
+# (guards against a recycled pid); otherwise removes the stale FILE and prints nothing.
+pid_of() {
+  local file=$1 name=$2 pid
+  [ -f "$file" ] || return 0
+  pid=$(cat "$file" 2>/dev/null || true)
+  if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null \
+     && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q -- "$name"; then
+    echo "$pid"
+  else
+    log "removing stale pid file $file"
+    rm -f "$file"
+  fi
+}
+
+# find_ours FILE PATTERN: when FILE is missing, looks for our process by a flag that points
+# into $STATE (so only this state dir's process matches), e.g. after the pid file was lost,
+# and records it in FILE instead of starting a second copy that could not bind its port.
+find_ours() {
+  local file=$1 pattern=$2 pid
+  pid=$(pgrep -f -- "$pattern" | head -n 1 || true)
+  if [ -n "$pid" ]; then
+    log "adopting running process $pid (no pid file)"
+    echo "$pid" >"$file"
+    echo "$pid"
+  fi
+}
+
+# port_busy PORT: true when something already listens on 127.0.0.1:PORT.
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# stop_pid PID: TERM, wait up to 10 s, then KILL (used to replace a hung process).
+stop_pid() {
+  local pid=$1 _
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+}
+
+# wait_for TIMEOUT PID CHECK...: polls CHECK until it succeeds; fails early if PID dies.
+wait_for() {
+  local timeout=$1 pid=$2; shift 2
+  local deadline=$((SECONDS + timeout))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    # The pid must be alive too: a foreign server on the port must not count as ours.
+    "$@" && kill -0 "$pid" 2>/dev/null && return 0
+    kill -0 "$pid" 2>/dev/null || return 1
+    sleep 0.5
+  done
+  return 1
+}
+
+# start_bg NAME CMD...: detaches CMD from this shell (own session, no tty, output to the log)
+# so it survives the caller's terminal, and closes our lock fd 9 (else the daemon would hold
+# the lock forever); records its pid. Without job control a background child is never a
+# process-group leader, so setsid and nohup exec in place and $! is CMD's pid.
+start_bg() {
+  local name=$1; shift
+  setsid nohup "$@" </dev/null >>"$LOGS/$name.log" 2>&1 9>&- &
+  echo $! >"$RUN/$name.pid"
+}
+
+etcd_healthy() {
+  curl -s --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" | grep -q '"health":"true"'
+}
+
+api_ready() {
+  [ "$(curl -s --max-time 3 --cacert "$PKI/ca.crt" -H "Authorization: Bearer $ADMIN_TOKEN" \
+        "https://127.0.0.1:$API_PORT/readyz" 2>/dev/null)" = ok ]
+}
+
+# ---------------------------------------------------------------- PKI
+# Each piece is made only when missing, so a re-run never invalidates issued tokens or the
+# kubeconfig someone already copied.
+if [ ! -s "$PKI/ca.crt" ] || [ ! -s "$PKI/ca.key" ]; then
+  log "creating CA"
+  openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 \
+    -keyout "$PKI/ca.key" -out "$PKI/ca.crt" -subj "/CN=blockcopy-local-ca" \
+    -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+  rm -f "$PKI/apiserver.crt"   # a new CA invalidates the old serving cert
+fi
+if [ ! -s "$PKI/apiserver.crt" ] || [ ! -s "$PKI/apiserver.key" ]; then
+  log "creating apiserver serving certificate"
+  # Go clients ignore the CN: the SANs must name what kubeconfig/curl dial (127.0.0.1).
+  # The in-cluster names are there too in case a client uses the service IP/name.
+  cat >"$PKI/apiserver.ext" <<'EOF'
+basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
+EOF
+  openssl req -new -newkey rsa:2048 -nodes -keyout "$PKI/apiserver.key" \
+    -out "$PKI/apiserver.csr" -subj "/CN=kube-apiserver" 2>/dev/null
+  openssl x509 -req -sha256 -days 3650 -in "$PKI/apiserver.csr" \
+    -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -set_serial "0x$(openssl rand -hex 16)" \
+    -extfile "$PKI/apiserver.ext" -out "$PKI/apiserver.crt" 2>/dev/null
+  rm -f "$PKI/apiserver.csr"
+fi
+if [ ! -s "$PKI/sa.key" ] || [ ! -s "$PKI/sa.pub" ]; then
+  log "creating service-account signing key"
+  openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
+fi
+# Tests may append users to this file, so it is created once and never rewritten.
+if [ ! -f "$PKI/tokens.csv" ]; then
+  echo "$ADMIN_TOKEN,admin,admin,\"system:masters\"" >"$PKI/tokens.csv"
+fi
+chmod 600 "$PKI"/*.key "$PKI/tokens.csv"
+
+# ---------------------------------------------------------------- etcd
+ETCD_PID=$(pid_of "$RUN/etcd.pid" etcd)
+[ -n "$ETCD_PID" ] || ETCD_PID=$(find_ours "$RUN/etcd.pid" "etcd .*--data-dir $STATE/etcd( |\$)")
+if [ -n "$ETCD_PID" ] && ! wait_for 15 "$ETCD_PID" etcd_healthy; then
+  log "etcd (pid $ETCD_PID) does not answer; restarting it"
+  stop_pid "$ETCD_PID"; rm -f "$RUN/etcd.pid"; ETCD_PID=
+fi
+if [ -z "$ETCD_PID" ]; then
+  for port in "$ETCD_PORT" "$ETCD_PEER_PORT"; do
+    ! port_busy "$port" || die "port $port is used by another process (see BLOCKCOPY_ETCD_PORT/BLOCKCOPY_ETCD_PEER_PORT)"
+  done
+  log "starting etcd on 127.0.0.1:$ETCD_PORT"
+  # Everything on 127.0.0.1 and non-default ports so a system etcd (2379/2380) cannot clash.
+  start_bg etcd "$ETCD" --name blockcopy-local --data-dir "$STATE/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "blockcopy-local=http://127.0.0.1:$ETCD_PEER_PORT"
+  ETCD_PID=$(cat "$RUN/etcd.pid")
+  if ! wait_for 30 "$ETCD_PID" etcd_healthy; then
+    tail -n 30 "$LOGS/etcd.log" >&2 || true
+    kill -0 "$ETCD_PID" 2>/dev/null || die "etcd exited (log: $LOGS/etcd.log)"
+    die "etcd not healthy after 30 s (log: $LOGS/etcd.log)"
+  fi
+fi
+
+# ---------------------------------------------------------------- kube-apiserver
+API_PID=$(pid_of "$RUN/kube-apiserver.pid" kube-apiserver)
+[ -n "$API_PID" ] || API_PID=$(find_ours "$RUN/kube-apiserver.pid" \
+  "kube-apiserver .*--token-auth-file=$PKI/tokens.csv")
+if [ -n "$API_PID" ] && ! wait_for 30 "$API_PID" api_ready; then
+  log "kube-apiserver (pid $API_PID) does not answer; restarting it"
+  stop_pid "$API_PID"; rm -f "$RUN/kube-apiserver.pid"; API_PID=
+fi
+if [ -z "$API_PID" ]; then
+  ! port_busy "$API_PORT" || die "port $API_PORT is used by another process (see BLOCKCOPY_API_PORT)"
+  log "starting kube-apiserver on https://127.0.0.1:$API_PORT"
+  # RBAC + static tokens: admin-token is system:masters, extra tokens without groups let tests
+  # exercise RBAC for real. The SA key/issuer enable ServiceAccount tokens (TokenRequest).
+  start_bg kube-apiserver "$APISERVER" \
+    --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
+    --secure-port="$API_PORT" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
+    --cert-dir="$PKI/apiserver-certs" \
+    --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
+    --service-account-key-file="$PKI/sa.pub" \
+    --service-account-signing-key-file="$PKI/sa.key" \
+    --service-account-issuer=https://kubernetes.default.svc \
+    --token-auth-file="$PKI/tokens.csv" \
+    --authorization-mode=RBAC \
+    --service-cluster-ip-range=10.0.0.0/24
+  API_PID=$(cat "$RUN/kube-apiserver.pid")
+  if ! wait_for 90 "$API_PID" api_ready; then
+    tail -n 40 "$LOGS/kube-apiserver.log" >&2 || true
+    kill -0 "$API_PID" 2>/dev/null || die "kube-apiserver exited (log: $LOGS/kube-apiserver.log)"
+    die "kube-apiserver not ready after 90 s (log: $LOGS/kube-apiserver.log)"
+  fi
+fi
+
+# ---------------------------------------------------------------- kubeconfig
+# Rendered to a temp file and only moved into place when it differs, so a re-run leaves it
+# (and its mtime) untouched.
+CA_DATA=$(base64 -w0 <"$PKI/ca.crt")
+cat >"$STATE/kubeconfig.tmp" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: blockcopy-local
+  cluster:
+    server: https://127.0.0.1:$API_PORT
+    certificate-authority-data: $CA_DATA
+users:
+- name: admin
+  user:
+    token: $ADMIN_TOKEN
+contexts:
+- name: blockcopy-local
+  context:
+    cluster: blockcopy-local
+    user: admin
+current-context: blockcopy-local
+EOF
+chmod 600 "$STATE/kubeconfig.tmp"
+if cmp -s "$STATE/kubeconfig.tmp" "$STATE/kubeconfig"; then
+  rm -f "$STATE/kubeconfig.tmp"
+else
+  mv "$STATE/kubeconfig.tmp" "$STATE/kubeconfig"
+fi
+
+# ---------------------------------------------------------------- libvirt
+# No init system starts libvirtd here. Start it only when nobody else did, and leave a marker
+# so cluster-down stops only what we started.
+virsh_ok() { timeout 10 "${VIRSH[@]}" version >/dev/null 2>&1; }
+if ! virsh_ok; then
+  [ "$(id -u)" -eq 0 ] || die "libvirtd is not running and starting it needs root"
+  log "starting virtlogd and libvirtd"
+  # libvirtd -d reuses /run/libvirtd.pid; it refuses to start while another instance holds it.
+  virtlogd -d </dev/null >>"$LOGS/virtlogd.log" 2>&1 9>&-
+  libvirtd -d </dev/null >>"$LOGS/libvirtd.log" 2>&1 9>&-
+  touch "$RUN/libvirt-started-by-us"
+  deadline=$((SECONDS + 30))
+  until virsh_ok; do
+    [ "$SECONDS" -lt "$deadline" ] || die "libvirtd did not answer within 30 s"
+    sleep 0.5
+  done
+fi
+
+# ---------------------------------------------------------------- done
+cat <<EOF
+Local environment is up (state: $STATE).
+  export KUBECONFIG=$STATE/kubeconfig
+  export PATH=$CACHE/bin:\$PATH     # kubectl: $KUBECTL, helm: $CACHE/bin/helm
+  kubectl get ns
+libvirt: virsh -c qemu:///system list --all
+Tear down with: $HACK/cluster-down.sh
+EOF

@@ -1,0 +1,95 @@
+"""Spec parsing: good input parses, bad input gives a clear SpecError and nothing else."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blockcopy.api import Flag, SpecError, parse_bandwidth, parse_spec
+
+GOOD = {"domain": "vm1", "disk": "vda", "dest": "/var/lib/libvirt/images/copy.qcow2"}
+
+
+def test_minimal_spec_defaults():
+    spec = parse_spec(GOOD)
+    assert (spec.domain, spec.disk, spec.dest) == ("vm1", "vda", GOOD["dest"])
+    assert spec.pivot is False and spec.abort is False and spec.flags == frozenset()
+    assert spec.format is None and spec.bandwidth == 0 and spec.node_name is None
+
+
+def test_full_spec():
+    spec = parse_spec({**GOOD, "nodeName": "n1", "format": "raw", "flags": ["shallow",
+                       "transientJob"], "bandwidth": "100Mi", "granularity": 65536,
+                       "bufSize": 1048576, "pivot": True, "abort": False})
+    assert spec.flags == {Flag.SHALLOW, Flag.TRANSIENT_JOB}
+    assert spec.bandwidth == 100 * 2**20 and spec.granularity == 65536
+    assert spec.node_name == "n1" and spec.format == "raw" and spec.pivot
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("100Mi", 100 * 2**20), ("1Gi", 2**30), ("5M", 5_000_000), ("1k", 1000), (2048, 2048),
+    ("0", 0), (0, 0), (None, 0), ("1.5Ki", 1536), ("  7Ki ", 7168),
+])
+def test_bandwidth_quantities(value, expected):
+    assert parse_bandwidth(value) == expected
+
+
+@pytest.mark.parametrize("value", ["fast", "-1Mi", -5, True, "1Zi", "inf", "nan", [1], "Mi"])
+def test_bad_bandwidth(value):
+    with pytest.raises(SpecError, match="bandwidth"):
+        parse_bandwidth(value)
+
+
+@pytest.mark.parametrize("patch,words", [
+    ({"domain": None}, "spec.domain is required"),
+    ({"disk": ""}, "spec.disk is required"),
+    ({"dest": "relative/path.qcow2"}, "absolute path"),
+    ({"dest": "/var/lib/libvirt/images/"}, "not a directory"),
+    ({"dest": 5}, "must be a string"),
+    ({"flags": ["shallow", "turbo"]}, "unknown flag 'turbo'"),
+    ({"flags": "shallow"}, "must be a list"),
+    ({"pivot": "yes"}, "true or false"),
+    ({"granularity": -1}, "non-negative integer"),
+    ({"bufSize": 1.5}, "non-negative integer"),
+    ({"format": "qcow2; rm -rf /"}, "image format"),
+    ({"base": "/a", "flags": ["shallow"]}, "cannot be combined"),
+    ({"base": "rel"}, "absolute path"),
+])
+def test_bad_specs_have_clear_messages(patch, words):
+    with pytest.raises(SpecError) as err:
+        parse_spec({**GOOD, **patch})
+    assert words in str(err.value)
+
+
+def test_not_a_mapping():
+    with pytest.raises(SpecError, match="spec must be an object"):
+        parse_spec(["domain"])
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                  max_size=4),
+    max_leaves=10)
+FIELDS = ["domain", "disk", "dest", "nodeName", "format", "base", "flags", "bandwidth",
+          "granularity", "bufSize", "pivot", "abort"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=12))
+def test_any_input_parses_or_gives_a_spec_error(raw):
+    """Never an exception other than SpecError, and its message is a readable sentence."""
+    try:
+        parse_spec(raw)
+    except SpecError as exc:
+        assert str(exc) and len(str(exc)) < 300
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(json_values, st.text(max_size=12)))
+def test_any_bandwidth_parses_or_gives_a_spec_error(value):
+    try:
+        assert parse_bandwidth(value) >= 0
+    except SpecError as exc:
+        assert "bandwidth" in str(exc)
