@@ -15,8 +15,9 @@ from typing import Any
 
 import kubernetes
 import pytest
-import testvm
 import yaml
+
+import testvm
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STATE = pathlib.Path(os.environ.get("BLOCKCOPY_STATE_DIR", ROOT / ".local"))
@@ -91,7 +92,7 @@ class AgentProcess:
 
     def start(self, timeout: float = 60) -> None:
         env = {**os.environ, "KUBECONFIG": str(KUBECONFIG), "NODE_NAME": self.node}
-        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "blockcopy", "--status-interval", "0.5", *self.extra_args],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -199,7 +200,8 @@ class BlockCopies:
     def events(self, core: kubernetes.client.CoreV1Api, name: str) -> list:
         items = core.list_namespaced_event(
             self.namespace, field_selector=f"involvedObject.name={name}").items
-        return sorted(items, key=lambda e: (e.first_timestamp or e.event_time or 0, e.metadata.name))
+        return sorted(items, key=lambda e: (e.first_timestamp or e.event_time or 0,
+                                            e.metadata.name))
 
 
 @pytest.fixture

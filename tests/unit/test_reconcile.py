@@ -138,7 +138,8 @@ def test_restart_mid_pivot_finishes_the_pivot():
 
 @pytest.mark.parametrize("disk_name,reason", [
     ("no-domain", "DomainNotFound"), ("stopped", "DomainNotRunning"), ("no-disk", "DiskNotFound"),
-    ("other-copy", "DiskBusy"), ("other-job-no-mirror", "DiskBusy"), ("idle-on-dest", "DestIsSource"),
+    ("other-copy", "DiskBusy"), ("other-job-no-mirror", "DiskBusy"),
+    ("idle-on-dest", "DestIsSource"),
 ])
 def test_refusals_before_start(disk_name, reason):
     d = decide(SPECS["pivot=False,abort=False"], None, DISKS[disk_name])

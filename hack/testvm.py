@@ -1,0 +1,462 @@
+#!/usr/bin/env python3
+"""Throwaway QEMU domains with qcow2 backing chains holding known data.
+
+Used by the integration tests and the demo. Every domain is named ``bct-...``
+and keeps all its files under ``/var/lib/libvirt/images/blockcopy-test/<name>/``,
+so ``cleanup_all()`` can remove everything this module ever made.
+
+CLI::
+
+    testvm.py create [--name N] [--layers 2] [--size 64M] [--persistent] [--guest-writes]
+    testvm.py destroy NAME | cleanup | digest PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+PREFIX = "bct-"
+ROOT = Path("/var/lib/libvirt/images/blockcopy-test")
+GUEST_CACHE = Path("/var/cache/blockcopy-operator/guest")
+DEFAULT_URI = "qemu:///system"
+WRITE_MARK = "bct-guest: write"
+
+
+@dataclass
+class VM:
+    name: str
+    uuid: str
+    uri: str
+    workdir: str
+    chain: list[str]  # top (active) image first, base last
+    disk_target: str = "vda"
+    persistent: bool = False
+    guest_writes: bool = False
+    console_log: str = ""
+    initial_digest: str = ""  # sha256 of the merged chain before the domain started
+
+    def checksum_guest_view(self) -> str:
+        return image_digest(self.chain[0], "qcow2")
+
+
+# ---------------------------------------------------------------- images
+
+
+def _run(*cmd: str, cwd: str | None = None) -> str:
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res.stdout
+
+
+def parse_size(s: str | int) -> int:
+    if isinstance(s, int):
+        return s
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    s = s.strip().upper().removesuffix("IB").removesuffix("B")
+    return int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s)
+
+
+def layer_plan(layers: int, per_layer: int) -> list[list[tuple[int, int, int]]]:
+    """(pattern byte, offset, length) writes per layer, base first.
+
+    Layer i fills its own region [i*D, (i+1)*D) and also overwrites the first
+    half of layer i-1's region, so the merged view differs from every lower layer.
+    """
+    plan = []
+    for i in range(layers):
+        pattern = 0xA0 + i  # never 0x55/0xAA at both ends of sector 0: SeaBIOS won't boot it
+        writes = [(pattern, i * per_layer, per_layer)]
+        if i > 0:
+            writes.append((pattern, (i - 1) * per_layer, per_layer // 2))
+        plan.append(writes)
+    return plan
+
+
+def build_chain(
+    workdir: Path, layers: int, size: int, per_layer: int, relative_backing: bool = False
+) -> list[str]:
+    if layers < 1 or layers * per_layer > size:
+        raise ValueError(f"{layers} layers of {per_layer} bytes do not fit in {size} bytes")
+    paths: list[Path] = []
+    for i, writes in enumerate(layer_plan(layers, per_layer)):
+        img = workdir / ("base.qcow2" if i == 0 else f"layer{i}.qcow2")
+        if i == 0:
+            _run("qemu-img", "create", "-q", "-f", "qcow2", str(img), str(size))
+        else:
+            # -F records the backing format, so neither qemu nor libvirt has to probe it
+            lower = paths[-1].name if relative_backing else str(paths[-1])
+            qcow2 = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", lower]
+            _run(*qcow2, str(img), cwd=str(workdir))
+        for pattern, off, length in writes:
+            _run("qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {off} {length}", str(img))
+        paths.append(img)
+    return [str(p) for p in reversed(paths)]
+
+
+def image_digest(path: str, fmt: str | None = None) -> str:
+    """sha256 of the full guest-visible content of an image (its backing chain merged).
+
+    Converts to a sparse raw temp file and hashes it: exact, and fast enough for
+    1 GiB (zeros stay holes). -U lets us read images a running domain holds locked.
+    """
+    with tempfile.TemporaryDirectory(
+        prefix="bct-digest-", dir=os.environ.get("TMPDIR", "/var/tmp")
+    ) as tmp:
+        raw = os.path.join(tmp, "disk.raw")
+        _run("qemu-img", "convert", "-U", *(["-f", fmt] if fmt else []), "-O", "raw", path, raw)
+        with open(raw, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def expected_digest(vm: VM) -> str:
+    return vm.initial_digest
+
+
+# ---------------------------------------------------------------- guest: kernel + busybox initrd
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in {modules}; do insmod /lib/modules/$m || echo "bct-guest: insmod $m failed"; done
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do usleep 100000; i=$((i+1)); done
+[ -b /dev/vda ] || {{ echo "bct-guest: no /dev/vda"; sleep 100000; }}
+# 1 MiB writes (16 x 64k) at a rotating offset that stays inside the disk
+slots=$(( $(cat /sys/block/vda/size) / 2048 ))
+echo "bct-guest: ready, /dev/vda has $slots MiB"
+n=0
+while true; do
+  seek=$(( (n % slots) * 16 ))
+  dd if=/dev/urandom of=/dev/vda bs=64k count=16 seek=$seek conv=fsync 2>/dev/null
+  echo "{mark} $n seek=$seek rc=$?"
+  n=$((n + 1)); usleep 200000
+done
+"""
+
+
+def _kernel() -> tuple[str, str]:
+    kernels = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))
+    if not kernels:
+        raise RuntimeError("no /boot/vmlinuz-*-cloud-amd64: install linux-image-cloud-amd64")
+    path = kernels[-1]
+    return path, os.path.basename(path).removeprefix("vmlinuz-")
+
+
+def _modules_for(kver: str, wanted: list[str]) -> list[str]:
+    """Module files (under /lib/modules/<kver>) to insmod, dependencies first, built-ins skipped."""
+    mdir = Path("/lib/modules") / kver
+    builtin = set((mdir / "modules.builtin").read_text().split())
+    deps: dict[str, list[str]] = {}
+    for line in (mdir / "modules.dep").read_text().splitlines():
+        mod, _, rest = line.partition(":")
+        deps[mod] = rest.split()
+    by_name = {Path(m).name.split(".ko")[0].replace("-", "_"): m for m in deps}
+    order: list[str] = []
+
+    def visit(mod: str) -> None:
+        for d in reversed(deps[mod]):  # modules.dep lists the deepest dependency last
+            visit(d)
+        if mod not in order:
+            order.append(mod)
+
+    for name in wanted:
+        if not any(Path(b).name.split(".ko")[0].replace("-", "_") == name for b in builtin):
+            visit(by_name[name])
+    return order
+
+
+def guest_boot_files() -> tuple[str, str]:
+    """(kernel, initramfs) in GUEST_CACHE; the initramfs is built only if missing.
+
+    The kernel is copied too, so libvirt's dynamic ownership relabels our copy, not /boot.
+    """
+    kpath, kver = _kernel()
+    mods = _modules_for(kver, ["virtio_pci", "virtio_blk"])
+    init = INIT.format(
+        modules=" ".join(Path(m).name.split(".ko")[0] + ".ko" for m in mods), mark=WRITE_MARK
+    )
+    key = hashlib.sha256((kver + init).encode()).hexdigest()[:12]
+    GUEST_CACHE.mkdir(parents=True, exist_ok=True)
+    GUEST_CACHE.chmod(0o755)
+    kernel, initrd = GUEST_CACHE / f"vmlinuz-{kver}", GUEST_CACHE / f"initramfs-{key}.cpio.gz"
+    if not kernel.exists():
+        shutil.copyfile(kpath, kernel)
+    if initrd.exists():
+        return str(kernel), str(initrd)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for d in ("bin", "sbin", "proc", "sys", "dev", "lib/modules"):
+            (root / d).mkdir(parents=True)
+        shutil.copy2("/bin/busybox", root / "bin/busybox")
+        for m in mods:
+            src = Path("/lib/modules") / kver / m
+            data = lzma.decompress(src.read_bytes()) if m.endswith(".xz") else src.read_bytes()
+            (root / "lib/modules" / (src.name.split(".ko")[0] + ".ko")).write_bytes(data)
+        (root / "init").write_text(init)
+        (root / "init").chmod(0o755)
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        cmd = ["cpio", "-o", "-H", "newc", "--quiet"]
+        listing = "\n".join(files).encode()
+        cpio = subprocess.run(cmd, cwd=tmp, input=listing, capture_output=True, check=True).stdout
+        part = initrd.with_name(f"{initrd.name}.{os.getpid()}.part")
+        part.write_bytes(gzip.compress(cpio))
+        part.rename(initrd)  # atomic: a concurrent builder never sees half a file
+    return str(kernel), str(initrd)
+
+
+# ---------------------------------------------------------------- domains
+
+
+def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | None) -> str:
+    # The cloud kernel resets while unpacking itself in 64 MiB; it boots in 128 MiB.
+    memory, os_extra = (128 if boot else 64), ""
+    if boot:
+        os_extra = (
+            f"<kernel>{boot[0]}</kernel><initrd>{boot[1]}</initrd>"
+            "<cmdline>console=ttyS0 loglevel=4 panic=-1</cmdline>"
+        )
+    # No <backingStore> on purpose: libvirt detects the chain from the qcow2 headers.
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{memory}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>{os_extra}</os>
+  <on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{top}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'><source path='{console_log}'/><target port='0'/></serial>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+def create_vm(
+    name: str | None = None,
+    *,
+    uri: str = DEFAULT_URI,
+    layers: int = 2,
+    size: str | int = "64M",
+    persistent: bool = False,
+    guest_writes: bool = False,
+    data_per_layer: str | int = "4M",
+    relative_backing: bool = False,
+) -> VM:
+    """Create and start a domain. ``name`` is a purpose ('copy' -> 'bct-copy-1a2b3c');
+    a name that already starts with 'bct-' is used as is."""
+    if name is None or not name.startswith(PREFIX):
+        name = f"{PREFIX}{name or 'vm'}-{secrets.token_hex(3)}"
+    workdir = ROOT / name
+    with libvirt.open(uri) as conn:
+        if workdir.exists() or _find(conn, name):
+            # never fall into the cleanup below: that would remove someone else's domain
+            raise FileExistsError(f"{name} already exists: destroy it first")
+    try:
+        # libvirt runs qemu as libvirt-qemu: it must be able to traverse to the images
+        workdir.mkdir(parents=True, exist_ok=False)
+        ROOT.chmod(0o755)
+        workdir.chmod(0o755)
+        chain = build_chain(
+            workdir, layers, parse_size(size), parse_size(data_per_layer), relative_backing
+        )
+        digest = image_digest(chain[0], "qcow2")
+        console = str(workdir / "console.log")
+        xml = domain_xml(name, chain[0], console, guest_boot_files() if guest_writes else None)
+        with libvirt.open(uri) as conn:
+            if persistent:
+                dom = conn.defineXML(xml)
+                dom.create()
+            else:
+                dom = conn.createXML(xml, 0)
+            uuid = dom.UUIDString()
+    except BaseException:
+        destroy_vm_by_name(name, uri=uri)
+        raise
+    return VM(
+        name=name,
+        uuid=uuid,
+        uri=uri,
+        workdir=str(workdir),
+        chain=chain,
+        persistent=persistent,
+        guest_writes=guest_writes,
+        console_log=console,
+        initial_digest=digest,
+    )
+
+
+def _find(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    # listAllDomains instead of lookupByName: no "domain not found" noise on stderr
+    return next((d for d in conn.listAllDomains() if d.name() == name), None)
+
+
+def destroy_vm_by_name(name: str, *, uri: str = DEFAULT_URI) -> None:
+    """Destroy (if running), undefine (if persistent) and remove the image dir. Idempotent."""
+    if not name.startswith(PREFIX) or "/" in name:
+        raise ValueError(f"refusing to touch {name!r}: not a {PREFIX} test domain")
+    with libvirt.open(uri) as conn:
+        dom = _find(conn, name)
+        if dom is not None:
+            try:
+                # ask isPersistent first: a destroyed transient domain is gone
+                persistent = dom.isPersistent()
+                if dom.isActive():
+                    dom.destroy()
+                if persistent:
+                    dom.undefineFlags(
+                        libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                        | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                        | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                    )
+            except libvirt.libvirtError as e:
+                # someone else removed or stopped it in between: that is "already gone"
+                if e.get_error_code() not in (
+                    libvirt.VIR_ERR_NO_DOMAIN,
+                    libvirt.VIR_ERR_OPERATION_INVALID,
+                ):
+                    raise
+    shutil.rmtree(ROOT / name, ignore_errors=True)
+
+
+def destroy_vm(vm: VM) -> None:
+    destroy_vm_by_name(vm.name, uri=vm.uri)
+
+
+def cleanup_all(uri: str = DEFAULT_URI) -> list[str]:
+    """Remove every bct- domain and the whole image root. Returns the domain names removed."""
+    with libvirt.open(uri) as conn:
+        names = [d.name() for d in conn.listAllDomains() if d.name().startswith(PREFIX)]
+    for name in names:
+        destroy_vm_by_name(name, uri=uri)
+    shutil.rmtree(ROOT, ignore_errors=True)
+    return names
+
+
+# ---------------------------------------------------------------- inspection
+
+
+def _live_disk(vm: VM, target: str) -> ET.Element:
+    with libvirt.open(vm.uri) as conn:
+        xml = conn.lookupByName(vm.name).XMLDesc(0)
+    for disk in ET.fromstring(xml).findall("./devices/disk"):
+        t = disk.find("target")
+        if t is not None and t.get("dev") == target:
+            return disk
+    raise KeyError(f"{vm.name} has no disk {target}")
+
+
+def _source_path(elem: ET.Element | None) -> str | None:
+    if elem is None:
+        return None
+    return elem.get("file") or elem.get("dev") or elem.get("name")
+
+
+def live_disk_source(vm: VM, target: str = "vda") -> str | None:
+    return _source_path(_live_disk(vm, target).find("source"))
+
+
+def live_mirror(vm: VM, target: str = "vda") -> dict | None:
+    """Attributes of the live <mirror> (type, job, ready...) plus 'source' and 'format', or None."""
+    mirror = _live_disk(vm, target).find("mirror")
+    if mirror is None:
+        return None
+    info = dict(mirror.attrib)
+    info["source"] = _source_path(mirror.find("source")) or mirror.get("file")
+    fmt = mirror.find("format")
+    info["format"] = fmt.get("type") if fmt is not None else mirror.get("format")
+    return info
+
+
+def wait_guest_writing(vm: VM, timeout: float = 120, writes: int = 2) -> float:
+    """Wait until the console log shows ``writes`` guest writes; returns the seconds waited."""
+    start = time.monotonic()
+    while True:
+        try:
+            log = Path(vm.console_log).read_text(errors="replace")
+        except FileNotFoundError:
+            log = ""
+        if log.count(WRITE_MARK) >= writes:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            tail = "\n".join(log.splitlines()[-15:])
+            raise TimeoutError(
+                f"{vm.name}: no guest writes after {timeout}s; console tail:\n{tail}"
+            )
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--uri", default=DEFAULT_URI)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create", help="create and start a domain, print it as JSON")
+    c.add_argument("--name")
+    c.add_argument("--layers", type=int, default=2)
+    c.add_argument("--size", default="64M")
+    c.add_argument("--data-per-layer", default="4M")
+    c.add_argument("--persistent", action="store_true")
+    c.add_argument("--guest-writes", action="store_true")
+    c.add_argument("--relative-backing", action="store_true")
+    c.add_argument(
+        "--wait-writes",
+        type=float,
+        metavar="TIMEOUT",
+        help="with --guest-writes: wait until the guest is writing",
+    )
+    sub.add_parser("destroy", help="destroy one domain and its images").add_argument("name")
+    sub.add_parser("cleanup", help="destroy every bct- domain and the image root")
+    sub.add_parser("digest", help="sha256 of an image's guest view").add_argument("path")
+    a = p.parse_args(argv)
+    libvirt.registerErrorHandler(lambda *_: None, None)  # errors still raise; don't also print them
+
+    if a.cmd == "create":
+        vm = create_vm(
+            a.name,
+            uri=a.uri,
+            layers=a.layers,
+            size=a.size,
+            persistent=a.persistent,
+            guest_writes=a.guest_writes,
+            data_per_layer=a.data_per_layer,
+            relative_backing=a.relative_backing,
+        )
+        if a.guest_writes and a.wait_writes:
+            wait_guest_writing(vm, a.wait_writes)
+        print(json.dumps(dataclasses.asdict(vm), indent=2))
+    elif a.cmd == "destroy":
+        destroy_vm_by_name(a.name, uri=a.uri)
+    elif a.cmd == "cleanup":
+        for name in cleanup_all(a.uri):
+            print(f"removed {name}")
+    elif a.cmd == "digest":
+        print(image_digest(a.path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
