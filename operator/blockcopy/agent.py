@@ -1,5 +1,6 @@
-"""The node agent: runs one follow loop per BlockCopy it owns, wiring the pure phase logic
-(reconcile), the libvirt driver (hypervisor), status building (status) and the API (kube)."""
+"""The node agent: claims BlockCopies whose domain runs here and runs one follow loop per
+object it owns, wiring the pure phase logic (reconcile), the destination checks, the libvirt
+driver (hypervisor), status building (status) and the API client (kube)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,22 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from blockcopy import hypervisor, reconcile, status
-from blockcopy.api import NODE_LABEL, TERMINAL_PHASES, Flag, Phase, SpecError, parse_spec
+from blockcopy import destination, reconcile, status
+from blockcopy.api import (
+    NODE_LABEL,
+    TERMINAL_PHASES,
+    BlockCopySpec,
+    Flag,
+    Phase,
+    SpecError,
+    parse_spec,
+    pin_started_fields,
+    started_fields,
+)
 from blockcopy.hypervisor import Hypervisor, HypervisorError, HypervisorUnavailable
 from blockcopy.kube import Kube, StatusWriter
 from blockcopy.observation import DiskState, JobEvent
@@ -26,8 +38,10 @@ EventPoster = Callable[[Any, str, str, str], None]  # (body, type, reason, messa
 class AgentConfig:
     node_name: str
     libvirt_uri: str = "qemu:///system"
+    allowed_paths: tuple[str, ...] = destination.DEFAULT_ALLOWED_PATHS
     status_interval: float = 1.0  # at most one status write per object per interval
     poll_interval: float = 5.0  # fallback polling when no event arrives
+    claim_interval: float = 30.0  # re-check of unclaimed objects
     retry_backoff: tuple[float, ...] = (1, 2, 5, 10, 30)
 
 
@@ -44,6 +58,7 @@ class _Tracked:
     domain_uuid: str | None = None
     target: str | None = None
     last_event: JobEvent | None = None
+    unreachable_since: str | None = None
 
 
 def _now() -> dt.datetime:
@@ -57,6 +72,9 @@ def phase_of(raw_status: Mapping[str, Any] | None) -> Phase | None:
         return None
 
 
+SPEC_CHANGE_REFUSED = "SpecChangeRefused"
+
+
 class Agent:
     def __init__(self, config: AgentConfig, kube: Kube, hv: Hypervisor, post_event: EventPoster):
         self.config = config
@@ -64,37 +82,87 @@ class Agent:
         self.hv = hv
         self.post_event = post_event
         self._tracked: dict[tuple[str, str], _Tracked] = {}
+        # Starts are serialized so that two BlockCopies of one disk cannot both start.
+        self._start_lock = asyncio.Lock()
         hv.add_listener(self._on_job_event)
 
     # -- ownership -------------------------------------------------------------------
+    @property
+    def own_selector(self) -> str:
+        """Server-side label selector of the objects this agent owns."""
+        return f"{NODE_LABEL}={self.config.node_name}"
+
     def owns(self, body: Mapping[str, Any]) -> bool:
-        spec_node = (body.get("spec") or {}).get("nodeName")
-        if spec_node:
-            return spec_node == self.config.node_name
         labels = (body.get("metadata") or {}).get("labels") or {}
         return labels.get(NODE_LABEL) == self.config.node_name
 
-    def is_unclaimed(self, body: Mapping[str, Any]) -> bool:
-        spec_node = (body.get("spec") or {}).get("nodeName")
-        labels = (body.get("metadata") or {}).get("labels") or {}
-        return not spec_node and not labels.get(NODE_LABEL)
+    async def run_claimer(self) -> None:
+        """Watch the unclaimed objects (server-side filtered) and claim those that are ours.
 
-    async def try_claim(self, body: Mapping[str, Any]) -> bool:
-        """Claim an unclaimed object if this node's libvirt runs its domain."""
-        if phase_of(body.get("status")) in TERMINAL_PHASES:
-            return False
-        domain = (body.get("spec") or {}).get("domain")
-        if not isinstance(domain, str) or not domain:
-            return False
+        The watch restarts every claim_interval, which re-lists every unclaimed object: that
+        is the periodic re-check of objects whose domain was not running anywhere.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def pump() -> None:  # a thread: the kubernetes client's watch is blocking
+            delay = 1.0
+            while not stop.is_set():
+                try:
+                    for obj in self.kube.iter_unclaimed(int(self.config.claim_interval)):
+                        loop.call_soon_threadsafe(queue.put_nowait, obj)
+                        delay = 1.0
+                except Exception as exc:  # API outage: retry with backoff
+                    log.warning("watching unclaimed BlockCopies failed: %s", exc)
+                    stop.wait(delay)
+                    delay = min(delay * 2, 30.0)
+
+        thread = threading.Thread(target=pump, name="claimer", daemon=True)
+        thread.start()
         try:
-            here = await asyncio.to_thread(self.hv.has_running_domain, domain)
-        except HypervisorError:
-            return False
-        if not here:
-            return False
+            while True:
+                obj = await queue.get()
+                try:
+                    await self.consider_unclaimed(obj)
+                except Exception:
+                    log.exception("claiming %s failed", obj.get("metadata", {}).get("name"))
+        finally:
+            stop.set()
+
+    async def consider_unclaimed(self, body: Mapping[str, Any]) -> str:
+        """Claim the object if it is ours; otherwise mark it Pending once. Returns what it did."""
         meta = body["metadata"]
-        return await self.kube.claim(meta["namespace"], meta["name"], self.config.node_name,
-                                     meta["resourceVersion"])
+        namespace, name, version = meta["namespace"], meta["name"], meta["resourceVersion"]
+        if meta.get("deletionTimestamp") or phase_of(body.get("status")) in TERMINAL_PHASES:
+            return "ignored"
+        spec = body.get("spec") or {}
+        spec_node, domain = spec.get("nodeName"), spec.get("domain")
+        if spec_node:
+            mine = spec_node == self.config.node_name
+            waiting = f"waiting for the agent on node {spec_node} to claim it"
+        else:
+            mine = isinstance(domain, str) and bool(domain) and await self._runs_domain(domain)
+            waiting = (f"no agent has claimed it: domain {domain!r} is not running on any node "
+                       f"with an agent (re-checked every {self.config.claim_interval:g} s)")
+        if mine:
+            if await self.kube.claim(namespace, name, self.config.node_name, version):
+                log.info("%s/%s: claimed for node %s", namespace, name, self.config.node_name)
+                return "claimed"
+            return "lost the race"
+        if not (body.get("status") or {}).get("phase"):
+            pending = {"phase": Phase.PENDING.value, "message": waiting, "progress": "0%",
+                       "observedGeneration": meta.get("generation")}
+            await self.kube.patch_status(namespace, name, pending, resource_version=version)
+            return "pending"
+        return "not mine"
+
+    async def _runs_domain(self, domain: str) -> bool:
+        try:
+            return await asyncio.to_thread(self.hv.has_running_domain, domain)
+        except HypervisorError as exc:
+            log.warning("cannot check domain %r: %s", domain, exc)
+            return False
 
     def poke(self, namespace: str, name: str) -> None:
         tracked = self._tracked.get((namespace, name))
@@ -132,6 +200,7 @@ class Agent:
                 try:
                     done, busy = await self._step(body, tracked)
                     failures = 0
+                    tracked.unreachable_since = None
                 except HypervisorUnavailable as exc:
                     backoff = self.config.retry_backoff
                     delay = backoff[min(failures, len(backoff) - 1)]
@@ -170,98 +239,151 @@ class Agent:
         if current in TERMINAL_PHASES:
             return True, False
         generation = meta.get("generation")
+        raw_spec, changed = pin_started_fields(body.get("spec") or {}, previous.get("startedSpec"))
+        extra = self._spec_change_condition(changed, previous)
         try:
-            spec = parse_spec(body.get("spec"))
+            spec = parse_spec(raw_spec)
         except SpecError as exc:
             decision = Decision(Phase.FAILED, message=f"invalid spec: {exc}", reason="InvalidSpec")
-            await self._record(body, tracked, decision, previous, None, generation)
+            await self._record(body, tracked, decision, previous, None, generation, extra=extra)
             return True, False
+        started_job = current not in (None, Phase.PENDING)
+        if not started_job:
+            refused = destination.refusal(spec, self.config.allowed_paths)
+            if refused is not None:  # before libvirt is called, nothing is created
+                decision = Decision(Phase.FAILED, reason=refused[0], message=refused[1])
+                await self._record(body, tracked, decision, previous, None, generation)
+                return True, False
 
+        disk, decision = await self._observe_and_decide(spec, current, previous, tracked)
+        started: dict[str, Any] | None = None
+        action_failed = False
+        async with tracked.lock:
+            if decision.action == Action.START_COPY:
+                async with self._start_lock:
+                    # Look again under the lock: another BlockCopy may have just started a job
+                    # on this disk (then this one is refused as DiskBusy).
+                    disk, decision = await self._observe_and_decide(spec, current, previous,
+                                                                    tracked)
+                    if decision.action == Action.START_COPY:
+                        try:
+                            started = await self._start(spec, disk, raw_spec)
+                        except HypervisorUnavailable:
+                            raise
+                        except HypervisorError as exc:
+                            decision = Decision(Phase.FAILED, reason="CopyRefused",
+                                                message=f"libvirt refused to start the copy: {exc}")
+                            action_failed = True
+                        else:
+                            decision = dataclasses.replace(
+                                decision, message=self._started_message(spec, disk, started))
+                            tracked.last_event = None
+            elif decision.action != Action.NONE:
+                if decision.action in (Action.PIVOT, Action.ABORT):
+                    # Record the intent first: if the agent dies mid-way, the phase tells the
+                    # restarted agent to finish the same thing (the mirror is re-checked).
+                    await self._record(body, tracked, decision, previous, disk, generation,
+                                       extra=extra)
+                    previous = self._known_status(body, tracked)
+                try:
+                    await self._act(spec, disk, decision)
+                except HypervisorUnavailable:
+                    raise
+                except HypervisorError as exc:
+                    decision = self._action_failed(decision, current, exc)
+                    action_failed = True
+        await self._record(body, tracked, decision, previous, disk, generation, started,
+                           extra=extra)
+        terminal = decision.phase in TERMINAL_PHASES
+        # After a successful action, look again at once; after a refused one, back off.
+        return terminal, decision.action != Action.NONE and not terminal and not action_failed
+
+    async def _observe_and_decide(self, spec: BlockCopySpec, current: Phase | None,
+                                  previous: Mapping[str, Any], tracked: _Tracked
+                                  ) -> tuple[DiskState, Decision]:
         # Once started, follow the disk by target: a source path changes with the pivot.
         disk_ref = previous.get("target") or spec.disk
         disk = await asyncio.to_thread(self.hv.observe, spec.domain, disk_ref)
         tracked.domain_uuid, tracked.target = disk.domain_uuid, disk.target
         decision = reconcile.decide(spec, current, disk, last_event=tracked.last_event,
                                     was_mirrored=bool(previous.get("mirroredTime")))
-        started: dict[str, Any] | None = None
-        action_failed = False
-        async with tracked.lock:
-            if decision.action in (Action.PIVOT, Action.ABORT):
-                # Record the intent first: if the agent dies mid-way, the phase tells the
-                # restarted agent to finish the same thing (the mirror state is re-checked).
-                await self._record(body, tracked, decision, previous, disk, generation)
-                previous = self._known_status(body, tracked)
-            try:
-                started = await self._act(spec, disk, decision)
-            except HypervisorUnavailable:
-                raise
-            except HypervisorError as exc:
-                decision = self._action_failed(decision, current, exc)
-                action_failed = True
-        if decision.action == Action.START_COPY and started is not None:
-            tracked.last_event = None
-        await self._record(body, tracked, decision, previous, disk, generation, started)
-        terminal = decision.phase in TERMINAL_PHASES
-        # After a successful action, look again at once; after a refused one, back off.
-        return terminal, decision.action != Action.NONE and not terminal and not action_failed
+        return disk, decision
 
-    async def _act(self, spec, disk: DiskState, decision: Decision) -> dict[str, Any] | None:
+    async def _start(self, spec: BlockCopySpec, disk: DiskState,
+                     raw_spec: Mapping[str, Any]) -> dict[str, Any]:
+        flags = reconcile.copy_flags(spec, disk)
+        fmt = spec.format
+        if fmt is None and Flag.REUSE_EXTERNAL in flags:
+            fmt = await asyncio.to_thread(destination.probe_format, spec.dest)
+        fmt = fmt or disk.source_format or "raw"
+        target = disk.target or spec.disk
+        await asyncio.to_thread(
+            self.hv.start_copy, spec.domain, target, spec.dest, fmt=fmt, flags=flags,
+            bandwidth=spec.bandwidth, granularity=spec.granularity, buf_size=spec.buf_size)
+        return {"source": disk.source, "target": target, "format": fmt,
+                "flags": sorted(f.value for f in flags), "startTime": status.timestamp(_now()),
+                "bandwidth": spec.bandwidth, "startedSpec": started_fields(raw_spec)}
+
+    @staticmethod
+    def _started_message(spec: BlockCopySpec, disk: DiskState, started: Mapping) -> str:
+        notes = []
+        if Flag.TRANSIENT_JOB in started["flags"] and Flag.TRANSIENT_JOB not in spec.flags:
+            notes.append("transientJob added: the domain is persistent, and the job is lost "
+                         "if the VM stops")
+        if spec.base is not None:
+            notes.append("shallow: base is the top image's backing file")
+        tail = f" ({'; '.join(notes)})" if notes else ""
+        return f"copying {disk.source} to {spec.dest} as {started['format']}{tail}"
+
+    async def _act(self, spec: BlockCopySpec, disk: DiskState, decision: Decision) -> None:
         target = disk.target or spec.disk
         match decision.action:
-            case Action.START_COPY:
-                flags = set(spec.flags)
-                if disk.domain_persistent:
-                    # QEMU refuses copies on persistent domains without it (see README).
-                    flags.add(Flag.TRANSIENT_JOB)
-                fmt = spec.format
-                if fmt is None and Flag.REUSE_EXTERNAL in flags:
-                    fmt = await asyncio.to_thread(hypervisor.probe_format, spec.dest)
-                fmt = fmt or disk.source_format or "raw"
-                await asyncio.to_thread(
-                    self.hv.start_copy, spec.domain, target, spec.dest, fmt=fmt, flags=flags,
-                    bandwidth=spec.bandwidth, granularity=spec.granularity,
-                    buf_size=spec.buf_size)
-                return {"source": disk.source, "target": target,
-                        "flags": sorted(f.value for f in flags),
-                        "startTime": status.timestamp(_now()), "bandwidth": spec.bandwidth}
             case Action.PIVOT:
                 await asyncio.to_thread(self.hv.pivot, spec.domain, target)
             case Action.ABORT:
                 await asyncio.to_thread(self.hv.cancel, spec.domain, target)
             case Action.SET_BANDWIDTH:
                 await asyncio.to_thread(self.hv.set_bandwidth, spec.domain, target, spec.bandwidth)
-        return None
 
     @staticmethod
     def _action_failed(decision: Decision, current: Phase | None,
                        exc: HypervisorError) -> Decision:
-        match decision.action:
-            case Action.START_COPY:
-                return Decision(Phase.FAILED, reason="CopyRefused",
-                                message=f"libvirt refused to start the copy: {exc}")
-            case Action.PIVOT:
-                # The job keeps mirroring; the VM stays on its source. Retried next round.
-                return Decision(Phase.MIRRORED, reason="PivotRefused",
-                                message=f"libvirt refused the pivot, will retry: {exc}")
-            case _:
-                verb = decision.action.value
-                return Decision(current or Phase.COPYING,
-                                reason=f"{verb[0].upper()}{verb[1:]}Failed",
-                                message=f"{verb} failed, will retry: {exc}")
+        if decision.action == Action.PIVOT:
+            # The job keeps mirroring; the VM stays on its source. Retried after a backoff.
+            return Decision(Phase.MIRRORED, reason="PivotRefused",
+                            message=f"libvirt refused the pivot, will retry: {exc}")
+        verb = decision.action.value
+        return Decision(current or Phase.COPYING, reason=f"{verb[0].upper()}{verb[1:]}Failed",
+                        message=f"{verb} failed, will retry: {exc}")
+
+    def _spec_change_condition(self, changed: list[str], previous: Mapping[str, Any]
+                               ) -> list[dict[str, Any]]:
+        was = any(c.get("type") == SPEC_CHANGE_REFUSED for c in previous.get("conditions") or [])
+        if not changed and not was:
+            return []
+        if changed:
+            return [{"type": SPEC_CHANGE_REFUSED, "status": "True", "reason": "ImmutableField",
+                     "message": f"spec.{', spec.'.join(changed)} cannot change once the job "
+                     "started; the agent keeps working from the values it started with"}]
+        return [{"type": SPEC_CHANGE_REFUSED, "status": "False", "reason": "SpecMatches",
+                 "message": "the immutable fields match what the job started with"}]
 
     async def _record(self, body, tracked: _Tracked, decision: Decision, previous: dict,
-                      disk: DiskState | None, generation, started=None) -> None:
+                      disk: DiskState | None, generation, started=None, extra=()) -> None:
         new = status.build_status(decision, previous=previous, disk=disk,
                                   node_name=self.config.node_name, generation=generation,
-                                  now=_now(), started=started)
+                                  now=_now(), started=started, extra_conditions=extra)
         assert tracked.writer is not None
         await tracked.writer.write(new, previous=previous)
         tracked.status = new
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
         event = status.phase_event(previous.get("phase"), decision)
         if event is not None:
             self.post_event(body, *event)
-            log.info("%s/%s: %s", body["metadata"]["namespace"], body["metadata"]["name"],
-                     event[2])
+            log.info("%s/%s: %s", ns, name, event[2])
+        for cond in status.flipped_to_true(previous.get("conditions"), extra):
+            self.post_event(body, "Warning", cond["type"], cond["message"])
+            log.warning("%s/%s: %s", ns, name, cond["message"])
 
     @staticmethod
     def _known_status(body: Mapping[str, Any], tracked: _Tracked) -> dict[str, Any]:
@@ -270,12 +392,16 @@ class Agent:
 
     async def _note_unreachable(self, body, tracked: _Tracked, message: str, delay: float):
         previous = self._known_status(body, tracked)
-        text = f"libvirt unreachable, retrying in {delay:g}s: {message}"
-        if previous.get("message") != text:
-            assert tracked.writer is not None
-            new = {**previous, "message": text}
-            await tracked.writer.write(new, previous=previous)
-            tracked.status = new
+        if tracked.unreachable_since is None:
+            tracked.unreachable_since = status.timestamp(_now())
+            self.post_event(body, "Warning", "LibvirtUnreachable", message)
+            log.warning("libvirt unreachable: %s", message)
+        text = (f"libvirt unreachable since {tracked.unreachable_since}, retrying in "
+                f"{delay:g}s: {message}")
+        new = {**previous, "message": text}
+        assert tracked.writer is not None
+        await tracked.writer.write(new, previous=previous)
+        tracked.status = new
 
     # -- deletion ------------------------------------------------------------------------
     async def cancel_for_deletion(self, body: Mapping[str, Any]) -> str:
@@ -284,14 +410,15 @@ class Agent:
         raw = body.get("status") or {}
         if phase_of(raw) in TERMINAL_PHASES:
             return "nothing to cancel: the copy had ended"
+        raw_spec, _ = pin_started_fields(body.get("spec") or {}, raw.get("startedSpec"))
         try:
-            spec = parse_spec(body.get("spec"))
+            spec = parse_spec(raw_spec)
         except SpecError:
             return "nothing to cancel: the spec was invalid"
         meta = body["metadata"]
         tracked = self._track(meta["namespace"], meta["name"])
         async with tracked.lock:
-            disk_ref = (body.get("status") or {}).get("target") or spec.disk
+            disk_ref = raw.get("target") or spec.disk
             disk = await asyncio.to_thread(self.hv.observe, spec.domain, disk_ref)
             mirror = disk.mirror
             if mirror is None or not reconcile.same_path(mirror.dest, spec.dest):

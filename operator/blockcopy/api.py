@@ -41,6 +41,37 @@ class Flag(enum.StrEnum):
     SYNCHRONOUS_WRITES = "synchronousWrites"
 
 
+# Fields that cannot change once the job started (the agent keeps what it started with).
+IMMUTABLE_FIELDS = ("domain", "nodeName", "disk", "dest", "format", "base", "flags")
+
+
+def _normal(field: str, value: Any) -> Any:
+    if field == "flags":
+        return sorted(set(value)) if isinstance(value, list) else value
+    return value
+
+
+def pin_started_fields(raw_spec: Mapping[str, Any], started: Mapping[str, Any] | None
+                       ) -> tuple[dict[str, Any], list[str]]:
+    """The spec to act on, with immutable fields as they were when the job started, and
+    the names of the immutable fields the user changed since (refused)."""
+    raw = dict(raw_spec) if isinstance(raw_spec, Mapping) else {}
+    if not started:
+        return raw, []
+    changed = [f for f in IMMUTABLE_FIELDS
+               if _normal(f, raw.get(f) or None) != _normal(f, started.get(f) or None)]
+    for field in IMMUTABLE_FIELDS:
+        raw.pop(field, None)
+        if started.get(field) is not None:
+            raw[field] = started[field]
+    return raw, changed
+
+
+def started_fields(raw_spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The immutable fields of a spec, as recorded in status when the job starts."""
+    return {f: raw_spec[f] for f in IMMUTABLE_FIELDS if raw_spec.get(f) not in (None, "", [])}
+
+
 class SpecError(ValueError):
     """The spec cannot be acted on; the message is shown to the user as is."""
 

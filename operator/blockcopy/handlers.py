@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 # Set by the command line before kopf starts; the Agent is built on kopf's loop at startup.
 CONFIG: AgentConfig | None = None
 AGENT: Agent | None = None
+CLAIMER: asyncio.Task | None = None
 
 
 def _post_event(body: Any, etype: str, reason: str, message: str) -> None:
@@ -54,7 +55,19 @@ async def start_agent(settings: kopf.OperatorSettings, logger: logging.Logger, *
     except HypervisorError as exc:  # keep running: the follow loops retry with backoff
         logger.warning("libvirt not reachable yet at %s: %s", CONFIG.libvirt_uri, exc)
     AGENT = Agent(CONFIG, Kube(), hv, _post_event)
-    logger.info("agent ready on node %s", CONFIG.node_name)
+    # Server-side filtering: kopf receives only this node's objects; the claimer receives
+    # only unclaimed ones. No agent ever downloads the objects of other nodes.
+    settings.watching.label_selectors[GROUP, PLURAL] = AGENT.own_selector
+    global CLAIMER
+    CLAIMER = asyncio.create_task(AGENT.run_claimer(), name="claimer")
+    logger.info("agent ready on node %s (allowed destination roots: %s)", CONFIG.node_name,
+                ", ".join(CONFIG.allowed_paths))
+
+
+@kopf.on.cleanup()
+async def stop_claimer(**_: Any) -> None:
+    if CLAIMER is not None:
+        CLAIMER.cancel()
 
 
 def _owned(body: kopf.Body, **_: Any) -> bool:
@@ -62,14 +75,10 @@ def _owned(body: kopf.Body, **_: Any) -> bool:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def on_change(body: kopf.Body, type: str, namespace: str, name: str, **_: Any) -> None:
+async def on_change(type: str, namespace: str, name: str, **_: Any) -> None:
     assert AGENT is not None
-    if type == "DELETED":
-        return
-    if AGENT.owns(body):
-        AGENT.poke(namespace, name)
-    elif AGENT.is_unclaimed(body):
-        await AGENT.try_claim(body)
+    if type != "DELETED":
+        AGENT.poke(namespace, name)  # wake the follow loop: spec (pivot, abort...) may differ
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, when=_owned, cancellation_timeout=10)

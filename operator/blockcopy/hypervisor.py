@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import stat
 import threading
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
@@ -22,6 +21,7 @@ import libvirt
 import libvirtaio
 
 from blockcopy.api import Flag
+from blockcopy.destination import is_block_device
 from blockcopy.observation import DiskState, JobEvent, JobProgress, Mirror, MirrorReady
 
 log = logging.getLogger(__name__)
@@ -87,19 +87,6 @@ def _looks_like_uuid(ref: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def is_block_device(path: str) -> bool:
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
-def probe_format(path: str) -> str:
-    """Image format of an existing destination: qcow2 by its magic, otherwise raw."""
-    with open(path, "rb") as f:
-        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
 
 
 def dest_disk_xml(dest: str, fmt: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import kubernetes
@@ -27,10 +28,31 @@ class Kube:
     def __init__(self) -> None:
         self._api = kubernetes.client.CustomObjectsApi()
 
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        await asyncio.to_thread(
-            self._api.patch_namespaced_custom_object_status,
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any], *,
+                           resource_version: str | None = None) -> bool:
+        """Merge-patch the status; with ``resource_version``, only if nobody wrote since
+        (returns False when the object changed or is gone)."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
+        try:
+            await asyncio.to_thread(self._api.patch_namespaced_custom_object_status,
+                                    GROUP, VERSION, namespace, PLURAL, name, body)
+        except ApiException as exc:
+            if resource_version is not None and exc.status in (404, 409):
+                return False
+            raise
+        return True
+
+    def iter_unclaimed(self, timeout_seconds: int) -> Iterator[dict[str, Any]]:
+        """List, then watch for ``timeout_seconds``, the objects without the claim label
+        (blocking; filtered by the API server, so agents never receive claimed objects)."""
+        watch = kubernetes.watch.Watch()
+        for event in watch.stream(self._api.list_cluster_custom_object, GROUP, VERSION, PLURAL,
+                                  label_selector=f"!{NODE_LABEL}",
+                                  timeout_seconds=timeout_seconds):
+            if event["type"] in ("ADDED", "MODIFIED"):
+                yield event["object"]
 
     async def claim(self, namespace: str, name: str, node: str, resource_version: str) -> bool:
         """Label the object as ours, only if nobody changed it since ``resource_version``.

@@ -13,7 +13,7 @@ import dataclasses
 import enum
 import os
 
-from blockcopy.api import JOB_PHASES, TERMINAL_PHASES, BlockCopySpec, Phase
+from blockcopy.api import JOB_PHASES, TERMINAL_PHASES, BlockCopySpec, Flag, Phase
 from blockcopy.observation import DiskState, JobEvent, MirrorReady
 
 
@@ -89,6 +89,12 @@ def decide(
         if same_path(disk.source, spec.dest):
             return Decision(Phase.FAILED, reason="DestIsSource",
                             message=f"dest {spec.dest} is the disk's current source")
+        if spec.base is not None and not same_path(spec.base, disk.backing):
+            has = f"is {disk.backing}" if disk.backing else "does not exist (no backing chain)"
+            return Decision(Phase.FAILED, reason="UnsupportedBase",
+                            message=f"spec.base {spec.base} is not the top image's backing file "
+                            f"(which {has}); supported are a full copy (no base), the shallow "
+                            "flag, or base = the top image's backing file")
         if spec.abort:
             return Decision(Phase.ABORTED, reason="AbortedBeforeStart",
                             message="abort was set before the copy started; nothing was copied")
@@ -142,6 +148,16 @@ def decide(
                         "the VM stays on its source")
     return Decision(Phase.FAILED, reason="JobLost",
                     message="the block job ended unexpectedly; the VM stays on its source")
+
+
+def copy_flags(spec: BlockCopySpec, disk: DiskState) -> frozenset[Flag]:
+    """The flags to pass to libvirt for this spec and disk."""
+    flags = set(spec.flags)
+    if spec.base is not None:
+        flags.add(Flag.SHALLOW)  # base = the top's backing file (anything else is refused)
+    if disk.domain_persistent:
+        flags.add(Flag.TRANSIENT_JOB)  # QEMU refuses a copy on a persistent domain without it
+    return frozenset(flags)
 
 
 def _bandwidth_action(spec: BlockCopySpec, disk: DiskState) -> Action:

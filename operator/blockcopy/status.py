@@ -88,6 +88,7 @@ def build_status(
     generation: int | None,
     now: dt.datetime,
     started: Mapping[str, Any] | None = None,
+    extra_conditions: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The whole status (except kopf's own stanza) for a decision.
 
@@ -96,8 +97,9 @@ def build_status(
     old_phase = previous.get("phase")
     phase = decision.phase
     status: dict[str, Any] = {
-        k: previous[k] for k in ("cur", "end", "bandwidth", "source", "target", "flags",
-                                 "startTime", "mirroredTime", "completionTime") if k in previous
+        k: previous[k] for k in ("cur", "end", "bandwidth", "source", "target", "format", "flags",
+                                 "startedSpec", "startTime", "mirroredTime", "completionTime")
+        if k in previous
     }
     status.update(started or {})
     job = disk.job if disk is not None else None
@@ -118,9 +120,16 @@ def build_status(
         "conditions": conditions(
             phase, reason=decision.reason, message=decision.message,
             was_mirrored=bool(status.get("mirroredTime")), generation=generation, now=now,
-            previous=previous.get("conditions")),
+            previous=previous.get("conditions"), extra=extra_conditions),
     })
     return status
+
+
+def flipped_to_true(previous: Sequence[Mapping[str, Any]] | None,
+                    conditions: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The conditions that are True now and were not True before (each deserves an Event)."""
+    before = {c.get("type"): c.get("status") for c in previous or ()}
+    return [c for c in conditions if c["status"] == "True" and before.get(c["type"]) != "True"]
 
 
 def phase_event(old_phase: str | None, decision: Decision) -> tuple[str, str, str] | None:

@@ -1,0 +1,57 @@
+"""Checks on the destination path, made before libvirt is called: the agent must not let a
+BlockCopy write arbitrary files on the node, nor clobber an existing file."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+
+from blockcopy.api import BlockCopySpec, Flag
+
+DEFAULT_ALLOWED_PATHS = ("/var/lib/libvirt/images",)
+
+
+def is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def probe_format(path: str) -> str:
+    """Image format of an existing destination: qcow2 by its magic, otherwise raw."""
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def refusal(spec: BlockCopySpec, allowed_roots: Iterable[str]) -> tuple[str, str] | None:
+    """(reason, message) if the destination must not be used, else None.
+
+    ``dest`` is resolved like the kernel would (symlinks, ``..``) and must land under an
+    allowed root, itself resolved the same way.
+    """
+    resolved = os.path.realpath(spec.dest)
+    roots = [os.path.realpath(r) for r in allowed_roots]
+    if not any(_within(resolved, root) for root in roots):
+        shown = spec.dest if resolved == spec.dest else f"{spec.dest} (resolves to {resolved})"
+        return ("DestNotAllowed", f"dest {shown} is outside the allowed paths "
+                f"{', '.join(roots)}; see the agent's --allowed-path")
+    exists = os.path.lexists(spec.dest)
+    reuse = Flag.REUSE_EXTERNAL in spec.flags
+    if exists and not reuse:
+        return ("DestExists", f"dest {spec.dest} already exists; set the reuseExternal flag to "
+                "copy into a pre-created destination (it is never overwritten otherwise)")
+    if reuse and not exists:
+        return ("DestMissing", f"dest {spec.dest} does not exist, but the reuseExternal flag "
+                "says it was pre-created")
+    if not exists and not os.path.isdir(os.path.dirname(resolved)):
+        return ("DestNotCreatable", f"cannot create dest {spec.dest}: directory "
+                f"{os.path.dirname(resolved)} does not exist")
+    if exists and not (is_block_device(resolved) or os.path.isfile(resolved)):
+        return ("DestNotFileOrDevice", f"dest {spec.dest} is neither a file nor a block device")
+    return None
