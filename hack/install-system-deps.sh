@@ -17,7 +17,7 @@ PKGS=(
   # container image build without a Docker engine
   buildah debootstrap
   # misc tools used by scripts and tests
-  curl unzip lua5.4 psmisc procps
+  curl unzip psmisc procps socat
 )
 
 missing=()

@@ -294,6 +294,9 @@ class Agent:
                     action_failed = True
         await self._record(body, tracked, decision, previous, disk, generation, started,
                            extra=extra)
+        if action_failed and decision.phase not in TERMINAL_PHASES:
+            # The phase did not change, so no phase Event was posted: say it anyway.
+            self.post_event(body, "Warning", decision.reason, decision.message)
         terminal = decision.phase in TERMINAL_PHASES
         # After a successful action, look again at once; after a refused one, back off.
         return terminal, decision.action != Action.NONE and not terminal and not action_failed
