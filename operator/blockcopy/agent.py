@@ -9,10 +9,11 @@ import dataclasses
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from blockcopy import destination, reconcile, status
+from blockcopy import destination, metrics, reconcile, status
 from blockcopy.api import (
     NODE_LABEL,
     TERMINAL_PHASES,
@@ -59,10 +60,16 @@ class _Tracked:
     target: str | None = None
     last_event: JobEvent | None = None
     unreachable_since: str | None = None
+    pivot_issued: float | None = None  # monotonic time of the pivot call, for its latency
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _seconds(start: str, end: str) -> float:
+    parse = dt.datetime.fromisoformat
+    return max(0.0, (parse(end) - parse(start)).total_seconds())
 
 
 def phase_of(raw_status: Mapping[str, Any] | None) -> Phase | None:
@@ -82,6 +89,7 @@ class Agent:
         self.hv = hv
         self.post_event = post_event
         self._tracked: dict[tuple[str, str], _Tracked] = {}
+        self.phase_counts = metrics.PhaseCounts()
         # Starts are serialized so that two BlockCopies of one disk cannot both start.
         self._start_lock = asyncio.Lock()
         hv.add_listener(self._on_job_event)
@@ -191,6 +199,7 @@ class Agent:
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         tracked = self._track(namespace, name)
+        self.phase_counts.set((namespace, name), self._known_status(body, tracked).get("phase"))
         failures = 0
         try:
             while not stopped:
@@ -286,7 +295,7 @@ class Agent:
                                        extra=extra)
                     previous = self._known_status(body, tracked)
                 try:
-                    await self._act(spec, disk, decision)
+                    await self._act(spec, disk, decision, tracked)
                 except HypervisorUnavailable:
                     raise
                 except HypervisorError as exc:
@@ -297,6 +306,7 @@ class Agent:
         if action_failed and decision.phase not in TERMINAL_PHASES:
             # The phase did not change, so no phase Event was posted: say it anyway.
             self.post_event(body, "Warning", decision.reason, decision.message)
+            metrics.ERRORS.labels(decision.reason).inc()
         terminal = decision.phase in TERMINAL_PHASES
         # After a successful action, look again at once; after a refused one, back off.
         return terminal, decision.action != Action.NONE and not terminal and not action_failed
@@ -338,10 +348,12 @@ class Agent:
         tail = f" ({'; '.join(notes)})" if notes else ""
         return f"copying {disk.source} to {spec.dest} as {started['format']}{tail}"
 
-    async def _act(self, spec: BlockCopySpec, disk: DiskState, decision: Decision) -> None:
+    async def _act(self, spec: BlockCopySpec, disk: DiskState, decision: Decision,
+                   tracked: _Tracked) -> None:
         target = disk.target or spec.disk
         match decision.action:
             case Action.PIVOT:
+                tracked.pivot_issued = time.monotonic()
                 await asyncio.to_thread(self.hv.pivot, spec.domain, target)
             case Action.ABORT:
                 await asyncio.to_thread(self.hv.cancel, spec.domain, target)
@@ -380,6 +392,8 @@ class Agent:
         await tracked.writer.write(new, previous=previous)
         tracked.status = new
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        self._update_metrics((ns, name), tracked, previous, new,
+                             decision.reason or decision.phase.value)
         event = status.phase_event(previous.get("phase"), decision)
         if event is not None:
             self.post_event(body, *event)
@@ -387,6 +401,24 @@ class Agent:
         for cond in status.flipped_to_true(previous.get("conditions"), extra):
             self.post_event(body, "Warning", cond["type"], cond["message"])
             log.warning("%s/%s: %s", ns, name, cond["message"])
+
+    def _update_metrics(self, key: tuple[str, str], tracked: _Tracked,
+                        previous: Mapping[str, Any], new: Mapping[str, Any],
+                        reason: str) -> None:
+        old_phase, phase = previous.get("phase"), new["phase"]
+        self.phase_counts.set(key, phase)
+        if phase in (Phase.COPYING, Phase.MIRRORED, Phase.PIVOTING, Phase.PIVOTED):
+            self.phase_counts.copied(key, new.get("cur"))
+        if old_phase == phase:
+            return
+        if new.get("mirroredTime") and not previous.get("mirroredTime") and new.get("startTime"):
+            metrics.COPY_SECONDS.observe(_seconds(new["startTime"], new["mirroredTime"]))
+        if phase in (Phase.PIVOTED, Phase.ABORTED) and new.get("mirroredTime"):
+            metrics.MIRROR_SECONDS.observe(_seconds(new["mirroredTime"], new["completionTime"]))
+        if phase == Phase.PIVOTED and tracked.pivot_issued is not None:
+            metrics.PIVOT_SECONDS.observe(time.monotonic() - tracked.pivot_issued)
+        if phase == Phase.FAILED:
+            metrics.ERRORS.labels(reason).inc()
 
     @staticmethod
     def _known_status(body: Mapping[str, Any], tracked: _Tracked) -> dict[str, Any]:

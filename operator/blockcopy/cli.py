@@ -70,11 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         status_interval=args.status_interval,
         claim_interval=args.claim_interval,
     )
-    kopf.configure(verbose=args.verbose)  # one handler on the root logger, for ours too
+    # One handler on the root logger, for kopf's lines and ours.
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON
+                   if args.log_format == "json" else kopf.LogFormat.FULL)
+    if args.metrics_port:
+        from blockcopy import metrics
+
+        metrics.serve(args.metrics_port)
     asyncio.run(kopf.operator(
         standalone=True,
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
+        liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz"
+        if args.liveness_port else None,
     ))
     return 0
 

@@ -92,6 +92,7 @@ async def cancel_on_delete(body: kopf.Body, logger: logging.Logger, **_: Any) ->
     assert AGENT is not None
     try:
         outcome = await AGENT.cancel_for_deletion(body)
+        AGENT.phase_counts.forget((body["metadata"]["namespace"], body["metadata"]["name"]))
     except HypervisorUnavailable as exc:
         raise kopf.TemporaryError(f"libvirt unreachable, cannot cancel yet: {exc}",
                                   delay=10) from exc
