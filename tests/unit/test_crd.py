@@ -1,0 +1,93 @@
+"""The CRD: names, schema enums in step with the code, and its CEL immutability rules
+evaluated with cel-python (the local 1.20 API server cannot run them)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import celpy
+import pytest
+import yaml
+
+from blockcopy.api import GROUP, IMMUTABLE_FIELDS, KIND, PLURAL, VERSION, Flag, Phase
+
+CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "crds" / "blockcopy.yaml").read_text())
+SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+SPEC = SCHEMA["properties"]["spec"]
+STATUS = SCHEMA["properties"]["status"]
+
+
+def test_names_and_printer_columns():
+    assert CRD["metadata"]["name"] == f"{PLURAL}.{GROUP}"
+    names = CRD["spec"]["names"]
+    assert (names["kind"], names["plural"], names["shortNames"]) == (KIND, PLURAL, ["bc"])
+    version = CRD["spec"]["versions"][0]
+    assert version["name"] == VERSION and version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Phase", "Progress", "Domain", "Disk", "Node", "Age"]
+
+
+def test_schema_matches_the_code():
+    assert set(SPEC["required"]) == {"domain", "disk", "dest"}
+    assert SPEC["properties"]["flags"]["items"]["enum"] == [f.value for f in Flag]
+    assert STATUS["properties"]["phase"]["enum"] == [p.value for p in Phase]
+    # Every field is documented (kubectl explain), and every status field the agent writes is
+    # in the schema (the API server silently prunes unknown fields).
+    for name, prop in {**SPEC["properties"], **STATUS["properties"]}.items():
+        assert prop.get("description"), name
+    written = {"phase", "cur", "end", "progress", "bandwidth", "nodeName", "source", "target",
+               "format", "flags", "startedSpec", "startTime", "mirroredTime", "completionTime",
+               "message", "observedGeneration", "conditions", "kopf"}
+    assert written <= set(STATUS["properties"])
+
+
+RULES = [(r["rule"], r["message"]) for r in SCHEMA["x-kubernetes-validations"]]
+ENV = celpy.Environment()
+PROGRAMS = [(ENV.program(ENV.compile(rule)), message) for rule, message in RULES]
+
+
+def violations(old: dict, new: dict) -> list[str]:
+    activation = {"self": celpy.json_to_cel(new), "oldSelf": celpy.json_to_cel(old)}
+    return [message for program, message in PROGRAMS if not program.evaluate(activation)]
+
+
+BASE = {"domain": "vm", "disk": "vda", "dest": "/var/lib/libvirt/images/c.qcow2",
+        "nodeName": "n1", "format": "qcow2", "flags": ["shallow"]}
+STARTED = {"phase": "Copying", "startTime": "2026-01-01T00:00:00Z"}
+CHANGES = {"domain": "vm2", "disk": "vdb", "dest": "/var/lib/libvirt/images/d.qcow2",
+           "nodeName": "n2", "format": "raw", "base": "/b.qcow2", "flags": ["reuseExternal"]}
+
+
+def test_there_is_one_rule_per_immutable_field():
+    assert len(RULES) == len(IMMUTABLE_FIELDS)
+    for field in IMMUTABLE_FIELDS:
+        assert any(f"spec.{field} cannot change" in m for _, m in RULES), field
+
+
+@pytest.mark.parametrize("field", IMMUTABLE_FIELDS)
+def test_immutable_fields_refused_after_the_start(field):
+    old = {"spec": BASE, "status": STARTED}
+    assert violations(old, {"spec": {**BASE, field: CHANGES[field]}, "status": STARTED}) == [
+        f"spec.{field} cannot change once the copy started"]
+
+
+@pytest.mark.parametrize("field", ["nodeName", "format", "flags"])
+def test_adding_or_removing_an_optional_field_counts_as_a_change(field):
+    old = {"spec": BASE, "status": STARTED}
+    without = {k: v for k, v in BASE.items() if k != field}
+    assert violations(old, {"spec": without, "status": STARTED})
+    assert violations({"spec": without, "status": STARTED}, {"spec": BASE, "status": STARTED})
+
+
+@pytest.mark.parametrize("field", IMMUTABLE_FIELDS)
+def test_changes_allowed_before_the_start(field):
+    for status in (None, {"phase": "Pending"}):
+        old = {"spec": BASE} if status is None else {"spec": BASE, "status": status}
+        assert violations(old, {"spec": {**BASE, field: CHANGES[field]}}) == []
+
+
+def test_mutable_fields_change_freely_after_the_start():
+    old = {"spec": BASE, "status": STARTED}
+    new = {"spec": {**BASE, "pivot": True, "abort": True, "bandwidth": "10Mi"},
+           "status": STARTED}
+    assert violations(old, new) == []
