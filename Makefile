@@ -9,7 +9,7 @@ export KUBECONFIG := $(CURDIR)/.local/kubeconfig
 export PATH := $(CACHE_DIR)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: help deps system-deps venv cluster cluster-down lint unit integration e2e test demo clean
+.PHONY: help deps system-deps venv cluster cluster-down lint unit integration e2e test demo bench clean
 
 help:
 	@echo "make demo          bring up the local environment and show a live disk copy + pivot"
@@ -55,6 +55,10 @@ test: deps lint cluster
 
 demo: cluster
 	$(PY) hack/demo.py
+
+# Numbers, not pass/fail: agent vs virsh, status-write rate, latency, memory.
+bench: cluster
+	$(PY) hack/benchmark.py
 
 clean: cluster-down
 	rm -rf $(VENV) .local *.egg-info operator/*.egg-info
