@@ -43,6 +43,7 @@ class AgentConfig:
     status_interval: float = 1.0  # at most one status write per object per interval
     poll_interval: float = 5.0  # fallback polling when no event arrives
     claim_interval: float = 30.0  # re-check of unclaimed objects
+    namespaces: tuple[str, ...] = ()  # empty: all namespaces
     retry_backoff: tuple[float, ...] = (1, 2, 5, 10, 30)
 
 
@@ -114,11 +115,12 @@ class Agent:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         stop = threading.Event()
 
-        def pump() -> None:  # a thread: the kubernetes client's watch is blocking
+        def pump(namespace: str | None) -> None:  # a thread: the client's watch is blocking
             delay = 1.0
             while not stop.is_set():
                 try:
-                    for obj in self.kube.iter_unclaimed(int(self.config.claim_interval)):
+                    for obj in self.kube.iter_unclaimed(int(self.config.claim_interval),
+                                                        namespace):
                         loop.call_soon_threadsafe(queue.put_nowait, obj)
                         delay = 1.0
                 except Exception as exc:  # API outage: retry with backoff
@@ -126,8 +128,9 @@ class Agent:
                     stop.wait(delay)
                     delay = min(delay * 2, 30.0)
 
-        thread = threading.Thread(target=pump, name="claimer", daemon=True)
-        thread.start()
+        for namespace in self.config.namespaces or (None,):
+            threading.Thread(target=pump, args=(namespace,), name=f"claimer:{namespace or '*'}",
+                             daemon=True).start()
         try:
             while True:
                 obj = await queue.get()
@@ -225,6 +228,8 @@ class Agent:
                                else self.config.poll_interval)
                     await self._sleep(tracked, stopped, timeout)
         finally:
+            if tracked.writer is not None:
+                await tracked.writer.flush()
             self._tracked.pop((namespace, name), None)
 
     async def _sleep(self, tracked: _Tracked, stopped: Any, timeout: float) -> None:
@@ -292,7 +297,7 @@ class Agent:
                     # Record the intent first: if the agent dies mid-way, the phase tells the
                     # restarted agent to finish the same thing (the mirror is re-checked).
                     await self._record(body, tracked, decision, previous, disk, generation,
-                                       extra=extra)
+                                       extra=extra, wait=True)
                     previous = self._known_status(body, tracked)
                 try:
                     await self._act(spec, disk, decision, tracked)
@@ -384,12 +389,16 @@ class Agent:
                  "message": "the immutable fields match what the job started with"}]
 
     async def _record(self, body, tracked: _Tracked, decision: Decision, previous: dict,
-                      disk: DiskState | None, generation, started=None, extra=()) -> None:
+                      disk: DiskState | None, generation, started=None, extra=(),
+                      wait: bool = False) -> None:
         new = status.build_status(decision, previous=previous, disk=disk,
                                   node_name=self.config.node_name, generation=generation,
                                   now=_now(), started=started, extra_conditions=extra)
         assert tracked.writer is not None
-        await tracked.writer.write(new, previous=previous)
+        if wait or decision.phase in TERMINAL_PHASES:
+            await tracked.writer.write(new, previous=previous)
+        else:
+            tracked.writer.submit(new, previous=previous)
         tracked.status = new
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
         self._update_metrics((ns, name), tracked, previous, new,
@@ -435,7 +444,7 @@ class Agent:
                 f"{delay:g}s: {message}")
         new = {**previous, "message": text}
         assert tracked.writer is not None
-        await tracked.writer.write(new, previous=previous)
+        tracked.writer.submit(new, previous=previous)
         tracked.status = new
 
     # -- deletion ------------------------------------------------------------------------

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         allowed_paths=allowed_paths(args.allowed_path),
         status_interval=args.status_interval,
         claim_interval=args.claim_interval,
+        namespaces=tuple(args.namespace or ()),
     )
     # One handler on the root logger, for kopf's lines and ours.
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON

@@ -44,12 +44,16 @@ class Kube:
             raise
         return True
 
-    def iter_unclaimed(self, timeout_seconds: int) -> Iterator[dict[str, Any]]:
+    def iter_unclaimed(self, timeout_seconds: int, namespace: str | None = None
+                       ) -> Iterator[dict[str, Any]]:
         """List, then watch for ``timeout_seconds``, the objects without the claim label
         (blocking; filtered by the API server, so agents never receive claimed objects)."""
         watch = kubernetes.watch.Watch()
-        for event in watch.stream(self._api.list_cluster_custom_object, GROUP, VERSION, PLURAL,
-                                  label_selector=f"!{NODE_LABEL}",
+        if namespace is None:
+            source: tuple = (self._api.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+        else:
+            source = (self._api.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)
+        for event in watch.stream(*source, label_selector=f"!{NODE_LABEL}",
                                   timeout_seconds=timeout_seconds):
             if event["type"] in ("ADDED", "MODIFIED"):
                 yield event["object"]
@@ -72,27 +76,55 @@ class Kube:
 
 
 class StatusWriter:
-    """Writes one object's status at most once per ``interval`` seconds, skipping no-ops."""
+    """Writes one object's status at most once per ``interval`` seconds.
+
+    Writes are coalesced: while waiting for the next slot, a newer status replaces a pending
+    one, so progress updates never delay a phase change. No-op writes are skipped.
+    """
 
     def __init__(self, kube: Kube, namespace: str, name: str, interval: float):
         self._kube, self._namespace, self._name = kube, namespace, name
         self._interval = interval
-        self._last_time = 0.0
+        self._last_time = -interval
         self._last_written: dict[str, Any] | None = None
+        self._pending: dict[str, Any] | None = None
+        self._task: asyncio.Task | None = None
 
-    async def write(self, status: dict[str, Any], *, previous: dict[str, Any]) -> bool:
-        comparable = {k: v for k, v in previous.items() if k in status}
-        if status == comparable or status == self._last_written:
-            return False
-        wait = self._last_time + self._interval - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        try:
-            await self._kube.patch_status(self._namespace, self._name, status)
-        except ApiException as exc:
-            if exc.status == 404:  # deleted meanwhile
-                return False
-            raise
-        self._last_time = time.monotonic()
-        self._last_written = status
-        return True
+    def submit(self, status: dict[str, Any], *, previous: dict[str, Any]) -> None:
+        """Write ``status`` in the next free slot (unless it changes nothing)."""
+        written = self._last_written if self._last_written is not None else \
+            {k: v for k, v in previous.items() if k in status}
+        if status == written:
+            self._pending = None  # a newer state equal to what is stored: nothing to write
+            return
+        self._pending = status
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain(), name=f"status:{self._name}")
+
+    async def write(self, status: dict[str, Any], *, previous: dict[str, Any]) -> None:
+        """Submit and wait until it is stored (for intents that must precede an action)."""
+        self.submit(status, previous=previous)
+        await self.flush()
+
+    async def flush(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def _drain(self) -> None:
+        while self._pending is not None:
+            wait = self._last_time + self._interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            status, self._pending = self._pending, None
+            if status is None:
+                return
+            try:
+                await self._kube.patch_status(self._namespace, self._name, status)
+            except Exception as exc:  # API hiccup: keep the newest state for the next slot
+                if isinstance(exc, ApiException) and exc.status == 404:  # deleted meanwhile
+                    return
+                log.warning("status write of %s/%s failed: %s", self._namespace, self._name, exc)
+                self._pending = self._pending or status  # retry in the next slot
+            else:
+                self._last_written = status
+            self._last_time = time.monotonic()

@@ -126,7 +126,8 @@ def decide(
     if same_path(disk.source, spec.dest):
         return Decision(Phase.PIVOTED, reason="Pivoted",
                         message=f"the VM now runs on {spec.dest}")
-    if current == Phase.ABORTING:
+    if current == Phase.ABORTING or spec.abort:
+        # (spec.abort without Aborting: the agent died between the abort and its record.)
         if was_mirrored:
             return Decision(Phase.ABORTED, reason="Aborted",
                             message=f"job ended after the mirror was ready: {spec.dest} is a "

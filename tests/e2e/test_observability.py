@@ -6,10 +6,11 @@ import json
 import os
 import socket
 import urllib.request
+import uuid
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import wait_for
+from conftest import BlockCopies, wait_for
 
 
 def _free_port() -> int:
@@ -28,10 +29,15 @@ def _value(samples, name, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_metrics_move_during_a_real_copy(agent_factory, vms, blockcopies):
+def test_metrics_move_during_a_real_copy(agent_factory, vms, api, core, kubectl):
+    # Its own namespace and an agent limited to it: the gauges count only this test's objects.
+    namespace = f"e2e-metrics-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": namespace}})
+    blockcopies = BlockCopies(api, namespace, kubectl)
     port, live = _free_port(), _free_port()
     agent = agent_factory("node-metrics", extra_args=[
-        "--metrics-port", str(port), "--liveness-port", str(live), "--log-format", "json"])
+        "--metrics-port", str(port), "--liveness-port", str(live), "--log-format", "json",
+        "--namespace", namespace])
     vm = vms(layers=2, size="256M", data_per_layer="64M")
     before = _scrape(port)
     assert _value(before, "blockcopy_objects", phase="Copying") == 0
