@@ -164,7 +164,8 @@ class Agent:
         if not (body.get("status") or {}).get("phase"):
             pending = {"phase": Phase.PENDING.value, "message": waiting, "progress": "0%",
                        "observedGeneration": meta.get("generation")}
-            await self.kube.patch_status(namespace, name, pending, resource_version=version)
+            if await self.kube.patch_status(namespace, name, pending, resource_version=version):
+                self.post_event(body, "Normal", Phase.PENDING.value, f"Pending: {waiting}")
             return "pending"
         return "not mine"
 
