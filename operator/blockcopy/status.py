@@ -16,7 +16,11 @@ MIRRORED = "Mirrored"  # the destination reached sync (stays True after a pivot)
 PIVOTED = "Pivoted"
 ABORTED = "Aborted"
 FAILED = "Failed"
-CONDITION_TYPES = (MIRRORED, PIVOTED, ABORTED, FAILED)
+# kstatus conventions (Flux's health checks, kubectl-wait-style tooling):
+READY = "Ready"  # the object reached what its spec asks for (Mirrored, Pivoted, Aborted)
+RECONCILING = "Reconciling"  # a transition is in progress
+STALLED = "Stalled"  # it cannot progress (Failed)
+CONDITION_TYPES = (MIRRORED, PIVOTED, ABORTED, FAILED, READY, RECONCILING, STALLED)
 
 _WARNING_PHASES = {Phase.FAILED}
 
@@ -41,6 +45,9 @@ def _condition_states(phase: Phase, was_mirrored: bool) -> dict[str, bool]:
         PIVOTED: phase == Phase.PIVOTED,
         ABORTED: phase == Phase.ABORTED,
         FAILED: phase == Phase.FAILED,
+        READY: phase in (Phase.MIRRORED, Phase.PIVOTED, Phase.ABORTED),
+        RECONCILING: phase in (Phase.PENDING, Phase.COPYING, Phase.PIVOTING, Phase.ABORTING),
+        STALLED: phase == Phase.FAILED,
     }
 
 

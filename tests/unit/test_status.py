@@ -30,7 +30,9 @@ def test_copying_status_has_counters_and_standard_conditions():
     assert (s["phase"], s["cur"], s["end"], s["progress"]) == ("Copying", 25, 100, "25%")
     assert s["nodeName"] == "n1" and s["observedGeneration"] == 3
     types = {c["type"]: c for c in s["conditions"]}
-    assert set(types) == {"Mirrored", "Pivoted", "Aborted", "Failed"}
+    assert set(types) == {"Mirrored", "Pivoted", "Aborted", "Failed", "Ready", "Reconciling",
+                          "Stalled"}
+    assert types["Reconciling"]["status"] == "True" and types["Ready"]["status"] == "False"
     for c in types.values():
         assert set(c) == {"type", "status", "reason", "message", "lastTransitionTime",
                           "observedGeneration"}
@@ -67,3 +69,18 @@ def test_events_one_per_phase_change_warning_on_failure():
     etype, reason, message = phase_event("Copying", Decision(Phase.FAILED, reason="JobFailed",
                                                              message="boom"))
     assert (etype, reason) == ("Warning", "JobFailed") and "boom" in message
+
+
+def test_kstatus_conditions_follow_the_phase():
+    expected = {  # phase: (Ready, Reconciling, Stalled)
+        Phase.PENDING: ("False", "True", "False"), Phase.COPYING: ("False", "True", "False"),
+        Phase.MIRRORED: ("True", "False", "False"), Phase.PIVOTING: ("False", "True", "False"),
+        Phase.PIVOTED: ("True", "False", "False"), Phase.ABORTING: ("False", "True", "False"),
+        Phase.ABORTED: ("True", "False", "False"), Phase.FAILED: ("False", "False", "True"),
+    }
+    for phase, (ready, reconciling, stalled) in expected.items():
+        s = build_status(Decision(phase), previous={}, disk=None, node_name="n", generation=1,
+                         now=T0)
+        got = {c["type"]: c["status"] for c in s["conditions"]}
+        assert (got["Ready"], got["Reconciling"], got["Stalled"]) == (ready, reconciling,
+                                                                       stalled), phase
