@@ -21,6 +21,7 @@ from blockcopy.api import (
     Flag,
     Phase,
     SpecError,
+    parse_running_spec,
     parse_spec,
     pin_started_fields,
     started_fields,
@@ -255,14 +256,20 @@ class Agent:
             return True, False
         generation = meta.get("generation")
         raw_spec, changed = pin_started_fields(body.get("spec") or {}, previous.get("startedSpec"))
-        extra = self._spec_change_condition(changed, previous)
+        started_job = current not in (None, Phase.PENDING)
+        invalid: list[str] = []
         try:
-            spec = parse_spec(raw_spec)
+            if started_job:
+                # A job runs: a bad edit is refused, never a reason to lose track of the job.
+                spec, invalid = parse_running_spec(raw_spec, previous.get("startedSpec"),
+                                                   int(previous.get("bandwidth") or 0))
+            else:
+                spec = parse_spec(raw_spec)
         except SpecError as exc:
             decision = Decision(Phase.FAILED, message=f"invalid spec: {exc}", reason="InvalidSpec")
-            await self._record(body, tracked, decision, previous, None, generation, extra=extra)
+            await self._record(body, tracked, decision, previous, None, generation)
             return True, False
-        started_job = current not in (None, Phase.PENDING)
+        extra = self._spec_change_condition(changed, invalid, previous)
         if not started_job:
             refused = destination.refusal(spec, self.config.allowed_paths)
             if refused is not None:  # before libvirt is called, nothing is created
@@ -377,15 +384,19 @@ class Agent:
         return Decision(current or Phase.COPYING, reason=f"{verb[0].upper()}{verb[1:]}Failed",
                         message=f"{verb} failed, will retry: {exc}")
 
-    def _spec_change_condition(self, changed: list[str], previous: Mapping[str, Any]
-                               ) -> list[dict[str, Any]]:
+    def _spec_change_condition(self, changed: list[str], invalid: list[str],
+                               previous: Mapping[str, Any]) -> list[dict[str, Any]]:
         was = any(c.get("type") == SPEC_CHANGE_REFUSED for c in previous.get("conditions") or [])
-        if not changed and not was:
+        if not changed and not invalid and not was:
             return []
         if changed:
             return [{"type": SPEC_CHANGE_REFUSED, "status": "True", "reason": "ImmutableField",
                      "message": f"spec.{', spec.'.join(changed)} cannot change once the job "
                      "started; the agent keeps working from the values it started with"}]
+        if invalid:
+            return [{"type": SPEC_CHANGE_REFUSED, "status": "True", "reason": "InvalidValue",
+                     "message": f"refused an invalid change ({'; '.join(invalid)}); the job "
+                     "goes on with the values in effect"}]
         return [{"type": SPEC_CHANGE_REFUSED, "status": "False", "reason": "SpecMatches",
                  "message": "the immutable fields match what the job started with"}]
 
@@ -453,13 +464,14 @@ class Agent:
         """Cancel our job (if still running) before the object goes; the VM stays on its
         source and the destination file is left in place. Returns what was done."""
         raw = body.get("status") or {}
-        if phase_of(raw) in TERMINAL_PHASES:
-            return "nothing to cancel: the copy had ended"
-        raw_spec, _ = pin_started_fields(body.get("spec") or {}, raw.get("startedSpec"))
+        if phase_of(raw) == Phase.PIVOTED:
+            return "nothing to cancel: the VM runs on the copy"
+        if not raw.get("startTime") and phase_of(raw) in TERMINAL_PHASES:
+            return "nothing to cancel: this BlockCopy never started a job"
         try:
-            spec = parse_spec(raw_spec)
+            spec, _ = parse_running_spec(body.get("spec") or {}, raw.get("startedSpec"), 0)
         except SpecError:
-            return "nothing to cancel: the spec was invalid"
+            return "nothing to cancel: the spec was invalid before any job started"
         meta = body["metadata"]
         tracked = self._track(meta["namespace"], meta["name"])
         async with tracked.lock:

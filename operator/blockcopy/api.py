@@ -42,7 +42,9 @@ class Flag(enum.StrEnum):
 
 
 # Fields that cannot change once the job started (the agent keeps what it started with).
-IMMUTABLE_FIELDS = ("domain", "nodeName", "disk", "dest", "format", "base", "flags")
+# granularity and bufSize act only at the start, so a later change could only be ignored.
+IMMUTABLE_FIELDS = ("domain", "nodeName", "disk", "dest", "format", "base", "flags",
+                    "granularity", "bufSize")
 
 
 def _normal(field: str, value: Any) -> Any:
@@ -65,6 +67,26 @@ def pin_started_fields(raw_spec: Mapping[str, Any], started: Mapping[str, Any] |
         if started.get(field) is not None:
             raw[field] = started[field]
     return raw, changed
+
+
+def parse_running_spec(raw_spec: Mapping[str, Any], started: Mapping[str, Any] | None,
+                       bandwidth_in_effect: int) -> tuple[BlockCopySpec, list[str]]:
+    """The spec of a copy whose job runs: immutable fields as started, and a mutable field
+    with an invalid new value replaced by what is in effect (an edit can never orphan a
+    running job). Returns the spec and the messages of the refused values."""
+    raw, _ = pin_started_fields(raw_spec, started)
+    try:
+        return parse_spec(raw), []
+    except SpecError as exc:
+        problems = [str(exc)]
+    try:
+        parse_bandwidth(raw.get("bandwidth"))
+    except SpecError:
+        raw["bandwidth"] = bandwidth_in_effect
+    for field in ("pivot", "abort"):
+        if not isinstance(raw.get(field, False), bool):
+            raw[field] = False
+    return parse_spec(raw), problems
 
 
 def started_fields(raw_spec: Mapping[str, Any]) -> dict[str, Any]:

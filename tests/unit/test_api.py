@@ -93,3 +93,20 @@ def test_any_bandwidth_parses_or_gives_a_spec_error(value):
         assert parse_bandwidth(value) >= 0
     except SpecError as exc:
         assert "bandwidth" in str(exc)
+
+
+def test_running_spec_keeps_started_fields_and_refuses_invalid_edits():
+    from blockcopy.api import parse_running_spec, pin_started_fields, started_fields
+
+    started = started_fields({**GOOD, "flags": ["shallow"], "pivot": True})
+    assert started == {**GOOD, "flags": ["shallow"]}  # mutable fields are not pinned
+    edited = {**GOOD, "dest": "/var/lib/libvirt/images/other.qcow2", "flags": [],
+              "bandwidth": "fast", "pivot": True}
+    raw, changed = pin_started_fields(edited, started)
+    assert changed == ["dest", "flags"] and raw["dest"] == GOOD["dest"]
+    spec, problems = parse_running_spec(edited, started, bandwidth_in_effect=1024)
+    assert spec.dest == GOOD["dest"] and spec.flags == {Flag.SHALLOW}
+    assert spec.bandwidth == 1024 and spec.pivot is True
+    assert problems and "bandwidth" in problems[0]
+    same, none = parse_running_spec({**GOOD, "flags": ["shallow"], "bandwidth": "2Mi"}, started, 0)
+    assert none == [] and same.bandwidth == 2 * 2**20
