@@ -144,6 +144,7 @@ class Hypervisor:
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
         self._listeners: list[JobListener] = []
+        self._callback_id: int | None = None
 
     # -- connection ----------------------------------------------------------------
     def add_listener(self, listener: JobListener) -> None:
@@ -178,7 +179,7 @@ class Hypervisor:
             if _event_impl_loop is not None:
                 # Keepalive lets libvirt notice a dead daemon; events need the loop.
                 conn.setKeepAlive(5, 3)
-                conn.domainEventRegisterAny(
+                self._callback_id = conn.domainEventRegisterAny(
                     None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None)
             self._conn = conn
             return conn
@@ -187,10 +188,13 @@ class Hypervisor:
         with self._lock:
             if self._conn is not None:
                 try:
+                    if self._callback_id is not None:
+                        self._conn.domainEventDeregisterAny(self._callback_id)
                     self._conn.close()
                 except libvirt.libvirtError:
                     pass
                 self._conn = None
+                self._callback_id = None
 
     def version(self) -> str:
         try:
