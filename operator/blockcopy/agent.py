@@ -277,14 +277,13 @@ class Agent:
                 await self._record(body, tracked, decision, previous, None, generation)
                 return True, False
 
-        disk, decision = await self._observe_and_decide(spec, current, previous, tracked)
         started: dict[str, Any] | None = None
         action_failed = False
         async with tracked.lock:
-            if decision.action == Action.START_COPY:
+            if not started_job:
+                # Starts are serialized and decided on a fresh look under the lock: of two
+                # BlockCopies for one disk, the second then sees the first's job (DiskBusy).
                 async with self._start_lock:
-                    # Look again under the lock: another BlockCopy may have just started a job
-                    # on this disk (then this one is refused as DiskBusy).
                     disk, decision = await self._observe_and_decide(spec, current, previous,
                                                                     tracked)
                     if decision.action == Action.START_COPY:
@@ -295,25 +294,26 @@ class Agent:
                         except HypervisorError as exc:
                             decision = Decision(Phase.FAILED, reason="CopyRefused",
                                                 message=f"libvirt refused to start the copy: {exc}")
-                            action_failed = True
                         else:
                             decision = dataclasses.replace(
                                 decision, message=self._started_message(spec, disk, started))
                             tracked.last_event = None
-            elif decision.action != Action.NONE:
+            else:
+                disk, decision = await self._observe_and_decide(spec, current, previous, tracked)
                 if decision.action in (Action.PIVOT, Action.ABORT):
                     # Record the intent first: if the agent dies mid-way, the phase tells the
                     # restarted agent to finish the same thing (the mirror is re-checked).
                     await self._record(body, tracked, decision, previous, disk, generation,
                                        extra=extra, wait=True)
                     previous = self._known_status(body, tracked)
-                try:
-                    await self._act(spec, disk, decision, tracked)
-                except HypervisorUnavailable:
-                    raise
-                except HypervisorError as exc:
-                    decision = self._action_failed(decision, current, exc)
-                    action_failed = True
+                if decision.action != Action.NONE:
+                    try:
+                        await self._act(spec, disk, decision, tracked)
+                    except HypervisorUnavailable:
+                        raise
+                    except HypervisorError as exc:
+                        decision = self._action_failed(decision, current, exc)
+                        action_failed = True
         await self._record(body, tracked, decision, previous, disk, generation, started,
                            extra=extra)
         if action_failed and decision.phase not in TERMINAL_PHASES:
