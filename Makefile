@@ -9,13 +9,16 @@ export KUBECONFIG := $(CURDIR)/.local/kubeconfig
 export PATH := $(CACHE_DIR)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: help deps system-deps venv cluster cluster-down lint unit integration e2e test demo bench clean
+.PHONY: help deps system-deps venv cluster cluster-down lint unit integration e2e chart chart-e2e image test demo bench clean
 
 help:
 	@echo "make demo          bring up the local environment and show a live disk copy + pivot"
 	@echo "make test          lint + unit + integration (libvirt) + end-to-end (API server + libvirt + agent)"
 	@echo "make cluster       start etcd, kube-apiserver, libvirtd (kubeconfig: .local/kubeconfig)"
 	@echo "make cluster-down  stop everything and remove test VMs and images"
+	@echo "make chart         Helm chart: lint, render, validate offline (1.29..newest), schema, Argo CD/Flux health checks"
+	@echo "make image         build the agent image with buildah (localhost/blockcopy-operator:dev)"
+	@echo "make bench         numbers: agent vs virsh blockcopy, status writes, latency, memory"
 
 deps: system-deps venv
 
@@ -48,6 +51,15 @@ integration: cluster
 
 e2e: cluster
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+chart: venv
+	$(PY) -m pytest tests/chart -m "not e2e" --deselect tests/chart/test_image_build.py::test_build_image_and_run_help $(PYTEST_ARGS)
+
+chart-e2e: cluster
+	$(PY) -m pytest tests/chart/test_helm_install_rbac.py $(PYTEST_ARGS)
+
+image: system-deps
+	./hack/build-image.sh
 
 # The whole suite, as CI runs it.
 test: deps lint cluster

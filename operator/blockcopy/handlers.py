@@ -23,7 +23,12 @@ CLAIMER: asyncio.Task | None = None
 
 
 def _post_event(body: Any, etype: str, reason: str, message: str) -> None:
-    kopf.event(body, type=etype, reason=reason, message=message[:1024])
+    try:
+        kopf.event(body, type=etype, reason=reason, message=message[:1024])
+    except LookupError:  # outside kopf's handler context (the claimer task): post it directly
+        assert AGENT is not None
+        asyncio.get_running_loop().create_task(
+            AGENT.kube.post_event(body, etype, reason, message, component="blockcopy-operator"))
 
 
 class _QuietWatchEvents(logging.Filter):

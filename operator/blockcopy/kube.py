@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import kubernetes
@@ -27,6 +28,27 @@ def load_config() -> None:
 class Kube:
     def __init__(self) -> None:
         self._api = kubernetes.client.CustomObjectsApi()
+        self._core = kubernetes.client.CoreV1Api()
+
+    async def post_event(self, body: Mapping[str, Any], etype: str, reason: str,
+                         message: str, component: str) -> None:
+        """A core/v1 Event about ``body`` (for code running outside kopf's handlers)."""
+        meta = body["metadata"]
+        now = dt.datetime.now(dt.UTC)
+        event = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                               "name": meta["name"], "namespace": meta["namespace"],
+                               "uid": meta.get("uid"),
+                               "resourceVersion": meta.get("resourceVersion")},
+            "type": etype, "reason": reason, "message": message[:1024],
+            "source": {"component": component}, "firstTimestamp": now, "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await asyncio.to_thread(self._core.create_namespaced_event, meta["namespace"], event)
+        except ApiException as exc:
+            log.warning("posting an Event for %s failed: %s", meta["name"], exc)
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any], *,
                            resource_version: str | None = None) -> bool:

@@ -107,3 +107,15 @@ def _block_job_info(vm) -> str:
 def _domain_state(vm) -> str:
     return subprocess.run(["virsh", "-c", vm.uri, "domstate", vm.name], check=True,
                           capture_output=True, text=True).stdout.strip()
+
+
+def test_object_no_node_runs_is_pending_with_an_event(agent, blockcopies, core):
+    name = blockcopies.create({"domain": "bct-runs-nowhere", "disk": "vda",
+                               "dest": "/var/lib/libvirt/images/blockcopy-test/nowhere.qcow2"})
+    status = blockcopies.wait_phase(name, "Pending", timeout=30)
+    assert "not running on any node with an agent" in status["message"]
+    assert "blockcopy.dev/node" not in (blockcopies.get(name)["metadata"].get("labels") or {})
+    events = wait_for(lambda: blockcopies.events(core, name), 15, what="the Pending Event")
+    assert [(e.type, e.reason) for e in events] == [("Normal", "Pending")]
+    blockcopies.delete(name)  # unclaimed: no finalizer, gone at once
+    wait_for(lambda: not blockcopies.exists(name), 10, what="the object to be gone")

@@ -1,0 +1,86 @@
+# blockcopy-operator: the node agent image.
+#
+#   builder: compilers + libvirt headers; builds the virtualenv /opt/blockcopy with the project
+#            (libvirt-python is compiled from source against the distribution's libvirt).
+#   final:   python3 + the libvirt client library (libvirt0) + that virtualenv; nothing else.
+#
+# Both stages start from the same base (the venv's interpreter is the base's /usr/bin/python3).
+# Pin it with --build-arg BASE_IMAGE=debian:bookworm-slim@sha256:... for a reproducible build;
+# on machines without a registry, hack/make-base-image.sh makes localhost/debian:bookworm and
+# hack/build-image.sh builds this file with buildah on top of it.
+#
+# Versions: the Python dependencies are the exact pins of pyproject.toml; the Debian packages
+# come from the base's suite (bookworm: python3 3.11, libvirt 9.0). Exact Debian versions can be
+# pinned with the *_VERSION build arguments below (e.g. --build-arg LIBVIRT0_VERSION=9.0.0-4+deb12u2);
+# they are not hard-coded because the Debian mirror drops superseded versions at every point and
+# security release, which would turn each of those into a failing build.
+ARG BASE_IMAGE=debian:bookworm-slim
+
+# ------------------------------------------------------------------------------------- builder
+FROM ${BASE_IMAGE} AS builder
+ARG LIBVIRT_DEV_VERSION=
+ARG PYTHON3_VERSION=
+RUN set -eux; \
+    export DEBIAN_FRONTEND=noninteractive; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends \
+        python3${PYTHON3_VERSION:+=$PYTHON3_VERSION} python3-venv python3-dev \
+        gcc pkg-config libvirt-dev${LIBVIRT_DEV_VERSION:+=$LIBVIRT_DEV_VERSION}; \
+    rm -rf /var/lib/apt/lists/*
+
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python3 -m venv /opt/blockcopy
+
+# Dependencies first (their own layer: source edits do not rebuild libvirt-python). The pins are
+# read from pyproject.toml, so this file never repeats a version.
+COPY pyproject.toml /src/pyproject.toml
+RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' \
+        >/tmp/requirements.txt
+RUN set -eux; cat /tmp/requirements.txt; \
+    /opt/blockcopy/bin/pip install --require-virtualenv -r /tmp/requirements.txt
+
+COPY . /src
+# --no-deps: every dependency is already installed above at its pinned version; `pip check`
+# fails the build if pyproject.toml gained a dependency that the layer above did not install.
+# Then the runtime venv is trimmed: it needs neither pip nor setuptools (23 MB), nor bytecode
+# (compiled .pyc would add about 50 MB for the kubernetes client's thousands of model modules;
+# Python compiles what it imports in memory, the root filesystem being read-only anyway).
+RUN set -eux; \
+    /opt/blockcopy/bin/pip install --require-virtualenv --no-deps /src; \
+    /opt/blockcopy/bin/pip check; \
+    /opt/blockcopy/bin/blockcopy-operator --help >/dev/null; \
+    /opt/blockcopy/bin/pip uninstall -y -q pip setuptools wheel 2>/dev/null || true; \
+    rm -f /opt/blockcopy/bin/pip* /opt/blockcopy/bin/wheel; \
+    find /opt/blockcopy -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# --------------------------------------------------------------------------------------- final
+FROM ${BASE_IMAGE}
+ARG LIBVIRT0_VERSION=
+ARG PYTHON3_VERSION=
+RUN set -eux; \
+    export DEBIAN_FRONTEND=noninteractive; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends \
+        python3${PYTHON3_VERSION:+=$PYTHON3_VERSION} \
+        libvirt0${LIBVIRT0_VERSION:+=$LIBVIRT0_VERSION}; \
+    rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log
+
+# PYTHONDONTWRITEBYTECODE: the root filesystem is read-only in the chart, so no attempt to
+# write .pyc files. PYTHONUNBUFFERED: log lines reach `kubectl logs` at once.
+ENV PATH=/opt/blockcopy/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    LIBVIRT_URI=qemu:///system
+
+LABEL org.opencontainers.image.title="blockcopy-operator" \
+      org.opencontainers.image.description="Node agent for BlockCopy objects: live libvirt disk copies driven from Kubernetes" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# Root on purpose: libvirt's qemu:///system socket accepts root (or, on hosts configured for
+# it, the libvirt group) only. The Helm chart drops every capability and makes the root
+# filesystem read-only; see charts/blockcopy-operator/values.yaml (securityContext).
+USER 0:0
+ENTRYPOINT ["blockcopy-operator"]
+
+# Last, so that the metadata steps above stay cached when only the venv changes.
+COPY --from=builder /opt/blockcopy /opt/blockcopy

@@ -1,0 +1,106 @@
+"""The Argo CD health check (deploy/argocd/blockcopy-health.lua), run with real Lua interpreters
+(lupa) against BlockCopy objects in every phase. Argo CD runs health scripts with gopher-lua
+(Lua 5.1 semantics), so each case runs on Lua 5.1 and on the newest Lua that lupa bundles."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import pytest
+import yaml
+from chartlib import ROOT
+
+SCRIPT = (ROOT / "deploy" / "argocd" / "blockcopy-health.lua").read_text()
+RUNTIMES = ["lupa.lua51", "lupa.lua54"]
+
+
+def health(obj: dict[str, Any], runtime: str) -> dict[str, str]:
+    lupa = importlib.import_module(runtime)
+    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
+    # Argo CD's sandbox: no os / io; the object is the global `obj`.
+    lua.execute("os = nil; io = nil")
+    lua.globals().obj = lua.table_from(obj, recursive=True)
+    result = lua.execute(SCRIPT)
+    return {"status": result["status"], "message": result["message"]}
+
+
+def blockcopy(phase: str | None = None, *, pivot: bool = False, abort: bool = False,
+              message: str | None = None, generation: int = 1,
+              observed: int | None = 1, **status: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "apiVersion": "blockcopy.dev/v1alpha1", "kind": "BlockCopy",
+        "metadata": {"name": "vm-vda", "namespace": "vms", "generation": generation},
+        "spec": {"domain": "vm", "disk": "vda", "dest": "/var/lib/libvirt/images/c.qcow2",
+                 "pivot": pivot, "abort": abort},
+    }
+    if phase is not None:
+        obj["status"] = {"phase": phase, **status}
+        if message is not None:
+            obj["status"]["message"] = message
+        if observed is not None:
+            obj["status"]["observedGeneration"] = observed
+    return obj
+
+
+CASES = [
+    # (object, expected status, words the message must contain)
+    (blockcopy(), "Progressing", ["claim"]),
+    (blockcopy("Pending", message="waiting for the agent on node n1 to claim it"),
+     "Progressing", ["Pending", "waiting for the agent on node n1"]),
+    (blockcopy("Copying", message="copying vda", progress="42%"),
+     "Progressing", ["Copying (42%)", "copying vda"]),
+    (blockcopy("Mirrored", pivot=False, message="in sync"),
+     "Healthy", ["waiting for you", "spec.pivot", "in sync"]),
+    (blockcopy("Mirrored", pivot=True, message="in sync"),
+     "Progressing", ["pivoting next", "in sync"]),
+    (blockcopy("Mirrored", abort=True), "Progressing", ["aborting next"]),
+    (blockcopy("Pivoting", pivot=True, message="switching"), "Progressing", ["Pivoting",
+                                                                               "switching"]),
+    (blockcopy("Pivoted", pivot=True, message="VM runs on the copy"),
+     "Healthy", ["Pivoted", "VM runs on the copy"]),
+    (blockcopy("Aborting", abort=True), "Progressing", ["Aborting"]),
+    (blockcopy("Aborted", abort=True, message="job ended"), "Healthy", ["Aborted", "job ended"]),
+    (blockcopy("Failed", message="dest /etc/x is outside the allowed paths"),
+     "Degraded", ["Failed", "outside the allowed paths"]),
+    # A Git commit set pivot: true (generation 2); the agent has not seen it yet.
+    (blockcopy("Mirrored", pivot=True, generation=2, observed=1), "Progressing",
+     ["generation 2"]),
+    # ... but a finished copy stays finished, whatever the spec says later.
+    (blockcopy("Pivoted", generation=3, observed=2), "Healthy", ["Pivoted"]),
+    (blockcopy("Failed", generation=3, observed=2, message="boom"), "Degraded", ["boom"]),
+    # An old agent without observedGeneration, or a phase this script does not know.
+    (blockcopy("Mirrored", observed=None), "Healthy", ["waiting for you"]),
+    (blockcopy("Exploding"), "Unknown", ["Exploding"]),
+]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("obj, expected, words", CASES,
+                         ids=[f"{c[0].get('status', {}).get('phase', 'no-status')}-{i}"
+                              for i, c in enumerate(CASES)])
+def test_health(obj, expected, words, runtime):
+    result = health(obj, runtime)
+    assert result["status"] == expected, result
+    for word in words:
+        assert word in result["message"], result
+
+
+def test_every_phase_of_the_crd_is_mapped():
+    crd = yaml.safe_load((ROOT / "crds" / "blockcopy.yaml").read_text())
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    phases = status["properties"]["phase"]["enum"]
+    for phase in phases:
+        for pivot in (False, True):
+            result = health(blockcopy(phase, pivot=pivot), "lupa.lua51")
+            assert result["status"] in {"Healthy", "Progressing", "Degraded"}, (phase, result)
+
+
+def test_readme_snippet_embeds_the_script_verbatim():
+    # deploy/argocd/README.md shows the argocd-cm entry; it must be this very script.
+    readme = (ROOT / "deploy" / "argocd" / "README.md").read_text()
+    docs = [d for d in yaml.safe_load_all(readme.split("```yaml", 1)[1].split("```", 1)[0])]
+    (cm,) = docs
+    assert cm["kind"] == "ConfigMap" and cm["metadata"]["name"] == "argocd-cm"
+    key = "resource.customizations.health.blockcopy.dev_BlockCopy"
+    assert cm["data"][key].strip() == SCRIPT.strip()

@@ -1,0 +1,308 @@
+"""The Helm chart: lint, render, offline validation against every Kubernetes minor version from
+1.29 to the newest that kubernetes-validate ships, one source of truth for the CRD, and the
+values schema. No cluster needed."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import re
+import tarfile
+
+import kubernetes_validate
+import pytest
+import yaml
+from chartlib import CHART, ROOT, by_kind, one
+from kubernetes_validate.utils import SchemaNotFoundError
+from packaging.version import Version
+
+TOP_CRD = ROOT / "crds" / "blockcopy.yaml"
+CHART_CRD = CHART / "crds" / "blockcopy.yaml"
+
+# The value sets rendered in the tests below: the defaults, and every optional part switched on.
+ALL_ON = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "specGuard.enabled=true",
+          "--set", "metrics.serviceMonitor.interval=30s",
+          "--set-string", "nodeSelector.blockcopy\\.dev/hypervisor=true",
+          "--set", "priorityClassName=system-node-critical",
+          "--set", "podAnnotations.example\\.com/team=storage",
+          "--set-json",
+          'tolerations=[{"key":"hypervisor","operator":"Exists","effect":"NoSchedule"}]',
+          "--set-json", 'allowedPaths=["/var/lib/libvirt/images","/srv/vm-storage"]',
+          "--set-json", 'extraArgs=["--verbose"]', "--set", "logFormat=json",
+          "--set", "image.digest=sha256:" + "0" * 64]
+
+# Kinds that kubernetes-validate has no schema for, with the Kubernetes minor version from
+# which the built-in ones exist. ServiceMonitor is a prometheus-operator CRD (checked by hand).
+NOT_BUILT_IN = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+SINCE = {("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy"): Version("1.30"),
+         ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding"): Version("1.30")}
+
+
+def minor_versions() -> list[str]:
+    """Every minor version the installed kubernetes-validate ships, from 1.29 on."""
+    found = sorted({Version(".".join(v.split(".")[:2])) for v in
+                    kubernetes_validate.utils.all_versions()})
+    return [str(v) for v in found if v >= Version("1.29")]
+
+
+VERSIONS = minor_versions()
+
+
+def test_validator_ships_recent_versions():
+    # Guards the parametrisation below: an empty or stale list would silently test nothing.
+    assert VERSIONS[0] == "1.29"
+    assert Version(VERSIONS[-1]) >= Version("1.35"), VERSIONS
+
+
+def test_helm_lint_strict_is_clean(helm):
+    for extra in ([], ALL_ON):
+        proc = helm.run("lint", "--strict", str(CHART), *extra)
+        assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout, proc.stdout
+        problems = [line for line in proc.stdout.splitlines()
+                    if line.startswith(("[WARNING]", "[ERROR]"))]
+        assert problems == [], proc.stdout
+
+
+def test_template_renders_the_agent(helm):
+    docs = helm.render()
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Service",
+                     "ServiceAccount"]
+    ds = one(docs, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["BLOCKCOPY_ALLOWED_PATHS"]["value"] == "/var/lib/libvirt/images"
+    assert env["BLOCKCOPY_METRICS_PORT"]["value"] == "8080"
+    assert env["BLOCKCOPY_LIVENESS_PORT"]["value"] == "8081"
+    assert env["LIBVIRT_URI"]["value"] == "qemu:///system"
+    assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    sc = agent["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not pod.get("hostNetwork") and not pod.get("hostPID") and not sc.get("privileged")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in agent["volumeMounts"]}
+    assert volumes["libvirt-run"]["hostPath"] == {"path": "/var/run/libvirt", "type": "Directory"}
+    assert mounts["libvirt-run"]["mountPath"] == "/var/run/libvirt"
+    assert volumes["allowed-path-0"]["hostPath"]["path"] == "/var/lib/libvirt/images"
+    assert mounts["allowed-path-0"] == {"name": "allowed-path-0", "readOnly": True,
+                                        "mountPath": "/var/lib/libvirt/images",
+                                        "mountPropagation": "HostToContainer"}
+    assert all(m.get("readOnly") for name, m in mounts.items() if name != "tmp")
+    assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    svc = one(docs, "Service")
+    assert svc["spec"]["clusterIP"] == "None"
+
+
+def test_template_with_every_option(helm):
+    docs = helm.render(*ALL_ON)
+    ds = one(docs, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert env["BLOCKCOPY_ALLOWED_PATHS"] == "/var/lib/libvirt/images:/srv/vm-storage"
+    assert env["BLOCKCOPY_LOG_FORMAT"] == "json"
+    assert agent["args"] == ["--status-interval=1", "--verbose"]
+    assert agent["image"] == "localhost/blockcopy-operator@sha256:" + "0" * 64
+    assert pod["nodeSelector"] == {"blockcopy.dev/hypervisor": "true"}
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["tolerations"][0]["key"] == "hypervisor"
+    mounts = [m["mountPath"] for m in agent["volumeMounts"]]
+    assert "/srv/vm-storage" in mounts
+    sm = one(docs, "ServiceMonitor")
+    svc = one(docs, "Service")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"] == "metrics"
+    assert sm["spec"]["endpoints"][0]["interval"] == "30s"
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": ["blockcopy-system"]}
+    policy = one(docs, "ValidatingAdmissionPolicy")
+    (cond,) = policy["spec"]["matchConditions"]
+    sa = one(docs, "ServiceAccount")["metadata"]["name"]
+    assert f"system:serviceaccount:blockcopy-system:{sa}" in cond["expression"]
+    binding = one(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+
+
+def test_metrics_off_renders_no_service(helm):
+    docs = helm.render("--set", "metrics.enabled=false", "--set", "liveness.enabled=false")
+    assert by_kind(docs, "Service") == []
+    (agent,) = one(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert env["BLOCKCOPY_METRICS_PORT"] == "0" and env["BLOCKCOPY_LIVENESS_PORT"] == "0"
+    assert "ports" not in agent and "livenessProbe" not in agent
+
+
+def test_rendering_is_independent_of_the_cluster(helm):
+    # GitOps tools render without a cluster: no .Capabilities / lookup anywhere in the chart,
+    # and two renders with different claimed API versions are identical.
+    for path in (CHART / "templates").iterdir():
+        actions = " ".join(re.findall(r"{{.*?}}", path.read_text(), re.S))
+        assert ".Capabilities" not in actions, path.name
+        assert not re.search(r"\blookup\b", actions), path.name
+    a = helm.template(*ALL_ON).stdout
+    b = helm.template(*ALL_ON, "--kube-version", "1.29.0", "--api-versions",
+                      "monitoring.coreos.com/v1").stdout
+    assert a == b
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_rendered_manifests_validate(helm, version):
+    """Strict offline validation (unknown fields are errors) of every rendered object,
+    CRD included, against the Kubernetes schemas of one minor version."""
+    docs = helm.render("--include-crds", *ALL_ON)
+    checked = []
+    for doc in docs:
+        key = (doc["apiVersion"], doc["kind"])
+        if key in NOT_BUILT_IN:
+            continue
+        if key in SINCE and Version(version) < SINCE[key]:
+            with pytest.raises(SchemaNotFoundError):  # genuinely absent there: documented
+                kubernetes_validate.validate(doc, version, strict=True)
+            continue
+        kubernetes_validate.validate(doc, version, strict=True)
+        checked.append(doc["kind"])
+    assert {"CustomResourceDefinition", "DaemonSet", "ClusterRole", "ClusterRoleBinding",
+            "ServiceAccount", "Service"} <= set(checked)
+
+
+def test_validation_is_strict(helm):
+    # Negative control: the validator does reject what the API server would.
+    ds = one(helm.render(), "DaemonSet")
+    ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFs"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ds, VERSIONS[-1], strict=True)
+    ds = one(helm.render(), "DaemonSet")
+    ds["spec"]["template"]["spec"]["volumes"][0]["hostPath"]["type"] = 7
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ds, VERSIONS[0], strict=True)
+
+
+def test_servicemonitor_shape(helm):
+    # No schema ships for this CRD; check the fields prometheus-operator reads.
+    sm = one(helm.render(*ALL_ON), "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(sm["spec"]) == {"selector", "namespaceSelector", "endpoints"}
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "relabelings"}
+    assert endpoint["path"] == "/metrics"
+
+
+# ------------------------------------------------------------------ the CRD: one source of truth
+
+def test_chart_crd_is_the_repository_crd():
+    # A symlink (helm lint/template/package follow it and package the file's content), so the
+    # two cannot drift; the byte comparison also covers a checkout that turned it into a copy.
+    assert CHART_CRD.is_symlink(), "charts/blockcopy-operator/crds/blockcopy.yaml must link"
+    assert os.readlink(CHART_CRD) == "../../../crds/blockcopy.yaml"
+    assert CHART_CRD.resolve() == TOP_CRD.resolve()
+    assert filecmp.cmp(CHART_CRD, TOP_CRD, shallow=False)
+
+
+def test_packaged_chart_carries_the_crd(helm, tmp_path):
+    helm.run("package", str(CHART), "--destination", str(tmp_path))
+    (tgz,) = tmp_path.glob("blockcopy-operator-*.tgz")
+    with tarfile.open(tgz) as tar:
+        member = tar.getmember("blockcopy-operator/crds/blockcopy.yaml")
+        assert member.isfile()  # the content, not a dangling link
+        assert tar.extractfile(member).read() == TOP_CRD.read_bytes()
+    shown = helm.run("show", "crds", str(tgz)).stdout
+    assert yaml.safe_load(shown) == yaml.safe_load(TOP_CRD.read_text())
+
+
+def test_template_includes_the_crd_only_on_request(helm):
+    assert by_kind(helm.render(), "CustomResourceDefinition") == []
+    crd = one(helm.render("--include-crds"), "CustomResourceDefinition")
+    assert crd == yaml.safe_load(TOP_CRD.read_text())
+
+
+# ------------------------------------------------------------------ values.schema.json
+
+def schema_leaves(schema: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, sub in (schema.get("properties") or {}).items():
+        path = f"{prefix}{key}"
+        if sub.get("properties"):
+            out |= schema_leaves(sub, path + ".")
+        else:
+            out.add(path)
+    return out
+
+
+def value_leaves(values: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        # Free-form Kubernetes objects end the walk: they are single values of the chart.
+        if isinstance(value, dict) and value and path not in FREE_FORM:
+            out |= value_leaves(value, path + ".")
+        else:
+            out.add(path)
+    return out
+
+
+FREE_FORM = {"resources", "podSecurityContext", "securityContext", "updateStrategy",
+             "affinity", "nodeSelector", "podAnnotations", "podLabels"}
+
+
+def test_schema_covers_every_value():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert schema["additionalProperties"] is False
+    assert set(schema["properties"]) - {"global"} == set(values)
+    covered = schema_leaves(schema)
+    missing = {leaf for leaf in value_leaves(values)
+               if not any(leaf == c or leaf.startswith(c + ".") or c.startswith(leaf + ".")
+                          for c in covered)}
+    assert missing == set()
+    # Every nested object of the chart's own values is closed too.
+    for key in ("image", "serviceAccount", "rbac", "libvirt", "metrics", "liveness",
+                "specGuard"):
+        assert schema["properties"][key]["additionalProperties"] is False, key
+    assert schema["properties"]["metrics"]["properties"]["serviceMonitor"][
+        "additionalProperties"] is False
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "nodeSelectr.a=b"], "nodeSelectr"),                          # unknown value
+    (["--set", "metrics.serviceMonitor.enabeld=true"], "enabeld"),          # unknown nested
+    (["--set", "metrics.port=eighty"], "metrics"),                          # wrong type
+    (["--set", "liveness.enabled=maybe"], "liveness"),                      # wrong type
+    (["--set-json", "allowedPaths=\"/var/lib/libvirt/images\""], "allowedPaths"),
+    (["--set-json", "allowedPaths=[\"relative/dir\"]"], "allowedPaths"),
+    (["--set-json", "allowedPaths=[]"], "allowedPaths"),
+    (["--set", "logFormat=xml"], "logFormat"),
+    (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
+])
+def test_schema_rejects_bad_values(helm, args, message):
+    proc = helm.template(*args, check=False)
+    assert proc.returncode != 0, proc.stdout[:500]
+    assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+    assert re.search(re.escape(message), proc.stderr), proc.stderr
+
+
+def test_inconsistent_values_fail(helm):
+    proc = helm.template("--set", "metrics.enabled=false",
+                         "--set", "metrics.serviceMonitor.enabled=true", check=False)
+    assert proc.returncode != 0 and "needs metrics.enabled" in proc.stderr
+    proc = helm.template("--set", "liveness.port=8080", check=False)
+    assert proc.returncode != 0 and "must differ" in proc.stderr
+
+
+def test_notes_render(helm):
+    out = helm.run("install", "bc", str(CHART), "--dry-run=client", "--namespace", "vms",
+                   "--skip-crds").stdout
+    assert "Destinations (spec.dest) must lie under: /var/lib/libvirt/images" in out
+    assert "helm show crds" in out and "kubectl apply -f -" in out
+
+
+def test_readme_documents_every_value():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    readme = (CHART / "README.md").read_text()
+    table = {m.group(1) for m in re.finditer(r"^\| `([^`]+)` \|", readme, re.M)}
+    assert value_leaves(values) <= table, value_leaves(values) - table

@@ -1,0 +1,372 @@
+"""`helm install` into the real local API server (RBAC on), then the agent runs with the chart's
+ServiceAccount token, exactly as a DaemonSet pod would (same environment, same identity; there
+is no kubelet here, so it runs as a local process):
+
+- sufficient: it claims a BlockCopy, copies a real VM's disk and pivots it (libvirt sees the VM
+  on the copy), writes status, its label, its finalizer and Events, serves /healthz and /metrics,
+  and never hits a 403;
+- not too wide: the ServiceAccount's effective rights (SelfSubjectRulesReview) are exactly the
+  chart's ClusterRole, and real requests for Secrets, other resources, and writes of a
+  BlockCopy other than patches (create, update, delete) are refused with 403.
+
+The CRD: installed with `kubectl apply` before `helm install --skip-crds`. It is shared by every
+test session on this API server (and the e2e suite applies the same file); Helm 4 installs
+crds/ with server-side apply, which a 1.20 server refuses for this CRD (its CEL rules are
+unknown fields there), and `kubectl apply` is also the documented upgrade path for the CRD.
+
+Clusterwide note: like the DaemonSet, the agent watches every namespace. Its node name is
+unique and the BlockCopy names it in spec.nodeName, so no other agent on this machine takes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import kubernetes
+import pytest
+import yaml
+from chartlib import CHART, ROOT, one, wait_for
+from kubernetes.client.exceptions import ApiException
+
+import testvm
+
+pytestmark = pytest.mark.e2e
+
+GROUP, VERSION, PLURAL = "blockcopy.dev", "v1alpha1", "blockcopies"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def crd(kubectl):
+    # --validate=false: kubectl's client-side check rejects the CRD's CEL rules against a 1.20
+    # server (which drops them); same as tests/e2e/conftest.py.
+    kubectl("apply", "--validate=false", "-f", str(ROOT / "crds" / "blockcopy.yaml"))
+    kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
+            "--timeout=60s")
+
+
+@pytest.fixture(scope="module")
+def release(crd, kubectl, cluster_helm):
+    """A fresh namespace and a uniquely named release of the chart in it."""
+    suffix = uuid.uuid4().hex[:6]
+    namespace, name = f"chart-{suffix}", f"bc{suffix}"
+    kubectl("create", "namespace", namespace)
+    cluster_helm.run("install", name, str(CHART), "--namespace", namespace, "--skip-crds")
+    manifest = cluster_helm.run("get", "manifest", name, "--namespace", namespace).stdout
+    docs = [d for d in yaml.safe_load_all(manifest) if d]
+    yield {"namespace": namespace, "name": name, "docs": docs}
+    # The ClusterRole and ClusterRoleBinding are cluster-scoped: never leave them behind.
+    # (The namespace stays: nothing here garbage-collects namespaces, see README.)
+    cluster_helm.run("uninstall", name, "--namespace", namespace, check=False)
+
+
+@pytest.fixture(scope="module")
+def sa_kubeconfig(release, kubectl, cluster, tmp_path_factory) -> pathlib.Path:
+    """A kubeconfig with the chart ServiceAccount's token and the admin kubeconfig's CA."""
+    sa = one(release["docs"], "ServiceAccount")["metadata"]["name"]
+    token = kubectl("create", "token", sa, "--namespace", release["namespace"],
+                    "--duration=1h").stdout.strip()
+    admin = yaml.safe_load(cluster.read_text())
+    server = admin["clusters"][0]["cluster"]
+    config = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {
+            "server": server["server"],
+            "certificate-authority-data": server["certificate-authority-data"]}}],
+        "users": [{"name": "agent", "user": {"token": token}}],
+        "contexts": [{"name": "agent", "context": {"cluster": "local", "user": "agent"}}],
+        "current-context": "agent",
+    }
+    path = tmp_path_factory.mktemp("sa") / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+def test_install_created_the_release_objects(release, kubectl):
+    ns = release["namespace"]
+    kinds = sorted(d["kind"] for d in release["docs"])
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Service",
+                     "ServiceAccount"]
+    for doc in release["docs"]:
+        scope = [] if doc["kind"].startswith("Cluster") else ["--namespace", ns]
+        kubectl("get", doc["kind"].lower(), doc["metadata"]["name"], *scope)
+
+
+def test_identity_is_the_service_account(release, sa_kubeconfig, kubectl):
+    sa = one(release["docs"], "ServiceAccount")["metadata"]["name"]
+    review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+              "spec": {"resourceAttributes": {"verb": "list", "group": GROUP,
+                                              "resource": PLURAL}}}
+    out = kubectl("create", "-f", "-", "-o", "json", input=json.dumps(review),
+                  kubeconfig=sa_kubeconfig).stdout
+    assert json.loads(out)["status"]["allowed"] is True
+    # and the admin's token is not what we use:
+    assert sa in kubectl("get", "secrets", "--namespace", release["namespace"], check=False,
+                         kubeconfig=sa_kubeconfig).stderr
+
+
+def effective_rules(kubectl, kubeconfig, namespace: str) -> set[tuple[str, str, str]]:
+    review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectRulesReview",
+              "spec": {"namespace": namespace}}
+    out = kubectl("create", "-f", "-", "-o", "json", input=json.dumps(review),
+                  kubeconfig=kubeconfig).stdout
+    rules = set()
+    for rule in json.loads(out)["status"]["resourceRules"]:
+        assert not rule.get("resourceNames"), rule
+        for group in rule.get("apiGroups", []):
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    rules.add((group, resource, verb))
+    return rules
+
+
+# What every authenticated user may do on any cluster (system:basic-user): not the chart's.
+BASELINE = {("authorization.k8s.io", "selfsubjectaccessreviews", "create"),
+            ("authorization.k8s.io", "selfsubjectrulesreviews", "create"),
+            ("authentication.k8s.io", "selfsubjectreviews", "create")}
+
+
+def test_rights_are_exactly_the_cluster_role(release, sa_kubeconfig, kubectl):
+    role = one(release["docs"], "ClusterRole")
+    declared = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+                for r in rule["resources"] for v in rule["verbs"]}
+    assert declared == {
+        ("blockcopy.dev", "blockcopies", "list"),
+        ("blockcopy.dev", "blockcopies", "watch"),
+        ("blockcopy.dev", "blockcopies", "patch"),
+        ("blockcopy.dev", "blockcopies/status", "patch"),
+        ("", "events", "create"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    }
+    # Both in the release's namespace and in any other one (a ClusterRoleBinding).
+    for namespace in (release["namespace"], "default"):
+        effective = effective_rules(kubectl, sa_kubeconfig, namespace) - BASELINE
+        assert effective == declared, effective ^ declared
+
+
+def can_i(kubectl, kubeconfig, *args: str) -> bool:
+    proc = kubectl("auth", "can-i", *args, check=False, kubeconfig=kubeconfig)
+    assert proc.stdout.strip() in ("yes", "no"), proc.stdout + proc.stderr
+    return proc.stdout.strip() == "yes"
+
+
+@pytest.mark.parametrize("args", [
+    ["get", "secrets"], ["list", "secrets", "-A"], ["watch", "secrets"],
+    ["get", "configmaps"], ["list", "pods", "-A"], ["list", "namespaces"],
+    ["create", "leases.coordination.k8s.io"],
+    ["create", "blockcopies.blockcopy.dev"], ["update", "blockcopies.blockcopy.dev"],
+    ["delete", "blockcopies.blockcopy.dev"], ["get", "blockcopies.blockcopy.dev"],
+    ["update", "blockcopies.blockcopy.dev", "--subresource=status"],
+    ["patch", "customresourcedefinitions.apiextensions.k8s.io"],
+    ["delete", "events"], ["patch", "events"], ["list", "events"],
+    ["create", "clusterrolebindings.rbac.authorization.k8s.io"],
+    ["patch", "daemonsets.apps"],
+])
+def test_refused(release, sa_kubeconfig, kubectl, args):
+    assert not can_i(kubectl, sa_kubeconfig, *args, "--namespace", release["namespace"])
+
+
+class Agent:
+    """blockcopy-operator as the DaemonSet would run it: the container's environment from the
+    rendered chart, the ServiceAccount's credentials, a node name of its own."""
+
+    def __init__(self, daemonset: dict, kubeconfig: pathlib.Path, node: str,
+                 log_path: pathlib.Path):
+        (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        assert "NODE_NAME" not in env  # from the downward API in the pod
+        # Other agents on this machine may use the chart's ports: pick free ones.
+        self.metrics_port, self.liveness_port = free_port(), free_port()
+        env.update(NODE_NAME=node, BLOCKCOPY_METRICS_PORT=str(self.metrics_port),
+                   BLOCKCOPY_LIVENESS_PORT=str(self.liveness_port))
+        self.env = {**os.environ, **env, "KUBECONFIG": str(kubeconfig)}
+        # No in-cluster service environment may take precedence over the SA kubeconfig.
+        self.env.pop("KUBERNETES_SERVICE_HOST", None)
+        self.args = [sys.executable, "-m", "blockcopy", *container["args"]]
+        self.node, self.log_path = node, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.args, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: "agent ready" in self.log() or self.proc.poll() is not None, 60,
+                 what="the agent to start")
+        assert self.proc.poll() is None, f"agent exited early:\n{self.log()}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, port: int, path: str) -> tuple[int, str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def agent(release, sa_kubeconfig, tmp_path):
+    node = f"chart-node-{uuid.uuid4().hex[:6]}"
+    ds = one(release["docs"], "DaemonSet")
+    agent = Agent(ds, sa_kubeconfig, node, tmp_path / "agent.log")
+    yield agent
+    agent.stop()
+    print(f"--- log of agent {node} ---\n{agent.log()[-8000:]}")
+
+
+@pytest.fixture
+def vm():
+    vm = testvm.create_vm("chart", layers=2)
+    yield vm
+    testvm.destroy_vm(vm)
+
+
+def get_bc(kubectl, namespace: str, name: str) -> dict | None:
+    proc = kubectl("get", "blockcopies.blockcopy.dev", name, "--namespace", namespace,
+                   "-o", "json", check=False)
+    if proc.returncode != 0:
+        assert "NotFound" in proc.stderr, proc.stderr
+        return None
+    return json.loads(proc.stdout)
+
+
+def test_agent_as_the_service_account_copies_and_pivots(release, agent, vm, kubectl,
+                                                        sa_kubeconfig):
+    ns, name = release["namespace"], "copy-vda"
+    dest = f"{vm.workdir}/copy.qcow2"
+    allowed = agent.env["BLOCKCOPY_ALLOWED_PATHS"].split(":")
+    assert any(dest.startswith(root.rstrip("/") + "/") for root in allowed), (dest, allowed)
+    agent.start()
+    assert agent.get(agent.liveness_port, "/healthz")[0] == 200
+
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BlockCopy",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"domain": vm.name, "disk": "vda", "dest": dest, "pivot": True,
+                     "nodeName": agent.node}}
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(body))
+    started = time.monotonic()
+
+    def pivoted():
+        obj = get_bc(kubectl, ns, name) or {}
+        phase = (obj.get("status") or {}).get("phase")
+        assert phase != "Failed", obj.get("status")
+        return obj if phase == "Pivoted" else None
+    try:
+        obj = wait_for(pivoted, 180, interval=0.5, what=f"{name} to pivot")
+    except AssertionError:
+        print(agent.log()[-6000:])
+        raise
+    print(f"copy + pivot as the ServiceAccount took {time.monotonic() - started:.1f} s")
+
+    # libvirt: the VM runs on the copy.
+    assert testvm.live_disk_source(vm) == dest
+    assert testvm.live_mirror(vm) is None
+    # Everything the agent writes got written with the chart's rights.
+    assert obj["metadata"]["labels"]["blockcopy.dev/node"] == agent.node
+    assert "blockcopy.dev/cancel-job" in obj["metadata"].get("finalizers", [])
+    assert obj["status"]["nodeName"] == agent.node
+    assert obj["metadata"]["generation"] == 1  # the agent never wrote spec
+    events = json.loads(kubectl("get", "events", "--namespace", ns, "-o", "json",
+                                "--field-selector", f"involvedObject.name={name}").stdout)
+    reasons = {e["reason"] for e in events["items"]}
+    assert "Pivoted" in reasons, reasons
+    status, text = agent.get(agent.metrics_port, "/metrics")
+    assert status == 200 and "blockcopy" in text
+
+    # Deleting the object: the agent (as the ServiceAccount) removes its finalizer.
+    kubectl("delete", "blockcopies.blockcopy.dev", name, "--namespace", ns, "--wait=false")
+    wait_for(lambda: get_bc(kubectl, ns, name) is None, 60, what=f"{name} to be deleted")
+
+    log = agent.log()
+    assert not re.search(r"\b403\b|forbidden", log, re.I), log[-6000:]
+    assert agent.proc.poll() is None, log[-6000:]
+
+
+def test_service_account_requests_are_refused(release, sa_kubeconfig, kubectl):
+    """Real requests with the agent's own client library and identity, not just reviews:
+    403 for what the agent must never do; what it must do goes through."""
+    ns, name = release["namespace"], "refusals"
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BlockCopy",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"domain": "nothing-here", "disk": "vda",
+                     "dest": "/var/lib/libvirt/images/none.qcow2", "nodeName": "no-such-node"}}
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(body))
+    client = kubernetes.config.new_client_from_config(config_file=str(sa_kubeconfig))
+    core = kubernetes.client.CoreV1Api(client)
+    custom = kubernetes.client.CustomObjectsApi(client)
+    try:
+        current = get_bc(kubectl, ns, name)
+        changed = {**current, "spec": {**current["spec"], "pivot": True}}
+        forbidden = {
+            "read a Secret": lambda: core.list_namespaced_secret(ns),
+            "list Secrets everywhere": lambda: core.list_secret_for_all_namespaces(),
+            "create a Secret": lambda: core.create_namespaced_secret(
+                ns, {"metadata": {"name": "stolen"}, "stringData": {"a": "b"}}),
+            "list Pods": lambda: core.list_namespaced_pod(ns),
+            "read ConfigMaps": lambda: core.list_namespaced_config_map(ns),
+            "get one BlockCopy (the watch carries them)":
+                lambda: custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name),
+            "update a BlockCopy's spec (PUT)": lambda: custom.replace_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, name, changed),
+            "create a BlockCopy": lambda: custom.create_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, {**body, "metadata": {"name": "forged"}}),
+            "delete a BlockCopy": lambda: custom.delete_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, name),
+            "replace status (PUT)": lambda: custom.replace_namespaced_custom_object_status(
+                GROUP, VERSION, ns, PLURAL, name, changed),
+        }
+        for what, call in forbidden.items():
+            with pytest.raises(ApiException) as info:
+                call()
+            assert info.value.status == 403, (what, info.value)
+        # What it needs, it can: list everywhere, patch status, post an Event.
+        listed = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+        assert name in {o["metadata"]["name"] for o in listed["items"]}
+        custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, PLURAL, name, {"status": {"message": "written as the agent"}})
+        core.create_namespaced_event(ns, {
+            "metadata": {"generateName": f"{name}."}, "type": "Normal", "reason": "Test",
+            "message": "posted as the agent",
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BlockCopy",
+                               "namespace": ns, "name": name}})
+        obj = get_bc(kubectl, ns, name)
+        assert obj["status"]["message"] == "written as the agent"
+        assert obj["spec"].get("pivot") is False and obj["metadata"]["generation"] == 1
+    finally:
+        kubectl("delete", "blockcopies.blockcopy.dev", name, "--namespace", ns,
+                "--wait=false", check=False)
+
+
+def test_rbac_does_not_cover_spec_patches(release, sa_kubeconfig, kubectl):
+    """The one thing RBAC cannot refuse, documented rather than hidden: the agent must patch
+    the main resource (claim label, finalizer), and `patch` cannot be limited to metadata.
+    The agent never writes spec (test above: generation stays 1); on Kubernetes >= 1.30,
+    specGuard.enabled=true makes the API server refuse it (tests/chart/test_cel_expressions.py)."""
+    assert can_i(kubectl, sa_kubeconfig, "patch", "blockcopies.blockcopy.dev",
+                 "--namespace", release["namespace"])
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["specGuard"] == {"enabled": False}
