@@ -63,6 +63,8 @@ class _Tracked:
     last_event: JobEvent | None = None
     unreachable_since: str | None = None
     pivot_issued: float | None = None  # monotonic time of the pivot call, for its latency
+    generation: int | None = None  # the spec generation last seen, to wake only on changes
+    action_failures: int = 0  # refused actions in a row, for the back-off
 
 
 def _now() -> dt.datetime:
@@ -161,6 +163,7 @@ class Agent:
             if await self.kube.claim(namespace, name, self.config.node_name, version):
                 log.info("%s/%s: claimed for node %s", namespace, name, self.config.node_name)
                 return "claimed"
+            log.info("%s/%s: another agent claimed it first", namespace, name)
             return "lost the race"
         if not (body.get("status") or {}).get("phase"):
             pending = {"phase": Phase.PENDING.value, "message": waiting, "progress": "0%",
@@ -177,9 +180,12 @@ class Agent:
             log.warning("cannot check domain %r: %s", domain, exc)
             return False
 
-    def poke(self, namespace: str, name: str) -> None:
+    def poke(self, namespace: str, name: str, generation: int | None, deleting: bool) -> None:
+        """Wake the follow loop for a spec change or a deletion. Not for status changes: the
+        agent's own writes come back as watch events and must not cut its back-offs short."""
         tracked = self._tracked.get((namespace, name))
-        if tracked is not None:
+        if tracked is not None and (deleting or generation != tracked.generation):
+            tracked.generation = generation
             tracked.wake.set()
 
     def _on_job_event(self, domain_uuid: str, target: str, event: JobEvent) -> None:
@@ -214,7 +220,13 @@ class Agent:
                 try:
                     done, busy = await self._step(body, tracked)
                     failures = 0
-                    tracked.unreachable_since = None
+                    if tracked.unreachable_since is not None:
+                        log.info("%s/%s: libvirt reachable again (unreachable since %s)",
+                                 namespace, name, tracked.unreachable_since)
+                        self.post_event(body, "Normal", "LibvirtReachable",
+                                        f"libvirt reachable again after an outage since "
+                                        f"{tracked.unreachable_since}")
+                        tracked.unreachable_since = None
                 except HypervisorUnavailable as exc:
                     backoff = self.config.retry_backoff
                     delay = backoff[min(failures, len(backoff) - 1)]
@@ -226,8 +238,14 @@ class Agent:
                     return
                 if not busy:
                     phase = phase_of(self._known_status(body, tracked))
-                    timeout = (self.config.status_interval if phase == Phase.COPYING
-                               else self.config.poll_interval)
+                    if tracked.action_failures:  # libvirt refused an action: back off
+                        backoff = self.config.retry_backoff
+                        timeout = max(self.config.poll_interval,
+                                      backoff[min(tracked.action_failures - 1, len(backoff) - 1)])
+                    elif phase == Phase.COPYING:
+                        timeout = self.config.status_interval  # cur/end stay fresh
+                    else:
+                        timeout = self.config.poll_interval  # events do the work; a fallback
                     await self._sleep(tracked, stopped, timeout)
         finally:
             if tracked.writer is not None:
@@ -254,7 +272,7 @@ class Agent:
         current = phase_of(previous)
         if current in TERMINAL_PHASES:
             return True, False
-        generation = meta.get("generation")
+        generation = tracked.generation = meta.get("generation")
         raw_spec, changed = pin_started_fields(body.get("spec") or {}, previous.get("startedSpec"))
         started_job = current not in (None, Phase.PENDING)
         invalid: list[str] = []
@@ -300,9 +318,10 @@ class Agent:
                             tracked.last_event = None
             else:
                 disk, decision = await self._observe_and_decide(spec, current, previous, tracked)
-                if decision.action in (Action.PIVOT, Action.ABORT):
+                if decision.action in (Action.PIVOT, Action.ABORT) and not tracked.action_failures:
                     # Record the intent first: if the agent dies mid-way, the phase tells the
                     # restarted agent to finish the same thing (the mirror is re-checked).
+                    # Not again on retries: a refused pivot stays Mirrored, without flapping.
                     await self._record(body, tracked, decision, previous, disk, generation,
                                        extra=extra, wait=True)
                     previous = self._known_status(body, tracked)
@@ -314,6 +333,7 @@ class Agent:
                     except HypervisorError as exc:
                         decision = self._action_failed(decision, current, exc)
                         action_failed = True
+                    tracked.action_failures = tracked.action_failures + 1 if action_failed else 0
         await self._record(body, tracked, decision, previous, disk, generation, started,
                            extra=extra)
         if action_failed and decision.phase not in TERMINAL_PHASES:

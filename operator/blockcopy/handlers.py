@@ -84,10 +84,11 @@ def _owned(body: kopf.Body, **_: Any) -> bool:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def on_change(type: str, namespace: str, name: str, **_: Any) -> None:
+async def on_change(body: kopf.Body, type: str, namespace: str, name: str, **_: Any) -> None:
     assert AGENT is not None
-    if type != "DELETED":
-        AGENT.poke(namespace, name)  # wake the follow loop: spec (pivot, abort...) may differ
+    if type != "DELETED":  # wake the follow loop if the spec (pivot, abort...) changed
+        meta = body.get("metadata", {})
+        AGENT.poke(namespace, name, meta.get("generation"), bool(meta.get("deletionTimestamp")))
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, when=_owned, cancellation_timeout=10)
