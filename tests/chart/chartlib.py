@@ -6,29 +6,17 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
-import time
-from collections.abc import Callable
 from typing import Any
 
 import yaml
+
+from waiting import wait_for as wait_for  # shared with tests/e2e
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "blockcopy-operator"
 CACHE = pathlib.Path(os.environ.get("BLOCKCOPY_CACHE_DIR", "/var/cache/blockcopy-operator"))
 STATE = pathlib.Path(os.environ.get("BLOCKCOPY_STATE_DIR", ROOT / ".local"))
 KUBECONFIG = STATE / "kubeconfig"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.2,
-             what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
 class Helm:

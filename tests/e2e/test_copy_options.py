@@ -35,9 +35,9 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 import pytest
+from e2elib import condition, qemu_img_compare, qemu_img_info, wait_for
 
 import testvm
-from conftest import condition, qemu_img_compare, qemu_img_info, wait_for
 
 MiB = 1 << 20
 

@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 import yaml
+from e2elib import condition, qemu_img_compare, qemu_img_info, wait_for
 
 import testvm
-from conftest import condition, qemu_img_compare, qemu_img_info, wait_for
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 

@@ -43,12 +43,11 @@ import tempfile
 import time
 import uuid
 
-import kubernetes
 import libvirt
 import pytest
+from e2elib import KUBECONFIG, AgentProcess, condition, wait_for
 
 import testvm
-from conftest import KUBECONFIG, AgentProcess, condition, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GROUP, VERSION, PLURAL = "blockcopy.dev", "v1alpha1", "blockcopies"
@@ -143,25 +142,7 @@ def _wait_copying(blockcopies, name: str, timeout: float = 60) -> dict:
     return wait_for(check, timeout, what=f"{name} Copying with counters")
 
 
-@pytest.fixture(autouse=True)
-def _release_new_objects(api, namespace):
-    """Leave no object of this test behind (finalizers of stopped agents included), so that
-    no agent of a later test, or of another session, ever acts on it."""
-    def names() -> set[str]:
-        items = api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
-        return {o["metadata"]["name"] for o in items}
-    before = names()
-    yield
-    for name in names() - before:
-        for call, args in (
-            (api.patch_namespaced_custom_object, ({"metadata": {"finalizers": None}},)),
-            (api.delete_namespaced_custom_object, ()),
-        ):
-            try:
-                call(GROUP, VERSION, namespace, PLURAL, name, *args)
-            except kubernetes.client.exceptions.ApiException as exc:
-                if exc.status != 404:
-                    raise
+pytestmark = pytest.mark.usefixtures("release_new_objects")
 
 
 # ---------------------------------------------------------------- 1. job FAILED

@@ -8,9 +8,8 @@ import socket
 import urllib.request
 import uuid
 
+from e2elib import BlockCopies, wait_for
 from prometheus_client.parser import text_string_to_metric_families
-
-from conftest import BlockCopies, wait_for
 
 
 def _free_port() -> int:

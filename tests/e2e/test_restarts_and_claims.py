@@ -34,13 +34,12 @@ import subprocess
 import time
 import uuid
 
-import kubernetes
 import libvirt
 import pytest
 import yaml
+from e2elib import condition, wait_for
 
 import testvm
-from conftest import condition, wait_for
 
 GROUP, VERSION, PLURAL = "blockcopy.dev", "v1alpha1", "blockcopies"
 NODE_LABEL = "blockcopy.dev/node"
@@ -111,25 +110,7 @@ def _claim_lines(agent, namespace: str, name: str) -> list[str]:
                       agent.log())
 
 
-@pytest.fixture(autouse=True)
-def _release_new_objects(api, namespace):
-    """Leave no object of this test behind (finalizers of stopped agents included), so that
-    no agent of a later test, or of another session, ever acts on it."""
-    def names() -> set[str]:
-        items = api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
-        return {o["metadata"]["name"] for o in items}
-    before = names()
-    yield
-    for name in names() - before:
-        for call, args in (
-            (api.patch_namespaced_custom_object, ({"metadata": {"finalizers": None}},)),
-            (api.delete_namespaced_custom_object, ()),
-        ):
-            try:
-                call(GROUP, VERSION, namespace, PLURAL, name, *args)
-            except kubernetes.client.exceptions.ApiException as exc:
-                if exc.status != 404:
-                    raise
+pytestmark = pytest.mark.usefixtures("release_new_objects")
 
 
 # ---------------------------------------------------------------- 10. SIGKILL and restart

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 
+from e2elib import condition, qemu_img_compare, qemu_img_info, wait_for
+
 import testvm
-from conftest import condition, qemu_img_compare, qemu_img_info, wait_for
 
 
 def _assert_pivoted_onto_copy(blockcopies, name, vm, dest, before_digest):
