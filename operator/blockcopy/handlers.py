@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 CONFIG: AgentConfig | None = None
 AGENT: Agent | None = None
 CLAIMER: asyncio.Task | None = None
+_POSTING: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
 
 
 def _post_event(body: Any, etype: str, reason: str, message: str) -> None:
@@ -27,8 +28,10 @@ def _post_event(body: Any, etype: str, reason: str, message: str) -> None:
         kopf.event(body, type=etype, reason=reason, message=message[:1024])
     except LookupError:  # outside kopf's handler context (the claimer task): post it directly
         assert AGENT is not None
-        asyncio.get_running_loop().create_task(
+        task = asyncio.get_running_loop().create_task(
             AGENT.kube.post_event(body, etype, reason, message, component="blockcopy-operator"))
+        _POSTING.add(task)
+        task.add_done_callback(_POSTING.discard)
 
 
 class _QuietWatchEvents(logging.Filter):
