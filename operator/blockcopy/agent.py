@@ -493,7 +493,8 @@ class Agent:
         except SpecError:
             return "nothing to cancel: the spec was invalid before any job started"
         meta = body["metadata"]
-        tracked = self._track(meta["namespace"], meta["name"])
+        # Share the follow loop's lock if it still runs; never register a new entry here.
+        tracked = self._tracked.get((meta["namespace"], meta["name"])) or _Tracked()
         async with tracked.lock:
             disk_ref = raw.get("target") or spec.disk
             disk = await asyncio.to_thread(self.hv.observe, spec.domain, disk_ref)

@@ -236,6 +236,11 @@ class Hypervisor:
             running = bool(dom.isActive())
             common = dict(domain_found=True, domain_uuid=dom.UUIDString(), domain_name=dom.name(),
                           domain_running=running, domain_persistent=bool(dom.isPersistent()))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return DiskState(domain_found=False)
+            raise _error(exc) from None
+        try:
             disk = parse_disk(dom.XMLDesc(0), disk_ref)
             if disk is None:
                 return DiskState(**common)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def load_config() -> None:
-    """KUBECONFIG (or ~/.kube/config) if present, else the in-cluster ServiceAccount."""
+    """The in-cluster ServiceAccount when running in a pod, else KUBECONFIG (~/.kube/config)."""
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:

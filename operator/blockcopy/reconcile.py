@@ -32,10 +32,6 @@ class Decision:
     message: str = ""
     reason: str = ""  # CamelCase, for conditions and Events; "" = the phase name
 
-    @property
-    def failed(self) -> bool:
-        return self.phase == Phase.FAILED
-
 
 def same_path(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and os.path.normpath(a) == os.path.normpath(b)

@@ -20,7 +20,6 @@ FAILED = "Failed"
 READY = "Ready"  # the object reached what its spec asks for (Mirrored, Pivoted, Aborted)
 RECONCILING = "Reconciling"  # a transition is in progress
 STALLED = "Stalled"  # it cannot progress (Failed)
-CONDITION_TYPES = (MIRRORED, PIVOTED, ABORTED, FAILED, READY, RECONCILING, STALLED)
 
 _WARNING_PHASES = {Phase.FAILED}
 

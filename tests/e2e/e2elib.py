@@ -20,8 +20,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 STATE = pathlib.Path(os.environ.get("BLOCKCOPY_STATE_DIR", ROOT / ".local"))
 KUBECONFIG = STATE / "kubeconfig"
 GROUP, VERSION, PLURAL = "blockcopy.dev", "v1alpha1", "blockcopies"
-__all__ = ["KUBECONFIG", "AgentProcess", "BlockCopies", "condition", "qemu_img_compare",
-           "qemu_img_info", "wait_for"]
+NODE_LABEL = "blockcopy.dev/node"
+__all__ = ["GROUP", "KUBECONFIG", "NODE_LABEL", "PLURAL", "VERSION", "AgentProcess",
+           "BlockCopies", "condition", "qemu_img_compare", "qemu_img_info", "wait_for"]
 
 
 class AgentProcess:
@@ -103,6 +104,18 @@ class BlockCopies:
             return wait_for(check, timeout, what=f"{name} in phase {phases}")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\nstatus: {self.status(name)}") from None
+
+    def wait_copying(self, name: str, *, counter: str = "end", above: int = 1,
+                     timeout: float = 60) -> dict:
+        """Copying, with libvirt's counter (end > 1: the job started; cur > 0: bytes copied)
+        already in status."""
+        def check():
+            status = self.status(name)
+            if status.get("phase") == "Copying" and status.get(counter, 0) > above:
+                return status
+            assert status.get("phase") in (None, "Pending", "Copying"), status
+            return None
+        return wait_for(check, timeout, what=f"{name} Copying with counters")
 
     def events(self, core: kubernetes.client.CoreV1Api, name: str) -> list:
         items = core.list_namespaced_event(

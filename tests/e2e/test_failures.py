@@ -45,13 +45,16 @@ import uuid
 
 import libvirt
 import pytest
-from e2elib import KUBECONFIG, AgentProcess, condition, wait_for
+from e2elib import (
+    KUBECONFIG,
+    AgentProcess,
+    condition,
+    wait_for,
+)
 
 import testvm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GROUP, VERSION, PLURAL = "blockcopy.dev", "v1alpha1", "blockcopies"
-NODE_LABEL = "blockcopy.dev/node"
 SLOW = {"size": "256M", "data_per_layer": "64M"}  # ~128M to copy: minutes at 1Mi/s
 
 
@@ -132,14 +135,7 @@ def _no_job_and_untouched(vm) -> None:
 
 
 def _wait_copying(blockcopies, name: str, timeout: float = 60) -> dict:
-    """Copying, with libvirt's counters already in status."""
-    def check():
-        status = blockcopies.status(name)
-        if status.get("phase") == "Copying" and status.get("end", 0) > 1:
-            return status
-        assert status.get("phase") in (None, "Pending", "Copying"), status
-        return None
-    return wait_for(check, timeout, what=f"{name} Copying with counters")
+    return blockcopies.wait_copying(name, counter="end", above=1, timeout=timeout)
 
 
 pytestmark = pytest.mark.usefixtures("release_new_objects")

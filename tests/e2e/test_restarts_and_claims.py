@@ -37,12 +37,10 @@ import uuid
 import libvirt
 import pytest
 import yaml
-from e2elib import condition, wait_for
+from e2elib import GROUP, NODE_LABEL, VERSION, condition, wait_for
 
 import testvm
 
-GROUP, VERSION, PLURAL = "blockcopy.dev", "v1alpha1", "blockcopies"
-NODE_LABEL = "blockcopy.dev/node"
 FINALIZER = "blockcopy.dev/cancel-job"
 SLOW = {"size": "256M", "data_per_layer": "64M"}  # ~128M to copy: minutes at 1Mi/s
 
@@ -87,14 +85,7 @@ def _reasons(blockcopies, core, name: str) -> list[str]:
 
 
 def _wait_copying(blockcopies, name: str, timeout: float = 60) -> dict:
-    """Copying, with libvirt's counters already in status."""
-    def check():
-        status = blockcopies.status(name)
-        if status.get("phase") == "Copying" and status.get("cur", 0) > 0:
-            return status
-        assert status.get("phase") in (None, "Pending", "Copying"), status
-        return None
-    return wait_for(check, timeout, what=f"{name} Copying with counters")
+    return blockcopies.wait_copying(name, counter="cur", above=0, timeout=timeout)
 
 
 def _assert_on_source(vm) -> None:
