@@ -64,6 +64,7 @@ class _Tracked:
     unreachable_since: str | None = None
     pivot_issued: float | None = None  # monotonic time of the pivot call, for its latency
     generation: int | None = None  # the spec generation last seen, to wake only on changes
+    spec_changed: bool = False  # the last wake-up came from a spec change (or a deletion)
     action_failures: int = 0  # refused actions in a row, for the back-off
 
 
@@ -186,6 +187,7 @@ class Agent:
         tracked = self._tracked.get((namespace, name))
         if tracked is not None and (deleting or generation != tracked.generation):
             tracked.generation = generation
+            tracked.spec_changed = True
             tracked.wake.set()
 
     def _on_job_event(self, domain_uuid: str, target: str, event: JobEvent) -> None:
@@ -217,6 +219,7 @@ class Agent:
                 if body.get("metadata", {}).get("deletionTimestamp"):
                     return  # the deletion handler takes over
                 tracked.wake.clear()
+                tracked.spec_changed = False
                 try:
                     done, busy = await self._step(body, tracked)
                     failures = 0
@@ -239,6 +242,11 @@ class Agent:
                 if not busy:
                     phase = phase_of(self._known_status(body, tracked))
                     if tracked.action_failures:  # libvirt refused an action: back off
+                        if not tracked.spec_changed:
+                            # A libvirt event that arrived during the refused action (say the
+                            # READY that raced our poll) is already reflected in it: only a
+                            # spec change may cut the back-off short.
+                            tracked.wake.clear()
                         backoff = self.config.retry_backoff
                         timeout = max(self.config.poll_interval,
                                       backoff[min(tracked.action_failures - 1, len(backoff) - 1)])
