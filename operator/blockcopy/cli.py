@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         claim_interval=args.claim_interval,
         namespaces=tuple(args.namespace or ()),
     )
+    # Served by the agent (blockcopy.probes), not by kopf: kopf would bind it only after the
+    # startup handler that announces "agent ready".
+    handlers.LIVENESS_PORT = args.liveness_port
     # One handler on the root logger, for kopf's lines and ours.
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON
                    if args.log_format == "json" else kopf.LogFormat.FULL)
@@ -82,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         standalone=True,
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
-        liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz"
-        if args.liveness_port else None,
     ))
     return 0
 

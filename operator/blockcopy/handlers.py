@@ -13,6 +13,7 @@ from blockcopy.agent import Agent, AgentConfig
 from blockcopy.api import GROUP, PLURAL, VERSION
 from blockcopy.hypervisor import HypervisorError, HypervisorUnavailable
 from blockcopy.kube import Kube, load_config
+from blockcopy.probes import LivenessServer
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 CONFIG: AgentConfig | None = None
 AGENT: Agent | None = None
 CLAIMER: asyncio.Task | None = None
+LIVENESS_PORT = 0  # 0: no liveness endpoint
+LIVENESS: LivenessServer | None = None
 _POSTING: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
 
 
@@ -66,8 +69,12 @@ async def start_agent(settings: kopf.OperatorSettings, logger: logging.Logger, *
     # Server-side filtering: kopf receives only this node's objects; the claimer receives
     # only unclaimed ones. No agent ever downloads the objects of other nodes.
     settings.watching.label_selectors[GROUP, PLURAL] = AGENT.own_selector
-    global CLAIMER
+    global CLAIMER, LIVENESS
     CLAIMER = asyncio.create_task(AGENT.run_claimer(), name="claimer")
+    if LIVENESS_PORT:
+        # Bound before "agent ready" is logged: whoever reads that line may probe at once.
+        LIVENESS = LivenessServer(host="0.0.0.0", port=LIVENESS_PORT)
+        await LIVENESS.start()
     logger.info("agent ready on node %s (allowed destination roots: %s)", CONFIG.node_name,
                 ", ".join(CONFIG.allowed_paths))
 
@@ -76,6 +83,8 @@ async def start_agent(settings: kopf.OperatorSettings, logger: logging.Logger, *
 async def stop_agent(**_: Any) -> None:
     if CLAIMER is not None:
         CLAIMER.cancel()
+    if LIVENESS is not None:
+        await LIVENESS.stop()
     if AGENT is not None:
         # Closing the connection removes libvirt's keepalive timer from the loop; kopf would
         # otherwise wait for it (about 5 s) before exiting.
