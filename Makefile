@@ -5,17 +5,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CACHE_DIR ?= $(or $(BLOCKCOPY_CACHE_DIR),/var/cache/blockcopy-operator)
 export BLOCKCOPY_CACHE_DIR := $(CACHE_DIR)
-export KUBECONFIG := $(CURDIR)/.local/kubeconfig
-export PATH := $(CACHE_DIR)/bin:$(PATH)
+export KUBECONFIG := $(or $(BLOCKCOPY_STATE_DIR),$(CURDIR)/.local)/kubeconfig
+STATE_DIR ?= $(or $(BLOCKCOPY_STATE_DIR),$(CURDIR)/.local)
+# kubectl of the local server's release and helm, linked by hack/install-kube-tools.sh.
+export PATH := $(STATE_DIR)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: help deps system-deps venv cluster cluster-down lint unit integration e2e chart chart-e2e image test demo bench clean
+.PHONY: help deps system-deps venv cluster cluster-down lint unit integration e2e chart chart-e2e image test test-k8s-oldest demo bench clean
 
 help:
 	@echo "make demo          bring up the local environment and show a live disk copy + pivot"
 	@echo "make test          lint + unit + integration (libvirt) + end-to-end (API server + libvirt + agent)"
 	@echo "make cluster       start etcd, kube-apiserver, libvirtd (kubeconfig: .local/kubeconfig)"
 	@echo "make cluster-down  stop everything and remove test VMs and images"
+	@echo "make test-k8s-oldest  CRD + chart + one real copy on the oldest supported Kubernetes ($(OLDEST_KUBE_VERSION))"
 	@echo "make chart         Helm chart: lint, render, validate offline (1.29..newest), schema, Argo CD/Flux health checks"
 	@echo "make image         build the agent image with buildah (localhost/blockcopy-operator:dev)"
 	@echo "make bench         numbers: agent vs virsh blockcopy, status writes, latency, memory"
@@ -64,6 +67,21 @@ image: system-deps
 # The whole suite, as CI runs it.
 test: deps lint cluster
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The oldest Kubernetes release we support, checked at a moderate cost (not part of `make
+# test`): a second local cluster on other ports and its own state dir, the CRD created and
+# enforced by that server, the chart installed with its crds/, and one real copy + pivot.
+OLDEST_KUBE_VERSION ?= 1.31.14
+OLDEST_ENV := KUBE_VERSION=$(OLDEST_KUBE_VERSION) BLOCKCOPY_STATE_DIR=$(CURDIR)/.local-k8s-oldest \
+	BLOCKCOPY_API_PORT=16444 BLOCKCOPY_ETCD_PORT=23791 BLOCKCOPY_ETCD_PEER_PORT=23801 \
+	BLOCKCOPY_KCM_PORT=16258 KUBECONFIG=$(CURDIR)/.local-k8s-oldest/kubeconfig \
+	PATH=$(CURDIR)/.local-k8s-oldest/bin:$(PATH)
+test-k8s-oldest: deps
+	$(OLDEST_ENV) ./hack/cluster-up.sh
+	$(OLDEST_ENV) $(PY) -m pytest tests/e2e/test_crd_on_server.py \
+		tests/chart/test_helm_install_rbac.py \
+		tests/e2e/test_walking_skeleton.py::test_pivot_true_from_the_start $(PYTEST_ARGS); \
+	status=$$?; $(OLDEST_ENV) BLOCKCOPY_KEEP_VMS=1 ./hack/cluster-down.sh; exit $$status
 
 demo: cluster
 	$(PY) hack/demo.py

@@ -2,6 +2,7 @@
 # Tears down what hack/cluster-up.sh started: kube-apiserver, etcd (and its data), the test
 # VMs (libvirt domains named bct-*) and their throwaway images, and libvirtd/virtlogd only if
 # cluster-up started them. Keeps $STATE/pki so certificates/tokens survive a restart.
+# BLOCKCOPY_KEEP_VMS=1 leaves the VMs alone (a second environment sharing the libvirtd).
 # Safe to run when nothing is up: exits 0.
 set -euo pipefail
 
@@ -66,7 +67,9 @@ rm -rf "$STATE/etcd" "$STATE/kubeconfig" "$STATE/kubeconfig.tmp"
 
 # ---------------------------------------------------------------- libvirt
 virsh_ok() { timeout 10 "${VIRSH[@]}" version >/dev/null 2>&1; }
-if virsh_ok; then
+if [ -n "${BLOCKCOPY_KEEP_VMS:-}" ]; then
+  log "BLOCKCOPY_KEEP_VMS set: leaving test VMs and their images alone"
+elif virsh_ok; then
   # Test/demo VMs are all named bct-*; destroy (if running) and undefine each one. This is
   # machine-wide: it also removes bct-* VMs of any other checkout using the same libvirtd.
   # No --remove-all-storage: their images are removed with $IMAGES_DIR below.
@@ -86,7 +89,7 @@ if virsh_ok; then
 elif pgrep -f "qemu-system.*-name guest=$VM_PREFIX" >/dev/null; then
   log "WARNING: libvirtd is not answering but $VM_PREFIX* qemu processes exist"
 fi
-rm -rf "$IMAGES_DIR"
+[ -n "${BLOCKCOPY_KEEP_VMS:-}" ] || rm -rf "$IMAGES_DIR"
 
 if [ -f "$RUN/libvirt-started-by-us" ]; then
   if virsh_ok; then

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Brings up a local, real environment for blockcopy-operator on a machine with no container
-# engine and no init system: etcd + kube-apiserver 1.20.2 as plain background processes, plus
-# the system libvirtd. See ../shared/reference/local-kube-apiserver.md for the background.
+# engine and no init system: etcd, kube-apiserver and kube-controller-manager of a current
+# Kubernetes release (built from Go modules by hack/build-kube.sh and hack/build-etcd.sh,
+# cached by version) as plain background processes, plus the system libvirtd. See
+# ../shared/reference/local-kube-apiserver.md for the background.
+#
+#   KUBE_VERSION   Kubernetes release to run (default: hack/kube/go.mod's, the newest)
 #
 # Idempotent: a component whose pid file names a live process that answers is left alone, so
 # running this again while everything is up changes nothing and returns in about a second.
@@ -15,6 +19,7 @@ STATE=${BLOCKCOPY_STATE_DIR:-$REPO/.local}
 ETCD_PORT=${BLOCKCOPY_ETCD_PORT:-23790}
 ETCD_PEER_PORT=${BLOCKCOPY_ETCD_PEER_PORT:-23800}
 API_PORT=${BLOCKCOPY_API_PORT:-16443}
+KCM_PORT=${BLOCKCOPY_KCM_PORT:-16257}
 PKI="$STATE/pki"
 RUN="$STATE/run"
 LOGS="$STATE/log"
@@ -30,11 +35,15 @@ exec 9>"$STATE/.lock"
 flock 9
 
 # ---------------------------------------------------------------- binaries
-# build-kube-apiserver.sh prints the cached path (and only builds when it is missing).
-APISERVER=$("$HACK/build-kube-apiserver.sh")
+# The build scripts print the cached paths (and build only what is missing).
+KUBE_BIN=$(BLOCKCOPY_CACHE_DIR="$CACHE" "$HACK/build-kube.sh" kube-apiserver \
+           kube-controller-manager kubectl)
+APISERVER="$KUBE_BIN/kube-apiserver"
+CONTROLLER_MANAGER="$KUBE_BIN/kube-controller-manager"
+ETCD=$(BLOCKCOPY_CACHE_DIR="$CACHE" "$HACK/build-etcd.sh")
+# kubectl of the server's release (linked into $CACHE/bin, which Makefile puts in PATH), helm.
 BLOCKCOPY_CACHE_DIR="$CACHE" "$HACK/install-kube-tools.sh"
-KUBECTL="$CACHE/bin/kubectl"
-ETCD=$(command -v etcd) || die "etcd not found: run hack/install-system-deps.sh"
+KUBECTL="$STATE/bin/kubectl"
 
 # ---------------------------------------------------------------- helpers
 # pid_of FILE NAME: prints the pid in FILE if that process is alive and really is NAME
@@ -146,11 +155,46 @@ fi
 if [ ! -f "$PKI/tokens.csv" ]; then
   echo "$ADMIN_TOKEN,admin,admin,\"system:masters\"" >"$PKI/tokens.csv"
 fi
+# kube-controller-manager's own identity (bound by the API server's bootstrap RBAC); its
+# controllers then act with ServiceAccount tokens of their own, as in kubeadm clusters.
+if ! grep -q '^kcm-token,' "$PKI/tokens.csv"; then
+  echo "kcm-token,system:kube-controller-manager,kcm" >>"$PKI/tokens.csv"
+fi
 chmod 600 "$PKI"/*.key "$PKI/tokens.csv"
+
+# Audit log of what happens to BlockCopies and their Events (who, which verb, which object):
+# `make bench` counts the agent's requests per copy from it. Nothing else is logged.
+cat >"$STATE/audit-policy.yaml.tmp" <<'EOF'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    resources:
+      - group: blockcopy.dev
+      - group: ""
+        resources: [events]
+  - level: None
+EOF
+if cmp -s "$STATE/audit-policy.yaml.tmp" "$STATE/audit-policy.yaml"; then
+  rm -f "$STATE/audit-policy.yaml.tmp"
+else
+  mv "$STATE/audit-policy.yaml.tmp" "$STATE/audit-policy.yaml"
+fi
+
+# running_other_binary PID BINARY: true when PID runs another executable than BINARY (say
+# after a KUBE_VERSION switch): such a process is replaced, not adopted.
+running_other_binary() {
+  [ "$(readlink -f "/proc/$1/exe" 2>/dev/null)" != "$(readlink -f "$2")" ]
+}
 
 # ---------------------------------------------------------------- etcd
 ETCD_PID=$(pid_of "$RUN/etcd.pid" etcd)
 [ -n "$ETCD_PID" ] || ETCD_PID=$(find_ours "$RUN/etcd.pid" "etcd .*--data-dir $STATE/etcd( |\$)")
+if [ -n "$ETCD_PID" ] && running_other_binary "$ETCD_PID" "$ETCD"; then
+  log "etcd (pid $ETCD_PID) runs another build; replacing it"
+  stop_pid "$ETCD_PID"; rm -f "$RUN/etcd.pid"; ETCD_PID=
+fi
 if [ -n "$ETCD_PID" ] && ! wait_for 15 "$ETCD_PID" etcd_healthy; then
   log "etcd (pid $ETCD_PID) does not answer; restarting it"
   stop_pid "$ETCD_PID"; rm -f "$RUN/etcd.pid"; ETCD_PID=
@@ -159,14 +203,22 @@ if [ -z "$ETCD_PID" ]; then
   for port in "$ETCD_PORT" "$ETCD_PEER_PORT"; do
     ! port_busy "$port" || die "port $port is used by another process (see BLOCKCOPY_ETCD_PORT/BLOCKCOPY_ETCD_PEER_PORT)"
   done
-  log "starting etcd on 127.0.0.1:$ETCD_PORT"
+  # The data is throwaway test state; a data dir of another etcd release (an older checkout
+  # ran Debian's 3.4) cannot always be upgraded in place, so it is started afresh.
+  if [ -d "$STATE/etcd" ] && [ "$(cat "$STATE/etcd.binary" 2>/dev/null)" != "$ETCD" ]; then
+    log "removing etcd data of another etcd build"
+    rm -rf "$STATE/etcd"
+  fi
+  echo "$ETCD" >"$STATE/etcd.binary"
+  log "starting etcd $("$ETCD" --version | sed -n 's/^etcd Version: //p') on 127.0.0.1:$ETCD_PORT"
   # Everything on 127.0.0.1 and non-default ports so a system etcd (2379/2380) cannot clash.
   start_bg etcd "$ETCD" --name blockcopy-local --data-dir "$STATE/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
     --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
-    --initial-cluster "blockcopy-local=http://127.0.0.1:$ETCD_PEER_PORT"
+    --initial-cluster "blockcopy-local=http://127.0.0.1:$ETCD_PEER_PORT" \
+    --listen-metrics-urls "" --quota-backend-bytes 2147483648
   ETCD_PID=$(cat "$RUN/etcd.pid")
   if ! wait_for 30 "$ETCD_PID" etcd_healthy; then
     tail -n 30 "$LOGS/etcd.log" >&2 || true
@@ -179,26 +231,36 @@ fi
 API_PID=$(pid_of "$RUN/kube-apiserver.pid" kube-apiserver)
 [ -n "$API_PID" ] || API_PID=$(find_ours "$RUN/kube-apiserver.pid" \
   "kube-apiserver .*--token-auth-file=$PKI/tokens.csv")
+if [ -n "$API_PID" ] && running_other_binary "$API_PID" "$APISERVER"; then
+  log "kube-apiserver (pid $API_PID) runs another release; replacing it"
+  stop_pid "$API_PID"; rm -f "$RUN/kube-apiserver.pid"; API_PID=
+fi
 if [ -n "$API_PID" ] && ! wait_for 30 "$API_PID" api_ready; then
   log "kube-apiserver (pid $API_PID) does not answer; restarting it"
   stop_pid "$API_PID"; rm -f "$RUN/kube-apiserver.pid"; API_PID=
 fi
 if [ -z "$API_PID" ]; then
   ! port_busy "$API_PORT" || die "port $API_PORT is used by another process (see BLOCKCOPY_API_PORT)"
-  log "starting kube-apiserver on https://127.0.0.1:$API_PORT"
+  log "starting kube-apiserver $("$APISERVER" --version) on https://127.0.0.1:$API_PORT"
   # RBAC + static tokens: admin-token is system:masters, extra tokens without groups let tests
   # exercise RBAC for real. The SA key/issuer enable ServiceAccount tokens (TokenRequest).
+  # Loopback only: current releases refuse to publish a loopback address as the `kubernetes`
+  # Service's endpoint, so that reconciler is off (nothing here routes Service IPs anyway).
   start_bg kube-apiserver "$APISERVER" \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
     --secure-port="$API_PORT" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
     --cert-dir="$PKI/apiserver-certs" \
     --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
+    --client-ca-file="$PKI/ca.crt" \
     --service-account-key-file="$PKI/sa.pub" \
     --service-account-signing-key-file="$PKI/sa.key" \
     --service-account-issuer=https://kubernetes.default.svc \
     --token-auth-file="$PKI/tokens.csv" \
     --authorization-mode=RBAC \
-    --service-cluster-ip-range=10.0.0.0/24
+    --service-cluster-ip-range=10.0.0.0/24 \
+    --endpoint-reconciler-type=none \
+    --audit-policy-file="$STATE/audit-policy.yaml" \
+    --audit-log-path="$LOGS/audit.log" --audit-log-maxsize=200 --audit-log-maxbackup=1
   API_PID=$(cat "$RUN/kube-apiserver.pid")
   if ! wait_for 90 "$API_PID" api_ready; then
     tail -n 40 "$LOGS/kube-apiserver.log" >&2 || true
@@ -237,6 +299,63 @@ else
   mv "$STATE/kubeconfig.tmp" "$STATE/kubeconfig"
 fi
 
+# ---------------------------------------------------------------- kube-controller-manager
+# Namespace deletion, garbage collection, ServiceAccount tokens, DaemonSet bookkeeping...
+cat >"$STATE/kcm.kubeconfig.tmp" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: blockcopy-local
+  cluster:
+    server: https://127.0.0.1:$API_PORT
+    certificate-authority-data: $CA_DATA
+users:
+- name: kcm
+  user:
+    token: kcm-token
+contexts:
+- name: kcm
+  context: {cluster: blockcopy-local, user: kcm}
+current-context: kcm
+EOF
+chmod 600 "$STATE/kcm.kubeconfig.tmp"
+mv "$STATE/kcm.kubeconfig.tmp" "$STATE/kcm.kubeconfig"
+kcm_healthy() {
+  [ "$(curl -sk --max-time 3 "https://127.0.0.1:$KCM_PORT/healthz" 2>/dev/null)" = ok ]
+}
+KCM_PID=$(pid_of "$RUN/kube-controller-manager.pid" kube-controller-manager)
+[ -n "$KCM_PID" ] || KCM_PID=$(find_ours "$RUN/kube-controller-manager.pid" \
+  "kube-controller-manager .*--kubeconfig=$STATE/kcm.kubeconfig")
+if [ -n "$KCM_PID" ] && running_other_binary "$KCM_PID" "$CONTROLLER_MANAGER"; then
+  log "kube-controller-manager (pid $KCM_PID) runs another release; replacing it"
+  stop_pid "$KCM_PID"; rm -f "$RUN/kube-controller-manager.pid"; KCM_PID=
+fi
+if [ -n "$KCM_PID" ] && ! wait_for 30 "$KCM_PID" kcm_healthy; then
+  log "kube-controller-manager (pid $KCM_PID) does not answer; restarting it"
+  stop_pid "$KCM_PID"; rm -f "$RUN/kube-controller-manager.pid"; KCM_PID=
+fi
+if [ -z "$KCM_PID" ]; then
+  ! port_busy "$KCM_PORT" || die "port $KCM_PORT is used by another process (see BLOCKCOPY_KCM_PORT)"
+  log "starting kube-controller-manager"
+  start_bg kube-controller-manager "$CONTROLLER_MANAGER" \
+    --kubeconfig="$STATE/kcm.kubeconfig" \
+    --authentication-kubeconfig="$STATE/kcm.kubeconfig" \
+    --authorization-kubeconfig="$STATE/kcm.kubeconfig" \
+    --bind-address=127.0.0.1 --secure-port="$KCM_PORT" \
+    --cert-dir="$PKI/kcm-certs" \
+    --leader-elect=false \
+    --use-service-account-credentials=true \
+    --service-account-private-key-file="$PKI/sa.key" \
+    --root-ca-file="$PKI/ca.crt" \
+    --service-cluster-ip-range=10.0.0.0/24
+  KCM_PID=$(cat "$RUN/kube-controller-manager.pid")
+  if ! wait_for 60 "$KCM_PID" kcm_healthy; then
+    tail -n 40 "$LOGS/kube-controller-manager.log" >&2 || true
+    kill -0 "$KCM_PID" 2>/dev/null || die "kube-controller-manager exited (log: $LOGS/kube-controller-manager.log)"
+    die "kube-controller-manager not healthy after 60 s (log: $LOGS/kube-controller-manager.log)"
+  fi
+fi
+
 # ---------------------------------------------------------------- libvirt
 # No init system starts libvirtd here. Start it only when nobody else did, and leave a marker
 # so cluster-down stops only what we started.
@@ -259,7 +378,7 @@ fi
 cat <<EOF
 Local environment is up (state: $STATE).
   export KUBECONFIG=$STATE/kubeconfig
-  export PATH=$CACHE/bin:\$PATH     # kubectl: $KUBECTL, helm: $CACHE/bin/helm
+  export PATH=$STATE/bin:\$PATH     # kubectl $("$KUBECTL" version --client | sed -n 's/Client Version: //p'), helm
   kubectl get ns
 libvirt: virsh -c qemu:///system list --all
 Tear down with: $HACK/cluster-down.sh

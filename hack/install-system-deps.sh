@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the local environment needs (libvirt, QEMU, etcd,
-# the Go toolchain for the kube-apiserver build, buildah/debootstrap for the image).
+# Installs the Debian packages the local environment needs (libvirt, QEMU, buildah and
+# debootstrap for the image). Kubernetes and etcd are built from Go modules with the
+# machine's Go (hack/build-kube.sh, hack/build-etcd.sh), not taken from Debian.
 # Idempotent: does nothing when every package is already installed.
 set -euo pipefail
 
@@ -10,10 +11,8 @@ PKGS=(
   libvirt-dev pkg-config
   # small guest that writes to its disk during copies
   linux-image-cloud-amd64 busybox-static cpio
-  # control plane
-  etcd-server
-  # kube-apiserver build from Debian's source package
-  dpkg-dev golang-go rsync golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev
+  # cgo parts of the Kubernetes build
+  gcc libc6-dev
   # container image build without a Docker engine
   buildah debootstrap
   # misc tools used by scripts and tests
