@@ -119,9 +119,8 @@ def main() -> int:
     args = parser.parse_args()
 
     subprocess.run([str(ROOT / "hack" / "cluster-up.sh")], check=True, stdout=subprocess.DEVNULL)
-    kubectl = pathlib.Path(os.environ.get("BLOCKCOPY_CACHE_DIR", "/var/cache/blockcopy-operator"),
-                           "bin", "kubectl")
-    subprocess.run([str(kubectl), "--kubeconfig", str(KUBECONFIG), "apply", "--validate=false",
+    kubectl = ROOT / ".local" / "bin" / "kubectl"
+    subprocess.run([str(kubectl), "--kubeconfig", str(KUBECONFIG), "apply",
                     "-f", str(ROOT / "crds" / "blockcopy.yaml")], check=True, capture_output=True)
     api = kubernetes.client.CustomObjectsApi(
         kubernetes.config.new_client_from_config(config_file=str(KUBECONFIG)))

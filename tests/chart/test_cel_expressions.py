@@ -1,6 +1,7 @@
-"""CEL shipped for clusters newer than the local 1.20 API server, evaluated with cel-python:
-the chart's optional spec guard (ValidatingAdmissionPolicy, Kubernetes >= 1.30) and the Flux
-health-check expressions that deploy/argocd/README.md recommends."""
+"""CEL shipped with the chart, evaluated quickly with cel-python for every case: the optional
+spec guard (ValidatingAdmissionPolicy; the real API server enforces it in
+test_helm_install_rbac.py) and the Flux health-check expressions that deploy/argocd/README.md
+recommends (Flux evaluates them; no Flux runs here)."""
 
 from __future__ import annotations
 

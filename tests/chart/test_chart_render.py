@@ -1,6 +1,6 @@
 """The Helm chart: lint, render, offline validation against every Kubernetes minor version from
-1.29 to the newest that kubernetes-validate ships, one source of truth for the CRD, and the
-values schema. No cluster needed."""
+1.31 (the chart's kubeVersion) to the newest that kubernetes-validate ships, one source of
+truth for the CRD, and the values schema. No cluster needed."""
 
 from __future__ import annotations
 
@@ -39,11 +39,16 @@ SINCE = {("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy"): Versi
          ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding"): Version("1.30")}
 
 
+OLDEST = Version(re.fullmatch(r">=(\d+\.\d+)\.0-0",
+                              yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"])[1])
+
+
 def minor_versions() -> list[str]:
-    """Every minor version the installed kubernetes-validate ships, from 1.29 on."""
+    """Every minor version the installed kubernetes-validate ships, from the oldest the chart
+    supports (Chart.yaml's kubeVersion) on."""
     found = sorted({Version(".".join(v.split(".")[:2])) for v in
                     kubernetes_validate.utils.all_versions()})
-    return [str(v) for v in found if v >= Version("1.29")]
+    return [str(v) for v in found if v >= OLDEST]
 
 
 VERSIONS = minor_versions()
@@ -51,7 +56,7 @@ VERSIONS = minor_versions()
 
 def test_validator_ships_recent_versions():
     # Guards the parametrisation below: an empty or stale list would silently test nothing.
-    assert VERSIONS[0] == "1.29"
+    assert VERSIONS[0] == "1.31" == str(OLDEST)
     assert Version(VERSIONS[-1]) >= Version("1.35"), VERSIONS
 
 
@@ -146,7 +151,7 @@ def test_rendering_is_independent_of_the_cluster(helm):
         assert ".Capabilities" not in actions, path.name
         assert not re.search(r"\blookup\b", actions), path.name
     a = helm.template(*ALL_ON).stdout
-    b = helm.template(*ALL_ON, "--kube-version", "1.29.0", "--api-versions",
+    b = helm.template(*ALL_ON, "--kube-version", "1.31.0", "--api-versions",
                       "monitoring.coreos.com/v1").stdout
     assert a == b
 
@@ -295,8 +300,7 @@ def test_inconsistent_values_fail(helm):
 
 
 def test_notes_render(helm):
-    out = helm.run("install", "bc", str(CHART), "--dry-run=client", "--namespace", "vms",
-                   "--skip-crds").stdout
+    out = helm.run("install", "bc", str(CHART), "--dry-run=client", "--namespace", "vms").stdout
     assert "Destinations (spec.dest) must lie under: /var/lib/libvirt/images" in out
     assert "helm show crds" in out and "kubectl apply -f -" in out
 

@@ -9,10 +9,9 @@ is no kubelet here, so it runs as a local process):
   chart's ClusterRole, and real requests for Secrets, other resources, and writes of a
   BlockCopy other than patches (create, update, delete) are refused with 403.
 
-The CRD: installed with `kubectl apply` before `helm install --skip-crds`. It is shared by every
-test session on this API server (and the e2e suite applies the same file); Helm 4 installs
-crds/ with server-side apply, which a 1.20 server refuses for this CRD (its CEL rules are
-unknown fields there), and `kubectl apply` is also the documented upgrade path for the CRD.
+The CRD: installed by `helm install` from the chart's crds/ (Helm 4 applies it server-side), as
+users install it. It is shared by every test on this API server (the e2e suite applies the same
+file with `kubectl apply`, the documented upgrade path), so both ways must coexist.
 
 Clusterwide note: like the DaemonSet, the agent watches every namespace. Its node name is
 unique and the BlockCopy names it in spec.nodeName, so no other agent on this machine takes it.
@@ -35,7 +34,7 @@ import uuid
 import kubernetes
 import pytest
 import yaml
-from chartlib import CHART, ROOT, one, wait_for
+from chartlib import CHART, one, wait_for
 from kubernetes.client.exceptions import ApiException
 
 import testvm
@@ -52,27 +51,21 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def crd(kubectl):
-    # --validate=false: kubectl's client-side check rejects the CRD's CEL rules against a 1.20
-    # server (which drops them); same as tests/e2e/conftest.py.
-    kubectl("apply", "--validate=false", "-f", str(ROOT / "crds" / "blockcopy.yaml"))
-    kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
-            "--timeout=60s")
-
-
-@pytest.fixture(scope="module")
-def release(crd, kubectl, cluster_helm):
-    """A fresh namespace and a uniquely named release of the chart in it."""
+def release(kubectl, cluster_helm):
+    """A fresh namespace and a uniquely named release of the chart in it, crds/ included."""
     suffix = uuid.uuid4().hex[:6]
     namespace, name = f"chart-{suffix}", f"bc{suffix}"
     kubectl("create", "namespace", namespace)
-    cluster_helm.run("install", name, str(CHART), "--namespace", namespace, "--skip-crds")
+    proc = cluster_helm.run("install", name, str(CHART), "--namespace", namespace)
+    assert "Warning" not in proc.stderr, proc.stderr
+    kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
+            "--timeout=60s")
     manifest = cluster_helm.run("get", "manifest", name, "--namespace", namespace).stdout
     docs = [d for d in yaml.safe_load_all(manifest) if d]
     yield {"namespace": namespace, "name": name, "docs": docs}
     # The ClusterRole and ClusterRoleBinding are cluster-scoped: never leave them behind.
-    # (The namespace stays: nothing here garbage-collects namespaces, see README.)
     cluster_helm.run("uninstall", name, "--namespace", namespace, check=False)
+    kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +129,13 @@ def effective_rules(kubectl, kubeconfig, namespace: str) -> set[tuple[str, str, 
     return rules
 
 
-# What every authenticated user may do on any cluster (system:basic-user): not the chart's.
+# What every authenticated user may do on any cluster (system:basic-user, and on current
+# releases reading the cluster's trust bundles): not the chart's.
 BASELINE = {("authorization.k8s.io", "selfsubjectaccessreviews", "create"),
             ("authorization.k8s.io", "selfsubjectrulesreviews", "create"),
-            ("authentication.k8s.io", "selfsubjectreviews", "create")}
+            ("authentication.k8s.io", "selfsubjectreviews", "create"),
+            *(("certificates.k8s.io", "clustertrustbundles", verb)
+              for verb in ("get", "list", "watch"))}
 
 
 def test_rights_are_exactly_the_cluster_role(release, sa_kubeconfig, kubectl):
@@ -364,9 +360,76 @@ def test_service_account_requests_are_refused(release, sa_kubeconfig, kubectl):
 def test_rbac_does_not_cover_spec_patches(release, sa_kubeconfig, kubectl):
     """The one thing RBAC cannot refuse, documented rather than hidden: the agent must patch
     the main resource (claim label, finalizer), and `patch` cannot be limited to metadata.
-    The agent never writes spec (test above: generation stays 1); on Kubernetes >= 1.30,
-    specGuard.enabled=true makes the API server refuse it (tests/chart/test_cel_expressions.py)."""
+    The agent never writes spec (test above: generation stays 1); specGuard.enabled=true makes
+    the API server refuse it (test_spec_guard_enforced_by_the_api_server)."""
     assert can_i(kubectl, sa_kubeconfig, "patch", "blockcopies.blockcopy.dev",
                  "--namespace", release["namespace"])
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["specGuard"] == {"enabled": False}
+
+
+def test_spec_guard_enforced_by_the_api_server(kubectl, cluster_helm, cluster, tmp_path):
+    """specGuard.enabled=true on a real server (ValidatingAdmissionPolicy, GA since 1.30): the
+    agent's ServiceAccount can claim (label), finalize and write status, but not change spec;
+    a user still can."""
+    suffix = uuid.uuid4().hex[:6]
+    namespace, release_name = f"guard-{suffix}", f"bg{suffix}"
+    kubectl("create", "namespace", namespace)
+    cluster_helm.run("install", release_name, str(CHART), "--namespace", namespace,
+                     "--set", "specGuard.enabled=true")
+    try:
+        docs = [d for d in yaml.safe_load_all(cluster_helm.run(
+            "get", "manifest", release_name, "--namespace", namespace).stdout) if d]
+        sa = one(docs, "ServiceAccount")["metadata"]["name"]
+        token = kubectl("create", "token", sa, "--namespace", namespace,
+                        "--duration=1h").stdout.strip()
+        admin = yaml.safe_load(cluster.read_text())
+        server = admin["clusters"][0]["cluster"]
+        config = tmp_path / "kubeconfig"
+        config.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "l", "cluster": server}],
+            "users": [{"name": "a", "user": {"token": token}}],
+            "contexts": [{"name": "a", "context": {"cluster": "l", "user": "a"}}],
+            "current-context": "a"}))
+        name = "guarded"
+        kubectl("apply", "-f", "-", input=yaml.safe_dump({
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "BlockCopy",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"domain": "d", "disk": "vda", "nodeName": "nobody",
+                     "dest": "/var/lib/libvirt/images/g.qcow2"}}))
+        as_agent = kubernetes.client.CustomObjectsApi(
+            kubernetes.config.new_client_from_config(config_file=str(config)))
+
+        def patch(body: dict, status: bool = False):
+            call = (as_agent.patch_namespaced_custom_object_status if status
+                    else as_agent.patch_namespaced_custom_object)
+            return call(GROUP, VERSION, namespace, PLURAL, name, body)
+
+        # The policy's binding is evaluated by the server a moment after it is created.
+        def refused_spec_write():
+            try:
+                patch({"spec": {"pivot": True}})
+            except ApiException as exc:
+                return exc
+            patch({"spec": {"pivot": False}})  # it went through: undo, and look again
+            return None
+        exc = wait_for(refused_spec_write, 30, interval=1, what="the spec guard to be active")
+        assert exc.status in (403, 422), exc
+        assert "never writes spec" in exc.body, exc.body
+        patch({"metadata": {"labels": {"blockcopy.dev/node": "nobody"},
+                            "finalizers": ["blockcopy.dev/cancel-job"]}})
+        patch({"status": {"message": "written by the agent"}}, status=True)
+        obj = get_bc(kubectl, namespace, name)
+        assert obj["metadata"]["labels"]["blockcopy.dev/node"] == "nobody"
+        assert obj["status"]["message"] == "written by the agent"
+        assert obj["spec"]["pivot"] is False
+        # A user (admin here) still changes spec freely.
+        kubectl("patch", "bc", name, "-n", namespace, "--type=merge", "-p",
+                '{"spec":{"pivot":true}}')
+        assert get_bc(kubectl, namespace, name)["spec"]["pivot"] is True
+        kubectl("patch", "bc", name, "-n", namespace, "--type=merge", "-p",
+                '{"metadata":{"finalizers":null}}')
+    finally:
+        cluster_helm.run("uninstall", release_name, "--namespace", namespace, check=False)
+        kubectl("delete", "namespace", namespace, "--wait=false", check=False)

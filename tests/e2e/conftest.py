@@ -4,7 +4,6 @@ Helpers and classes live in e2elib.py."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import uuid
@@ -12,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import kubernetes
 import pytest
-from e2elib import GROUP, KUBECONFIG, PLURAL, ROOT, VERSION, AgentProcess, BlockCopies
+from e2elib import GROUP, KUBECONFIG, PLURAL, ROOT, STATE, VERSION, AgentProcess, BlockCopies
 
 import testvm
 
@@ -28,8 +27,7 @@ def cluster() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def kubectl(cluster: pathlib.Path) -> Callable[..., subprocess.CompletedProcess]:
-    cache = os.environ.get("BLOCKCOPY_CACHE_DIR", "/var/cache/blockcopy-operator")
-    binary = os.path.join(cache, "bin", "kubectl")
+    binary = str(STATE / "bin" / "kubectl")  # the server's release (hack/install-kube-tools.sh)
 
     def run(*args: str, check: bool = True, input: str | None = None):
         return subprocess.run([binary, "--kubeconfig", str(cluster), *args], check=check,
@@ -39,9 +37,8 @@ def kubectl(cluster: pathlib.Path) -> Callable[..., subprocess.CompletedProcess]
 
 @pytest.fixture(scope="session")
 def api(cluster: pathlib.Path, kubectl) -> kubernetes.client.CustomObjectsApi:
-    # --validate=false: the 1.20 API server does not know the CRD's CEL rules (it drops them;
-    # tests/unit/test_crd.py evaluates them, and the agent enforces immutability itself).
-    kubectl("apply", "--validate=false", "-f", str(ROOT / "crds" / "blockcopy.yaml"))
+    # As users apply it (the API server compiles and enforces its CEL rules).
+    kubectl("apply", "-f", str(ROOT / "crds" / "blockcopy.yaml"))
     kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
             "--timeout=60s")
     client = kubernetes.config.new_client_from_config(config_file=str(cluster))

@@ -622,16 +622,30 @@ def test_kubectl_wait_for_mirrored_and_pivoted(agent, vms, blockcopies, kubectl)
 # ---------------------------------------------------------------- immutable fields
 
 
-def test_changing_dest_while_copying_is_refused(agent, vms, blockcopies, core):
-    """spec.dest changed while Copying: SpecChangeRefused condition and Warning Event, the
-    job keeps copying to the original destination and the pivot lands on it."""
+def test_changing_dest_while_copying_is_refused(agent, vms, blockcopies, core, api, kubectl):
+    """spec.dest changed while Copying. The API server refuses it (the CRD's rule); and where
+    a server does not evaluate the rules, the agent refuses it too: SpecChangeRefused
+    condition and Warning Event, the job keeps copying to the original destination and the
+    pivot lands on it. Such a server is emulated by editing while the rule cannot see that
+    the copy started: the agent is stopped and status.startTime (what the rule keys on) is
+    removed; the restarted agent still knows the started spec (status.startedSpec)."""
     vm = _slow_vm(vms)
     dest = os.path.join(vm.workdir, "original.qcow2")
     other = os.path.join(vm.workdir, "other.qcow2")
     name = blockcopies.create({**_spec(agent, vm, dest), "bandwidth": "1Mi"})
-    blockcopies.wait_phase(name, "Copying")
+    blockcopies.wait_copying(name)
 
-    blockcopies.patch_spec(name, {"dest": other})
+    refused = kubectl("patch", "bc", name, "-n", blockcopies.namespace, "--type=merge",
+                      "-p", json.dumps({"spec": {"dest": other}}), check=False)
+    assert refused.returncode != 0
+    assert "spec.dest cannot change once the copy started" in refused.stderr, refused.stderr
+
+    agent.stop()
+    api.patch_namespaced_custom_object_status(
+        "blockcopy.dev", "v1alpha1", blockcopies.namespace, "blockcopies", name,
+        {"status": {"startTime": None}})
+    blockcopies.patch_spec(name, {"dest": other})  # accepted: the rule sees no started copy
+    agent.start()
     status = wait_for(
         lambda: (s := blockcopies.status(name))
         and (condition(s, "SpecChangeRefused") or {}).get("status") == "True" and s,
