@@ -71,7 +71,7 @@ test: deps lint cluster
 # The oldest Kubernetes release we support, checked at a moderate cost (not part of `make
 # test`): a second local cluster on other ports and its own state dir, the CRD created and
 # enforced by that server, the chart installed with its crds/, and one real copy + pivot.
-OLDEST_KUBE_VERSION ?= 1.31.14
+OLDEST_KUBE_VERSION ?= 1.31.0
 OLDEST_ENV := KUBE_VERSION=$(OLDEST_KUBE_VERSION) BLOCKCOPY_STATE_DIR=$(CURDIR)/.local-k8s-oldest \
 	BLOCKCOPY_API_PORT=16444 BLOCKCOPY_ETCD_PORT=23791 BLOCKCOPY_ETCD_PEER_PORT=23801 \
 	BLOCKCOPY_KCM_PORT=16258 KUBECONFIG=$(CURDIR)/.local-k8s-oldest/kubeconfig \
