@@ -7,8 +7,13 @@ import asyncio
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from blockcopy import __version__
+from blockcopy.agent import AgentConfig
+
+if TYPE_CHECKING:
+    from blockcopy.lifecycle import HypervisorFactory
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,36 +60,46 @@ def allowed_paths(from_args: list[str] | None) -> tuple[str, ...]:
     return tuple(from_env) or DEFAULT_ALLOWED_PATHS
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # Imported here so that --help works without a cluster or libvirt configuration.
-    import kopf
-
-    from blockcopy import handlers
-    from blockcopy.agent import AgentConfig
-
-    handlers.CONFIG = AgentConfig(
+def config_from(args: argparse.Namespace) -> AgentConfig:
+    return AgentConfig(
         node_name=args.node_name or socket.gethostname(),
         libvirt_uri=args.libvirt_uri,
         allowed_paths=allowed_paths(args.allowed_path),
         status_interval=args.status_interval,
         claim_interval=args.claim_interval,
         namespaces=tuple(args.namespace or ()),
+        liveness_port=args.liveness_port,
+        metrics_port=args.metrics_port,
     )
-    # Served by the agent (blockcopy.probes), not by kopf: kopf would bind it only after the
-    # startup handler that announces "agent ready".
-    handlers.LIVENESS_PORT = args.liveness_port
+
+
+def main(argv: list[str] | None = None, *,
+         make_hypervisor: HypervisorFactory | None = None) -> int:
+    """Run the agent until SIGTERM/SIGINT. ``make_hypervisor``: tests only (fault injection
+    through the hypervisor interface); the default is the libvirt client."""
+    args = parse_args(argv)
+    # Imported here so that --help works without a cluster or libvirt configuration.
+    import kopf
+
+    from blockcopy import handlers, lifecycle
+
+    assert handlers.follow  # importing the module registers kopf's handlers
+
+    config = config_from(args)
     # One handler on the root logger, for kopf's lines and ours.
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON
                    if args.log_format == "json" else kopf.LogFormat.FULL)
-    if args.metrics_port:
+    if config.metrics_port:
         from blockcopy import metrics
 
-        metrics.serve(args.metrics_port)
+        metrics.serve(config.metrics_port)
+    memo = lifecycle.memo_for(config) if make_hypervisor is None else \
+        lifecycle.memo_for(config, make_hypervisor=make_hypervisor)
     asyncio.run(kopf.operator(
+        memo=memo,
         standalone=True,
-        clusterwide=not args.namespace,
-        namespaces=args.namespace or (),
+        clusterwide=not config.namespaces,
+        namespaces=config.namespaces,
     ))
     return 0
 

@@ -1,28 +1,31 @@
 """The libvirt driver: the only module that imports libvirt.
 
-Turns libvirt's domains, live XML and block-job calls into the plain data of
-``observation`` and a few verbs (start a copy, pivot, abort, set the speed). All calls are
-blocking; the handlers run them in threads. Block-job events arrive on the asyncio loop
-through libvirtaio and are handed to listeners.
+Implements ``ports.Hypervisor``: turns libvirt's domains, live XML and block-job calls into
+the plain data of ``observation`` and a few verbs (start a copy, pivot, cancel, set the
+speed). libvirt's calls block, so each verb runs in a worker thread; block-job events arrive
+on the asyncio loop through libvirtaio and are handed to listeners.
+
+"Cannot reach libvirtd" is decided by the connection's state, not by an error code: libvirtd
+also reports its own OS errors while serving a request as VIR_ERR_SYSTEM_ERROR, and such a
+refusal must end the copy with libvirt's message, not be retried forever as an outage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import uuid as uuidlib
-import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable
-from xml.sax.saxutils import quoteattr
+from collections.abc import Callable
+from typing import TypeVar
 
 import libvirt
 import libvirtaio
 
 from blockcopy.api import Flag
-from blockcopy.destination import is_block_device
-from blockcopy.observation import DiskState, JobEvent, JobProgress, Mirror, MirrorReady
+from blockcopy.domainxml import dest_disk_xml, parse_disk
+from blockcopy.observation import DiskState, JobEvent, JobProgress
+from blockcopy.ports import CopyRequest, HypervisorError, HypervisorUnavailable, JobListener
 
 log = logging.getLogger(__name__)
 
@@ -38,38 +41,13 @@ _EVENT_STATUS = {
     libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED: JobEvent.CANCELED,
     libvirt.VIR_DOMAIN_BLOCK_JOB_READY: JobEvent.READY,
 }
-# Errors that mean "cannot talk to libvirtd", as opposed to "libvirtd said no".
-_CONNECTION_ERRORS = {
-    libvirt.VIR_ERR_NO_CONNECT,
-    libvirt.VIR_ERR_INVALID_CONN,
-    libvirt.VIR_ERR_RPC,
-    libvirt.VIR_ERR_SYSTEM_ERROR,
-    libvirt.VIR_ERR_AUTH_FAILED,
-}
-
-JobListener = Callable[[str, str, JobEvent], None]  # (domain uuid, disk target, event)
+# Codes that can only mean the connection itself is unusable (never a refusal).
+_CONNECTION_LOST = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN}
 
 _event_impl_lock = threading.Lock()
 _event_impl_loop: asyncio.AbstractEventLoop | None = None
 
-
-class HypervisorError(Exception):
-    """libvirt refused or failed an operation; ``str()`` is libvirt's message."""
-
-    def __init__(self, message: str, code: int | None = None):
-        super().__init__(message)
-        self.code = code
-
-
-class HypervisorUnavailable(HypervisorError):
-    """libvirtd cannot be reached; worth retrying later."""
-
-
-def _error(exc: libvirt.libvirtError) -> HypervisorError:
-    code = exc.get_error_code()
-    message = exc.get_error_message() or str(exc)
-    cls = HypervisorUnavailable if code in _CONNECTION_ERRORS else HypervisorError
-    return cls(message, code)
+T = TypeVar("T")
 
 
 def use_asyncio_loop(loop: asyncio.AbstractEventLoop) -> None:
@@ -89,54 +67,7 @@ def _looks_like_uuid(ref: str) -> bool:
     return True
 
 
-def dest_disk_xml(dest: str, fmt: str) -> str:
-    """The ``<disk>`` element virDomainBlockCopy takes for a file or block device."""
-    if is_block_device(dest):
-        return (f"<disk type='block'><source dev={quoteattr(dest)}/>"
-                f"<driver type={quoteattr(fmt)}/></disk>")
-    return (f"<disk type='file'><source file={quoteattr(dest)}/>"
-            f"<driver type={quoteattr(fmt)}/></disk>")
-
-
-def _source_path(elem: ET.Element | None) -> str | None:
-    if elem is None:
-        return None
-    return elem.get("file") or elem.get("dev") or elem.get("name")
-
-
-def parse_disk(domain_xml: str, disk_ref: str) -> dict | None:
-    """Find a disk by target (vda) or by source path in a domain's XML."""
-    root = ET.fromstring(domain_xml)
-    for disk in root.iterfind("./devices/disk"):
-        target = disk.find("target")
-        target_dev = target.get("dev") if target is not None else None
-        source = _source_path(disk.find("source"))
-        if disk_ref not in (target_dev, source) and not (
-            source and os.path.isabs(disk_ref) and os.path.normpath(disk_ref) == source
-        ):
-            continue
-        driver = disk.find("driver")
-        backing = disk.find("backingStore")
-        mirror_elem = disk.find("mirror")
-        mirror = None
-        if mirror_elem is not None:
-            dest = _source_path(mirror_elem.find("source")) or mirror_elem.get("file")
-            mirror = Mirror(
-                dest=dest or "",
-                ready=MirrorReady(mirror_elem.get("ready", "")),
-                job=mirror_elem.get("job", "copy"),
-            )
-        return {
-            "target": target_dev,
-            "source": source,
-            "source_format": driver.get("type") if driver is not None else None,
-            "backing": _source_path(backing.find("source")) if backing is not None else None,
-            "mirror": mirror,
-        }
-    return None
-
-
-class Hypervisor:
+class LibvirtHypervisor:
     """One libvirt connection (reopened when it drops) plus block-job event fan-out."""
 
     def __init__(self, uri: str = "qemu:///system"):
@@ -146,7 +77,7 @@ class Hypervisor:
         self._listeners: list[JobListener] = []
         self._callback_id: int | None = None
 
-    # -- connection ----------------------------------------------------------------
+    # -- connection and error classification ----------------------------------------
     def add_listener(self, listener: JobListener) -> None:
         self._listeners.append(listener)
 
@@ -161,7 +92,7 @@ class Hypervisor:
             except Exception:  # a listener's bug must not break event delivery
                 log.exception("block-job listener failed")
 
-    def connection(self) -> libvirt.virConnect:
+    def _connection(self) -> libvirt.virConnect:
         with self._lock:
             if self._conn is not None:
                 try:
@@ -169,7 +100,7 @@ class Hypervisor:
                         return self._conn
                 except libvirt.libvirtError:
                     pass
-                self._conn = None
+                self._drop()
             try:
                 conn = libvirt.open(self.uri)
             except libvirt.libvirtError as exc:
@@ -184,7 +115,42 @@ class Hypervisor:
             self._conn = conn
             return conn
 
-    def close(self) -> None:
+    def _drop(self) -> None:
+        """Forget a connection that went bad (libvirt frees it; no calls on it any more)."""
+        self._conn = None
+        self._callback_id = None
+
+    def _connection_works(self) -> bool:
+        """Is the current connection alive, and does a trivial call on it succeed?"""
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            return bool(conn.isAlive()) and conn.getLibVersion() > 0
+        except libvirt.libvirtError:
+            return False
+
+    def _error(self, exc: libvirt.libvirtError) -> HypervisorError:
+        """A refusal (HypervisorError, libvirt's message) or an outage (HypervisorUnavailable),
+        decided by whether the connection still works after the failed call."""
+        code = exc.get_error_code()
+        message = exc.get_error_message() or str(exc)
+        if code in _CONNECTION_LOST or not self._connection_works():
+            with self._lock:
+                self._drop()
+            return HypervisorUnavailable(message, code)
+        return HypervisorError(message, code)
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except libvirt.libvirtError as exc:
+            raise self._error(exc) from None
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        return await asyncio.to_thread(self._call, fn)
+
+    def _close_blocking(self) -> None:
         with self._lock:
             if self._conn is not None:
                 try:
@@ -193,18 +159,20 @@ class Hypervisor:
                     self._conn.close()
                 except libvirt.libvirtError:
                     pass
-                self._conn = None
-                self._callback_id = None
+                self._drop()
 
-    def version(self) -> str:
-        try:
-            v = self.connection().getLibVersion()
-        except libvirt.libvirtError as exc:
-            raise _error(exc) from None
+    async def close(self) -> None:
+        # Closing removes libvirt's keepalive timer from the loop: kopf would otherwise wait
+        # for it (about 5 s) before exiting.
+        await asyncio.to_thread(self._close_blocking)
+
+    async def version(self) -> str:
+        v = await self._in_thread(lambda: self._connection().getLibVersion())
         return f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"
 
+    # -- lookups and observation ------------------------------------------------------
     def _lookup(self, domain_ref: str) -> libvirt.virDomain | None:
-        conn = self.connection()
+        conn = self._connection()
         try:
             if _looks_like_uuid(domain_ref):
                 return conn.lookupByUUIDString(domain_ref)
@@ -212,7 +180,7 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
-            raise _error(exc) from None
+            raise
 
     def _domain(self, domain_ref: str) -> libvirt.virDomain:
         dom = self._lookup(domain_ref)
@@ -220,84 +188,72 @@ class Hypervisor:
             raise HypervisorError(f"domain {domain_ref!r} not found", libvirt.VIR_ERR_NO_DOMAIN)
         return dom
 
-    # -- observation ---------------------------------------------------------------
-    def has_running_domain(self, domain_ref: str) -> bool:
-        dom = self._lookup(domain_ref)
-        try:
+    async def has_running_domain(self, domain: str) -> bool:
+        def check() -> bool:
+            dom = self._lookup(domain)
             return dom is not None and bool(dom.isActive())
-        except libvirt.libvirtError as exc:
-            raise _error(exc) from None
+        return await self._in_thread(check)
 
-    def observe(self, domain_ref: str, disk_ref: str) -> DiskState:
+    def _observe(self, domain_ref: str, disk_ref: str) -> DiskState:
         dom = self._lookup(domain_ref)
         if dom is None:
             return DiskState(domain_found=False)
         try:
             running = bool(dom.isActive())
-            common = dict(domain_found=True, domain_uuid=dom.UUIDString(), domain_name=dom.name(),
-                          domain_running=running, domain_persistent=bool(dom.isPersistent()))
+            uuid, name, persistent = dom.UUIDString(), dom.name(), bool(dom.isPersistent())
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return DiskState(domain_found=False)
-            raise _error(exc) from None
+                return DiskState(domain_found=False)  # gone between the calls
+            raise
         try:
             disk = parse_disk(dom.XMLDesc(0), disk_ref)
-            if disk is None:
-                return DiskState(**common)
             job = None
-            if running:
-                info = dom.blockJobInfo(disk["target"],
+            if running and disk is not None and disk.target:
+                info = dom.blockJobInfo(disk.target,
                                         libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
                 if info:
                     job = JobProgress(cur=int(info.get("cur", 0)), end=int(info.get("end", 0)),
                                       bandwidth=int(info.get("bandwidth", 0)))
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return DiskState(domain_found=False)
+                return DiskState(domain_found=False)  # gone between the calls
             if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
                 # The domain stopped between the calls above.
-                return DiskState(**{**common, "domain_running": False})
-            raise _error(exc) from None
-        return DiskState(**common, disk_found=True, job=job, **disk)
+                return DiskState.of_domain(uuid=uuid, name=name, running=False,
+                                           persistent=persistent, disk=None)
+            raise
+        return DiskState.of_domain(uuid=uuid, name=name, running=running,
+                                   persistent=persistent, disk=disk, job=job)
 
-    # -- actions -------------------------------------------------------------------
-    def start_copy(self, domain_ref: str, target: str, dest: str, *, fmt: str,
-                   flags: Iterable[Flag], bandwidth: int = 0, granularity: int = 0,
-                   buf_size: int = 0) -> None:
-        dom = self._domain(domain_ref)
+    async def observe(self, domain: str, disk: str) -> DiskState:
+        return await self._in_thread(lambda: self._observe(domain, disk))
+
+    # -- actions --------------------------------------------------------------------
+    def _start_copy(self, request: CopyRequest) -> None:
+        dom = self._domain(request.domain)
         params = {}
-        if bandwidth:
-            params[libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH] = bandwidth
-        if granularity:
-            params[libvirt.VIR_DOMAIN_BLOCK_COPY_GRANULARITY] = granularity
-        if buf_size:
-            params[libvirt.VIR_DOMAIN_BLOCK_COPY_BUF_SIZE] = buf_size
+        if request.bandwidth:
+            params[libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH] = request.bandwidth
+        if request.granularity:
+            params[libvirt.VIR_DOMAIN_BLOCK_COPY_GRANULARITY] = request.granularity
+        if request.buf_size:
+            params[libvirt.VIR_DOMAIN_BLOCK_COPY_BUF_SIZE] = request.buf_size
         bits = 0
-        for flag in flags:
+        for flag in request.flags:
             bits |= _COPY_FLAGS[flag]
-        try:
-            dom.blockCopy(target, dest_disk_xml(dest, fmt), params or None, bits)
-        except libvirt.libvirtError as exc:
-            raise _error(exc) from None
+        xml = dest_disk_xml(request.dest, request.format, block_device=request.block_device)
+        dom.blockCopy(request.target, xml, params or None, bits)
 
-    def pivot(self, domain_ref: str, target: str) -> None:
-        self._abort(domain_ref, target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+    async def start_copy(self, request: CopyRequest) -> None:
+        await self._in_thread(lambda: self._start_copy(request))
 
-    def cancel(self, domain_ref: str, target: str) -> None:
-        """End the job and keep the VM on its source (after READY: a point-in-time copy)."""
-        self._abort(domain_ref, target, 0)
+    async def pivot(self, domain: str, target: str) -> None:
+        await self._in_thread(lambda: self._domain(domain).blockJobAbort(
+            target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT))
 
-    def _abort(self, domain_ref: str, target: str, flags: int) -> None:
-        dom = self._domain(domain_ref)
-        try:
-            dom.blockJobAbort(target, flags)
-        except libvirt.libvirtError as exc:
-            raise _error(exc) from None
+    async def cancel(self, domain: str, target: str) -> None:
+        await self._in_thread(lambda: self._domain(domain).blockJobAbort(target, 0))
 
-    def set_bandwidth(self, domain_ref: str, target: str, bandwidth: int) -> None:
-        dom = self._domain(domain_ref)
-        try:
-            dom.blockJobSetSpeed(target, bandwidth,
-                                 libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES)
-        except libvirt.libvirtError as exc:
-            raise _error(exc) from None
+    async def set_bandwidth(self, domain: str, target: str, bandwidth: int) -> None:
+        await self._in_thread(lambda: self._domain(domain).blockJobSetSpeed(
+            target, bandwidth, libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES))

@@ -40,6 +40,17 @@ class JobProgress:
 
 
 @dataclasses.dataclass(frozen=True)
+class DiskInfo:
+    """One disk as the domain XML describes it."""
+
+    target: str | None
+    source: str | None  # path of the active image (file or block device)
+    source_format: str | None = None
+    backing: str | None = None  # the active image's backing file, if libvirt knows it
+    mirror: Mirror | None = None  # a copy job's destination
+
+
+@dataclasses.dataclass(frozen=True)
 class DiskState:
     domain_found: bool
     domain_uuid: str | None = None
@@ -53,3 +64,15 @@ class DiskState:
     backing: str | None = None  # the active image's backing file, if libvirt knows it
     job: JobProgress | None = None  # any block job on the disk
     mirror: Mirror | None = None  # a copy job's destination, from the live XML
+
+    @classmethod
+    def of_domain(cls, *, uuid: str, name: str, running: bool, persistent: bool,
+                  disk: DiskInfo | None, job: JobProgress | None = None) -> DiskState:
+        """A domain that exists, with the disk's XML (None: no such disk) and its block job."""
+        domain = cls(domain_found=True, domain_uuid=uuid, domain_name=name,
+                     domain_running=running, domain_persistent=persistent)
+        if disk is None:
+            return domain
+        return dataclasses.replace(
+            domain, disk_found=True, target=disk.target, source=disk.source,
+            source_format=disk.source_format, backing=disk.backing, mirror=disk.mirror, job=job)

@@ -31,6 +31,7 @@ class Decision:
     action: Action = Action.NONE
     message: str = ""
     reason: str = ""  # CamelCase, for conditions and Events; "" = the phase name
+    warning: bool = False  # something went wrong (a refused action): a Warning Event
 
 
 def same_path(a: str | None, b: str | None) -> bool:
@@ -161,3 +162,27 @@ def _bandwidth_action(spec: BlockCopySpec, disk: DiskState) -> Action:
     if disk.job is not None and disk.job.bandwidth != spec.bandwidth:
         return Action.SET_BANDWIDTH
     return Action.NONE
+
+
+def started_message(spec: BlockCopySpec, *, source: str | None, fmt: str,
+                    flags: frozenset[Flag]) -> str:
+    """What the Copying phase says once libvirt accepted the job."""
+    notes = []
+    if Flag.TRANSIENT_JOB in flags and Flag.TRANSIENT_JOB not in spec.flags:
+        notes.append("transientJob added: the domain is persistent, and the job is lost "
+                     "if the VM stops")
+    if spec.base is not None:
+        notes.append("shallow: base is the top image's backing file")
+    tail = f" ({'; '.join(notes)})" if notes else ""
+    return f"copying {source} to {spec.dest} as {fmt}{tail}"
+
+
+def refused(decision: Decision, current: Phase | None, message: str) -> Decision:
+    """The decision to record when libvirt refused ``decision``'s action: the phase stays
+    (a refused pivot keeps mirroring, the VM stays on its source) and it is retried later."""
+    if decision.action == Action.PIVOT:
+        return Decision(Phase.MIRRORED, reason="PivotRefused", warning=True,
+                        message=f"libvirt refused the pivot, will retry: {message}")
+    verb = decision.action.value
+    return Decision(current or Phase.COPYING, reason=f"{verb[0].upper()}{verb[1:]}Failed",
+                    warning=True, message=f"{verb} failed, will retry: {message}")

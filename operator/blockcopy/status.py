@@ -22,6 +22,13 @@ RECONCILING = "Reconciling"  # a transition is in progress
 STALLED = "Stalled"  # it cannot progress (Failed)
 
 _WARNING_PHASES = {Phase.FAILED}
+# The CRD bounds status.message and condition messages (the API server refuses longer ones);
+# libvirt's messages are short, but a path-heavy one must not make a status write fail.
+MESSAGE_LIMIT = 32768
+
+
+def bounded(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    return message if len(message) <= limit else message[: limit - 1] + "…"
 
 
 def timestamp(now: dt.datetime) -> str:
@@ -72,7 +79,7 @@ def conditions(
             "type": ctype,
             "status": value,
             "reason": reason or phase.value,
-            "message": message if is_true else f"phase is {phase.value}",
+            "message": bounded(message) if is_true else f"phase is {phase.value}",
             "lastTransitionTime": timestamp(now) if changed else old.get("lastTransitionTime"),
             "observedGeneration": generation,
         })
@@ -121,7 +128,7 @@ def build_status(
     status.update({
         "phase": phase.value,
         "nodeName": node_name,
-        "message": decision.message,
+        "message": bounded(decision.message),
         "observedGeneration": generation,
         "conditions": conditions(
             phase, reason=decision.reason, message=decision.message,
@@ -142,6 +149,30 @@ def phase_event(old_phase: str | None, decision: Decision) -> tuple[str, str, st
     """(type, reason, message) of the Event for a phase change, or None if no change."""
     if old_phase == decision.phase.value:
         return None
-    etype = "Warning" if decision.phase in _WARNING_PHASES else "Normal"
+    etype = "Warning" if decision.warning or decision.phase in _WARNING_PHASES else "Normal"
     return etype, decision.reason or decision.phase.value, \
         f"{decision.phase.value}: {decision.message}" if decision.message else decision.phase.value
+
+
+SPEC_CHANGE_REFUSED = "SpecChangeRefused"
+
+
+def spec_change_conditions(*, changed: Sequence[str], invalid: Sequence[str],
+                           previous: Sequence[Mapping[str, Any]] | None
+                           ) -> list[dict[str, Any]]:
+    """The SpecChangeRefused condition: True while an immutable field differs from what the
+    job started with (or a mutable one has an invalid value), False once it matches again,
+    absent if it never was refused."""
+    was = any(c.get("type") == SPEC_CHANGE_REFUSED for c in previous or ())
+    if changed:
+        return [{"type": SPEC_CHANGE_REFUSED, "status": "True", "reason": "ImmutableField",
+                 "message": f"spec.{', spec.'.join(changed)} cannot change once the job "
+                 "started; the agent keeps working from the values it started with"}]
+    if invalid:
+        return [{"type": SPEC_CHANGE_REFUSED, "status": "True", "reason": "InvalidValue",
+                 "message": f"refused an invalid change ({'; '.join(invalid)}); the job "
+                 "goes on with the values in effect"}]
+    if was:
+        return [{"type": SPEC_CHANGE_REFUSED, "status": "False", "reason": "SpecMatches",
+                 "message": "the immutable fields match what the job started with"}]
+    return []

@@ -1,5 +1,6 @@
 """The libvirt driver against the real libvirtd: observation, copy, pivot, cancel,
-bandwidth, and BLOCK_JOB_2 events delivered on an asyncio loop through libvirtaio."""
+bandwidth, error classification, and BLOCK_JOB_2 events delivered on an asyncio loop
+through libvirtaio."""
 
 from __future__ import annotations
 
@@ -13,13 +14,9 @@ import pytest
 
 import testvm
 from blockcopy.api import Flag
-from blockcopy.hypervisor import (
-    Hypervisor,
-    HypervisorError,
-    HypervisorUnavailable,
-    use_asyncio_loop,
-)
+from blockcopy.hypervisor import LibvirtHypervisor, use_asyncio_loop
 from blockcopy.observation import JobEvent, MirrorReady
+from blockcopy.ports import CopyRequest, HypervisorError, HypervisorUnavailable
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +25,40 @@ pytestmark = pytest.mark.integration
 def libvirtd():
     subprocess.run([os.path.join(os.path.dirname(__file__), "..", "..", "hack", "cluster-up.sh")],
                    check=True, stdout=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def libvirt_loop():
+    """libvirtaio binds the process's libvirt event handling to one loop for good, so that
+    loop must outlive every later libvirt call of this process: run it in its own thread."""
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True, name="libvirt-events").start()
+
+    async def register():
+        use_asyncio_loop(asyncio.get_running_loop())
+    asyncio.run_coroutine_threadsafe(register(), loop).result(10)
+    return loop
+
+
+class Driver:
+    """The async driver, called from synchronous tests (each call runs on the libvirt loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, uri: str = "qemu:///system"):
+        self.loop, self.hv = loop, LibvirtHypervisor(uri)
+
+    def __getattr__(self, name):
+        method = getattr(self.hv, name)
+
+        def call(*args, **kw):
+            return asyncio.run_coroutine_threadsafe(method(*args, **kw), self.loop).result(120)
+        return call
+
+
+@pytest.fixture
+def hv(libvirt_loop):
+    driver = Driver(libvirt_loop)
+    yield driver
+    driver.close()
 
 
 @pytest.fixture
@@ -47,8 +78,12 @@ def wait(predicate, timeout=60.0):
     raise AssertionError("timed out")
 
 
-def test_observe_a_running_domain_by_name_uuid_target_and_path(vm):
-    hv = Hypervisor()
+def copy(vm, dest, fmt="qcow2", flags=(), **kw) -> CopyRequest:
+    return CopyRequest(domain=vm.name, target="vda", dest=dest, format=fmt,
+                       flags=frozenset(flags), **kw)
+
+
+def test_observe_a_running_domain_by_name_uuid_target_and_path(vm, hv):
     for domain_ref in (vm.name, vm.uuid):
         for disk_ref in ("vda", vm.chain[0]):
             disk = hv.observe(domain_ref, disk_ref)
@@ -62,11 +97,10 @@ def test_observe_a_running_domain_by_name_uuid_target_and_path(vm):
     assert hv.has_running_domain(vm.name) and not hv.has_running_domain("bct-no-such-domain")
 
 
-def test_copy_with_bandwidth_then_pivot(vm):
-    hv = Hypervisor()
+def test_copy_with_bandwidth_then_pivot(vm, hv):
     dest = os.path.join(vm.workdir, "copy.raw")
-    hv.start_copy(vm.name, "vda", dest, fmt="raw", flags=[Flag.TRANSIENT_JOB],
-                  bandwidth=1 << 20, granularity=65536, buf_size=1 << 20)
+    hv.start_copy(copy(vm, dest, "raw", [Flag.TRANSIENT_JOB], bandwidth=1 << 20,
+                       granularity=65536, buf_size=1 << 20))
     disk = hv.observe(vm.name, "vda")
     assert disk.mirror is not None and disk.mirror.dest == dest
     assert disk.mirror.ready == MirrorReady.COPYING
@@ -81,65 +115,49 @@ def test_copy_with_bandwidth_then_pivot(vm):
     assert result.returncode == 0
 
 
-def test_cancel_keeps_the_source_and_pivot_before_ready_is_refused(vm):
-    hv = Hypervisor()
+def test_cancel_keeps_the_source_and_pivot_before_ready_is_refused(vm, hv):
     dest = os.path.join(vm.workdir, "copy.qcow2")
-    hv.start_copy(vm.name, "vda", dest, fmt="qcow2", flags=[], bandwidth=1 << 20)
-    with pytest.raises(HypervisorError):
+    hv.start_copy(copy(vm, dest, bandwidth=1 << 20))
+    with pytest.raises(HypervisorError) as refused:
         hv.pivot(vm.name, "vda")  # not ready yet: libvirt refuses, the VM stays put
+    # A refusal, not an outage: the connection works (issue R: classified by its state).
+    assert not isinstance(refused.value, HypervisorUnavailable), refused.value
     hv.cancel(vm.name, "vda")
     disk = hv.observe(vm.name, "vda")
     assert (disk.source, disk.mirror, disk.job) == (vm.chain[0], None, None)
 
 
-def test_persistent_domain_needs_transient_job():
+def test_persistent_domain_needs_transient_job(hv):
     vm = testvm.create_vm("hv-persistent", persistent=True)
     try:
-        hv = Hypervisor()
         assert hv.observe(vm.name, "vda").domain_persistent
-        with pytest.raises(HypervisorError, match="transient"):
-            hv.start_copy(vm.name, "vda", os.path.join(vm.workdir, "c.qcow2"), fmt="qcow2",
-                          flags=[])
-        hv.start_copy(vm.name, "vda", os.path.join(vm.workdir, "c.qcow2"), fmt="qcow2",
-                      flags=[Flag.TRANSIENT_JOB])
+        with pytest.raises(HypervisorError, match="transient") as refused:
+            hv.start_copy(copy(vm, os.path.join(vm.workdir, "c.qcow2")))
+        assert not isinstance(refused.value, HypervisorUnavailable)
+        hv.start_copy(copy(vm, os.path.join(vm.workdir, "c.qcow2"), flags=[Flag.TRANSIENT_JOB]))
         assert hv.observe(vm.name, "vda").mirror is not None
         hv.cancel(vm.name, "vda")
     finally:
         testvm.destroy_vm(vm)
 
 
-@pytest.fixture(scope="session")
-def event_loop_thread():
-    """libvirtaio binds the process's libvirt event handling to one loop for good, so that
-    loop must outlive every later libvirt call of this process: run it in its own thread."""
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True, name="libvirt-events").start()
-    asyncio.run_coroutine_threadsafe(_register(), loop).result(10)
-    return loop
-
-
-async def _register():
-    use_asyncio_loop(asyncio.get_running_loop())
-
-
-def test_block_job_events_arrive_on_the_asyncio_loop(vm, event_loop_thread):
+def test_block_job_events_arrive_on_the_asyncio_loop(vm, libvirt_loop):
     async def scenario():
-        hv = Hypervisor()
+        hv = LibvirtHypervisor()
         events: asyncio.Queue = asyncio.Queue()
         hv.add_listener(lambda uuid, target, event: events.put_nowait((uuid, target, event)))
-        await asyncio.to_thread(hv.version)  # opens the connection, registers the callback
-        dest = os.path.join(vm.workdir, "copy.qcow2")
-        await asyncio.to_thread(hv.start_copy, vm.name, "vda", dest, fmt="qcow2", flags=[])
+        await hv.version()  # opens the connection, registers the callback
+        await hv.start_copy(copy(vm, os.path.join(vm.workdir, "copy.qcow2")))
         assert await asyncio.wait_for(events.get(), 60) == (vm.uuid, "vda", JobEvent.READY)
         # Ending a ready copy without pivot is reported as CANCELED by libvirt.
-        await asyncio.to_thread(hv.cancel, vm.name, "vda")
+        await hv.cancel(vm.name, "vda")
         assert await asyncio.wait_for(events.get(), 30) == (vm.uuid, "vda", JobEvent.CANCELED)
-        hv.close()
+        await hv.close()
 
-    asyncio.run_coroutine_threadsafe(scenario(), event_loop_thread).result(120)
+    asyncio.run_coroutine_threadsafe(scenario(), libvirt_loop).result(120)
 
 
-def test_unreachable_libvirt_is_reported_as_such(tmp_path):
-    hv = Hypervisor(f"qemu+unix:///system?socket={tmp_path}/nothing-here.sock")
+def test_unreachable_libvirt_is_reported_as_such(libvirt_loop, tmp_path):
+    hv = Driver(libvirt_loop, f"qemu+unix:///system?socket={tmp_path}/nothing-here.sock")
     with pytest.raises(HypervisorUnavailable, match="cannot connect"):
         hv.observe("any", "vda")

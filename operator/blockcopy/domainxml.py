@@ -1,0 +1,60 @@
+"""libvirt's domain XML, read and written as plain data: which disk is which, where its
+source and mirror are, and the ``<disk>`` element a block copy takes. Pure: the hypervisor
+module fetches the XML and passes it in, so this is unit-tested without libvirt."""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from xml.sax.saxutils import quoteattr
+
+from blockcopy.observation import DiskInfo, Mirror, MirrorReady
+
+
+def _source_path(elem: ET.Element | None) -> str | None:
+    if elem is None:
+        return None
+    return elem.get("file") or elem.get("dev") or elem.get("name")
+
+
+def _matches(disk_ref: str, target: str | None, source: str | None) -> bool:
+    if disk_ref in (target, source):
+        return True
+    return bool(source and os.path.isabs(disk_ref) and os.path.normpath(disk_ref) == source)
+
+
+def parse_disk(domain_xml: str, disk_ref: str) -> DiskInfo | None:
+    """The disk named by target (``vda``) or by source path, or None if the domain has none."""
+    root = ET.fromstring(domain_xml)
+    for disk in root.iterfind("./devices/disk"):
+        target_elem = disk.find("target")
+        target = target_elem.get("dev") if target_elem is not None else None
+        source = _source_path(disk.find("source"))
+        if not _matches(disk_ref, target, source):
+            continue
+        driver = disk.find("driver")
+        backing = disk.find("backingStore")
+        mirror_elem = disk.find("mirror")
+        mirror = None
+        if mirror_elem is not None:
+            dest = _source_path(mirror_elem.find("source")) or mirror_elem.get("file")
+            mirror = Mirror(dest=dest or "", ready=MirrorReady(mirror_elem.get("ready", "")),
+                            job=mirror_elem.get("job", "copy"))
+        return DiskInfo(
+            target=target,
+            source=source,
+            source_format=driver.get("type") if driver is not None else None,
+            backing=_source_path(backing.find("source")) if backing is not None else None,
+            mirror=mirror,
+        )
+    return None
+
+
+def dest_disk_xml(dest: str, fmt: str, *, block_device: bool) -> str:
+    """The ``<disk>`` element virDomainBlockCopy takes for a file or a block device. The
+    format is always given: libvirt would otherwise probe it (a guest-controlled header)."""
+    if block_device:
+        return (f"<disk type='block'><source dev={quoteattr(dest)}/>"
+                f"<driver type={quoteattr(fmt)}/></disk>")
+    return (f"<disk type='file'><source file={quoteattr(dest)}/>"
+            f"<driver type={quoteattr(fmt)}/></disk>")

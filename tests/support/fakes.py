@@ -1,0 +1,311 @@
+"""FAKES for orchestration tests: an in-memory hypervisor and Kubernetes API behind the
+agent's interfaces (``blockcopy.ports``). Like Nova's fake libvirt: a small model of
+domains, disks and block jobs with the rules the agent relies on (one job per disk, pivot
+refused before READY, events on completion), plus knobs to inject faults a real libvirtd
+cannot be made to produce on demand. Never a substitute for the e2e tests on real parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import itertools
+import uuid as uuidlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from blockcopy.observation import DiskInfo, DiskState, JobEvent, JobProgress, Mirror, MirrorReady
+from blockcopy.ports import (
+    CopyRequest,
+    HypervisorError,
+    HypervisorUnavailable,
+    JobListener,
+    ObjectRef,
+)
+
+
+@dataclasses.dataclass
+class FakeJob:
+    dest: str
+    request: CopyRequest
+    cur: int = 0
+    end: int = 1
+    bandwidth: int = 0
+    ready: MirrorReady = MirrorReady.COPYING
+
+
+@dataclasses.dataclass
+class FakeDisk:
+    target: str
+    source: str
+    format: str = "qcow2"
+    backing: str | None = None
+    size: int = 64 << 20
+    job: FakeJob | None = None
+
+
+@dataclasses.dataclass
+class FakeDomain:
+    name: str
+    uuid: str
+    disks: dict[str, FakeDisk]
+    running: bool = True
+    persistent: bool = False
+
+
+class FakeHypervisor:
+    """``ports.Hypervisor`` in memory. ``calls`` records (loop time, verb, args)."""
+
+    def __init__(self) -> None:
+        self.domains: dict[str, FakeDomain] = {}
+        self.listeners: list[JobListener] = []
+        self.calls: list[tuple[float, str, tuple]] = []
+        self.unreachable = False  # every call raises HypervisorUnavailable
+        self.refusals: dict[str, int] = {}  # verb -> how many next calls libvirt refuses
+        self.on_call: dict[str, Any] = {}  # verb -> callable run inside the call (races)
+        self.closed = False
+
+    # -- test setup and control --------------------------------------------------------
+    def add_domain(self, name: str, *, disks: dict[str, str] | None = None,
+                   persistent: bool = False, running: bool = True) -> FakeDomain:
+        disks = disks or {"vda": f"/images/{name}.qcow2"}
+        dom = FakeDomain(name=name, uuid=str(uuidlib.uuid4()), persistent=persistent,
+                         running=running,
+                         disks={t: FakeDisk(target=t, source=s) for t, s in disks.items()})
+        self.domains[name] = dom
+        return dom
+
+    def disk(self, domain: str, target: str = "vda") -> FakeDisk:
+        return self.domains[domain].disks[target]
+
+    def emit(self, domain: str, target: str, event: JobEvent) -> None:
+        for listener in list(self.listeners):
+            listener(self.domains[domain].uuid, target, event)
+
+    def progress(self, domain: str, target: str = "vda", *, cur: int, end: int) -> None:
+        job = self.disk(domain, target).job
+        assert job is not None
+        job.cur, job.end = cur, end
+
+    def make_ready(self, domain: str, target: str = "vda", *, emit: bool = True) -> None:
+        job = self.disk(domain, target).job
+        assert job is not None
+        job.cur = job.end = max(job.end, self.disk(domain, target).size)
+        job.ready = MirrorReady.READY
+        if emit:
+            self.emit(domain, target, JobEvent.READY)
+
+    def fail_job(self, domain: str, target: str = "vda") -> None:
+        """QEMU gave up (say the destination filled up): the job is gone, FAILED emitted."""
+        self.disk(domain, target).job = None
+        self.emit(domain, target, JobEvent.FAILED)
+
+    def verbs(self) -> list[str]:
+        return [verb for _, verb, _ in self.calls]
+
+    def times(self, verb: str) -> list[float]:
+        return [t for t, v, _ in self.calls if v == verb]
+
+    # -- the interface -----------------------------------------------------------------
+    def add_listener(self, listener: JobListener) -> None:
+        self.listeners.append(listener)
+
+    async def _enter(self, verb: str, *args: Any) -> None:
+        self.calls.append((asyncio.get_running_loop().time(), verb, args))
+        await asyncio.sleep(0)  # a real call yields to the loop (it runs in a thread)
+        hook = self.on_call.get(verb)
+        if hook is not None:
+            hook()
+        if self.unreachable:
+            raise HypervisorUnavailable("cannot connect to libvirt at fake:///: refused")
+        if self.refusals.get(verb):
+            self.refusals[verb] -= 1
+            raise HypervisorError(f"fault injection: {verb} refused")
+
+    def _domain(self, ref: str) -> FakeDomain:
+        for dom in self.domains.values():
+            if ref in (dom.name, dom.uuid):
+                return dom
+        raise HypervisorError(f"domain {ref!r} not found")
+
+    async def version(self) -> str:
+        await self._enter("version")
+        return "9.0.0"
+
+    async def has_running_domain(self, domain: str) -> bool:
+        await self._enter("has_running_domain", domain)
+        try:
+            return self._domain(domain).running
+        except HypervisorError:
+            return False
+
+    async def observe(self, domain: str, disk: str) -> DiskState:
+        await self._enter("observe", domain, disk)
+        try:
+            dom = self._domain(domain)
+        except HypervisorError:
+            return DiskState(domain_found=False)
+        found = next((d for d in dom.disks.values() if disk in (d.target, d.source)), None)
+        info = job = None
+        if found is not None:
+            mirror = None
+            if found.job is not None:
+                mirror = Mirror(dest=found.job.dest, ready=found.job.ready)
+                job = JobProgress(cur=found.job.cur, end=found.job.end,
+                                  bandwidth=found.job.bandwidth)
+            info = DiskInfo(target=found.target, source=found.source,
+                            source_format=found.format, backing=found.backing, mirror=mirror)
+        return DiskState.of_domain(uuid=dom.uuid, name=dom.name, running=dom.running,
+                                   persistent=dom.persistent, disk=info,
+                                   job=job if dom.running else None)
+
+    async def start_copy(self, request: CopyRequest) -> None:
+        await self._enter("start_copy", request)
+        disk = self._domain(request.domain).disks[request.target]
+        if disk.job is not None:
+            raise HypervisorError(f"block copy still active: disk '{request.target}' already "
+                                  "in active block job")
+        disk.job = FakeJob(dest=request.dest, request=request, bandwidth=request.bandwidth)
+
+    async def pivot(self, domain: str, target: str) -> None:
+        await self._enter("pivot", domain, target)
+        disk = self._domain(domain).disks[target]
+        if disk.job is None:
+            raise HypervisorError(f"No active block job '{target}'")
+        if disk.job.ready != MirrorReady.READY:
+            raise HypervisorError(f"block copy still active: disk '{target}' not ready for pivot")
+        disk.source, disk.format, disk.job = disk.job.dest, disk.job.request.format, None
+        self.emit(domain, target, JobEvent.COMPLETED)
+
+    async def cancel(self, domain: str, target: str) -> None:
+        await self._enter("cancel", domain, target)
+        disk = self._domain(domain).disks[target]
+        if disk.job is None:
+            raise HypervisorError(f"No active block job '{target}'")
+        disk.job = None
+        self.emit(domain, target, JobEvent.CANCELED)
+
+    async def set_bandwidth(self, domain: str, target: str, bandwidth: int) -> None:
+        await self._enter("set_bandwidth", domain, target, bandwidth)
+        job = self._domain(domain).disks[target].job
+        if job is None:
+            raise HypervisorError(f"No active block job '{target}'")
+        job.bandwidth = bandwidth
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386 JSON merge patch, as the API server applies a merge-patch+json body."""
+    result = copy.deepcopy(target)
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge_patch(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+@dataclasses.dataclass
+class RecordedEvent:
+    namespace: str
+    name: str
+    type: str
+    reason: str
+    message: str
+
+
+class FakeKube:
+    """``ports.Kube`` in memory: objects by (namespace, name), with resourceVersions."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.status_writes: list[tuple[float, str, dict[str, Any]]] = []  # (time, name, body)
+        self.events: list[RecordedEvent] = []
+        self.failing = 0  # the next N status patches raise (API outage)
+        self.unclaimed_queue: asyncio.Queue[dict[str, Any]] | None = None
+        self._versions = itertools.count(1)
+
+    def add(self, name: str, spec: dict[str, Any], *, namespace: str = "ns",
+            status: dict[str, Any] | None = None, labels: dict[str, str] | None = None
+            ) -> dict[str, Any]:
+        body = {"apiVersion": "blockcopy.dev/v1alpha1", "kind": "BlockCopy",
+                "metadata": {"namespace": namespace, "name": name, "uid": f"uid-{name}",
+                             "generation": 1, "labels": dict(labels or {}),
+                             "resourceVersion": str(next(self._versions))},
+                "spec": dict(spec)}
+        if status is not None:
+            body["status"] = dict(status)
+        self.objects[(namespace, name)] = body
+        return body
+
+    def status_of(self, name: str, namespace: str = "ns") -> dict[str, Any]:
+        return self.objects[(namespace, name)].get("status") or {}
+
+    def phases_written(self, name: str) -> list[str]:
+        phases: list[str] = []
+        for _, written, body in self.status_writes:
+            phase = body.get("phase")
+            if written == name and phase and (not phases or phases[-1] != phase):
+                phases.append(phase)
+        return phases
+
+    def reasons(self, name: str) -> list[str]:
+        return [e.reason for e in self.events if e.name == name]
+
+    async def post_event(self, ref: ObjectRef, *, type: str, reason: str, message: str) -> None:
+        self.events.append(RecordedEvent(ref.namespace, ref.name, type, reason, message))
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any], *,
+                           resource_version: str | None = None) -> bool:
+        await asyncio.sleep(0)
+        if self.failing:
+            self.failing -= 1
+            raise ConnectionError("fault injection: the API server is down")
+        body = self.objects.get((namespace, name))
+        if body is None:
+            return False
+        if resource_version is not None and body["metadata"]["resourceVersion"] != \
+                resource_version:
+            return False
+        body["status"] = merge_patch(body.get("status") or {}, status)
+        body["metadata"]["resourceVersion"] = str(next(self._versions))
+        self.status_writes.append((asyncio.get_running_loop().time(), name,
+                                   copy.deepcopy(status)))
+        return True
+
+    async def claim(self, namespace: str, name: str, node: str, resource_version: str) -> bool:
+        body = self.objects.get((namespace, name))
+        if body is None or body["metadata"]["resourceVersion"] != resource_version:
+            return False
+        body["metadata"]["labels"]["blockcopy.dev/node"] = node
+        body["metadata"]["resourceVersion"] = str(next(self._versions))
+        return True
+
+    async def unclaimed(self, namespace: str | None, *, timeout: int
+                        ) -> AsyncIterator[dict[str, Any]]:
+        for (ns, _), body in list(self.objects.items()):
+            if (namespace is None or ns == namespace) and \
+                    "blockcopy.dev/node" not in body["metadata"]["labels"]:
+                yield copy.deepcopy(body)
+        await asyncio.sleep(timeout)
+
+
+class Stop:
+    """A stop signal like kopf's DaemonStopped."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()

@@ -1,0 +1,93 @@
+"""Claiming on the FAKES: who takes an object, Pending once, the lost race, and the watch's
+back-off after API errors (fake clock)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from blockcopy.claimer import Claimer, Verdict
+from blockcopy.recorder import Recorder
+from support.fakes import FakeHypervisor, FakeKube
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
+
+
+class Env:
+    def __init__(self) -> None:
+        self.hv, self.kube = FakeHypervisor(), FakeKube()
+        self.hv.add_domain("here")
+        self.recorder = Recorder(kube=self.kube, node_name="n1", status_interval=1)
+        self.claimer = Claimer(kube=self.kube, hv=self.hv, recorder=self.recorder,
+                               node_name="n1", claim_interval=30)
+
+
+@pytest.fixture
+def env() -> Env:
+    return Env()
+
+
+SPEC = {"disk": "vda", "dest": "/var/lib/libvirt/images/c.qcow2"}
+
+
+async def test_claims_by_node_name_or_by_running_domain(env):
+    kube, claimer = env.kube, env.claimer
+    by_node = kube.add("a", {**SPEC, "domain": "elsewhere", "nodeName": "n1"})
+    by_domain = kube.add("b", {**SPEC, "domain": "here"})
+    assert await claimer.consider(by_node) == Verdict.CLAIMED
+    assert await claimer.consider(by_domain) == Verdict.CLAIMED
+    for name in ("a", "b"):
+        assert kube.objects[("ns", name)]["metadata"]["labels"] == {"blockcopy.dev/node": "n1"}
+
+
+async def test_not_ours_is_marked_pending_once_with_an_event(env):
+    kube, claimer = env.kube, env.claimer
+    other_node = kube.add("a", {**SPEC, "domain": "here", "nodeName": "n2"})
+    nowhere = kube.add("b", {**SPEC, "domain": "not-running-anywhere"})
+    assert await claimer.consider(other_node) == Verdict.PENDING
+    assert await claimer.consider(nowhere) == Verdict.PENDING
+    await env.recorder.drain()
+    assert kube.status_of("a")["phase"] == "Pending"
+    assert "waiting for the agent on node n2" in kube.status_of("a")["message"]
+    assert "is not running on any node with an agent" in kube.status_of("b")["message"]
+    assert [e.reason for e in kube.events] == ["Pending", "Pending"]
+    again = kube.objects[("ns", "b")]
+    assert await claimer.consider(again) == Verdict.NOT_MINE  # Pending already: no 2nd write
+    assert len(kube.status_writes) == 2
+
+
+async def test_of_two_agents_racing_from_one_version_only_one_claims(env):
+    kube, claimer = env.kube, env.claimer
+    body = kube.add("a", {**SPEC, "domain": "here"})
+    other = Claimer(kube=kube, hv=env.hv, recorder=env.recorder, node_name="n2")
+    seen = dict(body, metadata=dict(body["metadata"]))  # both read the same version
+    verdicts = await asyncio.gather(claimer.consider(seen), other.consider(seen))
+    assert sorted(verdicts) == sorted([Verdict.CLAIMED, Verdict.LOST_RACE])
+
+
+async def test_deleting_and_finished_objects_are_ignored(env):
+    kube, claimer = env.kube, env.claimer
+    body = kube.add("a", {**SPEC, "domain": "here"}, status={"phase": "Failed"})
+    assert await claimer.consider(body) == Verdict.IGNORED
+    body = kube.add("b", {**SPEC, "domain": "here"})
+    body["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert await claimer.consider(body) == Verdict.IGNORED
+
+
+async def test_the_watch_retries_api_errors_with_back_off(env, monkeypatch):
+    kube, claimer = env.kube, env.claimer
+    attempts: list[float] = []
+
+    async def failing(namespace, *, timeout):
+        attempts.append(asyncio.get_running_loop().time())
+        raise ConnectionError("fault injection: API server down")
+        yield  # an async generator
+
+    monkeypatch.setattr(kube, "unclaimed", failing)  # FAULT INJECTION: the API is down
+    task = asyncio.create_task(claimer.run())
+    await asyncio.sleep(100)
+    task.cancel()
+    gaps = [round(b - a) for a, b in itertools.pairwise(attempts)]
+    assert gaps[:7] == [1, 2, 4, 8, 16, 30, 30]

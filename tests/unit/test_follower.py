@@ -1,0 +1,259 @@
+"""The follow loop on a fake clock (looptime) against the FAKE hypervisor and API of
+tests/support/fakes.py: the scenarios whose timing matters (back-offs, races, restarts),
+deterministic and in milliseconds of real time. The e2e tests run the same paths for real."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+
+import pytest
+
+from blockcopy.agent import Agent, AgentConfig
+from blockcopy.observation import JobEvent, MirrorReady
+from support.fakes import FakeHypervisor, FakeKube, Stop
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
+
+NODE = "node-1"
+EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+class Scenario:
+    """An agent on the fakes, one VM, and helpers to run its follow loop."""
+
+    def __init__(self, tmp_path):
+        self.hv, self.kube = FakeHypervisor(), FakeKube()
+        self.dom = self.hv.add_domain("vm")
+        self.dest = str(tmp_path / "copy.qcow2")
+        config = AgentConfig(node_name=NODE, allowed_paths=(str(tmp_path),),
+                             status_interval=1.0, poll_interval=5.0)
+        self.agent = Agent(config, kube=self.kube, hv=self.hv, clock=self.now)
+        self.stop = Stop()
+        self.tasks: list[asyncio.Task] = []
+
+    @staticmethod
+    def now() -> dt.datetime:
+        return EPOCH + dt.timedelta(seconds=asyncio.get_running_loop().time())
+
+    def create(self, name: str = "bc", status: dict | None = None, **spec) -> dict:
+        full = {"domain": "vm", "disk": "vda", "dest": self.dest, **spec}
+        return self.kube.add(name, full, status=status,
+                             labels={"blockcopy.dev/node": NODE})
+
+    def follow(self, body: dict) -> asyncio.Task:
+        task = asyncio.create_task(self.agent.follow(body, self.stop))
+        self.tasks.append(task)
+        return task
+
+    def edit(self, body: dict, **spec) -> None:
+        """A user's edit: the spec changes, the generation grows, kopf's handler pokes."""
+        body["spec"].update(spec)
+        body["metadata"]["generation"] += 1
+        meta = body["metadata"]
+        self.agent.spec_changed(meta["namespace"], meta["name"], meta["generation"])
+
+    async def until(self, predicate, timeout: float = 120, step: float = 0.01) -> float:
+        """Wait (in loop time) until ``predicate()``; returns the loop time it became true."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            if loop.time() > deadline:
+                raise AssertionError(f"not true after {timeout} s of loop time")
+            await asyncio.sleep(step)
+        return loop.time()
+
+    def phase(self, name: str = "bc") -> str | None:
+        return self.kube.status_of(name).get("phase")
+
+    async def finish(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
+        await self.agent.recorder.drain()
+
+
+@pytest.fixture
+def s(tmp_path):
+    return Scenario(tmp_path)
+
+
+async def test_copy_mirror_pivot_on_request(s, looptime):
+    body = s.create()
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    assert s.hv.verbs()[:2] == ["observe", "start_copy"]
+    s.hv.progress("vm", cur=10, end=100)
+    await s.until(lambda: s.kube.status_of("bc").get("cur") == 10)
+
+    s.hv.make_ready("vm")
+    ready_at = float(looptime)
+    mirrored_at = await s.until(lambda: s.phase() == "Mirrored")
+    assert mirrored_at - ready_at < 0.1  # the READY event wakes the loop; no slot wait
+
+    s.edit(body, pivot=True)
+    await s.until(lambda: s.phase() == "Pivoted")
+    assert s.hv.disk("vm").source == s.dest
+    assert s.kube.phases_written("bc") == ["Copying", "Mirrored", "Pivoting", "Pivoted"]
+    await s.finish()
+    assert s.kube.reasons("bc") == ["Started", "Mirrored", "Pivoting", "Pivoted"]
+
+
+async def test_adopts_the_running_job_after_a_restart(s):
+    # The job runs (started by a previous agent process); status says Copying.
+    body = s.create(pivot=True)
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    started = dict(s.kube.status_of("bc"))
+    s.stop.set()
+    await asyncio.gather(*s.tasks)
+
+    restarted = Scenario.__new__(Scenario)  # a new agent process on the same fakes
+    restarted.__dict__.update(s.__dict__)
+    restarted.stop, restarted.tasks = Stop(), []
+    restarted.agent = Agent(s.agent.config, kube=s.kube, hv=s.hv, clock=s.now)
+    body["status"] = started
+    restarted.follow(body)
+    s.hv.make_ready("vm")
+    await restarted.until(lambda: restarted.phase() == "Pivoted")
+    assert s.hv.verbs().count("start_copy") == 1  # adopted, not started twice
+    await restarted.finish()
+
+
+async def test_adopts_a_job_it_never_recorded(s):
+    """The agent died between libvirt's start and its status write: the next one finds a job
+    of ours (same destination) and adopts it instead of failing on a busy disk."""
+    body = s.create()
+    s.hv.disk("vm").job = None
+    from blockcopy.api import Flag
+    from blockcopy.ports import CopyRequest
+    await s.hv.start_copy(CopyRequest(domain="vm", target="vda", dest=s.dest, format="qcow2",
+                                      flags=frozenset({Flag.TRANSIENT_JOB})))
+    s.hv.make_ready("vm", emit=False)
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Mirrored")
+    assert s.kube.status_of("bc")["conditions"][0]["reason"] == "Adopted"
+    assert s.hv.verbs().count("start_copy") == 1
+    await s.finish()
+
+
+async def test_refused_pivot_backs_off_5_5_5_10_30(s, looptime):
+    body = s.create(pivot=True)
+    s.hv.refusals["pivot"] = 5
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    s.hv.make_ready("vm")
+    await s.until(lambda: s.phase() == "Pivoted", timeout=300)
+    tries = s.hv.times("pivot")
+    gaps = [round(b - a, 1) for a, b in itertools.pairwise(tries)]
+    assert gaps == [5, 5, 5, 10, 30]
+    await s.finish()
+    refusals = [e for e in s.kube.events if e.reason == "PivotRefused"]
+    assert [e.type for e in refusals] == ["Warning"] * 5  # one per refusal
+    # No flapping per retry: the intent once, Mirrored while refused, then the pivot that
+    # went through (recorded as Pivoting, then Pivoted).
+    assert s.kube.phases_written("bc") == ["Copying", "Pivoting", "Mirrored", "Pivoting",
+                                           "Pivoted"]
+
+
+async def test_a_libvirt_event_racing_a_refused_pivot_does_not_cut_the_back_off(s):
+    """The race fixed last: READY arrives while the (refused) pivot call is in flight. The
+    event is already reflected in what the loop saw; only the 5 s back-off may end the wait."""
+    body = s.create(pivot=True)
+    s.hv.refusals["pivot"] = 1
+    s.hv.on_call["pivot"] = lambda: s.hv.emit("vm", "vda", JobEvent.READY)
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    s.hv.make_ready("vm")
+    await s.until(lambda: s.phase() == "Pivoted")
+    first, second = s.hv.times("pivot")
+    assert second - first == pytest.approx(5, abs=0.05)
+    await s.finish()
+
+
+async def test_a_spec_change_cuts_a_back_off_short(s):
+    body = s.create(pivot=True)
+    s.hv.refusals["pivot"] = 10
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    s.hv.make_ready("vm")
+    await s.until(lambda: len(s.hv.times("pivot")) == 2)
+    refused_at = s.hv.times("pivot")[-1]
+    await asyncio.sleep(1)
+    s.edit(body, pivot=False, abort=True)  # the user gives up on the pivot
+    await s.until(lambda: s.phase() == "Aborted")
+    assert s.hv.times("cancel")[0] - refused_at == pytest.approx(1, abs=0.05)
+    assert s.hv.disk("vm").source != s.dest  # the VM stays on its source
+    await s.finish()
+
+
+async def test_libvirt_unreachable_retries_1_2_5_10_30_and_says_so_once(s):
+    body = s.create()
+    s.hv.unreachable = True
+    s.follow(body)
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(60)
+    observed = s.hv.times("observe")
+    gaps = [round(b - a) for a, b in itertools.pairwise(observed)]
+    assert gaps == [1, 2, 5, 10, 30]
+    assert s.kube.reasons("bc") == ["LibvirtUnreachable"]  # one Event for the outage
+    assert "libvirt unreachable since" in s.kube.status_of("bc")["message"]
+    back_at = loop.time()
+    s.hv.unreachable = False
+    await s.until(lambda: s.phase() == "Copying")
+    assert loop.time() - back_at <= 30
+    await s.finish()
+    assert s.kube.reasons("bc") == ["LibvirtUnreachable", "LibvirtReachable", "Started"]
+
+
+async def test_progress_is_written_at_most_once_per_interval(s, looptime):
+    body = s.create(bandwidth=1)
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    start = float(looptime)
+    for i in range(100):  # cur grows every 0.1 s for 10 s
+        s.hv.progress("vm", cur=i + 1, end=1000)
+        await asyncio.sleep(0.1)
+    writes = [t for t, name, st in s.kube.status_writes if t >= start and "cur" in st]
+    assert 8 <= len(writes) <= 11, writes
+    gaps = [b - a for a, b in itertools.pairwise(writes)]
+    assert min(gaps) >= 0.99
+    await s.finish()
+
+
+async def test_deleting_stops_the_loop_and_cancel_for_deletion_ends_the_job(s):
+    body = s.create()
+    task = s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    body["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:10Z"
+    s.stop.set()  # kopf stops the daemon of an object being deleted
+    await task
+    outcome = await s.agent.cancel_for_deletion(body)
+    assert outcome.startswith(f"cancelled the copy to {s.dest}")
+    assert s.hv.disk("vm").job is None and s.hv.disk("vm").source != s.dest
+    assert await s.agent.cancel_for_deletion(body) == \
+        "nothing to cancel: no job of this BlockCopy is running"
+
+
+async def test_job_failure_ends_failed_on_the_source(s):
+    body = s.create()
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    s.hv.fail_job("vm")
+    await s.until(lambda: s.phase() == "Failed")
+    status = s.kube.status_of("bc")
+    assert [c["reason"] for c in status["conditions"] if c["type"] == "Failed"] == ["JobFailed"]
+    await s.finish()
+    assert s.kube.events[-1].type == "Warning"
+
+
+async def test_mirror_state_after_ready_without_event(s):
+    """No READY event (missed while disconnected): the fallback look finds ready='yes'."""
+    body = s.create()
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    s.hv.make_ready("vm", emit=False)
+    at = await s.until(lambda: s.phase() == "Mirrored")
+    assert s.hv.disk("vm").job.ready == MirrorReady.READY
+    assert at <= 2  # the Copying poll runs every status interval
+    await s.finish()

@@ -1,0 +1,178 @@
+"""The small pure helpers: retry schedules, the domain XML parser, the destination checks
+(on a real temporary directory), the per-phase gauge, and the decisions for refused actions."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from blockcopy import destination, metrics, reconcile, status
+from blockcopy.api import BlockCopySpec, Flag, Phase
+from blockcopy.backoff import LIBVIRT_UNREACHABLE, REFUSED_ACTION, Backoff, Schedule
+from blockcopy.domainxml import dest_disk_xml, parse_disk
+from blockcopy.observation import DiskInfo, Mirror, MirrorReady
+from blockcopy.reconcile import Action, Decision
+
+# ------------------------------------------------------------------ backoff
+
+
+def test_schedules_repeat_their_last_delay():
+    assert [LIBVIRT_UNREACHABLE.delay(n) for n in range(1, 8)] == [1, 2, 5, 10, 30, 30, 30]
+    assert REFUSED_ACTION.describe() == "5, 5, 5, 10, then every 30 s"
+    assert Schedule((7,)).describe() == "every 7 s"
+    with pytest.raises(ValueError):
+        Schedule(())
+
+
+def test_backoff_counts_failures_in_a_row_and_resets_on_success():
+    b = Backoff(Schedule((1, 2, 3)))
+    assert not b.active
+    assert [b.failed() for _ in range(4)] == [1, 2, 3, 3]
+    assert b.active
+    b.succeeded()
+    assert not b.active and b.failed() == 1
+
+
+# ------------------------------------------------------------------ domain XML
+
+DOMAIN = """<domain type='qemu'><name>vm</name><devices>
+  <disk type='file' device='disk'>
+    <driver name='qemu' type='qcow2'/>
+    <source file='/img/top.qcow2'/>
+    <backingStore type='file'><format type='qcow2'/><source file='/img/base.qcow2'/>
+      <backingStore/></backingStore>
+    <mirror type='file' job='copy' ready='yes'><format type='qcow2'/>
+      <source file='/img/copy.qcow2'/></mirror>
+    <target dev='vda' bus='virtio'/>
+  </disk>
+  <disk type='block' device='disk'>
+    <driver name='qemu' type='raw'/><source dev='/dev/loop7'/>
+    <target dev='vdb' bus='virtio'/>
+  </disk>
+</devices></domain>"""
+
+
+def test_parse_disk_by_target_and_by_source_path():
+    vda = parse_disk(DOMAIN, "vda")
+    assert vda == DiskInfo(target="vda", source="/img/top.qcow2", source_format="qcow2",
+                           backing="/img/base.qcow2",
+                           mirror=Mirror(dest="/img/copy.qcow2", ready=MirrorReady.READY))
+    assert parse_disk(DOMAIN, "/img/top.qcow2") == vda
+    assert parse_disk(DOMAIN, "/img/../img/top.qcow2") == vda  # normalized
+    vdb = parse_disk(DOMAIN, "/dev/loop7")
+    assert vdb == DiskInfo(target="vdb", source="/dev/loop7", source_format="raw")
+    assert parse_disk(DOMAIN, "vdc") is None
+
+
+def test_dest_disk_xml_always_names_the_format_and_quotes_the_path():
+    import xml.etree.ElementTree as ET
+
+    disk = ET.fromstring(dest_disk_xml("/img/a'b\"c.qcow2", "qcow2", block_device=False))
+    assert disk.get("type") == "file"
+    assert disk.find("source").get("file") == "/img/a'b\"c.qcow2"
+    assert disk.find("driver").get("type") == "qcow2"
+    disk = ET.fromstring(dest_disk_xml("/dev/sdb", "raw", block_device=True))
+    assert (disk.get("type"), disk.find("source").get("dev")) == ("block", "/dev/sdb")
+    assert disk.find("driver").get("type") == "raw"
+
+
+# ------------------------------------------------------------------ destination checks
+
+
+def spec(dest: str, *flags: Flag) -> BlockCopySpec:
+    return BlockCopySpec(domain="vm", disk="vda", dest=dest, flags=frozenset(flags))
+
+
+def test_destination_refusals(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "exists.qcow2").write_bytes(b"QFI\xfb....")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "escape").symlink_to(outside)
+    allowed = (str(root),)
+
+    def reason(dest: str, *flags: Flag) -> str | None:
+        refused = destination.refusal(spec(dest, *flags), allowed)
+        return None if refused is None else refused[0]
+
+    assert reason(str(root / "new.qcow2")) is None
+    assert reason(str(outside / "new.qcow2")) == "DestNotAllowed"
+    assert reason(str(root / "escape" / "new.qcow2")) == "DestNotAllowed"  # via a symlink
+    assert reason(str(root / ".." / "outside" / "x")) == "DestNotAllowed"
+    assert reason(str(root / "exists.qcow2")) == "DestExists"
+    assert reason(str(root / "exists.qcow2"), Flag.REUSE_EXTERNAL) is None
+    assert reason(str(root / "new.qcow2"), Flag.REUSE_EXTERNAL) == "DestMissing"
+    assert reason(str(root / "nodir" / "new.qcow2")) == "DestNotCreatable"
+    os.mkfifo(root / "fifo")
+    assert reason(str(root / "fifo"), Flag.REUSE_EXTERNAL) == "DestNotFileOrDevice"
+    assert destination.probe_format(str(root / "exists.qcow2")) == "qcow2"
+    assert not os.path.exists(root / "new.qcow2")  # checks never create anything
+
+
+# ------------------------------------------------------------------ metrics bookkeeping
+
+
+def test_phase_counts_follow_the_objects():
+    counts = metrics.PhaseCounts()
+
+    def gauge(phase: str) -> float:
+        return metrics.BLOCKCOPIES.labels(phase)._value.get()
+
+    before = {p: gauge(p) for p in ("Copying", "Mirrored")}
+    counts.set(("ns", "a"), "Copying")
+    counts.set(("ns", "b"), "Copying")
+    counts.set(("ns", "a"), "Mirrored")
+    assert gauge("Copying") - before["Copying"] == 1
+    assert gauge("Mirrored") - before["Mirrored"] == 1
+    counts.forget(("ns", "a"))
+    counts.forget(("ns", "b"))
+    assert {p: gauge(p) for p in ("Copying", "Mirrored")} == before
+
+    copied = metrics.COPIED_BYTES._value.get()
+    counts.copied(("ns", "c"), 100)
+    counts.copied(("ns", "c"), 150)
+    counts.copied(("ns", "c"), 120)  # never counts backwards
+    assert metrics.COPIED_BYTES._value.get() - copied == 150
+
+
+# ------------------------------------------------------------------ decisions and messages
+
+
+def test_refused_actions_keep_the_phase_and_warn():
+    pivot = Decision(Phase.PIVOTING, Action.PIVOT)
+    d = reconcile.refused(pivot, Phase.MIRRORED, "not ready")
+    assert (d.phase, d.reason, d.warning) == (Phase.MIRRORED, "PivotRefused", True)
+    assert status.phase_event("Pivoting", d)[0] == "Warning"
+    d = reconcile.refused(Decision(Phase.COPYING, Action.SET_BANDWIDTH), Phase.COPYING, "x")
+    assert (d.phase, d.reason) == (Phase.COPYING, "SetBandwidthFailed")
+
+
+def test_started_message_explains_added_flags():
+    s = BlockCopySpec(domain="vm", disk="vda", dest="/d.qcow2")
+    assert reconcile.started_message(s, source="/s.qcow2", fmt="qcow2", flags=frozenset()) \
+        == "copying /s.qcow2 to /d.qcow2 as qcow2"
+    text = reconcile.started_message(s, source="/s", fmt="raw",
+                                     flags=frozenset({Flag.TRANSIENT_JOB}))
+    assert "transientJob added" in text
+
+
+def test_spec_change_condition_lifecycle():
+    assert status.spec_change_conditions(changed=[], invalid=[], previous=[]) == []
+    (cond,) = status.spec_change_conditions(changed=["dest"], invalid=[], previous=[])
+    assert (cond["status"], cond["reason"]) == ("True", "ImmutableField")
+    (cond,) = status.spec_change_conditions(changed=[], invalid=["bandwidth"],
+                                            previous=[cond])
+    assert (cond["status"], cond["reason"]) == ("True", "InvalidValue")
+    (cond,) = status.spec_change_conditions(changed=[], invalid=[], previous=[cond])
+    assert (cond["status"], cond["reason"]) == ("False", "SpecMatches")
+
+
+def test_status_messages_are_bounded():
+    long = "x" * 40000
+    built = status.build_status(Decision(Phase.FAILED, message=long), previous={}, disk=None,
+                                node_name="n", generation=1,
+                                now=__import__("datetime").datetime(2026, 1, 1))
+    assert len(built["message"]) == status.MESSAGE_LIMIT
+    assert all(len(c["message"]) <= status.MESSAGE_LIMIT for c in built["conditions"])
