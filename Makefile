@@ -66,7 +66,8 @@ image: system-deps
 
 # The whole suite, as CI runs it.
 test: deps lint cluster
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	rm -rf .local/coverage && mkdir -p .local/coverage
+	$(PY) -m pytest tests --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 # The oldest Kubernetes release we support, checked at a moderate cost (not part of `make
 # test`): a second local cluster on other ports and its own state dir, the CRD created and
