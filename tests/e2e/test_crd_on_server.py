@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 import yaml
-from e2elib import ROOT
+from e2elib import ROOT, wait_for
 
 CRD_PATH = ROOT / "crds" / "blockcopy.yaml"
 CRD = yaml.safe_load(CRD_PATH.read_text())
@@ -76,6 +76,9 @@ def test_apply_as_users_do_reports_no_warnings(kubectl, api):
 
 
 def test_kubectl_explain_prints_the_descriptions(kubectl, api):
+    # Established is not the end: the discovery document catches up a moment later.
+    wait_for(lambda: kubectl("explain", "bc", check=False).returncode == 0, 30,
+             what="BlockCopy in the API discovery")
     out = kubectl("explain", "bc.spec.dest").stdout
     assert "Absolute path of the destination" in out, out
     assert "allowed roots" in out, out
