@@ -1,0 +1,72 @@
+"""The local Kubernetes side: bringing the environment up (hack/cluster-up.sh, idempotent, so
+the suite never skips), kubectl with one calling convention, the API clients, and the CRD
+applied as users apply it. Used by tests/conftest.py's fixtures and by hack/ scripts."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+
+import kubernetes
+
+from support.paths import CACHE, CRD, HACK, HELM, KUBECONFIG, KUBECTL, STATE
+
+
+def bring_up() -> pathlib.Path:
+    """etcd, kube-apiserver (RBAC on), kube-controller-manager and libvirtd; started when
+    missing. Returns the admin kubeconfig."""
+    subprocess.run([str(HACK / "cluster-up.sh")], check=True, stdout=subprocess.DEVNULL)
+    assert KUBECONFIG.exists(), KUBECONFIG
+    return KUBECONFIG
+
+
+def install_kube_tools() -> dict[str, pathlib.Path]:
+    """helm and kubectl, installed by the repo's script when missing (idempotent)."""
+    subprocess.run([str(HACK / "install-kube-tools.sh")], check=True,
+                   env={**os.environ, "BLOCKCOPY_CACHE_DIR": str(CACHE),
+                        "BLOCKCOPY_STATE_DIR": str(STATE)})
+    tools = {"helm": HELM, "kubectl": KUBECTL}
+    for path in tools.values():
+        assert os.access(path, os.X_OK), path
+    return tools
+
+
+class Kubectl:
+    """kubectl of the local server's release against a kubeconfig (the admin's by default).
+    ``kubectl(*args, check=True, input=None, kubeconfig=None)``: check=True fails the test
+    with kubectl's output on a non-zero exit."""
+
+    def __init__(self, binary: pathlib.Path = KUBECTL, kubeconfig: pathlib.Path = KUBECONFIG):
+        self.binary, self.kubeconfig = binary, kubeconfig
+
+    def __call__(self, *args: str, check: bool = True, input: str | None = None,
+                 kubeconfig: pathlib.Path | str | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [str(self.binary), "--kubeconfig", str(kubeconfig or self.kubeconfig), *args],
+            capture_output=True, text=True, input=input)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+
+def api_client(kubeconfig: pathlib.Path | str = KUBECONFIG) -> kubernetes.client.ApiClient:
+    return kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+
+
+def custom_objects(kubeconfig: pathlib.Path | str = KUBECONFIG
+                   ) -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(api_client(kubeconfig))
+
+
+def core_v1(kubeconfig: pathlib.Path | str = KUBECONFIG) -> kubernetes.client.CoreV1Api:
+    return kubernetes.client.CoreV1Api(api_client(kubeconfig))
+
+
+def apply_crd(kubectl: Kubectl) -> subprocess.CompletedProcess:
+    """As users apply it (the API server compiles and enforces its CEL rules)."""
+    proc = kubectl("apply", "-f", str(CRD))
+    kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
+            "--timeout=60s")
+    return proc

@@ -1,0 +1,97 @@
+"""What libvirt says about a test domain, straight from libvirtd: `virsh` as a user runs it,
+the domain state, the live XML and its disk source and <mirror>, the block job's counters
+through the libvirt API and as `virsh blockjob --info` prints them. Tests assert on these,
+never on what the agent reports about itself."""
+
+from __future__ import annotations
+
+import subprocess
+import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
+
+import libvirt
+
+if TYPE_CHECKING:
+    from support.vms import VM
+
+DEFAULT_URI = "qemu:///system"
+NO_JOB = "No current block job for {disk}"
+
+
+def _virsh(args: tuple[str, ...], uri: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["virsh", "-c", uri, *args], capture_output=True, text=True)
+
+
+def virsh(*args: str, check: bool = True, uri: str = DEFAULT_URI) -> str:
+    """virsh's stdout, stripped; check=True fails the test with virsh's error."""
+    res = _virsh(args, uri)
+    if check and res.returncode != 0:
+        raise AssertionError(f"virsh {' '.join(args)}: {res.stderr.strip()}")
+    return res.stdout.strip()
+
+
+def domstate(vm: VM) -> str:
+    return virsh("domstate", vm.name, uri=vm.uri)
+
+
+def inactive_xml(vm: VM) -> str:
+    """The persistent definition (what the domain boots with next time)."""
+    return virsh("dumpxml", "--inactive", vm.name, uri=vm.uri)
+
+
+def live_xml(vm: VM) -> str:
+    with libvirt.open(vm.uri) as conn:
+        return conn.lookupByName(vm.name).XMLDesc(0)
+
+
+def live_disk(vm: VM, target: str = "vda") -> ET.Element:
+    """The live <disk> element of ``target``."""
+    for disk in ET.fromstring(live_xml(vm)).findall("./devices/disk"):
+        t = disk.find("target")
+        if t is not None and t.get("dev") == target:
+            return disk
+    raise KeyError(f"{vm.name} has no disk {target}")
+
+
+def _source_path(elem: ET.Element | None) -> str | None:
+    if elem is None:
+        return None
+    return elem.get("file") or elem.get("dev") or elem.get("name")
+
+
+def live_disk_source(vm: VM, target: str = "vda") -> str | None:
+    return _source_path(live_disk(vm, target).find("source"))
+
+
+def live_mirror(vm: VM, target: str = "vda") -> dict | None:
+    """Attributes of the live <mirror> (type, job, ready...) plus 'source' and 'format', or None."""
+    mirror = live_disk(vm, target).find("mirror")
+    if mirror is None:
+        return None
+    info = dict(mirror.attrib)
+    info["source"] = _source_path(mirror.find("source")) or mirror.get("file")
+    fmt = mirror.find("format")
+    info["format"] = fmt.get("type") if fmt is not None else mirror.get("format")
+    return info
+
+
+def block_job_info(vm: VM, disk: str = "vda") -> dict:
+    """libvirt's own view of the block job (cur, end, bandwidth in bytes; {} without a job)."""
+    with libvirt.open(vm.uri) as conn:
+        return conn.lookupByName(vm.name).blockJobInfo(
+            disk, libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
+
+
+def blockjob_text(vm: VM, disk: str = "vda", *, in_bytes: bool = False,
+                  check: bool = True) -> str:
+    """`virsh blockjob --info [--bytes]` as a user sees it (virsh prints the progress on
+    stderr, the rest on stdout), stripped; "No current block job for vda" without a job."""
+    res = _virsh(("blockjob", vm.name, disk, "--info", *(["--bytes"] if in_bytes else [])),
+                 vm.uri)
+    if check and res.returncode != 0:
+        raise AssertionError(f"virsh blockjob {vm.name} {disk}: {res.stderr.strip()}")
+    return (res.stdout + res.stderr).strip()
+
+
+def no_block_job(vm: VM, disk: str = "vda") -> bool:
+    return blockjob_text(vm, disk) == NO_JOB.format(disk=disk)
