@@ -84,12 +84,13 @@ test-k8s-oldest: deps
 		tests/e2e/test_walking_skeleton.py::test_pivot_true_from_the_start $(PYTEST_ARGS); \
 	status=$$?; $(OLDEST_ENV) BLOCKCOPY_KEEP_VMS=1 ./hack/cluster-down.sh; exit $$status
 
+# hack/ scripts import the test-support package (tests/support: VM factory, agent launcher).
 demo: cluster
-	$(PY) hack/demo.py
+	PYTHONPATH=tests $(PY) hack/demo.py
 
 # Numbers, not pass/fail: agent vs virsh, status-write rate, latency, memory.
 bench: cluster
-	$(PY) hack/benchmark.py
+	PYTHONPATH=tests $(PY) hack/benchmark.py
 
 clean: cluster-down
 	rm -rf $(VENV) .local *.egg-info operator/*.egg-info

@@ -6,6 +6,8 @@ local environment and prints numbers. Not a test: nothing here passes or fails.
 - status writes per object per second while Copying (the contract: at most 1 per second);
 - latency from libvirt's mirror becoming ready to status.phase == Mirrored;
 - the agent's resident memory, idle and while following N copies at once.
+
+Needs the test-support package on the path (`make bench` runs it with PYTHONPATH=tests).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import time
 
 import kubernetes
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "hack"))
-import testvm  # noqa: E402
+from blockcopy.api import GROUP, KIND, PLURAL, VERSION
+from support.agents import Agent
+from support.cluster import Kubectl, apply_crd, bring_up, custom_objects
+from support.libvirt_probes import live_mirror
+from support.paths import STATE
+from support.vms import VM, create_vm, destroy_vm
 
-KUBECONFIG = ROOT / ".local" / "kubeconfig"
-GROUP, VERSION, PLURAL, NS = "blockcopy.dev", "v1alpha1", "blockcopies", "default"
+NS = "default"
 NODE = "bench-node"
 
 
@@ -44,7 +48,7 @@ def create(api, name: str, spec: dict) -> None:
     except kubernetes.client.exceptions.ApiException:
         pass
     api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "BlockCopy",
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
         "metadata": {"name": name}, "spec": spec})
 
 
@@ -61,7 +65,7 @@ def wait_phase(api, name: str, phase: str, timeout: float = 600) -> dict:
     raise SystemExit(f"{name}: timed out waiting for {phase}")
 
 
-def virsh_copy(vm: testvm.VM, dest: str) -> float:
+def virsh_copy(vm: VM, dest: str) -> float:
     t = time.monotonic()
     subprocess.run(["virsh", "-c", vm.uri, "blockcopy", vm.name, "vda", dest, "--format",
                     "qcow2", "--transient-job", "--wait", "--pivot"], check=True,
@@ -69,13 +73,13 @@ def virsh_copy(vm: testvm.VM, dest: str) -> float:
     return time.monotonic() - t
 
 
-def agent_copy(api, vm: testvm.VM, dest: str, name: str) -> tuple[float, float]:
+def agent_copy(api, vm: VM, dest: str, name: str) -> tuple[float, float]:
     """Returns (create -> Pivoted seconds, mirror ready -> status Mirrored seconds)."""
     ready_at: list[float] = []
 
     def watch_ready() -> None:  # polls the live XML for ready='yes' every 10 ms
         while not ready_at:
-            mirror = testvm.live_mirror(vm, "vda")
+            mirror = live_mirror(vm, "vda")
             if mirror and mirror.get("ready") == "yes":
                 ready_at.append(time.monotonic())
             time.sleep(0.01)
@@ -93,7 +97,7 @@ def agent_copy(api, vm: testvm.VM, dest: str, name: str) -> tuple[float, float]:
     return done, (mirrored_at - ready_at[0]) if ready_at else float("nan")
 
 
-def status_write_rate(api, vm: testvm.VM, dest: str, seconds: float) -> float:
+def status_write_rate(api, vm: VM, dest: str, seconds: float) -> float:
     """Status writes per second of one object while it is Copying (bandwidth-limited)."""
     name = "bench-rate"
     create(api, name, {"domain": vm.name, "disk": "vda", "dest": dest, "nodeName": NODE,
@@ -118,35 +122,32 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=5, help="copies followed at once")
     args = parser.parse_args()
 
-    subprocess.run([str(ROOT / "hack" / "cluster-up.sh")], check=True, stdout=subprocess.DEVNULL)
-    kubectl = ROOT / ".local" / "bin" / "kubectl"
-    subprocess.run([str(kubectl), "--kubeconfig", str(KUBECONFIG), "apply",
-                    "-f", str(ROOT / "crds" / "blockcopy.yaml")], check=True, capture_output=True)
-    api = kubernetes.client.CustomObjectsApi(
-        kubernetes.config.new_client_from_config(config_file=str(KUBECONFIG)))
+    kubeconfig = bring_up()
+    apply_crd(Kubectl(kubeconfig=kubeconfig))
+    api = custom_objects(kubeconfig)
 
-    log = open(ROOT / ".local" / "log" / "bench-agent.log", "wb")
-    agent = subprocess.Popen([sys.executable, "-m", "blockcopy", "--node-name", NODE],
-                             env={**os.environ, "KUBECONFIG": str(KUBECONFIG)}, stdout=log,
-                             stderr=subprocess.STDOUT)
-    vms: list[testvm.VM] = []
+    log_path = STATE / "log" / "bench-agent.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.unlink(missing_ok=True)
+    agent = Agent(NODE, log_path, args=["--node-name", NODE]).start()
+    vms: list[VM] = []
     try:
         time.sleep(3)
-        idle = rss_mib(agent.pid)
+        idle = rss_mib(agent.proc.pid)
         agent_times, virsh_times, ready_lags = [], [], []
         for i in range(args.rounds):
-            vm = testvm.create_vm(f"bench-{i}", size=args.size, data_per_layer=args.data)
+            vm = create_vm(f"bench-{i}", size=args.size, data_per_layer=args.data)
             vms.append(vm)
             virsh_times.append(virsh_copy(vm, os.path.join(vm.workdir, "virsh.qcow2")))
             took, lag = agent_copy(api, vm, os.path.join(vm.workdir, "agent.qcow2"), f"bench-{i}")
             agent_times.append(took)
             ready_lags.append(lag)
 
-        rate_vm = testvm.create_vm("bench-rate", size="256M", data_per_layer="64M")
+        rate_vm = create_vm("bench-rate", size="256M", data_per_layer="64M")
         vms.append(rate_vm)
         rate = status_write_rate(api, rate_vm, os.path.join(rate_vm.workdir, "r.qcow2"), 10)
 
-        many = [testvm.create_vm(f"bench-many-{i}", size="256M", data_per_layer="32M")
+        many = [create_vm(f"bench-many-{i}", size="256M", data_per_layer="32M")
                 for i in range(args.parallel)]
         vms.extend(many)
         for i, vm in enumerate(many):
@@ -156,17 +157,16 @@ def main() -> int:
         for i in range(args.parallel):
             wait_phase(api, f"bench-many-{i}", "Copying")
         time.sleep(5)
-        busy = rss_mib(agent.pid)
+        busy = rss_mib(agent.proc.pid)
         for i in range(args.parallel):
             api.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, f"bench-many-{i}",
                                                {"spec": {"abort": True}})
         for i in range(args.parallel):
             wait_phase(api, f"bench-many-{i}", "Aborted")
     finally:
-        agent.terminate()
-        agent.wait(20)
+        agent.stop()
         for vm in vms:
-            testvm.destroy_vm(vm)
+            destroy_vm(vm)
 
     mean = statistics.mean
     print(f"\nbenchmark: {args.rounds} rounds, disk {args.size}, 2 layers of {args.data}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """`make demo`: a live disk copy and pivot on the local environment, narrated.
 
-Expects `make cluster` to have run (the Makefile does it). Creates a demo VM whose disk is a
+Expects `make cluster` to have run (the Makefile does it) and the test-support package on the
+path (`make demo` runs it with PYTHONPATH=tests). Creates a demo VM whose disk is a
 two-layer qcow2 chain, starts the agent, applies examples/full-copy.yaml pointed at the VM,
 shows status while the copy runs, pivots, and prints what happened. The VM is left running
 on the copied disk (`make cluster-down` removes it).
@@ -10,7 +11,6 @@ on the copied disk (`make cluster-down` removes it).
 from __future__ import annotations
 
 import os
-import pathlib
 import subprocess
 import sys
 import time
@@ -18,13 +18,14 @@ import time
 import kubernetes
 import yaml
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "hack"))
-import testvm  # noqa: E402
+from blockcopy.api import GROUP, PLURAL, VERSION
+from support.agents import Agent
+from support.images import image_digest, qemu_img_compare
+from support.libvirt_probes import domstate, live_disk_source, live_mirror
+from support.paths import CRD, EXAMPLES, KUBECONFIG, KUBECTL, STATE
+from support.vms import VM, create_vm, destroy_vm_by_name, expected_digest
 
-KUBECONFIG = ROOT / ".local" / "kubeconfig"
-KUBECTL = ROOT / ".local" / "bin" / "kubectl"  # the local server's release
-GROUP, VERSION, PLURAL, NS = "blockcopy.dev", "v1alpha1", "blockcopies", "default"
+NS = "default"
 NODE = "demo-node"
 BANDWIDTH = "64Mi"  # slow enough to watch the progress column move
 
@@ -41,44 +42,39 @@ def say(text: str) -> None:
 def main() -> int:
     t_start = time.monotonic()
     say("installing the BlockCopy CRD")
-    print(kubectl("apply", "-f", str(ROOT / "crds" / "blockcopy.yaml")).strip())
+    print(kubectl("apply", "-f", str(CRD)).strip())
     kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
             "--timeout=60s")
 
     say("creating the demo VM (QEMU, 1 GiB disk = two-layer qcow2 chain with known data)")
-    testvm.destroy_vm_by_name("bct-demo")
-    vm = testvm.create_vm("bct-demo", layers=2, size="1G", data_per_layer="192M")
-    expected = testvm.expected_digest(vm)
+    destroy_vm_by_name("bct-demo")
+    vm = create_vm("bct-demo", layers=2, size="1G", data_per_layer="192M")
+    expected = expected_digest(vm)
     print(f"domain {vm.name} ({vm.uuid}) running; vda = {vm.chain[0]}")
     print(f"backing chain: {' <- '.join(reversed(vm.chain))}")
     dest = os.path.join(vm.workdir, "vda.copy.qcow2")
 
     say(f"starting the agent (blockcopy-operator --node-name {NODE})")
-    log_path = ROOT / ".local" / "log" / "demo-agent.log"
+    log_path = STATE / "log" / "demo-agent.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "blockcopy", "--node-name", NODE],
-            env={**os.environ, "KUBECONFIG": str(KUBECONFIG)}, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True)
+    log_path.unlink(missing_ok=True)
+    agent = Agent(NODE, log_path, args=["--node-name", NODE])
     try:
-        deadline = time.monotonic() + 60
-        while "agent ready" not in log_path.read_text():
-            if agent.poll() is not None or time.monotonic() > deadline:
-                print(log_path.read_text())
-                raise SystemExit("the agent did not start")
-            time.sleep(0.2)
-        print(f"agent running (pid {agent.pid}, log {log_path})")
+        try:
+            agent.start()
+        except AssertionError:
+            print(agent.log())
+            raise SystemExit("the agent did not start") from None
+        print(f"agent running (pid {agent.proc.pid}, log {log_path})")
         return run_copy(vm, dest, expected, t_start)
     finally:
-        agent.terminate()
-        agent.wait(20)
+        agent.stop()
 
 
-def run_copy(vm: testvm.VM, dest: str, expected: str, t_start: float) -> int:
+def run_copy(vm: VM, dest: str, expected: str, t_start: float) -> int:
     api = kubernetes.client.CustomObjectsApi(
         kubernetes.config.new_client_from_config(config_file=str(KUBECONFIG)))
-    manifest = yaml.safe_load((ROOT / "examples" / "full-copy.yaml").read_text())
+    manifest = yaml.safe_load((EXAMPLES / "full-copy.yaml").read_text())
     manifest["metadata"]["name"] = "demo-vda"
     manifest["spec"].update(domain=vm.name, dest=dest, bandwidth=BANDWIDTH)
     try:
@@ -107,8 +103,8 @@ def run_copy(vm: testvm.VM, dest: str, expected: str, t_start: float) -> int:
     t_mirrored = time.monotonic()
 
     say("mirrored: source and copy are in sync, the VM still runs on the source")
-    print(f"live XML source: {testvm.live_disk_source(vm, 'vda')}")
-    print(f"live mirror:     {testvm.live_mirror(vm, 'vda')}")
+    print(f"live XML source: {live_disk_source(vm, 'vda')}")
+    print(f"live mirror:     {live_mirror(vm, 'vda')}")
 
     say("pivot: kubectl patch bc demo-vda --type=merge -p '{\"spec\":{\"pivot\":true}}'")
     kubectl("patch", "bc", "demo-vda", "-n", NS, "--type=merge", "-p", '{"spec":{"pivot":true}}')
@@ -119,12 +115,10 @@ def run_copy(vm: testvm.VM, dest: str, expected: str, t_start: float) -> int:
     print(kubectl("get", "bc", "demo-vda", "-n", NS).rstrip())
 
     say("what happened")
-    source_after = testvm.live_disk_source(vm, "vda")
-    state = subprocess.run(["virsh", "-c", vm.uri, "domstate", vm.name], capture_output=True,
-                           text=True).stdout.strip()
-    same = subprocess.run(["qemu-img", "compare", "-U", vm.chain[0], dest],
-                          capture_output=True, text=True)
-    digest_ok = testvm.image_digest(dest) == expected
+    source_after = live_disk_source(vm, "vda")
+    state = domstate(vm)
+    same = qemu_img_compare(vm.chain[0], dest)
+    digest_ok = image_digest(dest) == expected
     print(f"disk before:   {vm.chain[0]} (backing chain of {len(vm.chain)} images)")
     print(f"disk after:    {source_after} (standalone, {os.path.getsize(dest) / 2**20:.0f} MiB "
           "on disk)")

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 import yaml
-from chartlib import ROOT
+
+from blockcopy.api import GROUP, KIND, VERSION
+from support.paths import CRD, ROOT
 
 SCRIPT = (ROOT / "deploy" / "argocd" / "blockcopy-health.lua").read_text()
 RUNTIMES = ["lupa.lua51", "lupa.lua54"]
@@ -29,7 +31,7 @@ def blockcopy(phase: str | None = None, *, pivot: bool = False, abort: bool = Fa
               message: str | None = None, generation: int = 1,
               observed: int | None = 1, **status: Any) -> dict[str, Any]:
     obj: dict[str, Any] = {
-        "apiVersion": "blockcopy.dev/v1alpha1", "kind": "BlockCopy",
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
         "metadata": {"name": "vm-vda", "namespace": "vms", "generation": generation},
         "spec": {"domain": "vm", "disk": "vda", "dest": "/var/lib/libvirt/images/c.qcow2",
                  "pivot": pivot, "abort": abort},
@@ -87,7 +89,7 @@ def test_health(obj, expected, words, runtime):
 
 
 def test_every_phase_of_the_crd_is_mapped():
-    crd = yaml.safe_load((ROOT / "crds" / "blockcopy.yaml").read_text())
+    crd = yaml.safe_load(CRD.read_text())
     status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
     phases = status["properties"]["phase"]["enum"]
     for phase in phases:

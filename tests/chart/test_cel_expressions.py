@@ -8,7 +8,11 @@ from __future__ import annotations
 import celpy
 import pytest
 import yaml
-from chartlib import ROOT, one
+
+from blockcopy.api import NODE_LABEL
+from support.helm import one
+from support.objects import FINALIZER
+from support.paths import ROOT
 
 ENV = celpy.Environment()
 SPEC = {"domain": "vm", "disk": "vda", "dest": "/var/lib/libvirt/images/c.qcow2",
@@ -53,8 +57,8 @@ def test_spec_guard_targets_the_main_resource_only(policy):
 
 def test_spec_guard_lets_the_agent_claim_and_finalize(policy):
     old = bc(SPEC)
-    assert admitted(policy, AGENT, old, bc(SPEC, labels={"blockcopy.dev/node": "n1"}))
-    assert admitted(policy, AGENT, old, bc(SPEC, finalizers=["blockcopy.dev/cancel-job"]))
+    assert admitted(policy, AGENT, old, bc(SPEC, labels={NODE_LABEL: "n1"}))
+    assert admitted(policy, AGENT, old, bc(SPEC, finalizers=[FINALIZER]))
 
 
 @pytest.mark.parametrize("change", [{"pivot": True}, {"abort": True},

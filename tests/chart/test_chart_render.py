@@ -13,11 +13,13 @@ import tarfile
 import kubernetes_validate
 import pytest
 import yaml
-from chartlib import CHART, ROOT, by_kind, one
 from kubernetes_validate.utils import SchemaNotFoundError
 from packaging.version import Version
 
-TOP_CRD = ROOT / "crds" / "blockcopy.yaml"
+from support.helm import by_kind, one
+from support.paths import CHART, CRD
+
+TOP_CRD = CRD
 CHART_CRD = CHART / "crds" / "blockcopy.yaml"
 
 # The value sets rendered in the tests below: the defaults, and every optional part switched on.

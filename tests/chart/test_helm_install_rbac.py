@@ -13,66 +13,49 @@ The CRD: installed by `helm install` from the chart's crds/ (Helm 4 applies it s
 users install it. It is shared by every test on this API server (the e2e suite applies the same
 file with `kubectl apply`, the documented upgrade path), so both ways must coexist.
 
-Clusterwide note: like the DaemonSet, the agent watches every namespace. Its node name is
-unique and the BlockCopy names it in spec.nodeName, so no other agent on this machine takes it.
+Isolation (tests/support/isolation.py): the release has a namespace of its own; each test that
+makes BlockCopies makes them in its own namespace. Like the DaemonSet, the agent watches every
+namespace (a cluster-wide agent, started by the shared launcher with the chart's environment and
+arguments); its node name is the test's and the BlockCopy names it in spec.nodeName, so no other
+agent on this machine takes it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-import uuid
 
 import kubernetes
 import pytest
 import yaml
-from chartlib import CHART, one, wait_for
 from kubernetes.client.exceptions import ApiException
 
-import testvm
+from blockcopy.api import GROUP, KIND, NODE_LABEL, PLURAL, VERSION
+from support.agents import Agent, free_port, http_get
+from support.cluster import custom_objects
+from support.helm import one
+from support.isolation import create_namespace, release_namespace, unique, unique_node
+from support.libvirt_probes import live_disk_source, live_mirror
+from support.objects import FINALIZER
+from support.paths import CHART
+from support.waits import wait_for
 
 pytestmark = pytest.mark.e2e
 
-GROUP, VERSION, PLURAL = "blockcopy.dev", "v1alpha1", "blockcopies"
+
+def install(helm, namespace: str, name: str, *args: str) -> tuple[str, list[dict]]:
+    """`helm install` of the chart (crds/ included): its stderr and the release's objects."""
+    proc = helm.run("install", name, str(CHART), "--namespace", namespace, *args)
+    return proc.stderr, helm.manifest(name, namespace)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def release(kubectl, cluster_helm):
-    """A fresh namespace and a uniquely named release of the chart in it, crds/ included."""
-    suffix = uuid.uuid4().hex[:6]
-    namespace, name = f"chart-{suffix}", f"bc{suffix}"
-    kubectl("create", "namespace", namespace)
-    proc = cluster_helm.run("install", name, str(CHART), "--namespace", namespace)
-    assert "Warning" not in proc.stderr, proc.stderr
-    kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
-            "--timeout=60s")
-    manifest = cluster_helm.run("get", "manifest", name, "--namespace", namespace).stdout
-    docs = [d for d in yaml.safe_load_all(manifest) if d]
-    yield {"namespace": namespace, "name": name, "docs": docs}
-    # The ClusterRole and ClusterRoleBinding are cluster-scoped: never leave them behind.
-    cluster_helm.run("uninstall", name, "--namespace", namespace, check=False)
-    kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-
-
-@pytest.fixture(scope="module")
-def sa_kubeconfig(release, kubectl, cluster, tmp_path_factory) -> pathlib.Path:
-    """A kubeconfig with the chart ServiceAccount's token and the admin kubeconfig's CA."""
-    sa = one(release["docs"], "ServiceAccount")["metadata"]["name"]
-    token = kubectl("create", "token", sa, "--namespace", release["namespace"],
+def sa_kubeconfig_for(docs: list[dict], namespace: str, kubectl, cluster: pathlib.Path,
+                      path: pathlib.Path) -> pathlib.Path:
+    """A kubeconfig with the release's ServiceAccount token and the admin kubeconfig's CA."""
+    sa = one(docs, "ServiceAccount")["metadata"]["name"]
+    token = kubectl("create", "token", sa, "--namespace", namespace,
                     "--duration=1h").stdout.strip()
     admin = yaml.safe_load(cluster.read_text())
     server = admin["clusters"][0]["cluster"]
@@ -85,10 +68,30 @@ def sa_kubeconfig(release, kubectl, cluster, tmp_path_factory) -> pathlib.Path:
         "contexts": [{"name": "agent", "context": {"cluster": "local", "user": "agent"}}],
         "current-context": "agent",
     }
-    path = tmp_path_factory.mktemp("sa") / "kubeconfig"
     path.write_text(yaml.safe_dump(config))
     path.chmod(0o600)
     return path
+
+
+@pytest.fixture(scope="module")
+def release(kubectl, cluster, cluster_helm):
+    """A fresh namespace and a uniquely named release of the chart in it, crds/ included."""
+    namespace = create_namespace(kubectl, "chart")
+    name = unique("bc").replace("-", "")
+    stderr, docs = install(cluster_helm, namespace, name)
+    assert "Warning" not in stderr, stderr
+    kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
+            "--timeout=60s")
+    yield {"namespace": namespace, "name": name, "docs": docs}
+    # The ClusterRole and ClusterRoleBinding are cluster-scoped: never leave them behind.
+    cluster_helm.run("uninstall", name, "--namespace", namespace, check=False)
+    release_namespace(custom_objects(cluster), kubectl, namespace)
+
+
+@pytest.fixture(scope="module")
+def sa_kubeconfig(release, kubectl, cluster, tmp_path_factory) -> pathlib.Path:
+    return sa_kubeconfig_for(release["docs"], release["namespace"], kubectl, cluster,
+                             tmp_path_factory.mktemp("sa") / "kubeconfig")
 
 
 def test_install_created_the_release_objects(release, kubectl):
@@ -179,66 +182,27 @@ def test_refused(release, sa_kubeconfig, kubectl, args):
     assert not can_i(kubectl, sa_kubeconfig, *args, "--namespace", release["namespace"])
 
 
-class Agent:
-    """blockcopy-operator as the DaemonSet would run it: the container's environment from the
-    rendered chart, the ServiceAccount's credentials, a node name of its own."""
+@pytest.fixture
+def agent(release, sa_kubeconfig, agent_factory, node) -> Agent:
+    """blockcopy-operator as the DaemonSet would run it: the container's environment and
+    arguments from the rendered chart, the ServiceAccount's credentials, the test's node name,
+    every namespace watched. Not started yet."""
+    (container,) = one(release["docs"], "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert "NODE_NAME" not in env  # from the downward API in the pod
+    # Other agents on this machine may use the chart's ports: pick free ones.
+    env.update(BLOCKCOPY_METRICS_PORT=str(free_port()), BLOCKCOPY_LIVENESS_PORT=str(free_port()))
+    return agent_factory(node, start=False, clusterwide=True, status_interval=None,
+                         extra_args=container["args"], env=env, kubeconfig=sa_kubeconfig)
 
-    def __init__(self, daemonset: dict, kubeconfig: pathlib.Path, node: str,
-                 log_path: pathlib.Path):
-        (container,) = daemonset["spec"]["template"]["spec"]["containers"]
-        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-        assert "NODE_NAME" not in env  # from the downward API in the pod
-        # Other agents on this machine may use the chart's ports: pick free ones.
-        self.metrics_port, self.liveness_port = free_port(), free_port()
-        env.update(NODE_NAME=node, BLOCKCOPY_METRICS_PORT=str(self.metrics_port),
-                   BLOCKCOPY_LIVENESS_PORT=str(self.liveness_port))
-        self.env = {**os.environ, **env, "KUBECONFIG": str(kubeconfig)}
-        # No in-cluster service environment may take precedence over the SA kubeconfig.
-        self.env.pop("KUBERNETES_SERVICE_HOST", None)
-        self.args = [sys.executable, "-m", "blockcopy", *container["args"]]
-        self.node, self.log_path = node, log_path
-        self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.args, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: "agent ready" in self.log() or self.proc.poll() is not None, 60,
-                 what="the agent to start")
-        assert self.proc.poll() is None, f"agent exited early:\n{self.log()}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def get(self, port: int, path: str) -> tuple[int, str]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.read().decode()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+def port(agent: Agent, which: str) -> int:
+    return int(agent.env[f"BLOCKCOPY_{which}_PORT"])
 
 
 @pytest.fixture
-def agent(release, sa_kubeconfig, tmp_path):
-    node = f"chart-node-{uuid.uuid4().hex[:6]}"
-    ds = one(release["docs"], "DaemonSet")
-    agent = Agent(ds, sa_kubeconfig, node, tmp_path / "agent.log")
-    yield agent
-    agent.stop()
-    print(f"--- log of agent {node} ---\n{agent.log()[-8000:]}")
-
-
-@pytest.fixture
-def vm():
-    vm = testvm.create_vm("chart", layers=2)
-    yield vm
-    testvm.destroy_vm(vm)
+def vm(vms):
+    return vms(name="chart", layers=2)
 
 
 def get_bc(kubectl, namespace: str, name: str) -> dict | None:
@@ -251,15 +215,15 @@ def get_bc(kubectl, namespace: str, name: str) -> dict | None:
 
 
 def test_agent_as_the_service_account_copies_and_pivots(release, agent, vm, kubectl,
-                                                        sa_kubeconfig):
-    ns, name = release["namespace"], "copy-vda"
+                                                        sa_kubeconfig, namespace):
+    ns, name = namespace, "copy-vda"
     dest = f"{vm.workdir}/copy.qcow2"
     allowed = agent.env["BLOCKCOPY_ALLOWED_PATHS"].split(":")
     assert any(dest.startswith(root.rstrip("/") + "/") for root in allowed), (dest, allowed)
     agent.start()
-    assert agent.get(agent.liveness_port, "/healthz")[0] == 200
+    assert http_get(port(agent, "LIVENESS"), "/healthz")[0] == 200
 
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BlockCopy",
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
             "metadata": {"name": name, "namespace": ns},
             "spec": {"domain": vm.name, "disk": "vda", "dest": dest, "pivot": True,
                      "nodeName": agent.node}}
@@ -279,18 +243,18 @@ def test_agent_as_the_service_account_copies_and_pivots(release, agent, vm, kube
     print(f"copy + pivot as the ServiceAccount took {time.monotonic() - started:.1f} s")
 
     # libvirt: the VM runs on the copy.
-    assert testvm.live_disk_source(vm) == dest
-    assert testvm.live_mirror(vm) is None
+    assert live_disk_source(vm) == dest
+    assert live_mirror(vm) is None
     # Everything the agent writes got written with the chart's rights.
-    assert obj["metadata"]["labels"]["blockcopy.dev/node"] == agent.node
-    assert "blockcopy.dev/cancel-job" in obj["metadata"].get("finalizers", [])
+    assert obj["metadata"]["labels"][NODE_LABEL] == agent.node
+    assert FINALIZER in obj["metadata"].get("finalizers", [])
     assert obj["status"]["nodeName"] == agent.node
     assert obj["metadata"]["generation"] == 1  # the agent never wrote spec
     events = json.loads(kubectl("get", "events", "--namespace", ns, "-o", "json",
                                 "--field-selector", f"involvedObject.name={name}").stdout)
     reasons = {e["reason"] for e in events["items"]}
     assert "Pivoted" in reasons, reasons
-    status, text = agent.get(agent.metrics_port, "/metrics")
+    status, text = http_get(port(agent, "METRICS"), "/metrics")
     assert status == 200 and "blockcopy" in text
 
     # Deleting the object: the agent (as the ServiceAccount) removes its finalizer.
@@ -302,14 +266,16 @@ def test_agent_as_the_service_account_copies_and_pivots(release, agent, vm, kube
     assert agent.proc.poll() is None, log[-6000:]
 
 
-def test_service_account_requests_are_refused(release, sa_kubeconfig, kubectl):
+def test_service_account_requests_are_refused(release, sa_kubeconfig, kubectl, namespace):
     """Real requests with the agent's own client library and identity, not just reviews:
-    403 for what the agent must never do; what it must do goes through."""
-    ns, name = release["namespace"], "refusals"
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BlockCopy",
+    403 for what the agent must never do; what it must do goes through. (In the test's
+    namespace: the chart's rights are a ClusterRoleBinding, the same in every namespace.)"""
+    ns, name = namespace, "refusals"
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
             "metadata": {"name": name, "namespace": ns},
             "spec": {"domain": "nothing-here", "disk": "vda",
-                     "dest": "/var/lib/libvirt/images/none.qcow2", "nodeName": "no-such-node"}}
+                     "dest": "/var/lib/libvirt/images/none.qcow2",
+                     "nodeName": unique_node("no-such-node")}}
     kubectl("apply", "-f", "-", input=yaml.safe_dump(body))
     client = kubernetes.config.new_client_from_config(config_file=str(sa_kubeconfig))
     core = kubernetes.client.CoreV1Api(client)
@@ -368,35 +334,21 @@ def test_rbac_does_not_cover_spec_patches(release, sa_kubeconfig, kubectl):
     assert values["specGuard"] == {"enabled": False}
 
 
-def test_spec_guard_enforced_by_the_api_server(kubectl, cluster_helm, cluster, tmp_path):
+def test_spec_guard_enforced_by_the_api_server(kubectl, cluster_helm, cluster, tmp_path,
+                                               namespace):
     """specGuard.enabled=true on a real server (ValidatingAdmissionPolicy, GA since 1.30): the
     agent's ServiceAccount can claim (label), finalize and write status, but not change spec;
-    a user still can."""
-    suffix = uuid.uuid4().hex[:6]
-    namespace, release_name = f"guard-{suffix}", f"bg{suffix}"
-    kubectl("create", "namespace", namespace)
-    cluster_helm.run("install", release_name, str(CHART), "--namespace", namespace,
-                     "--set", "specGuard.enabled=true")
+    a user still can. A release of its own, in the test's namespace."""
+    release_name = unique("bg").replace("-", "")
+    nobody = unique_node("nobody")  # a node without an agent
+    _, docs = install(cluster_helm, namespace, release_name, "--set", "specGuard.enabled=true")
     try:
-        docs = [d for d in yaml.safe_load_all(cluster_helm.run(
-            "get", "manifest", release_name, "--namespace", namespace).stdout) if d]
-        sa = one(docs, "ServiceAccount")["metadata"]["name"]
-        token = kubectl("create", "token", sa, "--namespace", namespace,
-                        "--duration=1h").stdout.strip()
-        admin = yaml.safe_load(cluster.read_text())
-        server = admin["clusters"][0]["cluster"]
-        config = tmp_path / "kubeconfig"
-        config.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "l", "cluster": server}],
-            "users": [{"name": "a", "user": {"token": token}}],
-            "contexts": [{"name": "a", "context": {"cluster": "l", "user": "a"}}],
-            "current-context": "a"}))
+        config = sa_kubeconfig_for(docs, namespace, kubectl, cluster, tmp_path / "kubeconfig")
         name = "guarded"
         kubectl("apply", "-f", "-", input=yaml.safe_dump({
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": "BlockCopy",
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
             "metadata": {"name": name, "namespace": namespace},
-            "spec": {"domain": "d", "disk": "vda", "nodeName": "nobody",
+            "spec": {"domain": "d", "disk": "vda", "nodeName": nobody,
                      "dest": "/var/lib/libvirt/images/g.qcow2"}}))
         as_agent = kubernetes.client.CustomObjectsApi(
             kubernetes.config.new_client_from_config(config_file=str(config)))
@@ -417,11 +369,10 @@ def test_spec_guard_enforced_by_the_api_server(kubectl, cluster_helm, cluster, t
         exc = wait_for(refused_spec_write, 30, interval=1, what="the spec guard to be active")
         assert exc.status in (403, 422), exc
         assert "never writes spec" in exc.body, exc.body
-        patch({"metadata": {"labels": {"blockcopy.dev/node": "nobody"},
-                            "finalizers": ["blockcopy.dev/cancel-job"]}})
+        patch({"metadata": {"labels": {NODE_LABEL: nobody}, "finalizers": [FINALIZER]}})
         patch({"status": {"message": "written by the agent"}}, status=True)
         obj = get_bc(kubectl, namespace, name)
-        assert obj["metadata"]["labels"]["blockcopy.dev/node"] == "nobody"
+        assert obj["metadata"]["labels"][NODE_LABEL] == nobody
         assert obj["status"]["message"] == "written by the agent"
         assert obj["spec"]["pivot"] is False
         # A user (admin here) still changes spec freely.
@@ -432,4 +383,3 @@ def test_spec_guard_enforced_by_the_api_server(kubectl, cluster_helm, cluster, t
                 '{"metadata":{"finalizers":null}}')
     finally:
         cluster_helm.run("uninstall", release_name, "--namespace", namespace, check=False)
-        kubectl("delete", "namespace", namespace, "--wait=false", check=False)

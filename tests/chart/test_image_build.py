@@ -12,7 +12,7 @@ import re
 import subprocess
 import time
 
-from chartlib import ROOT
+from support.paths import ROOT
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 

@@ -1,5 +1,6 @@
 """A block device as the destination: the agent detects it (`<disk type='block'>`), copies
-into it and pivots; the live domain then runs on the device."""
+into it and pivots; the live domain then runs on the device. The agent has the test's node
+name and namespace (tests/support/isolation.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import os
 import subprocess
 
 import pytest
-from e2elib import qemu_img_compare
 
-import testvm
+from support.images import qemu_img_compare
+from support.libvirt_probes import live_disk_source, virsh
+from support.objects import copy_spec
 
 
 @pytest.fixture
@@ -24,14 +26,13 @@ def loop_device(vms):
     subprocess.run(["losetup", "-d", device], check=False)
 
 
-def test_copy_into_a_block_device_and_pivot(agent_factory, vms, blockcopies, loop_device):
+def test_copy_into_a_block_device_and_pivot(agent_factory, node, vms, blockcopies,
+                                            loop_device):
     # Devices are allowed one by one (or by directory, e.g. /dev/mapper) with --allowed-path.
-    node = "node-blk"
     agent_factory(node, extra_args=["--allowed-path", "/var/lib/libvirt/images",
                                     "--allowed-path", loop_device])
     vm = vms(size="64M")
-    spec = {"domain": vm.name, "disk": "vda", "dest": loop_device, "nodeName": node,
-            "format": "raw", "pivot": True}
+    spec = copy_spec(vm, node=node, dest=loop_device, format="raw", pivot=True)
 
     # Without reuseExternal the existing device is refused, untouched.
     refused = blockcopies.create(spec)
@@ -40,10 +41,9 @@ def test_copy_into_a_block_device_and_pivot(agent_factory, vms, blockcopies, loo
 
     name = blockcopies.create({**spec, "flags": ["reuseExternal"]})
     blockcopies.wait_phase(name, "Pivoted")
-    xml = subprocess.run(["virsh", "-c", vm.uri, "dumpxml", vm.name], check=True,
-                         capture_output=True, text=True).stdout
+    xml = virsh("dumpxml", vm.name, uri=vm.uri)
     assert f"<source dev='{loop_device}'" in xml and "<disk type='block'" in xml
-    assert testvm.live_disk_source(vm) == loop_device
+    assert live_disk_source(vm) == loop_device
     # -U: read without taking QEMU's lock (this guest has no OS, so nothing writes).
     result = qemu_img_compare(vm.chain[0], loop_device)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -3,9 +3,10 @@ libvirt, QEMU and the image files (shallow, base, reuseExternal / the oVirt flow
 conversion, bandwidth, granularity / bufSize, synchronousWrites, abort, pivot under guest
 writes, `kubectl wait`, refused changes of immutable fields).
 
-Each test runs on its own throwaway VM (hack/testvm.py) with the agent as a real process.
-The agent has a node name of its own and watches only the test namespace, and every object
-names that node: other test sessions share this API server and libvirtd.
+Each test runs on its own throwaway VM (support.vms) with the agent as a real process.
+The agent has the test's node name and watches only the test's namespace, and every object
+names that node (tests/support/isolation.py): other test sessions share this API server and
+libvirtd.
 
 What each test makes libvirt / QEMU do:
 - shallow, base = backing file, oVirt flow: blockCopy with SHALLOW (and REUSE_EXT into a
@@ -30,47 +31,36 @@ import re
 import subprocess
 import threading
 import time
-import uuid
 import xml.etree.ElementTree as ET
 
 import libvirt
-import pytest
-from e2elib import condition, qemu_img_compare, qemu_img_info, wait_for
 
-import testvm
+from support.assertions import assert_untouched
+from support.images import assert_identical, image_digest, qemu_img_compare, qemu_img_info
+from support.libvirt_probes import (
+    blockjob_text,
+    domstate,
+    live_disk,
+    live_disk_source,
+    live_mirror,
+    no_block_job,
+    virsh,
+)
+from support.objects import condition, copy_spec
+from support.vms import VM, WRITE_MARK, layer_plan, wait_guest_writing
+from support.waits import events_of, gone, status_where, wait_for
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def agent(agent_factory, namespace):
-    """The agent for these tests: a node name of its own ("node-a-<random>") and only the
-    test namespace. Other test sessions share this API server and libvirtd; with the objects
-    naming this node, their agents never act on them, and this one never claims theirs."""
-    return agent_factory(f"node-a-{uuid.uuid4().hex[:6]}", extra_args=["--namespace", namespace])
-
-
-def _spec(agent, vm: testvm.VM, dest: str) -> dict:
-    return {"domain": vm.name, "disk": "vda", "dest": dest, "nodeName": agent.node}
 
 
 # ---------------------------------------------------------------- helpers: libvirt / QEMU
 
 
-def _virsh(vm: testvm.VM, *args: str) -> str:
-    return subprocess.run(["virsh", "-c", vm.uri, *args], check=True, capture_output=True,
-                          text=True).stdout
+def _block_job_info(vm: VM) -> str:
+    return blockjob_text(vm, in_bytes=True)
 
 
-def _block_job_info(vm: testvm.VM) -> str:
-    return _virsh(vm, "blockjob", vm.name, "vda", "--info", "--bytes").strip()
-
-
-def _no_block_job(vm: testvm.VM) -> bool:
-    return "No current block job for vda" in _block_job_info(vm)
-
-
-def _job_bandwidth(vm: testvm.VM) -> int | None:
+def _job_bandwidth(vm: VM) -> int | None:
     """The job's bandwidth limit as libvirt reports it (virsh blockjob --info --bytes); 0 if the
     job runs unlimited, None if there is no job."""
     info = _block_job_info(vm)
@@ -80,37 +70,27 @@ def _job_bandwidth(vm: testvm.VM) -> int | None:
     return int(match.group(1)) if match else 0
 
 
-def _domain_state(vm: testvm.VM) -> str:
-    return _virsh(vm, "domstate", vm.name).strip()
+def _live_driver_type(vm: VM) -> str:
+    return live_disk(vm, "vda").find("driver").get("type")
 
 
-def _live_vda(vm: testvm.VM) -> ET.Element:
-    root = ET.fromstring(_virsh(vm, "dumpxml", vm.name))
-    return next(d for d in root.iterfind("./devices/disk")
-                if d.find("target").get("dev") == "vda")
-
-
-def _live_driver_type(vm: testvm.VM) -> str:
-    return _live_vda(vm).find("driver").get("type")
-
-
-def _live_backing_source(vm: testvm.VM) -> str | None:
-    backing = _live_vda(vm).find("backingStore")
+def _live_backing_source(vm: VM) -> str | None:
+    backing = live_disk(vm, "vda").find("backingStore")
     source = backing.find("source") if backing is not None else None
     return source.get("file") if source is not None else None
 
 
-def _mirror_bitmaps(vm: testvm.VM) -> list[dict]:
+def _mirror_bitmaps(vm: VM) -> list[dict]:
     """Dirty bitmaps QEMU holds on vda's active node; while a copy job runs, the mirror job's
     own (anonymous) bitmap is there, with the job's granularity."""
-    out = _virsh(vm, "qemu-monitor-command", vm.name, '{"execute":"query-block"}')
+    out = virsh("qemu-monitor-command", vm.name, '{"execute":"query-block"}', uri=vm.uri)
     for dev in json.loads(out)["return"]:
         if "virtio-disk0" in (dev.get("qdev") or "") and dev.get("inserted"):
             return dev["inserted"].get("dirty-bitmaps") or []
     raise AssertionError(f"vda not found in query-block: {out}")
 
 
-def _libvirt_job_flags(vm: testvm.VM) -> int:
+def _libvirt_job_flags(vm: VM) -> int:
     """The flags libvirt recorded for the running copy job of vda, from its domain status
     file (the only place libvirt shows them): <blockjob ... jobflags='0x..'>."""
     root = ET.parse(f"/run/libvirt/qemu/{vm.name}.xml").getroot()
@@ -144,51 +124,39 @@ def _own_data_ranges(path: str) -> list[tuple[int, int]]:
 
 
 def _top_layer_ranges(layers: int, per_layer: int) -> list[tuple[int, int]]:
-    """The ranges testvm wrote into the top (active) image of the chain."""
-    top = testvm.layer_plan(layers, per_layer)[-1]
+    """The ranges support.vms wrote into the top (active) image of the chain."""
+    top = layer_plan(layers, per_layer)[-1]
     return _merge([(off, off + length) for _pattern, off, length in top])
 
 
-def _guest_write_results(vm: testvm.VM) -> list[int]:
+def _guest_write_results(vm: VM) -> list[int]:
     """Exit codes of the guest's writes to vda, one per write, from the console log
     (complete lines only: QEMU may be in the middle of writing the last one)."""
     with open(vm.console_log, errors="replace") as f:
         lines = f.read().split("\n")[:-1]
-    return [int(m.group(1)) for line in lines if testvm.WRITE_MARK in line
+    return [int(m.group(1)) for line in lines if WRITE_MARK in line
             and (m := re.search(r"rc=(\d+)$", line.strip()))]
 
 
-def _guest_writes(vm: testvm.VM) -> int:
+def _guest_writes(vm: VM) -> int:
     return len(_guest_write_results(vm))
 
 
-def _assert_guest_keeps_writing(vm: testvm.VM, writes: int = 3) -> None:
+def _assert_guest_keeps_writing(vm: VM, writes: int = 3) -> None:
     """The guest goes on writing to its disk, and its writes succeed."""
     before = _guest_writes(vm)
     wait_for(lambda: _guest_writes(vm) >= before + writes, 60, interval=0.5,
              what=f"{writes} more guest writes")
     after = _guest_write_results(vm)[before:]
     assert after and set(after) == {0}, after
-    assert _domain_state(vm) == "running"
-
-
-def _assert_identical(a: str, b: str) -> None:
-    result = qemu_img_compare(a, b)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert domstate(vm) == "running"
 
 
 def _events(blockcopies, core, name: str, reason: str) -> list:
-    return [e for e in blockcopies.events(core, name) if e.reason == reason]
+    return events_of(blockcopies, core, name, reason)()
 
 
-def _assert_on_source_without_job(vm: testvm.VM) -> None:
-    assert _domain_state(vm) == "running"
-    assert testvm.live_disk_source(vm, "vda") == vm.chain[0]
-    assert testvm.live_mirror(vm, "vda") is None
-    assert _no_block_job(vm)
-
-
-def _slow_vm(vms) -> testvm.VM:
+def _slow_vm(vms) -> VM:
     """A VM whose full copy is 128 MiB of data: minutes at 1 MiB/s, so it stays Copying."""
     return vms(size="256M", data_per_layer="64M")
 
@@ -201,14 +169,15 @@ def test_shallow_copies_only_the_top_layer(agent, vms, blockcopies):
     top image's data lands in it, and after the pivot the guest sees the same disk."""
     vm = vms(layers=2)
     dest = os.path.join(vm.workdir, "shallow.qcow2")
-    name = blockcopies.create({**_spec(agent, vm, dest), "flags": ["shallow"], "pivot": True})
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, flags=["shallow"],
+                                        pivot=True))
     status = blockcopies.wait_phase(name, "Pivoted", "Failed")
     assert status["phase"] == "Pivoted", status
     assert "shallow" in status["flags"]
 
     # libvirt: the VM runs on the copy, whose backing chain is the old one minus the top.
-    assert testvm.live_disk_source(vm, "vda") == dest
-    assert testvm.live_mirror(vm, "vda") is None
+    assert live_disk_source(vm, "vda") == dest
+    assert live_mirror(vm, "vda") is None
     assert _live_backing_source(vm) == vm.chain[1]
     # image: backed by the source's backing file, holding only the top layer's data.
     info = qemu_img_info(dest)
@@ -217,25 +186,26 @@ def test_shallow_copies_only_the_top_layer(agent, vms, blockcopies):
     assert _own_data_ranges(dest) == _top_layer_ranges(2, 4 * MiB)
     assert _own_data_ranges(dest) == _own_data_ranges(vm.chain[0])
     # guest view: unchanged.
-    _assert_identical(vm.chain[0], dest)
-    assert testvm.image_digest(dest) == vm.initial_digest
+    assert_identical(vm.chain[0], dest)
+    assert image_digest(dest) == vm.initial_digest
 
 
 def test_base_equal_to_top_backing_file_is_shallow(agent, vms, blockcopies):
     """base = the top image's backing file (3-layer chain): the same as the shallow flag."""
     vm = vms(layers=3)
     dest = os.path.join(vm.workdir, "based.qcow2")
-    name = blockcopies.create({**_spec(agent, vm, dest), "base": vm.chain[1], "pivot": True})
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, base=vm.chain[1],
+                                        pivot=True))
     status = blockcopies.wait_phase(name, "Pivoted", "Failed")
     assert status["phase"] == "Pivoted", status
     assert "shallow" in status["flags"]
 
-    assert testvm.live_disk_source(vm, "vda") == dest
+    assert live_disk_source(vm, "vda") == dest
     assert _live_backing_source(vm) == vm.chain[1]
     assert qemu_img_info(dest)["full-backing-filename"] == vm.chain[1]
     assert _own_data_ranges(dest) == _top_layer_ranges(3, 4 * MiB)
-    _assert_identical(vm.chain[0], dest)
-    assert testvm.image_digest(dest) == vm.initial_digest
+    assert_identical(vm.chain[0], dest)
+    assert image_digest(dest) == vm.initial_digest
 
 
 def test_deeper_base_is_refused(agent, vms, blockcopies, core):
@@ -243,19 +213,19 @@ def test_deeper_base_is_refused(agent, vms, blockcopies, core):
     libvirt is asked for anything: no job, no destination file, the VM untouched."""
     vm = vms(layers=3)
     dest = os.path.join(vm.workdir, "deep.qcow2")
-    name = blockcopies.create({**_spec(agent, vm, dest), "base": vm.chain[2], "pivot": True})
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, base=vm.chain[2],
+                                        pivot=True))
     status = blockcopies.wait_phase(name, "Failed", "Copying", "Mirrored", "Pivoted")
     assert status["phase"] == "Failed", status
     assert condition(status, "Failed")["status"] == "True"
     assert condition(status, "Failed")["reason"] == "UnsupportedBase"
     assert vm.chain[2] in status["message"]
-    warnings = wait_for(lambda: _events(blockcopies, core, name, "UnsupportedBase"), 10,
-                        what="an UnsupportedBase Event")
+    warnings = wait_for(events_of(blockcopies, core, name, "UnsupportedBase"), 10)
     assert [e.type for e in warnings] == ["Warning"], warnings
 
-    _assert_on_source_without_job(vm)
+    assert_untouched(vm)
     assert not os.path.lexists(dest)
-    assert testvm.image_digest(vm.chain[0]) == vm.initial_digest
+    assert image_digest(vm.chain[0]) == vm.initial_digest
 
 
 # ---------------------------------------------------------------- reuseExternal
@@ -271,15 +241,15 @@ def test_reuse_external_ovirt_flow_with_relative_backing(agent, vms, blockcopies
                     backing_name, dest], check=True, cwd=vm.workdir)
     assert qemu_img_info(dest)["backing-filename"] == backing_name
 
-    name = blockcopies.create({**_spec(agent, vm, dest), "flags": ["shallow", "reuseExternal"],
-                               "pivot": True})
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, flags=["shallow",
+                                        "reuseExternal"], pivot=True))
     status = blockcopies.wait_phase(name, "Pivoted", "Failed")
     assert status["phase"] == "Pivoted", status
     assert status["format"] == "qcow2"  # the existing file's format
     assert {"shallow", "reuseExternal"} <= set(status["flags"])
 
     # libvirt: on the destination, over the source's backing file.
-    assert testvm.live_disk_source(vm, "vda") == dest
+    assert live_disk_source(vm, "vda") == dest
     assert _live_driver_type(vm) == "qcow2"
     assert _live_backing_source(vm) == vm.chain[1]
     # image: the relative backing name was kept (not rewritten to an absolute path).
@@ -287,8 +257,8 @@ def test_reuse_external_ovirt_flow_with_relative_backing(agent, vms, blockcopies
     assert info["backing-filename"] == backing_name
     assert info["full-backing-filename"] == vm.chain[1]
     assert _own_data_ranges(dest) == _top_layer_ranges(2, 4 * MiB)
-    _assert_identical(vm.chain[0], dest)
-    assert testvm.image_digest(dest) == vm.initial_digest
+    assert_identical(vm.chain[0], dest)
+    assert image_digest(dest) == vm.initial_digest
 
 
 def test_reuse_external_raw_dest_keeps_its_format(agent, vms, blockcopies):
@@ -298,16 +268,17 @@ def test_reuse_external_raw_dest_keeps_its_format(agent, vms, blockcopies):
     size = qemu_img_info(vm.chain[0])["virtual-size"]
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", dest, str(size)], check=True)
 
-    name = blockcopies.create({**_spec(agent, vm, dest), "flags": ["reuseExternal"], "pivot": True})
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, flags=["reuseExternal"],
+                                        pivot=True))
     status = blockcopies.wait_phase(name, "Pivoted", "Failed")
     assert status["phase"] == "Pivoted", status
     assert status["format"] == "raw"
 
-    assert testvm.live_disk_source(vm, "vda") == dest
+    assert live_disk_source(vm, "vda") == dest
     assert _live_driver_type(vm) == "raw"
     assert qemu_img_info(dest)["format"] == "raw"
-    _assert_identical(vm.chain[0], dest)
-    assert testvm.image_digest(dest, "raw") == vm.initial_digest
+    assert_identical(vm.chain[0], dest)
+    assert image_digest(dest, "raw") == vm.initial_digest
 
 
 # ---------------------------------------------------------------- format conversion
@@ -317,7 +288,7 @@ def test_qcow2_to_raw_conversion(agent, vms, blockcopies):
     """format raw on a qcow2 chain: a flat raw copy, and the VM runs on it as raw."""
     vm = vms(layers=2)
     dest = os.path.join(vm.workdir, "converted.raw")
-    name = blockcopies.create({**_spec(agent, vm, dest), "format": "raw", "pivot": True})
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, format="raw", pivot=True))
     status = blockcopies.wait_phase(name, "Pivoted", "Failed")
     assert status["phase"] == "Pivoted", status
     assert status["format"] == "raw"
@@ -325,11 +296,11 @@ def test_qcow2_to_raw_conversion(agent, vms, blockcopies):
     info = qemu_img_info(dest)
     assert info["format"] == "raw"
     assert "backing-filename" not in info
-    assert testvm.live_disk_source(vm, "vda") == dest
+    assert live_disk_source(vm, "vda") == dest
     assert _live_driver_type(vm) == "raw"
     assert _live_backing_source(vm) is None
-    _assert_identical(vm.chain[0], dest)
-    assert testvm.image_digest(dest, "raw") == vm.initial_digest
+    assert_identical(vm.chain[0], dest)
+    assert image_digest(dest, "raw") == vm.initial_digest
 
 
 # ---------------------------------------------------------------- bandwidth, granularity, bufSize
@@ -340,13 +311,13 @@ def test_bandwidth_limit_and_live_changes(agent, vms, blockcopies):
     and the copy completes."""
     vm = _slow_vm(vms)
     dest = os.path.join(vm.workdir, "throttled.qcow2")
-    name = blockcopies.create({**_spec(agent, vm, dest), "bandwidth": "1Mi"})
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, bandwidth="1Mi"))
     blockcopies.wait_phase(name, "Copying")
     assert _job_bandwidth(vm) == 1048576
-    status = wait_for(lambda: (s := blockcopies.status(name)).get("bandwidth") == 1048576 and s,
-                      20, what="status.bandwidth 1048576")
+    status = wait_for(status_where(blockcopies, name, lambda s: s.get("bandwidth") == 1048576,
+                                   "status.bandwidth 1048576"), 20)
     assert status["phase"] == "Copying"
-    mirror = testvm.live_mirror(vm, "vda")
+    mirror = live_mirror(vm, "vda")
     assert mirror is not None and mirror["source"] == dest and "ready" not in mirror, mirror
 
     blockcopies.patch_spec(name, {"bandwidth": "2Mi"})
@@ -360,15 +331,15 @@ def test_bandwidth_limit_and_live_changes(agent, vms, blockcopies):
     assert status["phase"] == "Mirrored", status
     assert _job_bandwidth(vm) == 0  # libvirt: no limit any more
     assert status["bandwidth"] == 0
-    assert testvm.live_mirror(vm, "vda")["ready"] == "yes"
+    assert live_mirror(vm, "vda")["ready"] == "yes"
 
     # (While the job runs QEMU locks the destination against readers, even `qemu-img -U`:
     # the content is compared once the VM runs on it.)
     blockcopies.patch_spec(name, {"pivot": True})
     blockcopies.wait_phase(name, "Pivoted")
-    assert testvm.live_disk_source(vm, "vda") == dest
-    _assert_identical(vm.chain[0], dest)
-    assert testvm.image_digest(dest) == vm.initial_digest
+    assert live_disk_source(vm, "vda") == dest
+    assert_identical(vm.chain[0], dest)
+    assert image_digest(dest) == vm.initial_digest
 
 
 def test_invalid_bandwidth_change_never_orphans_the_job(agent, vms, blockcopies):
@@ -378,24 +349,24 @@ def test_invalid_bandwidth_change_never_orphans_the_job(agent, vms, blockcopies)
     cancels a job that has not pivoted."""
     vm = _slow_vm(vms)
     dest = os.path.join(vm.workdir, "edited.qcow2")
-    name = blockcopies.create({**_spec(agent, vm, dest), "bandwidth": "1Mi"})
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, bandwidth="1Mi"))
     blockcopies.wait_phase(name, "Copying")
 
     blockcopies.patch_spec(name, {"bandwidth": "fast"})
     generation = blockcopies.get(name)["metadata"]["generation"]
-    status = wait_for(
-        lambda: (s := blockcopies.status(name)).get("observedGeneration") == generation and s,
-        20, what="the agent to observe the edit")
+    status = wait_for(status_where(blockcopies, name,
+                                   lambda s: s.get("observedGeneration") == generation,
+                                   "the agent to observe the edit"), 20)
     if status["phase"] in ("Failed", "Aborted", "Pivoted"):
         # Terminal: the agent no longer follows the copy, so no job of it may be left.
-        mirror = testvm.live_mirror(vm, "vda")
-        assert mirror is None and _no_block_job(vm), (
+        mirror = live_mirror(vm, "vda")
+        assert mirror is None and no_block_job(vm), (
             f"phase {status['phase']} ({status['message']}) but libvirt still runs the copy "
             f"to {mirror and mirror['source']}: {_block_job_info(vm)}")
 
     blockcopies.delete(name)
-    wait_for(lambda: not blockcopies.exists(name), 30, what="the object to be gone")
-    _assert_on_source_without_job(vm)
+    wait_for(gone(blockcopies, name), 30)
+    assert_untouched(vm)
     assert os.path.exists(dest)  # user data: never deleted
 
 
@@ -404,7 +375,8 @@ def test_granularity_and_buf_size_are_passed_to_qemu(agent, vms, blockcopies):
     default: QEMU's default is 64 KiB) granularity; the copy pivots with identical content."""
     vm = vms(layers=2)
     dest = os.path.join(vm.workdir, "granular.qcow2")
-    name = blockcopies.create({**_spec(agent, vm, dest), "granularity": 131072, "bufSize": 1048576})
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, granularity=131072,
+                                        bufSize=1048576))
     status = blockcopies.wait_phase(name, "Mirrored", "Failed")
     assert status["phase"] == "Mirrored", status
     bitmaps = _mirror_bitmaps(vm)
@@ -415,9 +387,9 @@ def test_granularity_and_buf_size_are_passed_to_qemu(agent, vms, blockcopies):
 
     blockcopies.patch_spec(name, {"pivot": True})
     blockcopies.wait_phase(name, "Pivoted")
-    assert testvm.live_disk_source(vm, "vda") == dest
+    assert live_disk_source(vm, "vda") == dest
     assert _mirror_bitmaps(vm) == []  # the job and its bitmap are gone
-    _assert_identical(vm.chain[0], dest)
+    assert_identical(vm.chain[0], dest)
 
 
 # ---------------------------------------------------------------- guest writes
@@ -427,10 +399,11 @@ def test_synchronous_writes_under_guest_writes(agent, vms, blockcopies):
     """synchronousWrites: libvirt and QEMU run the job in write-blocking mode; the copy
     converges and pivots while the guest writes, and the guest keeps writing afterwards."""
     vm = vms(guest_writes=True)
-    testvm.wait_guest_writing(vm)
+    wait_guest_writing(vm)
     dest = os.path.join(vm.workdir, "sync.qcow2")
     writes_at_start = _guest_writes(vm)
-    name = blockcopies.create({**_spec(agent, vm, dest), "flags": ["synchronousWrites"]})
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest,
+                                        flags=["synchronousWrites"]))
     status = blockcopies.wait_phase(name, "Mirrored", "Failed", timeout=120)
     assert status["phase"] == "Mirrored", status
     assert "synchronousWrites" in status["flags"]
@@ -442,15 +415,15 @@ def test_synchronous_writes_under_guest_writes(agent, vms, blockcopies):
     # writes go to both sides synchronously instead of being recorded as dirty).
     bitmaps = _mirror_bitmaps(vm)
     assert len(bitmaps) == 1 and bitmaps[0]["recording"] is False, bitmaps
-    assert testvm.live_mirror(vm, "vda")["ready"] == "yes"
+    assert live_mirror(vm, "vda")["ready"] == "yes"
     assert _guest_writes(vm) > writes_at_start  # the guest wrote during the copy
 
     blockcopies.patch_spec(name, {"pivot": True})
     status = blockcopies.wait_phase(name, "Pivoted", "Failed", timeout=60)
     assert status["phase"] == "Pivoted", status
-    assert testvm.live_disk_source(vm, "vda") == dest
-    assert testvm.live_mirror(vm, "vda") is None
-    assert _no_block_job(vm)
+    assert live_disk_source(vm, "vda") == dest
+    assert live_mirror(vm, "vda") is None
+    assert no_block_job(vm)
     # The guest keeps writing, now to the destination, without I/O errors.
     _assert_guest_keeps_writing(vm)
 
@@ -476,7 +449,7 @@ def _ensure_libvirt_event_loop() -> None:
 class _BlockJobEvents:
     """Records libvirt's BLOCK_JOB_2 events of one domain: [(wall time, status)]."""
 
-    def __init__(self, vm: testvm.VM):
+    def __init__(self, vm: VM):
         _ensure_libvirt_event_loop()
         self.events: list[tuple[float, int]] = []
         self.conn = libvirt.open(vm.uri)
@@ -506,12 +479,12 @@ def test_pivot_from_start_under_guest_writes_waits_for_ready(agent, vms, blockco
     """pivot true from the start on a VM that keeps writing: the agent pivots only after
     libvirt reported the mirror ready (never on cur == end alone), and the VM keeps running."""
     vm = vms(guest_writes=True)
-    testvm.wait_guest_writing(vm)
+    wait_guest_writing(vm)
     dest = os.path.join(vm.workdir, "pivoted.qcow2")
     events = _BlockJobEvents(vm)
     try:
         writes_at_start = _guest_writes(vm)
-        name = blockcopies.create({**_spec(agent, vm, dest), "pivot": True})
+        name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, pivot=True))
         status = blockcopies.wait_phase(name, "Pivoted", "Failed", timeout=120)
         assert status["phase"] == "Pivoted", status
         wait_for(lambda: libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED in events.statuses(), 10,
@@ -538,8 +511,8 @@ def test_pivot_from_start_under_guest_writes_waits_for_ready(agent, vms, blockco
     phases = sorted(e.message.split(":")[0] for e in blockcopies.events(core, name))
     assert "Failed" not in phases and "Pivoted" in phases, phases
     # The VM runs on the destination and the guest wrote during and after the copy.
-    assert testvm.live_disk_source(vm, "vda") == dest
-    assert testvm.live_mirror(vm, "vda") is None
+    assert live_disk_source(vm, "vda") == dest
+    assert live_mirror(vm, "vda") is None
     assert _guest_writes(vm) > writes_at_start
     _assert_guest_keeps_writing(vm)
 
@@ -552,10 +525,10 @@ def test_abort_while_copying_leaves_an_incomplete_copy(agent, vms, blockcopies):
     incomplete, the VM stays on its source with no job, the destination file is kept."""
     vm = _slow_vm(vms)
     dest = os.path.join(vm.workdir, "partial.qcow2")
-    name = blockcopies.create({**_spec(agent, vm, dest), "bandwidth": "1Mi"})
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, bandwidth="1Mi"))
     blockcopies.wait_phase(name, "Copying")
     wait_for(lambda: blockcopies.status(name).get("cur", 0) > 0, 20, what="some progress")
-    assert testvm.live_mirror(vm, "vda") is not None
+    assert live_mirror(vm, "vda") is not None
 
     blockcopies.patch_spec(name, {"abort": True})
     status = blockcopies.wait_phase(name, "Aborted", "Failed", "Mirrored", "Pivoted")
@@ -565,10 +538,10 @@ def test_abort_while_copying_leaves_an_incomplete_copy(agent, vms, blockcopies):
     assert condition(status, "Mirrored")["status"] == "False"
     assert status["completionTime"]
 
-    _assert_on_source_without_job(vm)
+    assert_untouched(vm)
     assert os.path.exists(dest)
     assert qemu_img_compare(vm.chain[0], dest).returncode == 1  # really incomplete
-    assert testvm.image_digest(vm.chain[0]) == vm.initial_digest
+    assert image_digest(vm.chain[0]) == vm.initial_digest
 
 
 def test_abort_while_mirrored_keeps_a_point_in_time_copy(agent, vms, blockcopies):
@@ -576,9 +549,9 @@ def test_abort_while_mirrored_keeps_a_point_in_time_copy(agent, vms, blockcopies
     point-in-time copy (and it is: identical to the source), Mirrored stays True."""
     vm = vms(layers=2)
     dest = os.path.join(vm.workdir, "snapshot.qcow2")
-    name = blockcopies.create(_spec(agent, vm, dest))
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest))
     blockcopies.wait_phase(name, "Mirrored")
-    assert testvm.live_mirror(vm, "vda")["ready"] == "yes"
+    assert live_mirror(vm, "vda")["ready"] == "yes"
 
     blockcopies.patch_spec(name, {"abort": True})
     status = blockcopies.wait_phase(name, "Aborted", "Failed", "Pivoted")
@@ -588,10 +561,10 @@ def test_abort_while_mirrored_keeps_a_point_in_time_copy(agent, vms, blockcopies
     assert condition(status, "Mirrored")["status"] == "True"
     assert condition(status, "Pivoted")["status"] == "False"
 
-    _assert_on_source_without_job(vm)
-    _assert_identical(vm.chain[0], dest)
+    assert_untouched(vm)
+    assert_identical(vm.chain[0], dest)
     assert "backing-filename" not in qemu_img_info(dest)  # a full, standalone copy
-    assert testvm.image_digest(dest) == vm.initial_digest
+    assert image_digest(dest) == vm.initial_digest
 
 
 # ---------------------------------------------------------------- kubectl wait
@@ -601,28 +574,28 @@ def test_kubectl_wait_for_mirrored_and_pivoted(agent, vms, blockcopies, kubectl)
     """`kubectl wait --for=condition=Mirrored` (then Pivoted) works on BlockCopy objects."""
     vm = vms(layers=2)
     dest = os.path.join(vm.workdir, "waited.qcow2")
-    name = blockcopies.create(_spec(agent, vm, dest))
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest))
     ns = blockcopies.namespace
 
     result = kubectl("wait", "-n", ns, "--for=condition=Mirrored", f"bc/{name}",
                      "--timeout=90s", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "condition met" in result.stdout
-    assert testvm.live_mirror(vm, "vda")["ready"] == "yes"
-    assert testvm.live_disk_source(vm, "vda") == vm.chain[0]
+    assert live_mirror(vm, "vda")["ready"] == "yes"
+    assert live_disk_source(vm, "vda") == vm.chain[0]
 
     blockcopies.patch_spec(name, {"pivot": True})
     result = kubectl("wait", "-n", ns, "--for=condition=Pivoted", f"bc/{name}",
                      "--timeout=60s", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert testvm.live_disk_source(vm, "vda") == dest
-    _assert_identical(vm.chain[0], dest)
+    assert live_disk_source(vm, "vda") == dest
+    assert_identical(vm.chain[0], dest)
 
 
 # ---------------------------------------------------------------- immutable fields
 
 
-def test_changing_dest_while_copying_is_refused(agent, vms, blockcopies, core, api, kubectl):
+def test_changing_dest_while_copying_is_refused(agent, vms, blockcopies, core, kubectl):
     """spec.dest changed while Copying. The API server refuses it (the CRD's rule); and where
     a server does not evaluate the rules, the agent refuses it too: SpecChangeRefused
     condition and Warning Event, the job keeps copying to the original destination and the
@@ -632,7 +605,7 @@ def test_changing_dest_while_copying_is_refused(agent, vms, blockcopies, core, a
     vm = _slow_vm(vms)
     dest = os.path.join(vm.workdir, "original.qcow2")
     other = os.path.join(vm.workdir, "other.qcow2")
-    name = blockcopies.create({**_spec(agent, vm, dest), "bandwidth": "1Mi"})
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, bandwidth="1Mi"))
     blockcopies.wait_copying(name)
 
     refused = kubectl("patch", "bc", name, "-n", blockcopies.namespace, "--type=merge",
@@ -641,22 +614,19 @@ def test_changing_dest_while_copying_is_refused(agent, vms, blockcopies, core, a
     assert "spec.dest cannot change once the copy started" in refused.stderr, refused.stderr
 
     agent.stop()
-    api.patch_namespaced_custom_object_status(
-        "blockcopy.dev", "v1alpha1", blockcopies.namespace, "blockcopies", name,
-        {"status": {"startTime": None}})
+    blockcopies.patch_status(name, {"startTime": None})
     blockcopies.patch_spec(name, {"dest": other})  # accepted: the rule sees no started copy
     agent.start()
-    status = wait_for(
-        lambda: (s := blockcopies.status(name))
-        and (condition(s, "SpecChangeRefused") or {}).get("status") == "True" and s,
-        20, what="SpecChangeRefused=True")
+    status = wait_for(status_where(
+        blockcopies, name,
+        lambda s: (condition(s, "SpecChangeRefused") or {}).get("status") == "True",
+        "SpecChangeRefused=True"), 20)
     assert "spec.dest" in condition(status, "SpecChangeRefused")["message"]
     assert status["phase"] == "Copying"
-    warnings = wait_for(lambda: _events(blockcopies, core, name, "SpecChangeRefused"), 10,
-                        what="a SpecChangeRefused Event")
+    warnings = wait_for(events_of(blockcopies, core, name, "SpecChangeRefused"), 10)
     assert [e.type for e in warnings] == ["Warning"], warnings
     # libvirt: the same job, still to the original destination; nothing written elsewhere.
-    mirror = testvm.live_mirror(vm, "vda")
+    mirror = live_mirror(vm, "vda")
     assert mirror is not None and mirror["source"] == dest, mirror
     assert not os.path.lexists(other)
 
@@ -668,9 +638,9 @@ def test_changing_dest_while_copying_is_refused(agent, vms, blockcopies, core, a
     assert condition(status, "SpecChangeRefused")["status"] == "True"
     # One refusal, one Event (not one per status write).
     assert len(_events(blockcopies, core, name, "SpecChangeRefused")) == 1
-    assert testvm.live_disk_source(vm, "vda") == dest
+    assert live_disk_source(vm, "vda") == dest
     assert not os.path.lexists(other)
-    _assert_identical(vm.chain[0], dest)
-    assert testvm.image_digest(dest) == vm.initial_digest
+    assert_identical(vm.chain[0], dest)
+    assert image_digest(dest) == vm.initial_digest
 
 

@@ -1,6 +1,7 @@
 """The CRD on a current Kubernetes API server (issue D): created as users create it, its CEL
 rules compiled and cost-estimated by the server, explained, field-selectable, and its
-immutability rules enforced by the API server itself while a real copy runs."""
+immutability rules enforced by the API server itself while a real copy runs. Objects live in
+the test's namespace and name the test's node (tests/support/isolation.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import uuid
 
 import pytest
 import yaml
-from e2elib import ROOT, wait_for
 
-CRD_PATH = ROOT / "crds" / "blockcopy.yaml"
+from support.isolation import unique_node
+from support.objects import copy_spec
+from support.paths import CRD as CRD_PATH
+from support.waits import wait_for
+
 CRD = yaml.safe_load(CRD_PATH.read_text())
 
 
@@ -86,14 +90,11 @@ def test_kubectl_explain_prints_the_descriptions(kubectl, api):
     assert "Pending, Copying, Mirrored" in out, out
 
 
-def test_field_selectors_on_node_and_domain(blockcopies, kubectl, release_new_objects):
-    node = f"sel-{uuid.uuid4().hex[:6]}"
-    a = blockcopies.create({"domain": "dom-a", "disk": "vda", "nodeName": node,
-                            "dest": "/var/lib/libvirt/images/a.qcow2"})
-    b = blockcopies.create({"domain": "dom-b", "disk": "vda", "nodeName": node,
-                            "dest": "/var/lib/libvirt/images/b.qcow2"})
-    blockcopies.create({"domain": "dom-a", "disk": "vda", "nodeName": f"{node}-other",
-                        "dest": "/var/lib/libvirt/images/c.qcow2"})
+def test_field_selectors_on_node_and_domain(blockcopies, kubectl, node):
+    a = blockcopies.create(copy_spec("dom-a", node=node, dest="/var/lib/libvirt/images/a.qcow2"))
+    b = blockcopies.create(copy_spec("dom-b", node=node, dest="/var/lib/libvirt/images/b.qcow2"))
+    blockcopies.create(copy_spec("dom-a", node=f"{node}-other",
+                                 dest="/var/lib/libvirt/images/c.qcow2"))
 
     def names(*selector: str) -> set[str]:
         out = kubectl("get", "bc", "-n", blockcopies.namespace, "-o", "name",
@@ -126,12 +127,10 @@ def _patch(kubectl, namespace: str, name: str, spec: dict, *extra: str):
 
 
 def test_immutable_fields_refused_by_the_api_server_once_the_copy_started(
-        agent_factory, vms, blockcopies, kubectl, release_new_objects):
-    node = f"imm-{uuid.uuid4().hex[:6]}"
+        agent_factory, node, vms, blockcopies, kubectl):
     vm = vms(layers=1, size="256M", data_per_layer="64M")
     dest = os.path.join(vm.workdir, "copy.qcow2")
-    spec = {"domain": vm.name, "disk": "vda", "dest": dest, "nodeName": node,
-            "bandwidth": "1Mi"}
+    spec = copy_spec(vm, node=node, dest=dest, bandwidth="1Mi")
     name = blockcopies.create(spec)
     ns = blockcopies.namespace
 
@@ -175,20 +174,16 @@ OTHER_VALUES = {"domain": "d2", "nodeName": "n2", "disk": "vdc",
 
 
 @pytest.mark.parametrize("field", sorted(IMMUTABLE_CHANGES))
-def test_each_rule_needs_a_started_copy(field, blockcopies, kubectl, api, release_new_objects):
+def test_each_rule_needs_a_started_copy(field, blockcopies, kubectl):
     """The rules key on status.startTime: a status without it (Pending, or Failed before the
     start) leaves the spec editable; with it, the field is frozen. Status written directly
     here (as the agent would) to check every field quickly; the test above does it for real."""
-    name = blockcopies.create({"domain": "d", "disk": "vda", "nodeName": "nobody",
-                               "dest": "/var/lib/libvirt/images/x.qcow2"})
+    name = blockcopies.create(copy_spec("d", node=unique_node("nobody"),
+                                        dest="/var/lib/libvirt/images/x.qcow2"))
     ns = blockcopies.namespace
-    api.patch_namespaced_custom_object_status(
-        "blockcopy.dev", "v1alpha1", ns, "blockcopies", name,
-        {"status": {"phase": "Failed", "message": "test"}})
+    blockcopies.patch_status(name, {"phase": "Failed", "message": "test"})
     assert _patch(kubectl, ns, name, {field: IMMUTABLE_CHANGES[field]}).returncode == 0
-    api.patch_namespaced_custom_object_status(
-        "blockcopy.dev", "v1alpha1", ns, "blockcopies", name,
-        {"status": {"phase": "Copying", "startTime": "2026-01-01T00:00:00Z"}})
+    blockcopies.patch_status(name, {"phase": "Copying", "startTime": "2026-01-01T00:00:00Z"})
     proc = _patch(kubectl, ns, name, {field: OTHER_VALUES[field]})
     assert proc.returncode != 0
     assert f"spec.{field} cannot change once the copy started" in proc.stderr, proc.stderr

@@ -1,26 +1,28 @@
-"""Every manifest in examples/ applied to a real VM (domain and paths replaced), with its
-promised outcome checked in libvirt and in the images, so the examples cannot rot."""
+"""Every manifest in examples/ applied to a real VM (domain and paths replaced, and the test's
+node named in spec.nodeName: tests/support/isolation.py), with its promised outcome checked in
+libvirt and in the images, so the examples cannot rot."""
 
 from __future__ import annotations
 
 import os
-import pathlib
 import subprocess
 
 import pytest
 import yaml
-from e2elib import condition, qemu_img_compare, qemu_img_info, wait_for
 
-import testvm
+from support.images import qemu_img_compare, qemu_img_info
+from support.libvirt_probes import blockjob_text, live_disk_source, live_mirror, virsh
+from support.objects import condition
+from support.paths import EXAMPLES
+from support.vms import VM
+from support.waits import wait_for
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
-
-def load(name: str, vm: testvm.VM, dest: str) -> dict:
+def load(name: str, vm: VM, dest: str, node: str) -> dict:
     manifest = yaml.safe_load((EXAMPLES / name).read_text())
     assert manifest["spec"]["domain"] == "my-vm" and manifest["spec"]["dest"].startswith(
         "/var/lib/libvirt/images/")
-    manifest["spec"].update(domain=vm.name, dest=dest)
+    manifest["spec"].update(domain=vm.name, dest=dest, nodeName=node)
     manifest["metadata"]["name"] += "-" + vm.name.rsplit("-", 1)[-1]
     return manifest
 
@@ -42,11 +44,11 @@ def test_every_example_is_covered():
 def test_full_copy(agent, vms, blockcopies):
     vm = vms()
     dest = os.path.join(vm.workdir, "full.qcow2")
-    name = apply(blockcopies, load("full-copy.yaml", vm, dest))
+    name = apply(blockcopies, load("full-copy.yaml", vm, dest, agent.node))
     blockcopies.wait_phase(name, "Mirrored")
     blockcopies.patch_spec(name, {"pivot": True})  # what the Git commit would do
     blockcopies.wait_phase(name, "Pivoted")
-    assert testvm.live_disk_source(vm) == dest
+    assert live_disk_source(vm) == dest
     assert "backing-filename" not in qemu_img_info(dest)
     assert qemu_img_compare(vm.chain[0], dest).returncode == 0
 
@@ -63,9 +65,9 @@ def test_shallow_reuse_external_ovirt_flow(agent, vms, blockcopies):
                    check=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base_name,
                     dest], check=True, cwd=newdir)
-    name = apply(blockcopies, load("shallow-reuse-external.yaml", vm, dest))
+    name = apply(blockcopies, load("shallow-reuse-external.yaml", vm, dest, agent.node))
     status = blockcopies.wait_phase(name, "Pivoted")
-    assert testvm.live_disk_source(vm) == dest
+    assert live_disk_source(vm) == dest
     assert qemu_img_info(dest)["backing-filename"] == base_name  # still relative
     assert set(status["flags"]) == {"shallow", "reuseExternal"}
     assert qemu_img_compare(vm.chain[0], dest).returncode == 0
@@ -74,13 +76,12 @@ def test_shallow_reuse_external_ovirt_flow(agent, vms, blockcopies):
 def test_format_conversion(agent, vms, blockcopies):
     vm = vms()
     dest = os.path.join(vm.workdir, "converted.raw")
-    name = apply(blockcopies, load("format-conversion.yaml", vm, dest))
+    name = apply(blockcopies, load("format-conversion.yaml", vm, dest, agent.node))
     blockcopies.wait_phase(name, "Mirrored")
     assert qemu_img_info(dest)["format"] == "raw"
     blockcopies.patch_spec(name, {"pivot": True})
     blockcopies.wait_phase(name, "Pivoted")
-    xml = subprocess.run(["virsh", "-c", vm.uri, "dumpxml", vm.name], check=True,
-                         capture_output=True, text=True).stdout
+    xml = virsh("dumpxml", vm.name, uri=vm.uri)
     assert f"<source file='{dest}'" in xml and "type='raw'" in xml
     assert qemu_img_compare(vm.chain[0], dest).returncode == 0
 
@@ -88,14 +89,13 @@ def test_format_conversion(agent, vms, blockcopies):
 def test_bandwidth_limited(agent, vms, blockcopies):
     vm = vms(size="256M", data_per_layer="64M")
     dest = os.path.join(vm.workdir, "throttled.qcow2")
-    manifest = load("bandwidth-limited.yaml", vm, dest)
+    manifest = load("bandwidth-limited.yaml", vm, dest, agent.node)
     assert manifest["spec"]["bandwidth"] == "50Mi"
     manifest["spec"]["bandwidth"] = "2Mi"  # small enough to catch it while Copying
     name = apply(blockcopies, manifest)
     blockcopies.wait_phase(name, "Copying")
-    wait_for(lambda: "Bandwidth limit: 2097152 bytes/s" in subprocess.run(
-        ["virsh", "-c", vm.uri, "blockjob", vm.name, "vda", "--info", "--bytes"],
-        capture_output=True, text=True).stdout, 20, what="the limit in libvirt")
+    wait_for(lambda: "Bandwidth limit: 2097152 bytes/s" in blockjob_text(
+        vm, in_bytes=True, check=False), 20, what="the limit in libvirt")
     wait_for(lambda: blockcopies.status(name).get("bandwidth") == 2097152, 10,
              what="status.bandwidth")
     blockcopies.patch_spec(name, {"bandwidth": 0})
@@ -105,9 +105,9 @@ def test_bandwidth_limited(agent, vms, blockcopies):
 def test_pivot_from_start(agent, vms, blockcopies, core):
     vm = vms()
     dest = os.path.join(vm.workdir, "moved.qcow2")
-    name = apply(blockcopies, load("pivot-from-start.yaml", vm, dest))
+    name = apply(blockcopies, load("pivot-from-start.yaml", vm, dest, agent.node))
     blockcopies.wait_phase(name, "Pivoted")
-    assert testvm.live_disk_source(vm) == dest
+    assert live_disk_source(vm) == dest
     reasons = {e.message.split(":")[0] for e in blockcopies.events(core, name)}
     assert {"Copying", "Pivoting", "Pivoted"} <= reasons
 
@@ -116,12 +116,12 @@ def test_pivot_from_start(agent, vms, blockcopies, core):
 def test_abort_point_in_time(agent, vms, blockcopies, when):
     vm = vms()
     dest = os.path.join(vm.workdir, "snapshot.qcow2")
-    name = apply(blockcopies, load("abort-point-in-time.yaml", vm, dest))
+    name = apply(blockcopies, load("abort-point-in-time.yaml", vm, dest, agent.node))
     blockcopies.wait_phase(name, when)
     blockcopies.patch_spec(name, {"abort": True})
     status = blockcopies.wait_phase(name, "Aborted")
     assert "consistent point-in-time copy" in status["message"]
     assert condition(status, "Aborted")["status"] == "True"
     assert condition(status, "Mirrored")["status"] == "True"
-    assert testvm.live_disk_source(vm) == vm.chain[0] and testvm.live_mirror(vm) is None
+    assert live_disk_source(vm) == vm.chain[0] and live_mirror(vm) is None
     assert qemu_img_compare(vm.chain[0], dest).returncode == 0

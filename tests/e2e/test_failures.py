@@ -2,9 +2,10 @@
 reason in the message, the Failed condition and a Warning Event, the source intact and the VM
 running where it ran. Real kube-apiserver + etcd, real libvirtd + QEMU, the agent as a process.
 
-Each test runs its own agent under a unique node name and routes its objects to it with
-spec.nodeName, so that agents of other test sessions on this machine (which share the API
-server and libvirtd) never act on them.
+Each test runs its own agent under its unique node name, watching only its own namespace, and
+routes its objects to it with spec.nodeName (tests/support/isolation.py), so that agents of
+other test sessions on this machine (which share the API server and libvirtd) never act on
+them.
 
 Which libvirt failure each test provokes, and how:
 - test_dest_fills_up_job_failed: QEMU's mirror hits ENOSPC writing the destination (a 16M
@@ -22,8 +23,9 @@ Which libvirt failure each test provokes, and how:
 - test_second_copy_on_busy_disk: the disk already has a block job (libvirt would refuse a
   second one with "block copy still active"; the agent refuses first).
 - test_pivot_refused_then_retried / test_pivot_refused_retry_backs_off:
-  virDomainBlockJobAbort(PIVOT) failing, by fault injection (tests/e2e/faulty_agent.py),
-  since a real libvirt accepts a pivot once the mirror is ready.
+  virDomainBlockJobAbort(PIVOT) failing, by fault injection (tests/e2e/faulty_agent.py, started
+  by the same launcher as the agent: support.agents.FAULTY), since a real libvirt accepts a
+  pivot once the mirror is ready.
 - test_libvirt_unreachable_then_back / test_libvirt_unreachable_retry_backs_off: the agent's
   libvirt connection goes through a socat proxy that is killed (connection reset, then
   connection refused) and, in the first test, restarted.
@@ -31,72 +33,39 @@ Which libvirt failure each test provokes, and how:
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 
-import libvirt
-import pytest
-from e2elib import (
-    KUBECONFIG,
-    AgentProcess,
-    condition,
-    wait_for,
+from support.agents import FAULTY, Agent
+from support.assertions import assert_on_source, assert_untouched
+from support.images import file_sha256, image_digest
+from support.libvirt_probes import (
+    block_job_info,
+    domstate,
+    inactive_xml,
+    live_disk_source,
+    live_mirror,
+    virsh,
 )
+from support.objects import condition, copy_spec
+from support.vms import expected_digest
+from support.waits import events_of, status_where, wait_for
 
-import testvm
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 SLOW = {"size": "256M", "data_per_layer": "64M"}  # ~128M to copy: minutes at 1Mi/s
 
 
 # ---------------------------------------------------------------- helpers
 
 
-def _node(prefix: str = "node-a") -> str:
-    """A node name no other test session uses (they share the API server and libvirtd)."""
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def _virsh(*args: str, check: bool = True) -> str:
-    res = subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True,
-                         text=True)
-    if check and res.returncode != 0:
-        raise AssertionError(f"virsh {' '.join(args)}: {res.stderr.strip()}")
-    return res.stdout.strip()
-
-
-def _domstate(vm) -> str:
-    return _virsh("domstate", vm.name)
-
-
-def _blockjob_text(vm, disk: str = "vda") -> str:
-    return _virsh("blockjob", vm.name, disk, "--info")
-
-
-def _job_info(vm, disk: str = "vda") -> dict:
-    """libvirt's own view of the block job (bytes), straight from libvirtd."""
-    with libvirt.open(vm.uri) as conn:
-        return conn.lookupByName(vm.name).blockJobInfo(
-            disk, libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _warnings(blockcopies, core, name: str, reason: str) -> list:
-    return [e for e in blockcopies.events(core, name)
-            if e.type == "Warning" and e.reason == reason]
+    return events_of(blockcopies, core, name, reason, type="Warning")()
 
 
 def _assert_failed(blockcopies, core, name: str, reason: str, *, timeout: float = 90,
@@ -111,41 +80,20 @@ def _assert_failed(blockcopies, core, name: str, reason: str, *, timeout: float 
     if message is not None:
         assert re.search(message, status["message"]), status["message"]
     assert status.get("completionTime"), status
-    events = wait_for(lambda: _warnings(blockcopies, core, name, reason), 15,
-                      what=f"a Warning Event {reason} for {name}")
+    events = wait_for(events_of(blockcopies, core, name, reason, type="Warning"), 15)
     assert len(events) == 1, [(e.reason, e.message) for e in events]
     assert status["message"] in events[0].message, (events[0].message, status["message"])
     return status
-
-
-def _assert_on_source(vm) -> None:
-    """The VM runs where it ran, on its source chain, no job left, data intact."""
-    assert _domstate(vm) == "running"
-    assert testvm.live_disk_source(vm, "vda") == vm.chain[0]
-    assert testvm.live_mirror(vm, "vda") is None
-    assert _blockjob_text(vm) == "No current block job for vda"
-    assert testvm.image_digest(vm.chain[0], "qcow2") == testvm.expected_digest(vm)
-
-
-def _no_job_and_untouched(vm) -> None:
-    assert _blockjob_text(vm) == "No current block job for vda"
-    assert testvm.live_mirror(vm, "vda") is None
-    assert testvm.live_disk_source(vm, "vda") == vm.chain[0]
-    assert _domstate(vm) == "running"
 
 
 def _wait_copying(blockcopies, name: str, timeout: float = 60) -> dict:
     return blockcopies.wait_copying(name, counter="end", above=1, timeout=timeout)
 
 
-pytestmark = pytest.mark.usefixtures("release_new_objects")
-
-
 # ---------------------------------------------------------------- 1. job FAILED
 
 
-def test_dest_fills_up_job_failed(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_dest_fills_up_job_failed(agent_factory, node, vms, blockcopies, core):
     agent_factory(node)
     # A 16M tmpfs under the allowed root, for 96M of data. Mounted before the VM starts:
     # QEMU runs in a private mount namespace (libvirt's default) that would not see a mount
@@ -157,15 +105,14 @@ def test_dest_fills_up_job_failed(agent_factory, vms, blockcopies, core):
     try:
         vm = vms(size="128M", data_per_layer="48M")
         dest = os.path.join(small, "copy.qcow2")
-        name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                                   "nodeName": node, "pivot": True})
+        name = blockcopies.create(copy_spec(vm, node=node, dest=dest, pivot=True))
         status = _assert_failed(blockcopies, core, name, "JobFailed", timeout=120,
                                 message="failed")
         # The copy did start (libvirt created the file) and then failed on a full disk.
         assert status.get("startTime"), status
         assert os.path.exists(dest)
         assert shutil.disk_usage(small).free < 1 << 20
-        _assert_on_source(vm)
+        assert_on_source(vm)
     finally:
         if subprocess.run(["umount", small]).returncode != 0:
             subprocess.run(["umount", "-l", small], check=True)
@@ -175,129 +122,112 @@ def test_dest_fills_up_job_failed(agent_factory, vms, blockcopies, core):
 # ---------------------------------------------------------------- 2. VM gone / stopped
 
 
-def test_transient_vm_destroyed_mid_job(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_transient_vm_destroyed_mid_job(agent_factory, node, vms, blockcopies, core):
     agent_factory(node)
     vm = vms(**SLOW)
     dest = os.path.join(vm.workdir, "copy.qcow2")
-    name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                               "nodeName": node, "bandwidth": "1Mi", "pivot": True})
+    name = blockcopies.create(copy_spec(vm, node=node, dest=dest, bandwidth="1Mi", pivot=True))
     _wait_copying(blockcopies, name)
-    assert testvm.live_mirror(vm, "vda")["source"] == dest
-    _virsh("destroy", vm.name)
+    assert live_mirror(vm, "vda")["source"] == dest
+    virsh("destroy", vm.name)
 
     _assert_failed(blockcopies, core, name, "DomainGone", message="disappeared")
     # A transient domain is gone for good; its images are exactly as they were.
-    assert vm.name not in _virsh("list", "--all", "--name").split()
-    assert testvm.image_digest(vm.chain[0], "qcow2") == testvm.expected_digest(vm)
+    assert vm.name not in virsh("list", "--all", "--name").split()
+    assert image_digest(vm.chain[0], "qcow2") == expected_digest(vm)
 
 
-def test_persistent_vm_stopped_mid_job(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_persistent_vm_stopped_mid_job(agent_factory, node, vms, blockcopies, core):
     agent_factory(node)
     vm = vms(persistent=True, **SLOW)
     dest = os.path.join(vm.workdir, "copy.qcow2")
-    name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                               "nodeName": node, "bandwidth": "1Mi", "pivot": True})
+    name = blockcopies.create(copy_spec(vm, node=node, dest=dest, bandwidth="1Mi", pivot=True))
     status = _wait_copying(blockcopies, name)
     assert "transientJob" in status["flags"]
-    _virsh("destroy", vm.name)  # a persistent domain stays defined, shut off
+    virsh("destroy", vm.name)  # a persistent domain stays defined, shut off
 
     _assert_failed(blockcopies, core, name, "DomainStopped", message="stopped")
-    assert _domstate(vm) == "shut off"
-    inactive = _virsh("dumpxml", "--inactive", vm.name)
+    assert domstate(vm) == "shut off"
+    inactive = inactive_xml(vm)
     assert f"<source file='{vm.chain[0]}'" in inactive, inactive
     assert dest not in inactive and "<mirror" not in inactive, inactive
-    assert testvm.image_digest(vm.chain[0], "qcow2") == testvm.expected_digest(vm)
+    assert image_digest(vm.chain[0], "qcow2") == expected_digest(vm)
 
 
 # ---------------------------------------------------------------- 3. not found / not running
 
 
-def test_domain_not_found(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_domain_not_found(agent_factory, node, vms, blockcopies, core):
     agent_factory(node)
     missing = f"bct-missing-{uuid.uuid4().hex[:6]}"
     dest = f"/var/lib/libvirt/images/{missing}.qcow2"
-    name = blockcopies.create({"domain": missing, "disk": "vda", "dest": dest,
-                               "nodeName": node})
+    name = blockcopies.create(copy_spec(missing, node=node, dest=dest))
     _assert_failed(blockcopies, core, name, "DomainNotFound", message=missing)
     assert not os.path.lexists(dest)
 
 
-def test_disk_not_found(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_disk_not_found(agent_factory, node, vms, blockcopies, core):
     agent_factory(node)
     vm = vms()
     dest = os.path.join(vm.workdir, "copy.qcow2")
-    name = blockcopies.create({"domain": vm.name, "disk": "vdz", "dest": dest,
-                               "nodeName": node})
+    name = blockcopies.create(copy_spec(vm, node=node, dest=dest, disk="vdz"))
     _assert_failed(blockcopies, core, name, "DiskNotFound", message="vdz")
     assert not os.path.lexists(dest)
-    _assert_on_source(vm)
+    assert_on_source(vm)
 
 
-def test_domain_not_running(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_domain_not_running(agent_factory, node, vms, blockcopies, core):
     agent_factory(node)
     vm = vms(persistent=True)
-    _virsh("destroy", vm.name)
-    assert _domstate(vm) == "shut off"
+    virsh("destroy", vm.name)
+    assert domstate(vm) == "shut off"
     dest = os.path.join(vm.workdir, "copy.qcow2")
-    name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                               "nodeName": node})
+    name = blockcopies.create(copy_spec(vm, node=node, dest=dest))
     _assert_failed(blockcopies, core, name, "DomainNotRunning", message="not running")
     assert not os.path.lexists(dest)
-    assert _domstate(vm) == "shut off"  # the agent never starts a VM
-    assert f"<source file='{vm.chain[0]}'" in _virsh("dumpxml", "--inactive", vm.name)
+    assert domstate(vm) == "shut off"  # the agent never starts a VM
+    assert f"<source file='{vm.chain[0]}'" in inactive_xml(vm)
 
 
 # ---------------------------------------------------------------- 4. dest exists / not creatable
 
 
-def test_dest_exists_without_reuse_external(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_dest_exists_without_reuse_external(agent_factory, node, vms, blockcopies, core):
     agent_factory(node)
     vm = vms()
     dest = os.path.join(vm.workdir, "precious.img")
     with open(dest, "wb") as f:
         f.write(os.urandom(1 << 20))
-    before = _sha256(dest)
-    name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                               "nodeName": node, "pivot": True})
+    before = file_sha256(dest)
+    name = blockcopies.create(copy_spec(vm, node=node, dest=dest, pivot=True))
     _assert_failed(blockcopies, core, name, "DestExists", message="reuseExternal")
-    assert _sha256(dest) == before
-    _assert_on_source(vm)
+    assert file_sha256(dest) == before
+    assert_on_source(vm)
 
 
-def test_dest_not_creatable(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_dest_not_creatable(agent_factory, node, vms, blockcopies, core):
     agent_factory(node)
     vm = vms()
     missing_dir = os.path.join(vm.workdir, "no-such-dir")
     dest = os.path.join(missing_dir, "copy.qcow2")
-    name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                               "nodeName": node, "pivot": True})
+    name = blockcopies.create(copy_spec(vm, node=node, dest=dest, pivot=True))
     _assert_failed(blockcopies, core, name, "DestNotCreatable", message="does not exist")
     assert not os.path.lexists(missing_dir)
-    _assert_on_source(vm)
+    assert_on_source(vm)
 
 
 # ---------------------------------------------------------------- 5. allowed roots
 
 
-def test_dest_outside_allowed_roots(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_dest_outside_allowed_roots(agent_factory, node, vms, blockcopies, core):
     agent_factory(node)
     vm = vms()
     token = uuid.uuid4().hex[:8]
     plain = f"/tmp/bct-outside-{token}.qcow2"
     dotted = f"/var/lib/libvirt/images/../../../tmp/bct-dotted-{token}.qcow2"
     names = {
-        blockcopies.create({"domain": vm.name, "disk": "vda", "dest": plain,
-                            "nodeName": node, "pivot": True}): plain,
-        blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dotted,
-                            "nodeName": node, "pivot": True}): dotted,
+        blockcopies.create(copy_spec(vm, node=node, dest=plain, pivot=True)): plain,
+        blockcopies.create(copy_spec(vm, node=node, dest=dotted, pivot=True)): dotted,
     }
     for name, dest in names.items():
         status = _assert_failed(blockcopies, core, name, "DestNotAllowed",
@@ -307,11 +237,10 @@ def test_dest_outside_allowed_roots(agent_factory, vms, blockcopies, core):
         assert not os.path.lexists(os.path.realpath(dest))
     assert "/tmp/bct-dotted-" in blockcopies.status(
         next(n for n, d in names.items() if d == dotted))["message"]
-    _no_job_and_untouched(vm)
+    assert_untouched(vm)
 
 
-def test_dest_outside_allowed_roots_through_symlink(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_dest_outside_allowed_roots_through_symlink(agent_factory, node, vms, blockcopies, core):
     agent_factory(node)
     vm = vms()
     outside = tempfile.mkdtemp(prefix="bct-outside-", dir="/tmp")
@@ -320,19 +249,17 @@ def test_dest_outside_allowed_roots_through_symlink(agent_factory, vms, blockcop
         link = os.path.join(vm.workdir, "escape")
         os.symlink(outside, link)
         dest = os.path.join(link, "copy.qcow2")
-        name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                                   "nodeName": node, "pivot": True})
+        name = blockcopies.create(copy_spec(vm, node=node, dest=dest, pivot=True))
         status = _assert_failed(blockcopies, core, name, "DestNotAllowed",
                                 message=re.escape(f"resolves to {outside}/copy.qcow2"))
         assert not status.get("startTime"), status
         assert os.listdir(outside) == []
-        _no_job_and_untouched(vm)
+        assert_untouched(vm)
     finally:
         shutil.rmtree(outside)
 
 
-def test_allowed_path_option(agent_factory, vms, blockcopies, core):
-    node = _node("node-c")
+def test_allowed_path_option(agent_factory, node, vms, blockcopies, core):
     allowed = tempfile.mkdtemp(prefix="bct-allowed-", dir="/var/tmp")
     try:
         os.chmod(allowed, 0o755)  # qemu (libvirt-qemu) must reach the file
@@ -340,14 +267,12 @@ def test_allowed_path_option(agent_factory, vms, blockcopies, core):
         vm = vms()
         # Under the agent's own root (outside the default one): accepted, copied.
         dest = os.path.join(allowed, "copy.qcow2")
-        ok = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                                 "nodeName": node})
+        ok = blockcopies.create(copy_spec(vm, node=node, dest=dest))
         blockcopies.wait_phase(ok, "Mirrored", timeout=90)
-        assert testvm.live_mirror(vm, "vda")["source"] == dest
+        assert live_mirror(vm, "vda")["source"] == dest
         # Under the default root, which this agent was not given: refused, nothing created.
         default_dest = os.path.join(vm.workdir, "copy.qcow2")
-        refused = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": default_dest,
-                                      "nodeName": node})
+        refused = blockcopies.create(copy_spec(vm, node=node, dest=default_dest))
         status = _assert_failed(blockcopies, core, refused, "DestNotAllowed",
                                 message=re.escape(allowed))
         assert "/var/lib/libvirt/images" not in status["message"].split("allowed paths")[1]
@@ -356,8 +281,8 @@ def test_allowed_path_option(agent_factory, vms, blockcopies, core):
         assert blockcopies.status(ok)["phase"] == "Mirrored"
         blockcopies.patch_spec(ok, {"abort": True})
         blockcopies.wait_phase(ok, "Aborted")
-        assert testvm.live_disk_source(vm, "vda") == vm.chain[0]
-        assert testvm.live_mirror(vm, "vda") is None
+        assert live_disk_source(vm, "vda") == vm.chain[0]
+        assert live_mirror(vm, "vda") is None
     finally:
         shutil.rmtree(allowed)
 
@@ -365,158 +290,124 @@ def test_allowed_path_option(agent_factory, vms, blockcopies, core):
 # ---------------------------------------------------------------- 6. invalid spec
 
 
-def test_invalid_spec_then_next_object_handled(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_invalid_spec_then_next_object_handled(agent_factory, node, vms, blockcopies, core):
     agent = agent_factory(node)
     vm = vms()
     dest = os.path.join(vm.workdir, "copy.qcow2")
-    bad = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                              "nodeName": node, "bandwidth": "fast", "pivot": True})
+    bad = blockcopies.create(copy_spec(vm, node=node, dest=dest, bandwidth="fast", pivot=True))
     _assert_failed(blockcopies, core, bad, "InvalidSpec",
                    message=r"invalid spec: bandwidth 'fast' is not a quantity such as 100Mi")
     assert not os.path.lexists(dest)
-    _no_job_and_untouched(vm)
+    assert_untouched(vm)
     assert agent.proc.poll() is None, agent.log()
     assert "Traceback" not in agent.log(), agent.log()
 
-    good = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                               "nodeName": node, "bandwidth": "100Mi", "pivot": True})
+    good = blockcopies.create(copy_spec(vm, node=node, dest=dest, bandwidth="100Mi", pivot=True))
     status = blockcopies.wait_phase(good, "Pivoted", timeout=90)
     assert status["bandwidth"] == 100 << 20
-    assert testvm.live_disk_source(vm, "vda") == dest
+    assert live_disk_source(vm, "vda") == dest
     assert agent.proc.poll() is None
 
 
 # ---------------------------------------------------------------- 7. busy disk
 
 
-def test_second_copy_on_busy_disk(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_second_copy_on_busy_disk(agent_factory, node, vms, blockcopies, core):
     agent_factory(node)
     vm = vms(**SLOW)
-    before = testvm.expected_digest(vm)
+    before = expected_digest(vm)
     first_dest = os.path.join(vm.workdir, "first.qcow2")
-    first = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": first_dest,
-                                "nodeName": node, "bandwidth": "1Mi"})
+    first = blockcopies.create(copy_spec(vm, node=node, dest=first_dest, bandwidth="1Mi"))
     _wait_copying(blockcopies, first)
 
     second_dest = os.path.join(vm.workdir, "second.qcow2")
-    second = blockcopies.create({"domain": vm.name, "disk": vm.chain[0], "dest": second_dest,
-                                 "nodeName": node, "pivot": True})
+    second = blockcopies.create(copy_spec(vm, node=node, dest=second_dest, disk=vm.chain[0],
+                                          pivot=True))
     _assert_failed(blockcopies, core, second, "DiskBusy",
                    message=re.escape(f"already has a block job (copy to {first_dest})"))
     assert not os.path.lexists(second_dest)
     # The first copy was not disturbed: same job, still copying, then pivots fine.
-    assert testvm.live_mirror(vm, "vda")["source"] == first_dest
+    assert live_mirror(vm, "vda")["source"] == first_dest
     assert blockcopies.status(first)["phase"] == "Copying"
     blockcopies.patch_spec(first, {"bandwidth": None, "pivot": True})
     blockcopies.wait_phase(first, "Pivoted", timeout=120)
-    assert testvm.live_disk_source(vm, "vda") == first_dest
-    assert testvm.image_digest(first_dest, "qcow2") == before
+    assert live_disk_source(vm, "vda") == first_dest
+    assert image_digest(first_dest, "qcow2") == before
 
 
 # ---------------------------------------------------------------- 8. pivot refused
 
 
-class FaultyAgentProcess(AgentProcess):
+def _faulty_agent(agent_factory, node: str, refusals: int) -> Agent:
     """The agent started through tests/e2e/faulty_agent.py (FAULT INJECTION: the first
     `refusals` pivots raise HypervisorError instead of reaching libvirt)."""
-
-    def __init__(self, node, log_path, refusals: int, extra_args=None):
-        super().__init__(node, log_path, extra_args)
-        self.refusals = refusals
-
-    def start(self, timeout: float = 60) -> None:
-        env = {**os.environ, "KUBECONFIG": str(KUBECONFIG), "NODE_NAME": self.node,
-               "FAULT_PIVOT_REFUSALS": str(self.refusals)}
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "faulty_agent.py"), "--status-interval", "0.5",
-             *self.extra_args],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: "agent ready" in self.log() or self.proc.poll() is not None,
-                 timeout, what=f"faulty agent {self.node} to start")
-        assert self.proc.poll() is None, f"agent exited early:\n{self.log()}"
-
-    def pivot_calls(self) -> list[tuple[float, str]]:
-        return [(float(m[1]), m[2]) for m in re.finditer(
-            r"FAULT INJECTION: pivot call \d+ of \S+ at ([\d.]+): (refused|passed)", self.log())]
+    return agent_factory(node, entry=FAULTY, env={"FAULT_PIVOT_REFUSALS": str(refusals)})
 
 
-def test_pivot_refused_then_retried(api, vms, blockcopies, core, tmp_path):
-    node = _node()
+def _pivot_calls(agent: Agent) -> list[tuple[float, str]]:
+    return [(float(m[1]), m[2]) for m in re.finditer(
+        r"FAULT INJECTION: pivot call \d+ of \S+ at ([\d.]+): (refused|passed)", agent.log())]
+
+
+def test_pivot_refused_then_retried(agent_factory, node, vms, blockcopies, core):
     refusals = 2
-    agent = FaultyAgentProcess(node, tmp_path / "faulty-agent.log", refusals)
-    try:
-        agent.start()
-        vm = vms()
-        before = testvm.expected_digest(vm)
-        dest = os.path.join(vm.workdir, "copy.qcow2")
-        name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                                   "nodeName": node})
-        blockcopies.wait_phase(name, "Mirrored")
-        blockcopies.patch_spec(name, {"pivot": True})
+    agent = _faulty_agent(agent_factory, node, refusals)
+    vm = vms()
+    before = expected_digest(vm)
+    dest = os.path.join(vm.workdir, "copy.qcow2")
+    name = blockcopies.create(copy_spec(vm, node=node, dest=dest))
+    blockcopies.wait_phase(name, "Mirrored")
+    blockcopies.patch_spec(name, {"pivot": True})
 
-        # First refusal: back in Mirrored with the reason, a Warning Event, VM on source.
-        refused = wait_for(lambda: _warnings(blockcopies, core, name, "PivotRefused"), 30,
-                           what="a Warning Event PivotRefused")
-        assert "fault injection: pivot refused" in refused[0].message
-        seen: list[dict] = []
+    # First refusal: back in Mirrored with the reason, a Warning Event, VM on source.
+    refused = wait_for(events_of(blockcopies, core, name, "PivotRefused", type="Warning"), 30)
+    assert "fault injection: pivot refused" in refused[0].message
+    seen: list[dict] = []
 
-        def refused_status():
-            status = blockcopies.status(name)
-            seen.append(status)
-            return status if status.get("phase") == "Mirrored" and "refused the pivot" in \
-                status.get("message", "") else None
-        status = wait_for(refused_status, 20, what="Mirrored with the pivot refused")
-        assert "fault injection: pivot refused" in status["message"]
-        assert condition(status, "Mirrored")["reason"] == "PivotRefused", status
-        assert condition(status, "Pivoted")["status"] == "False"
-        assert condition(status, "Failed")["status"] == "False"
-        if len(agent.pivot_calls()) <= refusals:  # not yet pivoted for real
-            assert testvm.live_disk_source(vm, "vda") == vm.chain[0]
-            assert testvm.live_mirror(vm, "vda")["ready"] == "yes"
+    def refused_status():
+        status = blockcopies.status(name)
+        seen.append(status)
+        return status if status.get("phase") == "Mirrored" and "refused the pivot" in \
+            status.get("message", "") else None
+    status = wait_for(refused_status, 20, what="Mirrored with the pivot refused")
+    assert "fault injection: pivot refused" in status["message"]
+    assert condition(status, "Mirrored")["reason"] == "PivotRefused", status
+    assert condition(status, "Pivoted")["status"] == "False"
+    assert condition(status, "Failed")["status"] == "False"
+    if len(_pivot_calls(agent)) <= refusals:  # not yet pivoted for real
+        assert live_disk_source(vm, "vda") == vm.chain[0]
+        assert live_mirror(vm, "vda")["ready"] == "yes"
 
-        # After the injected refusals the pivot goes through.
-        status = blockcopies.wait_phase(name, "Pivoted", timeout=90)
-        assert testvm.live_disk_source(vm, "vda") == dest
-        assert testvm.live_mirror(vm, "vda") is None
-        assert testvm.image_digest(dest, "qcow2") == before
-        assert condition(status, "Pivoted")["status"] == "True"
-        calls = agent.pivot_calls()
-        assert [c[1] for c in calls] == ["refused"] * refusals + ["passed"], calls
-        warnings = _warnings(blockcopies, core, name, "PivotRefused")
-        assert sum(e.count or 1 for e in warnings) == refusals, \
-            [(e.reason, e.count, e.message) for e in warnings]
-        assert not [e for e in blockcopies.events(core, name) if e.reason == "PivotFailed"]
-    finally:
-        agent.stop()
-        print(f"--- log of faulty agent {node} ---\n{agent.log()[-6000:]}")
+    # After the injected refusals the pivot goes through.
+    status = blockcopies.wait_phase(name, "Pivoted", timeout=90)
+    assert live_disk_source(vm, "vda") == dest
+    assert live_mirror(vm, "vda") is None
+    assert image_digest(dest, "qcow2") == before
+    assert condition(status, "Pivoted")["status"] == "True"
+    calls = _pivot_calls(agent)
+    assert [c[1] for c in calls] == ["refused"] * refusals + ["passed"], calls
+    warnings = _warnings(blockcopies, core, name, "PivotRefused")
+    assert sum(e.count or 1 for e in warnings) == refusals, \
+        [(e.reason, e.count, e.message) for e in warnings]
+    assert not [e for e in blockcopies.events(core, name) if e.reason == "PivotFailed"]
 
 
-def test_pivot_refused_retry_backs_off(api, vms, blockcopies, core, tmp_path):
+def test_pivot_refused_retry_backs_off(agent_factory, node, vms, blockcopies, core):
     """A refused pivot is retried after the poll interval (5 s), not in a tight loop: a
     pivot that libvirt keeps refusing must not become a storm of calls, writes and Events."""
-    node = _node()
     refusals = 2
-    agent = FaultyAgentProcess(node, tmp_path / "faulty-agent.log", refusals)
-    try:
-        agent.start()
-        vm = vms()
-        dest = os.path.join(vm.workdir, "copy.qcow2")
-        name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                                   "nodeName": node, "pivot": True})
-        blockcopies.wait_phase(name, "Pivoted", timeout=90)
-        calls = agent.pivot_calls()
-        assert [c[1] for c in calls] == ["refused"] * refusals + ["passed"], calls
-        gaps = [round(b[0] - a[0], 2) for a, b in itertools.pairwise(calls)]
-        events = blockcopies.events(core, name)
-        assert all(gap >= 4 for gap in gaps), (
-            f"pivot retried {gaps} s after each refusal (expected the 5 s poll interval); "
-            f"Events: {sorted((e.type, e.reason) for e in events)}")
-    finally:
-        agent.stop()
-        print(f"--- log of faulty agent {node} ---\n{agent.log()[-6000:]}")
+    agent = _faulty_agent(agent_factory, node, refusals)
+    vm = vms()
+    dest = os.path.join(vm.workdir, "copy.qcow2")
+    name = blockcopies.create(copy_spec(vm, node=node, dest=dest, pivot=True))
+    blockcopies.wait_phase(name, "Pivoted", timeout=90)
+    calls = _pivot_calls(agent)
+    assert [c[1] for c in calls] == ["refused"] * refusals + ["passed"], calls
+    gaps = [round(b[0] - a[0], 2) for a, b in itertools.pairwise(calls)]
+    events = blockcopies.events(core, name)
+    assert all(gap >= 4 for gap in gaps), (
+        f"pivot retried {gaps} s after each refusal (expected the 5 s poll interval); "
+        f"Events: {sorted((e.type, e.reason) for e in events)}")
 
 
 # ---------------------------------------------------------------- 9. libvirt unreachable
@@ -548,8 +439,7 @@ class LibvirtProxy:
         self.proc.wait(10)
 
 
-def test_libvirt_unreachable_then_back(agent_factory, vms, blockcopies, core, tmp_path):
-    node = _node()
+def test_libvirt_unreachable_then_back(agent_factory, node, vms, blockcopies, core, tmp_path):
     proxy = LibvirtProxy(str(tmp_path / "libvirt-proxy.sock"))
     proxy.start()
     try:
@@ -557,51 +447,49 @@ def test_libvirt_unreachable_then_back(agent_factory, vms, blockcopies, core, tm
         agent = agent_factory(node, extra_args=["--libvirt-uri", uri])
         assert uri in agent.log()
         vm = vms(**SLOW)
-        before = testvm.expected_digest(vm)
+        before = expected_digest(vm)
         dest = os.path.join(vm.workdir, "copy.qcow2")
-        name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                                   "nodeName": node, "bandwidth": "1Mi"})
+        name = blockcopies.create(copy_spec(vm, node=node, dest=dest, bandwidth="1Mi"))
         _wait_copying(blockcopies, name)
 
         proxy.kill()
-        status = wait_for(lambda: (s := blockcopies.status(name)) and
-                          "libvirt unreachable since" in s.get("message", "") and s, 30,
-                          what="the status to say libvirt is unreachable")
+        status = wait_for(status_where(
+            blockcopies, name, lambda s: "libvirt unreachable since" in s.get("message", ""),
+            "the status to say libvirt is unreachable"), 30)
         assert re.search(r"retrying in \d+s", status["message"]), status["message"]
         assert status["phase"] == "Copying", status  # not failed: the job is still there
-        wait_for(lambda: _warnings(blockcopies, core, name, "LibvirtUnreachable"), 15,
-                 what="a Warning Event LibvirtUnreachable")
+        wait_for(events_of(blockcopies, core, name, "LibvirtUnreachable", type="Warning"), 15)
         # libvirtd itself still runs the job, and it progresses.
-        first = _job_info(vm)
-        assert first and testvm.live_mirror(vm, "vda")["source"] == dest
-        wait_for(lambda: _job_info(vm)["cur"] > first["cur"], 20,
+        first = block_job_info(vm)
+        assert first and live_mirror(vm, "vda")["source"] == dest
+        wait_for(lambda: block_job_info(vm)["cur"] > first["cur"], 20,
                  what="the job to progress while the agent is cut off")
         cut_off_cur = blockcopies.status(name).get("cur", 0)
 
         proxy.start()
-        status = wait_for(lambda: (s := blockcopies.status(name)) and
-                          "unreachable" not in s.get("message", "") and
-                          s.get("cur", 0) > cut_off_cur and s, 60,
-                          what="the agent to reconnect and report progress again")
+        status = wait_for(status_where(
+            blockcopies, name, lambda s: "unreachable" not in s.get("message", "")
+            and s.get("cur", 0) > cut_off_cur,
+            "the agent to reconnect and report progress again"), 60)
         assert status["phase"] == "Copying", status
-        assert testvm.live_mirror(vm, "vda")["source"] == dest  # the same job, adopted
+        assert live_mirror(vm, "vda")["source"] == dest  # the same job, adopted
         assert agent.proc.poll() is None
 
         # Events still arrive over the new connection: finish fast and pivot.
         blockcopies.patch_spec(name, {"bandwidth": None, "pivot": True})
         status = blockcopies.wait_phase(name, "Pivoted", timeout=120)
-        assert testvm.live_disk_source(vm, "vda") == dest
-        assert testvm.image_digest(dest, "qcow2") == before
+        assert live_disk_source(vm, "vda") == dest
+        assert image_digest(dest, "qcow2") == before
         assert len(_warnings(blockcopies, core, name, "LibvirtUnreachable")) == 1
         assert not [e for e in blockcopies.events(core, name) if e.reason == "Failed"]
     finally:
         proxy.kill()
 
 
-def test_libvirt_unreachable_retry_backs_off(agent_factory, vms, blockcopies, core, tmp_path):
+def test_libvirt_unreachable_retry_backs_off(agent_factory, node, vms, blockcopies, core,
+                                             tmp_path):
     """While libvirt is unreachable, the follow loop retries after 1, 2, 5, 10, 30 s (the
     status message says when); each wait is a real wait, not cut short."""
-    node = _node()
     proxy = LibvirtProxy(str(tmp_path / "libvirt-proxy.sock"))
     proxy.start()
     try:
@@ -609,8 +497,7 @@ def test_libvirt_unreachable_retry_backs_off(agent_factory, vms, blockcopies, co
             "--libvirt-uri", f"qemu+unix:///system?socket={proxy.sock}"])
         vm = vms()
         dest = os.path.join(vm.workdir, "copy.qcow2")
-        name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                                   "nodeName": node})
+        name = blockcopies.create(copy_spec(vm, node=node, dest=dest))
         blockcopies.wait_phase(name, "Mirrored")
         proxy.kill()
         # Record when each "retrying in Ns" message first appears in status.
@@ -626,6 +513,6 @@ def test_libvirt_unreachable_retry_backs_off(agent_factory, vms, blockcopies, co
         # Each message is written when the previous wait is over (writes are at most 0.5 s
         # late: --status-interval 0.5), so the gaps are at least the waits minus 0.6 s.
         assert gaps["1s->2s"] >= 0.4 and gaps["2s->5s"] >= 1.4 and gaps["5s->10s"] >= 4.4, gaps
-        assert testvm.live_mirror(vm, "vda")["ready"] == "yes"  # libvirt kept the job
+        assert live_mirror(vm, "vda")["ready"] == "yes"  # libvirt kept the job
     finally:
         proxy.kill()

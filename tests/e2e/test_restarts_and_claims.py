@@ -6,8 +6,10 @@ the unclaimed ones, and deletion has a documented way out when the node is gone 
 
 Real kube-apiserver + etcd, real libvirtd + QEMU, the agents as processes. Several agents
 for different node names share the one libvirtd: that is how "several nodes" are simulated.
-Node names are unique per test, so that agents of other test sessions on this machine (which
-share the API server and libvirtd) never receive these objects.
+Node names are unique per test and each test has its own namespace, which its agents watch
+(tests/support/isolation.py), so that agents of other test sessions on this machine (which
+share the API server and libvirtd) never receive these objects; the test that an agent
+receives only its own node's objects runs a cluster-wide agent.
 
 Which libvirt situation each test provokes, and how:
 - test_sigkill_restart_while_copying / _while_mirrored / test_abort_after_restart: the agent
@@ -30,54 +32,31 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import time
-import uuid
 
-import libvirt
 import pytest
 import yaml
-from e2elib import GROUP, NODE_LABEL, VERSION, condition, wait_for
 
-import testvm
+from blockcopy.api import GROUP, KIND, NODE_LABEL, VERSION
+from support.assertions import assert_on_source
+from support.images import image_digest
+from support.isolation import unique, unique_node
+from support.libvirt_probes import (
+    block_job_info,
+    blockjob_text,
+    live_disk_source,
+    live_mirror,
+    live_xml,
+    virsh,
+)
+from support.objects import FINALIZER, condition, copy_spec
+from support.vms import IMAGES, expected_digest
+from support.waits import claimed, events_of, gone, wait_for
 
-FINALIZER = "blockcopy.dev/cancel-job"
 SLOW = {"size": "256M", "data_per_layer": "64M"}  # ~128M to copy: minutes at 1Mi/s
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _node(prefix: str = "node-a") -> str:
-    """A node name no other test session uses (they share the API server and libvirtd)."""
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def _virsh(*args: str) -> str:
-    res = subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True,
-                         text=True)
-    assert res.returncode == 0, f"virsh {' '.join(args)}: {res.stderr.strip()}"
-    return res.stdout.strip()
-
-
-def _blockjob(vm, disk: str = "vda") -> str:
-    """`virsh blockjob --info` as a user sees it (virsh prints the progress on stderr)."""
-    res = subprocess.run(["virsh", "-c", "qemu:///system", "blockjob", vm.name, disk, "--info"],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    return (res.stdout + res.stderr).strip()
-
-
-def _job_info(vm, disk: str = "vda") -> dict:
-    """libvirt's own view of the block job (bytes), straight from libvirtd."""
-    with libvirt.open(vm.uri) as conn:
-        return conn.lookupByName(vm.name).blockJobInfo(
-            disk, libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
-
-
-def _live_xml(vm) -> str:
-    with libvirt.open(vm.uri) as conn:
-        return conn.lookupByName(vm.name).XMLDesc(0)
 
 
 def _reasons(blockcopies, core, name: str) -> list[str]:
@@ -88,39 +67,26 @@ def _wait_copying(blockcopies, name: str, timeout: float = 60) -> dict:
     return blockcopies.wait_copying(name, counter="cur", above=0, timeout=timeout)
 
 
-def _assert_on_source(vm) -> None:
-    assert _virsh("domstate", vm.name) == "running"
-    assert testvm.live_disk_source(vm, "vda") == vm.chain[0]
-    assert testvm.live_mirror(vm, "vda") is None
-    assert _blockjob(vm) == "No current block job for vda"
-    assert testvm.image_digest(vm.chain[0], "qcow2") == testvm.expected_digest(vm)
-
-
 def _claim_lines(agent, namespace: str, name: str) -> list[str]:
     return re.findall(rf"{re.escape(namespace)}/{re.escape(name)}: claimed for node \S+",
                       agent.log())
 
 
-pytestmark = pytest.mark.usefixtures("release_new_objects")
-
-
 # ---------------------------------------------------------------- 10. SIGKILL and restart
 
 
-def test_sigkill_restart_while_copying(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_sigkill_restart_while_copying(agent_factory, node, vms, blockcopies, core):
     first = agent_factory(node)
     vm = vms(**SLOW)
-    before = testvm.expected_digest(vm)
+    before = expected_digest(vm)
     dest = os.path.join(vm.workdir, "copy.qcow2")
-    name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                               "nodeName": node, "bandwidth": "1Mi"})
+    name = blockcopies.create(copy_spec(vm, node=node, dest=dest, bandwidth="1Mi"))
     started = _wait_copying(blockcopies, name)
 
-    cur_before_kill = _job_info(vm)["cur"]
+    cur_before_kill = block_job_info(vm)["cur"]
     first.stop(signal.SIGKILL)
     time.sleep(2)  # the job goes on in libvirtd without any agent
-    orphaned = _job_info(vm)
+    orphaned = block_job_info(vm)
     assert orphaned["cur"] >= cur_before_kill
     status_cur_at_restart = blockcopies.status(name)["cur"]
 
@@ -129,11 +95,11 @@ def test_sigkill_restart_while_copying(agent_factory, vms, blockcopies, core):
     status = wait_for(lambda: (s := blockcopies.status(name))["cur"] > status_cur_at_restart
                       and s, 30, what="status cur to grow after the restart")
     assert status["phase"] == "Copying", status
-    info = _job_info(vm)
+    info = block_job_info(vm)
     assert info["cur"] >= orphaned["cur"], (info, orphaned)  # never restarted from 0
     assert info["bandwidth"] == 1 << 20
-    assert testvm.live_mirror(vm, "vda")["source"] == dest
-    jobs = _blockjob(vm)
+    assert live_mirror(vm, "vda")["source"] == dest
+    jobs = blockjob_text(vm)
     assert len(re.findall(r"Block Copy: \[ *\d+ %\]", jobs)) == 1, jobs
     assert status["startTime"] == started["startTime"]
     assert "copying " not in second.log()  # the restarted agent started nothing
@@ -141,23 +107,21 @@ def test_sigkill_restart_while_copying(agent_factory, vms, blockcopies, core):
 
     blockcopies.patch_spec(name, {"bandwidth": None, "pivot": True})
     status = blockcopies.wait_phase(name, "Pivoted", timeout=120)
-    assert testvm.live_disk_source(vm, "vda") == dest
-    assert testvm.image_digest(dest, "qcow2") == before
+    assert live_disk_source(vm, "vda") == dest
+    assert image_digest(dest, "qcow2") == before
     assert status["startTime"] == started["startTime"]
     assert _reasons(blockcopies, core, name).count("Started") == 1
 
 
-def test_sigkill_restart_while_mirrored(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_sigkill_restart_while_mirrored(agent_factory, node, vms, blockcopies, core):
     first = agent_factory(node)
     vm = vms()
-    before = testvm.expected_digest(vm)
+    before = expected_digest(vm)
     dest = os.path.join(vm.workdir, "copy.qcow2")
-    name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                               "nodeName": node})
+    name = blockcopies.create(copy_spec(vm, node=node, dest=dest))
     mirrored = blockcopies.wait_phase(name, "Mirrored")
     first.stop(signal.SIGKILL)
-    mirror = testvm.live_mirror(vm, "vda")
+    mirror = live_mirror(vm, "vda")
     assert mirror["source"] == dest and mirror["ready"] == "yes"
 
     agent_factory(node)
@@ -165,23 +129,21 @@ def test_sigkill_restart_while_mirrored(agent_factory, vms, blockcopies, core):
     status = blockcopies.status(name)
     assert status["phase"] == "Mirrored", status
     assert status["mirroredTime"] == mirrored["mirroredTime"]
-    assert testvm.live_mirror(vm, "vda") == mirror  # the same job, untouched
+    assert live_mirror(vm, "vda") == mirror  # the same job, untouched
 
     blockcopies.patch_spec(name, {"pivot": True})
     blockcopies.wait_phase(name, "Pivoted")
-    assert testvm.live_disk_source(vm, "vda") == dest
-    assert testvm.live_mirror(vm, "vda") is None
-    assert testvm.image_digest(dest, "qcow2") == before
+    assert live_disk_source(vm, "vda") == dest
+    assert live_mirror(vm, "vda") is None
+    assert image_digest(dest, "qcow2") == before
     assert _reasons(blockcopies, core, name).count("Started") == 1
 
 
-def test_abort_after_restart(agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_abort_after_restart(agent_factory, node, vms, blockcopies, core):
     first = agent_factory(node)
     vm = vms(**SLOW)
     dest = os.path.join(vm.workdir, "copy.qcow2")
-    name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                               "nodeName": node, "bandwidth": "1Mi"})
+    name = blockcopies.create(copy_spec(vm, node=node, dest=dest, bandwidth="1Mi"))
     _wait_copying(blockcopies, name)
     first.stop(signal.SIGKILL)
     agent_factory(node)
@@ -191,7 +153,7 @@ def test_abort_after_restart(agent_factory, vms, blockcopies, core):
     assert condition(status, "Aborted")["status"] == "True"
     assert "incomplete" in status["message"], status["message"]
     assert condition(status, "Mirrored")["status"] == "False"
-    _assert_on_source(vm)
+    assert_on_source(vm)
     assert os.path.exists(dest)  # user data: never deleted
     assert _reasons(blockcopies, core, name).count("Started") == 1
 
@@ -200,20 +162,18 @@ def test_abort_after_restart(agent_factory, vms, blockcopies, core):
 
 
 @pytest.mark.parametrize("end", ["Pivoted", "Aborted"])
-def test_restart_after_end_does_nothing(end, agent_factory, vms, blockcopies, core):
-    node = _node()
+def test_restart_after_end_does_nothing(end, agent_factory, node, vms, blockcopies, core):
     first = agent_factory(node)
     vm = vms()
     dest = os.path.join(vm.workdir, "copy.qcow2")
-    name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                               "nodeName": node})
+    name = blockcopies.create(copy_spec(vm, node=node, dest=dest))
     blockcopies.wait_phase(name, "Mirrored")
     blockcopies.patch_spec(name, {"pivot": True} if end == "Pivoted" else {"abort": True})
     blockcopies.wait_phase(name, end)
     time.sleep(2)  # let the last writes and Events land
     obj = blockcopies.get(name)
     events = {e.metadata.name: (e.reason, e.count) for e in blockcopies.events(core, name)}
-    xml = _live_xml(vm)
+    xml = live_xml(vm)
     dest_stat = os.stat(dest)
     first.stop(signal.SIGKILL)
 
@@ -229,8 +189,8 @@ def test_restart_after_end_does_nothing(end, agent_factory, vms, blockcopies, co
     assert after["metadata"].get("finalizers") == obj["metadata"].get("finalizers")
     assert {e.metadata.name: (e.reason, e.count)
             for e in blockcopies.events(core, name)} == events
-    assert _live_xml(vm) == xml
-    assert _blockjob(vm) == "No current block job for vda"
+    assert live_xml(vm) == xml
+    assert blockjob_text(vm) == "No current block job for vda"
     assert os.stat(dest).st_mtime_ns == dest_stat.st_mtime_ns or end == "Pivoted"
     assert second.proc.poll() is None
 
@@ -248,18 +208,17 @@ def _race(agents, vms_list, blockcopies, core, namespace) -> dict[str, str]:
     """Create one unclaimed object per VM in a single request and check that each is claimed
     exactly once: {name: winning node}. Objects won by this test's agents must be copied
     once and pivot."""
-    names = [f"bc-race-{uuid.uuid4().hex[:6]}" for _ in vms_list]
+    names = [unique("bc-race") for _ in vms_list]
     manifest = {"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BlockCopy", "metadata": {"name": n},
-         "spec": {"domain": vm.name, "disk": "vda", "pivot": True,
-                  "dest": os.path.join(vm.workdir, "copy.qcow2")}}
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": n},
+         "spec": copy_spec(vm, node=None, dest=os.path.join(vm.workdir, "copy.qcow2"),
+                           pivot=True)}
         for n, vm in zip(names, vms_list, strict=True)]}
     blockcopies.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
     by_node = {a.node: a for a in agents}
     winners = {}
     for name, vm in zip(names, vms_list, strict=True):
-        label = wait_for(lambda n=name: (blockcopies.get(n)["metadata"].get("labels") or {})
-                         .get(NODE_LABEL), 30, what=f"{name} to be claimed")
+        label = wait_for(claimed(blockcopies, name), 30)
         winners[name] = label
         if label not in by_node:  # another session's agent won: none of ours may have claimed
             time.sleep(1)
@@ -279,12 +238,12 @@ def _race(agents, vms_list, blockcopies, core, namespace) -> dict[str, str]:
                 assert set(mentions) <= {"another agent claimed it first"}, mentions
         assert _reasons(blockcopies, core, name).count("Started") == 1, \
             _reasons(blockcopies, core, name)
-        assert testvm.live_disk_source(vm, "vda") == os.path.join(vm.workdir, "copy.qcow2")
+        assert live_disk_source(vm, "vda") == os.path.join(vm.workdir, "copy.qcow2")
     return winners
 
 
 def test_two_agents_race_to_claim(agent_factory, vms, blockcopies, core, namespace):
-    agents = [agent_factory(_node("node-a")), agent_factory(_node("node-b"))]
+    agents = [agent_factory(unique_node("node-a")), agent_factory(unique_node("node-b"))]
     ours = {a.node for a in agents}
     rounds = []
     for _ in range(4):
@@ -294,11 +253,11 @@ def test_two_agents_race_to_claim(agent_factory, vms, blockcopies, core, namespa
             break
     assert set(rounds[-1].values()) <= ours, f"other sessions' agents won every race: {rounds}"
     dest = os.path.join(vm.workdir, "copy.qcow2")
-    assert testvm.image_digest(dest, "qcow2") == testvm.expected_digest(vm)
+    assert image_digest(dest, "qcow2") == expected_digest(vm)
 
 
 def test_two_agents_race_to_claim_many(agent_factory, vms, blockcopies, core, namespace):
-    agents = [agent_factory(_node("node-a")), agent_factory(_node("node-b"))]
+    agents = [agent_factory(unique_node("node-a")), agent_factory(unique_node("node-b"))]
     ours = {a.node for a in agents}
     winners = _race(agents, [vms() for _ in range(4)], blockcopies, core, namespace)
     print(f"claims: {winners}")
@@ -308,16 +267,14 @@ def test_two_agents_race_to_claim_many(agent_factory, vms, blockcopies, core, na
 # ---------------------------------------------------------------- 13. Pending, re-checked
 
 
-def test_pending_until_domain_runs(agent_factory, vms, blockcopies, core, namespace):
+def test_pending_until_domain_runs(agent_factory, node, vms, blockcopies, core, namespace):
     interval = 3
-    node = _node()
     agent = agent_factory(node, extra_args=["--claim-interval", str(interval)])
     stolen = []
     for _ in range(3):  # another session's agent may re-list first: then try again
-        vm_name = f"bct-late-{uuid.uuid4().hex[:6]}"
-        dest = str(testvm.ROOT / vm_name / "copy.qcow2")
-        name = blockcopies.create({"domain": vm_name, "disk": "vda", "dest": dest,
-                                   "pivot": True})
+        vm_name = unique("bct-late")
+        dest = str(IMAGES / vm_name / "copy.qcow2")
+        name = blockcopies.create(copy_spec(vm_name, node=None, dest=dest, pivot=True))
         status = blockcopies.wait_phase(name, "Pending", timeout=30)
         assert f"domain '{vm_name}' is not running on any node with an agent" in \
             status["message"], status
@@ -327,13 +284,12 @@ def test_pending_until_domain_runs(agent_factory, vms, blockcopies, core, namesp
         obj = blockcopies.get(name)
         assert obj["status"]["phase"] == "Pending"
         assert NODE_LABEL not in (obj["metadata"].get("labels") or {})
-        assert not os.path.exists(testvm.ROOT / vm_name)
+        assert not os.path.exists(IMAGES / vm_name)
 
         vm = vms(name=vm_name)
         assert vm.name == vm_name
         created = time.monotonic()
-        label = wait_for(lambda n=name: (blockcopies.get(n)["metadata"].get("labels") or {})
-                         .get(NODE_LABEL), 4 * interval + 5,
+        label = wait_for(claimed(blockcopies, name), 4 * interval + 5,
                          what="the object to be claimed once its domain runs")
         claimed_after = time.monotonic() - created
         if label == node:
@@ -343,44 +299,40 @@ def test_pending_until_domain_runs(agent_factory, vms, blockcopies, core, namesp
     assert _claim_lines(agent, namespace, name)
     status = blockcopies.wait_phase(name, "Pivoted", timeout=90)
     assert status["nodeName"] == node
-    assert testvm.live_disk_source(vm, "vda") == dest
+    assert live_disk_source(vm, "vda") == dest
     print(f"claimed {claimed_after:.1f} s after the domain started")
 
 
-def test_pending_phase_has_an_event(agent_factory, blockcopies, core, namespace):
+def test_pending_phase_has_an_event(agent_factory, node, blockcopies, core):
     """The claimer's Pending is a phase change like any other: it gets a Normal Event, and
     posting it does not fail."""
-    node, absent = _node(), _node("node-gone")
+    absent = unique_node("node-gone")
     agent = agent_factory(node, extra_args=["--claim-interval", "3"])
-    name = blockcopies.create({"domain": f"bct-nowhere-{uuid.uuid4().hex[:6]}", "disk": "vda",
-                               "nodeName": absent,
-                               "dest": "/var/lib/libvirt/images/bct-nowhere.qcow2"})
+    name = blockcopies.create(copy_spec(unique("bct-nowhere"), node=absent,
+                                        dest="/var/lib/libvirt/images/bct-nowhere.qcow2"))
     status = blockcopies.wait_phase(name, "Pending", timeout=30)
     assert status["message"] == f"waiting for the agent on node {absent} to claim it", status
     time.sleep(2)
     assert f"claiming {name} failed" not in agent.log(), agent.log()
-    events = wait_for(lambda: [e for e in blockcopies.events(core, name)
-                               if e.reason == "Pending"], 10, what="a Pending Event")
+    events = wait_for(events_of(blockcopies, core, name, "Pending"), 10)
     assert events[0].type == "Normal" and status["message"] in events[0].message
 
 
 # ---------------------------------------------------------------- 14. server-side filtering
 
 
-def test_agent_receives_only_its_own_objects(agent_factory, vms, blockcopies, core, api,
-                                             namespace):
-    node, other = _node("node-a"), _node("node-b")
-    agent = agent_factory(node, extra_args=["--verbose"])
+def test_agent_receives_only_its_own_objects(agent_factory, node, vms, blockcopies, core):
+    other = unique_node("node-b")
+    # Cluster-wide, as in production: no namespace filter hides the other node's object.
+    agent = agent_factory(node, clusterwide=True, extra_args=["--verbose"])
     vm = vms()
     # Claimed by another node (no agent of that node runs here).
     theirs = blockcopies.create(
-        {"domain": vm.name, "disk": "vda", "nodeName": other,
-         "dest": os.path.join(vm.workdir, "theirs.qcow2")},
-        name=f"bc-theirs-{uuid.uuid4().hex[:6]}", labels={NODE_LABEL: other})
+        copy_spec(vm, node=other, dest=os.path.join(vm.workdir, "theirs.qcow2")),
+        name=unique("bc-theirs"), labels={NODE_LABEL: other})
     mine = blockcopies.create(
-        {"domain": vm.name, "disk": "vda", "nodeName": node, "pivot": True,
-         "dest": os.path.join(vm.workdir, "mine.qcow2")},
-        name=f"bc-mine-{uuid.uuid4().hex[:6]}")
+        copy_spec(vm, node=node, dest=os.path.join(vm.workdir, "mine.qcow2"), pivot=True),
+        name=unique("bc-mine"))
     blockcopies.wait_phase(mine, "Pivoted")
     # The other node's object changes while this agent runs: still nothing comes to it.
     blockcopies.patch_spec(theirs, {"bandwidth": "5Mi"})
@@ -398,17 +350,16 @@ def test_agent_receives_only_its_own_objects(agent_factory, vms, blockcopies, co
     assert not os.path.exists(os.path.join(vm.workdir, "theirs.qcow2"))
 
 
-def test_namespaced_agent_claims_only_in_its_namespace(agent_factory, vms, blockcopies,
+def test_namespaced_agent_claims_only_in_its_namespace(agent_factory, node, vms, blockcopies,
                                                        namespace):
     """An agent given --namespace must not claim objects of other namespaces: it would never
     follow them (its kopf watch is limited to its namespace), so they would stay claimed by
     a node that ignores them, for ever."""
-    node = _node()
-    elsewhere = f"e2e-elsewhere-{uuid.uuid4().hex[:6]}"  # never created: nothing to watch
-    agent = agent_factory(node, extra_args=["--namespace", elsewhere, "--claim-interval", "3"])
+    elsewhere = unique("e2e-elsewhere")  # never created: nothing to watch
+    agent = agent_factory(node, namespace=elsewhere, extra_args=["--claim-interval", "3"])
     vm = vms()
-    name = blockcopies.create({"domain": vm.name, "disk": "vda", "pivot": True,
-                               "dest": os.path.join(vm.workdir, "copy.qcow2")})
+    dest = os.path.join(vm.workdir, "copy.qcow2")
+    name = blockcopies.create(copy_spec(vm, node=None, dest=dest, pivot=True))
     time.sleep(8)  # a few claim intervals
     obj = blockcopies.get(name)
     labels = obj["metadata"].get("labels") or {}
@@ -420,14 +371,12 @@ def test_namespaced_agent_claims_only_in_its_namespace(agent_factory, vms, block
 # ---------------------------------------------------------------- 15. node gone for good
 
 
-def test_delete_when_claiming_node_is_gone(agent_factory, vms, blockcopies, core, kubectl,
-                                           namespace):
-    node = _node("node-x")
+def test_delete_when_claiming_node_is_gone(agent_factory, node, vms, blockcopies, core,
+                                           kubectl, namespace):
     agent = agent_factory(node)
     vm = vms(**SLOW)
     dest = os.path.join(vm.workdir, "copy.qcow2")
-    name = blockcopies.create({"domain": vm.name, "disk": "vda", "dest": dest,
-                               "nodeName": node, "bandwidth": "1Mi"})
+    name = blockcopies.create(copy_spec(vm, node=node, dest=dest, bandwidth="1Mi"))
     _wait_copying(blockcopies, name)
     assert FINALIZER in blockcopies.get(name)["metadata"]["finalizers"]
     agent.stop(signal.SIGKILL)  # the node is gone for good
@@ -438,16 +387,16 @@ def test_delete_when_claiming_node_is_gone(agent_factory, vms, blockcopies, core
     assert obj["metadata"].get("deletionTimestamp"), obj["metadata"]
     assert FINALIZER in obj["metadata"]["finalizers"]
     assert obj["status"]["phase"] == "Copying"
-    assert testvm.live_mirror(vm, "vda")["source"] == dest
+    assert live_mirror(vm, "vda")["source"] == dest
 
     # The documented release (README).
     kubectl("patch", "-n", namespace, "bc", name, "--type=merge",
             "-p", '{"metadata":{"finalizers":null}}')
-    wait_for(lambda: not blockcopies.exists(name), 15, what="the object to be gone")
+    wait_for(gone(blockcopies, name), 15)
 
     # The job was orphaned (nobody cancelled it): the documented manual step ends it.
-    assert _job_info(vm), "the orphaned job should still run"
-    _virsh("blockjob", vm.name, "vda", "--abort")
-    wait_for(lambda: testvm.live_mirror(vm, "vda") is None, 30, what="the job to end")
-    _assert_on_source(vm)
+    assert block_job_info(vm), "the orphaned job should still run"
+    virsh("blockjob", vm.name, "vda", "--abort")
+    wait_for(lambda: live_mirror(vm, "vda") is None, 30, what="the job to end")
+    assert_on_source(vm)
     assert os.path.exists(dest)

@@ -6,25 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import threading
-import time
 
 import pytest
 
-import testvm
 from blockcopy.api import Flag
 from blockcopy.hypervisor import LibvirtHypervisor, use_asyncio_loop
 from blockcopy.observation import JobEvent, MirrorReady
 from blockcopy.ports import CopyRequest, HypervisorError, HypervisorUnavailable
+from support.images import qemu_img_compare
+from support.waits import wait_for
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module", autouse=True)
-def libvirtd():
-    subprocess.run([os.path.join(os.path.dirname(__file__), "..", "..", "hack", "cluster-up.sh")],
-                   check=True, stdout=subprocess.DEVNULL)
+# libvirtd is part of the local environment (hack/cluster-up.sh, through `cluster`).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cluster")]
 
 
 @pytest.fixture(scope="session")
@@ -62,20 +56,8 @@ def hv(libvirt_loop):
 
 
 @pytest.fixture
-def vm():
-    made = testvm.create_vm("hv", layers=2, size="128M", data_per_layer="16M")
-    yield made
-    testvm.destroy_vm(made)
-
-
-def wait(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
+def vm(vms):
+    return vms(name="hv", layers=2, size="128M", data_per_layer="16M")
 
 
 def copy(vm, dest, fmt="qcow2", flags=(), **kw) -> CopyRequest:
@@ -107,11 +89,12 @@ def test_copy_with_bandwidth_then_pivot(vm, hv):
     assert disk.job is not None and disk.job.bandwidth == 1 << 20
     hv.set_bandwidth(vm.name, "vda", 0)
     assert hv.observe(vm.name, "vda").job.bandwidth == 0
-    wait(lambda: hv.observe(vm.name, "vda").mirror.ready == MirrorReady.READY)
+    wait_for(lambda: hv.observe(vm.name, "vda").mirror.ready == MirrorReady.READY, 60,
+             interval=0.1, what="the mirror to be ready")
     hv.pivot(vm.name, "vda")
     disk = hv.observe(vm.name, "vda")
     assert (disk.source, disk.source_format, disk.mirror, disk.job) == (dest, "raw", None, None)
-    result = subprocess.run(["qemu-img", "compare", "-U", vm.chain[0], dest], capture_output=True)
+    result = qemu_img_compare(vm.chain[0], dest)
     assert result.returncode == 0
 
 
@@ -127,18 +110,15 @@ def test_cancel_keeps_the_source_and_pivot_before_ready_is_refused(vm, hv):
     assert (disk.source, disk.mirror, disk.job) == (vm.chain[0], None, None)
 
 
-def test_persistent_domain_needs_transient_job(hv):
-    vm = testvm.create_vm("hv-persistent", persistent=True)
-    try:
-        assert hv.observe(vm.name, "vda").domain_persistent
-        with pytest.raises(HypervisorError, match="transient") as refused:
-            hv.start_copy(copy(vm, os.path.join(vm.workdir, "c.qcow2")))
-        assert not isinstance(refused.value, HypervisorUnavailable)
-        hv.start_copy(copy(vm, os.path.join(vm.workdir, "c.qcow2"), flags=[Flag.TRANSIENT_JOB]))
-        assert hv.observe(vm.name, "vda").mirror is not None
-        hv.cancel(vm.name, "vda")
-    finally:
-        testvm.destroy_vm(vm)
+def test_persistent_domain_needs_transient_job(hv, vms):
+    vm = vms(name="hv-persistent", persistent=True)
+    assert hv.observe(vm.name, "vda").domain_persistent
+    with pytest.raises(HypervisorError, match="transient") as refused:
+        hv.start_copy(copy(vm, os.path.join(vm.workdir, "c.qcow2")))
+    assert not isinstance(refused.value, HypervisorUnavailable)
+    hv.start_copy(copy(vm, os.path.join(vm.workdir, "c.qcow2"), flags=[Flag.TRANSIENT_JOB]))
+    assert hv.observe(vm.name, "vda").mirror is not None
+    hv.cancel(vm.name, "vda")
 
 
 def test_block_job_events_arrive_on_the_asyncio_loop(vm, libvirt_loop):

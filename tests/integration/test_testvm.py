@@ -1,10 +1,12 @@
-"""Integration tests of hack/testvm.py against the real libvirt (qemu:///system), no mocks.
+"""Integration tests of the VM factory (tests/support/vms.py, also `python -m support.vms`)
+against the real libvirt (qemu:///system), no mocks.
 
 Needs libvirtd running (hack/cluster-up.sh starts it) and root.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -15,9 +17,21 @@ from pathlib import Path
 import libvirt
 import pytest
 
-HACK = Path(__file__).resolve().parents[2] / "hack"
-sys.path.insert(0, str(HACK))
-import testvm  # noqa: E402
+from support.images import backing_chain, image_digest, qemu_img_compare
+from support.libvirt_probes import live_disk_source, live_mirror
+from support.paths import TESTS
+from support.vms import (
+    DEFAULT_URI,
+    IMAGES,
+    VM,
+    build_chain,
+    create_vm,
+    destroy_vm,
+    destroy_vm_by_name,
+    expected_digest,
+    parse_size,
+    wait_guest_writing,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -25,36 +39,17 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def conn():
     try:
-        c = libvirt.open(testvm.DEFAULT_URI)
+        c = libvirt.open(DEFAULT_URI)
     except libvirt.libvirtError as e:
-        pytest.fail(f"libvirt not reachable at {testvm.DEFAULT_URI} (start virtlogd/libvirtd): {e}")
+        pytest.fail(f"libvirt not reachable at {DEFAULT_URI} (start virtlogd/libvirtd): {e}")
     yield c
     c.close()
 
 
 @pytest.fixture
-def vms():
-    """Factory creating VMs that are always destroyed at teardown."""
-    made: list[testvm.VM] = []
-
-    def make(**kw) -> testvm.VM:
-        vm = testvm.create_vm(kw.pop("name", "itest"), **kw)
-        made.append(vm)
-        return vm
-
-    yield make
-    for vm in made:
-        testvm.destroy_vm(vm)
-
-
-def backing_chain(path: str) -> list[dict]:
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "--backing-chain", "--output=json", path],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out)
+def vms(vms):
+    """The shared factory (VMs always destroyed at teardown), named bct-itest-* here."""
+    return functools.partial(vms, name="itest")
 
 
 def domain_names(conn) -> set[str]:
@@ -64,7 +59,7 @@ def domain_names(conn) -> set[str]:
 def test_two_layer_vm(conn, vms):
     vm = vms(layers=2)
     assert vm.name.startswith("bct-itest-") and len(vm.name) == len("bct-itest-") + 6
-    assert vm.workdir == str(testvm.ROOT / vm.name)
+    assert vm.workdir == str(IMAGES / vm.name)
     dom = conn.lookupByName(vm.name)
     assert dom.UUIDString() == vm.uuid
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
@@ -72,8 +67,8 @@ def test_two_layer_vm(conn, vms):
     assert vm.disk_target == "vda"
 
     assert len(vm.chain) == 2 and all(p.startswith(vm.workdir + "/") for p in vm.chain)
-    assert testvm.live_disk_source(vm, "vda") == vm.chain[0]
-    assert testvm.live_mirror(vm, "vda") is None
+    assert live_disk_source(vm, "vda") == vm.chain[0]
+    assert live_mirror(vm, "vda") is None
 
     info = backing_chain(vm.chain[0])
     assert [i["filename"] for i in info] == vm.chain
@@ -82,14 +77,14 @@ def test_two_layer_vm(conn, vms):
     assert info[0]["backing-filename-format"] == "qcow2"
     assert "backing-filename" not in info[1]
 
-    merged, base = testvm.image_digest(vm.chain[0]), testvm.image_digest(vm.chain[-1])
-    assert merged == testvm.expected_digest(vm) == vm.checksum_guest_view()
+    merged, base = image_digest(vm.chain[0]), image_digest(vm.chain[-1])
+    assert merged == expected_digest(vm) == vm.checksum_guest_view()
     assert merged != base
 
 
 def test_each_layer_changes_the_view(conn, vms):
     vm = vms(layers=3, size="32M", data_per_layer="2M")
-    digests = [testvm.image_digest(p, "qcow2") for p in vm.chain]
+    digests = [image_digest(p, "qcow2") for p in vm.chain]
     assert len(set(digests)) == 3
     # libvirt detected the whole chain on its own
     xml = conn.lookupByName(vm.name).XMLDesc(0)
@@ -100,7 +95,7 @@ def test_persistent_vm(conn, vms):
     vm = vms(persistent=True)
     dom = conn.lookupByName(vm.name)
     assert vm.persistent and dom.isPersistent() and dom.isActive()
-    testvm.destroy_vm(vm)
+    destroy_vm(vm)
     assert vm.name not in domain_names(conn)  # undefined, not just stopped
 
 
@@ -110,51 +105,51 @@ def test_relative_backing(conn, vms):
     assert info[0]["backing-filename"] == os.path.basename(vm.chain[1])
     assert info[0]["full-backing-filename"] == vm.chain[1]
     assert conn.lookupByName(vm.name).isActive()
-    assert testvm.live_disk_source(vm) == vm.chain[0]
+    assert live_disk_source(vm) == vm.chain[0]
     # the data is deterministic: same content as an absolute-backing chain
-    assert testvm.expected_digest(vm) == testvm.expected_digest(vms())
+    assert expected_digest(vm) == expected_digest(vms())
 
 
 def test_destroy_is_complete_and_idempotent(conn):
-    vm = testvm.create_vm("itest")
+    vm = create_vm("itest")
     assert Path(vm.workdir).is_dir()
-    testvm.destroy_vm(vm)
+    destroy_vm(vm)
     assert vm.name not in domain_names(conn)
     assert not Path(vm.workdir).exists()
-    testvm.destroy_vm(vm)
-    testvm.destroy_vm_by_name("bct-never-existed")
+    destroy_vm(vm)
+    destroy_vm_by_name("bct-never-existed")
     with pytest.raises(ValueError):
-        testvm.destroy_vm_by_name("not-a-test-domain")
+        destroy_vm_by_name("not-a-test-domain")
 
 
 def test_failed_create_leaves_nothing(conn):
     before = domain_names(conn)
     with pytest.raises(ValueError):
-        testvm.create_vm("bct-itest-toobig", layers=5, size="8M", data_per_layer="4M")
-    assert not (testvm.ROOT / "bct-itest-toobig").exists()
+        create_vm("bct-itest-toobig", layers=5, size="8M", data_per_layer="4M")
+    assert not (IMAGES / "bct-itest-toobig").exists()
     assert domain_names(conn) == before
 
 
 def test_guest_writes(conn, vms, tmp_path):
     vm = vms(guest_writes=True)
     assert conn.lookupByName(vm.name).isActive()
-    waited = testvm.wait_guest_writing(vm, timeout=120)
+    waited = wait_guest_writing(vm, timeout=120)
     print(f"guest writing after {waited:.1f}s")
     log = Path(vm.console_log).read_text()
     assert "bct-guest: ready" in log
     deadline = time.monotonic() + 30
-    while testvm.image_digest(vm.chain[0]) == testvm.expected_digest(vm):
+    while image_digest(vm.chain[0]) == expected_digest(vm):
         assert time.monotonic() < deadline, "guest writes never reached chain[0]"
         time.sleep(1)
     # writes land in the active layer only: the base equals a freshly built one
-    fresh = testvm.build_chain(tmp_path, 2, testvm.parse_size("64M"), testvm.parse_size("4M"))
-    assert testvm.image_digest(vm.chain[-1]) == testvm.image_digest(fresh[-1])
+    fresh = build_chain(tmp_path, 2, parse_size("64M"), parse_size("4M"))
+    assert image_digest(vm.chain[-1]) == image_digest(fresh[-1])
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["transient", "persistent"])
 def test_virsh_blockcopy_pivot(conn, vms, persistent):
     vm = vms(persistent=persistent)
-    base_before = testvm.image_digest(vm.chain[-1])
+    base_before = image_digest(vm.chain[-1])
     dest = os.path.join(vm.workdir, "copy.qcow2")
     res = subprocess.run(
         [
@@ -177,21 +172,20 @@ def test_virsh_blockcopy_pivot(conn, vms, persistent):
         timeout=300,
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    assert testvm.live_disk_source(vm, "vda") == dest
-    assert testvm.live_mirror(vm, "vda") is None
+    assert live_disk_source(vm, "vda") == dest
+    assert live_mirror(vm, "vda") is None
     assert conn.lookupByName(vm.name).isActive()
     # a full copy: dest has no backing file and the same guest view as the source chain
     assert "backing-filename" not in backing_chain(dest)[0]
-    cmp = subprocess.run(
-        ["qemu-img", "compare", "-U", vm.chain[0], dest], capture_output=True, text=True
-    )
+    cmp = qemu_img_compare(vm.chain[0], dest)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
-    assert testvm.image_digest(dest) == testvm.expected_digest(vm)
-    assert testvm.image_digest(vm.chain[-1]) == base_before
+    assert image_digest(dest) == expected_digest(vm)
+    assert image_digest(vm.chain[-1]) == base_before
 
 
 def test_cli(conn):
-    py = [sys.executable, str(HACK / "testvm.py")]
+    py = [sys.executable, "-m", "support.vms"]
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
     out = subprocess.run(
         [
             *py,
@@ -208,17 +202,18 @@ def test_cli(conn):
         check=True,
         capture_output=True,
         text=True,
+        env=env,
     ).stdout
-    vm = testvm.VM(**json.loads(out))
+    vm = VM(**json.loads(out))
     try:
         assert vm.name.startswith("bct-itest-cli-") and len(vm.chain) == 3
         assert conn.lookupByName(vm.name).isActive()
         digest = subprocess.run(
-            [*py, "digest", vm.chain[0]], check=True, capture_output=True, text=True
+            [*py, "digest", vm.chain[0]], check=True, capture_output=True, text=True, env=env
         ).stdout.strip()
         assert digest == vm.initial_digest
     finally:
-        subprocess.run([*py, "destroy", vm.name], check=True)
+        subprocess.run([*py, "destroy", vm.name], check=True, env=env)
     assert vm.name not in domain_names(conn)
     assert not Path(vm.workdir).exists()
 
@@ -231,19 +226,19 @@ def test_live_mirror_during_copy(conn, vms):
     params = {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: 512 * 1024}  # slow enough to look at it
     dom.blockCopy("vda", destxml, params, libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB)
     try:
-        mirror = testvm.live_mirror(vm, "vda")
+        mirror = live_mirror(vm, "vda")
         assert mirror is not None
         assert mirror["job"] == "copy" and mirror["type"] == "file"
         assert mirror["source"] == dest and mirror["format"] == "qcow2"
-        assert testvm.live_disk_source(vm) == vm.chain[0]
+        assert live_disk_source(vm) == vm.chain[0]
     finally:
         dom.blockJobAbort("vda", 0)
-    assert testvm.live_mirror(vm, "vda") is None
+    assert live_mirror(vm, "vda") is None
 
 
 def test_existing_name_is_refused(conn, vms):
     vm = vms()
     with pytest.raises(FileExistsError):
-        testvm.create_vm(vm.name)
+        create_vm(vm.name)
     assert conn.lookupByName(vm.name).isActive()
     assert Path(vm.chain[0]).exists()

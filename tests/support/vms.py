@@ -1,14 +1,15 @@
-#!/usr/bin/env python3
 """Throwaway QEMU domains with qcow2 backing chains holding known data.
 
-Used by the integration tests and the demo. Every domain is named ``bct-...``
-and keeps all its files under ``/var/lib/libvirt/images/blockcopy-test/<name>/``,
-so ``cleanup_all()`` can remove everything this module ever made.
+Why here: the integration and e2e tests, hack/demo.py and hack/benchmark.py all need them
+(the hack/ scripts import it with PYTHONPATH=tests). Every domain is named ``bct-...`` and
+keeps all its files under ``/var/lib/libvirt/images/blockcopy-test/<name>/``, so
+``cleanup_all()`` can remove everything this module ever made.
 
 CLI::
 
-    testvm.py create [--name N] [--layers 2] [--size 64M] [--persistent] [--guest-writes]
-    testvm.py destroy NAME | cleanup | digest PATH
+    PYTHONPATH=tests python -m support.vms create [--name N] [--layers 2] [--size 64M]
+        [--persistent] [--guest-writes]
+    PYTHONPATH=tests python -m support.vms destroy NAME | cleanup | digest PATH
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
 
+from support.images import image_digest
+
 PREFIX = "bct-"
-ROOT = Path("/var/lib/libvirt/images/blockcopy-test")
+IMAGES = Path("/var/lib/libvirt/images/blockcopy-test")
 GUEST_CACHE = Path("/var/cache/blockcopy-operator/guest")
 DEFAULT_URI = "qemu:///system"
 WRITE_MARK = "bct-guest: write"
@@ -110,21 +112,6 @@ def build_chain(
             _run("qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {off} {length}", str(img))
         paths.append(img)
     return [str(p) for p in reversed(paths)]
-
-
-def image_digest(path: str, fmt: str | None = None) -> str:
-    """sha256 of the full guest-visible content of an image (its backing chain merged).
-
-    Converts to a sparse raw temp file and hashes it: exact, and fast enough for
-    1 GiB (zeros stay holes). -U lets us read images a running domain holds locked.
-    """
-    with tempfile.TemporaryDirectory(
-        prefix="bct-digest-", dir=os.environ.get("TMPDIR", "/var/tmp")
-    ) as tmp:
-        raw = os.path.join(tmp, "disk.raw")
-        _run("qemu-img", "convert", "-U", *(["-f", fmt] if fmt else []), "-O", "raw", path, raw)
-        with open(raw, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def expected_digest(vm: VM) -> str:
@@ -268,7 +255,7 @@ def create_vm(
     a name that already starts with 'bct-' is used as is."""
     if name is None or not name.startswith(PREFIX):
         name = f"{PREFIX}{name or 'vm'}-{secrets.token_hex(3)}"
-    workdir = ROOT / name
+    workdir = IMAGES / name
     with libvirt.open(uri) as conn:
         if workdir.exists() or _find(conn, name):
             # never fall into the cleanup below: that would remove someone else's domain
@@ -276,7 +263,7 @@ def create_vm(
     try:
         # libvirt runs qemu as libvirt-qemu: it must be able to traverse to the images
         workdir.mkdir(parents=True, exist_ok=False)
-        ROOT.chmod(0o755)
+        IMAGES.chmod(0o755)
         workdir.chmod(0o755)
         chain = build_chain(
             workdir, layers, parse_size(size), parse_size(data_per_layer), relative_backing
@@ -337,7 +324,7 @@ def destroy_vm_by_name(name: str, *, uri: str = DEFAULT_URI) -> None:
                     libvirt.VIR_ERR_OPERATION_INVALID,
                 ):
                     raise
-    shutil.rmtree(ROOT / name, ignore_errors=True)
+    shutil.rmtree(IMAGES / name, ignore_errors=True)
 
 
 def destroy_vm(vm: VM) -> None:
@@ -350,43 +337,11 @@ def cleanup_all(uri: str = DEFAULT_URI) -> list[str]:
         names = [d.name() for d in conn.listAllDomains() if d.name().startswith(PREFIX)]
     for name in names:
         destroy_vm_by_name(name, uri=uri)
-    shutil.rmtree(ROOT, ignore_errors=True)
+    shutil.rmtree(IMAGES, ignore_errors=True)
     return names
 
 
-# ---------------------------------------------------------------- inspection
-
-
-def _live_disk(vm: VM, target: str) -> ET.Element:
-    with libvirt.open(vm.uri) as conn:
-        xml = conn.lookupByName(vm.name).XMLDesc(0)
-    for disk in ET.fromstring(xml).findall("./devices/disk"):
-        t = disk.find("target")
-        if t is not None and t.get("dev") == target:
-            return disk
-    raise KeyError(f"{vm.name} has no disk {target}")
-
-
-def _source_path(elem: ET.Element | None) -> str | None:
-    if elem is None:
-        return None
-    return elem.get("file") or elem.get("dev") or elem.get("name")
-
-
-def live_disk_source(vm: VM, target: str = "vda") -> str | None:
-    return _source_path(_live_disk(vm, target).find("source"))
-
-
-def live_mirror(vm: VM, target: str = "vda") -> dict | None:
-    """Attributes of the live <mirror> (type, job, ready...) plus 'source' and 'format', or None."""
-    mirror = _live_disk(vm, target).find("mirror")
-    if mirror is None:
-        return None
-    info = dict(mirror.attrib)
-    info["source"] = _source_path(mirror.find("source")) or mirror.get("file")
-    fmt = mirror.find("format")
-    info["format"] = fmt.get("type") if fmt is not None else mirror.get("format")
-    return info
+# ---------------------------------------------------------------- guest
 
 
 def wait_guest_writing(vm: VM, timeout: float = 120, writes: int = 2) -> float:
