@@ -3,7 +3,7 @@ real process. Each test checks the API status, the live domain XML and the image
 
 Isolation (tests/support/isolation.py): the agent has the test's node name and watches only
 the test's namespace; objects name that node, except where the test exercises claiming by
-domain (the first test and the Pending one)."""
+domain (the first test, the persistent domain named by UUID, and the Pending one)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ def test_persistent_domain(agent, vms, blockcopies):
     vm = vms(layers=2, persistent=True)
     before = expected_digest(vm)
     dest = os.path.join(vm.workdir, "copy.qcow2")
-    name = blockcopies.create(copy_spec(vm.uuid, node=agent.node, dest=dest, pivot=True))
+    # Named by UUID and without spec.nodeName: the claimer finds the domain by its UUID.
+    name = blockcopies.create(copy_spec(vm.uuid, node=None, dest=dest, pivot=True))
     status = _assert_pivoted_onto_copy(blockcopies, name, vm, dest, before)
     assert "transientJob" in status["flags"]  # added for the persistent domain
     # Still a defined domain, still running.
