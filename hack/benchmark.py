@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
-"""`make bench`: measures the agent against `virsh blockcopy` (the reference) on the real
-local environment and prints numbers. Not a test: nothing here passes or fails.
+"""`make bench`: the agent measured against `virsh blockcopy` on the real local environment
+(kube-apiserver + etcd + libvirtd + QEMU), every figure printed next to its target and
+written to a JSON file. Not a test: nothing here passes or fails, but it must run through.
 
-- copy + pivot wall time of the same disk, agent vs virsh (unlimited bandwidth);
-- status writes per object per second while Copying (the contract: at most 1 per second);
-- latency from libvirt's mirror becoming ready to status.phase == Mirrored;
-- the agent's resident memory, idle and while following N copies at once.
+Stages are timed in this process: libvirt's READY events arrive through a libvirt event
+loop of its own, the phases through a watch on the BlockCopies; the agent runs as a real
+process with a ServiceAccount of its own, so the API server's audit log tells its requests
+apart (the local cluster logs BlockCopy and Event requests).
 
-Needs the test-support package on the path (`make bench` runs it with PYTHONPATH=tests).
+  --short     a quick version (fewer rounds, 10 parallel copies, 20 s windows, 1 GiB disks)
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import datetime as dt
+import json
 import os
 import pathlib
 import statistics
@@ -20,166 +24,483 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
+import uuid
 
 import kubernetes
+import libvirt
 
-from blockcopy.api import GROUP, KIND, PLURAL, VERSION
-from support.agents import Agent
-from support.cluster import Kubectl, apply_crd, bring_up, custom_objects
-from support.libvirt_probes import live_mirror
-from support.paths import STATE
-from support.vms import VM, create_vm, destroy_vm
+from blockcopy.api import GROUP, PLURAL, VERSION
+from support import vms as testvm
+from support.paths import KUBECONFIG, ROOT, STATE
 
-NS = "default"
-NODE = "bench-node"
+KUBECTL = STATE / "bin" / "kubectl"
+AUDIT_LOG = STATE / "log" / "audit.log"
 
 
-def rss_mib(pid: int) -> float:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def kubectl(*args: str, input: str | None = None) -> str:
+    return subprocess.run([str(KUBECTL), "--kubeconfig", str(KUBECONFIG), *args], check=True,
+                          capture_output=True, text=True, input=input).stdout
 
 
-def create(api, name: str, spec: dict) -> None:
-    try:
-        api.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name)
-        time.sleep(1)
-    except kubernetes.client.exceptions.ApiException:
-        pass
-    api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-        "metadata": {"name": name}, "spec": spec})
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
 
 
-def wait_phase(api, name: str, phase: str, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = api.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL,
-                                                  name).get("status") or {}
-        if status.get("phase") == phase:
-            return status
-        if status.get("phase") == "Failed":
-            raise SystemExit(f"{name} failed: {status.get('message')}")
-        time.sleep(0.05)
-    raise SystemExit(f"{name}: timed out waiting for {phase}")
+# ------------------------------------------------------------------ observers
 
 
-def virsh_copy(vm: VM, dest: str) -> float:
-    t = time.monotonic()
-    subprocess.run(["virsh", "-c", vm.uri, "blockcopy", vm.name, "vda", dest, "--format",
-                    "qcow2", "--transient-job", "--wait", "--pivot"], check=True,
-                   capture_output=True)
-    return time.monotonic() - t
+class LibvirtEvents:
+    """BLOCK_JOB_2 events of every domain, timestamped on arrival in this process."""
+
+    def __init__(self) -> None:
+        libvirt.virEventRegisterDefaultImpl()
+        self.conn = libvirt.open("qemu:///system")
+        self.ready: dict[str, float] = {}  # domain name -> first READY
+        self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2,
+                                         self._on_event, None)
+        threading.Thread(target=self._run, daemon=True, name="libvirt-events").start()
+
+    def _run(self) -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    def _on_event(self, conn, dom, disk, job_type, status, opaque) -> None:  # noqa: ARG002
+        if status == libvirt.VIR_DOMAIN_BLOCK_JOB_READY:
+            self.ready.setdefault(dom.name(), time.monotonic())
 
 
-def agent_copy(api, vm: VM, dest: str, name: str) -> tuple[float, float]:
-    """Returns (create -> Pivoted seconds, mirror ready -> status Mirrored seconds)."""
-    ready_at: list[float] = []
+class PhaseWatch:
+    """First time each (object, phase) and each claim label was seen, from a watch."""
 
-    def watch_ready() -> None:  # polls the live XML for ready='yes' every 10 ms
-        while not ready_at:
-            mirror = live_mirror(vm, "vda")
-            if mirror and mirror.get("ready") == "yes":
-                ready_at.append(time.monotonic())
-            time.sleep(0.01)
+    def __init__(self, api: kubernetes.client.CustomObjectsApi, namespace: str):
+        self.api, self.namespace = api, namespace
+        self.seen: dict[tuple[str, str], float] = {}
+        self.lock = threading.Condition()
+        threading.Thread(target=self._run, daemon=True, name="phase-watch").start()
 
-    t = time.monotonic()
-    create(api, name, {"domain": vm.name, "disk": "vda", "dest": dest, "nodeName": NODE})
-    thread = threading.Thread(target=watch_ready, daemon=True)
-    thread.start()
-    wait_phase(api, name, "Mirrored")
-    mirrored_at = time.monotonic()
-    thread.join(5)
-    api.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name, {"spec": {"pivot": True}})
-    wait_phase(api, name, "Pivoted")
-    done = time.monotonic() - t
-    return done, (mirrored_at - ready_at[0]) if ready_at else float("nan")
+    def _run(self) -> None:
+        while True:
+            try:
+                stream = kubernetes.watch.Watch().stream(
+                    self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace,
+                    PLURAL, timeout_seconds=300)
+                for event in stream:
+                    obj, now = event["object"], time.monotonic()
+                    name = obj["metadata"]["name"]
+                    keys = [(name, (obj.get("status") or {}).get("phase") or "")]
+                    if (obj["metadata"].get("labels") or {}).get("blockcopy.dev/node"):
+                        keys.append((name, "claimed"))
+                    with self.lock:
+                        for key in keys:
+                            self.seen.setdefault(key, now)
+                        self.lock.notify_all()
+            except Exception as exc:  # a watch that timed out or broke: watch again
+                print(f"(phase watch restarted: {exc})", file=sys.stderr)
+
+    def wait(self, name: str, phase: str, timeout: float = 900) -> float:
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while (name, phase) not in self.seen:
+                failed = self.seen.get((name, "Failed"))
+                if failed is not None:
+                    raise SystemExit(f"{name} failed; see the agent log")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SystemExit(f"{name}: no {phase} after {timeout} s")
+                self.lock.wait(min(left, 1))
+            return self.seen[(name, phase)]
 
 
-def status_write_rate(api, vm: VM, dest: str, seconds: float) -> float:
-    """Status writes per second of one object while it is Copying (bandwidth-limited)."""
-    name = "bench-rate"
-    create(api, name, {"domain": vm.name, "disk": "vda", "dest": dest, "nodeName": NODE,
-                       "bandwidth": "4Mi"})
-    wait_phase(api, name, "Copying")
-    versions = set()
-    t_end = time.monotonic() + seconds
-    while time.monotonic() < t_end:
-        obj = api.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name)
-        versions.add(obj["metadata"]["resourceVersion"])
-        time.sleep(0.05)
-    api.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name, {"spec": {"abort": True}})
-    wait_phase(api, name, "Aborted")
-    return (len(versions) - 1) / seconds
+class Agent:
+    """The agent as a process, as a ServiceAccount (so its requests are its own in the audit
+    log), with metrics; CPU, memory and wake-ups read from /proc."""
+
+    def __init__(self, namespace: str, node: str, *, log_name: str, extra: list[str] = ()):
+        self.node = node
+        sa = f"bench-{node}"
+        kubectl("create", "serviceaccount", sa, "-n", namespace)
+        kubectl("create", "clusterrolebinding", f"{sa}-{namespace}", "--clusterrole",
+                "cluster-admin", f"--serviceaccount={namespace}:{sa}")
+        self.user = f"system:serviceaccount:{namespace}:{sa}"
+        token = kubectl("create", "token", sa, "-n", namespace, "--duration=2h").strip()
+        config = json.loads(kubectl("config", "view", "--raw", "-o", "json"))
+        config["users"] = [{"name": sa, "user": {"token": token}}]
+        config["contexts"] = [{"name": sa, "context": {"cluster": config["clusters"][0]["name"],
+                                                       "user": sa}}]
+        config["current-context"] = sa
+        self.kubeconfig = STATE / f"bench-{node}.kubeconfig"
+        self.kubeconfig.write_text(json.dumps(config))
+        self.metrics_port = _free_port()
+        self.log_path = STATE / "log" / f"{log_name}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "blockcopy", "--node-name", node, "--namespace", namespace,
+             "--metrics-port", str(self.metrics_port), *extra],
+            env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while "agent ready" not in self.log_path.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"agent {node} did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.1)
+
+    def rss_mib(self) -> float:
+        for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def cpu_seconds(self) -> float:
+        fields = pathlib.Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def wakeups(self) -> int:
+        """Voluntary context switches of all threads: each is a thread that slept (on a timer,
+        a socket, a lock) and woke up. Preemptions by other processes are not counted."""
+        total = 0
+        for task in pathlib.Path(f"/proc/{self.proc.pid}/task").iterdir():
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches"):
+                    total += int(line.split()[1])
+        return total
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                      timeout=5).read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                    total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _verb(record: dict) -> str:
+    ref = record["objectRef"]
+    sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
+    return f"{record['verb']} {ref.get('resource')}{sub}"
+
+
+def audit_requests(user: str, since: dt.datetime) -> list[dict]:
+    """The audit log's records of ``user`` since ``since`` (the log rotates at 200 MB)."""
+    records = []
+    for path in sorted(AUDIT_LOG.parent.glob("audit*.log")):
+        with open(path) as f:
+            for line in f:
+                if user not in line:
+                    continue
+                record = json.loads(line)
+                if record.get("user", {}).get("username") != user:
+                    continue
+                at = dt.datetime.fromisoformat(record["requestReceivedTimestamp"].replace(
+                    "Z", "+00:00"))
+                if at >= since:
+                    records.append(record)
+    return records
+
+
+# ------------------------------------------------------------------ the benchmark
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        subprocess.run([str(ROOT / "hack" / "cluster-up.sh")], check=True,
+                       stdout=subprocess.DEVNULL)
+        kubectl("apply", "-f", str(ROOT / "crds" / "blockcopy.yaml"))
+        kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev")
+        self.namespace = f"bench-{uuid.uuid4().hex[:6]}"
+        kubectl("create", "namespace", self.namespace)
+        self.api = kubernetes.client.CustomObjectsApi(
+            kubernetes.config.new_client_from_config(config_file=str(KUBECONFIG)))
+        self.events = LibvirtEvents()
+        self.watch = PhaseWatch(self.api, self.namespace)
+        self.vms: list[testvm.VM] = []
+        self.agents: list[Agent] = []
+        self.results: dict[str, dict] = {}
+
+    def record(self, key: str, measured: float, target: str, unit: str, ok: bool | None,
+               **detail) -> None:
+        self.results[key] = {"measured": round(measured, 4), "unit": unit, "target": target,
+                             "met": ok, **detail}
+
+    def vm(self, purpose: str, **kw) -> testvm.VM:
+        vm = testvm.create_vm(f"bench-{purpose}", **kw)
+        self.vms.append(vm)
+        return vm
+
+    def create(self, name: str, spec: dict) -> float:
+        t = time.monotonic()
+        self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "BlockCopy",
+            "metadata": {"name": name}, "spec": spec})
+        return t
+
+    def patch(self, name: str, spec: dict) -> float:
+        t = time.monotonic()
+        self.api.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name,
+                                                {"spec": spec})
+        return t
+
+    @staticmethod
+    def virsh_copy(vm: testvm.VM, dest: str) -> float:
+        t = time.monotonic()
+        subprocess.run(["virsh", "-c", vm.uri, "blockcopy", vm.name, "vda", dest, "--format",
+                        "qcow2", "--transient-job", "--wait", "--pivot"], check=True,
+                       capture_output=True)
+        return time.monotonic() - t
+
+    # -- 2, 3, 4: latency of each stage -----------------------------------------------
+    def latencies(self, agent: Agent) -> None:
+        a = self.args
+        stages = collections.defaultdict(list)
+        for i in range(a.rounds):
+            vm = self.vm(f"lat{i}", size=a.size, data_per_layer=a.data)
+            name = f"lat-{i}"
+            t0 = self.create(name, {"domain": vm.name, "disk": "vda", "nodeName": agent.node,
+                                    "dest": os.path.join(vm.workdir, "agent.qcow2")})
+            claimed = self.watch.wait(name, "claimed")
+            copying = self.watch.wait(name, "Copying")
+            mirrored = self.watch.wait(name, "Mirrored")
+            ready = self.events.ready[vm.name]
+            t_pivot = self.patch(name, {"pivot": True})
+            pivoting = self.watch.wait(name, "Pivoting")
+            pivoted = self.watch.wait(name, "Pivoted")
+            stages["create -> claimed"].append(claimed - t0)
+            stages["claimed -> Copying"].append(copying - claimed)
+            stages["create -> Copying"].append(copying - t0)
+            stages["READY -> Mirrored"].append(mirrored - ready)
+            stages["pivot patch -> Pivoting"].append(pivoting - t_pivot)
+            stages["Pivoting -> Pivoted"].append(pivoted - pivoting)
+            stages["pivot patch -> Pivoted"].append(pivoted - t_pivot)
+        self.results["stages_ms"] = {
+            stage: {"p50": round(pct(v, 50) * 1000, 1), "p95": round(pct(v, 95) * 1000, 1),
+                    "max": round(max(v) * 1000, 1), "n": len(v)}
+            for stage, v in stages.items()}
+        for key, stage, target in (("ready_to_mirrored_p95", "READY -> Mirrored", 0.1),
+                                   ("pivot_to_pivoted_p95", "pivot patch -> Pivoted", 0.3),
+                                   ("create_to_copying_p95", "create -> Copying", 0.5)):
+            value = pct(stages[stage], 95)
+            self.record(key, value * 1000, f"<= {target * 1000:.0f} ms", "ms", value <= target)
+
+    # -- 5: the whole copy, agent vs virsh --------------------------------------------
+    def versus_virsh(self, agent: Agent, *, label: str, size: str, data: str,
+                     target_ratio: float | None, target_extra: float | None) -> None:
+        agent_times, virsh_times = [], []
+        for i in range(self.args.rounds if target_extra is not None else 1):
+            ref = self.vm(f"{label}-virsh{i}", size=size, data_per_layer=data)
+            virsh_times.append(self.virsh_copy(ref, os.path.join(ref.workdir, "virsh.qcow2")))
+            vm = self.vm(f"{label}-agent{i}", size=size, data_per_layer=data)
+            name = f"{label.replace('_', '-')}-{i}"
+            t0 = self.create(name, {"domain": vm.name, "disk": "vda", "nodeName": agent.node,
+                                    "pivot": True,
+                                    "dest": os.path.join(vm.workdir, "agent.qcow2")})
+            agent_times.append(self.watch.wait(name, "Pivoted") - t0)
+            testvm.destroy_vm(ref)
+            testvm.destroy_vm(vm)
+        mean_agent, mean_virsh = statistics.mean(agent_times), statistics.mean(virsh_times)
+        detail = {"agent_s": [round(t, 3) for t in agent_times],
+                  "virsh_s": [round(t, 3) for t in virsh_times], "disk": size,
+                  "data": f"2 layers x {data}"}
+        if target_ratio is not None:
+            ratio = mean_agent / mean_virsh
+            self.record(f"{label}_ratio", ratio, f"<= {target_ratio:.2f}x virsh", "x",
+                        ratio <= target_ratio, **detail)
+        if target_extra is not None:
+            extra = mean_agent - mean_virsh
+            self.record(f"{label}_overhead", extra, f"<= virsh + {target_extra:g} s", "s",
+                        extra <= target_extra, **detail)
+
+    # -- 6: many copies on one node ---------------------------------------------------
+    def scale(self, agent: Agent) -> None:
+        a = self.args
+        n, window = a.parallel, a.window
+        vms = [self.vm(f"many{i}", size="128M", data_per_layer="48M") for i in range(n)]
+        since = dt.datetime.now(dt.UTC)
+        names = []
+        for i, vm in enumerate(vms):
+            name = f"many-{i}"
+            names.append(name)
+            self.create(name, {"domain": vm.name, "disk": "vda", "nodeName": agent.node,
+                               "bandwidth": a.scale_bandwidth,
+                               "dest": os.path.join(vm.workdir, "m.qcow2")})
+        for name in names:
+            self.watch.wait(name, "Copying")
+        rss, cpu0, t0 = [agent.rss_mib()], agent.cpu_seconds(), time.monotonic()
+        window_start = dt.datetime.now(dt.UTC)
+        while time.monotonic() - t0 < window:
+            time.sleep(1)
+            rss.append(agent.rss_mib())
+        cpu = (agent.cpu_seconds() - cpu0) / (time.monotonic() - t0) * 100
+        window_end = dt.datetime.now(dt.UTC)
+        still_copying = sum(
+            (self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, nm)
+             .get("status") or {}).get("phase") == "Copying" for nm in names)
+        for name in names:
+            self.patch(name, {"abort": True})
+        for name in names:
+            self.watch.wait(name, "Aborted")
+        time.sleep(2)
+        records = audit_requests(agent.user, since)
+        writes = collections.Counter(
+            r["objectRef"].get("name") for r in records
+            if r["verb"] == "patch" and r["objectRef"].get("subresource") == "status"
+            and window_start <= dt.datetime.fromisoformat(
+                r["requestReceivedTimestamp"].replace("Z", "+00:00")) <= window_end)
+        # Requests naming one copy (its claim, status writes...) from the audit log, plus the
+        # Events posted about it (an Event's create names no object in the audit record).
+        per_copy = collections.Counter(r["objectRef"].get("name") for r in records
+                                       if r["objectRef"].get("name") in names
+                                       and r["objectRef"].get("resource") == "blockcopies")
+        core = kubernetes.client.CoreV1Api(self.api.api_client)
+        events = {nm: sum(e.count or 1 for e in core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={nm}").items) for nm in names}
+        collection = collections.Counter(_verb(r) for r in records
+                                         if not r["objectRef"].get("name"))
+        window_s = (window_end - window_start).total_seconds()
+        rate = max(writes.values(), default=0) / window_s
+        self.record("scale_rss_max", max(rss), "<= 150 MiB", "MiB", max(rss) <= 150,
+                    copies=n, still_copying_at_end=still_copying)
+        self.record("scale_cpu", cpu, "<= 10 % of one core", "%", cpu <= 10, copies=n,
+                    window_s=round(window_s, 1))
+        self.record("scale_status_writes_max", rate, "<= 1 per second per object",
+                    "writes/s", rate <= 1.0, mean=round(statistics.mean(
+                        writes.values()) / window_s, 3) if writes else 0)
+        requests = [per_copy[nm] + events[nm] for nm in names]
+        named = collections.Counter(_verb(r) for r in records if r["objectRef"].get("name"))
+        self.record("api_requests_per_copy", statistics.mean(requests), "reported", "requests",
+                    None, max=max(requests), min=min(requests),
+                    per_copy_by_verb={k: round(v / n, 2) for k, v in named.items()},
+                    events_per_copy=round(statistics.mean(events.values()), 2),
+                    agent_wide_list_and_watch=dict(collection))
+        for vm in vms:
+            testvm.destroy_vm(vm)
+            self.vms.remove(vm)
+
+    def isolation(self, first: Agent) -> None:
+        """Two agents on two node names: watch events each receives for the other's objects."""
+        second = Agent(self.namespace, "bench-b", log_name="bench-agent-b")
+        self.agents.append(second)
+        vms = [self.vm(f"iso{i}", size="64M", data_per_layer="4M") for i in range(4)]
+        for i, vm in enumerate(vms):
+            agent = (first, second)[i % 2]
+            self.create(f"iso-{i}", {"domain": vm.name, "disk": "vda", "pivot": True,
+                                     "nodeName": agent.node,
+                                     "dest": os.path.join(vm.workdir, "i.qcow2")})
+        for i in range(len(vms)):
+            self.watch.wait(f"iso-{i}", "Pivoted")
+        time.sleep(2)
+        foreign = [agent.metric("blockcopy_watch_events_total", owner="other-node")
+                   for agent in (first, second)]
+        own = [agent.metric("blockcopy_watch_events_total", owner="this-node")
+               for agent in (first, second)]
+        self.record("foreign_watch_events", max(foreign), "0", "events", max(foreign) == 0,
+                    per_agent=foreign, own_events_per_agent=own)
+        second.stop()
+
+    # -- 7: idle ----------------------------------------------------------------------
+    def idle(self) -> None:
+        idle_ns = f"bench-idle-{uuid.uuid4().hex[:6]}"
+        kubectl("create", "namespace", idle_ns)
+        agent = Agent(idle_ns, "bench-idle", log_name="bench-agent-idle")
+        self.agents.append(agent)
+        time.sleep(5)
+        cpu0, wake0, t0 = agent.cpu_seconds(), agent.wakeups(), time.monotonic()
+        time.sleep(self.args.window)
+        took = time.monotonic() - t0
+        cpu = (agent.cpu_seconds() - cpu0) / took * 100
+        per_minute = (agent.wakeups() - wake0) / took * 60
+        self.record("idle_cpu", cpu, "no measurable CPU", "%", cpu < 0.5, rss_mib=round(
+            agent.rss_mib(), 1))
+        self.record("idle_wakeups_per_minute", per_minute, "reported", "wake-ups/min", None)
+        agent.stop()
+        kubectl("delete", "namespace", idle_ns, "--wait=false")
+
+    def run(self) -> None:
+        a = self.args
+        agent = Agent(self.namespace, "bench-a", log_name="bench-agent")
+        self.agents.append(agent)
+        self.results["machine"] = {"cores": os.cpu_count(), "python": sys.version.split()[0],
+                                   "kubernetes": json.loads(kubectl("version", "-o", "json"))
+                                   ["serverVersion"]["gitVersion"],
+                                   "libvirt": subprocess.run(
+                                       ["virsh", "-c", "qemu:///system", "version"],
+                                       capture_output=True, text=True).stdout.split("\n")[2:4]}
+        self.record("agent_rss_idle", agent.rss_mib(), "reported", "MiB", None)
+        self.latencies(agent)
+        self.versus_virsh(agent, label="copy_1g", size=a.size, data=a.data, target_ratio=None,
+                          target_extra=0.5)
+        self.versus_virsh(agent, label="copy_big", size=a.big_size, data=a.big_data,
+                          target_ratio=1.10, target_extra=None)
+        self.scale(agent)
+        self.isolation(agent)
+        self.idle()
+
+    def close(self) -> None:
+        for agent in self.agents:
+            agent.stop()
+        for vm in self.vms:
+            testvm.destroy_vm(vm)
+        kubectl("delete", "namespace", self.namespace, "--wait=false")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", default="1G", help="disk size of the benchmark VMs")
-    parser.add_argument("--data", default="256M", help="data written per layer (2 layers)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--parallel", type=int, default=5, help="copies followed at once")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--short", action="store_true", help="a quick version")
+    parser.add_argument("--json", default=str(STATE / "bench.json"), help="where to write")
     args = parser.parse_args()
+    short = args.short
+    args.rounds = 3 if short else 10
+    args.size, args.data = "1G", "256M"  # 512 MiB of data in 2 layers
+    args.big_size, args.big_data = ("2G", "512M") if short else ("5G", "2G")  # 4 GiB of data
+    args.parallel = 10 if short else 50
+    args.window = 20 if short else 60
+    args.scale_bandwidth = "1Mi"  # about 96 MiB at 1 MiB/s: a minute and a half of copying
 
-    kubeconfig = bring_up()
-    apply_crd(Kubectl(kubeconfig=kubeconfig))
-    api = custom_objects(kubeconfig)
-
-    log_path = STATE / "log" / "bench-agent.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.unlink(missing_ok=True)
-    agent = Agent(NODE, log_path, args=["--node-name", NODE]).start()
-    vms: list[VM] = []
+    bench = Bench(args)
+    started = time.monotonic()
     try:
-        time.sleep(3)
-        idle = rss_mib(agent.proc.pid)
-        agent_times, virsh_times, ready_lags = [], [], []
-        for i in range(args.rounds):
-            vm = create_vm(f"bench-{i}", size=args.size, data_per_layer=args.data)
-            vms.append(vm)
-            virsh_times.append(virsh_copy(vm, os.path.join(vm.workdir, "virsh.qcow2")))
-            took, lag = agent_copy(api, vm, os.path.join(vm.workdir, "agent.qcow2"), f"bench-{i}")
-            agent_times.append(took)
-            ready_lags.append(lag)
-
-        rate_vm = create_vm("bench-rate", size="256M", data_per_layer="64M")
-        vms.append(rate_vm)
-        rate = status_write_rate(api, rate_vm, os.path.join(rate_vm.workdir, "r.qcow2"), 10)
-
-        many = [create_vm(f"bench-many-{i}", size="256M", data_per_layer="32M")
-                for i in range(args.parallel)]
-        vms.extend(many)
-        for i, vm in enumerate(many):
-            create(api, f"bench-many-{i}", {"domain": vm.name, "disk": "vda", "nodeName": NODE,
-                                            "dest": os.path.join(vm.workdir, "m.qcow2"),
-                                            "bandwidth": "2Mi"})
-        for i in range(args.parallel):
-            wait_phase(api, f"bench-many-{i}", "Copying")
-        time.sleep(5)
-        busy = rss_mib(agent.proc.pid)
-        for i in range(args.parallel):
-            api.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, f"bench-many-{i}",
-                                               {"spec": {"abort": True}})
-        for i in range(args.parallel):
-            wait_phase(api, f"bench-many-{i}", "Aborted")
+        bench.run()
     finally:
-        agent.stop()
-        for vm in vms:
-            destroy_vm(vm)
+        bench.close()
+    took = time.monotonic() - started
+    results = bench.results
+    results["run"] = {"short": short, "seconds": round(took, 1),
+                      "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
-    mean = statistics.mean
-    print(f"\nbenchmark: {args.rounds} rounds, disk {args.size}, 2 layers of {args.data}")
-    print(f"virsh blockcopy --wait --pivot : {mean(virsh_times):6.2f} s mean "
-          f"({', '.join(f'{t:.2f}' for t in virsh_times)})")
-    print(f"agent create -> Pivoted        : {mean(agent_times):6.2f} s mean "
-          f"({', '.join(f'{t:.2f}' for t in agent_times)})")
-    print(f"agent overhead vs virsh        : {mean(agent_times) - mean(virsh_times):+6.2f} s")
-    print(f"ready -> status Mirrored       : {mean(ready_lags) * 1000:6.0f} ms mean "
-          f"(max {max(ready_lags) * 1000:.0f} ms)")
-    print(f"status writes while Copying    : {rate:6.2f} per object per second (limit 1)")
-    print(f"agent RSS idle                 : {idle:6.1f} MiB")
-    print(f"agent RSS following {args.parallel} copies  : {busy:6.1f} MiB")
+    print(f"\nbenchmark ({'short' if short else 'full'}, {took:.0f} s): "
+          f"{results['machine']}")
+    print(f"{'figure':34} {'measured':>14}  target")
+    for key, r in results.items():
+        if not isinstance(r, dict) or "measured" not in r:
+            continue
+        verdict = {True: "met", False: "MISSED", None: ""}[r["met"]]
+        print(f"{key:34} {r['measured']:>10.3f} {r['unit']:<9} {r['target']}  {verdict}")
+    print("stage latencies (ms):")
+    for stage, v in results["stages_ms"].items():
+        print(f"  {stage:30} p50 {v['p50']:>8.1f}  p95 {v['p95']:>8.1f}  max {v['max']:>8.1f}"
+              f"  (n={v['n']})")
+    print(f"written to {args.json}")
     return 0
 
 

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from blockcopy import destination, reconcile
+from blockcopy import destination, metrics, reconcile
 from blockcopy.api import NODE_LABEL, TERMINAL_PHASES, Phase, SpecError, parse_running_spec
 from blockcopy.claimer import Claimer
 from blockcopy.follower import Follower, FollowSettings, StopSignal
@@ -74,6 +74,10 @@ class Agent:
     def owns(self, body: Mapping[str, Any]) -> bool:
         labels = (body.get("metadata") or {}).get("labels") or {}
         return labels.get(NODE_LABEL) == self.config.node_name
+
+    def count_watch_event(self, body: Mapping[str, Any]) -> None:
+        label = ((body.get("metadata") or {}).get("labels") or {}).get(NODE_LABEL)
+        metrics.count_watch_event("objects", label, self.config.node_name)
 
     def _on_job_event(self, domain_uuid: str, target: str, event: JobEvent) -> None:
         for follower in self.followers.values():

@@ -16,6 +16,8 @@ PLURAL = "blockcopies"
 
 # Label that records which node's agent owns an object (server-side selectable).
 NODE_LABEL = "blockcopy.dev/node"
+# The finalizer that makes deleting an object wait until its agent cancelled the job.
+FINALIZER = f"{GROUP}/cancel-job"
 
 
 class Phase(enum.StrEnum):

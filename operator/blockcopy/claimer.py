@@ -15,7 +15,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from blockcopy.api import TERMINAL_PHASES, Phase
+from blockcopy import metrics
+from blockcopy.api import FINALIZER, NODE_LABEL, TERMINAL_PHASES, Phase
 from blockcopy.backoff import API_WATCH, Backoff
 from blockcopy.ports import Hypervisor, HypervisorError, Kube, ObjectRef
 from blockcopy.recorder import Recorder, phase_of
@@ -74,6 +75,8 @@ class Claimer:
         """Claim the object if it is ours; otherwise mark it Pending once."""
         meta = body["metadata"]
         namespace, name, version = meta["namespace"], meta["name"], meta["resourceVersion"]
+        metrics.count_watch_event("unclaimed", (meta.get("labels") or {}).get(NODE_LABEL),
+                                  self.node_name)
         if meta.get("deletionTimestamp") or phase_of(body.get("status")) in TERMINAL_PHASES:
             return Verdict.IGNORED
         spec = body.get("spec") or {}
@@ -86,7 +89,13 @@ class Claimer:
             waiting = (f"no agent has claimed it: domain {domain!r} is not running on any node "
                        f"with an agent (re-checked every {self.claim_interval:g} s)")
         if mine:
-            if await self.kube.claim(namespace, name, self.node_name, version):
+            # The finalizer comes with the claim: kopf would otherwise add it in a write of
+            # its own and wait for that to come back before starting to follow the object.
+            finalizers = list(meta.get("finalizers") or [])
+            if FINALIZER not in finalizers:
+                finalizers.append(FINALIZER)
+            if await self.kube.claim(namespace, name, node=self.node_name,
+                                     resource_version=version, finalizers=finalizers):
                 log.info("%s/%s: claimed for node %s", namespace, name, self.node_name)
                 return Verdict.CLAIMED
             log.info("%s/%s: another agent claimed it first", namespace, name)

@@ -67,10 +67,13 @@ class KubeClient:
             raise
         return True
 
-    async def claim(self, namespace: str, name: str, node: str, resource_version: str) -> bool:
+    async def claim(self, namespace: str, name: str, *, node: str, resource_version: str,
+                    finalizers: list[str]) -> bool:
         """The resourceVersion in the patch makes the API server refuse (409) a write based
-        on a stale read, so of two agents racing from the same version only one can win."""
-        body = {"metadata": {"labels": {NODE_LABEL: node}, "resourceVersion": resource_version}}
+        on a stale read, so of two agents racing from the same version only one can win;
+        it also makes the whole finalizer list safe to write (a merge patch replaces lists)."""
+        body = {"metadata": {"labels": {NODE_LABEL: node}, "finalizers": finalizers,
+                             "resourceVersion": resource_version}}
         try:
             await asyncio.to_thread(self._api.patch_namespaced_custom_object,
                                     GROUP, VERSION, namespace, PLURAL, name, body)

@@ -16,7 +16,7 @@ import kopf
 
 from blockcopy import hypervisor
 from blockcopy.agent import Agent, AgentConfig
-from blockcopy.api import GROUP, PLURAL
+from blockcopy.api import FINALIZER, GROUP, PLURAL
 from blockcopy.kube import KubeClient, load_config
 from blockcopy.ports import Hypervisor, HypervisorError
 from blockcopy.probes import LivenessServer
@@ -38,7 +38,7 @@ def configure_kopf(settings: kopf.OperatorSettings, *, selector: str) -> None:
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
         field="status.kopf.lastHandledConfiguration")
-    settings.persistence.finalizer = f"{GROUP}/cancel-job"
+    settings.persistence.finalizer = FINALIZER
     # The agent posts its own Events; kopf would post one per handler log line.
     settings.posting.level = logging.WARNING
     # Server-side filtering: kopf receives only this node's objects (the claimer receives

@@ -20,6 +20,10 @@ PIVOT_SECONDS = Histogram("blockcopy_pivot_latency_seconds",
                           "Time from issuing the pivot to the VM running on the destination",
                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
 ERRORS = Counter("blockcopy_errors", "Failures and refused actions, by reason", ["reason"])
+WATCH_EVENTS = Counter("blockcopy_watch_events", "Watch events received, by stream (objects: "
+                       "this node's, filtered by the API server; unclaimed) and by whose object "
+                       "it was (this-node, other-node, unclaimed): other-node stays 0",
+                       ["stream", "owner"])
 
 for _phase in Phase:
     BLOCKCOPIES.labels(_phase.value)
@@ -54,6 +58,11 @@ class PhaseCounts:
         elif last is None and cur > 0:
             COPIED_BYTES.inc(cur)
         self._cur[key] = max(cur, last or 0)
+
+
+def count_watch_event(stream: str, label: str | None, node: str) -> None:
+    owner = "unclaimed" if not label else "this-node" if label == node else "other-node"
+    WATCH_EVENTS.labels(stream, owner).inc()
 
 
 def serve(port: int) -> None:

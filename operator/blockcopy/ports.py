@@ -110,8 +110,10 @@ class Kube(StatusStore, Protocol):
                          message: str) -> None:
         """A core/v1 Event about the object; failures are logged, never raised."""
 
-    async def claim(self, namespace: str, name: str, node: str, resource_version: str) -> bool:
-        """Label the object as this node's, unless it changed since ``resource_version``."""
+    async def claim(self, namespace: str, name: str, *, node: str, resource_version: str,
+                    finalizers: list[str]) -> bool:
+        """Label the object as this node's and set its finalizers, unless it changed since
+        ``resource_version``."""
 
     def unclaimed(self, namespace: str | None, *, timeout: int) -> AsyncIterator[dict[str, Any]]:
         """List, then watch for ``timeout`` seconds, the objects without the claim label

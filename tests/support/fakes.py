@@ -278,11 +278,13 @@ class FakeKube:
                                    copy.deepcopy(status)))
         return True
 
-    async def claim(self, namespace: str, name: str, node: str, resource_version: str) -> bool:
+    async def claim(self, namespace: str, name: str, *, node: str, resource_version: str,
+                    finalizers: list[str]) -> bool:
         body = self.objects.get((namespace, name))
         if body is None or body["metadata"]["resourceVersion"] != resource_version:
             return False
         body["metadata"]["labels"]["blockcopy.dev/node"] = node
+        body["metadata"]["finalizers"] = list(finalizers)
         body["metadata"]["resourceVersion"] = str(next(self._versions))
         return True
 

@@ -91,3 +91,12 @@ async def test_the_watch_retries_api_errors_with_back_off(env, monkeypatch):
     task.cancel()
     gaps = [round(b - a) for a, b in itertools.pairwise(attempts)]
     assert gaps[:7] == [1, 2, 4, 8, 16, 30, 30]
+
+
+async def test_the_claim_adds_the_finalizer_and_keeps_the_users(env):
+    kube, claimer = env.kube, env.claimer
+    body = kube.add("a", {**SPEC, "domain": "here"})
+    body["metadata"]["finalizers"] = ["example.com/keep-me"]
+    assert await claimer.consider(body) == Verdict.CLAIMED
+    assert kube.objects[("ns", "a")]["metadata"]["finalizers"] == [
+        "example.com/keep-me", "blockcopy.dev/cancel-job"]
