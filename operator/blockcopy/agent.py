@@ -17,6 +17,7 @@ from blockcopy.api import NODE_LABEL, TERMINAL_PHASES, Phase, SpecError, parse_r
 from blockcopy.claimer import Claimer
 from blockcopy.follower import Follower, FollowSettings, StopSignal
 from blockcopy.observation import JobEvent
+from blockcopy.policy import Policy
 from blockcopy.ports import Hypervisor, Kube, ObjectRef
 from blockcopy.recorder import Clock, Recorder, phase_of, utc_now
 
@@ -32,6 +33,8 @@ class AgentConfig:
     poll_interval: float = 5.0  # fallback look when no libvirt event arrives
     claim_interval: float = 30.0  # re-check of unclaimed objects
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
+    # Who may copy what (none: anyone, within the allowed roots).
+    policy: Policy = dataclasses.field(default_factory=Policy)
     liveness_port: int = 0  # 0: no liveness endpoint
     metrics_port: int = 0  # 0: no metrics endpoint
 
@@ -45,7 +48,7 @@ class Agent:
         self.claimer = Claimer(kube=kube, hv=hv, recorder=self.recorder,
                                node_name=config.node_name, namespaces=config.namespaces,
                                claim_interval=config.claim_interval)
-        self.settings = FollowSettings(allowed_paths=config.allowed_paths,
+        self.settings = FollowSettings(allowed_paths=config.allowed_paths, policy=config.policy,
                                        status_interval=config.status_interval,
                                        poll_interval=config.poll_interval)
         self.followers: dict[tuple[str, str], Follower] = {}

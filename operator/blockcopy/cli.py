@@ -29,6 +29,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="root under which destinations may be written (repeatable; env "
                         "BLOCKCOPY_ALLOWED_PATHS, colon-separated; "
                         "default /var/lib/libvirt/images)")
+    parser.add_argument("--policy", default=os.environ.get("BLOCKCOPY_POLICY") or None,
+                        metavar="FILE",
+                        help="tenant policy: which namespaces may copy which domains to which "
+                        "roots (env BLOCKCOPY_POLICY; default: none, anyone within the "
+                        "allowed roots); see blockcopy.policy")
     parser.add_argument("--metrics-port", type=int,
                         default=int(os.environ.get("BLOCKCOPY_METRICS_PORT", "0")),
                         help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics "
@@ -61,7 +66,14 @@ def allowed_paths(from_args: list[str] | None) -> tuple[str, ...]:
 
 
 def config_from(args: argparse.Namespace) -> AgentConfig:
+    from blockcopy.policy import PolicyError, load
+
+    try:
+        policy = load(args.policy)
+    except PolicyError as exc:
+        raise SystemExit(f"blockcopy-operator: {exc}") from None
     return AgentConfig(
+        policy=policy,
         node_name=args.node_name or socket.gethostname(),
         libvirt_uri=args.libvirt_uri,
         allowed_paths=allowed_paths(args.allowed_path),

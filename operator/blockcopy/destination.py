@@ -29,6 +29,24 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def chain_member(dest: str, images: Iterable[str | None]) -> str | None:
+    """The image of the source's chain (the active image included) that ``dest`` is, after
+    symlinks and ``..``, or None. Copying into one's own chain, even with reuseExternal,
+    would have QEMU write the data over the image it reads it from."""
+    resolved = os.path.realpath(dest)
+    for image in images:
+        if image is None:
+            continue
+        if os.path.realpath(image) == resolved:
+            return image
+        try:
+            if os.path.exists(dest) and os.path.samefile(dest, image):
+                return image  # a hard link or bind mount of the image
+        except OSError:
+            continue
+    return None
+
+
 def refusal(spec: BlockCopySpec, allowed_roots: Iterable[str]) -> tuple[str, str] | None:
     """(reason, message) if the destination must not be used, else None.
 

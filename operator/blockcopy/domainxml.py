@@ -23,6 +23,22 @@ def _matches(disk_ref: str, target: str | None, source: str | None) -> bool:
     return bool(source and os.path.isabs(disk_ref) and os.path.normpath(disk_ref) == source)
 
 
+# The namespace of the agent's own element in a domain's <metadata> (see blockcopy.policy).
+POLICY_METADATA_NS = "https://blockcopy.dev/policy/v1"
+
+
+def tenant_of(domain_xml: str) -> str | None:
+    """The tenant a domain's ``<metadata>`` assigns it, e.g.
+    ``<blockcopy:policy xmlns:blockcopy="https://blockcopy.dev/policy/v1" tenant="team-a"/>``."""
+    metadata = ET.fromstring(domain_xml).find("metadata")
+    if metadata is None:
+        return None
+    for elem in metadata:
+        if elem.tag.startswith(f"{{{POLICY_METADATA_NS}}}") and elem.get("tenant"):
+            return elem.get("tenant")
+    return None
+
+
 def parse_disk(domain_xml: str, disk_ref: str) -> DiskInfo | None:
     """The disk named by target (``vda``) or by source path, or None if the domain has none."""
     root = ET.fromstring(domain_xml)
@@ -33,7 +49,11 @@ def parse_disk(domain_xml: str, disk_ref: str) -> DiskInfo | None:
         if not _matches(disk_ref, target, source):
             continue
         driver = disk.find("driver")
-        backing = disk.find("backingStore")
+        chain = []
+        store = disk.find("backingStore")
+        while store is not None and (path := _source_path(store.find("source"))):
+            chain.append(path)
+            store = store.find("backingStore")
         mirror_elem = disk.find("mirror")
         mirror = None
         if mirror_elem is not None:
@@ -44,8 +64,9 @@ def parse_disk(domain_xml: str, disk_ref: str) -> DiskInfo | None:
             target=target,
             source=source,
             source_format=driver.get("type") if driver is not None else None,
-            backing=_source_path(backing.find("source")) if backing is not None else None,
+            backing=chain[0] if chain else None,
             mirror=mirror,
+            chain=tuple(chain),
         )
     return None
 

@@ -32,6 +32,7 @@ from blockcopy.api import (
 )
 from blockcopy.backoff import LIBVIRT_UNREACHABLE, REFUSED_ACTION, Backoff
 from blockcopy.observation import DiskState, JobEvent
+from blockcopy.policy import Policy
 from blockcopy.ports import CopyRequest, Hypervisor, HypervisorError, HypervisorUnavailable
 from blockcopy.reconcile import Action, Decision
 from blockcopy.recorder import ObjectRecorder
@@ -50,6 +51,8 @@ class StopSignal(Protocol):
 @dataclasses.dataclass(frozen=True)
 class FollowSettings:
     allowed_paths: tuple[str, ...]
+    # Who may copy what (none: anyone, within the allowed roots).
+    policy: Policy = dataclasses.field(default_factory=Policy)
     status_interval: float = 1.0  # cur/end refresh while Copying
     poll_interval: float = 5.0  # fallback look when no event arrives
 
@@ -182,6 +185,10 @@ class Follower:
                                               previous=previous.get("conditions"))
         if not started_job:
             refusal = destination.refusal(spec, self.settings.allowed_paths)
+            forbidden = self.settings.policy.precheck(namespace=self.recorder.ref.namespace,
+                                                      dest=spec.dest)
+            if forbidden is not None:
+                refusal = ("Forbidden", forbidden)
             if refusal is not None:  # before libvirt is called: nothing is created
                 await self.recorder.record(
                     Decision(Phase.FAILED, reason=refusal[0], message=refusal[1]),
@@ -196,6 +203,9 @@ class Follower:
                 # BlockCopies for one disk, the second then sees the first's job (DiskBusy).
                 async with self.start_lock:
                     disk, decision = await self._observe_and_decide(spec, current)
+                    if decision.action == Action.START_COPY:
+                        decision = (self._refuse_by_policy(spec, disk)
+                                    or self._refuse_own_chain(spec, disk) or decision)
                     if decision.action == Action.START_COPY:
                         decision, started = await self._start(spec, disk, raw_spec, decision)
             else:
@@ -238,6 +248,26 @@ class Follower:
         decision = reconcile.decide(spec, current, disk, last_event=self.last_event,
                                     was_mirrored=bool(self.recorder.status.get("mirroredTime")))
         return disk, decision
+
+    def _refuse_by_policy(self, spec: BlockCopySpec, disk: DiskState) -> Decision | None:
+        forbidden = self.settings.policy.check(
+            namespace=self.recorder.ref.namespace, domain=spec.domain,
+            tenant=disk.domain_tenant, dest=spec.dest)
+        if forbidden is None:
+            return None
+        return Decision(Phase.FAILED, reason="Forbidden",
+                        message=f"{forbidden} (the agent's policy); nothing was started")
+
+    @staticmethod
+    def _refuse_own_chain(spec: BlockCopySpec, disk: DiskState) -> Decision | None:
+        image = destination.chain_member(spec.dest, [disk.source, *disk.chain])
+        if image is None:
+            return None
+        what = "the disk's active image" if image == disk.source else \
+            "an image of the disk's backing chain"
+        return Decision(Phase.FAILED, reason="DestInSourceChain",
+                        message=f"dest {spec.dest} is {image}, {what}: a copy into its own "
+                        "chain would overwrite what it reads; nothing was started")
 
     async def _start(self, spec: BlockCopySpec, disk: DiskState, raw_spec: Mapping[str, Any],
                      decision: Decision) -> tuple[Decision, dict[str, Any] | None]:

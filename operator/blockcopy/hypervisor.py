@@ -23,7 +23,7 @@ import libvirt
 import libvirtaio
 
 from blockcopy.api import Flag
-from blockcopy.domainxml import dest_disk_xml, parse_disk
+from blockcopy.domainxml import dest_disk_xml, parse_disk, tenant_of
 from blockcopy.observation import DiskState, JobEvent, JobProgress
 from blockcopy.ports import CopyRequest, HypervisorError, HypervisorUnavailable, JobListener
 
@@ -206,7 +206,8 @@ class LibvirtHypervisor:
                 return DiskState(domain_found=False)  # gone between the calls
             raise
         try:
-            disk = parse_disk(dom.XMLDesc(0), disk_ref)
+            xml = dom.XMLDesc(0)
+            disk, tenant = parse_disk(xml, disk_ref), tenant_of(xml)
             job = None
             if running and disk is not None and disk.target:
                 info = dom.blockJobInfo(disk.target,
@@ -223,7 +224,7 @@ class LibvirtHypervisor:
                                            persistent=persistent, disk=None)
             raise
         return DiskState.of_domain(uuid=uuid, name=name, running=running,
-                                   persistent=persistent, disk=disk, job=job)
+                                   persistent=persistent, disk=disk, job=job, tenant=tenant)
 
     async def observe(self, domain: str, disk: str) -> DiskState:
         return await self._in_thread(lambda: self._observe(domain, disk))

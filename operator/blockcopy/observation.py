@@ -48,6 +48,7 @@ class DiskInfo:
     source_format: str | None = None
     backing: str | None = None  # the active image's backing file, if libvirt knows it
     mirror: Mirror | None = None  # a copy job's destination
+    chain: tuple[str, ...] = ()  # the backing images below the active one, nearest first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,7 @@ class DiskState:
     domain_name: str | None = None
     domain_running: bool = False
     domain_persistent: bool = False
+    domain_tenant: str | None = None  # from the domain's <metadata> (see blockcopy.policy)
     disk_found: bool = False
     target: str | None = None
     source: str | None = None  # path of the active image (file or block device)
@@ -64,15 +66,19 @@ class DiskState:
     backing: str | None = None  # the active image's backing file, if libvirt knows it
     job: JobProgress | None = None  # any block job on the disk
     mirror: Mirror | None = None  # a copy job's destination, from the live XML
+    chain: tuple[str, ...] = ()  # the backing images below the active one, nearest first
 
     @classmethod
     def of_domain(cls, *, uuid: str, name: str, running: bool, persistent: bool,
-                  disk: DiskInfo | None, job: JobProgress | None = None) -> DiskState:
+                  disk: DiskInfo | None, job: JobProgress | None = None,
+                  tenant: str | None = None) -> DiskState:
         """A domain that exists, with the disk's XML (None: no such disk) and its block job."""
         domain = cls(domain_found=True, domain_uuid=uuid, domain_name=name,
-                     domain_running=running, domain_persistent=persistent)
+                     domain_running=running, domain_persistent=persistent,
+                     domain_tenant=tenant)
         if disk is None:
             return domain
         return dataclasses.replace(
             domain, disk_found=True, target=disk.target, source=disk.source,
-            source_format=disk.source_format, backing=disk.backing, mirror=disk.mirror, job=job)
+            source_format=disk.source_format, backing=disk.backing, mirror=disk.mirror, job=job,
+            chain=disk.chain)

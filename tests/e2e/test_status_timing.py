@@ -36,7 +36,7 @@ class ReadyEvents:
         while True:
             libvirt.virEventRunDefaultImpl()
 
-    def _on_event(self, conn, dom, disk, job_type, status, opaque) -> None:  # noqa: ARG002
+    def _on_event(self, conn, dom, disk, job_type, status, opaque) -> None:
         if status == libvirt.VIR_DOMAIN_BLOCK_JOB_READY:
             self.ready.setdefault(dom.name(), time.monotonic())
 

@@ -41,6 +41,7 @@ class FakeDisk:
     source: str
     format: str = "qcow2"
     backing: str | None = None
+    chain: tuple[str, ...] = ()  # backing images, nearest first
     size: int = 64 << 20
     job: FakeJob | None = None
 
@@ -155,7 +156,9 @@ class FakeHypervisor:
                 job = JobProgress(cur=found.job.cur, end=found.job.end,
                                   bandwidth=found.job.bandwidth)
             info = DiskInfo(target=found.target, source=found.source,
-                            source_format=found.format, backing=found.backing, mirror=mirror)
+                            source_format=found.format,
+                            backing=found.chain[0] if found.chain else found.backing,
+                            mirror=mirror, chain=found.chain)
         return DiskState.of_domain(uuid=dom.uuid, name=dom.name, running=dom.running,
                                    persistent=dom.persistent, disk=info,
                                    job=job if dom.running else None)

@@ -257,3 +257,17 @@ async def test_mirror_state_after_ready_without_event(s):
     assert s.hv.disk("vm").job.ready == MirrorReady.READY
     assert at <= 2  # the Copying poll runs every status interval
     await s.finish()
+
+
+async def test_a_destination_in_the_source_chain_is_refused_before_libvirt(s, tmp_path):
+    base = tmp_path / "base.qcow2"
+    base.write_bytes(b"QFI\xfb")
+    s.hv.disk("vm").chain = (str(base),)
+    body = s.create(dest=str(base), flags=["reuseExternal"])
+    await s.agent.follow(body, s.stop)  # terminal: returns by itself
+    status = s.kube.status_of("bc")
+    assert status["phase"] == "Failed"
+    assert [c["reason"] for c in status["conditions"] if c["type"] == "Failed"] == [
+        "DestInSourceChain"]
+    assert "start_copy" not in s.hv.verbs()
+    assert base.read_bytes() == b"QFI\xfb"

@@ -53,11 +53,35 @@ DOMAIN = """<domain type='qemu'><name>vm</name><devices>
 </devices></domain>"""
 
 
+def test_parse_disk_reads_the_whole_backing_chain():
+    xml = DOMAIN.replace("<backingStore/></backingStore>", """<backingStore type='file'>
+        <source file='/img/deeper.qcow2'/><backingStore type='file'>
+        <source file='/img/deepest.qcow2'/><backingStore/></backingStore></backingStore>
+        </backingStore>""")
+    vda = parse_disk(xml, "vda")
+    assert vda.chain == ("/img/base.qcow2", "/img/deeper.qcow2", "/img/deepest.qcow2")
+    assert vda.backing == "/img/base.qcow2"
+
+
+def test_dest_in_the_source_chain_is_found_through_symlinks_and_links(tmp_path):
+    top, base = tmp_path / "top.qcow2", tmp_path / "base.qcow2"
+    top.write_bytes(b"t")
+    base.write_bytes(b"b")
+    (tmp_path / "alias.qcow2").symlink_to(base)
+    os.link(top, tmp_path / "hard.qcow2")
+    chain = [str(top), str(base)]
+    assert destination.chain_member(str(tmp_path / "alias.qcow2"), chain) == str(base)
+    assert destination.chain_member(str(tmp_path / "hard.qcow2"), chain) == str(top)
+    assert destination.chain_member(str(tmp_path / "x" / ".." / "top.qcow2"), chain) == str(top)
+    assert destination.chain_member(str(tmp_path / "new.qcow2"), chain) is None
+
+
 def test_parse_disk_by_target_and_by_source_path():
     vda = parse_disk(DOMAIN, "vda")
     assert vda == DiskInfo(target="vda", source="/img/top.qcow2", source_format="qcow2",
                            backing="/img/base.qcow2",
-                           mirror=Mirror(dest="/img/copy.qcow2", ready=MirrorReady.READY))
+                           mirror=Mirror(dest="/img/copy.qcow2", ready=MirrorReady.READY),
+                           chain=("/img/base.qcow2",))
     assert parse_disk(DOMAIN, "/img/top.qcow2") == vda
     assert parse_disk(DOMAIN, "/img/../img/top.qcow2") == vda  # normalized
     vdb = parse_disk(DOMAIN, "/dev/loop7")

@@ -1,0 +1,122 @@
+"""The tenant policy: parsing (clear errors), who may copy what, and the follow loop refusing
+a forbidden object before any libvirt action (on the FAKES)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from blockcopy.agent import Agent, AgentConfig
+from blockcopy.domainxml import tenant_of
+from blockcopy.policy import Policy, PolicyError, load, parse
+from support.fakes import FakeHypervisor, FakeKube, Stop
+
+RULES = {"rules": [
+    {"namespaces": ["team-a"], "domains": ["web-*"], "destinations": ["/images/a"]},
+    {"namespaces": ["team-b*"], "tenant": "b", "destinations": ["/images/b", "/images/shared"]},
+]}
+
+
+@pytest.fixture
+def policy() -> Policy:
+    return parse(RULES)
+
+
+def test_no_policy_allows_everything():
+    assert not Policy().enabled
+    assert Policy().check(namespace="x", domain="y", tenant=None, dest="/z") is None
+    assert load(None) == Policy() and load("") == Policy()
+
+
+def test_namespaces_not_covered_are_refused_before_libvirt(policy):
+    refused = policy.precheck(namespace="team-c", dest="/images/a/x.qcow2")
+    assert refused is not None and "'team-c' may not use BlockCopy" in refused
+    assert policy.precheck(namespace="team-a", dest="/images/a/x.qcow2") is None
+    assert policy.precheck(namespace="team-b-dev", dest="/images/shared/x") is None
+
+
+def test_destinations_are_per_namespace_and_resolved(policy, tmp_path):
+    refused = policy.precheck(namespace="team-a", dest="/images/b/x.qcow2")
+    assert refused is not None and "its destination roots are /images/a" in refused
+    assert policy.precheck(namespace="team-a", dest="/images/a/../b/x.qcow2") is not None
+
+
+def test_domains_by_name_pattern_or_by_tenant(policy):
+    ok = {"tenant": None, "dest": "/images/a/x"}
+    assert policy.check(namespace="team-a", domain="web-1", **ok) is None
+    refused = policy.check(namespace="team-a", domain="db-1", **ok)
+    assert refused is not None and "may not act on domain 'db-1'" in refused
+    assert policy.check(namespace="team-b", domain="anything", tenant="b",
+                        dest="/images/b/x") is None
+    assert policy.check(namespace="team-b", domain="anything", tenant="a",
+                        dest="/images/b/x") is not None
+    assert policy.check(namespace="team-b", domain="anything", tenant=None,
+                        dest="/images/b/x") is not None
+
+
+@pytest.mark.parametrize("raw, message", [
+    ([], "a mapping with a list under 'rules'"),
+    ({"rules": [{"namespaces": ["a"], "domains": ["x"]}]},
+     "rules[0].destinations must be a list of non-empty strings"),
+    ({"rules": [{"namespaces": [], "domains": ["x"], "destinations": ["/d"]}]},
+     "needs namespaces and destinations"),
+    ({"rules": [{"namespaces": ["a"], "destinations": ["/d"]}]}, "needs domains or a tenant"),
+    ({"rules": [{"namespaces": ["a"], "domains": ["x"], "destinations": ["rel"]}]},
+     "must be absolute"),
+    ({"rules": [{"namespaces": "a", "domains": ["x"], "destinations": ["/d"]}]},
+     "must be a list of non-empty strings"),
+    ({"rules": [{"namespaces": ["a"], "domains": ["x"], "destinations": ["/d"],
+                 "dest": "/typo"}]}, "unknown keys ['dest']"),
+])
+def test_invalid_policies_say_what_is_wrong(raw, message):
+    with pytest.raises(PolicyError, match=re.escape(message)):
+        parse(raw)
+
+
+def test_load_reads_yaml(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text("rules:\n- namespaces: [a]\n  domains: ['*']\n  destinations: [/d]\n")
+    assert load(str(path)).rules[0].namespaces == ("a",)
+    path.write_text("rules: [\n")
+    with pytest.raises(PolicyError, match="not YAML"):
+        load(str(path))
+
+
+def test_tenant_comes_from_the_domains_metadata():
+    xml = """<domain><name>vm</name><metadata>
+      <other:x xmlns:other="https://example.com/x" tenant="nope"/>
+      <blockcopy:policy xmlns:blockcopy="https://blockcopy.dev/policy/v1" tenant="team-a"/>
+      </metadata></domain>"""
+    assert tenant_of(xml) == "team-a"
+    assert tenant_of("<domain><name>vm</name></domain>") is None
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_a_forbidden_object_fails_without_any_libvirt_action(tmp_path):
+    hv, kube = FakeHypervisor(), FakeKube()
+    hv.add_domain("db-1")
+    allowed = tmp_path / "images" / "a"
+    allowed.mkdir(parents=True)
+    policy = parse({"rules": [{"namespaces": ["ns"], "domains": ["web-*"],
+                               "destinations": [str(allowed)]}]})
+    agent = Agent(AgentConfig(node_name="n", allowed_paths=(str(tmp_path),), policy=policy),
+                  kube=kube, hv=hv)
+    body = kube.add("bc", {"domain": "db-1", "disk": "vda", "dest": str(allowed / "c.qcow2")},
+                    labels={"blockcopy.dev/node": "n"})
+    await asyncio.wait_for(agent.follow(body, Stop()), 10)
+    status = kube.status_of("bc")
+    assert status["phase"] == "Failed"
+    assert "may not act on domain 'db-1'" in status["message"]
+    assert [c["reason"] for c in status["conditions"] if c["type"] == "Failed"] == ["Forbidden"]
+    assert hv.verbs() == ["observe"]  # a read-only look at the domain, nothing else
+    outside = kube.add("bc2", {"domain": "web-1", "disk": "vda",
+                               "dest": str(tmp_path / "c.qcow2")},
+                       labels={"blockcopy.dev/node": "n"})
+    await asyncio.wait_for(agent.follow(outside, Stop()), 10)
+    assert kube.status_of("bc2")["phase"] == "Failed"
+    assert hv.verbs() == ["observe"]  # refused before libvirt was asked anything
+    await agent.recorder.drain()
+    assert [e.type for e in kube.events] == ["Warning", "Warning"]
