@@ -357,19 +357,41 @@ if [ -z "$KCM_PID" ]; then
 fi
 
 # ---------------------------------------------------------------- libvirt
-# No init system starts libvirtd here. Start it only when nobody else did, and leave a marker
-# so cluster-down stops only what we started.
+# No init system starts libvirtd here. Start what is missing (each daemon on its own: virtlogd
+# may be alive while libvirtd is not), and leave a marker so cluster-down stops only what we
+# started.
 virsh_ok() { timeout 10 "${VIRSH[@]}" version >/dev/null 2>&1; }
-if ! virsh_ok; then
-  [ "$(id -u)" -eq 0 ] || die "libvirtd is not running and starting it needs root"
-  log "starting virtlogd and libvirtd"
-  # libvirtd -d reuses /run/libvirtd.pid; it refuses to start while another instance holds it.
+# daemon_pid NAME: the pid in /run/NAME.pid if that process is alive and is NAME.
+daemon_pid() {
+  local pid
+  pid=$(cat "/run/$1.pid" 2>/dev/null || true)
+  if [[ "$pid" =~ ^[0-9]+$ ]] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ]; then
+    echo "$pid"
+  fi
+}
+# virtlogd too, even when libvirtd answers: QEMU's log goes through it, and a new domain
+# does not start without it.
+if [ -z "$(daemon_pid virtlogd)" ] && [ "$(id -u)" -eq 0 ] && ! pgrep -x virtlogd >/dev/null; then
+  log "starting virtlogd"
   virtlogd -d </dev/null >>"$LOGS/virtlogd.log" 2>&1 9>&-
-  libvirtd -d </dev/null >>"$LOGS/libvirtd.log" 2>&1 9>&-
   touch "$RUN/libvirt-started-by-us"
+fi
+if ! virsh_ok; then
+  [ "$(id -u)" -eq 0 ] || die "libvirtd does not answer and starting it needs root"
+  LIBVIRTD_PID=$(daemon_pid libvirtd)
+  if [ -n "$LIBVIRTD_PID" ] && ! wait_for 30 "$LIBVIRTD_PID" virsh_ok; then
+    log "libvirtd (pid $LIBVIRTD_PID) does not answer; restarting it"
+    stop_pid "$LIBVIRTD_PID"; LIBVIRTD_PID=
+  fi
+  if [ -z "$LIBVIRTD_PID" ]; then
+    log "starting libvirtd"
+    # libvirtd -d reuses /run/libvirtd.pid; it refuses to start while another instance holds it.
+    libvirtd -d </dev/null >>"$LOGS/libvirtd.log" 2>&1 9>&-
+    touch "$RUN/libvirt-started-by-us"
+  fi
   deadline=$((SECONDS + 30))
   until virsh_ok; do
-    [ "$SECONDS" -lt "$deadline" ] || die "libvirtd did not answer within 30 s"
+    [ "$SECONDS" -lt "$deadline" ] || die "libvirtd did not answer within 30 s (log: $LOGS/libvirtd.log)"
     sleep 0.5
   done
 fi
