@@ -18,8 +18,9 @@ from blockcopy.claimer import Claimer
 from blockcopy.follower import Follower, FollowSettings, StopSignal
 from blockcopy.observation import JobEvent
 from blockcopy.policy import Policy
-from blockcopy.ports import Hypervisor, Kube, ObjectRef
+from blockcopy.ports import Hypervisor, Images, Kube, ObjectRef
 from blockcopy.recorder import Clock, Recorder, phase_of, utc_now
+from blockcopy.starting import StartSettings
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class AgentConfig:
     node_name: str
     libvirt_uri: str = "qemu:///system"
     allowed_paths: tuple[str, ...] = destination.DEFAULT_ALLOWED_PATHS
+    allowed_network_dests: tuple[str, ...] = ()  # HOST:PORT or socket directories
     status_interval: float = 1.0  # at most one progress write per object per interval
     poll_interval: float = 5.0  # fallback look when no libvirt event arrives
     claim_interval: float = 30.0  # re-check of unclaimed objects
@@ -40,16 +42,18 @@ class AgentConfig:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, *, kube: Kube, hv: Hypervisor,
+    def __init__(self, config: AgentConfig, *, kube: Kube, hv: Hypervisor, images: Images,
                  clock: Clock = utc_now):
-        self.config, self.kube, self.hv = config, kube, hv
+        self.config, self.kube, self.hv, self.images = config, kube, hv, images
         self.recorder = Recorder(kube=kube, node_name=config.node_name,
                                  status_interval=config.status_interval, clock=clock)
         self.claimer = Claimer(kube=kube, hv=hv, recorder=self.recorder,
                                node_name=config.node_name, namespaces=config.namespaces,
                                claim_interval=config.claim_interval)
-        self.settings = FollowSettings(allowed_paths=config.allowed_paths, policy=config.policy,
-                                       status_interval=config.status_interval,
+        start = StartSettings(allowed_paths=config.allowed_paths,
+                              allowed_network=config.allowed_network_dests,
+                              policy=config.policy)
+        self.settings = FollowSettings(start=start, status_interval=config.status_interval,
                                        poll_interval=config.poll_interval)
         self.followers: dict[tuple[str, str], Follower] = {}
         self._start_lock = asyncio.Lock()  # starts are serialized: one job per disk
@@ -96,7 +100,7 @@ class Agent:
         """Drive one owned object until it is terminal, deleted, or the agent stops."""
         ref = ObjectRef.of(body)
         key = (ref.namespace, ref.name)
-        follower = Follower(body, hv=self.hv, settings=self.settings,
+        follower = Follower(body, hv=self.hv, images=self.images, settings=self.settings,
                             recorder=self.recorder.for_object(ref, body.get("status")),
                             start_lock=self._start_lock)
         self.followers[key] = follower

@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import math
 import os
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ FINALIZER = f"{GROUP}/cancel-job"
 
 class Phase(enum.StrEnum):
     PENDING = "Pending"
+    PREPARING = "Preparing"  # the agent prepares the destination (base, chain move)
     COPYING = "Copying"
     MIRRORED = "Mirrored"
     PIVOTING = "Pivoting"
@@ -34,6 +36,8 @@ class Phase(enum.StrEnum):
 TERMINAL_PHASES = frozenset({Phase.PIVOTED, Phase.ABORTED, Phase.FAILED})
 # Phases in which a libvirt job of ours may exist on the disk.
 JOB_PHASES = frozenset({Phase.COPYING, Phase.MIRRORED, Phase.PIVOTING, Phase.ABORTING})
+# Phases before any job of ours exists (a restart in these decides afresh).
+BEFORE_JOB_PHASES = frozenset({Phase.PENDING, Phase.PREPARING})
 
 
 class Flag(enum.StrEnum):
@@ -46,7 +50,7 @@ class Flag(enum.StrEnum):
 # Fields that cannot change once the job started (the agent keeps what it started with).
 # granularity and bufSize act only at the start, so a later change could only be ignored.
 IMMUTABLE_FIELDS = ("domain", "nodeName", "disk", "dest", "format", "base", "flags",
-                    "granularity", "bufSize")
+                    "granularity", "bufSize", "backingChain")
 
 
 def _normal(field: str, value: Any) -> Any:
@@ -100,12 +104,81 @@ class SpecError(ValueError):
     """The spec cannot be acted on; the message is shown to the user as is."""
 
 
+class BackingChain(enum.StrEnum):
+    """spec.backingChain: what happens to the images below the active one."""
+
+    COPY = "copy"  # move them too, next to dest (the oVirt flow, automated)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkDest:
+    """A network destination: an NBD export (TCP or a Unix socket)."""
+
+    export: str
+    host: str | None = None
+    port: int | None = None
+    socket: str | None = None
+    protocol: str = "nbd"
+
+    @property
+    def endpoint(self) -> str:
+        """What --allowed-network-dest names: HOST:PORT, or the socket's path."""
+        return self.socket if self.socket else f"{self.host}:{self.port}"
+
+    @property
+    def uri(self) -> str:
+        """The URI qemu-img and QEMU take for it."""
+        if self.socket:
+            return f"nbd+unix:///{self.export}?socket={self.socket}"
+        return f"nbd://{self._bracketed_host}:{self.port}/{self.export}"
+
+    @property
+    def _bracketed_host(self) -> str:
+        return f"[{self.host}]" if self.host and ":" in self.host else str(self.host)
+
+
+NBD_DEFAULT_PORT = 10809
+
+
+def parse_network_dest(text: str) -> NetworkDest | None:
+    """``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``; None if ``text``
+    is not a URI at all (a path). Raises SpecError for a URI the agent cannot use."""
+    if "://" not in text:
+        return None
+    parts = urllib.parse.urlsplit(text)
+    export = urllib.parse.unquote(parts.path.removeprefix("/"))
+    if not export or "/" in export:
+        raise SpecError(f"spec.dest {text!r}: the NBD export name is missing (…/EXPORT)")
+    if parts.fragment:
+        raise SpecError(f"spec.dest {text!r}: no #fragment in an NBD URI")
+    if parts.scheme == "nbd":
+        if parts.query:
+            raise SpecError(f"spec.dest {text!r}: nbd:// takes no query")
+        try:
+            port = parts.port or NBD_DEFAULT_PORT
+        except ValueError:
+            raise SpecError(f"spec.dest {text!r}: the port is not a number in 1-65535") from None
+        if not parts.hostname:
+            raise SpecError(f"spec.dest {text!r}: nbd://HOST:PORT/EXPORT needs a host")
+        return NetworkDest(export=export, host=parts.hostname, port=port)
+    if parts.scheme == "nbd+unix":
+        query = urllib.parse.parse_qs(parts.query, strict_parsing=bool(parts.query))
+        sockets = query.pop("socket", [])
+        if parts.netloc or query or len(sockets) != 1 or not os.path.isabs(sockets[0]):
+            raise SpecError(f"spec.dest {text!r}: write nbd+unix:///EXPORT?socket=/ABSOLUTE/PATH")
+        return NetworkDest(export=export, socket=os.path.normpath(sockets[0]))
+    raise SpecError(f"spec.dest {text!r}: network destinations are NBD URIs "
+                    "(nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockCopySpec:
     domain: str
     disk: str
     dest: str
     node_name: str | None = None
+    network: NetworkDest | None = None  # dest is an NBD export (dest holds its URI)
+    backing_chain: BackingChain | None = None
     format: str | None = None
     base: str | None = None
     flags: frozenset[Flag] = frozenset()
@@ -193,10 +266,14 @@ def parse_spec(raw: Any) -> BlockCopySpec:
     disk = _string(raw, "disk", required=True)
     dest = _string(raw, "dest", required=True)
     assert domain and disk and dest  # for the type checker: required above
-    if not os.path.isabs(dest):
-        raise SpecError(f"spec.dest must be an absolute path, not {dest!r}")
-    if dest.endswith("/"):
-        raise SpecError(f"spec.dest must name a file or block device, not a directory: {dest!r}")
+    network = parse_network_dest(dest)
+    if network is None:
+        if not os.path.isabs(dest):
+            raise SpecError(f"spec.dest must be an absolute path or an NBD URI, not {dest!r}")
+        if dest.endswith("/"):
+            raise SpecError(f"spec.dest must name a file or block device, not a directory: "
+                            f"{dest!r}")
+        dest = os.path.normpath(dest)
     fmt = _string(raw, "format")
     if fmt is not None and not fmt.replace("-", "").replace("_", "").isalnum():
         raise SpecError(f"spec.format {fmt!r} is not an image format name such as raw or qcow2")
@@ -217,11 +294,41 @@ def parse_spec(raw: Any) -> BlockCopySpec:
     if base is not None and Flag.SHALLOW in flags:
         raise SpecError("spec.base and the shallow flag cannot be combined: shallow already "
                         "means base = the top image's backing file")
+    chain_mode = _string(raw, "backingChain")
+    backing_chain = None
+    if chain_mode is not None:
+        try:
+            backing_chain = BackingChain(chain_mode)
+        except ValueError:
+            raise SpecError(f"spec.backingChain {chain_mode!r}: the only value is "
+                            f"{BackingChain.COPY.value!r}") from None
+        if base is not None or Flag.SHALLOW in flags or Flag.REUSE_EXTERNAL in flags:
+            raise SpecError("spec.backingChain: copy moves the whole chain; it cannot be "
+                            "combined with spec.base, shallow or reuseExternal")
+        if network is not None:
+            raise SpecError("spec.backingChain: copy needs a directory for the lower images; "
+                            "a network destination has none")
+        if fmt not in (None, "qcow2"):
+            raise SpecError("spec.backingChain: copy writes qcow2 images (they have backing "
+                            f"files); spec.format {fmt!r} cannot hold that")
+    if network is not None:
+        if fmt not in (None, "raw"):
+            raise SpecError(f"spec.format {fmt!r}: a network destination is written raw "
+                            "(libvirt does not probe network targets)")
+        if base is not None or Flag.SHALLOW in flags:
+            raise SpecError("a network destination takes a full copy: spec.base and shallow "
+                            "would leave it pointing at backing files it cannot reach")
+        fmt = "raw"
+    if base is not None and fmt not in (None, "qcow2"):
+        raise SpecError(f"spec.base needs a qcow2 destination (it gets a backing file); "
+                        f"spec.format {fmt!r} cannot hold one")
 
     return BlockCopySpec(
         domain=domain,
         disk=disk,
-        dest=os.path.normpath(dest),
+        dest=dest,
+        network=network,
+        backing_chain=backing_chain,
         node_name=_string(raw, "nodeName"),
         format=fmt,
         base=base,

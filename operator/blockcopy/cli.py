@@ -29,6 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="root under which destinations may be written (repeatable; env "
                         "BLOCKCOPY_ALLOWED_PATHS, colon-separated; "
                         "default /var/lib/libvirt/images)")
+    parser.add_argument("--allowed-network-dest", action="append", default=None,
+                        metavar="ENTRY",
+                        help="allow network destinations (NBD) at ENTRY: HOST:PORT, or a "
+                        "directory holding Unix sockets (repeatable; env "
+                        "BLOCKCOPY_ALLOWED_NETWORK_DESTS, comma-separated; default: none, a "
+                        "network destination sends VM data off the host)")
     parser.add_argument("--policy", default=os.environ.get("BLOCKCOPY_POLICY") or None,
                         metavar="FILE",
                         help="tenant policy: which namespaces may copy which domains to which "
@@ -77,6 +83,9 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         node_name=args.node_name or socket.gethostname(),
         libvirt_uri=args.libvirt_uri,
         allowed_paths=allowed_paths(args.allowed_path),
+        allowed_network_dests=tuple(args.allowed_network_dest or [
+            e.strip() for e in os.environ.get("BLOCKCOPY_ALLOWED_NETWORK_DESTS", "").split(",")
+            if e.strip()]),
         status_interval=args.status_interval,
         claim_interval=args.claim_interval,
         namespaces=tuple(args.namespace or ()),

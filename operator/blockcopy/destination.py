@@ -73,3 +73,65 @@ def refusal(spec: BlockCopySpec, allowed_roots: Iterable[str]) -> tuple[str, str
     if exists and not (is_block_device(resolved) or os.path.isfile(resolved)):
         return ("DestNotFileOrDevice", f"dest {spec.dest} is neither a file nor a block device")
     return None
+
+
+def allocated(path: str) -> int:
+    """Bytes a file occupies on its storage (sparse files count their data only)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def device_size(path: str) -> int:
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def space_refusal(dest: str, *, required: int, capacity: int, reuse: bool,
+                  network_size: int | None = None) -> tuple[str, str] | None:
+    """(reason, message) if ``dest`` cannot hold the copy, checked before libvirt is called:
+    the exact size of a block device or network export, or the free space of the file
+    system that will hold a file (``required`` bytes of data to write)."""
+    if network_size is not None:
+        if network_size < capacity:
+            return ("DestNoSpace", f"the NBD export {dest} holds {network_size} bytes, the disk "
+                    f"{capacity}: it cannot hold the copy")
+        if network_size != capacity:
+            return ("DestSizeMismatch", f"the NBD export {dest} holds {network_size} bytes, the "
+                    f"disk {capacity}: QEMU mirrors only onto a target of the same size")
+        return None
+    resolved = os.path.realpath(dest)
+    if is_block_device(resolved):
+        size = device_size(resolved)
+        if size < capacity:
+            return ("DestNoSpace", f"block device {dest} holds {size} bytes ({_mib(size)}), the "
+                    f"disk {capacity} ({_mib(capacity)}): it cannot hold the copy")
+        return None
+    needed = max(0, required - (allocated(resolved) if reuse else 0))
+    stat = os.statvfs(os.path.dirname(resolved))
+    free = stat.f_bavail * stat.f_frsize
+    if needed > free:
+        return ("DestNoSpace", f"{os.path.dirname(resolved)} has {_mib(free)} free, the copy "
+                f"needs about {_mib(needed)} (the data allocated in the images it copies): "
+                "nothing was started")
+    return None
+
+
+def network_refusal(endpoint: str, allowed: Iterable[str]) -> tuple[str, str] | None:
+    """A network destination (HOST:PORT, or a socket path) must be allowed by the agent's
+    configuration: it sends the VM's data off the host."""
+    allowed = list(allowed)
+    for entry in allowed:
+        if entry == endpoint:
+            return None
+        if endpoint.startswith("/") and entry.startswith("/") and \
+                _within(os.path.realpath(endpoint), os.path.realpath(entry)):
+            return None
+    shown = ", ".join(allowed) or "none"
+    return ("DestNotAllowed", f"network destination {endpoint} is not allowed on this node "
+            f"(allowed: {shown}; see the agent's --allowed-network-dest)")

@@ -8,13 +8,30 @@ import os
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import quoteattr
 
+from blockcopy.api import NBD_DEFAULT_PORT, NetworkDest
 from blockcopy.observation import DiskInfo, Mirror, MirrorReady
 
 
 def _source_path(elem: ET.Element | None) -> str | None:
+    """A file's or block device's path; for an NBD source the URI it would be written as in
+    spec.dest (so that "is this our destination" is one string comparison)."""
     if elem is None:
         return None
+    if elem.get("protocol") == "nbd":
+        host = elem.find("host")
+        export = elem.get("name") or ""
+        if host is not None and host.get("transport") == "unix":
+            return NetworkDest(export=export, socket=host.get("socket")).uri
+        name = host.get("name") if host is not None else None
+        port = int(host.get("port") or NBD_DEFAULT_PORT) if host is not None else \
+            NBD_DEFAULT_PORT
+        return NetworkDest(export=export, host=name, port=port).uri
     return elem.get("file") or elem.get("dev") or elem.get("name")
+
+
+def _format(elem: ET.Element) -> str | None:
+    fmt = elem.find("format")
+    return fmt.get("type") if fmt is not None else None
 
 
 def _matches(disk_ref: str, target: str | None, source: str | None) -> bool:
@@ -49,10 +66,11 @@ def parse_disk(domain_xml: str, disk_ref: str) -> DiskInfo | None:
         if not _matches(disk_ref, target, source):
             continue
         driver = disk.find("driver")
-        chain = []
+        chain, formats = [], []
         store = disk.find("backingStore")
         while store is not None and (path := _source_path(store.find("source"))):
             chain.append(path)
+            formats.append(_format(store) or "")
             store = store.find("backingStore")
         mirror_elem = disk.find("mirror")
         mirror = None
@@ -67,13 +85,24 @@ def parse_disk(domain_xml: str, disk_ref: str) -> DiskInfo | None:
             backing=chain[0] if chain else None,
             mirror=mirror,
             chain=tuple(chain),
+            chain_formats=tuple(formats),
         )
     return None
 
 
-def dest_disk_xml(dest: str, fmt: str, *, block_device: bool) -> str:
-    """The ``<disk>`` element virDomainBlockCopy takes for a file or a block device. The
-    format is always given: libvirt would otherwise probe it (a guest-controlled header)."""
+def dest_disk_xml(dest: str, fmt: str, *, block_device: bool,
+                  network: NetworkDest | None = None) -> str:
+    """The ``<disk>`` element virDomainBlockCopy takes for a file, a block device or an NBD
+    export. The format is always given: libvirt would otherwise probe it (a guest-controlled
+    header), and it does not probe network targets at all."""
+    if network is not None:
+        if network.socket:
+            host = f"<host transport='unix' socket={quoteattr(network.socket)}/>"
+        else:
+            host = f"<host name={quoteattr(str(network.host))} port='{network.port}'/>"
+        return (f"<disk type='network'><driver name='qemu' type={quoteattr(fmt)}/>"
+                f"<source protocol='nbd' name={quoteattr(network.export)}>{host}</source>"
+                "</disk>")
     if block_device:
         return (f"<disk type='block'><source dev={quoteattr(dest)}/>"
                 f"<driver type={quoteattr(fmt)}/></disk>")

@@ -18,24 +18,25 @@ import logging
 from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
-from blockcopy import destination, reconcile, status
+from blockcopy import reconcile, status
 from blockcopy.api import (
+    BEFORE_JOB_PHASES,
     TERMINAL_PHASES,
     BlockCopySpec,
-    Flag,
     Phase,
     SpecError,
     parse_running_spec,
     parse_spec,
     pin_started_fields,
-    started_fields,
 )
 from blockcopy.backoff import LIBVIRT_UNREACHABLE, REFUSED_ACTION, Backoff
+from blockcopy.layers import LayerCopies
 from blockcopy.observation import DiskState, JobEvent
-from blockcopy.policy import Policy
-from blockcopy.ports import CopyRequest, Hypervisor, HypervisorError, HypervisorUnavailable
+from blockcopy.plans import Plan, PlanKind
+from blockcopy.ports import Hypervisor, HypervisorError, HypervisorUnavailable, Images
 from blockcopy.reconcile import Action, Decision
 from blockcopy.recorder import ObjectRecorder
+from blockcopy.starting import Starter, StartSettings
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,7 @@ class StopSignal(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class FollowSettings:
-    allowed_paths: tuple[str, ...]
-    # Who may copy what (none: anyone, within the allowed roots).
-    policy: Policy = dataclasses.field(default_factory=Policy)
+    start: StartSettings
     status_interval: float = 1.0  # cur/end refresh while Copying
     poll_interval: float = 5.0  # fallback look when no event arrives
 
@@ -69,10 +68,14 @@ class Follower:
     ``body`` is kopf's live view of the object (updated in place as watch events arrive).
     """
 
-    def __init__(self, body: Mapping[str, Any], *, hv: Hypervisor, recorder: ObjectRecorder,
-                 settings: FollowSettings, start_lock: asyncio.Lock):
+    def __init__(self, body: Mapping[str, Any], *, hv: Hypervisor, images: Images,
+                 recorder: ObjectRecorder, settings: FollowSettings, start_lock: asyncio.Lock):
         self.body = body
-        self.hv, self.recorder, self.settings = hv, recorder, settings
+        self.hv, self.images, self.recorder, self.settings = hv, images, recorder, settings
+        self.starter = Starter(hv=hv, images=images, recorder=recorder, settings=settings.start)
+        self.layers: LayerCopies | None = None  # a chain move's lower images, copied aside
+        self._chain: tuple[str, ...] = ()  # the disk's backing chain as last seen
+        self._chain_formats: tuple[str, ...] = ()
         self.start_lock = start_lock  # of two BlockCopies for one disk only one may start
         self.lock = asyncio.Lock()  # shared with the deletion handler
         self.wake = asyncio.Event()
@@ -118,6 +121,8 @@ class Follower:
                 if step is Step.WAIT:
                     await self._sleep(stop, self._wait_time())
         finally:
+            if self.layers is not None:
+                await self.layers.stop()  # a restarted agent copies again what was not verified
             await self.recorder.close()
 
     def _wait_time(self) -> float:
@@ -167,7 +172,7 @@ class Follower:
         generation = self.generation = self.body.get("metadata", {}).get("generation")
         raw_spec, changed = pin_started_fields(self.body.get("spec") or {},
                                                previous.get("startedSpec"))
-        started_job = current not in (None, Phase.PENDING)
+        started_job = current not in (None, *BEFORE_JOB_PHASES)
         invalid: list[str] = []
         try:
             if started_job:
@@ -184,32 +189,34 @@ class Follower:
         extra = status.spec_change_conditions(changed=changed, invalid=invalid,
                                               previous=previous.get("conditions"))
         if not started_job:
-            refusal = destination.refusal(spec, self.settings.allowed_paths)
-            forbidden = self.settings.policy.precheck(namespace=self.recorder.ref.namespace,
-                                                      dest=spec.dest)
-            if forbidden is not None:
-                refusal = ("Forbidden", forbidden)
+            refusal = self.starter.refusal(spec)
             if refusal is not None:  # before libvirt is called: nothing is created
-                await self.recorder.record(
-                    Decision(Phase.FAILED, reason=refusal[0], message=refusal[1]),
-                    disk=None, generation=generation)
+                await self.recorder.record(refusal, disk=None, generation=generation)
                 return Step.DONE
 
         started: dict[str, Any] | None = None
         refused = False
         async with self.lock:
             if not started_job:
+                if current == Phase.PREPARING:
+                    # The plan's files, made outside the start lock (a rebase takes a while).
+                    disk, decision = await self._observe_and_decide(spec, current)
+                    if decision.action == Action.START_COPY:
+                        failed = await self.starter.prepare(spec, disk)
+                        if failed is not None:
+                            await self.recorder.record(failed, disk=disk, generation=generation)
+                            return Step.DONE
                 # Starts are serialized and decided on a fresh look under the lock: of two
                 # BlockCopies for one disk, the second then sees the first's job (DiskBusy).
+                # The chain is checked once more right before the job starts.
                 async with self.start_lock:
                     disk, decision = await self._observe_and_decide(spec, current)
                     if decision.action == Action.START_COPY:
-                        decision = (self._refuse_by_policy(spec, disk)
-                                    or self._refuse_own_chain(spec, disk) or decision)
-                    if decision.action == Action.START_COPY:
-                        decision, started = await self._start(spec, disk, raw_spec, decision)
+                        decision, started = await self.starter.start(spec, disk, raw_spec,
+                                                                     decision, current)
             else:
                 disk, decision = await self._observe_and_decide(spec, current)
+                decision = self._chain_move(decision)
                 if decision.action in (Action.PIVOT, Action.ABORT) and not self.refusals.active:
                     # Record the intent first: if the agent dies mid-way, the phase tells the
                     # restarted agent to finish the same thing (the mirror is re-checked).
@@ -228,8 +235,11 @@ class Follower:
                     self._refusal_delay = self.refusals.failed()
                 else:
                     self.refusals.succeeded()
+        intent = decision.action == Action.PREPARE  # the plan is stored before any file
         phase_changed = await self.recorder.record(decision, disk=disk, generation=generation,
-                                                   started=started, extra=extra)
+                                                   started=started, extra=extra, intent=intent)
+        if started and decision.phase == Phase.COPYING:
+            self._start_layers()
         terminal = decision.phase in TERMINAL_PHASES
         if refused and not terminal:
             self.recorder.refused(decision, phase_changed=phase_changed)
@@ -244,57 +254,60 @@ class Follower:
         disk_ref = self.recorder.status.get("target") or spec.disk
         disk = await self.hv.observe(spec.domain, disk_ref)
         self._note_reachable()
+        if disk.chain:
+            self._chain, self._chain_formats = disk.chain, disk.chain_formats
         self.domain_uuid, self.target = disk.domain_uuid, disk.target
         decision = reconcile.decide(spec, current, disk, last_event=self.last_event,
                                     was_mirrored=bool(self.recorder.status.get("mirroredTime")))
         return disk, decision
 
-    def _refuse_by_policy(self, spec: BlockCopySpec, disk: DiskState) -> Decision | None:
-        forbidden = self.settings.policy.check(
-            namespace=self.recorder.ref.namespace, domain=spec.domain,
-            tenant=disk.domain_tenant, dest=spec.dest)
-        if forbidden is None:
-            return None
-        return Decision(Phase.FAILED, reason="Forbidden",
-                        message=f"{forbidden} (the agent's policy); nothing was started")
+    # -- a chain move: the lower images are copied aside; the pivot waits for them ------
+    def _start_layers(self) -> None:
+        raw_plan = self.recorder.status.get("plan") or {}
+        if raw_plan.get("kind") != PlanKind.CHAIN or self.layers is not None:
+            return
+        chain = tuple(raw_plan["chain"])
+        known = dict(zip(self._chain, self._chain_formats, strict=False))
+        formats = (self.recorder.status.get("format") or "qcow2",
+                   *(known.get(p) or "qcow2" for p in chain[1:]))
+        plan = Plan(PlanKind.CHAIN, chain, formats, tuple(raw_plan["targets"]))
+        self.layers = LayerCopies(plan, self.images,
+                                  recorded=self.recorder.status.get("layers") or [],
+                                  on_change=self._layers_changed)
+        self.layers.start()
 
-    @staticmethod
-    def _refuse_own_chain(spec: BlockCopySpec, disk: DiskState) -> Decision | None:
-        image = destination.chain_member(spec.dest, [disk.source, *disk.chain])
-        if image is None:
-            return None
-        what = "the disk's active image" if image == disk.source else \
-            "an image of the disk's backing chain"
-        return Decision(Phase.FAILED, reason="DestInSourceChain",
-                        message=f"dest {spec.dest} is {image}, {what}: a copy into its own "
-                        "chain would overwrite what it reads; nothing was started")
+    def _layers_changed(self, layers: list[dict[str, Any]]) -> None:
+        self.recorder.update(layers=layers)
+        self.wake.set()  # a verified (or failed) layer may unblock the pivot (or end it)
 
-    async def _start(self, spec: BlockCopySpec, disk: DiskState, raw_spec: Mapping[str, Any],
-                     decision: Decision) -> tuple[Decision, dict[str, Any] | None]:
-        flags = reconcile.copy_flags(spec, disk)
-        fmt = spec.format
-        if fmt is None and Flag.REUSE_EXTERNAL in flags:
-            fmt = await asyncio.to_thread(destination.probe_format, spec.dest)
-        fmt = fmt or disk.source_format or "raw"
-        target = disk.target or spec.disk
-        request = CopyRequest(domain=spec.domain, target=target, dest=spec.dest, format=fmt,
-                              flags=flags, block_device=destination.is_block_device(spec.dest),
-                              bandwidth=spec.bandwidth, granularity=spec.granularity,
-                              buf_size=spec.buf_size)
-        try:
-            await self.hv.start_copy(request)
-        except HypervisorUnavailable:
-            raise
-        except HypervisorError as exc:
-            return Decision(Phase.FAILED, reason="CopyRefused",
-                            message=f"libvirt refused to start the copy: {exc}"), None
-        self.last_event = None
-        started = {"source": disk.source, "target": target, "format": fmt,
-                   "flags": sorted(f.value for f in flags),
-                   "startTime": status.timestamp(self.recorder.agent.clock()),
-                   "bandwidth": spec.bandwidth, "startedSpec": started_fields(raw_spec)}
-        message = reconcile.started_message(spec, source=disk.source, fmt=fmt, flags=flags)
-        return dataclasses.replace(decision, message=message), started
+    def _chain_move(self, decision: Decision) -> Decision:
+        """Hold the pivot until every lower image is verified; end the job if one failed."""
+        if (self.recorder.status.get("plan") or {}).get("kind") != PlanKind.CHAIN:
+            return decision
+        if self.layers is None and decision.phase in (Phase.COPYING, Phase.MIRRORED):
+            self._start_layers()  # after a restart: copy again what was not verified
+        layers = self.layers
+        if layers is None:
+            return decision
+        failure = layers.failure
+        if failure is not None:
+            if decision.phase in (Phase.COPYING, Phase.MIRRORED) or \
+                    decision.action == Action.PIVOT:
+                return Decision(Phase.ABORTING, Action.ABORT, reason="LayerCopyFailed",
+                                message=f"copying a lower image failed ({failure}); ending the "
+                                "job, the VM stays on its source")
+            if decision.phase == Phase.ABORTED:
+                return Decision(Phase.FAILED, reason="LayerCopyFailed",
+                                message=f"copying a lower image failed ({failure}); the VM stays "
+                                "on its source; the files made are listed in "
+                                "status.createdFiles")
+            return decision
+        if decision.action == Action.PIVOT and not layers.all_verified:
+            return Decision(Phase.MIRRORED, reason="WaitingForLayers",
+                            message=f"the mirror is ready; waiting for the lower images "
+                            f"({layers.verified} of {len(layers.layers)} verified) before the "
+                            "pivot")
+        return decision
 
     async def _act(self, spec: BlockCopySpec, disk: DiskState, decision: Decision) -> None:
         target = disk.target or spec.disk

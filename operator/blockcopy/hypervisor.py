@@ -25,7 +25,13 @@ import libvirtaio
 from blockcopy.api import Flag
 from blockcopy.domainxml import dest_disk_xml, parse_disk, tenant_of
 from blockcopy.observation import DiskState, JobEvent, JobProgress
-from blockcopy.ports import CopyRequest, HypervisorError, HypervisorUnavailable, JobListener
+from blockcopy.ports import (
+    CopyRequest,
+    DiskSize,
+    HypervisorError,
+    HypervisorUnavailable,
+    JobListener,
+)
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +248,8 @@ class LibvirtHypervisor:
         bits = 0
         for flag in request.flags:
             bits |= _COPY_FLAGS[flag]
-        xml = dest_disk_xml(request.dest, request.format, block_device=request.block_device)
+        xml = dest_disk_xml(request.dest, request.format, block_device=request.block_device,
+                            network=request.network)
         dom.blockCopy(request.target, xml, params or None, bits)
 
     async def start_copy(self, request: CopyRequest) -> None:
@@ -254,6 +261,11 @@ class LibvirtHypervisor:
 
     async def cancel(self, domain: str, target: str) -> None:
         await self._in_thread(lambda: self._domain(domain).blockJobAbort(target, 0))
+
+    async def disk_size(self, domain: str, target: str) -> DiskSize:
+        capacity, allocation, _physical = await self._in_thread(
+            lambda: self._domain(domain).blockInfo(target))
+        return DiskSize(capacity=int(capacity), allocation=int(allocation))
 
     async def set_bandwidth(self, domain: str, target: str, bandwidth: int) -> None:
         await self._in_thread(lambda: self._domain(domain).blockJobSetSpeed(

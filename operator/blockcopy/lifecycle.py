@@ -20,6 +20,7 @@ from blockcopy.api import FINALIZER, GROUP, PLURAL
 from blockcopy.kube import KubeClient, load_config
 from blockcopy.ports import Hypervisor, HypervisorError
 from blockcopy.probes import LivenessServer
+from blockcopy.qemuimg import QemuImg
 
 HypervisorFactory = Callable[[str], Hypervisor]  # libvirt URI -> client
 
@@ -56,7 +57,7 @@ async def start(memo: kopf.Memo, settings: kopf.OperatorSettings,
         logger.info("libvirt %s at %s", await hv.version(), config.libvirt_uri)
     except HypervisorError as exc:  # keep running: the follow loops retry with back-off
         logger.warning("libvirt not reachable yet at %s: %s", config.libvirt_uri, exc)
-    agent = memo.agent = Agent(config, kube=KubeClient(), hv=hv)
+    agent = memo.agent = Agent(config, kube=KubeClient(), hv=hv, images=QemuImg())
     configure_kopf(settings, selector=agent.own_selector)
     agent.start_claiming()
     if config.liveness_port:

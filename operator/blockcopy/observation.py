@@ -49,6 +49,7 @@ class DiskInfo:
     backing: str | None = None  # the active image's backing file, if libvirt knows it
     mirror: Mirror | None = None  # a copy job's destination
     chain: tuple[str, ...] = ()  # the backing images below the active one, nearest first
+    chain_formats: tuple[str, ...] = ()  # their formats (as libvirt detected them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,7 @@ class DiskState:
     job: JobProgress | None = None  # any block job on the disk
     mirror: Mirror | None = None  # a copy job's destination, from the live XML
     chain: tuple[str, ...] = ()  # the backing images below the active one, nearest first
+    chain_formats: tuple[str, ...] = ()
 
     @classmethod
     def of_domain(cls, *, uuid: str, name: str, running: bool, persistent: bool,
@@ -81,4 +83,4 @@ class DiskState:
         return dataclasses.replace(
             domain, disk_found=True, target=disk.target, source=disk.source,
             source_format=disk.source_format, backing=disk.backing, mirror=disk.mirror, job=job,
-            chain=disk.chain)
+            chain=disk.chain, chain_formats=disk.chain_formats)

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from blockcopy.api import Flag
+from blockcopy.api import Flag, NetworkDest
 from blockcopy.observation import DiskState, JobEvent
 
 # ------------------------------------------------------------------ hypervisor
@@ -39,6 +39,7 @@ class CopyRequest:
     format: str
     flags: frozenset[Flag]
     block_device: bool = False  # the destination is a block device (<disk type='block'>)
+    network: NetworkDest | None = None  # the destination is an NBD export
     bandwidth: int = 0  # bytes/s, 0 = unlimited
     granularity: int = 0
     buf_size: int = 0
@@ -71,7 +72,57 @@ class Hypervisor(Protocol):
 
     async def set_bandwidth(self, domain: str, target: str, bandwidth: int) -> None: ...
 
+    async def disk_size(self, domain: str, target: str) -> DiskSize:
+        """The disk's guest-visible size and what its active image occupies."""
+
     async def close(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskSize:
+    capacity: int  # the guest-visible size in bytes
+    allocation: int  # bytes the active image occupies on its storage
+
+
+# ------------------------------------------------------------------ images (qemu-img)
+
+
+class ImageError(Exception):
+    """qemu-img failed; ``str()`` is its message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    virtual_size: int
+    actual_size: int  # bytes allocated on the storage
+    backing: str | None = None  # as recorded in the image (may be relative)
+
+
+class Images(Protocol):
+    """What the agent asks of qemu-img, for the images it prepares itself (a destination
+    rebased onto a deeper base, the lower images of a chain move). Never on an image that
+    QEMU may write: those are read by libvirt's block job only."""
+
+    async def info(self, path: str) -> ImageInfo: ...
+
+    async def create(self, path: str, *, format: str, size: int, backing: str | None = None,
+                     backing_format: str | None = None) -> None:
+        """A new image; ``backing`` as written into it (relative to its directory, or
+        absolute)."""
+
+    async def rebase(self, path: str, *, backing: str, backing_format: str) -> None:
+        """Safe rebase: writes into ``path`` what differs between its old and new backing."""
+
+    async def copy_layer(self, source: str, dest: str, *, format: str,
+                         backing: str | None = None, backing_format: str | None = None) -> None:
+        """Copy one layer's own data into the existing ``dest`` (qemu-img convert -n -B)."""
+
+    async def identical(self, a: str, b: str, *, format: str) -> str | None:
+        """None when both images' guest views are identical, else why not."""
+
+    async def export_size(self, uri: str) -> int:
+        """The size of a network export (an NBD URI)."""
 
 
 # ------------------------------------------------------------------ Kubernetes API

@@ -20,6 +20,7 @@ from blockcopy.observation import DiskState, JobEvent, MirrorReady
 class Action(enum.StrEnum):
     NONE = "none"
     START_COPY = "startCopy"
+    PREPARE = "prepare"  # record a plan; its files are made before the copy starts
     PIVOT = "pivot"
     ABORT = "abort"  # end the job, stay on the source
     SET_BANDWIDTH = "setBandwidth"
@@ -35,7 +36,12 @@ class Decision:
 
 
 def same_path(a: str | None, b: str | None) -> bool:
-    return a is not None and b is not None and os.path.normpath(a) == os.path.normpath(b)
+    """Same file or device path (normalized), or the same NBD URI."""
+    if a is None or b is None:
+        return False
+    if "://" in a or "://" in b:
+        return a == b
+    return os.path.normpath(a) == os.path.normpath(b)
 
 
 def decide(
@@ -86,12 +92,11 @@ def decide(
         if same_path(disk.source, spec.dest):
             return Decision(Phase.FAILED, reason="DestIsSource",
                             message=f"dest {spec.dest} is the disk's current source")
-        if spec.base is not None and not same_path(spec.base, disk.backing):
-            has = f"is {disk.backing}" if disk.backing else "does not exist (no backing chain)"
-            return Decision(Phase.FAILED, reason="UnsupportedBase",
-                            message=f"spec.base {spec.base} is not the top image's backing file "
-                            f"(which {has}); supported are a full copy (no base), the shallow "
-                            "flag, or base = the top image's backing file")
+        if spec.base is not None and not any(same_path(spec.base, p) for p in disk.chain):
+            chain = " -> ".join(p for p in (disk.source, *disk.chain) if p)
+            return Decision(Phase.FAILED, reason="BaseNotInChain",
+                            message=f"spec.base {spec.base} is not an image of the disk's "
+                            f"backing chain ({chain}); nothing was created")
         if spec.abort:
             return Decision(Phase.ABORTED, reason="AbortedBeforeStart",
                             message="abort was set before the copy started; nothing was copied")
@@ -152,7 +157,7 @@ def copy_flags(spec: BlockCopySpec, disk: DiskState) -> frozenset[Flag]:
     """The flags to pass to libvirt for this spec and disk."""
     flags = set(spec.flags)
     if spec.base is not None:
-        flags.add(Flag.SHALLOW)  # base = the top's backing file (anything else is refused)
+        flags.add(Flag.SHALLOW)  # onto base (the top's backing file, or a prepared image)
     if disk.domain_persistent:
         flags.add(Flag.TRANSIENT_JOB)  # QEMU refuses a copy on a persistent domain without it
     return frozenset(flags)

@@ -131,6 +131,12 @@ class ObjectRecorder:
         self.status = new
         self.writer.submit(new, urgent=False)
 
+    def update(self, **fields: Any) -> None:
+        """Some fields change (say a chain move's layers): written in a progress slot."""
+        new = {**self.status, **fields}
+        self.status = new
+        self.writer.submit(new, urgent=False)
+
     def event(self, type: str, reason: str, message: str) -> None:
         self.agent.post_event(self.ref, type=type, reason=reason, message=message)
 

@@ -52,7 +52,8 @@ def _condition_states(phase: Phase, was_mirrored: bool) -> dict[str, bool]:
         ABORTED: phase == Phase.ABORTED,
         FAILED: phase == Phase.FAILED,
         READY: phase in (Phase.MIRRORED, Phase.PIVOTED, Phase.ABORTED),
-        RECONCILING: phase in (Phase.PENDING, Phase.COPYING, Phase.PIVOTING, Phase.ABORTING),
+        RECONCILING: phase in (Phase.PENDING, Phase.PREPARING, Phase.COPYING, Phase.PIVOTING,
+                              Phase.ABORTING),
         STALLED: phase == Phase.FAILED,
     }
 
@@ -111,7 +112,8 @@ def build_status(
     phase = decision.phase
     status: dict[str, Any] = {
         k: previous[k] for k in ("cur", "end", "bandwidth", "source", "target", "format", "flags",
-                                 "startedSpec", "startTime", "mirroredTime", "completionTime")
+                                 "startedSpec", "startTime", "mirroredTime", "completionTime",
+                                 "plan", "layers", "createdFiles")
         if k in previous
     }
     status.update(started or {})

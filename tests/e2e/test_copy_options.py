@@ -10,7 +10,8 @@ libvirtd.
 
 What each test makes libvirt / QEMU do:
 - shallow, base = backing file, oVirt flow: blockCopy with SHALLOW (and REUSE_EXT into a
-  pre-created qcow2 with a relative backing name), pivot; a deeper base: no libvirt call.
+  pre-created qcow2 with a relative backing name), pivot; a base outside the chain: no
+  libvirt call.
 - raw conversion / raw reuse: a qcow2 chain mirrored into a raw file, then pivot.
 - bandwidth: the BANDWIDTH typed parameter, then blockJobSetSpeed live (2Mi, then 0).
 - granularity / bufSize: the GRANULARITY and BUF_SIZE typed parameters (granularity shows as
@@ -29,7 +30,6 @@ import json
 import os
 import re
 import subprocess
-import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -38,6 +38,7 @@ import libvirt
 from support.assertions import assert_untouched
 from support.images import assert_identical, image_digest, qemu_img_compare, qemu_img_info
 from support.libvirt_probes import (
+    BlockJobEvents,
     blockjob_text,
     domstate,
     live_disk,
@@ -208,19 +209,21 @@ def test_base_equal_to_top_backing_file_is_shallow(agent, vms, blockcopies):
     assert image_digest(dest) == vm.initial_digest
 
 
-def test_deeper_base_is_refused(agent, vms, blockcopies, core):
-    """base = an image deeper than the top's backing file: Failed (UnsupportedBase) before
-    libvirt is asked for anything: no job, no destination file, the VM untouched."""
+def test_base_outside_the_chain_is_refused(agent, vms, blockcopies, core):
+    """base = an image that is not in the disk's chain: Failed (BaseNotInChain) before
+    libvirt is asked for anything: no job, no destination file, the VM untouched. (A base
+    deeper in the chain is supported: tests/e2e/test_layouts.py.)"""
     vm = vms(layers=3)
+    other = vms(layers=2)
     dest = os.path.join(vm.workdir, "deep.qcow2")
-    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, base=vm.chain[2],
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, base=other.chain[1],
                                         pivot=True))
     status = blockcopies.wait_phase(name, "Failed", "Copying", "Mirrored", "Pivoted")
     assert status["phase"] == "Failed", status
     assert condition(status, "Failed")["status"] == "True"
-    assert condition(status, "Failed")["reason"] == "UnsupportedBase"
-    assert vm.chain[2] in status["message"]
-    warnings = wait_for(events_of(blockcopies, core, name, "UnsupportedBase"), 10)
+    assert condition(status, "Failed")["reason"] == "BaseNotInChain"
+    assert other.chain[1] in status["message"] and vm.chain[2] in status["message"]
+    warnings = wait_for(events_of(blockcopies, core, name, "BaseNotInChain"), 10)
     assert [e.type for e in warnings] == ["Warning"], warnings
 
     assert_untouched(vm)
@@ -428,48 +431,6 @@ def test_synchronous_writes_under_guest_writes(agent, vms, blockcopies):
     _assert_guest_keeps_writing(vm)
 
 
-_event_loop_lock = threading.Lock()
-_event_loop_started = False
-
-
-def _ensure_libvirt_event_loop() -> None:
-    global _event_loop_started
-    with _event_loop_lock:
-        if not _event_loop_started:
-            libvirt.virEventRegisterDefaultImpl()
-
-            def run() -> None:
-                while True:
-                    libvirt.virEventRunDefaultImpl()
-
-            threading.Thread(target=run, name="libvirt-events", daemon=True).start()
-            _event_loop_started = True
-
-
-class _BlockJobEvents:
-    """Records libvirt's BLOCK_JOB_2 events of one domain: [(wall time, status)]."""
-
-    def __init__(self, vm: VM):
-        _ensure_libvirt_event_loop()
-        self.events: list[tuple[float, int]] = []
-        self.conn = libvirt.open(vm.uri)
-        dom = self.conn.lookupByName(vm.name)
-        self.callback_id = self.conn.domainEventRegisterAny(
-            dom, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_event, None)
-
-    def _on_event(self, conn, dom, disk, job_type, status, opaque) -> None:
-        self.events.append((time.time(), status))
-
-    def statuses(self) -> list[int]:
-        return [s for _t, s in self.events]
-
-    def first(self, status: int) -> float:
-        return next(t for t, s in self.events if s == status)
-
-    def close(self) -> None:
-        self.conn.domainEventDeregisterAny(self.callback_id)
-        self.conn.close()
-
 
 def _epoch(ts: str) -> int:
     return calendar.timegm(time.strptime(ts, "%Y-%m-%dT%H:%M:%SZ"))
@@ -481,7 +442,7 @@ def test_pivot_from_start_under_guest_writes_waits_for_ready(agent, vms, blockco
     vm = vms(guest_writes=True)
     wait_guest_writing(vm)
     dest = os.path.join(vm.workdir, "pivoted.qcow2")
-    events = _BlockJobEvents(vm)
+    events = BlockJobEvents(vm)
     try:
         writes_at_start = _guest_writes(vm)
         name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, pivot=True))

@@ -118,6 +118,7 @@ IMMUTABLE_CHANGES = {
     "flags": ["synchronousWrites"],
     "granularity": 131072,
     "bufSize": 1048576,
+    "backingChain": "copy",
 }
 
 
@@ -170,7 +171,8 @@ def test_immutable_fields_refused_by_the_api_server_once_the_copy_started(
 
 OTHER_VALUES = {"domain": "d2", "nodeName": "n2", "disk": "vdc",
                 "dest": "/var/lib/libvirt/images/y.qcow2", "format": "qcow2", "base": "/b2",
-                "flags": ["shallow"], "granularity": 65536, "bufSize": 4096}
+                "flags": ["shallow"], "granularity": 65536, "bufSize": 4096,
+                "backingChain": "copy"}
 
 
 @pytest.mark.parametrize("field", sorted(IMMUTABLE_CHANGES))

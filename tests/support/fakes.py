@@ -18,8 +18,11 @@ from typing import Any
 from blockcopy.observation import DiskInfo, DiskState, JobEvent, JobProgress, Mirror, MirrorReady
 from blockcopy.ports import (
     CopyRequest,
+    DiskSize,
     HypervisorError,
     HypervisorUnavailable,
+    ImageError,
+    ImageInfo,
     JobListener,
     ObjectRef,
 )
@@ -42,7 +45,9 @@ class FakeDisk:
     format: str = "qcow2"
     backing: str | None = None
     chain: tuple[str, ...] = ()  # backing images, nearest first
+    chain_formats: tuple[str, ...] = ()
     size: int = 64 << 20
+    allocation: int = 1 << 20
     job: FakeJob | None = None
 
 
@@ -158,7 +163,8 @@ class FakeHypervisor:
             info = DiskInfo(target=found.target, source=found.source,
                             source_format=found.format,
                             backing=found.chain[0] if found.chain else found.backing,
-                            mirror=mirror, chain=found.chain)
+                            mirror=mirror, chain=found.chain,
+                            chain_formats=found.chain_formats or ("qcow2",) * len(found.chain))
         return DiskState.of_domain(uuid=dom.uuid, name=dom.name, running=dom.running,
                                    persistent=dom.persistent, disk=info,
                                    job=job if dom.running else None)
@@ -196,8 +202,62 @@ class FakeHypervisor:
             raise HypervisorError(f"No active block job '{target}'")
         job.bandwidth = bandwidth
 
+    async def disk_size(self, domain: str, target: str) -> DiskSize:
+        await self._enter("disk_size", domain, target)
+        disk = self._domain(domain).disks[target]
+        return DiskSize(capacity=disk.size, allocation=disk.allocation)
+
     async def close(self) -> None:
         self.closed = True
+
+
+class FakeImages:
+    """``ports.Images`` without qemu-img: files are created as small markers (so that the
+    agent's existence checks see them), every call is recorded, faults can be injected."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+        self.sizes: dict[str, int] = {}  # path -> virtual size (default 64 MiB)
+        self.export_sizes: dict[str, int] = {}  # NBD URI -> size
+        self.fail: dict[str, str] = {}  # verb -> message of the ImageError it raises
+        self.differ: set[str] = set()  # images that do not compare identical to their copy
+
+    def _enter(self, verb: str, *args: Any) -> None:
+        self.calls.append((verb, args))
+        if verb in self.fail:
+            raise ImageError(f"qemu-img {verb} failed: {self.fail[verb]}")
+
+    def verbs(self) -> list[str]:
+        return [verb for verb, _ in self.calls]
+
+    async def info(self, path: str) -> ImageInfo:
+        self._enter("info", path)
+        return ImageInfo(format="qcow2", virtual_size=self.sizes.get(path, 64 << 20),
+                         actual_size=0)
+
+    async def create(self, path: str, *, format: str, size: int, backing: str | None = None,
+                     backing_format: str | None = None) -> None:
+        self._enter("create", path, format, size, backing, backing_format)
+        with open(path, "w") as f:
+            f.write(f"fake {format} image backed by {backing}\n")
+
+    async def rebase(self, path: str, *, backing: str, backing_format: str) -> None:
+        self._enter("rebase", path, backing, backing_format)
+
+    async def copy_layer(self, source: str, dest: str, *, format: str,
+                         backing: str | None = None, backing_format: str | None = None) -> None:
+        await asyncio.sleep(1)  # a copy takes (loop) time
+        self._enter("copy_layer", source, dest, format, backing, backing_format)
+
+    async def identical(self, a: str, b: str, *, format: str) -> str | None:
+        self._enter("identical", a, b, format)
+        return "Content mismatch at offset 0!" if a in self.differ else None
+
+    async def export_size(self, uri: str) -> int:
+        self._enter("export_size", uri)
+        if uri not in self.export_sizes:
+            raise ImageError(f"qemu-img info failed: Could not open '{uri}'")
+        return self.export_sizes[uri]
 
 
 def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:

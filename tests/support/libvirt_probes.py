@@ -6,6 +6,8 @@ never on what the agent reports about itself."""
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
@@ -95,3 +97,52 @@ def blockjob_text(vm: VM, disk: str = "vda", *, in_bytes: bool = False,
 
 def no_block_job(vm: VM, disk: str = "vda") -> bool:
     return blockjob_text(vm, disk) == NO_JOB.format(disk=disk)
+
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def _ensure_libvirt_event_loop() -> None:
+    """libvirt's default event loop, run once per process in a thread of its own."""
+    global _event_loop_started
+    with _event_loop_lock:
+        if not _event_loop_started:
+            libvirt.virEventRegisterDefaultImpl()
+
+            def run() -> None:
+                while True:
+                    libvirt.virEventRunDefaultImpl()
+
+            threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+            _event_loop_started = True
+
+
+class BlockJobEvents:
+    """libvirt's BLOCK_JOB_2 events of one domain as this process receives them:
+    [(wall time, monotonic time, status)]."""
+
+    def __init__(self, vm: VM):
+        _ensure_libvirt_event_loop()
+        self.events: list[tuple[float, float, int]] = []
+        self.conn = libvirt.open(vm.uri)
+        dom = self.conn.lookupByName(vm.name)
+        self.callback_id = self.conn.domainEventRegisterAny(
+            dom, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_event, None)
+
+    def _on_event(self, conn, dom, disk, job_type, status, opaque) -> None:
+        self.events.append((time.time(), time.monotonic(), status))
+
+    def statuses(self) -> list[int]:
+        return [s for _w, _m, s in self.events]
+
+    def first(self, status: int) -> float:
+        """Wall time of the first event with ``status``."""
+        return next(w for w, _m, s in self.events if s == status)
+
+    def first_monotonic(self, status: int) -> float | None:
+        return next((m for _w, m, s in self.events if s == status), None)
+
+    def close(self) -> None:
+        self.conn.domainEventDeregisterAny(self.callback_id)
+        self.conn.close()

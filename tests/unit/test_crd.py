@@ -54,7 +54,8 @@ def violations(old: dict, new: dict) -> list[str]:
 BASE = {"domain": "vm", "disk": "vda", "dest": "/var/lib/libvirt/images/c.qcow2",
         "nodeName": "n1", "format": "qcow2", "flags": ["shallow"]}
 STARTED = {"phase": "Copying", "startTime": "2026-01-01T00:00:00Z"}
-CHANGES = {"domain": "vm2", "disk": "vdb", "dest": "/var/lib/libvirt/images/d.qcow2",
+CHANGES = {"backingChain": "copy",
+           "domain": "vm2", "disk": "vdb", "dest": "/var/lib/libvirt/images/d.qcow2",
            "nodeName": "n2", "format": "raw", "base": "/b.qcow2", "flags": ["reuseExternal"],
            "granularity": 131072, "bufSize": 1048576}
 

@@ -12,7 +12,7 @@ import pytest
 
 from blockcopy.agent import Agent, AgentConfig
 from blockcopy.observation import JobEvent, MirrorReady
-from support.fakes import FakeHypervisor, FakeKube, Stop
+from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 
@@ -24,12 +24,13 @@ class Scenario:
     """An agent on the fakes, one VM, and helpers to run its follow loop."""
 
     def __init__(self, tmp_path):
-        self.hv, self.kube = FakeHypervisor(), FakeKube()
+        self.hv, self.kube, self.images = FakeHypervisor(), FakeKube(), FakeImages()
         self.dom = self.hv.add_domain("vm")
         self.dest = str(tmp_path / "copy.qcow2")
         config = AgentConfig(node_name=NODE, allowed_paths=(str(tmp_path),),
                              status_interval=1.0, poll_interval=5.0)
-        self.agent = Agent(config, kube=self.kube, hv=self.hv, clock=self.now)
+        self.agent = Agent(config, kube=self.kube, hv=self.hv, images=self.images,
+                           clock=self.now)
         self.stop = Stop()
         self.tasks: list[asyncio.Task] = []
 
@@ -82,7 +83,7 @@ async def test_copy_mirror_pivot_on_request(s, looptime):
     body = s.create()
     s.follow(body)
     await s.until(lambda: s.phase() == "Copying")
-    assert s.hv.verbs()[:2] == ["observe", "start_copy"]
+    assert s.hv.verbs()[:3] == ["observe", "disk_size", "start_copy"]
     s.hv.progress("vm", cur=10, end=100)
     await s.until(lambda: s.kube.status_of("bc").get("cur") == 10)
 
@@ -111,7 +112,8 @@ async def test_adopts_the_running_job_after_a_restart(s):
     restarted = Scenario.__new__(Scenario)  # a new agent process on the same fakes
     restarted.__dict__.update(s.__dict__)
     restarted.stop, restarted.tasks = Stop(), []
-    restarted.agent = Agent(s.agent.config, kube=s.kube, hv=s.hv, clock=s.now)
+    restarted.agent = Agent(s.agent.config, kube=s.kube, hv=s.hv, images=s.images,
+                            clock=s.now)
     body["status"] = started
     restarted.follow(body)
     s.hv.make_ready("vm")

@@ -11,7 +11,7 @@ import pytest
 from blockcopy.agent import Agent, AgentConfig
 from blockcopy.domainxml import tenant_of
 from blockcopy.policy import Policy, PolicyError, load, parse
-from support.fakes import FakeHypervisor, FakeKube, Stop
+from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
 
 RULES = {"rules": [
     {"namespaces": ["team-a"], "domains": ["web-*"], "destinations": ["/images/a"]},
@@ -103,7 +103,7 @@ async def test_a_forbidden_object_fails_without_any_libvirt_action(tmp_path):
     policy = parse({"rules": [{"namespaces": ["ns"], "domains": ["web-*"],
                                "destinations": [str(allowed)]}]})
     agent = Agent(AgentConfig(node_name="n", allowed_paths=(str(tmp_path),), policy=policy),
-                  kube=kube, hv=hv)
+                  kube=kube, hv=hv, images=FakeImages())
     body = kube.add("bc", {"domain": "db-1", "disk": "vda", "dest": str(allowed / "c.qcow2")},
                     labels={"blockcopy.dev/node": "n"})
     await asyncio.wait_for(agent.follow(body, Stop()), 10)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -81,12 +82,31 @@ def test_parse_disk_by_target_and_by_source_path():
     assert vda == DiskInfo(target="vda", source="/img/top.qcow2", source_format="qcow2",
                            backing="/img/base.qcow2",
                            mirror=Mirror(dest="/img/copy.qcow2", ready=MirrorReady.READY),
-                           chain=("/img/base.qcow2",))
+                           chain=("/img/base.qcow2",), chain_formats=("qcow2",))
     assert parse_disk(DOMAIN, "/img/top.qcow2") == vda
     assert parse_disk(DOMAIN, "/img/../img/top.qcow2") == vda  # normalized
     vdb = parse_disk(DOMAIN, "/dev/loop7")
     assert vdb == DiskInfo(target="vdb", source="/dev/loop7", source_format="raw")
     assert parse_disk(DOMAIN, "vdc") is None
+
+
+def test_network_sources_read_as_the_uri_they_are_written_as():
+    from blockcopy.api import NetworkDest, parse_network_dest
+
+    tcp = """<domain><devices><disk type='network'><driver name='qemu' type='raw'/>
+      <source protocol='nbd' name='exp'><host name='127.0.0.1' port='10900'/></source>
+      <target dev='vda'/></disk></devices></domain>"""
+    assert parse_disk(tcp, "vda").source == "nbd://127.0.0.1:10900/exp"
+    unix = tcp.replace("<host name='127.0.0.1' port='10900'/>",
+                       "<host transport='unix' socket='/run/x.sock'/>")
+    assert parse_disk(unix, "vda").source == "nbd+unix:///exp?socket=/run/x.sock"
+    for uri in ("nbd://127.0.0.1:10900/exp", "nbd+unix:///exp?socket=/run/x.sock"):
+        dest = parse_network_dest(uri)
+        assert isinstance(dest, NetworkDest) and dest.uri == uri
+        disk = ET.fromstring(dest_disk_xml(uri, "raw", block_device=False, network=dest))
+        assert disk.get("type") == "network"
+        assert disk.find("source").get("name") == "exp"
+        assert disk.find("driver").get("type") == "raw"
 
 
 def test_dest_disk_xml_always_names_the_format_and_quotes_the_path():
