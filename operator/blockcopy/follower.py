@@ -216,7 +216,7 @@ class Follower:
                                                                      decision, current)
             else:
                 disk, decision = await self._observe_and_decide(spec, current)
-                decision = self._chain_move(decision)
+                decision = self._left_behind(self._chain_move(decision))
                 if decision.action in (Action.PIVOT, Action.ABORT) and not self.refusals.active:
                     # Record the intent first: if the agent dies mid-way, the phase tells the
                     # restarted agent to finish the same thing (the mirror is re-checked).
@@ -260,6 +260,15 @@ class Follower:
         decision = reconcile.decide(spec, current, disk, last_event=self.last_event,
                                     was_mirrored=bool(self.recorder.status.get("mirroredTime")))
         return disk, decision
+
+    def _left_behind(self, decision: Decision) -> Decision:
+        """A job that ended without the pivot leaves its files: say which (never deleted)."""
+        files = self.recorder.status.get("createdFiles") or []
+        if decision.phase not in (Phase.FAILED, Phase.ABORTED) or not files or \
+                "left in place" in decision.message:
+            return decision
+        return dataclasses.replace(decision, message=f"{decision.message}; left in place: "
+                                   f"{', '.join(files)}")
 
     # -- a chain move: the lower images are copied aside; the pivot waits for them ------
     def _start_layers(self) -> None:

@@ -70,15 +70,18 @@ class LayerCopies:
         self.on_change([dict(layer) for layer in self.layers])
 
     async def _run(self) -> None:
+        # From the bottom up, one layer at a time, each copied then verified: copying a
+        # layer opens its placeholder's backing chain (the copies below it), which must not
+        # be written meanwhile (qemu-img's image locks refuse it), and a layer reads the same
+        # as its source only once everything below it does. All of it runs while the top
+        # image is mirrored.
         todo = [i for i in range(1, len(self.plan.chain))
                 if self.layers[i - 1]["state"] != LayerState.VERIFIED]
-        # Copy every layer at once (each reads its own source and writes its own file) ...
-        results = await asyncio.gather(*(self._copy(i) for i in todo), return_exceptions=True)
-        if any(isinstance(r, BaseException) for r in results):
-            return
-        # ... then verify from the bottom up: a layer reads the same as its source only
-        # once everything below it does.
         for i in sorted(todo, reverse=True):
+            try:
+                await self._copy(i)
+            except ImageError:
+                return
             try:
                 difference = await plans.verify_layer(self.plan, i, self.images)
             except ImageError as exc:

@@ -10,7 +10,8 @@ parameter and does not move backing images. Two layouts need the agent to prepar
 - A chain move (``backingChain: copy``, the oVirt flow): placeholders for every image, next
   to dest under the images' own file names with relative backing names; the mirror copies T
   onto the top placeholder shallowly while each lower image is copied into its placeholder
-  (``qemu-img convert -n -B``), then verified (``qemu-img compare``); the pivot waits for both.
+  (``qemu-img convert -n -B``, bottom up) and verified (``qemu-img compare``); the pivot
+  waits for both.
 
 The plan is recorded in status before any file is created, so that a restarted agent
 finishes the same plan; every file it creates is listed in status and never deleted.

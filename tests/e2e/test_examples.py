@@ -5,6 +5,7 @@ libvirt and in the images, so the examples cannot rot."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 
 import pytest
@@ -18,11 +19,13 @@ from support.vms import VM
 from support.waits import wait_for
 
 
-def load(name: str, vm: VM, dest: str, node: str) -> dict:
+def load(name: str, vm: VM, dest: str, node: str, **replace: str) -> dict:
     manifest = yaml.safe_load((EXAMPLES / name).read_text())
     assert manifest["spec"]["domain"] == "my-vm" and manifest["spec"]["dest"].startswith(
-        "/var/lib/libvirt/images/")
-    manifest["spec"].update(domain=vm.name, dest=dest, nodeName=node)
+        ("/var/lib/libvirt/images/", "nbd://"))
+    for field in replace:  # other paths of the example, placed in the test VM's directory
+        assert manifest["spec"][field].startswith("/var/lib/libvirt/images/"), field
+    manifest["spec"].update(domain=vm.name, dest=dest, nodeName=node, **replace)
     manifest["metadata"]["name"] += "-" + vm.name.rsplit("-", 1)[-1]
     return manifest
 
@@ -34,7 +37,8 @@ def apply(blockcopies, manifest: dict) -> str:
 
 def test_every_example_is_covered():
     tested = {"full-copy.yaml", "shallow-reuse-external.yaml", "format-conversion.yaml",
-              "bandwidth-limited.yaml", "pivot-from-start.yaml", "abort-point-in-time.yaml"}
+              "bandwidth-limited.yaml", "pivot-from-start.yaml", "abort-point-in-time.yaml",
+              "any-base.yaml", "chain-move.yaml", "nbd-destination.yaml"}
     assert {p.name for p in EXAMPLES.glob("*.yaml")} == tested
     readme = (EXAMPLES / "README.md").read_text()
     for name in tested:
@@ -125,3 +129,53 @@ def test_abort_point_in_time(agent, vms, blockcopies, when):
     assert condition(status, "Mirrored")["status"] == "True"
     assert live_disk_source(vm) == vm.chain[0] and live_mirror(vm) is None
     assert qemu_img_compare(vm.chain[0], dest).returncode == 0
+
+
+def test_any_base(agent, vms, blockcopies):
+    vm = vms(layers=3)
+    dest = os.path.join(vm.workdir, "flat.qcow2")
+    name = apply(blockcopies, load("any-base.yaml", vm, dest, agent.node, base=vm.chain[2]))
+    status = blockcopies.wait_phase(name, "Pivoted", "Failed", timeout=120)
+    assert status["phase"] == "Pivoted", status
+    assert live_disk_source(vm) == dest
+    assert qemu_img_info(dest)["full-backing-filename"] == vm.chain[2]
+    assert qemu_img_compare(vm.chain[0], dest).returncode == 0
+
+
+def test_chain_move(agent, vms, blockcopies):
+    vm = vms(layers=3)
+    newdir = os.path.join(vm.workdir, "new")
+    os.mkdir(newdir)
+    dest = os.path.join(newdir, "top.qcow2")
+    name = apply(blockcopies, load("chain-move.yaml", vm, dest, agent.node))
+    status = blockcopies.wait_phase(name, "Pivoted", "Failed", timeout=180)
+    assert status["phase"] == "Pivoted", status
+    assert {layer["state"] for layer in status["layers"]} == {"Verified"}
+    assert live_disk_source(vm) == dest
+    assert qemu_img_info(dest)["backing-filename"] == os.path.basename(vm.chain[1])
+    assert qemu_img_compare(vm.chain[0], dest).returncode == 0
+
+
+def test_nbd_destination(agent_factory, vms, blockcopies, node):
+    vm = vms(layers=2)
+    image = os.path.join(vm.workdir, "export.raw")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", image, "64M"], check=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pidfile = os.path.join(vm.workdir, "nbd.pid")
+    subprocess.run(["qemu-nbd", "--fork", "--persistent", "--shared=0", "-f", "raw",
+                    "-x", "my-vm-vda", "-b", "127.0.0.1", "-p", str(port), "--pid-file",
+                    pidfile, image], check=True)
+    try:
+        agent = agent_factory(extra_args=["--allowed-network-dest", f"127.0.0.1:{port}"])
+        manifest = load("nbd-destination.yaml", vm, f"nbd://127.0.0.1:{port}/my-vm-vda",
+                        agent.node)
+        name = apply(blockcopies, manifest)
+        status = blockcopies.wait_phase(name, "Pivoted", "Failed", timeout=120)
+        assert status["phase"] == "Pivoted", status
+        assert "type='network'" in virsh("dumpxml", vm.name, uri=vm.uri)
+        subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", image,
+                        vm.chain[0]], check=True)
+    finally:
+        subprocess.run(["kill", open(pidfile).read().strip()], check=False)

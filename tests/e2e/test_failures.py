@@ -52,6 +52,7 @@ from support.libvirt_probes import (
     inactive_xml,
     live_disk_source,
     live_mirror,
+    no_block_job,
     virsh,
 )
 from support.objects import condition, copy_spec
@@ -94,25 +95,35 @@ def _wait_copying(blockcopies, name: str, timeout: float = 60) -> dict:
 
 
 def test_dest_fills_up_job_failed(agent_factory, node, vms, blockcopies, core):
+    """The destination passes the space check (a copy that cannot fit never starts:
+    tests/e2e/test_layouts.py) and fills up anyway, because the guest keeps writing new data
+    during the copy: QEMU's mirror hits ENOSPC, the job fails, the VM stays on its source and
+    status says which file was left behind."""
     agent_factory(node)
-    # A 16M tmpfs under the allowed root, for 96M of data. Mounted before the VM starts:
-    # QEMU runs in a private mount namespace (libvirt's default) that would not see a mount
-    # made later on this machine (no shared propagation in the container).
+    # A 24M tmpfs under the allowed root. Mounted before the VM starts: QEMU runs in a
+    # private mount namespace (libvirt's default) that would not see a mount made later on
+    # this machine (no shared propagation in the container).
     small = f"/var/lib/libvirt/images/bct-tmpfs-{uuid.uuid4().hex[:6]}"
     os.mkdir(small)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M,mode=0755", "tmpfs", small],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24M,mode=0755", "tmpfs", small],
                    check=True)
     try:
-        vm = vms(size="128M", data_per_layer="48M")
+        # 4M of data when the copy starts; the guest then writes 1 MiB every ~0.2 s over the
+        # whole 256M disk: the mirror's destination grows past 24M within seconds.
+        vm = vms(layers=1, size="256M", data_per_layer="4M", guest_writes=True)
         dest = os.path.join(small, "copy.qcow2")
-        name = blockcopies.create(copy_spec(vm, node=node, dest=dest, pivot=True))
-        status = _assert_failed(blockcopies, core, name, "JobFailed", timeout=120,
+        name = blockcopies.create(copy_spec(vm, node=node, dest=dest, pivot=False))
+        status = _assert_failed(blockcopies, core, name, "JobFailed", timeout=180,
                                 message="failed")
         # The copy did start (libvirt created the file) and then failed on a full disk.
         assert status.get("startTime"), status
         assert os.path.exists(dest)
-        assert shutil.disk_usage(small).free < 1 << 20
-        assert_on_source(vm)
+        assert status["createdFiles"] == [dest]
+        assert f"left in place: {dest}" in status["message"]
+        assert shutil.disk_usage(small).free < 2 << 20
+        assert live_disk_source(vm, "vda") == vm.chain[0]
+        assert live_mirror(vm, "vda") is None and no_block_job(vm)
+        assert domstate(vm) == "running"
     finally:
         if subprocess.run(["umount", small]).returncode != 0:
             subprocess.run(["umount", "-l", small], check=True)

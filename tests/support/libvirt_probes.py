@@ -146,3 +146,33 @@ class BlockJobEvents:
     def close(self) -> None:
         self.conn.domainEventDeregisterAny(self.callback_id)
         self.conn.close()
+
+
+def live_source_node(vm: VM, target: str = "vda") -> str:
+    """The QEMU block node of the disk's active image, as libvirt names it (libvirt-N-format,
+    N the source's index in the live XML)."""
+    index = live_disk(vm, target).find("source").get("index")
+    return f"libvirt-{index}-format"
+
+
+def live_read_matches(vm: VM, offset: int, length: int, pattern: int,
+                      target: str = "vda") -> bool:
+    """Does QEMU itself (the VM's live view, with its own caches) read ``pattern`` in every
+    byte of [offset, offset+length)? Through the monitor's qemu-io, whose verdict QEMU
+    writes to the domain's log (libvirt marks the domain tainted: custom-monitor)."""
+    log = f"/var/log/libvirt/qemu/{vm.name}.log"
+    with open(log, "rb") as f:
+        start = f.seek(0, 2)
+    command = f'qemu-io {live_source_node(vm, target)} "read -P {pattern:#x} {offset} {length}"'
+    virsh("qemu-monitor-command", vm.name, "--hmp", command, uri=vm.uri)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(log, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        if "Pattern verification failed" in text:
+            return False
+        if f"bytes at offset {offset}" in text:
+            return True
+        time.sleep(0.1)
+    raise AssertionError(f"no answer from qemu-io in {log}: {text!r}")

@@ -153,7 +153,7 @@ async def test_a_chain_move_holds_the_pivot_until_every_layer_is_verified(env):
     layers = env.status()["layers"]
     assert [(layer["source"], layer["state"]) for layer in layers] == [
         (p, "Verified") for p in env.disk.chain]
-    # Copied at once, verified from the bottom up, and only then the pivot.
+    # Copied and verified from the bottom up, and only then the pivot.
     verified = [args[0] for verb, args in env.images.calls if verb == "identical"]
     assert verified == list(reversed(env.disk.chain))
     assert env.images.verbs()[-1] == "identical" and env.hv.verbs().count("pivot") == 1
