@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
-from blockcopy import reconcile, status
+from blockcopy import metrics, reconcile, status
 from blockcopy.api import (
     BEFORE_JOB_PHASES,
     TERMINAL_PHASES,
@@ -34,11 +34,19 @@ from blockcopy.layers import LayerCopies
 from blockcopy.observation import DiskState, JobEvent
 from blockcopy.plans import Plan, PlanKind
 from blockcopy.ports import Hypervisor, HypervisorError, HypervisorUnavailable, Images
+from blockcopy.progress import ProgressWindow, duration
 from blockcopy.reconcile import Action, Decision
 from blockcopy.recorder import ObjectRecorder
 from blockcopy.starting import Starter, StartSettings
 
 log = logging.getLogger(__name__)
+
+
+CONVERGING = "Converging"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 class StopSignal(Protocol):
@@ -74,6 +82,7 @@ class Follower:
         self.hv, self.images, self.recorder, self.settings = hv, images, recorder, settings
         self.starter = Starter(hv=hv, images=images, recorder=recorder, settings=settings.start)
         self.layers: LayerCopies | None = None  # a chain move's lower images, copied aside
+        self.window = ProgressWindow()  # rate, time left, convergence
         self._chain: tuple[str, ...] = ()  # the disk's backing chain as last seen
         self._chain_formats: tuple[str, ...] = ()
         self.start_lock = start_lock  # of two BlockCopies for one disk only one may start
@@ -195,6 +204,7 @@ class Follower:
                 return Step.DONE
 
         started: dict[str, Any] | None = None
+        fields: dict[str, Any] | None = None
         refused = False
         async with self.lock:
             if not started_job:
@@ -217,6 +227,8 @@ class Follower:
             else:
                 disk, decision = await self._observe_and_decide(spec, current)
                 decision = self._left_behind(self._chain_move(decision))
+                fields, converging = self._progress(decision, disk)
+                extra = [*extra, *converging]
                 if decision.action in (Action.PIVOT, Action.ABORT) and not self.refusals.active:
                     # Record the intent first: if the agent dies mid-way, the phase tells the
                     # restarted agent to finish the same thing (the mirror is re-checked).
@@ -237,7 +249,8 @@ class Follower:
                     self.refusals.succeeded()
         intent = decision.action == Action.PREPARE  # the plan is stored before any file
         phase_changed = await self.recorder.record(decision, disk=disk, generation=generation,
-                                                   started=started, extra=extra, intent=intent)
+                                                   started=started, extra=extra, intent=intent,
+                                                   fields=fields)
         if started and decision.phase == Phase.COPYING:
             self._start_layers()
         terminal = decision.phase in TERMINAL_PHASES
@@ -260,6 +273,46 @@ class Follower:
         decision = reconcile.decide(spec, current, disk, last_event=self.last_event,
                                     was_mirrored=bool(self.recorder.status.get("mirroredTime")))
         return disk, decision
+
+    def _progress(self, decision: Decision, disk: DiskState
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """status.rate and status.eta while Copying, and the Converging condition: False
+        (NotConverging, a Warning Event) while what remains does not shrink."""
+        before = next((c for c in self.recorder.status.get("conditions") or []
+                       if c.get("type") == CONVERGING), None)
+        kept = [{k: before[k] for k in ("type", "status", "reason", "message")}] \
+            if before else []
+        if decision.phase != Phase.COPYING or disk.job is None:
+            self.window.clear()
+            metrics.forget_progress(self.recorder.key)
+            if before is not None and decision.phase in (Phase.MIRRORED, Phase.PIVOTING,
+                                                         Phase.PIVOTED):
+                kept = [{"type": CONVERGING, "status": "True", "reason": "InSync",
+                         "message": "the copy reached sync"}]
+            return {"rate": None, "eta": None}, kept
+        self.window.add(asyncio.get_running_loop().time(), disk.job.cur, disk.job.end)
+        estimate = self.window.estimate()
+        if estimate is None:
+            return {"rate": None, "eta": None}, kept
+        fields = {"rate": estimate.rate,
+                  "eta": duration(estimate.eta) if estimate.eta is not None else None}
+        metrics.set_progress(self.recorder.key, rate=estimate.rate, eta=estimate.eta,
+                             not_converging=estimate.converging is False)
+        if estimate.converging is None:
+            return fields, kept
+        if estimate.converging:
+            return fields, [{"type": CONVERGING, "status": "True", "reason": "Converging",
+                             "message": f"what remains shrinks: {_mib(estimate.rate)}/s copied, "
+                             f"{_mib(estimate.growth)}/s dirtied by the guest"}]
+        message = (f"the copy does not converge: the guest dirties {_mib(estimate.growth)}/s "
+                   f"while {_mib(estimate.rate)}/s are copied, so it will never be Mirrored "
+                   "as things are. Raise spec.bandwidth (or remove the limit), or start the "
+                   "copy again with the synchronousWrites flag (guest writes then go to both "
+                   "sides; a running copy cannot switch on QEMU 7.2), or slow the guest down")
+        if before is None or before.get("status") != "False":
+            self.recorder.event("Warning", "NotConverging", message)
+        return fields, [{"type": CONVERGING, "status": "False", "reason": "NotConverging",
+                         "message": message}]
 
     def _left_behind(self, decision: Decision) -> Decision:
         """A job that ended without the pivot leaves its files: say which (never deleted)."""

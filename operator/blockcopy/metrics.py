@@ -20,6 +20,12 @@ PIVOT_SECONDS = Histogram("blockcopy_pivot_latency_seconds",
                           "Time from issuing the pivot to the VM running on the destination",
                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
 ERRORS = Counter("blockcopy_errors", "Failures and refused actions, by reason", ["reason"])
+COPY_RATE = Gauge("blockcopy_copy_rate_bytes_per_second", "Bytes copied per second by each "
+                  "copy (over the last 10 s), while Copying", ["namespace", "name"])
+COPY_ETA = Gauge("blockcopy_copy_eta_seconds", "Estimated seconds until each copy is Mirrored "
+                 "(absent when it does not converge)", ["namespace", "name"])
+NOT_CONVERGING = Gauge("blockcopy_not_converging", "1 while a copy does not converge (the guest "
+                       "writes faster than it copies), else 0", ["namespace", "name"])
 WATCH_EVENTS = Counter("blockcopy_watch_events", "Watch events received, by stream (objects: "
                        "this node's, filtered by the API server; unclaimed) and by whose object "
                        "it was (this-node, other-node, unclaimed): other-node stays 0",
@@ -58,6 +64,28 @@ class PhaseCounts:
         elif last is None and cur > 0:
             COPIED_BYTES.inc(cur)
         self._cur[key] = max(cur, last or 0)
+
+
+def set_progress(key: tuple[str, str], *, rate: int | None, eta: float | None,
+                 not_converging: bool) -> None:
+    """The per-copy gauges; None removes a series (nothing to report)."""
+    for gauge, value in ((COPY_RATE, rate), (COPY_ETA, eta)):
+        if value is None:
+            try:
+                gauge.remove(*key)
+            except KeyError:
+                pass
+        else:
+            gauge.labels(*key).set(value)
+    NOT_CONVERGING.labels(*key).set(1 if not_converging else 0)
+
+
+def forget_progress(key: tuple[str, str]) -> None:
+    for gauge in (COPY_RATE, COPY_ETA, NOT_CONVERGING):
+        try:
+            gauge.remove(*key)
+        except KeyError:
+            pass
 
 
 def count_watch_event(stream: str, label: str | None, node: str) -> None:

@@ -99,7 +99,8 @@ class ObjectRecorder:
 
     async def record(self, decision: Decision, *, disk: DiskState | None,
                      generation: int | None, started: Mapping[str, Any] | None = None,
-                     extra: Sequence[Mapping[str, Any]] = (), intent: bool = False) -> bool:
+                     extra: Sequence[Mapping[str, Any]] = (), intent: bool = False,
+                     fields: Mapping[str, Any] | None = None) -> bool:
         """Write the status of ``decision``, with its Events and metrics. A phase change is
         written at once; ``intent``: wait until it is stored (it must precede an action).
         Returns whether the phase changed (and so its Event was posted)."""
@@ -108,6 +109,8 @@ class ObjectRecorder:
                                   node_name=self.agent.node_name, generation=generation,
                                   now=self.agent.clock(), started=started,
                                   extra_conditions=extra)
+        if fields:
+            new.update(fields)  # None values delete a field (a JSON merge patch)
         self.status = new
         phase_changed = new["phase"] != previous.get("phase")
         if intent:
@@ -153,6 +156,7 @@ class ObjectRecorder:
     def forget(self) -> None:
         """The object is gone: drop it from the gauges."""
         self.agent.phase_counts.forget(self.key)
+        metrics.forget_progress(self.key)
 
     def _update_metrics(self, previous: Mapping[str, Any], new: Mapping[str, Any],
                         reason: str) -> None:

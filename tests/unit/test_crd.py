@@ -24,7 +24,7 @@ def test_names_and_printer_columns():
     version = CRD["spec"]["versions"][0]
     assert version["name"] == VERSION and version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Progress", "Domain", "Disk", "Node", "Age"]
+    assert columns == ["Phase", "Progress", "Rate", "ETA", "Domain", "Disk", "Node", "Age"]
 
 
 def test_schema_matches_the_code():
@@ -37,7 +37,8 @@ def test_schema_matches_the_code():
         assert prop.get("description"), name
     written = {"phase", "cur", "end", "progress", "bandwidth", "nodeName", "source", "target",
                "format", "flags", "startedSpec", "startTime", "mirroredTime", "completionTime",
-               "message", "observedGeneration", "conditions", "kopf"}
+               "message", "observedGeneration", "conditions", "kopf", "rate", "eta", "plan",
+               "layers", "createdFiles"}
     assert written <= set(STATUS["properties"])
 
 

@@ -1,0 +1,97 @@
+"""Rate, time left and convergence from libvirt's cur/end samples (pure), and the follow loop
+turning them into status.rate, status.eta and the Converging condition (on the FAKES)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from blockcopy.progress import ProgressWindow, duration
+
+MiB = 1 << 20
+
+
+def test_rate_and_eta_of_a_steady_copy():
+    w = ProgressWindow(window=10)
+    for t in range(11):  # 10 MiB/s, nothing dirtied
+        w.add(t, cur=t * 10 * MiB, end=500 * MiB)
+    e = w.estimate()
+    assert e.rate == 10 * MiB and e.growth == 0
+    assert e.eta == pytest.approx(40)  # 400 MiB left
+    assert e.converging is True
+
+
+def test_a_guest_that_writes_faster_than_the_copy_does_not_converge():
+    w = ProgressWindow(window=10)
+    for t in range(12):  # copies 5 MiB/s, the guest dirties 6 MiB/s
+        w.add(t, cur=t * 5 * MiB, end=100 * MiB + t * 6 * MiB)
+    e = w.estimate()
+    assert e.eta is None and e.converging is False
+    assert e.rate == 5 * MiB and e.growth == 6 * MiB
+
+
+def test_no_verdict_before_a_whole_window():
+    w = ProgressWindow(window=10)
+    w.add(0, 0, 100)
+    assert w.estimate() is None
+    w.add(3, 10, 200)
+    assert w.estimate().converging is None
+
+
+def test_counters_that_go_back_start_a_new_window():
+    w = ProgressWindow(window=10)
+    for t in range(5):
+        w.add(t, cur=t * MiB, end=10 * MiB)
+    w.add(5, cur=0, end=20 * MiB)  # another job
+    assert w.estimate() is None
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0s"), (0.2, "1s"), (45, "45s"), (90, "1m30s"),
+                                           (3723, "1h2m3s")])
+def test_durations(seconds, text):
+    assert duration(seconds) == text
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_status_shows_rate_eta_and_not_converging_until_the_bandwidth_rises(tmp_path):
+    from blockcopy.agent import Agent, AgentConfig
+    from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
+
+    hv, kube = FakeHypervisor(), FakeKube()
+    hv.add_domain("vm")
+    agent = Agent(AgentConfig(node_name="n", allowed_paths=(str(tmp_path),),
+                              status_interval=1.0),
+                  kube=kube, hv=hv, images=FakeImages())
+    body = kube.add("bc", {"domain": "vm", "disk": "vda", "dest": str(tmp_path / "c.qcow2")},
+                    labels={"blockcopy.dev/node": "n"})
+    stop = Stop()
+    task = asyncio.create_task(agent.follow(body, stop))
+    await asyncio.sleep(1)
+    cur, end = 0, 100 * MiB
+    for _ in range(15):  # copies 2 MiB/s, the guest dirties 3 MiB/s
+        cur, end = cur + 2 * MiB, end + 3 * MiB
+        hv.progress("vm", cur=cur, end=end)
+        await asyncio.sleep(1)
+    status = kube.status_of("bc")
+    (cond,) = [c for c in status["conditions"] if c["type"] == "Converging"]
+    assert (cond["status"], cond["reason"]) == ("False", "NotConverging")
+    assert "Raise spec.bandwidth" in cond["message"]
+    assert status["rate"] == 2 * MiB and status.get("eta") is None
+    for _ in range(15):  # the bandwidth was raised: 10 MiB/s copied
+        cur, end = cur + 10 * MiB, end + 3 * MiB
+        hv.progress("vm", cur=cur, end=end)
+        await asyncio.sleep(1)
+    status = kube.status_of("bc")
+    (cond,) = [c for c in status["conditions"] if c["type"] == "Converging"]
+    assert (cond["status"], cond["reason"]) == ("True", "Converging")
+    assert status["rate"] == 10 * MiB and status["eta"].endswith("s")
+    hv.make_ready("vm")
+    await asyncio.sleep(1)
+    status = kube.status_of("bc")
+    assert status["phase"] == "Mirrored" and status.get("rate") is None
+    stop.set()
+    await task
+    await agent.recorder.drain()
+    assert [e.reason for e in kube.events].count("NotConverging") == 1
