@@ -3,8 +3,8 @@
 --
 --   Healthy      Pivoted, Aborted (finished as asked), and Mirrored while spec.pivot is false:
 --                the copy is in sync and waits for the user (set spec.pivot or spec.abort).
---   Progressing  no status yet (no agent has claimed it), Pending, Preparing, Copying, Mirrored with
---                spec.pivot true (the pivot is next), Pivoting, Aborting; also any live phase
+--   Progressing  no status yet (no agent has claimed it), Pending, Queued, Preparing, Copying,
+--                Mirrored with spec.pivot true (the pivot is next), Pivoting, Aborting; also any live phase
 --                whose status does not reflect the latest spec yet (observedGeneration).
 --   Degraded     Failed.
 -- status.message, when there is one, is part of every health message.
@@ -72,7 +72,8 @@ if phase == "Mirrored" then
   return hs
 end
 
-if phase == "Pending" or phase == "Preparing" or phase == "Copying" or phase == "Pivoting" or
+if phase == "Pending" or phase == "Queued" or phase == "Preparing" or phase == "Copying" or
+    phase == "Pivoting" or
     phase == "Aborting" then
   hs.status = "Progressing"
   local text = phase

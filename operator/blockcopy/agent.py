@@ -13,13 +13,21 @@ from collections.abc import Mapping
 from typing import Any
 
 from blockcopy import destination, metrics, reconcile
-from blockcopy.api import NODE_LABEL, TERMINAL_PHASES, Phase, SpecError, parse_running_spec
+from blockcopy.api import (
+    JOB_PHASES,
+    NODE_LABEL,
+    TERMINAL_PHASES,
+    Phase,
+    SpecError,
+    parse_running_spec,
+)
 from blockcopy.claimer import Claimer
 from blockcopy.follower import Follower, FollowSettings, StopSignal
 from blockcopy.observation import JobEvent
 from blockcopy.policy import Policy
 from blockcopy.ports import Hypervisor, Images, Kube, ObjectRef
 from blockcopy.recorder import Clock, Recorder, phase_of, utc_now
+from blockcopy.slots import CopySlots
 from blockcopy.starting import StartSettings
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,7 @@ class AgentConfig:
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
     # Who may copy what (none: anyone, within the allowed roots).
     policy: Policy = dataclasses.field(default_factory=Policy)
+    max_active_copies: int = 0  # copies running at once on this node; 0: no limit
     liveness_port: int = 0  # 0: no liveness endpoint
     metrics_port: int = 0  # 0: no metrics endpoint
 
@@ -56,6 +65,7 @@ class Agent:
         self.settings = FollowSettings(start=start, status_interval=config.status_interval,
                                        poll_interval=config.poll_interval)
         self.followers: dict[tuple[str, str], Follower] = {}
+        self.slots = CopySlots(config.max_active_copies, on_change=self._wake_queued)
         self._start_lock = asyncio.Lock()  # starts are serialized: one job per disk
         self._claimer_task: asyncio.Task[None] | None = None
         hv.add_listener(self._on_job_event)
@@ -100,15 +110,24 @@ class Agent:
         """Drive one owned object until it is terminal, deleted, or the agent stops."""
         ref = ObjectRef.of(body)
         key = (ref.namespace, ref.name)
+        if phase_of(body.get("status")) in (*JOB_PHASES, Phase.PREPARING):
+            self.slots.hold(key)  # a job of ours runs (or is prepared): it holds a slot
         follower = Follower(body, hv=self.hv, images=self.images, settings=self.settings,
+                            slots=self.slots,
                             recorder=self.recorder.for_object(ref, body.get("status")),
                             start_lock=self._start_lock)
         self.followers[key] = follower
         try:
             await follower.run(stop)
         finally:
+            self.slots.release(key)  # finished, deleted, or no longer ours to follow
             if self.followers.get(key) is follower:
                 del self.followers[key]
+
+    def _wake_queued(self) -> None:
+        for follower in self.followers.values():
+            if follower.recorder.phase == Phase.QUEUED:
+                follower.wake.set()
 
     async def cancel_for_deletion(self, body: Mapping[str, Any]) -> str:
         """Cancel our job (if still running) before the object goes; the VM stays on its

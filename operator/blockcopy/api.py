@@ -23,6 +23,7 @@ FINALIZER = f"{GROUP}/cancel-job"
 
 class Phase(enum.StrEnum):
     PENDING = "Pending"
+    QUEUED = "Queued"  # waiting for a free copy slot on its node (--max-active-copies)
     PREPARING = "Preparing"  # the agent prepares the destination (base, chain move)
     COPYING = "Copying"
     MIRRORED = "Mirrored"
@@ -37,7 +38,7 @@ TERMINAL_PHASES = frozenset({Phase.PIVOTED, Phase.ABORTED, Phase.FAILED})
 # Phases in which a libvirt job of ours may exist on the disk.
 JOB_PHASES = frozenset({Phase.COPYING, Phase.MIRRORED, Phase.PIVOTING, Phase.ABORTING})
 # Phases before any job of ours exists (a restart in these decides afresh).
-BEFORE_JOB_PHASES = frozenset({Phase.PENDING, Phase.PREPARING})
+BEFORE_JOB_PHASES = frozenset({Phase.PENDING, Phase.QUEUED, Phase.PREPARING})
 
 
 class Flag(enum.StrEnum):

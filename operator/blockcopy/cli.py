@@ -35,6 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "directory holding Unix sockets (repeatable; env "
                         "BLOCKCOPY_ALLOWED_NETWORK_DESTS, comma-separated; default: none, a "
                         "network destination sends VM data off the host)")
+    parser.add_argument("--max-active-copies", type=int,
+                        default=int(os.environ.get("BLOCKCOPY_MAX_ACTIVE_COPIES", "0")),
+                        metavar="N",
+                        help="at most N copies run at once on this node; the others wait in "
+                        "phase Queued, first come first served (env "
+                        "BLOCKCOPY_MAX_ACTIVE_COPIES; default 0: no limit)")
     parser.add_argument("--policy", default=os.environ.get("BLOCKCOPY_POLICY") or None,
                         metavar="FILE",
                         help="tenant policy: which namespaces may copy which domains to which "
@@ -90,6 +96,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         claim_interval=args.claim_interval,
         namespaces=tuple(args.namespace or ()),
         liveness_port=args.liveness_port,
+        max_active_copies=args.max_active_copies,
         metrics_port=args.metrics_port,
     )
 

@@ -37,12 +37,18 @@ from blockcopy.ports import Hypervisor, HypervisorError, HypervisorUnavailable, 
 from blockcopy.progress import ProgressWindow, duration
 from blockcopy.reconcile import Action, Decision
 from blockcopy.recorder import ObjectRecorder
+from blockcopy.slots import CopySlots
 from blockcopy.starting import Starter, StartSettings
 
 log = logging.getLogger(__name__)
 
 
 CONVERGING = "Converging"
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _mib(n: int) -> str:
@@ -77,10 +83,12 @@ class Follower:
     """
 
     def __init__(self, body: Mapping[str, Any], *, hv: Hypervisor, images: Images,
-                 recorder: ObjectRecorder, settings: FollowSettings, start_lock: asyncio.Lock):
+                 recorder: ObjectRecorder, settings: FollowSettings, start_lock: asyncio.Lock,
+                 slots: CopySlots | None = None):
         self.body = body
         self.hv, self.images, self.recorder, self.settings = hv, images, recorder, settings
         self.starter = Starter(hv=hv, images=images, recorder=recorder, settings=settings.start)
+        self.slots = slots if slots is not None else CopySlots(0)
         self.layers: LayerCopies | None = None  # a chain move's lower images, copied aside
         self.window = ProgressWindow()  # rate, time left, convergence
         self._chain: tuple[str, ...] = ()  # the disk's backing chain as last seen
@@ -222,6 +230,8 @@ class Follower:
                 async with self.start_lock:
                     disk, decision = await self._observe_and_decide(spec, current)
                     if decision.action == Action.START_COPY:
+                        decision = self._queued() or decision
+                    if decision.action == Action.START_COPY:
                         decision, started = await self.starter.start(spec, disk, raw_spec,
                                                                      decision, current)
             else:
@@ -313,6 +323,18 @@ class Follower:
             self.recorder.event("Warning", "NotConverging", message)
         return fields, [{"type": CONVERGING, "status": "False", "reason": "NotConverging",
                          "message": message}]
+
+    def _queued(self) -> Decision | None:
+        """Beyond --max-active-copies: wait in the Queued phase, first come, first served."""
+        meta = self.body.get("metadata", {})
+        place = self.slots.request(self.recorder.key,
+                                   created=str(meta.get("creationTimestamp") or ""))
+        if place == 0:
+            return None
+        return Decision(Phase.QUEUED, reason="Queued",
+                        message=f"waiting for a free copy slot on this node: {_ordinal(place)} "
+                        f"in the queue (at most {self.slots.limit} copies at once, "
+                        "--max-active-copies)")
 
     def _left_behind(self, decision: Decision) -> Decision:
         """A job that ended without the pivot leaves its files: say which (never deleted)."""

@@ -52,8 +52,8 @@ def _condition_states(phase: Phase, was_mirrored: bool) -> dict[str, bool]:
         ABORTED: phase == Phase.ABORTED,
         FAILED: phase == Phase.FAILED,
         READY: phase in (Phase.MIRRORED, Phase.PIVOTED, Phase.ABORTED),
-        RECONCILING: phase in (Phase.PENDING, Phase.PREPARING, Phase.COPYING, Phase.PIVOTING,
-                              Phase.ABORTING),
+        RECONCILING: phase in (Phase.PENDING, Phase.QUEUED, Phase.PREPARING, Phase.COPYING,
+                              Phase.PIVOTING, Phase.ABORTING),
         STALLED: phase == Phase.FAILED,
     }
 

@@ -50,6 +50,7 @@ CASES = [
     (blockcopy(), "Progressing", ["claim"]),
     (blockcopy("Pending", message="waiting for the agent on node n1 to claim it"),
      "Progressing", ["Pending", "waiting for the agent on node n1"]),
+    (blockcopy("Queued", message="1st in the queue"), "Progressing", ["Queued", "1st"]),
     (blockcopy("Preparing", message="rebasing"), "Progressing", ["Preparing", "rebasing"]),
     (blockcopy("Copying", message="copying vda", progress="42%"),
      "Progressing", ["Copying (42%)", "copying vda"]),

@@ -96,6 +96,7 @@ def flux_verdict(obj: dict) -> str:
 
 @pytest.mark.parametrize("phase, pivot, expected", [
     ("Pending", False, "inProgress"),
+    ("Queued", False, "inProgress"),
     ("Preparing", False, "inProgress"),
     ("Copying", False, "inProgress"),
     ("Mirrored", False, "current"),       # waits for the user's commit: not a hang

@@ -292,6 +292,7 @@ class FakeKube:
         self.failing = 0  # the next N status patches raise (API outage)
         self.unclaimed_queue: asyncio.Queue[dict[str, Any]] | None = None
         self._versions = itertools.count(1)
+        self._created = itertools.count(0)  # objects made later sort later
 
     def add(self, name: str, spec: dict[str, Any], *, namespace: str = "ns",
             status: dict[str, Any] | None = None, labels: dict[str, str] | None = None
@@ -299,6 +300,7 @@ class FakeKube:
         body = {"apiVersion": "blockcopy.dev/v1alpha1", "kind": "BlockCopy",
                 "metadata": {"namespace": namespace, "name": name, "uid": f"uid-{name}",
                              "generation": 1, "labels": dict(labels or {}),
+                             "creationTimestamp": f"2026-01-01T00:00:{next(self._created):02d}Z",
                              "resourceVersion": str(next(self._versions))},
                 "spec": dict(spec)}
         if status is not None:

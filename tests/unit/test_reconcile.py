@@ -61,7 +61,8 @@ def test_safety_rules_hold_everywhere(disk_name, spec_name, phase, event, was_mi
         assert ours
     # Start only on an idle, running disk, once.
     if d.action == Action.START_COPY:
-        assert phase in (None, Phase.PENDING, Phase.PREPARING) and disk_name == "idle"
+        assert phase in (None, Phase.PENDING, Phase.QUEUED, Phase.PREPARING)
+        assert disk_name == "idle"
         assert not spec.abort
         assert d.phase == Phase.COPYING
     # Pivoted only when the VM really runs on the destination.
