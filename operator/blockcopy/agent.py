@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from blockcopy import destination, metrics, reconcile
+from blockcopy import destination, groups, metrics, reconcile
 from blockcopy.api import (
     JOB_PHASES,
     NODE_LABEL,
@@ -23,6 +23,7 @@ from blockcopy.api import (
 )
 from blockcopy.claimer import Claimer
 from blockcopy.follower import Follower, FollowSettings, StopSignal
+from blockcopy.groups import Groups
 from blockcopy.observation import JobEvent
 from blockcopy.policy import Policy
 from blockcopy.ports import Hypervisor, Images, Kube, ObjectRef
@@ -66,6 +67,7 @@ class Agent:
                                        poll_interval=config.poll_interval)
         self.followers: dict[tuple[str, str], Follower] = {}
         self.slots = CopySlots(config.max_active_copies, on_change=self._wake_queued)
+        self.groups = Groups(hv, lambda: list(self.followers.values()))
         self._start_lock = asyncio.Lock()  # starts are serialized: one job per disk
         self._claimer_task: asyncio.Task[None] | None = None
         hv.add_listener(self._on_job_event)
@@ -104,6 +106,9 @@ class Agent:
         follower = self.followers.get((namespace, name))
         if follower is not None:
             follower.on_spec_change(generation)
+            key = groups.key_of(follower.body)
+            if key is not None:
+                self.groups.changed(key, by=follower)
 
     # -- following ---------------------------------------------------------------------
     async def follow(self, body: Mapping[str, Any], stop: StopSignal) -> None:
@@ -113,7 +118,7 @@ class Agent:
         if phase_of(body.get("status")) in (*JOB_PHASES, Phase.PREPARING):
             self.slots.hold(key)  # a job of ours runs (or is prepared): it holds a slot
         follower = Follower(body, hv=self.hv, images=self.images, settings=self.settings,
-                            slots=self.slots,
+                            slots=self.slots, groups=self.groups,
                             recorder=self.recorder.for_object(ref, body.get("status")),
                             start_lock=self._start_lock)
         self.followers[key] = follower

@@ -51,7 +51,7 @@ class Flag(enum.StrEnum):
 # Fields that cannot change once the job started (the agent keeps what it started with).
 # granularity and bufSize act only at the start, so a later change could only be ignored.
 IMMUTABLE_FIELDS = ("domain", "nodeName", "disk", "dest", "format", "base", "flags",
-                    "granularity", "bufSize", "backingChain")
+                    "granularity", "bufSize", "backingChain", "group")
 
 
 def _normal(field: str, value: Any) -> Any:
@@ -180,6 +180,7 @@ class BlockCopySpec:
     node_name: str | None = None
     network: NetworkDest | None = None  # dest is an NBD export (dest holds its URI)
     backing_chain: BackingChain | None = None
+    group: str | None = None  # a disk group (blockcopy.groups)
     format: str | None = None
     base: str | None = None
     flags: frozenset[Flag] = frozenset()
@@ -330,6 +331,7 @@ def parse_spec(raw: Any) -> BlockCopySpec:
         dest=dest,
         network=network,
         backing_chain=backing_chain,
+        group=_string(raw, "group"),
         node_name=_string(raw, "nodeName"),
         format=fmt,
         base=base,

@@ -30,6 +30,7 @@ from blockcopy.api import (
     pin_started_fields,
 )
 from blockcopy.backoff import LIBVIRT_UNREACHABLE, REFUSED_ACTION, Backoff
+from blockcopy.groups import GroupKey, Groups, key_of
 from blockcopy.layers import LayerCopies
 from blockcopy.observation import DiskState, JobEvent
 from blockcopy.plans import Plan, PlanKind
@@ -84,11 +85,12 @@ class Follower:
 
     def __init__(self, body: Mapping[str, Any], *, hv: Hypervisor, images: Images,
                  recorder: ObjectRecorder, settings: FollowSettings, start_lock: asyncio.Lock,
-                 slots: CopySlots | None = None):
+                 slots: CopySlots | None = None, groups: Groups | None = None):
         self.body = body
         self.hv, self.images, self.recorder, self.settings = hv, images, recorder, settings
         self.starter = Starter(hv=hv, images=images, recorder=recorder, settings=settings.start)
         self.slots = slots if slots is not None else CopySlots(0)
+        self.groups = groups
         self.layers: LayerCopies | None = None  # a chain move's lower images, copied aside
         self.window = ProgressWindow()  # rate, time left, convergence
         self._chain: tuple[str, ...] = ()  # the disk's backing chain as last seen
@@ -236,9 +238,12 @@ class Follower:
                                                                      decision, current)
             else:
                 disk, decision = await self._observe_and_decide(spec, current)
-                decision = self._left_behind(self._chain_move(decision))
+                decision = self._left_behind(self._group_gate(self._chain_move(decision)))
                 fields, converging = self._progress(decision, disk)
                 extra = [*extra, *converging]
+                group = self._group_key()
+                if group is not None and self.groups is not None:
+                    fields["group"] = self.groups.summary(group)
                 if decision.action in (Action.PIVOT, Action.ABORT) and not self.refusals.active:
                     # Record the intent first: if the agent dies mid-way, the phase tells the
                     # restarted agent to finish the same thing (the mirror is re-checked).
@@ -263,6 +268,9 @@ class Follower:
                                                    fields=fields)
         if started and decision.phase == Phase.COPYING:
             self._start_layers()
+        group = self._group_key()
+        if phase_changed and group is not None and self.groups is not None:
+            self.groups.changed(group, by=self)
         terminal = decision.phase in TERMINAL_PHASES
         if refused and not terminal:
             self.recorder.refused(decision, phase_changed=phase_changed)
@@ -323,6 +331,25 @@ class Follower:
             self.recorder.event("Warning", "NotConverging", message)
         return fields, [{"type": CONVERGING, "status": "False", "reason": "NotConverging",
                          "message": message}]
+
+    def _group_key(self) -> GroupKey | None:
+        return key_of(self.body)
+
+    def _group_gate(self, decision: Decision) -> Decision:
+        """A member of a disk group pivots and aborts with the others (blockcopy.groups)."""
+        group = self._group_key()
+        if group is None or self.groups is None:
+            return decision
+        if decision.action == Action.PIVOT:
+            blocked = self.groups.pivot_blocked(group)
+            if blocked is not None:
+                return Decision(Phase.MIRRORED, reason="WaitingForGroup", message=blocked)
+        if decision.action == Action.ABORT and decision.reason != "LayerCopyFailed":
+            blocked = self.groups.abort_blocked(group)
+            if blocked is not None:
+                current = self.recorder.phase or Phase.COPYING
+                return Decision(current, reason="WaitingForGroup", message=blocked)
+        return decision
 
     def _queued(self) -> Decision | None:
         """Beyond --max-active-copies: wait in the Queued phase, first come, first served."""
@@ -400,6 +427,12 @@ class Follower:
                 self.recorder.pivot_issued = asyncio.get_running_loop().time()
                 await self.hv.pivot(spec.domain, target)
             case Action.ABORT:
-                await self.hv.cancel(spec.domain, target)
+                group = self._group_key()
+                if group is not None and self.groups is not None and \
+                        decision.reason != "LayerCopyFailed":
+                    what = await self.groups.abort(group, spec.domain)
+                    self.recorder.event("Normal", "GroupAborted", what)
+                else:
+                    await self.hv.cancel(spec.domain, target)
             case Action.SET_BANDWIDTH:
                 await self.hv.set_bandwidth(spec.domain, target, spec.bandwidth)

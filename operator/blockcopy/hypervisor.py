@@ -267,6 +267,30 @@ class LibvirtHypervisor:
             lambda: self._domain(domain).blockInfo(target))
         return DiskSize(capacity=int(capacity), allocation=int(allocation))
 
+    def _quiesce(self, domain: str) -> str:
+        dom = self._domain(domain)
+        try:
+            dom.agentSetResponseTimeout(5, 0)  # an agent that does not answer: 5 s at most
+            dom.fsFreeze()
+            return "frozen"
+        except libvirt.libvirtError as exc:  # no guest agent, or it does not answer
+            log.info("cannot freeze the file systems of %s (%s); suspending it", domain,
+                     exc.get_error_message())
+        dom.suspend()
+        return "suspended"
+
+    async def quiesce(self, domain: str) -> str:
+        return await self._in_thread(lambda: self._quiesce(domain))
+
+    async def unquiesce(self, domain: str, how: str) -> None:
+        def undo() -> None:
+            dom = self._domain(domain)
+            if how == "frozen":
+                dom.fsThaw()
+            elif how == "suspended" and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+        await self._in_thread(undo)
+
     async def set_bandwidth(self, domain: str, target: str, bandwidth: int) -> None:
         await self._in_thread(lambda: self._domain(domain).blockJobSetSpeed(
             target, bandwidth, libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES))

@@ -75,6 +75,13 @@ class Hypervisor(Protocol):
     async def disk_size(self, domain: str, target: str) -> DiskSize:
         """The disk's guest-visible size and what its active image occupies."""
 
+    async def quiesce(self, domain: str) -> str:
+        """Hold the guest's disks still: freeze its file systems through its guest agent
+        ("frozen"), or, without an agent that answers, suspend the VM ("suspended")."""
+
+    async def unquiesce(self, domain: str, how: str) -> None:
+        """Undo quiesce: thaw (``how`` "frozen") or resume ("suspended")."""
+
     async def close(self) -> None: ...
 
 

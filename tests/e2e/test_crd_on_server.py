@@ -119,6 +119,7 @@ IMMUTABLE_CHANGES = {
     "granularity": 131072,
     "bufSize": 1048576,
     "backingChain": "copy",
+    "group": "g1",
 }
 
 
@@ -172,7 +173,8 @@ def test_immutable_fields_refused_by_the_api_server_once_the_copy_started(
 OTHER_VALUES = {"domain": "d2", "nodeName": "n2", "disk": "vdc",
                 "dest": "/var/lib/libvirt/images/y.qcow2", "format": "qcow2", "base": "/b2",
                 "flags": ["shallow"], "granularity": 65536, "bufSize": 4096,
-                "backingChain": None}  # its only value is "copy": removing it is the change
+                "backingChain": None,  # its only value is "copy": removing it is the change
+                "group": "g2"}
 
 
 @pytest.mark.parametrize("field", sorted(IMMUTABLE_CHANGES))

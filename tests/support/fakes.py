@@ -71,6 +71,7 @@ class FakeHypervisor:
         self.refusals: dict[str, int] = {}  # verb -> how many next calls libvirt refuses
         self.on_call: dict[str, Any] = {}  # verb -> callable run inside the call (races)
         self.closed = False
+        self.suspended: set[str] = set()  # domains paused by quiesce
 
     # -- test setup and control --------------------------------------------------------
     def add_domain(self, name: str, *, disks: dict[str, str] | None = None,
@@ -206,6 +207,17 @@ class FakeHypervisor:
         await self._enter("disk_size", domain, target)
         disk = self._domain(domain).disks[target]
         return DiskSize(capacity=disk.size, allocation=disk.allocation)
+
+    async def quiesce(self, domain: str) -> str:
+        await self._enter("quiesce", domain)
+        dom = self._domain(domain)
+        dom.running = dom.running  # no guest agent here: suspended
+        self.suspended.add(domain)
+        return "suspended"
+
+    async def unquiesce(self, domain: str, how: str) -> None:
+        await self._enter("unquiesce", domain, how)
+        self.suspended.discard(domain)
 
     async def close(self) -> None:
         self.closed = True

@@ -38,7 +38,7 @@ def test_schema_matches_the_code():
     written = {"phase", "cur", "end", "progress", "bandwidth", "nodeName", "source", "target",
                "format", "flags", "startedSpec", "startTime", "mirroredTime", "completionTime",
                "message", "observedGeneration", "conditions", "kopf", "rate", "eta", "plan",
-               "layers", "createdFiles"}
+               "layers", "createdFiles", "group"}
     assert written <= set(STATUS["properties"])
 
 
@@ -55,7 +55,7 @@ def violations(old: dict, new: dict) -> list[str]:
 BASE = {"domain": "vm", "disk": "vda", "dest": "/var/lib/libvirt/images/c.qcow2",
         "nodeName": "n1", "format": "qcow2", "flags": ["shallow"]}
 STARTED = {"phase": "Copying", "startTime": "2026-01-01T00:00:00Z"}
-CHANGES = {"backingChain": "copy",
+CHANGES = {"backingChain": "copy", "group": "g2",
            "domain": "vm2", "disk": "vdb", "dest": "/var/lib/libvirt/images/d.qcow2",
            "nodeName": "n2", "format": "raw", "base": "/b.qcow2", "flags": ["reuseExternal"],
            "granularity": 131072, "bufSize": 1048576}

@@ -1,0 +1,132 @@
+"""Disk groups on the FAKES (fake clock): members pivot only together, a slow member holds
+the others Mirrored, and the group abort quiesces the VM once, ends every member's job, and
+always resumes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from blockcopy.agent import Agent, AgentConfig
+from blockcopy.ports import HypervisorError
+from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
+
+
+class Env:
+    def __init__(self, tmp_path, disks=("vda", "vdb", "vdc")):
+        self.hv, self.kube = FakeHypervisor(), FakeKube()
+        self.hv.add_domain("vm", disks={d: str(tmp_path / f"{d}.qcow2") for d in disks})
+        self.agent = Agent(AgentConfig(node_name="n", allowed_paths=(str(tmp_path),)),
+                           kube=self.kube, hv=self.hv, images=FakeImages())
+        self.stop, self.tasks, self.bodies = Stop(), [], {}
+        for d in disks:
+            self.bodies[d] = self.kube.add(d, {"domain": "vm", "disk": d, "group": "g",
+                                               "dest": str(tmp_path / f"{d}.copy.qcow2")},
+                                           labels={"blockcopy.dev/node": "n"})
+            self.tasks.append(asyncio.create_task(self.agent.follow(self.bodies[d],
+                                                                    self.stop)))
+
+    def phase(self, d: str) -> str | None:
+        return self.kube.status_of(d).get("phase")
+
+    def edit(self, d: str, **spec) -> None:
+        body = self.bodies[d]
+        body["spec"].update(spec)
+        body["metadata"]["generation"] += 1
+        self.agent.spec_changed("ns", d, body["metadata"]["generation"])
+
+    async def until(self, predicate, timeout=60):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            assert loop.time() < deadline
+            await asyncio.sleep(0.05)
+
+    async def finish(self):
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
+
+
+async def test_no_member_pivots_until_every_member_is_mirrored_with_pivot(tmp_path):
+    env = Env(tmp_path)
+    await env.until(lambda: all(env.phase(d) == "Copying" for d in env.bodies))
+    for d in ("vda", "vdb", "vdc"):
+        env.edit(d, pivot=True)
+    env.hv.make_ready("vm", "vda")
+    env.hv.make_ready("vm", "vdb")  # vdc is slow (say bandwidth-limited)
+    await asyncio.sleep(5)
+    assert [env.phase(d) for d in ("vda", "vdb", "vdc")] == ["Mirrored", "Mirrored", "Copying"]
+    assert "pivot" not in env.hv.verbs()
+    status = env.kube.status_of("vda")
+    assert "vdc is Copying" in status["message"]
+    assert {m["name"]: m["phase"] for m in status["group"]["members"]} == {
+        "vda": "Mirrored", "vdb": "Mirrored", "vdc": "Copying"}
+    env.hv.make_ready("vm", "vdc")
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in env.bodies))
+    pivots = env.hv.times("pivot")
+    assert len(pivots) == 3 and max(pivots) - min(pivots) < 0.5  # in a row
+    await env.finish()
+
+
+async def test_a_member_without_pivot_true_holds_the_group(tmp_path):
+    env = Env(tmp_path, disks=("vda", "vdb"))
+    await env.until(lambda: all(env.phase(d) == "Copying" for d in env.bodies))
+    env.edit("vda", pivot=True)
+    env.hv.make_ready("vm", "vda")
+    env.hv.make_ready("vm", "vdb")
+    await asyncio.sleep(5)
+    assert env.phase("vda") == "Mirrored" and "vdb has no pivot: true" in \
+        env.kube.status_of("vda")["message"]
+    env.edit("vdb", pivot=True)
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in env.bodies))
+    await env.finish()
+
+
+async def test_a_group_abort_quiesces_once_ends_every_job_and_resumes(tmp_path):
+    env = Env(tmp_path)
+    await env.until(lambda: all(env.phase(d) == "Copying" for d in env.bodies))
+    for d in env.bodies:
+        env.hv.make_ready("vm", d)
+    await env.until(lambda: all(env.phase(d) == "Mirrored" for d in env.bodies))
+    env.edit("vda", abort=True)
+    env.edit("vdb", abort=True)
+    await asyncio.sleep(3)
+    assert "cancel" not in env.hv.verbs()  # vdc has no abort: true yet
+    assert "waiting for abort: true on vdc" in env.kube.status_of("vda")["message"]
+    env.edit("vdc", abort=True)
+    await env.until(lambda: all(env.phase(d) == "Aborted" for d in env.bodies))
+    verbs = env.hv.verbs()
+    assert verbs.count("quiesce") == 1 and verbs.count("unquiesce") == 1
+    first_cancel = verbs.index("cancel")
+    assert verbs.index("quiesce") < first_cancel and verbs.count("cancel") == 3
+    assert max(i for i, v in enumerate(verbs) if v == "cancel") < verbs.index("unquiesce")
+    assert env.hv.suspended == set()  # resumed
+    assert all("consistent point-in-time" in env.kube.status_of(d)["message"]
+               for d in env.bodies)
+    await env.finish()
+    await env.agent.recorder.drain()
+    assert [e.reason for e in env.kube.events].count("GroupAborted") >= 1
+
+
+async def test_the_vm_is_resumed_even_when_cancelling_fails(tmp_path):
+    env = Env(tmp_path, disks=("vda", "vdb"))
+    await env.until(lambda: all(env.phase(d) == "Copying" for d in env.bodies))
+    for d in env.bodies:
+        env.hv.make_ready("vm", d)
+    await env.until(lambda: all(env.phase(d) == "Mirrored" for d in env.bodies))
+    original = env.hv.cancel
+
+    async def failing_cancel(domain, target):
+        if target == "vdb":
+            raise HypervisorError("fault injection: cancel refused")
+        await original(domain, target)
+    env.hv.cancel = failing_cancel
+    env.edit("vda", abort=True)
+    env.edit("vdb", abort=True)
+    await env.until(lambda: "unquiesce" in env.hv.verbs())
+    assert env.hv.suspended == set()
+    await env.until(lambda: env.phase("vda") == "Aborted")
+    await env.finish()
