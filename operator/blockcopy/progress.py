@@ -41,8 +41,10 @@ class ProgressWindow:
         self._samples: collections.deque[Sample] = collections.deque()
 
     def add(self, time: float, cur: int, end: int) -> None:
-        if self._samples and (cur < self._samples[-1].cur or end < self._samples[-1].end):
-            self._samples.clear()  # a new job (or an adopted one restarted its counters)
+        # cur only grows within a job: less is a new job. (end may shrink a little: QEMU
+        # counts the bytes in flight in it.)
+        if self._samples and cur < self._samples[-1].cur:
+            self._samples.clear()
         self._samples.append(Sample(time, cur, end))
         # Keep one sample at or beyond the window's start, for a full window's span.
         while len(self._samples) > 2 and time - self._samples[1].time >= self.window:

@@ -35,6 +35,8 @@ class CopySlots:
         self._waiting.setdefault(key, (created, *key))
         if self.limit <= 0 or (len(self.active) < self.limit and self.waiting[0] == key):
             self.hold(key)
+            if self._waiting:
+                self.on_change()  # the queue moved up: the others learn their new place
             return 0
         return self.waiting.index(key) + 1
 

@@ -25,6 +25,7 @@ def test_first_come_first_served():
     assert changes == [True]
     assert slots.request(("ns", "d"), created="4") == 2  # c first
     assert slots.request(("ns", "c"), created="3") == 0
+    assert changes == [True, True]  # c left the queue: d is told it moved up
     assert slots.request(("ns", "d"), created="4") == 1
 
 

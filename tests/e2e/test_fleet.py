@@ -1,0 +1,96 @@
+"""Issue G end to end on real libvirt + QEMU: the per-node limit on copies at once (Queued,
+first come first served, the next one starting as soon as a copy ends), rate and ETA in
+status, a copy that does not converge under guest writes told apart from a slow one, and
+disk groups of a VM with several disks."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+from support.libvirt_probes import live_disk_source, live_mirror, no_block_job
+from support.objects import condition, copy_spec
+from support.waits import events_of, wait_for
+
+
+def test_two_slots_for_five_copies(agent_factory, vms, blockcopies, node):
+    agent_factory(extra_args=["--max-active-copies", "2"])
+    machines = [vms(layers=1, size="64M", data_per_layer="24M") for _ in range(5)]
+    names = []
+    for i, vm in enumerate(machines):
+        names.append(blockcopies.create(copy_spec(
+            vm, node=node, dest=os.path.join(vm.workdir, "copy.qcow2"), bandwidth="1Mi",
+            pivot=True), name=f"copy-{i}"))
+        time.sleep(1.1)  # creation timestamps have a 1 s resolution: the queue's order
+
+    def phases():
+        return [blockcopies.status(n).get("phase") for n in names]
+    wait_for(lambda: phases() == ["Copying", "Copying", "Queued", "Queued", "Queued"], 60,
+             what="2 copying, 3 queued")
+    messages = [blockcopies.status(n)["message"] for n in names[2:]]
+    assert [m.split(": ")[1].split(" in")[0] for m in messages] == ["1st", "2nd", "3rd"]
+    # Exactly two jobs exist in libvirt.
+    assert [live_mirror(vm) is not None for vm in machines] == [True, True, False, False,
+                                                                   False]
+    # A deleted waiter leaves the queue; the others move up.
+    blockcopies.delete(names[3])
+    wait_for(lambda: "1st in the queue" in blockcopies.status(names[2])["message"]
+             and "2nd in the queue" in blockcopies.status(names[4])["message"], 30,
+             what="the queue to move up")
+    # The first copy finishes (bandwidth lifted): the next one starts at once.
+    blockcopies.patch_spec(names[0], {"bandwidth": 0})
+    blockcopies.wait_phase(names[0], "Pivoted", timeout=60)
+    pivoted_at = time.monotonic()
+    wait_for(lambda: blockcopies.status(names[2]).get("phase") == "Copying", 15, interval=0.05,
+             what="the first waiter to start")
+    assert time.monotonic() - pivoted_at < 5
+    assert blockcopies.status(names[4])["phase"] == "Queued"
+    # Its place is updated with the next progress write (at most one per status interval).
+    wait_for(lambda: "1st in the queue" in blockcopies.status(names[4])["message"], 10,
+             what="the last waiter to move up")
+    for name in (names[1], names[2], names[4]):
+        blockcopies.patch_spec(name, {"bandwidth": 0})
+        blockcopies.wait_phase(name, "Pivoted", timeout=120)
+    for i in (0, 1, 2, 4):
+        assert live_disk_source(machines[i]) == os.path.join(machines[i].workdir, "copy.qcow2")
+    assert no_block_job(machines[3])  # deleted while queued: never started
+
+
+def test_rate_and_eta_while_copying(agent, vms, blockcopies, node):
+    vm = vms(layers=1, size="128M", data_per_layer="96M")
+    name = blockcopies.create(copy_spec(vm, node=node, dest=os.path.join(vm.workdir, "c.qcow2"),
+                                        bandwidth="4Mi"))
+    status = wait_for(lambda: (s := blockcopies.status(name)).get("eta")
+                      and condition(s, "Converging") and s, 60,
+                      what="an ETA and a verdict on convergence (after a 10 s window)")
+    assert 2 << 20 <= status["rate"] <= 6 << 20, status["rate"]  # about 4 MiB/s
+    assert status["eta"].endswith("s")
+    assert condition(status, "Converging")["status"] == "True"
+    header, row = blockcopies.kubectl("get", "bc", name, "-n",
+                                      blockcopies.namespace).stdout.splitlines()[:2]
+    columns = dict(zip(header.split(), row.split(), strict=False))
+    assert int(columns["RATE"]) > 0 and re.fullmatch(r"(\d+h)?(\d+m)?\d+s", columns["ETA"])
+    blockcopies.patch_spec(name, {"bandwidth": 0})
+    status = blockcopies.wait_phase(name, "Mirrored", timeout=60)
+    assert "rate" not in status and "eta" not in status
+    assert condition(status, "Converging")["reason"] == "InSync"
+
+
+def test_a_copy_that_does_not_converge_says_so_until_the_bandwidth_rises(
+        agent, vms, blockcopies, node, core):
+    vm = vms(layers=1, size="256M", data_per_layer="8M", guest_writes=True)
+    name = blockcopies.create(copy_spec(vm, node=node, dest=os.path.join(vm.workdir, "c.qcow2"),
+                                        bandwidth="256Ki"))
+    status = wait_for(lambda: (s := blockcopies.status(name))
+                      and (condition(s, "Converging") or {}).get("status") == "False" and s,
+                      120, what="Converging=False")
+    cond = condition(status, "Converging")
+    assert cond["reason"] == "NotConverging" and "Raise spec.bandwidth" in cond["message"]
+    assert status["phase"] == "Copying" and "eta" not in status
+    events = wait_for(events_of(blockcopies, core, name, "NotConverging"), 10)
+    assert [e.type for e in events] == ["Warning"]
+    blockcopies.patch_spec(name, {"bandwidth": 0})
+    status = wait_for(lambda: (s := blockcopies.status(name))
+                      and s.get("phase") == "Mirrored" and s, 120, what="Mirrored")
+    assert condition(status, "Converging")["status"] == "True"
