@@ -105,6 +105,12 @@ class SpecError(ValueError):
     """The spec cannot be acted on; the message is shown to the user as is."""
 
 
+class Convergence(enum.StrEnum):
+    """spec.convergence: what the agent may do about a copy that does not converge."""
+
+    AUTO = "auto"  # switch the running mirror to write-blocking (QEMU >= 8.2)
+
+
 class BackingChain(enum.StrEnum):
     """spec.backingChain: what happens to the images below the active one."""
 
@@ -181,6 +187,7 @@ class BlockCopySpec:
     network: NetworkDest | None = None  # dest is an NBD export (dest holds its URI)
     backing_chain: BackingChain | None = None
     group: str | None = None  # a disk group (blockcopy.groups)
+    convergence: Convergence | None = None
     format: str | None = None
     base: str | None = None
     flags: frozenset[Flag] = frozenset()
@@ -260,6 +267,17 @@ def _bool(raw: Mapping[str, Any], key: str) -> bool:
     return value
 
 
+def _convergence(raw: Mapping[str, Any]) -> Convergence | None:
+    value = _string(raw, "convergence")
+    if value is None:
+        return None
+    try:
+        return Convergence(value)
+    except ValueError:
+        raise SpecError(f"spec.convergence {value!r}: the only value is "
+                        f"{Convergence.AUTO.value!r}") from None
+
+
 def parse_spec(raw: Any) -> BlockCopySpec:
     """Validate a BlockCopy's spec as the agent needs it; raise SpecError with a clear message."""
     if not isinstance(raw, Mapping):
@@ -332,6 +350,7 @@ def parse_spec(raw: Any) -> BlockCopySpec:
         network=network,
         backing_chain=backing_chain,
         group=_string(raw, "group"),
+        convergence=_convergence(raw),
         node_name=_string(raw, "nodeName"),
         format=fmt,
         base=base,

@@ -23,6 +23,7 @@ from blockcopy.api import (
     BEFORE_JOB_PHASES,
     TERMINAL_PHASES,
     BlockCopySpec,
+    Convergence,
     Phase,
     SpecError,
     parse_running_spec,
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 
 CONVERGING = "Converging"
+ASSIST = "ConvergenceAssist"  # what spec.convergence auto did
 
 
 def _ordinal(n: int) -> str:
@@ -241,6 +243,10 @@ class Follower:
                 decision = self._left_behind(self._group_gate(self._chain_move(decision)))
                 fields, converging = self._progress(decision, disk)
                 extra = [*extra, *converging]
+                if decision.phase == Phase.COPYING:
+                    assist_fields, assist = await self._assist_convergence(spec, disk, extra)
+                    fields.update(assist_fields)
+                    extra = [*extra, *assist]
                 group = self._group_key()
                 if group is not None and self.groups is not None:
                     fields["group"] = self.groups.summary(group)
@@ -331,6 +337,47 @@ class Follower:
             self.recorder.event("Warning", "NotConverging", message)
         return fields, [{"type": CONVERGING, "status": "False", "reason": "NotConverging",
                          "message": message}]
+
+    async def _assist_convergence(self, spec: BlockCopySpec, disk: DiskState,
+                                  extra: list[dict[str, Any]]) -> tuple[dict[str, Any],
+                                                                        list[dict[str, Any]]]:
+        """spec.convergence auto on a copy that does not converge: switch the running mirror
+        to write-blocking where QEMU can (8.2); say so where it cannot. Once per copy."""
+        not_converging = any(c["type"] == CONVERGING and c["status"] == "False" for c in extra)
+        before = next((c for c in self.recorder.status.get("conditions") or []
+                       if c.get("type") == ASSIST), None)
+        kept = [{k: before[k] for k in ("type", "status", "reason", "message")}] \
+            if before else []
+        if spec.convergence != Convergence.AUTO or not not_converging or \
+                self.recorder.status.get("copyMode") == "write-blocking" or \
+                (before is not None and before.get("reason") == "NeedsQEMU82"):
+            return {}, kept
+        caps = await self.hv.capabilities()
+        target = disk.target or spec.disk
+        if not caps.block_job_change:
+            message = (f"spec.convergence auto cannot help here: {caps.describe()}; switching a "
+                       "running copy to write-blocking needs QEMU 8.2 (block-job-change). The "
+                       "copy goes on as it is: raise the bandwidth, or restart it with the "
+                       "synchronousWrites flag")
+            self.recorder.event("Warning", "NeedsQEMU82", message)
+            return {}, [{"type": ASSIST, "status": "False", "reason": "NeedsQEMU82",
+                         "message": message}]
+        try:
+            await self.hv.set_copy_mode(spec.domain, target, "write-blocking")
+        except HypervisorUnavailable:
+            raise
+        except HypervisorError as exc:
+            message = f"switching the copy to write-blocking failed: {exc}"
+            self.recorder.event("Warning", "SwitchFailed", message)
+            return {}, [{"type": ASSIST, "status": "False", "reason": "SwitchFailed",
+                         "message": message}]
+        message = ("the copy did not converge: its running mirror now blocks guest writes "
+                   "until they reach both sides (write-blocking, QEMU's block-job-change "
+                   "through libvirt's monitor passthrough, which taints the domain), so it "
+                   "converges")
+        self.recorder.event("Normal", "WriteBlocking", message)
+        return {"copyMode": "write-blocking"}, [{"type": ASSIST, "status": "True",
+                                                 "reason": "WriteBlocking", "message": message}]
 
     def _group_key(self) -> GroupKey | None:
         return key_of(self.body)

@@ -13,6 +13,7 @@ refusal must end the copy with libvirt's message, not be retried forever as an o
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import uuid as uuidlib
@@ -20,12 +21,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import libvirt
+import libvirt_qemu
 import libvirtaio
 
 from blockcopy.api import Flag
 from blockcopy.domainxml import dest_disk_xml, parse_disk, tenant_of
 from blockcopy.observation import DiskState, JobEvent, JobProgress
 from blockcopy.ports import (
+    Capabilities,
     CopyRequest,
     DiskSize,
     HypervisorError,
@@ -65,6 +68,10 @@ def use_asyncio_loop(loop: asyncio.AbstractEventLoop) -> None:
             _event_impl_loop = loop
 
 
+def _version_tuple(number: int) -> tuple[int, int, int]:
+    return number // 1000000, number // 1000 % 1000, number % 1000
+
+
 def _looks_like_uuid(ref: str) -> bool:
     try:
         uuidlib.UUID(ref)
@@ -82,6 +89,7 @@ class LibvirtHypervisor:
         self._lock = threading.Lock()
         self._listeners: list[JobListener] = []
         self._callback_id: int | None = None
+        self._capabilities: Capabilities | None = None  # of the current connection
 
     # -- connection and error classification ----------------------------------------
     def add_listener(self, listener: JobListener) -> None:
@@ -119,6 +127,7 @@ class LibvirtHypervisor:
                 self._callback_id = conn.domainEventRegisterAny(
                     None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None)
             self._conn = conn
+            self._capabilities = None  # learned again on the next ask
             return conn
 
     def _drop(self) -> None:
@@ -171,6 +180,39 @@ class LibvirtHypervisor:
         # Closing removes libvirt's keepalive timer from the loop: kopf would otherwise wait
         # for it (about 5 s) before exiting.
         await asyncio.to_thread(self._close_blocking)
+
+    def _learn_capabilities(self) -> Capabilities:
+        with self._lock:
+            known = self._capabilities
+        if known is not None and self._conn is not None:
+            return known
+        conn = self._connection()
+        caps = Capabilities(libvirt=_version_tuple(conn.getLibVersion()),
+                            qemu=_version_tuple(conn.getVersion()))
+        with self._lock:
+            self._capabilities = caps
+        log.info("hypervisor: %s", caps.describe())
+        return caps
+
+    async def capabilities(self) -> Capabilities:
+        return await self._in_thread(self._learn_capabilities)
+
+    def _set_copy_mode(self, domain: str, target: str, mode: str) -> None:
+        dom = self._domain(domain)
+        jobs = json.loads(libvirt_qemu.qemuMonitorCommand(
+            dom, json.dumps({"execute": "query-block-jobs"}), 0)).get("return", [])
+        ids = [j["device"] for j in jobs if j.get("type") == "mirror"
+               and j.get("device", "").startswith(f"copy-{target}-")]
+        if not ids:
+            raise HypervisorError(f"no mirror job of {target} in QEMU")
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps({
+            "execute": "block-job-change",
+            "arguments": {"id": ids[0], "type": "mirror", "copy-mode": mode}}), 0))
+        if "error" in reply:
+            raise HypervisorError(f"QEMU refused block-job-change: {reply['error'].get('desc')}")
+
+    async def set_copy_mode(self, domain: str, target: str, mode: str) -> None:
+        await self._in_thread(lambda: self._set_copy_mode(domain, target, mode))
 
     async def version(self) -> str:
         v = await self._in_thread(lambda: self._connection().getLibVersion())

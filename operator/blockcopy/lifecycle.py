@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import kopf
 
-from blockcopy import hypervisor
+from blockcopy import hypervisor, metrics
 from blockcopy.agent import Agent, AgentConfig
 from blockcopy.api import FINALIZER, GROUP, PLURAL
 from blockcopy.kube import KubeClient, load_config
@@ -54,7 +54,12 @@ async def start(memo: kopf.Memo, settings: kopf.OperatorSettings,
     hypervisor.use_asyncio_loop(asyncio.get_running_loop())
     hv = memo.make_hypervisor(config.libvirt_uri)
     try:
-        logger.info("libvirt %s at %s", await hv.version(), config.libvirt_uri)
+        caps = await hv.capabilities()
+        logger.info("libvirt %s at %s (%s)", await hv.version(), config.libvirt_uri,
+                    caps.describe())
+        metrics.HYPERVISOR.labels(".".join(map(str, caps.libvirt)), ".".join(map(str, caps.qemu)),
+                                  str(caps.synchronous_writes).lower(),
+                                  str(caps.block_job_change).lower()).set(1)
     except HypervisorError as exc:  # keep running: the follow loops retry with back-off
         logger.warning("libvirt not reachable yet at %s: %s", config.libvirt_uri, exc)
     agent = memo.agent = Agent(config, kube=KubeClient(), hv=hv, images=QemuImg())

@@ -26,6 +26,9 @@ COPY_ETA = Gauge("blockcopy_copy_eta_seconds", "Estimated seconds until each cop
                  "(absent when it does not converge)", ["namespace", "name"])
 NOT_CONVERGING = Gauge("blockcopy_not_converging", "1 while a copy does not converge (the guest "
                        "writes faster than it copies), else 0", ["namespace", "name"])
+HYPERVISOR = Gauge("blockcopy_hypervisor_info", "The connected libvirt and QEMU (value 1), and "
+                   "what they can do", ["libvirt", "qemu", "synchronous_writes",
+                                        "block_job_change"])
 WATCH_EVENTS = Counter("blockcopy_watch_events", "Watch events received, by stream (objects: "
                        "this node's, filtered by the API server; unclaimed) and by whose object "
                        "it was (this-node, other-node, unclaimed): other-node stays 0",

@@ -75,6 +75,13 @@ class Hypervisor(Protocol):
     async def disk_size(self, domain: str, target: str) -> DiskSize:
         """The disk's guest-visible size and what its active image occupies."""
 
+    async def capabilities(self) -> Capabilities:
+        """Versions and features of the connected libvirt and QEMU."""
+
+    async def set_copy_mode(self, domain: str, target: str, mode: str) -> None:
+        """Switch a running mirror's copy mode (``write-blocking``); QEMU >= 8.2 only, through
+        libvirt's QEMU monitor passthrough (libvirt has no API for it)."""
+
     async def quiesce(self, domain: str) -> str:
         """Hold the guest's disks still: freeze its file systems through its guest agent
         ("frozen"), or, without an agent that answers, suspend the VM ("suspended")."""
@@ -83,6 +90,30 @@ class Hypervisor(Protocol):
         """Undo quiesce: thaw (``how`` "frozen") or resume ("suspended")."""
 
     async def close(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What the connected libvirt and QEMU can do, learned once per connection."""
+
+    libvirt: tuple[int, int, int]
+    qemu: tuple[int, int, int]
+
+    @property
+    def synchronous_writes(self) -> bool:
+        """VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES (libvirt 8.0)."""
+        return self.libvirt >= (8, 0, 0)
+
+    @property
+    def block_job_change(self) -> bool:
+        """QMP block-job-change: a running mirror switched to write-blocking (QEMU 8.2)."""
+        return self.qemu >= (8, 2, 0)
+
+    def describe(self) -> str:
+        return (f"libvirt {'.'.join(map(str, self.libvirt))}, QEMU "
+                f"{'.'.join(map(str, self.qemu))}: synchronousWrites "
+                f"{'yes' if self.synchronous_writes else 'no'}, switching a running copy to "
+                f"write-blocking {'yes' if self.block_job_change else 'no'}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,7 +72,8 @@ class Starter:
                     ) -> tuple[Decision, dict[str, Any] | None]:
         """The decision to record (Copying, Preparing, or Failed with the reason) and the
         status fields it brings. ``decision`` is reconcile's START_COPY."""
-        refused = self._refuse_by_policy(spec, disk) or self._refuse_own_chain(spec, disk)
+        refused = self._refuse_by_policy(spec, disk) or self._refuse_own_chain(spec, disk) or \
+            await self._refuse_unsupported(spec)
         if refused is not None:
             return refused, None
         assert disk.target is not None
@@ -131,6 +132,14 @@ class Starter:
         if forbidden is None:
             return None
         return _failed("Forbidden", f"{forbidden} (the agent's policy); nothing was started")
+
+    async def _refuse_unsupported(self, spec: BlockCopySpec) -> Decision | None:
+        """A spec that needs more than this node's libvirt and QEMU can do."""
+        caps = await self.hv.capabilities()
+        if Flag.SYNCHRONOUS_WRITES in spec.flags and not caps.synchronous_writes:
+            return _failed("NotSupportedHere", f"the synchronousWrites flag needs libvirt 8.0 "
+                           f"or newer; this node has {caps.describe()}")
+        return None
 
     @staticmethod
     def _refuse_own_chain(spec: BlockCopySpec, disk: DiskState) -> Decision | None:

@@ -113,7 +113,7 @@ def build_status(
     status: dict[str, Any] = {
         k: previous[k] for k in ("cur", "end", "bandwidth", "source", "target", "format", "flags",
                                  "startedSpec", "startTime", "mirroredTime", "completionTime",
-                                 "plan", "layers", "createdFiles", "group")
+                                 "plan", "layers", "createdFiles", "group", "copyMode")
         if k in previous
     }
     status.update(started or {})

@@ -36,6 +36,7 @@ class FakeJob:
     end: int = 1
     bandwidth: int = 0
     ready: MirrorReady = MirrorReady.COPYING
+    copy_mode: str = "background"
 
 
 @dataclasses.dataclass
@@ -207,6 +208,21 @@ class FakeHypervisor:
         await self._enter("disk_size", domain, target)
         disk = self._domain(domain).disks[target]
         return DiskSize(capacity=disk.size, allocation=disk.allocation)
+
+    capabilities_value = None  # set to a Capabilities to pretend another hypervisor
+
+    async def capabilities(self):
+        from blockcopy.ports import Capabilities
+
+        await self._enter("capabilities")
+        return self.capabilities_value or Capabilities(libvirt=(9, 0, 0), qemu=(7, 2, 0))
+
+    async def set_copy_mode(self, domain: str, target: str, mode: str) -> None:
+        await self._enter("set_copy_mode", domain, target, mode)
+        job = self._domain(domain).disks[target].job
+        if job is None:
+            raise HypervisorError(f"no mirror job of {target} in QEMU")
+        job.copy_mode = mode
 
     async def quiesce(self, domain: str) -> str:
         await self._enter("quiesce", domain)

@@ -83,7 +83,7 @@ async def test_copy_mirror_pivot_on_request(s, looptime):
     body = s.create()
     s.follow(body)
     await s.until(lambda: s.phase() == "Copying")
-    assert s.hv.verbs()[:3] == ["observe", "disk_size", "start_copy"]
+    assert s.hv.verbs()[:4] == ["observe", "capabilities", "disk_size", "start_copy"]
     s.hv.progress("vm", cur=10, end=100)
     await s.until(lambda: s.kube.status_of("bc").get("cur") == 10)
 

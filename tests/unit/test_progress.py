@@ -103,3 +103,94 @@ async def test_status_shows_rate_eta_and_not_converging_until_the_bandwidth_rise
     await task
     await agent.recorder.drain()
     assert [e.reason for e in kube.events].count("NotConverging") == 1
+
+
+async def _not_converging(tmp_path, caps, **spec):
+    from blockcopy.agent import Agent, AgentConfig
+    from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
+
+    hv, kube = FakeHypervisor(), FakeKube()
+    hv.capabilities_value = caps
+    hv.add_domain("vm")
+    agent = Agent(AgentConfig(node_name="n", allowed_paths=(str(tmp_path),)),
+                  kube=kube, hv=hv, images=FakeImages())
+    body = kube.add("bc", {"domain": "vm", "disk": "vda", "dest": str(tmp_path / "c.qcow2"),
+                           **spec}, labels={"blockcopy.dev/node": "n"})
+    stop = Stop()
+    task = asyncio.create_task(agent.follow(body, stop))
+    await asyncio.sleep(1)
+    cur, end = 0, 100 * MiB
+    for _ in range(15):  # copies 2 MiB/s, the guest dirties 3 MiB/s
+        cur, end = cur + 2 * MiB, end + 3 * MiB
+        hv.progress("vm", cur=cur, end=end)
+        await asyncio.sleep(1)
+    stop.set()
+    await task
+    await agent.recorder.drain()
+    return hv, kube
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_convergence_auto_switches_a_running_copy_to_write_blocking_on_qemu_8_2(tmp_path):
+    from blockcopy.ports import Capabilities
+
+    hv, kube = await _not_converging(tmp_path, Capabilities((11, 3, 0), (10, 0, 2)),
+                                     convergence="auto")
+    assert [args for _, verb, args in hv.calls if verb == "set_copy_mode"] == [
+        ("vm", "vda", "write-blocking")]
+    assert hv.disk("vm").job.copy_mode == "write-blocking"
+    status = kube.status_of("bc")
+    assert status["copyMode"] == "write-blocking"
+    (assist,) = [c for c in status["conditions"] if c["type"] == "ConvergenceAssist"]
+    assert (assist["status"], assist["reason"]) == ("True", "WriteBlocking")
+    assert [e.reason for e in kube.events].count("WriteBlocking") == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_convergence_auto_on_qemu_7_2_says_it_cannot_and_goes_on(tmp_path):
+    from blockcopy.ports import Capabilities
+
+    hv, kube = await _not_converging(tmp_path, Capabilities((9, 0, 0), (7, 2, 0)),
+                                     convergence="auto")
+    assert "set_copy_mode" not in hv.verbs() and hv.disk("vm").job is not None
+    status = kube.status_of("bc")
+    (assist,) = [c for c in status["conditions"] if c["type"] == "ConvergenceAssist"]
+    assert (assist["status"], assist["reason"]) == ("False", "NeedsQEMU82")
+    assert "QEMU 8.2" in assist["message"] and status["phase"] == "Copying"
+    assert [e.reason for e in kube.events].count("NeedsQEMU82") == 1
+    assert "copyMode" not in status
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_without_convergence_auto_nothing_is_switched(tmp_path):
+    from blockcopy.ports import Capabilities
+
+    hv, kube = await _not_converging(tmp_path, Capabilities((11, 3, 0), (10, 0, 2)))
+    assert "set_copy_mode" not in hv.verbs()
+    assert not [c for c in kube.status_of("bc")["conditions"]
+                if c["type"] == "ConvergenceAssist"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_a_spec_needing_more_than_the_host_has_is_refused(tmp_path):
+    from blockcopy.agent import Agent, AgentConfig
+    from blockcopy.ports import Capabilities
+    from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
+
+    hv, kube = FakeHypervisor(), FakeKube()
+    hv.capabilities_value = Capabilities((7, 10, 0), (6, 2, 0))
+    hv.add_domain("vm")
+    agent = Agent(AgentConfig(node_name="n", allowed_paths=(str(tmp_path),)),
+                  kube=kube, hv=hv, images=FakeImages())
+    body = kube.add("bc", {"domain": "vm", "disk": "vda", "dest": str(tmp_path / "c.qcow2"),
+                           "flags": ["synchronousWrites"]}, labels={"blockcopy.dev/node": "n"})
+    await asyncio.wait_for(agent.follow(body, Stop()), 10)
+    status = kube.status_of("bc")
+    assert status["phase"] == "Failed" and "libvirt 8.0" in status["message"]
+    assert [c["reason"] for c in status["conditions"] if c["type"] == "Failed"] == [
+        "NotSupportedHere"]
+    assert "start_copy" not in hv.verbs()
