@@ -72,9 +72,9 @@ EXAMPLES = """examples:
 class PluginError(Exception):
     """An error shown to the user as is, with the exit code it ends the plugin with."""
 
-    def __init__(self, message: str, code: int = FAILURE):
+    def __init__(self, message: str, code: int = FAILURE, *, status: int | None = None):
         super().__init__(message)
-        self.code = code
+        self.code, self.status = code, status  # status: the API server's HTTP status
 
 
 class LibvirtCannotTell(PluginError):
@@ -186,8 +186,9 @@ def plan_dests(domain: str, disks: Sequence[Disk], to_dir: str) -> dict[str, str
 
 def manifests(*, domain: str, disks: Sequence[Disk], to_dir: str, group: str,
               node: str | None, pivot: bool, bandwidth: str | None,
-              namespace: str) -> list[dict]:
-    """One BlockCopy per disk, all in ``group``."""
+              namespace: str, prefix: str | None = None) -> list[dict]:
+    """One BlockCopy per disk, all in ``group``, named <prefix>-<target> (default prefix:
+    the domain)."""
     dests = plan_dests(domain, disks, to_dir)
     out = []
     for disk in disks:
@@ -198,7 +199,7 @@ def manifests(*, domain: str, disks: Sequence[Disk], to_dir: str, group: str,
         if bandwidth is not None:
             spec["bandwidth"] = bandwidth
         spec["pivot"] = pivot
-        metadata: dict[str, Any] = {"name": object_name(domain, disk.target),
+        metadata: dict[str, Any] = {"name": object_name(prefix or domain, disk.target),
                                     "namespace": namespace}
         if valid_label_value(group):
             metadata["labels"] = {GROUP_LABEL: group}
@@ -334,8 +335,8 @@ class Cluster:
             if "the server could not find the requested resource" in message:
                 return PluginError(f"{what}: the API server does not know BlockCopies "
                                    f"({RESOURCE}): is the CRD installed?")
-            return PluginError(f"{what}: not found", NOT_FOUND)
-        return PluginError(f"{what}: {message}")
+            return PluginError(f"{what}: not found", NOT_FOUND, status=404)
+        return PluginError(f"{what}: {message}", status=exc.status)
 
     def get(self, namespace: str, name: str) -> dict:
         return self._call(f"blockcopy {name!r} in namespace {namespace!r}",
@@ -457,12 +458,19 @@ def cmd_move(args: argparse.Namespace, cluster: Cluster, namespace: str) -> int:
             raise PluginError(f"domain {domain!r} has no disks to copy", NOT_FOUND)
     group = args.group or domain
     bodies = manifests(domain=domain, disks=disks, to_dir=to_dir, group=group, node=args.node,
-                       pivot=args.pivot, bandwidth=args.bandwidth, namespace=namespace)
+                       pivot=args.pivot, bandwidth=args.bandwidth, namespace=namespace,
+                       prefix=args.prefix)
     if args.dry_run:
         out(yaml.safe_dump_all(bodies, sort_keys=False).rstrip())
         return OK
     for body in bodies:  # all or none: the server checks every object before one is made
-        cluster.create(body, dry_run=True)
+        try:
+            cluster.create(body, dry_run=True)
+        except PluginError as exc:
+            if exc.status == 409:
+                raise PluginError(f"{exc} (delete it first, or name the new ones with "
+                                  "--prefix); nothing was created") from None
+            raise PluginError(f"{exc}; nothing was created", exc.code) from None
     pruned = False
     for body in bodies:
         made = cluster.create(body, dry_run=False)
@@ -608,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     move.add_argument("--node", metavar="N", help="spec.nodeName: the node whose agent copies "
                       "(default: the agent whose libvirt runs the domain claims them)")
     move.add_argument("--group", metavar="G", help="spec.group (default: the VM's name)")
+    move.add_argument("--prefix", metavar="P", help="name the BlockCopies P-<disk> (default: "
+                      "the VM's name)")
     move.add_argument("--libvirt-uri", default=os.environ.get("LIBVIRT_URI", "qemu:///system"),
                       help="libvirt to read the disks from (default: $LIBVIRT_URI or "
                            "qemu:///system)")

@@ -103,6 +103,10 @@ def test_manifests_one_per_disk_in_one_group():
                                node=None, pivot=False, bandwidth=None, namespace="vms")
     assert "labels" not in body["metadata"] and body["spec"]["group"] == "a b"
     assert "nodeName" not in body["spec"] and body["spec"]["pivot"] is False
+    (body,) = plugin.manifests(domain="vm", disks=[Disk("vda")], to_dir="/n", group="g",
+                               node=None, pivot=False, bandwidth=None, namespace="vms",
+                               prefix="Back_Again")
+    assert body["metadata"]["name"] == "back-again-vda" and body["spec"]["domain"] == "vm"
 
 
 @pytest.mark.parametrize("domain, target, name", [
