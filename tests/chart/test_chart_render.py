@@ -254,7 +254,7 @@ def value_leaves(values: dict, prefix: str = "") -> set[str]:
 
 
 FREE_FORM = {"resources", "podSecurityContext", "securityContext", "updateStrategy",
-             "affinity", "nodeSelector", "podAnnotations", "podLabels"}
+             "affinity", "nodeSelector", "podAnnotations", "podLabels", "dashboard.labels"}
 
 
 def test_schema_covers_every_value():
