@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 import re
+import shlex
 import sys
 import textwrap
 import time
@@ -306,7 +307,7 @@ class Cluster:
                 client = kubernetes.client.ApiClient()
                 with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
                     self.default_namespace = f.read().strip() or "default"
-        except (config.ConfigException, OSError, StopIteration) as exc:
+        except (config.ConfigException, OSError) as exc:
             raise PluginError(f"cannot load the kubeconfig: {exc}") from None
         self.api = kubernetes.client.CustomObjectsApi(client)
         self.host = client.configuration.host
@@ -317,10 +318,8 @@ class Cluster:
             return fn(*args, **kw)
         except ApiException as exc:
             raise self._error(what, exc) from None
-        except (OSError, self._kubernetes.client.exceptions.OpenApiException) as exc:
-            raise PluginError(f"cannot reach the API server at {self.host}: {exc}") from None
-        except Exception as exc:  # urllib3's MaxRetryError and friends
-            if type(exc).__module__.startswith("urllib3"):
+        except Exception as exc:  # urllib3's MaxRetryError and friends, an OSError
+            if isinstance(exc, OSError) or type(exc).__module__.startswith("urllib3"):
                 raise PluginError(f"cannot reach the API server at {self.host}: "
                                   f"{exc}") from None
             raise
@@ -482,10 +481,10 @@ def cmd_move(args: argparse.Namespace, cluster: Cluster, namespace: str) -> int:
         note("warning: the API server dropped spec.group (its BlockCopy CRD predates copy "
              "groups): the copies pivot one by one; the label "
              f"{GROUP_LABEL}={group} still groups them for this plugin")
-    ns = f" -n {namespace}"
-    out(f"group {group!r}: follow with `kubectl blockcopy list{ns} --group {group}`" +
+    which = f"-n {shlex.quote(namespace)} --group {shlex.quote(group)}"
+    out(f"group {group!r}: follow with `kubectl blockcopy list {which}`" +
         ("" if args.pivot else
-         f"; switch once Mirrored with `kubectl blockcopy pivot{ns} --group {group}`"))
+         f"; switch once Mirrored with `kubectl blockcopy pivot {which}`"))
     return OK
 
 
