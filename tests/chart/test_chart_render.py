@@ -74,8 +74,9 @@ def test_helm_lint_strict_is_clean(helm):
 def test_template_renders_the_agent(helm):
     docs = helm.render()
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Service",
-                     "ServiceAccount"]
+    # The agent's ClusterRole, and blockcopy-viewer / blockcopy-editor (userRoles.create).
+    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
+                     "DaemonSet", "Service", "ServiceAccount"]
     ds = one(docs, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     (agent,) = pod["containers"]
@@ -254,7 +255,7 @@ def value_leaves(values: dict, prefix: str = "") -> set[str]:
 
 
 FREE_FORM = {"resources", "podSecurityContext", "securityContext", "updateStrategy",
-             "affinity", "nodeSelector", "podAnnotations", "podLabels"}
+             "affinity", "nodeSelector", "podAnnotations", "podLabels", "dashboard.labels"}
 
 
 def test_schema_covers_every_value():

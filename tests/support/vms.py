@@ -8,7 +8,7 @@ keeps all its files under ``/var/lib/libvirt/images/blockcopy-test/<name>/``, so
 CLI::
 
     PYTHONPATH=tests python -m support.vms create [--name N] [--layers 2] [--size 64M]
-        [--persistent] [--guest-writes]
+        [--persistent] [--guest-writes] [--disks 1]
     PYTHONPATH=tests python -m support.vms destroy NAME | cleanup | digest PATH
 """
 
@@ -54,6 +54,10 @@ class VM:
     guest_writes: bool = False
     console_log: str = ""
     initial_digest: str = ""  # sha256 of the merged chain before the domain started
+    # Every disk's chain (top first) by target, vda's (= chain) included; with disks=N > 1,
+    # vdb... have chains of their own, their files named <target>-base.qcow2, ...
+    disk_chains: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    initial_digests: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def checksum_guest_view(self) -> str:
         return image_digest(self.chain[0], "qcow2")
@@ -94,13 +98,14 @@ def layer_plan(layers: int, per_layer: int) -> list[list[tuple[int, int, int]]]:
 
 
 def build_chain(
-    workdir: Path, layers: int, size: int, per_layer: int, relative_backing: bool = False
+    workdir: Path, layers: int, size: int, per_layer: int, relative_backing: bool = False,
+    prefix: str = "",
 ) -> list[str]:
     if layers < 1 or layers * per_layer > size:
         raise ValueError(f"{layers} layers of {per_layer} bytes do not fit in {size} bytes")
     paths: list[Path] = []
     for i, writes in enumerate(layer_plan(layers, per_layer)):
-        img = workdir / ("base.qcow2" if i == 0 else f"layer{i}.qcow2")
+        img = workdir / (f"{prefix}base.qcow2" if i == 0 else f"{prefix}layer{i}.qcow2")
         if i == 0:
             _run("qemu-img", "create", "-q", "-f", "qcow2", str(img), str(size))
         else:
@@ -212,7 +217,22 @@ def guest_boot_files() -> tuple[str, str]:
 # ---------------------------------------------------------------- domains
 
 
-def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | None) -> str:
+def disk_target(index: int) -> str:
+    """vda, vdb, ... (virtio disk targets in order)."""
+    return "vd" + "abcdefghijklmnopqrstuvwxyz"[index]
+
+
+def _disk_xml(target: str, top: str) -> str:
+    return f"""    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{top}'/>
+      <target dev='{target}' bus='virtio'/>
+    </disk>"""
+
+
+def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | None,
+               extra_tops: list[str] | tuple[str, ...] = ()) -> str:
+    """``top`` is vda's active image; ``extra_tops`` those of vdb, vdc, ..."""
     # The cloud kernel resets while unpacking itself in 64 MiB; it boots in 128 MiB.
     memory, os_extra = (128 if boot else 64), ""
     if boot:
@@ -221,6 +241,7 @@ def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | No
             "<cmdline>console=ttyS0 loglevel=4 panic=-1</cmdline>"
         )
     # No <backingStore> on purpose: libvirt detects the chain from the qcow2 headers.
+    disks = "\n".join(_disk_xml(disk_target(i), t) for i, t in enumerate([top, *extra_tops]))
     return f"""<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>{memory}</memory>
@@ -228,11 +249,7 @@ def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | No
   <os><type arch='x86_64' machine='pc'>hvm</type>{os_extra}</os>
   <on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>
   <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{top}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
+{disks}
     <serial type='file'><source path='{console_log}'/><target port='0'/></serial>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
@@ -250,9 +267,14 @@ def create_vm(
     guest_writes: bool = False,
     data_per_layer: str | int = "4M",
     relative_backing: bool = False,
+    disks: int = 1,
 ) -> VM:
     """Create and start a domain. ``name`` is a purpose ('copy' -> 'bct-copy-1a2b3c');
-    a name that already starts with 'bct-' is used as is."""
+    a name that already starts with 'bct-' is used as is. ``disks`` > 1 adds vdb, vdc...,
+    each with a chain of its own like vda's (same layers and sizes), in the same directory,
+    its files prefixed with the target (vdb-base.qcow2, vdb-layer1.qcow2, ...)."""
+    if not 1 <= disks <= 16:
+        raise ValueError(f"disks must be 1 to 16, not {disks}")
     if name is None or not name.startswith(PREFIX):
         name = f"{PREFIX}{name or 'vm'}-{secrets.token_hex(3)}"
     workdir = IMAGES / name
@@ -268,9 +290,17 @@ def create_vm(
         chain = build_chain(
             workdir, layers, parse_size(size), parse_size(data_per_layer), relative_backing
         )
-        digest = image_digest(chain[0], "qcow2")
+        chains = {"vda": chain}
+        for i in range(1, disks):
+            target = disk_target(i)
+            chains[target] = build_chain(workdir, layers, parse_size(size),
+                                         parse_size(data_per_layer), relative_backing,
+                                         prefix=f"{target}-")
+        digests = {t: image_digest(c[0], "qcow2") for t, c in chains.items()}
+        digest = digests["vda"]
         console = str(workdir / "console.log")
-        xml = domain_xml(name, chain[0], console, guest_boot_files() if guest_writes else None)
+        xml = domain_xml(name, chain[0], console, guest_boot_files() if guest_writes else None,
+                         [c[0] for t, c in chains.items() if t != "vda"])
         with libvirt.open(uri) as conn:
             if persistent:
                 dom = conn.defineXML(xml)
@@ -291,6 +321,8 @@ def create_vm(
         guest_writes=guest_writes,
         console_log=console,
         initial_digest=digest,
+        disk_chains=chains,
+        initial_digests=digests,
     )
 
 
@@ -377,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--persistent", action="store_true")
     c.add_argument("--guest-writes", action="store_true")
     c.add_argument("--relative-backing", action="store_true")
+    c.add_argument("--disks", type=int, default=1, help="vda, plus vdb... with chains of their own")
     c.add_argument(
         "--wait-writes",
         type=float,
@@ -399,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             guest_writes=a.guest_writes,
             data_per_layer=a.data_per_layer,
             relative_backing=a.relative_backing,
+            disks=a.disks,
         )
         if a.guest_writes and a.wait_writes:
             wait_guest_writing(vm, a.wait_writes)

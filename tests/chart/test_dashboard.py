@@ -1,0 +1,326 @@
+"""The chart's Grafana dashboard (charts/blockcopy-operator/dashboards/blockcopy.json): a valid
+dashboard (schema version, templating, panels with a data source and queries), shipped as a
+ConfigMap for Grafana's sidecar only when asked, and every PromQL query naming only metrics,
+and labels, that the agent really exports: offline against prometheus-client's registry once
+blockcopy.metrics is imported, and (e2e) against the /metrics of a real agent process scraped
+during a real copy and a real failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import kubernetes_validate
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from support.agents import free_port, http_get
+from support.helm import by_kind, one
+from support.objects import copy_spec
+from support.paths import CHART
+from support.waits import wait_for
+
+DASHBOARD = CHART / "dashboards" / "blockcopy.json"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+
+# Labels a series gets from Prometheus, not from the agent: the target's (instance, job), those
+# a ServiceMonitor adds (namespace, pod, service, container, endpoint) and the chart's
+# relabeling (node); a scraped label that clashes with one of them is renamed exported_<name>.
+TARGET_LABELS = {"instance", "job", "namespace", "pod", "service", "container", "endpoint",
+                 "node", "exported_namespace"}
+# Labels the queries make themselves (label_replace's destination).
+MADE_LABELS = {"copy_namespace"}
+
+FUNCTIONS = {"abs", "absent", "ceil", "changes", "clamp_max", "clamp_min", "delta", "deriv",
+             "exp", "floor", "histogram_quantile", "idelta", "increase", "irate",
+             "label_join", "label_replace", "ln", "max_over_time", "min_over_time",
+             "avg_over_time", "rate", "resets", "round", "scalar", "sort", "sort_desc",
+             "time", "timestamp", "vector", "last_over_time"}
+AGGREGATIONS = {"sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk",
+                "quantile", "count_values", "group"}
+GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+OPERATORS = {"and", "or", "unless", "bool", "offset"}
+
+TOKEN = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+  | (?P<range>\[[^\]]+\])
+  | (?P<number>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)
+  | (?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
+  | (?P<op>=~|!~|!=|==|<=|>=|[-+*/%^<>=,(){}])
+""", re.X)
+
+
+def tokens(expr: str) -> list[tuple[str, str]]:
+    out, pos = [], 0
+    while pos < len(expr):
+        m = TOKEN.match(expr, pos)
+        assert m, f"cannot read {expr[pos:]!r} in {expr!r}"
+        pos = m.end()
+        if m.lastgroup != "ws":
+            out.append((m.lastgroup, m.group()))
+    return out
+
+
+def parse(expr: str) -> dict:
+    """What a PromQL expression uses: its selectors (metric name, label names matched), the
+    labels it groups by, and its functions. Fails on what it cannot read (an unbalanced
+    bracket, an unknown function, a matcher without a metric name)."""
+    toks, i = tokens(expr), 0
+    found: dict = {"selectors": [], "grouping": set(), "functions": set()}
+    depth = 0
+    while i < len(toks):
+        kind, text = toks[i]
+        after = toks[i + 1][1] if i + 1 < len(toks) else None
+        if kind == "ident" and text in GROUPING and after == "(":
+            j = i + 2
+            while toks[j][1] != ")":
+                if toks[j][0] == "ident":
+                    found["grouping"].add(toks[j][1])
+                else:
+                    assert toks[j][1] == ",", expr
+                j += 1
+            i = j + 1
+            continue
+        if kind == "ident" and after == "(":
+            assert text in FUNCTIONS | AGGREGATIONS, f"unknown function {text} in {expr}"
+            found["functions"].add(text)
+        elif kind == "ident" and text in AGGREGATIONS and after in GROUPING:
+            found["functions"].add(text)
+        elif kind == "ident" and text not in OPERATORS:
+            labels, j = set(), i + 1
+            if after == "{":
+                j = i + 2
+                while toks[j][1] != "}":
+                    (k1, label), (_, op), (k3, _value) = toks[j:j + 3]
+                    assert k1 == "ident" and op in ("=", "!=", "=~", "!~") and k3 == "string", \
+                        f"bad matcher in {expr}"
+                    labels.add(label)
+                    j += 3
+                    if toks[j][1] == ",":
+                        j += 1
+                j += 1
+            found["selectors"].append((text, labels))
+            i = j
+            continue
+        elif text == "{":
+            raise AssertionError(f"a selector without a metric name in {expr}")
+        elif text == "(":
+            depth += 1
+        elif text == ")":
+            depth -= 1
+            assert depth >= 0, f"unbalanced ) in {expr}"
+        i += 1
+    assert depth == 0, f"unbalanced ( in {expr}"
+    return found
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def panels(board: dict) -> Iterator[dict]:
+    for panel in board["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def queries(board: dict) -> Iterator[tuple[str, str]]:
+    """(where, PromQL) of every panel target and templating query."""
+    for panel in panels(board):
+        for target in panel.get("targets", []):
+            yield f"panel {panel['title']!r} {target['refId']}", target["expr"]
+    for var in board["templating"]["list"]:
+        if var["type"] == "query":
+            m = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", var["query"]["query"])
+            assert m, var
+            yield f"variable {var['name']}", f"{m[1]}{{{m[2]}!=\"\"}}"
+
+
+def exported(exposition: str) -> dict[str, set[str]]:
+    """Sample names of a Prometheus text exposition, each with the label names seen on it.
+    Families without samples yet (a labelled metric no event has touched) still count by
+    their type: counter NAME_total, histogram NAME_bucket/_sum/_count, gauge NAME."""
+    names: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(exposition):
+        suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum",
+                    "_count", "_created"], "summary": ["", "_sum", "_count", "_created"]}
+        for suffix in suffixes.get(family.type, [""]):
+            names.setdefault(family.name + suffix, set())
+        for sample in family.samples:
+            names.setdefault(sample.name, set()).update(sample.labels)
+    return names
+
+
+def check_queries(board: dict, metrics: dict[str, set[str]], *, labels: bool) -> set[str]:
+    """Every query's metrics are in ``metrics`` (and, with ``labels``, their matched and
+    grouping labels are the metric's, Prometheus' or made by the query). The metrics used."""
+    used, problems = set(), []
+    for where, expr in queries(board):
+        found = parse(expr)
+        assert found["selectors"], f"{where}: no metric in {expr}"
+        known_labels = set(TARGET_LABELS | MADE_LABELS)
+        for name, matched in found["selectors"]:
+            used.add(name)
+            if name not in metrics:
+                problems.append(f"{where}: {name} is not exported")
+                continue
+            known_labels |= metrics[name]
+            if labels and not matched <= metrics[name] | TARGET_LABELS:
+                problems.append(f"{where}: {name} has no label {matched - metrics[name]}")
+        if labels and not found["grouping"] <= known_labels:
+            problems.append(f"{where}: groups by unknown {found['grouping'] - known_labels}")
+    assert problems == [], "\n".join(problems)
+    return used
+
+
+# ------------------------------------------------------------------ the JSON
+
+
+def test_dashboard_is_a_grafana_dashboard():
+    board = dashboard()
+    assert isinstance(board["schemaVersion"], int) and board["schemaVersion"] >= 36
+    assert board["uid"] == "blockcopy-operator" and board["title"] and board["id"] is None
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["node"]["includeAll"] and variables["node"]["allValue"] == ".*"
+    ids = [p["id"] for p in panels(board)]
+    assert len(ids) == len(set(ids))
+    drawn = [p for p in panels(board) if p["type"] != "row"]
+    assert len(drawn) >= 10
+    for panel in drawn:
+        assert panel["type"] in {"timeseries", "stat", "table", "bargauge", "gauge"}, panel
+        assert panel["datasource"] == DS, panel["title"]
+        assert panel["targets"], panel["title"]
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs)), panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == DS and target["expr"].strip(), panel["title"]
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24 and grid["h"] > 0
+        assert panel["description"]
+    # No two panels overlap.
+    cells = {}
+    for panel in panels(board):
+        g = panel["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, (panel["title"], cells.get((x, y)))
+                cells[(x, y)] = panel["title"]
+
+
+def test_every_metric_of_the_agent_has_a_panel():
+    used = {name for _, expr in queries(dashboard())
+            for name, _ in parse(expr)["selectors"]}
+    for family in ("blockcopy_objects", "blockcopy_copied_bytes_total",
+                   "blockcopy_copy_duration_seconds_bucket",
+                   "blockcopy_mirror_duration_seconds_bucket",
+                   "blockcopy_pivot_latency_seconds_bucket", "blockcopy_errors_total",
+                   "blockcopy_watch_events_total", "blockcopy_copy_rate_bytes_per_second",
+                   "blockcopy_copy_eta_seconds", "blockcopy_not_converging"):
+        assert family in used, family
+    grouped = {g for _, expr in queries(dashboard()) for g in parse(expr)["grouping"]}
+    assert {"phase", "reason", "le", "stream", "owner"} <= grouped
+
+
+def test_the_query_reader_rejects_what_it_should():
+    assert parse('sum by (phase) (blockcopy_objects{node=~"$node"})') == {
+        "selectors": [("blockcopy_objects", {"node"})], "grouping": {"phase"},
+        "functions": {"sum"}}
+    for bad in ("sum(rate(x[5m])", 'nosuchfn(x)', '{__name__="x"}', "x{a=b}"):
+        with pytest.raises(AssertionError):
+            parse(bad)
+    with pytest.raises(AssertionError, match="blockcopy_copied_bytes is not exported"):
+        check_queries({"panels": [{"title": "t", "targets": [
+            {"refId": "A", "expr": "rate(blockcopy_copied_bytes[5m])"}]}],
+            "templating": {"list": []}}, {"blockcopy_copied_bytes_total": set()},
+            labels=False)
+
+
+def test_queries_name_metrics_of_the_agents_registry():
+    # Offline: the names blockcopy.metrics registers (the e2e test below scrapes a real agent).
+    from prometheus_client import REGISTRY, generate_latest
+
+    import blockcopy.metrics  # noqa: F401  (registers the agent's metrics)
+    check_queries(dashboard(), exported(generate_latest(REGISTRY).decode()), labels=False)
+
+
+# ------------------------------------------------------------------ the ConfigMap
+
+
+def test_configmap_only_when_enabled(helm):
+    assert by_kind(helm.render(), "ConfigMap") == []
+    docs = helm.render("--set", "dashboard.enabled=true")
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["name"] == "bc-blockcopy-operator-dashboard"
+    assert cm["metadata"]["namespace"] == "blockcopy-system"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["labels"]["app.kubernetes.io/instance"] == "bc"
+    assert "annotations" not in cm["metadata"]
+    (key,) = cm["data"]
+    assert key.endswith(".json") and json.loads(cm["data"][key]) == dashboard()
+    kubernetes_validate.validate(cm, kubernetes_validate.utils.latest_version(), strict=True)
+
+
+def test_configmap_labels_annotations_and_namespace(helm):
+    docs = helm.render("--set", "dashboard.enabled=true", "--set", "dashboard.namespace=monitoring",
+                       "--set-json", 'dashboard.labels={"grafana_dashboard":null,"team":"storage"}',
+                       "--set", "dashboard.annotations.grafana_folder=Storage")
+    cm = one(docs, "ConfigMap")
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["labels"]["team"] == "storage"
+    assert "grafana_dashboard" not in cm["metadata"]["labels"]
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "Storage"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "dashboard.enabled=maybe"], "dashboard"),
+    (["--set", "dashboard.enabeld=true"], "enabeld"),
+    (["--set-json", 'dashboard.labels={"grafana_dashboard":1}'], "grafana_dashboard"),
+    (["--set", "dashboard.namespace=Not_A_Namespace"], "namespace"),
+])
+def test_schema_rejects_bad_dashboard_values(helm, args, message):
+    proc = helm.template(*args, check=False)
+    assert proc.returncode != 0
+    assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+    assert message in proc.stderr
+
+
+def test_dashboard_needs_metrics(helm):
+    proc = helm.template("--set", "dashboard.enabled=true", "--set", "metrics.enabled=false",
+                         check=False)
+    assert proc.returncode != 0 and "dashboard.enabled needs metrics.enabled" in proc.stderr
+
+
+# ------------------------------------------------------------------ against a real agent
+
+
+@pytest.mark.e2e
+def test_queries_name_only_what_a_real_agent_exports(agent_factory, node, vms, blockcopies):
+    """Scrape a real agent while a copy runs (the per-copy gauges exist only then) after a
+    failure (errors_total gets its reason label): every query's metrics and labels exist."""
+    port = free_port()
+    agent_factory(node, extra_args=["--metrics-port", str(port)])
+    vm = vms("dashboard", size="256M", data_per_layer="64M")  # 128 MiB to copy
+    bad = blockcopies.create(copy_spec(vm, node=node, dest="/tmp/outside-the-roots.qcow2"))
+    blockcopies.wait_phase(bad, "Failed")
+    name = blockcopies.create(copy_spec(vm, node=node, dest=os.path.join(vm.workdir, "c.qcow2"),
+                                        bandwidth="8Mi"))
+
+    def scrape_with_every_family():
+        metrics = exported(http_get(port, "/metrics")[1])
+        wanted = ("blockcopy_copy_rate_bytes_per_second", "blockcopy_copy_eta_seconds",
+                  "blockcopy_not_converging", "blockcopy_errors_total",
+                  "blockcopy_watch_events_total")
+        return metrics if all(metrics.get(w) for w in wanted) else None
+    metrics = wait_for(scrape_with_every_family, 90, interval=0.5,
+                       what="a scrape with every labelled family")
+    assert metrics["blockcopy_copy_rate_bytes_per_second"] == {"namespace", "name"}
+    assert metrics["blockcopy_errors_total"] == {"reason"}
+    used = check_queries(dashboard(), metrics, labels=True)
+    assert {m for m in used if m.startswith("blockcopy_")} == used
+    blockcopies.patch_spec(name, {"abort": True})
+    blockcopies.wait_phase(name, "Aborted", timeout=120)
