@@ -94,3 +94,44 @@ def test_a_copy_that_does_not_converge_says_so_until_the_bandwidth_rises(
     status = wait_for(lambda: (s := blockcopies.status(name))
                       and s.get("phase") == "Mirrored" and s, 120, what="Mirrored")
     assert condition(status, "Converging")["status"] == "True"
+
+
+def _qemu_version() -> tuple[int, int, int]:
+    import libvirt
+
+    with libvirt.open("qemu:///system") as conn:
+        v = conn.getVersion()
+    return v // 1000000, v // 1000 % 1000, v % 1000
+
+
+def test_convergence_auto(agent, vms, blockcopies, node, core):
+    """spec.convergence: auto on a copy that does not converge. QEMU >= 8.2 (the backports
+    stack): the running mirror is switched to write-blocking and the copy reaches Mirrored and
+    pivots. QEMU 7.2 (Debian 12's stack): the object says it needs QEMU 8.2, and the copy goes
+    on as before (still Copying, never restarted)."""
+    vm = vms(layers=1, size="256M", data_per_layer="8M", guest_writes=True)
+    dest = os.path.join(vm.workdir, "c.qcow2")
+    name = blockcopies.create(copy_spec(vm, node=node, dest=dest, bandwidth="256Ki",
+                                        convergence="auto", pivot=True))
+    status = wait_for(lambda: (s := blockcopies.status(name))
+                      and condition(s, "ConvergenceAssist") and s, 180,
+                      what="the agent to act on a copy that does not converge")
+    assist = condition(status, "ConvergenceAssist")
+    if _qemu_version() >= (8, 2, 0):
+        assert (assist["status"], assist["reason"]) == ("True", "WriteBlocking"), assist
+        assert status["copyMode"] == "write-blocking"
+        wait_for(events_of(blockcopies, core, name, "WriteBlocking"), 10)
+        status = blockcopies.wait_phase(name, "Pivoted", "Failed", timeout=300)
+        assert status["phase"] == "Pivoted", status
+        assert live_disk_source(vm) == dest
+    else:
+        assert (assist["status"], assist["reason"]) == ("False", "NeedsQEMU82"), assist
+        assert "QEMU 8.2" in assist["message"]
+        events = wait_for(events_of(blockcopies, core, name, "NeedsQEMU82"), 10)
+        assert [e.type for e in events] == ["Warning"]
+        time.sleep(5)
+        status = blockcopies.status(name)
+        assert status["phase"] == "Copying" and "copyMode" not in status
+        assert live_mirror(vm)["source"] == dest  # the same job goes on, never restarted
+        starts = [e for e in blockcopies.events(core, name) if e.reason == "Started"]
+        assert len(starts) == 1
