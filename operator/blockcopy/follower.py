@@ -477,8 +477,7 @@ class Follower:
                 group = self._group_key()
                 if group is not None and self.groups is not None and \
                         decision.reason != "LayerCopyFailed":
-                    what = await self.groups.abort(group, spec.domain)
-                    self.recorder.event("Normal", "GroupAborted", what)
+                    await self.groups.abort(group, spec.domain, by=self)
                 else:
                     await self.hv.cancel(spec.domain, target)
             case Action.SET_BANDWIDTH:

@@ -97,14 +97,15 @@ class Groups:
         return (f"group {key[1]} aborts together, for a copy consistent across its disks: "
                 f"waiting for abort: true on {', '.join(sorted(waiting))}")
 
-    async def abort(self, key: GroupKey, domain: str) -> str:
-        """End every member's job at one instant. Returns what was done (for the Event)."""
+    async def abort(self, key: GroupKey, domain: str, *, by: Follower) -> str:
+        """End every member's job at one instant (once for all the members that ask at the
+        same time; the first one posts the Event). Returns what was done."""
         task = self._aborting.get(key)
         if task is None or task.done():
-            task = self._aborting[key] = asyncio.create_task(self._abort(key, domain))
+            task = self._aborting[key] = asyncio.create_task(self._abort(key, domain, by))
         return await asyncio.shield(task)
 
-    async def _abort(self, key: GroupKey, domain: str) -> str:
+    async def _abort(self, key: GroupKey, domain: str, by: Follower) -> str:
         targets = sorted({m.target for m in self.members(key)
                           if m.target and m.recorder.phase in JOB_PHASES})
         started = time.monotonic()
@@ -120,8 +121,10 @@ class Groups:
             member.wake.set()
         what = {"frozen": "the guest's file systems frozen through its guest agent",
                 "suspended": "the VM suspended", "none": "the VM running"}[how]
-        return (f"group {key[1]}: the jobs of {', '.join(targets)} ended at one instant, with "
+        done = (f"group {key[1]}: the jobs of {', '.join(targets)} ended at one instant, with "
                 f"{what} for {held:.0f} ms")
+        by.recorder.event("Normal", "GroupAborted", done)
+        return done
 
     async def _hold_still(self, domain: str) -> str:
         try:

@@ -9,7 +9,8 @@ import os
 import re
 import time
 
-from support.libvirt_probes import live_disk_source, live_mirror, no_block_job
+from support.images import qemu_img_compare
+from support.libvirt_probes import domstate, live_disk_source, live_mirror, no_block_job
 from support.objects import condition, copy_spec
 from support.waits import events_of, wait_for
 
@@ -135,3 +136,67 @@ def test_convergence_auto(agent, vms, blockcopies, node, core):
         assert live_mirror(vm)["source"] == dest  # the same job goes on, never restarted
         starts = [e for e in blockcopies.events(core, name) if e.reason == "Started"]
         assert len(starts) == 1
+
+
+# ------------------------------------------------------------------ disk groups
+
+
+def _group_member(blockcopies, vm, node, disk, **fields) -> str:
+    dest = os.path.join(vm.workdir, f"{disk}.copy.qcow2")
+    return blockcopies.create(copy_spec(vm, node=node, dest=dest, disk=disk, group="g",
+                                        **fields), name=f"g-{disk}")
+
+
+def test_a_group_pivots_only_when_every_member_is_mirrored(agent, vms, blockcopies, node):
+    vm = vms(disks=3, layers=1, size="64M", data_per_layer="16M")
+    names = {disk: _group_member(blockcopies, vm, node, disk, pivot=True,
+                                 **({"bandwidth": "1Mi"} if disk == "vdc" else {}))
+             for disk in ("vda", "vdb", "vdc")}
+    # vda and vdb are Mirrored quickly and wait for the slow vdc.
+    for disk in ("vda", "vdb"):
+        status = wait_for(lambda d=disk: (s := blockcopies.status(names[d]))
+                          and s.get("phase") == "Mirrored" and "vdc" in s.get("message", "")
+                          and s, 60, what=f"{disk} waiting for the group")
+        assert condition(status, "Mirrored")["reason"] == "WaitingForGroup"
+        assert live_disk_source(vm, disk) == vm.disk_chains[disk][0]  # not pivoted
+    assert blockcopies.status(names["vdc"])["phase"] == "Copying"
+    # Every member's status lists the group's members and their phases (updated with the
+    # members' next progress write).
+    expected = {"g-vda": "Mirrored", "g-vdb": "Mirrored", "g-vdc": "Copying"}
+    wait_for(lambda: {m["name"]: m["phase"] for m in
+                      blockcopies.status(names["vda"])["group"]["members"]} == expected, 20,
+             what="vda's view of the group")
+    blockcopies.patch_spec(names["vdc"], {"bandwidth": 0})
+    for disk, name in names.items():
+        status = blockcopies.wait_phase(name, "Pivoted", "Failed", timeout=120)
+        assert status["phase"] == "Pivoted", status
+        assert live_disk_source(vm, disk) == os.path.join(vm.workdir, f"{disk}.copy.qcow2")
+    done = sorted(blockcopies.status(n)["completionTime"] for n in names.values())
+    assert done[0][:16] == done[-1][:16]  # all within the same minute, in a row
+
+
+def test_a_group_abort_is_one_point_in_time_across_disks(agent, vms, blockcopies, node, core):
+    vm = vms(disks=2, layers=1, size="64M", data_per_layer="16M")
+    names = {disk: _group_member(blockcopies, vm, node, disk) for disk in ("vda", "vdb")}
+    for name in names.values():
+        blockcopies.wait_phase(name, "Mirrored", timeout=60)
+    blockcopies.patch_spec(names["vda"], {"abort": True})
+    status = wait_for(lambda: (s := blockcopies.status(names["vda"]))
+                      and "waiting for abort: true on g-vdb" in s.get("message", "") and s, 30,
+                      what="vda waiting for the group's abort")
+    assert live_mirror(vm, "vda") is not None  # still mirroring
+    blockcopies.patch_spec(names["vdb"], {"abort": True})
+    for name in names.values():
+        status = blockcopies.wait_phase(name, "Aborted", "Failed", timeout=60)
+        assert status["phase"] == "Aborted", status
+        assert "consistent point-in-time copy" in status["message"]
+    events = wait_for(lambda: [e for n in names.values() for e in blockcopies.events(core, n)
+                               if e.reason == "GroupAborted"], 10, what="a GroupAborted Event")
+    assert len(events) == 1 and "the VM suspended" in events[0].message  # no guest agent
+    assert domstate(vm) == "running"  # resumed
+    for disk in ("vda", "vdb"):
+        assert live_disk_source(vm, disk) == vm.disk_chains[disk][0] and live_mirror(vm, disk) \
+            is None
+        compare = qemu_img_compare(vm.disk_chains[disk][0],
+                                   os.path.join(vm.workdir, f"{disk}.copy.qcow2"))
+        assert compare.returncode == 0, compare.stdout
