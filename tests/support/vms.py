@@ -8,7 +8,7 @@ keeps all its files under ``/var/lib/libvirt/images/blockcopy-test/<name>/``, so
 CLI::
 
     PYTHONPATH=tests python -m support.vms create [--name N] [--layers 2] [--size 64M]
-        [--persistent] [--guest-writes]
+        [--persistent] [--guest-writes] [--tenant T]
     PYTHONPATH=tests python -m support.vms destroy NAME | cleanup | digest PATH
 """
 
@@ -212,7 +212,17 @@ def guest_boot_files() -> tuple[str, str]:
 # ---------------------------------------------------------------- domains
 
 
-def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | None) -> str:
+# The agent's own element in a domain's <metadata> (blockcopy.policy: the domain's tenant).
+POLICY_NS = "https://blockcopy.dev/policy/v1"
+
+
+def tenant_metadata(tenant: str) -> str:
+    """The <metadata> content that assigns a domain to ``tenant`` for the agent's policy."""
+    return f'<blockcopy:policy xmlns:blockcopy="{POLICY_NS}" tenant="{tenant}"/>'
+
+
+def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | None,
+               metadata: str | None = None) -> str:
     # The cloud kernel resets while unpacking itself in 64 MiB; it boots in 128 MiB.
     memory, os_extra = (128 if boot else 64), ""
     if boot:
@@ -221,8 +231,9 @@ def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | No
             "<cmdline>console=ttyS0 loglevel=4 panic=-1</cmdline>"
         )
     # No <backingStore> on purpose: libvirt detects the chain from the qcow2 headers.
+    meta = f"\n  <metadata>{metadata}</metadata>" if metadata else ""
     return f"""<domain type='qemu'>
-  <name>{name}</name>
+  <name>{name}</name>{meta}
   <memory unit='MiB'>{memory}</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type>{os_extra}</os>
@@ -250,9 +261,12 @@ def create_vm(
     guest_writes: bool = False,
     data_per_layer: str | int = "4M",
     relative_backing: bool = False,
+    tenant: str | None = None,
+    metadata: str | None = None,
 ) -> VM:
     """Create and start a domain. ``name`` is a purpose ('copy' -> 'bct-copy-1a2b3c');
-    a name that already starts with 'bct-' is used as is."""
+    a name that already starts with 'bct-' is used as is. ``tenant``: the agent's policy
+    element in its <metadata> (see blockcopy.policy); ``metadata``: any other XML there."""
     if name is None or not name.startswith(PREFIX):
         name = f"{PREFIX}{name or 'vm'}-{secrets.token_hex(3)}"
     workdir = IMAGES / name
@@ -270,7 +284,9 @@ def create_vm(
         )
         digest = image_digest(chain[0], "qcow2")
         console = str(workdir / "console.log")
-        xml = domain_xml(name, chain[0], console, guest_boot_files() if guest_writes else None)
+        extra = (tenant_metadata(tenant) if tenant else "") + (metadata or "")
+        xml = domain_xml(name, chain[0], console, guest_boot_files() if guest_writes else None,
+                         metadata=extra or None)
         with libvirt.open(uri) as conn:
             if persistent:
                 dom = conn.defineXML(xml)
@@ -377,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--persistent", action="store_true")
     c.add_argument("--guest-writes", action="store_true")
     c.add_argument("--relative-backing", action="store_true")
+    c.add_argument("--tenant", help="the tenant in its <metadata>, for the agent's policy")
     c.add_argument(
         "--wait-writes",
         type=float,
@@ -399,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             guest_writes=a.guest_writes,
             data_per_layer=a.data_per_layer,
             relative_backing=a.relative_backing,
+            tenant=a.tenant,
         )
         if a.guest_writes and a.wait_writes:
             wait_guest_writing(vm, a.wait_writes)
