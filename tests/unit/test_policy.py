@@ -117,6 +117,9 @@ async def test_a_forbidden_object_fails_without_any_libvirt_action(tmp_path):
                        labels={"blockcopy.dev/node": "n"})
     await asyncio.wait_for(agent.follow(outside, Stop()), 10)
     assert kube.status_of("bc2")["phase"] == "Failed"
+    # Both refusals say where they come from (before libvirt, and after the look).
+    assert all(kube.status_of(n)["message"].endswith("(the agent's policy); nothing was "
+                                                     "started") for n in ("bc", "bc2"))
     assert hv.verbs() == ["observe"]  # refused before libvirt was asked anything
     await agent.recorder.drain()
     assert [e.type for e in kube.events] == ["Warning", "Warning"]
