@@ -26,9 +26,9 @@ What must hold, whatever the spec:
 
 Before the random examples, a fixed list of targeted specs runs (each with the reason it must
 end with), while the VM's disk is idle: the libvirt refusals (CopyRefused), the escapes, an
-NBD server that accepts connections and never answers; then two objects to one dest created
-together (one copies, the other fails DiskBusy). Among the random ones, at most one object
-holds the disk.
+NBD server that accepts connections and never answers; then four objects to one dest created
+together (one copies, the others fail DiskBusy or DestExists). Among the random ones, at most
+one object holds the disk.
 
 Bugs this test found (fixed in operator/, each with a unit or integration test of its own):
 a NUL in spec.domain without spec.nodeName left the object without a phase (the claimer's
@@ -492,14 +492,16 @@ def test_fuzz_specs_through_the_api_server(agent_factory, node, ground, blockcop
         assert got in expected, (what, run.created[name], status)
     assert no_block_job(vm) and live_disk_source(vm) == vm_source
 
-    # 2. Two objects to one dest, created together: one copies, the other finds the disk
-    # busy (it must not take the first one's job for its own).
-    pair = [run.create(copy_spec(vm, node=node, dest=f"{allowed}/pair.qcow2", pivot=True))
-            for _ in range(2)]
+    # 2. Four objects to one dest, created together: one copies; the others find the disk
+    # busy (those that passed the destination check before the first job existed: they
+    # must not take its job for their own) or the destination there.
+    same = [run.create(copy_spec(vm, node=node, dest=f"{allowed}/same.qcow2", pivot=True))
+            for _ in range(4)]
     statuses = wait_settled(run, blockcopies)
-    got = sorted((condition(statuses[n], "Failed") or {}).get("reason") or
-                 statuses[n]["phase"] for n in pair)
-    assert got == ["DiskBusy", "Pivoted"], [statuses[n] for n in pair]
+    got = collections.Counter((condition(statuses[n], "Failed") or {}).get("reason") or
+                              statuses[n]["phase"] for n in same)
+    assert got["Pivoted"] == 1 and got["DiskBusy"] + got["DestExists"] == 3, \
+        [statuses[n] for n in same]
 
     # 3. The random specs.
     strategy = strategies(g, node, other_node)
@@ -572,7 +574,8 @@ def test_fuzz_specs_through_the_api_server(agent_factory, node, ground, blockcop
     assert agent.proc.poll() is None
 
     total = time.monotonic() - started
-    print(f"\nfuzz: {len(run.created)} created ({len(cases)} targeted, 2 to one dest), "
+    print(f"\nfuzz: {len(run.created)} created ({len(cases)} targeted, 4 to one dest: "
+          f"{dict(got)}), "
           f"refused by the API "
           f"server: {dict(run.refused)}, not created (time budget): {run.skipped}\n"
           f"outcomes: {dict(outcomes.most_common())}\n"
