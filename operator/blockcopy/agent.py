@@ -120,7 +120,7 @@ class Agent:
         follower = Follower(body, hv=self.hv, images=self.images, settings=self.settings,
                             slots=self.slots, groups=self.groups,
                             recorder=self.recorder.for_object(ref, body.get("status")),
-                            start_lock=self._start_lock)
+                            start_lock=self._start_lock, job_holder=self._job_holder)
         self.followers[key] = follower
         try:
             await follower.run(stop)
@@ -133,6 +133,15 @@ class Agent:
         for follower in self.followers.values():
             if follower.recorder.phase == Phase.QUEUED:
                 follower.wake.set()
+
+    def _job_holder(self, asking: Follower) -> str | None:
+        """namespace/name of another followed object that holds the job on ``asking``'s
+        disk, if any."""
+        for (namespace, name), other in self.followers.items():
+            if other is not asking and other.holds_job and \
+                    (other.domain_uuid, other.target) == (asking.domain_uuid, asking.target):
+                return f"{namespace}/{name}"
+        return None
 
     async def cancel_for_deletion(self, body: Mapping[str, Any]) -> str:
         """Cancel our job (if still running) before the object goes; the VM stays on its

@@ -247,7 +247,7 @@ def _string(raw: Mapping[str, Any], key: str, *, required: bool = False) -> str 
     return value
 
 
-def _non_negative_int(raw: Mapping[str, Any], key: str) -> int:
+def _non_negative_int(raw: Mapping[str, Any], key: str, limit: int = 2**63) -> int:
     value = raw.get(key)
     if value is None:
         return 0
@@ -255,6 +255,8 @@ def _non_negative_int(raw: Mapping[str, Any], key: str) -> int:
         raise SpecError(f"spec.{key} must be a non-negative integer, not {value!r}")
     if value < 0 or value >= 2**63:
         raise SpecError(f"spec.{key} must be a non-negative integer, not {value!r}")
+    if value >= limit:
+        raise SpecError(f"spec.{key} {value} is too large: libvirt takes at most {limit - 1}")
     return value
 
 
@@ -356,7 +358,8 @@ def parse_spec(raw: Any) -> BlockCopySpec:
         base=base,
         flags=frozenset(flags),
         bandwidth=parse_bandwidth(raw.get("bandwidth")),
-        granularity=_non_negative_int(raw, "granularity"),
+        # libvirt's granularity parameter is an unsigned int (its binding cannot pass more).
+        granularity=_non_negative_int(raw, "granularity", limit=2**32),
         buf_size=_non_negative_int(raw, "bufSize"),
         pivot=_bool(raw, "pivot"),
         abort=_bool(raw, "abort"),

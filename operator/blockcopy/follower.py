@@ -15,7 +15,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from blockcopy import metrics, reconcile, status
@@ -87,7 +87,8 @@ class Follower:
 
     def __init__(self, body: Mapping[str, Any], *, hv: Hypervisor, images: Images,
                  recorder: ObjectRecorder, settings: FollowSettings, start_lock: asyncio.Lock,
-                 slots: CopySlots | None = None, groups: Groups | None = None):
+                 slots: CopySlots | None = None, groups: Groups | None = None,
+                 job_holder: Callable[[Follower], str | None] = lambda _: None):
         self.body = body
         self.hv, self.images, self.recorder, self.settings = hv, images, recorder, settings
         self.starter = Starter(hv=hv, images=images, recorder=recorder, settings=settings.start)
@@ -98,6 +99,9 @@ class Follower:
         self._chain: tuple[str, ...] = ()  # the disk's backing chain as last seen
         self._chain_formats: tuple[str, ...] = ()
         self.start_lock = start_lock  # of two BlockCopies for one disk only one may start
+        # Which other object of this agent holds the job on our disk (the agent knows them).
+        self.job_holder = job_holder
+        self.holds_job = False  # this object started (or adopted) the disk's job
         self.lock = asyncio.Lock()  # shared with the deletion handler
         self.wake = asyncio.Event()
         self.domain_uuid: str | None = None  # where libvirt's events for us come from
@@ -194,6 +198,7 @@ class Follower:
         raw_spec, changed = pin_started_fields(self.body.get("spec") or {},
                                                previous.get("startedSpec"))
         started_job = current not in (None, *BEFORE_JOB_PHASES)
+        self.holds_job = self.holds_job or started_job
         invalid: list[str] = []
         try:
             if started_job:
@@ -233,11 +238,14 @@ class Follower:
                 # The chain is checked once more right before the job starts.
                 async with self.start_lock:
                     disk, decision = await self._observe_and_decide(spec, current)
+                    if decision.reason == "Adopted":
+                        decision = self._adopt(decision, disk, spec)
                     if decision.action == Action.START_COPY:
                         decision = self._queued() or decision
                     if decision.action == Action.START_COPY:
                         decision, started = await self.starter.start(spec, disk, raw_spec,
                                                                      decision, current)
+                        self.holds_job = started is not None
             else:
                 disk, decision = await self._observe_and_decide(spec, current)
                 decision = self._left_behind(self._group_gate(self._chain_move(decision)))
@@ -284,6 +292,19 @@ class Follower:
             return Step.DONE
         # After a successful action, look again at once; after a refused one, back off.
         return Step.AGAIN if decision.action != Action.NONE and not refused else Step.WAIT
+
+    def _adopt(self, decision: Decision, disk: DiskState, spec: BlockCopySpec) -> Decision:
+        """A job to our dest runs, and our status does not say we started it: ours if the
+        agent restarted before recording it, not if another object of this agent started
+        it (two BlockCopies to one dest, created together, both pass the destination check
+        before the first job exists)."""
+        holder = self.job_holder(self)
+        if holder is None:
+            self.holds_job = True
+            return decision
+        return Decision(Phase.FAILED, reason="DiskBusy",
+                        message=f"disk {disk.target} already has a block job, the copy to "
+                        f"{spec.dest} of BlockCopy {holder}; one block copy per disk at a time")
 
     async def _observe_and_decide(self, spec: BlockCopySpec, current: Phase | None
                                   ) -> tuple[DiskState, Decision]:

@@ -220,6 +220,10 @@ class LibvirtHypervisor:
 
     # -- lookups and observation ------------------------------------------------------
     def _lookup(self, domain_ref: str) -> libvirt.virDomain | None:
+        if "\x00" in domain_ref:
+            # No libvirt name or UUID holds one, and the binding raises ValueError on it (the
+            # claimer looks up spec.domain before any parsing): no such domain.
+            return None
         conn = self._connection()
         try:
             if _looks_like_uuid(domain_ref):

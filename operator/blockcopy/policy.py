@@ -3,7 +3,8 @@ BlockCopies. Without a policy, any BlockCopy may act on any domain of the node a
 under the agent's allowed roots (RBAC on BlockCopy objects is then the only control). With
 one, a BlockCopy's namespace must match a rule that names its domain (by name pattern, or by
 the tenant recorded in the domain's libvirt metadata) and a destination root that holds its
-dest; anything else ends Failed (Forbidden) before libvirt is asked to do anything.
+dest (so a network destination, under no root, is refused); anything else ends Failed
+(Forbidden) before libvirt is asked to do anything.
 
 The file (``--policy FILE``, a ConfigMap in the chart)::
 
@@ -52,6 +53,8 @@ class Rule:
         return self.tenant is not None and tenant == self.tenant
 
     def covers_dest(self, dest: str) -> bool:
+        if "://" in dest:
+            return False  # a network destination (NBD) lies under no root
         resolved = os.path.realpath(dest)
         return any(_within(resolved, os.path.realpath(root)) for root in self.destinations)
 

@@ -15,12 +15,22 @@ from blockcopy.ports import ImageError, ImageInfo
 
 log = logging.getLogger(__name__)
 
+# An NBD server that accepts the connection and never answers keeps qemu-img waiting for
+# good (it has no handshake timeout); the agent starts copies one at a time, so it would
+# wait with it. The size of an export is asked for once, before the copy: a few seconds.
+NBD_PROBE_TIMEOUT = 20.0
 
-async def _run(*args: str, cwd: str | None = None) -> str:
+
+async def _run(*args: str, cwd: str | None = None, timeout: float | None = None) -> str:
     proc = await asyncio.create_subprocess_exec(
         "qemu-img", *args, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ImageError(f"qemu-img {args[0]} got no answer within {timeout:g} s") from None
     if proc.returncode != 0:
         message = err.decode(errors="replace").strip() or out.decode(errors="replace").strip()
         raise ImageError(f"qemu-img {args[0]} failed: {message}")
@@ -67,5 +77,6 @@ class QemuImg:
         raise ImageError(f"qemu-img compare failed: {text}")
 
     async def export_size(self, uri: str) -> int:
-        data = json.loads(await _run("info", "--output=json", "-f", "raw", uri))
+        data = json.loads(await _run("info", "--output=json", "-f", "raw", uri,
+                                     timeout=NBD_PROBE_TIMEOUT))
         return int(data["virtual-size"])

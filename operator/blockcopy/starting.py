@@ -63,7 +63,7 @@ class Starter:
         forbidden = self.settings.policy.precheck(namespace=self.recorder.ref.namespace,
                                                   dest=spec.dest)
         if forbidden is not None:
-            refused = ("Forbidden", forbidden)
+            refused = ("Forbidden", f"{forbidden} (the agent's policy); nothing was started")
         return _failed(*refused) if refused is not None else None
 
     # -- once the disk is seen idle -----------------------------------------------------

@@ -1,6 +1,8 @@
 """The Helm chart: lint, render, offline validation against every Kubernetes minor version from
 1.31 (the chart's kubeVersion) to the newest that kubernetes-validate ships, one source of
-truth for the CRD, and the values schema. No cluster needed."""
+truth for the CRD, the values schema, and the multi-tenancy parts (the policy ConfigMap the
+agent reads, the admission policy's CEL checked against the agent's own policy with
+cel-python, the user ClusterRoles). No cluster needed."""
 
 from __future__ import annotations
 
@@ -10,20 +12,33 @@ import os
 import re
 import tarfile
 
+import celpy
 import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
 from packaging.version import Version
 
-from support.helm import by_kind, one
+from blockcopy import policy as agent_policy
+from support.helm import USER_ROLES, by_kind, one
 from support.paths import CHART, CRD
 
 TOP_CRD = CRD
 CHART_CRD = CHART / "crds" / "blockcopy.yaml"
 
+# A tenant policy (values policy.rules) with every kind of pattern the agent's globs know.
+RULES = [
+    {"namespaces": ["team-a", "team-a-*"], "domains": ["web-*", "db-1"],
+     "destinations": ["/srv/bct-vm/team-a/", "/srv/bct-vm/shared"]},
+    {"namespaces": ["team-[bc]", "lab?"], "tenant": "team-b",
+     "destinations": ["/srv/bct-vm/team-b"]},
+    {"namespaces": ["ops-[!x]*"], "domains": ["*"], "destinations": ["/srv/bct-vm/o'brien"]},
+]
+POLICY = ["--set-json", f"policy.rules={json.dumps(RULES)}"]
+
 # The value sets rendered in the tests below: the defaults, and every optional part switched on.
-ALL_ON = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "specGuard.enabled=true",
+ALL_ON = [*POLICY, "--set", "admissionPolicy.enabled=true",
+          "--set", "metrics.serviceMonitor.enabled=true", "--set", "specGuard.enabled=true",
           "--set", "metrics.serviceMonitor.interval=30s",
           "--set-string", "nodeSelector.blockcopy\\.dev/hypervisor=true",
           "--set", "priorityClassName=system-node-critical",
@@ -77,6 +92,7 @@ def test_template_renders_the_agent(helm):
     # The agent's ClusterRole, and blockcopy-viewer / blockcopy-editor (userRoles.create).
     assert kinds == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
                      "DaemonSet", "Service", "ServiceAccount"]
+    assert {r["metadata"]["name"] for r in by_kind(docs, "ClusterRole")} >= set(USER_ROLES)
     ds = one(docs, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     (agent,) = pod["containers"]
@@ -129,12 +145,15 @@ def test_template_with_every_option(helm):
     assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"] == "metrics"
     assert sm["spec"]["endpoints"][0]["interval"] == "30s"
     assert sm["spec"]["namespaceSelector"] == {"matchNames": ["blockcopy-system"]}
-    policy = one(docs, "ValidatingAdmissionPolicy")
-    (cond,) = policy["spec"]["matchConditions"]
+    policies = {p["metadata"]["name"]: p for p in by_kind(docs, "ValidatingAdmissionPolicy")}
+    assert set(policies) == {"bc-blockcopy-operator-spec-guard",
+                             "bc-blockcopy-operator-destinations"}
+    (cond,) = policies["bc-blockcopy-operator-spec-guard"]["spec"]["matchConditions"]
     sa = one(docs, "ServiceAccount")["metadata"]["name"]
     assert f"system:serviceaccount:blockcopy-system:{sa}" in cond["expression"]
-    binding = one(docs, "ValidatingAdmissionPolicyBinding")
-    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    bindings = {b["spec"]["policyName"] for b in by_kind(docs, "ValidatingAdmissionPolicyBinding")}
+    assert bindings == set(policies)
+    assert one(docs, "ConfigMap")["metadata"]["name"] == "bc-blockcopy-operator-policy"
 
 
 def test_metrics_off_renders_no_service(helm):
@@ -270,7 +289,7 @@ def test_schema_covers_every_value():
     assert missing == set()
     # Every nested object of the chart's own values is closed too.
     for key in ("image", "serviceAccount", "rbac", "libvirt", "metrics", "liveness",
-                "specGuard"):
+                "specGuard", "policy", "admissionPolicy", "userRoles"):
         assert schema["properties"][key]["additionalProperties"] is False, key
     assert schema["properties"]["metrics"]["properties"]["serviceMonitor"][
         "additionalProperties"] is False
@@ -286,6 +305,28 @@ def test_schema_covers_every_value():
     (["--set-json", "allowedPaths=[]"], "allowedPaths"),
     (["--set", "logFormat=xml"], "logFormat"),
     (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
+    # The tenant policy: what the agent would refuse at start, refused at install.
+    (["--set-json", 'policy.rules={"namespaces":["a"]}'], "policy/rules"),
+    (["--set-json", 'policy.rules=[{"namespaces":["a"],"domains":["x"]}]'], "destinations"),
+    (["--set-json", 'policy.rules=[{"namespaces":["a"],"destinations":["/d"]}]'],
+     "policy/rules/0"),  # neither domains nor a tenant
+    (["--set-json", 'policy.rules=[{"namespaces":[],"domains":["x"],"destinations":["/d"]}]'],
+     "namespaces"),
+    (["--set-json", 'policy.rules=[{"namespaces":["a"],"tenant":"","destinations":["/d"]}]'],
+     "tenant"),
+    (["--set-json", 'policy.rules=[{"namespaces":["a"],"domains":["x"],"destinations":["d"]}]'],
+     "destinations/0"),  # relative
+    (["--set-json",
+      'policy.rules=[{"namespaces":["a"],"domains":["x"],"destinations":["/d/../e"]}]'],
+     "destinations/0"),  # the admission policy compares paths as written
+    (["--set-json", 'policy.rules=[{"namespaces":["Team-A"],"domains":["x"],'
+                    '"destinations":["/d"]}]'], "namespaces/0"),  # no such namespace name
+    (["--set-json", 'policy.rules=[{"namespaces":["team-["],"domains":["x"],'
+                    '"destinations":["/d"]}]'], "namespaces/0"),  # would not compile as CEL
+    (["--set-json", 'policy.rules=[{"namespaces":["a"],"domains":["x"],"destinations":["/d"],'
+                    '"dest":"/typo"}]'], "dest"),
+    (["--set", "admissionPolicy.enabled=maybe"], "admissionPolicy"),
+    (["--set-string", "userRoles.create=true"], "userRoles"),
 ])
 def test_schema_rejects_bad_values(helm, args, message):
     proc = helm.template(*args, check=False)
@@ -300,6 +341,8 @@ def test_inconsistent_values_fail(helm):
     assert proc.returncode != 0 and "needs metrics.enabled" in proc.stderr
     proc = helm.template("--set", "liveness.port=8080", check=False)
     assert proc.returncode != 0 and "must differ" in proc.stderr
+    proc = helm.template("--set", "admissionPolicy.enabled=true", check=False)
+    assert proc.returncode != 0 and "admissionPolicy.enabled needs policy.rules" in proc.stderr
 
 
 def test_notes_render(helm):
@@ -313,3 +356,162 @@ def test_readme_documents_every_value():
     readme = (CHART / "README.md").read_text()
     table = {m.group(1) for m in re.finditer(r"^\| `([^`]+)` \|", readme, re.M)}
     assert value_leaves(values) <= table, value_leaves(values) - table
+
+
+# ------------------------------------------------------------------ multi-tenancy
+
+
+def test_multi_tenancy_parts_are_off_by_default_but_the_user_roles(helm):
+    docs = helm.render()
+    assert by_kind(docs, "ConfigMap") == [] and by_kind(docs, "ValidatingAdmissionPolicy") == []
+    pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]
+    assert "BLOCKCOPY_POLICY" not in {e["name"] for e in agent["env"]}
+    assert "policy" not in {v["name"] for v in pod["volumes"]}
+    assert "checksum/policy" not in (one(docs, "DaemonSet")["spec"]["template"]["metadata"]
+                                     .get("annotations") or {})
+    roles = {r["metadata"]["name"] for r in by_kind(docs, "ClusterRole")}
+    assert set(USER_ROLES) <= roles
+    assert roles - set(USER_ROLES) == {"bc-blockcopy-operator"}
+    off = helm.render("--set", "userRoles.create=false")
+    assert {r["metadata"]["name"] for r in by_kind(off, "ClusterRole")} == \
+        {"bc-blockcopy-operator"}
+
+
+def test_user_roles(helm):
+    roles = {r["metadata"]["name"]: r for r in by_kind(helm.render(), "ClusterRole")}
+    viewer, editor = roles["blockcopy-viewer"], roles["blockcopy-editor"]
+    labels = viewer["metadata"]["labels"]
+    for role in ("view", "edit", "admin"):
+        assert labels[f"rbac.authorization.k8s.io/aggregate-to-{role}"] == "true"
+    verbs = {(r, v) for rule in viewer["rules"] for r in rule["resources"]
+             for v in rule["verbs"] if rule["apiGroups"] == ["blockcopy.dev"]}
+    assert verbs == {(r, v) for r in ("blockcopies", "blockcopies/status")
+                     for v in ("get", "list", "watch")}
+    # Creating a BlockCopy copies a VM's disk: never aggregated into the built-in roles.
+    assert not any(k.startswith("rbac.authorization.k8s.io/aggregate")
+                   for k in editor["metadata"]["labels"])
+    writes = {v for rule in editor["rules"] if rule["resources"] == ["blockcopies"]
+              for v in rule["verbs"]}
+    assert {"create", "update", "patch", "delete"} <= writes
+    status = [rule for rule in editor["rules"] if "blockcopies/status" in rule["resources"]]
+    assert [rule["verbs"] for rule in status] == [["get"]]  # status is the agent's
+
+
+def test_policy_rules_become_the_agents_policy_file(helm):
+    docs = helm.render(*POLICY)
+    config_map = one(docs, "ConfigMap")
+    assert config_map["metadata"]["namespace"] == "blockcopy-system"
+    raw = yaml.safe_load(config_map["data"]["policy.yaml"])
+    assert raw == {"rules": RULES}
+    parsed = agent_policy.parse(raw)  # what the agent reads at start
+    assert parsed.rules[1].tenant == "team-b" and parsed.rules[0].domains == ("web-*", "db-1")
+    ds = one(docs, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert env["BLOCKCOPY_POLICY"] == "/etc/blockcopy/policy.yaml"
+    mounts = {m["name"]: m for m in agent["volumeMounts"]}
+    assert mounts["policy"] == {"name": "policy", "mountPath": "/etc/blockcopy",
+                                "readOnly": True}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["policy"]["configMap"]["name"] == config_map["metadata"]["name"]
+    # A change of the rules rolls the agent pods (it reads the file at start only).
+    checksum = ds["spec"]["template"]["metadata"]["annotations"]["checksum/policy"]
+    changed = [{**RULES[0], "destinations": ["/srv/bct-vm/elsewhere"]}, *RULES[1:]]
+    other = one(helm.render("--set-json", f"policy.rules={json.dumps(changed)}"), "DaemonSet")
+    assert other["spec"]["template"]["metadata"]["annotations"]["checksum/policy"] != checksum
+    assert by_kind(docs, "ValidatingAdmissionPolicy") == []  # admissionPolicy is separate
+
+
+CEL = celpy.Environment()
+
+
+def cel(expression: str, activation: dict) -> bool:
+    program = CEL.program(CEL.compile(expression))
+    return bool(program.evaluate({k: celpy.json_to_cel(v) for k, v in activation.items()}))
+
+
+@pytest.fixture(scope="module")
+def destinations_policy(helm) -> dict:
+    docs = helm.render(*POLICY, "--set", "admissionPolicy.enabled=true")
+    policy = one(docs, "ValidatingAdmissionPolicy")
+    binding = one(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"],
+                               "validationActions": ["Deny"]}
+    return policy
+
+
+def admission(policy: dict, namespace: str, dest: str, old_dest: str | None = None
+              ) -> tuple[bool, str | None]:
+    """What the API server decides (admitted, message) for a create, or an update from
+    ``old_dest``: matchConditions, then each validation in order."""
+    activation = {"request": {"namespace": namespace,
+                              "operation": "CREATE" if old_dest is None else "UPDATE"},
+                  "object": {"spec": {"dest": dest}},
+                  "oldObject": None if old_dest is None else {"spec": {"dest": old_dest}}}
+    if not all(cel(c["expression"], activation) for c in policy["spec"]["matchConditions"]):
+        return True, None
+    for validation in policy["spec"]["validations"]:
+        if not cel(validation["expression"], activation):
+            message = validation.get("message") or str(
+                CEL.program(CEL.compile(validation["messageExpression"])).evaluate(
+                    {k: celpy.json_to_cel(v) for k, v in activation.items()}))
+            return False, message
+    return True, None
+
+
+def test_admission_policy_shape(destinations_policy):
+    spec = destinations_policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    (rule,) = spec["matchConstraints"]["resourceRules"]
+    assert rule == {"apiGroups": ["blockcopy.dev"], "apiVersions": ["*"],
+                    "operations": ["CREATE", "UPDATE"], "resources": ["blockcopies"]}
+    assert all(v["reason"] == "Forbidden" for v in spec["validations"])
+
+
+NAMESPACES = ["team-a", "team-a-dev", "team-ab", "team-b", "team-c", "team-d", "lab1", "lab12",
+              "ops-1", "ops-x1", "ops-", "other", "default"]
+DESTS = ["/srv/bct-vm/team-a/x.qcow2", "/srv/bct-vm/team-a/deep/er.qcow2",
+         "/srv/bct-vm/shared/x", "/srv/bct-vm/team-ab/x", "/srv/bct-vm/team-b/x.qcow2",
+         "/srv/bct-vm/o'brien/x.raw", "/srv/bct-vm/x", "/etc/passwd",
+         "/srv/bct-vm/team-a", "/srv/bct-vm/team-a//x"]
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_admission_policy_agrees_with_the_agents_policy(destinations_policy, namespace):
+    """For the sample rules, every namespace and destination: admitted at admission exactly
+    when the agent's own policy (blockcopy.policy, fnmatch globs) lets the namespace write
+    there; so the admission policy refuses early what the agent would refuse later, and
+    nothing the agent would allow. (A dest equal to a root itself is no file under it: the
+    agent lets it pass to its other checks, the admission policy refuses it.)"""
+    rules = agent_policy.parse({"rules": RULES})
+    roots = {d.rstrip("/") for rule in RULES for d in rule["destinations"]}
+    for dest in DESTS:
+        admitted, message = admission(destinations_policy, namespace, dest)
+        agent_allows = rules.precheck(namespace=namespace, dest=dest) is None
+        if dest in roots:
+            assert not admitted, dest
+            continue
+        assert admitted == agent_allows, (namespace, dest, message)
+        if not admitted:
+            assert message == (f"spec.dest {dest} is outside the destination roots of "
+                               f"namespace {namespace} (the blockcopy-operator destination "
+                               "policy)")
+
+
+@pytest.mark.parametrize("dest", ["/srv/bct-vm/team-a/../team-b/x", "/srv/bct-vm/team-a/..",
+                                  "/srv/bct-vm/team-a/./x", "/srv/bct-vm/team-a/.",
+                                  "/srv/bct-vm/team-a/sub/../x"])
+def test_admission_policy_refuses_dot_components(destinations_policy, dest):
+    admitted, message = admission(destinations_policy, "team-a", dest)
+    assert not admitted and "must not contain . or .. components" in message
+
+
+def test_admission_policy_judges_a_dest_when_it_is_chosen_only(destinations_policy):
+    inside, outside = "/srv/bct-vm/team-a/x", "/srv/bct-vm/team-b/x"
+    # An update that keeps dest (the agent's label and finalizer writes) is not judged,
+    # even for an object admitted before the policy existed.
+    assert admission(destinations_policy, "team-a", outside, old_dest=outside) == (True, None)
+    assert not admission(destinations_policy, "team-a", outside, old_dest=inside)[0]
+    assert admission(destinations_policy, "team-a", inside, old_dest=outside)[0]

@@ -34,8 +34,15 @@ from kubernetes.client.exceptions import ApiException
 
 from blockcopy.api import GROUP, KIND, NODE_LABEL, PLURAL, VERSION
 from support.agents import Agent, free_port, http_get
-from support.cluster import custom_objects
-from support.helm import one
+from support.cluster import apply_crd, custom_objects, token_kubeconfig
+from support.helm import (
+    NO_USER_ROLES,
+    USER_ROLES,
+    by_kind,
+    install_with_user_roles,
+    one,
+    user_roles_turn,
+)
 from support.isolation import create_namespace, release_namespace, unique, unique_node
 from support.libvirt_probes import live_disk_source, live_mirror
 from support.objects import FINALIZER
@@ -55,37 +62,35 @@ def sa_kubeconfig_for(docs: list[dict], namespace: str, kubectl, cluster: pathli
                       path: pathlib.Path) -> pathlib.Path:
     """A kubeconfig with the release's ServiceAccount token and the admin kubeconfig's CA."""
     sa = one(docs, "ServiceAccount")["metadata"]["name"]
-    token = kubectl("create", "token", sa, "--namespace", namespace,
-                    "--duration=1h").stdout.strip()
-    admin = yaml.safe_load(cluster.read_text())
-    server = admin["clusters"][0]["cluster"]
-    config = {
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "local", "cluster": {
-            "server": server["server"],
-            "certificate-authority-data": server["certificate-authority-data"]}}],
-        "users": [{"name": "agent", "user": {"token": token}}],
-        "contexts": [{"name": "agent", "context": {"cluster": "local", "user": "agent"}}],
-        "current-context": "agent",
-    }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
+    return token_kubeconfig(kubectl, sa, namespace, path, admin=cluster)
+
+
+def agent_role(docs: list[dict]) -> dict:
+    """The agent's ClusterRole (the others are the user roles, userRoles.create)."""
+    (role,) = [d for d in by_kind(docs, "ClusterRole") if d["metadata"]["name"] not in USER_ROLES]
+    return role
 
 
 @pytest.fixture(scope="module")
 def release(kubectl, cluster, cluster_helm):
-    """A fresh namespace and a uniquely named release of the chart in it, crds/ included."""
+    """A fresh namespace and a uniquely named release of the chart in it, crds/ included,
+    with the default values (so the fixed-name user ClusterRoles too: this module holds
+    their turn while the release exists)."""
     namespace = create_namespace(kubectl, "chart")
     name = unique("bc").replace("-", "")
-    stderr, docs = install(cluster_helm, namespace, name)
-    assert "Warning" not in stderr, stderr
-    kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
-            "--timeout=60s")
-    yield {"namespace": namespace, "name": name, "docs": docs}
-    # The ClusterRole and ClusterRoleBinding are cluster-scoped: never leave them behind.
-    cluster_helm.run("uninstall", name, "--namespace", namespace, check=False)
-    release_namespace(custom_objects(cluster), kubectl, namespace)
+    with user_roles_turn():
+        proc = install_with_user_roles(cluster_helm, name, namespace,
+                                       before=lambda: apply_crd(kubectl))
+        try:
+            assert "Warning" not in proc.stderr, proc.stderr
+            kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
+                    "--timeout=60s")
+            yield {"namespace": namespace, "name": name,
+                   "docs": cluster_helm.manifest(name, namespace)}
+        finally:
+            # The ClusterRoles and ClusterRoleBinding are cluster-scoped: never leave them.
+            cluster_helm.run("uninstall", name, "--namespace", namespace, check=False)
+            release_namespace(custom_objects(cluster), kubectl, namespace)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +102,10 @@ def sa_kubeconfig(release, kubectl, cluster, tmp_path_factory) -> pathlib.Path:
 def test_install_created_the_release_objects(release, kubectl):
     ns = release["namespace"]
     kinds = sorted(d["kind"] for d in release["docs"])
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Service",
-                     "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
+                     "DaemonSet", "Service", "ServiceAccount"]
+    roles = {d["metadata"]["name"] for d in by_kind(release["docs"], "ClusterRole")}
+    assert roles == {agent_role(release["docs"])["metadata"]["name"], *USER_ROLES}
     for doc in release["docs"]:
         scope = [] if doc["kind"].startswith("Cluster") else ["--namespace", ns]
         kubectl("get", doc["kind"].lower(), doc["metadata"]["name"], *scope)
@@ -142,7 +149,7 @@ BASELINE = {("authorization.k8s.io", "selfsubjectaccessreviews", "create"),
 
 
 def test_rights_are_exactly_the_cluster_role(release, sa_kubeconfig, kubectl):
-    role = one(release["docs"], "ClusterRole")
+    role = agent_role(release["docs"])
     declared = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
                 for r in rule["resources"] for v in rule["verbs"]}
     assert declared == {
@@ -341,7 +348,9 @@ def test_spec_guard_enforced_by_the_api_server(kubectl, cluster_helm, cluster, t
     a user still can. A release of its own, in the test's namespace."""
     release_name = unique("bg").replace("-", "")
     nobody = unique_node("nobody")  # a node without an agent
-    _, docs = install(cluster_helm, namespace, release_name, "--set", "specGuard.enabled=true")
+    apply_crd(kubectl)  # this checkout's, as the e2e suite applies it (see the docstring)
+    _, docs = install(cluster_helm, namespace, release_name, "--set", "specGuard.enabled=true",
+                      *NO_USER_ROLES)
     try:
         config = sa_kubeconfig_for(docs, namespace, kubectl, cluster, tmp_path / "kubeconfig")
         name = "guarded"

@@ -77,6 +77,9 @@ def test_observe_a_running_domain_by_name_uuid_target_and_path(vm, hv):
     assert hv.observe(vm.name, "vdz").disk_found is False
     assert hv.observe("bct-no-such-domain", "vda").domain_found is False
     assert hv.has_running_domain(vm.name) and not hv.has_running_domain("bct-no-such-domain")
+    # A NUL (the API server accepts one in spec.domain) is no domain, not a ValueError.
+    assert not hv.has_running_domain(vm.name + "\x00")
+    assert hv.observe(f"{vm.name}\x00", "vda").domain_found is False
 
 
 def test_copy_with_bandwidth_then_pivot(vm, hv):

@@ -99,6 +99,19 @@ def test_persistent_vm(conn, vms):
     assert vm.name not in domain_names(conn)  # undefined, not just stopped
 
 
+def test_tenant_metadata(conn, vms):
+    """The agent reads a domain's tenant from its live XML (blockcopy.domainxml.tenant_of),
+    for the tenant policy; other metadata may sit next to it."""
+    from blockcopy.domainxml import tenant_of
+
+    other = '<x:note xmlns:x="https://example.com/x" text="kept"/>'
+    vm = vms(tenant="team-b", metadata=other)
+    xml = conn.lookupByName(vm.name).XMLDesc(0)
+    assert tenant_of(xml) == "team-b"
+    assert "https://example.com/x" in xml
+    assert tenant_of(conn.lookupByName(vms().name).XMLDesc(0)) is None
+
+
 def test_relative_backing(conn, vms):
     vm = vms(relative_backing=True)
     info = backing_chain(vm.chain[0])

@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 
 import kubernetes
+import yaml
 
 from support.paths import CACHE, CRD, HACK, HELM, KUBECONFIG, KUBECTL, STATE
 
@@ -70,3 +71,26 @@ def apply_crd(kubectl: Kubectl) -> subprocess.CompletedProcess:
     kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
             "--timeout=60s")
     return proc
+
+
+def token_kubeconfig(kubectl: Kubectl, service_account: str, namespace: str,
+                     path: pathlib.Path, admin: pathlib.Path = KUBECONFIG) -> pathlib.Path:
+    """A kubeconfig that authenticates as ``namespace``/``service_account`` (a token from
+    the TokenRequest API, one hour), with the admin kubeconfig's server and CA: how a user
+    or a pod with that identity talks to the API server."""
+    token = kubectl("create", "token", service_account, "--namespace", namespace,
+                    "--duration=1h").stdout.strip()
+    server = yaml.safe_load(admin.read_text())["clusters"][0]["cluster"]
+    config = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {
+            "server": server["server"],
+            "certificate-authority-data": server["certificate-authority-data"]}}],
+        "users": [{"name": service_account, "user": {"token": token}}],
+        "contexts": [{"name": service_account,
+                      "context": {"cluster": "local", "user": service_account}}],
+        "current-context": service_account,
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path

@@ -3,14 +3,24 @@ out of rendered manifests: the chart tests render offline and install into the l
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pathlib
 import subprocess
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import yaml
 
-from support.paths import CHART
+from support.paths import CHART, STATE
+
+# The chart's ClusterRoles for people (userRoles.create) have fixed names: one release per
+# cluster may own them. Test sessions that share the API server take turns (a file lock in
+# the shared state dir), and a release that only needs the agent sets userRoles.create=false.
+USER_ROLES = ("blockcopy-viewer", "blockcopy-editor")
+NO_USER_ROLES = ("--set", "userRoles.create=false")
 
 
 class Helm:
@@ -60,3 +70,49 @@ def one(docs: list[dict], kind: str) -> dict:
     found = by_kind(docs, kind)
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
+
+
+@contextlib.contextmanager
+def user_roles_turn(timeout: float = 900) -> Iterator[None]:
+    """Hold the right to install a release that creates the fixed-name user ClusterRoles."""
+    path = STATE / "locks" / "chart-user-roles.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{path} still held after {timeout} s") from None
+                time.sleep(1)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def install_with_user_roles(helm: Helm, name: str, namespace: str, *args: str,
+                            before: Callable[[], Any] = lambda: None,
+                            timeout: float = 300) -> subprocess.CompletedProcess:
+    """`helm install` of the chart, user ClusterRoles included (call it holding
+    `user_roles_turn`). A session without the lock (an older checkout) may own them for a
+    while: retried until they are free. ``before`` runs before each attempt (e.g. applying
+    this checkout's CRD: another session may have applied its own, which conflicts with
+    Helm's server-side apply of crds/); a CRD conflict is retried too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        before()
+        proc = helm.run("install", name, str(CHART), "--namespace", namespace, *args,
+                        check=False)
+        if proc.returncode == 0:
+            return proc
+        taken = "cannot be imported into the current release" in proc.stderr and \
+            any(role in proc.stderr for role in USER_ROLES)
+        crd_conflict = "failed to install CRD" in proc.stderr and "conflict" in proc.stderr
+        helm.run("uninstall", name, "--namespace", namespace, check=False)
+        if not (taken or crd_conflict) or time.monotonic() > deadline:
+            raise AssertionError(f"helm install {name} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        time.sleep(5)

@@ -8,7 +8,7 @@ keeps all its files under ``/var/lib/libvirt/images/blockcopy-test/<name>/``, so
 CLI::
 
     PYTHONPATH=tests python -m support.vms create [--name N] [--layers 2] [--size 64M]
-        [--persistent] [--guest-writes] [--disks 1]
+        [--persistent] [--guest-writes] [--disks 1] [--tenant T]
     PYTHONPATH=tests python -m support.vms destroy NAME | cleanup | digest PATH
 """
 
@@ -217,6 +217,15 @@ def guest_boot_files() -> tuple[str, str]:
 # ---------------------------------------------------------------- domains
 
 
+# The agent's own element in a domain's <metadata> (blockcopy.policy: the domain's tenant).
+POLICY_NS = "https://blockcopy.dev/policy/v1"
+
+
+def tenant_metadata(tenant: str) -> str:
+    """The <metadata> content that assigns a domain to ``tenant`` for the agent's policy."""
+    return f'<blockcopy:policy xmlns:blockcopy="{POLICY_NS}" tenant="{tenant}"/>'
+
+
 def disk_target(index: int) -> str:
     """vda, vdb, ... (virtio disk targets in order)."""
     return "vd" + "abcdefghijklmnopqrstuvwxyz"[index]
@@ -231,8 +240,9 @@ def _disk_xml(target: str, top: str) -> str:
 
 
 def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | None,
-               extra_tops: list[str] | tuple[str, ...] = ()) -> str:
-    """``top`` is vda's active image; ``extra_tops`` those of vdb, vdc, ..."""
+               extra_tops: list[str] | tuple[str, ...] = (), metadata: str | None = None) -> str:
+    """``top`` is vda's active image; ``extra_tops`` those of vdb, vdc, ...;
+    ``metadata`` the XML inside <metadata>, if any."""
     # The cloud kernel resets while unpacking itself in 64 MiB; it boots in 128 MiB.
     memory, os_extra = (128 if boot else 64), ""
     if boot:
@@ -242,8 +252,9 @@ def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | No
         )
     # No <backingStore> on purpose: libvirt detects the chain from the qcow2 headers.
     disks = "\n".join(_disk_xml(disk_target(i), t) for i, t in enumerate([top, *extra_tops]))
+    meta = f"\n  <metadata>{metadata}</metadata>" if metadata else ""
     return f"""<domain type='qemu'>
-  <name>{name}</name>
+  <name>{name}</name>{meta}
   <memory unit='MiB'>{memory}</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type>{os_extra}</os>
@@ -268,11 +279,15 @@ def create_vm(
     data_per_layer: str | int = "4M",
     relative_backing: bool = False,
     disks: int = 1,
+    tenant: str | None = None,
+    metadata: str | None = None,
 ) -> VM:
     """Create and start a domain. ``name`` is a purpose ('copy' -> 'bct-copy-1a2b3c');
     a name that already starts with 'bct-' is used as is. ``disks`` > 1 adds vdb, vdc...,
     each with a chain of its own like vda's (same layers and sizes), in the same directory,
-    its files prefixed with the target (vdb-base.qcow2, vdb-layer1.qcow2, ...)."""
+    its files prefixed with the target (vdb-base.qcow2, vdb-layer1.qcow2, ...).
+    ``tenant``: the agent's policy element in its <metadata> (see blockcopy.policy);
+    ``metadata``: any other XML there."""
     if not 1 <= disks <= 16:
         raise ValueError(f"disks must be 1 to 16, not {disks}")
     if name is None or not name.startswith(PREFIX):
@@ -299,8 +314,9 @@ def create_vm(
         digests = {t: image_digest(c[0], "qcow2") for t, c in chains.items()}
         digest = digests["vda"]
         console = str(workdir / "console.log")
+        extra = (tenant_metadata(tenant) if tenant else "") + (metadata or "")
         xml = domain_xml(name, chain[0], console, guest_boot_files() if guest_writes else None,
-                         [c[0] for t, c in chains.items() if t != "vda"])
+                         [c[0] for t, c in chains.items() if t != "vda"], metadata=extra or None)
         with libvirt.open(uri) as conn:
             if persistent:
                 dom = conn.defineXML(xml)
@@ -410,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--guest-writes", action="store_true")
     c.add_argument("--relative-backing", action="store_true")
     c.add_argument("--disks", type=int, default=1, help="vda, plus vdb... with chains of their own")
+    c.add_argument("--tenant", help="the tenant in its <metadata>, for the agent's policy")
     c.add_argument(
         "--wait-writes",
         type=float,
@@ -433,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             data_per_layer=a.data_per_layer,
             relative_backing=a.relative_backing,
             disks=a.disks,
+            tenant=a.tenant,
         )
         if a.guest_writes and a.wait_writes:
             wait_guest_writing(vm, a.wait_writes)

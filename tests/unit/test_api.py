@@ -52,6 +52,7 @@ def test_bad_bandwidth(value):
     ({"pivot": "yes"}, "true or false"),
     ({"granularity": -1}, "non-negative integer"),
     ({"bufSize": 1.5}, "non-negative integer"),
+    ({"granularity": 2**32}, "libvirt takes at most 4294967295"),
     ({"format": "qcow2; rm -rf /"}, "image format"),
     ({"base": "/a", "flags": ["shallow"]}, "cannot be combined"),
     ({"base": "rel"}, "absolute path"),

@@ -139,6 +139,27 @@ async def test_adopts_a_job_it_never_recorded(s):
     await s.finish()
 
 
+async def test_a_second_object_with_the_same_dest_does_not_adopt_the_first_ones_job(s):
+    """Two BlockCopies of one disk to one dest, created together (both pass the destination
+    check before either job exists; found by tests/e2e/test_fuzz_api.py): the second must
+    not take the first one's job for its own. One copies, the other fails DiskBusy; the
+    first one's job is not touched when the second is deleted."""
+    first, second = s.create("first"), s.create("second")
+    s.follow(first)
+    s.follow(second)
+    await s.until(lambda: {s.phase("first"), s.phase("second")} == {"Copying", "Failed"})
+    busy = "first" if s.phase("first") == "Failed" else "second"
+    failed = s.kube.status_of(busy)
+    assert next(c for c in failed["conditions"] if c["type"] == "Failed")["reason"] == \
+        "DiskBusy", failed
+    assert s.hv.verbs().count("start_copy") == 1
+    s.hv.make_ready("vm")
+    owner = "second" if busy == "first" else "first"
+    await s.until(lambda: s.phase(owner) == "Mirrored")
+    assert s.phase(busy) == "Failed"
+    await s.finish()
+
+
 async def test_refused_pivot_backs_off_5_5_5_10_30(s, looptime):
     body = s.create(pivot=True)
     s.hv.refusals["pivot"] = 5

@@ -43,6 +43,19 @@ def test_destinations_are_per_namespace_and_resolved(policy, tmp_path):
     assert policy.precheck(namespace="team-a", dest="/images/a/../b/x.qcow2") is not None
 
 
+def test_a_network_destination_is_under_no_root(policy, tmp_path, monkeypatch):
+    """Not a path relative to the agent's working directory (it was: with the agent started
+    in /images/a, an NBD export counted as under that root)."""
+    for cwd in ("/", "/images/a"):
+        (tmp_path / cwd.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        monkeypatch.chdir(tmp_path / cwd.lstrip("/"))
+        rooted = parse({"rules": [{"namespaces": ["team-a"], "domains": ["*"],
+                                   "destinations": [str(tmp_path / cwd.lstrip("/"))]}]})
+        for dest in ("nbd://10.0.0.1:10809/exp", "nbd+unix:///exp?socket=/run/n.sock"):
+            refused = rooted.precheck(namespace="team-a", dest=dest)
+            assert refused is not None and "may not write" in refused, (cwd, dest)
+
+
 def test_domains_by_name_pattern_or_by_tenant(policy):
     ok = {"tenant": None, "dest": "/images/a/x"}
     assert policy.check(namespace="team-a", domain="web-1", **ok) is None
@@ -117,6 +130,9 @@ async def test_a_forbidden_object_fails_without_any_libvirt_action(tmp_path):
                        labels={"blockcopy.dev/node": "n"})
     await asyncio.wait_for(agent.follow(outside, Stop()), 10)
     assert kube.status_of("bc2")["phase"] == "Failed"
+    # Both refusals say where they come from (before libvirt, and after the look).
+    assert all(kube.status_of(n)["message"].endswith("(the agent's policy); nothing was "
+                                                     "started") for n in ("bc", "bc2"))
     assert hv.verbs() == ["observe"]  # refused before libvirt was asked anything
     await agent.recorder.drain()
     assert [e.type for e in kube.events] == ["Warning", "Warning"]
