@@ -291,9 +291,11 @@ def create_vm(
     guest_writes: bool = False,
     data_per_layer: str | int = "4M",
     relative_backing: bool = False,
+    write_slots: int = 128,
 ) -> VM:
     """Create and start a domain. ``name`` is a purpose ('copy' -> 'bct-copy-1a2b3c');
-    a name that already starts with 'bct-' is used as is."""
+    a name that already starts with 'bct-' is used as is. With ``guest_writes``, the guest
+    writes ``write_slots`` blocks in turn (support.guestwrites.plan_writes)."""
     if name is None or not name.startswith(PREFIX):
         name = f"{PREFIX}{name or 'vm'}-{secrets.token_hex(3)}"
     workdir = IMAGES / name
@@ -312,8 +314,8 @@ def create_vm(
         digest = image_digest(chain[0], "qcow2")
         console = str(workdir / "console.log")
         # The guest writes beyond the layers' data, which therefore stays as it was built.
-        plan = plan_writes(layers * parse_size(data_per_layer), parse_size(size)) \
-            if guest_writes else None
+        plan = plan_writes(layers * parse_size(data_per_layer), parse_size(size),
+                           slots=write_slots) if guest_writes else None
         xml = domain_xml(name, chain[0], console, guest_boot_files() if guest_writes else None,
                          plan.cmdline() if plan else "")
         with libvirt.open(uri) as conn:
