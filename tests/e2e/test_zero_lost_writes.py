@@ -266,10 +266,11 @@ def test_api_server_down_mid_copy(agent_factory, node, vms, blockcopies, tmp_pat
     try:
         vm = _writing_vm(vms)
         dest = _dest(vm)
-        name = blockcopies.create(copy_spec(vm, node=node, dest=dest, bandwidth="4Mi"))
+        name = blockcopies.create(copy_spec(vm, node=node, dest=dest, bandwidth="8Mi"))
         blockcopies.wait_copying(name, counter="cur", above=0)
         _more_writes(vm, 5)
 
+        assert live_mirror(vm, "vda").get("ready") != "yes"  # 16 s at 8Mi/s: still copying
         proxy.kill()
         down = time.monotonic()
         # The job goes on in libvirt (it gets ready meanwhile), the guest writes on, and the
@@ -346,7 +347,8 @@ def test_abort_mirrored_under_writes(agent, vms, blockcopies):
     before_abort = last_acknowledged(vm)
     blockcopies.patch_spec(name, {"abort": True})
     blockcopies.wait_phase(name, "Aborted")
-    assert live_mirror(vm, "vda") is None  # the job has ended: QEMU let go of the destination
+    wait_for(lambda: live_mirror(vm, "vda") is None, 30,
+             what="the job to end (QEMU lets go of the destination)")
     ended = last_acknowledged(vm)
     frozen = file_sha256(dest)
     _more_writes(vm)  # the guest goes on writing, to its source only
