@@ -97,12 +97,6 @@ def _verify_runs_on(vm: VM, image: str, scenario: str) -> Verified:
     return result
 
 
-def _wait_job_progress(vm: VM, timeout: float = 60) -> None:
-    first = block_job_info(vm)["cur"]
-    wait_for(lambda: (block_job_info(vm) or {"cur": first})["cur"] > first, timeout,
-             what="the block job to progress")
-
-
 # ---------------------------------------------------------------- (a) pivot
 
 
