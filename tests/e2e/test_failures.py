@@ -110,7 +110,8 @@ def test_dest_fills_up_job_failed(agent_factory, node, vms, blockcopies, core):
     try:
         # 4M of data when the copy starts; the guest then writes 1 MiB every ~0.2 s over the
         # whole 256M disk: the mirror's destination grows past 24M within seconds.
-        vm = vms(layers=1, size="256M", data_per_layer="4M", guest_writes=True)
+        vm = vms(layers=1, size="256M", data_per_layer="4M", guest_writes=True,
+                 guest_load_mib=1)
         dest = os.path.join(small, "copy.qcow2")
         name = blockcopies.create(copy_spec(vm, node=node, dest=dest, pivot=False))
         status = _assert_failed(blockcopies, core, name, "JobFailed", timeout=180,

@@ -80,7 +80,7 @@ def test_rate_and_eta_while_copying(agent, vms, blockcopies, node):
 
 def test_a_copy_that_does_not_converge_says_so_until_the_bandwidth_rises(
         agent, vms, blockcopies, node, core):
-    vm = vms(layers=1, size="256M", data_per_layer="8M", guest_writes=True)
+    vm = vms(layers=1, size="256M", data_per_layer="8M", guest_writes=True, guest_load_mib=1)
     name = blockcopies.create(copy_spec(vm, node=node, dest=os.path.join(vm.workdir, "c.qcow2"),
                                         bandwidth="256Ki"))
     status = wait_for(lambda: (s := blockcopies.status(name))
@@ -110,7 +110,7 @@ def test_convergence_auto(agent, vms, blockcopies, node, core):
     stack): the running mirror is switched to write-blocking and the copy reaches Mirrored and
     pivots. QEMU 7.2 (Debian 12's stack): the object says it needs QEMU 8.2, and the copy goes
     on as before (still Copying, never restarted)."""
-    vm = vms(layers=1, size="256M", data_per_layer="8M", guest_writes=True)
+    vm = vms(layers=1, size="256M", data_per_layer="8M", guest_writes=True, guest_load_mib=1)
     dest = os.path.join(vm.workdir, "c.qcow2")
     name = blockcopies.create(copy_spec(vm, node=node, dest=dest, bandwidth="256Ki",
                                         convergence="auto", pivot=True))

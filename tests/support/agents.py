@@ -19,7 +19,8 @@ from support.waits import wait_for
 
 # What follows the Python interpreter on the command line.
 BLOCKCOPY = ("-m", "blockcopy")  # the agent as shipped (`python -m blockcopy`)
-# FAULT INJECTION: the real agent with its first pivots refused (env FAULT_PIVOT_REFUSALS).
+# FAULT INJECTION: the real agent with its first pivots refused (env FAULT_PIVOT_REFUSALS),
+# then, on request, killed (FAULT_KILL_BEFORE_PIVOT=1) or delayed (FAULT_PIVOT_DELAY=S) there.
 FAULTY = (str(TESTS / "e2e" / "faulty_agent.py"),)
 
 

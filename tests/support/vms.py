@@ -33,13 +33,13 @@ from pathlib import Path
 
 import libvirt
 
+from support.guestwrites import WRITE_MARK, WritePlan, plan_writes
 from support.images import image_digest
 
 PREFIX = "bct-"
 IMAGES = Path("/var/lib/libvirt/images/blockcopy-test")
 GUEST_CACHE = Path("/var/cache/blockcopy-operator/guest")
 DEFAULT_URI = "qemu:///system"
-WRITE_MARK = "bct-guest: write"
 
 
 @dataclass
@@ -58,9 +58,21 @@ class VM:
     # vdb... have chains of their own, their files named <target>-base.qcow2, ...
     disk_chains: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     initial_digests: dict[str, str] = dataclasses.field(default_factory=dict)
+    # What the chain held before the domain started (layer_plan(layers, data_per_layer) on a
+    # disk of size bytes) and, with guest_writes, where the guest writes (support.guestwrites).
+    size: int = 0
+    layers: int = 0
+    data_per_layer: int = 0
+    write_plan: WritePlan | None = None
+    guest_load_mib: int = 0  # > 0: the guest also scribbles over the whole disk
 
     def checksum_guest_view(self) -> str:
         return image_digest(self.chain[0], "qcow2")
+
+    def initial_layout(self) -> list[tuple[int, int, int]]:
+        """(pattern byte, offset, length) of the data the chain held when the VM was created,
+        base layer first (zeros elsewhere)."""
+        return [w for writes in layer_plan(self.layers, self.data_per_layer) for w in writes]
 
 
 # ---------------------------------------------------------------- images
@@ -125,21 +137,58 @@ def expected_digest(vm: VM) -> str:
 
 # ---------------------------------------------------------------- guest: kernel + busybox initrd
 
+# The writing guest (support.guestwrites describes its blocks and checks them): write n
+# puts one 4 KiB block, which says (offset, n, md5), at the slot the plan on the kernel
+# command line gives (bct.writes=START,STRIDE,SLOTS,MULT in 4 KiB blocks: block START +
+# (n * MULT % SLOTS) * STRIDE; bct.pause=MICROSECONDS between writes). dd conv=fsync returns
+# once the block is stable (the write, then a FLUSH); only then is the write logged:
+# "{mark} <n> off=<bytes> seq=<n> md5=<md5> rc=<dd's exit code>" (rc=0: acknowledged).
+# bct.load=MIB: after each block, also write MIB MiB of random data at a rotating 1 MiB
+# offset over the whole disk: a guest that dirties its disk faster than a throttled copy
+# copies (the verified blocks are then overwritten too: no `verify` on such a guest).
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mkdir -p /tmp
 for m in {modules}; do insmod /lib/modules/$m || echo "bct-guest: insmod $m failed"; done
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do usleep 100000; i=$((i+1)); done
 [ -b /dev/vda ] || {{ echo "bct-guest: no /dev/vda"; sleep 100000; }}
-# 1 MiB writes (16 x 64k) at a rotating offset that stays inside the disk
-slots=$(( $(cat /sys/block/vda/size) / 2048 ))
-echo "bct-guest: ready, /dev/vda has $slots MiB"
+blocks=$(( $(cat /sys/block/vda/size) / 8 ))
+# default plan: 128 slots over the second half of the disk
+start=$(( blocks / 2 )); stride=$(( blocks / 256 )); slots=128; mult=37; pause=50000; load=0
+mibs=$(( blocks / 256 ))
+for a in $(cat /proc/cmdline); do
+  case $a in
+    bct.writes=*) set -- $(echo ${{a#bct.writes=}} | tr , ' ')
+                  start=$1; stride=$2; slots=$3; mult=$4 ;;
+    bct.pause=*) pause=${{a#bct.pause=}} ;;
+    bct.load=*) load=${{a#bct.load=}} ;;
+  esac
+done
+[ $stride -ge 1 ] || stride=1
+echo "bct-guest: ready, /dev/vda has $(( blocks / 256 )) MiB;" \
+  "writes: start=$start stride=$stride slots=$slots mult=$mult pause=$pause"
+nl='
+'
 n=0
 while true; do
-  seek=$(( (n % slots) * 16 ))
-  dd if=/dev/urandom of=/dev/vda bs=64k count=16 seek=$seek conv=fsync 2>/dev/null
-  echo "{mark} $n seek=$seek rc=$?"
-  n=$((n + 1)); usleep 200000
+  blk=$(( start + (n * mult % slots) * stride )); off=$(( blk * 4096 ))
+  line=$(printf 'off=%012d seq=%010d' $off $n)"$nl"
+  body="$line$line"; body="$body$body"; body="$body$body"; body="$body$body"
+  body="$body$body"; body="$body$body"; body="$body$body"  # 128 lines
+  body=${{body:0:3968}}                                     # 124 lines
+  head=$(printf 'BCTW off=%012d seq=%010d' $off $n)
+  printf '%s\n%s' "$head" "$body" > /tmp/sum
+  sum=$(md5sum < /tmp/sum); sum=${{sum%% *}}
+  printf '%-127s\n%s' "$head md5=$sum" "$body" > /tmp/block
+  dd if=/tmp/block of=/dev/vda bs=4096 count=1 seek=$blk conv=notrunc,fsync 2>/dev/null
+  rc=$?
+  echo "{mark} $n off=$off seq=$n md5=$sum rc=$rc"
+  if [ $load -gt 0 ]; then
+    dd if=/dev/urandom of=/dev/vda bs=64k count=$(( load * 16 )) \
+      seek=$(( (n * load % mibs) * 16 )) conv=notrunc,fsync 2>/dev/null
+  fi
+  n=$((n + 1)); usleep $pause
 done
 """
 
@@ -240,15 +289,17 @@ def _disk_xml(target: str, top: str) -> str:
 
 
 def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | None,
-               extra_tops: list[str] | tuple[str, ...] = (), metadata: str | None = None) -> str:
+               extra_tops: list[str] | tuple[str, ...] = (), metadata: str | None = None,
+               cmdline: str = "") -> str:
     """``top`` is vda's active image; ``extra_tops`` those of vdb, vdc, ...;
-    ``metadata`` the XML inside <metadata>, if any."""
+    ``metadata`` the XML inside <metadata>, if any; ``cmdline`` extra kernel arguments."""
     # The cloud kernel resets while unpacking itself in 64 MiB; it boots in 128 MiB.
     memory, os_extra = (128 if boot else 64), ""
     if boot:
         os_extra = (
             f"<kernel>{boot[0]}</kernel><initrd>{boot[1]}</initrd>"
-            "<cmdline>console=ttyS0 loglevel=4 panic=-1</cmdline>"
+            f"<cmdline>console=ttyS0 loglevel=4 panic=-1{' ' + cmdline if cmdline else ''}"
+            "</cmdline>"
         )
     # No <backingStore> on purpose: libvirt detects the chain from the qcow2 headers.
     disks = "\n".join(_disk_xml(disk_target(i), t) for i, t in enumerate([top, *extra_tops]))
@@ -281,13 +332,18 @@ def create_vm(
     disks: int = 1,
     tenant: str | None = None,
     metadata: str | None = None,
+    write_slots: int = 128,
+    guest_load_mib: int = 0,
 ) -> VM:
     """Create and start a domain. ``name`` is a purpose ('copy' -> 'bct-copy-1a2b3c');
     a name that already starts with 'bct-' is used as is. ``disks`` > 1 adds vdb, vdc...,
     each with a chain of its own like vda's (same layers and sizes), in the same directory,
     its files prefixed with the target (vdb-base.qcow2, vdb-layer1.qcow2, ...).
     ``tenant``: the agent's policy element in its <metadata> (see blockcopy.policy);
-    ``metadata``: any other XML there."""
+    ``metadata``: any other XML there. With ``guest_writes``, the guest writes
+    ``write_slots`` blocks in turn (support.guestwrites.plan_writes); with ``guest_load_mib``
+    it also writes that many MiB of random data over the whole disk after each block (a
+    guest that outruns a throttled copy; its blocks cannot be verified)."""
     if not 1 <= disks <= 16:
         raise ValueError(f"disks must be 1 to 16, not {disks}")
     if name is None or not name.startswith(PREFIX):
@@ -315,8 +371,13 @@ def create_vm(
         digest = digests["vda"]
         console = str(workdir / "console.log")
         extra = (tenant_metadata(tenant) if tenant else "") + (metadata or "")
+        # The guest writes beyond the layers' data, which therefore stays as it was built.
+        plan = plan_writes(layers * parse_size(data_per_layer), parse_size(size),
+                           slots=write_slots) if guest_writes else None
         xml = domain_xml(name, chain[0], console, guest_boot_files() if guest_writes else None,
-                         [c[0] for t, c in chains.items() if t != "vda"], metadata=extra or None)
+                         [c[0] for t, c in chains.items() if t != "vda"], metadata=extra or None,
+                         cmdline=(plan.cmdline() if plan else "")
+                         + (f" bct.load={guest_load_mib}" if guest_load_mib else ""))
         with libvirt.open(uri) as conn:
             if persistent:
                 dom = conn.defineXML(xml)
@@ -339,6 +400,11 @@ def create_vm(
         initial_digest=digest,
         disk_chains=chains,
         initial_digests=digests,
+        size=parse_size(size),
+        layers=layers,
+        data_per_layer=parse_size(data_per_layer),
+        write_plan=plan,
+        guest_load_mib=guest_load_mib,
     )
 
 
