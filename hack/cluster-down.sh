@@ -58,7 +58,10 @@ stop_matching() {
 }
 
 # ---------------------------------------------------------------- control plane
-# apiserver first: it would only log errors while etcd is going away.
+# The controller manager, then the apiserver: each would only log errors while what it
+# talks to is going away.
+stop_from_pidfile kube-controller-manager "$RUN/kube-controller-manager.pid"
+stop_matching kube-controller-manager "kube-controller-manager .*--kubeconfig=$STATE/kcm.kubeconfig"
 stop_from_pidfile kube-apiserver "$RUN/kube-apiserver.pid"
 stop_matching kube-apiserver "kube-apiserver .*--token-auth-file=$STATE/pki/tokens.csv"
 stop_from_pidfile etcd "$RUN/etcd.pid"
