@@ -228,6 +228,31 @@ def test_dest_not_creatable(agent_factory, node, vms, blockcopies, core):
     assert_on_source(vm)
 
 
+def test_read_only_destination_is_a_refusal_with_libvirts_message(agent_factory, node, vms,
+                                                                  blockcopies, core):
+    """libvirtd cannot create the copy target (EROFS inside libvirtd, reported as
+    VIR_ERR_SYSTEM_ERROR, the code of a broken connection too): the copy ends Failed
+    (CopyRefused) with libvirt's message at once, never retried as an outage."""
+    agent_factory(node)
+    vm = vms()
+    ro = f"/var/lib/libvirt/images/bct-ro-{uuid.uuid4().hex[:6]}"
+    os.mkdir(ro)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64M,mode=0755", "tmpfs", ro],
+                   check=True)
+    try:
+        dest = os.path.join(ro, "copy.qcow2")
+        name = blockcopies.create(copy_spec(vm, node=node, dest=dest, pivot=True))
+        status = _assert_failed(blockcopies, core, name, "CopyRefused",
+                                message="Read-only file system")
+        assert not _warnings(blockcopies, core, name, "LibvirtUnreachable")
+        assert os.listdir(ro) == []
+        assert_on_source(vm)
+        assert "createdFiles" not in status or status["createdFiles"] == [], status
+    finally:
+        subprocess.run(["umount", "-l", ro], check=True)
+        os.rmdir(ro)
+
+
 # ---------------------------------------------------------------- 5. allowed roots
 
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import threading
+import uuid
 
+import libvirt
 import pytest
 
 from blockcopy.api import Flag
@@ -144,3 +147,31 @@ def test_unreachable_libvirt_is_reported_as_such(libvirt_loop, tmp_path):
     hv = Driver(libvirt_loop, f"qemu+unix:///system?socket={tmp_path}/nothing-here.sock")
     with pytest.raises(HypervisorUnavailable, match="cannot connect"):
         hv.observe("any", "vda")
+
+
+@pytest.fixture
+def read_only_dir():
+    """A read-only tmpfs under the images root: libvirtd (in the host's mount namespace)
+    sees it, and creating a file in it fails with EROFS inside libvirtd."""
+    path = f"/var/lib/libvirt/images/bct-ro-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    os.mkdir(path)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64M,mode=0755", "tmpfs", path],
+                   check=True)
+    yield path
+    subprocess.run(["umount", "-l", path], check=True)
+    os.rmdir(path)
+
+
+def test_an_os_error_inside_libvirtd_is_a_refusal_not_an_outage(vm, hv, read_only_dir):
+    """libvirtd reports its own failure to create the copy target as VIR_ERR_SYSTEM_ERROR,
+    the code it also uses for a broken connection: the driver must call it a refusal (with
+    libvirt's message) because the connection still works."""
+    dest = os.path.join(read_only_dir, "copy.qcow2")
+    with pytest.raises(HypervisorError) as refused:
+        hv.start_copy(copy(vm, dest))
+    assert not isinstance(refused.value, HypervisorUnavailable), refused.value
+    assert refused.value.code == libvirt.VIR_ERR_SYSTEM_ERROR, refused.value
+    assert "Read-only file system" in str(refused.value)
+    disk = hv.observe(vm.name, "vda")  # the same connection goes on working
+    assert (disk.source, disk.mirror, disk.job) == (vm.chain[0], None, None)
+    assert os.listdir(read_only_dir) == []
