@@ -9,6 +9,7 @@ import os
 import re
 import time
 
+from support.guestwrites import paused, verify
 from support.images import qemu_img_compare
 from support.libvirt_probes import domstate, live_disk_source, live_mirror, no_block_job
 from support.objects import condition, copy_spec
@@ -125,6 +126,12 @@ def test_convergence_auto(agent, vms, blockcopies, node, core):
         status = blockcopies.wait_phase(name, "Pivoted", "Failed", timeout=300)
         assert status["phase"] == "Pivoted", status
         assert live_disk_source(vm) == dest
+        # every write the guest acknowledged, before, during and after the switch, is on
+        # the image it now runs on
+        with paused(vm):
+            verified = verify(vm, dest)
+        print(verified)
+        assert verified.writes > 0
     else:
         assert (assist["status"], assist["reason"]) == ("False", "NeedsQEMU82"), assist
         assert "QEMU 8.2" in assist["message"]

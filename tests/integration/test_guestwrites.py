@@ -3,6 +3,7 @@ built here block by block (qemu-img only), and on a real writing guest (libvirtd
 
 from __future__ import annotations
 
+import json
 import pathlib
 import subprocess
 
@@ -205,3 +206,35 @@ def _acknowledged(vm: VM, n: int) -> int:
     """Wait until the guest acknowledged ``n`` writes (or more); how many."""
     return wait_for(lambda: (s := last_acknowledged(vm) + 1) >= n and s, 90,
                     what=f"{n} acknowledged writes")
+
+
+def test_a_guest_with_a_load_fills_its_scratch_area_and_its_writes_still_verify(vms):
+    """guest_load_mib: random MiBs rotate over the scratch area (second half of the space
+    after the layers' data), the verified slots share the first half."""
+    vm = vms(guest_writes=True, size="64M", data_per_layer="4M", guest_load_mib=1)
+    plan = vm.write_plan
+    assert (plan.load_mib, plan.scratch_start_mib, plan.scratch_mib) == (1, 36, 28)
+    assert all(o < 36 * MiB for o in plan.slot_offsets())
+    assert not any(plan.in_scratch(o) for o in plan.slot_offsets())
+    wait_guest_writing(vm)
+    _acknowledged(vm, 40)  # 40 MiB of load, more than the 28 MiB area: it wrapped around
+    with paused(vm):
+        result = verify(vm, vm.chain[0])
+        image = subprocess.run(["qemu-img", "map", "-U", "--output=json", vm.chain[0]],
+                               capture_output=True, text=True, check=True).stdout
+    assert result.writes >= 40
+    # the scratch area is allocated in the active image: the load really wrote there
+    in_top = sum(e["length"] for e in json.loads(image)
+                 if e["data"] and e["depth"] == 0 and plan.in_scratch(e["start"]))
+    assert in_top >= 20 * MiB, in_top
+
+
+def test_plan_writes_with_a_load_keeps_slots_data_and_scratch_apart():
+    plan = plan_writes(8 * MiB, 256 * MiB, slots=128, load_mib=1)
+    assert (plan.scratch_start_mib, plan.scratch_mib) == (132, 124)
+    offsets = plan.slot_offsets()
+    assert min(offsets) >= 8 * MiB and max(offsets) + BLOCK <= 132 * MiB
+    assert "bct.load=1,132,124" in plan.cmdline()
+    assert "bct.load" not in plan_writes(8 * MiB, 256 * MiB).cmdline()
+    with pytest.raises(ValueError):
+        plan_writes(63 * MiB, 64 * MiB, load_mib=1)

@@ -66,19 +66,29 @@ MiB = 1 << 20
 class WritePlan:
     """Write ``seq`` goes to slot ``seq * mult % slots``, at block ``start + slot * stride``
     (4 KiB blocks): every slot is rewritten every ``slots`` writes. The guest pauses
-    ``pause_us`` between writes."""
+    ``pause_us`` between writes. With ``load_mib``, after each write the guest also writes
+    that many MiB of random data, rotating over the scratch area (``scratch_mib`` MiB from
+    MiB ``scratch_start_mib``, off the slots and the layers' data, not verified): a guest
+    that dirties its disk faster than a throttled copy copies, whose writes still verify."""
 
     start: int
     stride: int
     slots: int
     mult: int
     pause_us: int = 50000
+    load_mib: int = 0
+    scratch_start_mib: int = 0
+    scratch_mib: int = 0
 
     def offset(self, seq: int) -> int:
         return (self.start + (seq * self.mult % self.slots) * self.stride) * BLOCK
 
     def slot_offsets(self) -> list[int]:
         return [(self.start + s * self.stride) * BLOCK for s in range(self.slots)]
+
+    def in_scratch(self, off: int) -> bool:
+        return self.scratch_start_mib * MiB <= off < (self.scratch_start_mib
+                                                      + self.scratch_mib) * MiB
 
     def latest(self, seq: int) -> dict[int, int]:
         """{slot offset: the last write up to ``seq`` (included) to it}; slots not written
@@ -87,23 +97,36 @@ class WritePlan:
 
     def cmdline(self) -> str:
         """The guest kernel's command line arguments that make the guest follow this plan."""
+        load = (f" bct.load={self.load_mib},{self.scratch_start_mib},{self.scratch_mib}"
+                if self.load_mib else "")
         return (f"bct.writes={self.start},{self.stride},{self.slots},{self.mult} "
-                f"bct.pause={self.pause_us}")
+                f"bct.pause={self.pause_us}{load}")
 
 
-def plan_writes(data_end: int, size: int, *, slots: int = 128,
-                pause_us: int = 50000) -> WritePlan:
+def plan_writes(data_end: int, size: int, *, slots: int = 128, pause_us: int = 50000,
+                load_mib: int = 0) -> WritePlan:
     """Slots spread evenly over [data_end rounded up to 1 MiB, size): the writes stay off the
     chain's data, and reach the whole rest of the disk (copied and not yet copied areas alike
-    while a mirror runs)."""
-    start = -(-data_end // MiB) * MiB // BLOCK
-    free = size // BLOCK - start
+    while a mirror runs). With ``load_mib``, the second half of that range (whole MiBs) is
+    the scratch area instead, and the slots share the first half."""
+    first_mib = -(-data_end // MiB)
+    start = first_mib * MiB // BLOCK
+    end = size // BLOCK
+    scratch_start_mib = scratch_mib = 0
+    if load_mib:
+        scratch_mib = (size // MiB - first_mib) // 2
+        if scratch_mib < load_mib:
+            raise ValueError(f"no room for a {load_mib} MiB load after the layers' data")
+        scratch_start_mib = size // MiB - scratch_mib
+        end = scratch_start_mib * MiB // BLOCK
+    free = end - start
     if free < 1:
         raise ValueError(f"no room for guest writes: the layers' data fills the {size}-byte disk")
     slots = min(slots, free)
     mult = next(m for m in range(37, 37 + slots + 1) if math.gcd(m, slots) == 1)
     return WritePlan(start=start, stride=free // slots, slots=slots, mult=mult % slots or 1,
-                     pause_us=pause_us)
+                     pause_us=pause_us, load_mib=load_mib,
+                     scratch_start_mib=scratch_start_mib, scratch_mib=scratch_mib)
 
 
 # ---------------------------------------------------------------- blocks
@@ -181,7 +204,6 @@ def last_acknowledged(vm: VM) -> int:
 
 def _plan(vm: VM) -> WritePlan:
     assert vm.write_plan is not None, f"{vm.name} was not created with guest_writes=True"
-    assert not vm.guest_load_mib, f"{vm.name} scribbles over its disk: nothing to verify"
     return vm.write_plan
 
 
@@ -241,6 +263,8 @@ def _scan(view: mmap.mmap, vm: VM) -> _Scan:
     assert len(view) == vm.size, f"the image's guest view has {len(view)} bytes, not {vm.size}"
     slots = set(plan.slot_offsets())
     for start in range(0, len(view), MiB):
+        if plan.in_scratch(start):
+            continue  # the load's random data (scratch areas are whole MiBs)
         length = min(MiB, len(view) - start)
         expected = _initial(layout, start, length)
         actual = view[start:start + length]

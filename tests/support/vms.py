@@ -64,7 +64,6 @@ class VM:
     layers: int = 0
     data_per_layer: int = 0
     write_plan: WritePlan | None = None
-    guest_load_mib: int = 0  # > 0: the guest also scribbles over the whole disk
 
     def checksum_guest_view(self) -> str:
         return image_digest(self.chain[0], "qcow2")
@@ -143,9 +142,9 @@ def expected_digest(vm: VM) -> str:
 # (n * MULT % SLOTS) * STRIDE; bct.pause=MICROSECONDS between writes). dd conv=fsync returns
 # once the block is stable (the write, then a FLUSH); only then is the write logged:
 # "{mark} <n> off=<bytes> seq=<n> md5=<md5> rc=<dd's exit code>" (rc=0: acknowledged).
-# bct.load=MIB: after each block, also write MIB MiB of random data at a rotating 1 MiB
-# offset over the whole disk: a guest that dirties its disk faster than a throttled copy
-# copies (the verified blocks are then overwritten too: no `verify` on such a guest).
+# bct.load=MIB,FIRST,COUNT: after each block, also write MIB MiB of random data, rotating
+# over the scratch area of COUNT MiB from MiB FIRST: a guest that dirties its disk faster
+# than a throttled copy copies (the scratch area is not verified, the blocks still are).
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
@@ -156,13 +155,13 @@ i=0; while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do usleep 100000; i=$((i+1)); do
 blocks=$(( $(cat /sys/block/vda/size) / 8 ))
 # default plan: 128 slots over the second half of the disk
 start=$(( blocks / 2 )); stride=$(( blocks / 256 )); slots=128; mult=37; pause=50000; load=0
-mibs=$(( blocks / 256 ))
 for a in $(cat /proc/cmdline); do
   case $a in
     bct.writes=*) set -- $(echo ${{a#bct.writes=}} | tr , ' ')
                   start=$1; stride=$2; slots=$3; mult=$4 ;;
     bct.pause=*) pause=${{a#bct.pause=}} ;;
-    bct.load=*) load=${{a#bct.load=}} ;;
+    bct.load=*) set -- $(echo ${{a#bct.load=}} | tr , ' ')
+                load=$1; first=$2; mibs=$3 ;;
   esac
 done
 [ $stride -ge 1 ] || stride=1
@@ -186,7 +185,7 @@ while true; do
   echo "{mark} $n off=$off seq=$n md5=$sum rc=$rc"
   if [ $load -gt 0 ]; then
     dd if=/dev/urandom of=/dev/vda bs=64k count=$(( load * 16 )) \
-      seek=$(( (n * load % mibs) * 16 )) conv=notrunc,fsync 2>/dev/null
+      seek=$(( (first + n * load % mibs) * 16 )) conv=notrunc,fsync 2>/dev/null
   fi
   n=$((n + 1)); usleep $pause
 done
@@ -342,8 +341,8 @@ def create_vm(
     ``tenant``: the agent's policy element in its <metadata> (see blockcopy.policy);
     ``metadata``: any other XML there. With ``guest_writes``, the guest writes
     ``write_slots`` blocks in turn (support.guestwrites.plan_writes); with ``guest_load_mib``
-    it also writes that many MiB of random data over the whole disk after each block (a
-    guest that outruns a throttled copy; its blocks cannot be verified)."""
+    it also writes that many MiB of random data into a scratch area after each block (a
+    guest that outruns a throttled copy, whose blocks still verify)."""
     if not 1 <= disks <= 16:
         raise ValueError(f"disks must be 1 to 16, not {disks}")
     if name is None or not name.startswith(PREFIX):
@@ -373,11 +372,10 @@ def create_vm(
         extra = (tenant_metadata(tenant) if tenant else "") + (metadata or "")
         # The guest writes beyond the layers' data, which therefore stays as it was built.
         plan = plan_writes(layers * parse_size(data_per_layer), parse_size(size),
-                           slots=write_slots) if guest_writes else None
+                           slots=write_slots, load_mib=guest_load_mib) if guest_writes else None
         xml = domain_xml(name, chain[0], console, guest_boot_files() if guest_writes else None,
                          [c[0] for t, c in chains.items() if t != "vda"], metadata=extra or None,
-                         cmdline=(plan.cmdline() if plan else "")
-                         + (f" bct.load={guest_load_mib}" if guest_load_mib else ""))
+                         cmdline=plan.cmdline() if plan else "")
         with libvirt.open(uri) as conn:
             if persistent:
                 dom = conn.defineXML(xml)
@@ -404,7 +402,6 @@ def create_vm(
         layers=layers,
         data_per_layer=parse_size(data_per_layer),
         write_plan=plan,
-        guest_load_mib=guest_load_mib,
     )
 
 
