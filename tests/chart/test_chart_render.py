@@ -312,3 +312,39 @@ def test_readme_documents_every_value():
     readme = (CHART / "README.md").read_text()
     table = {m.group(1) for m in re.finditer(r"^\| `([^`]+)` \|", readme, re.M)}
     assert value_leaves(values) <= table, value_leaves(values) - table
+
+
+def test_host_network_and_api_server_address(helm):
+    """What a cluster whose pods cannot reach the `kubernetes` Service needs (the local
+    one-node cluster: the API server listens on the node's loopback only)."""
+    (agent_default,) = one(helm.render(), "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert not {"KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"} & {
+        e["name"] for e in agent_default["env"]}
+    pod = one(helm.render("--set", "hostNetwork=true", "--set", "apiServer.host=127.0.0.1",
+                          "--set", "apiServer.port=16443"),
+              "DaemonSet")["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["KUBERNETES_SERVICE_HOST"] == "127.0.0.1"
+    assert env["KUBERNETES_SERVICE_PORT"] == "16443"
+    proc = helm.template("--set", "apiServer.host=10.1.2.3", check=False)
+    assert proc.returncode != 0 and "apiServer.host needs apiServer.port" in proc.stderr
+    proc = helm.template("--set", "apiServer.host=https://10.1.2.3", check=False)
+    assert proc.returncode != 0 and "apiServer" in proc.stderr
+
+
+def test_watch_namespaces(helm):
+    """The agent restricted to some namespaces: its --namespace arguments, and the namespace
+    list/watch that kopf's namespaced mode needs (none without the value)."""
+    def namespace_rules(docs):
+        (agent_role,) = [d for d in by_kind(docs, "ClusterRole")
+                         if d["metadata"]["name"].endswith("blockcopy-operator")]
+        return [r for r in agent_role["rules"] if "namespaces" in r["resources"]]
+    assert namespace_rules(helm.render()) == []
+    docs = helm.render("--set", "watchNamespaces={team-a,team-b}")
+    (agent,) = one(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert "--namespace=team-a" in agent["args"] and "--namespace=team-b" in agent["args"]
+    assert namespace_rules(docs) == [{"apiGroups": [""], "resources": ["namespaces"],
+                                      "verbs": ["list", "watch"]}]
+    proc = helm.template("--set", "watchNamespaces={Team_A}", check=False)
+    assert proc.returncode != 0 and "watchNamespaces" in proc.stderr
