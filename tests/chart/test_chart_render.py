@@ -86,6 +86,7 @@ def test_template_renders_the_agent(helm):
     assert env["BLOCKCOPY_LIVENESS_PORT"]["value"] == "8081"
     assert env["LIBVIRT_URI"]["value"] == "qemu:///system"
     assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert agent["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     sc = agent["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False
