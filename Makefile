@@ -65,8 +65,8 @@ e2e: cluster
 chart: venv
 	$(PY) -m pytest tests/chart -m "not e2e" --deselect tests/chart/test_image_build.py::test_build_image_and_run_help $(PYTEST_ARGS)
 
-chart-e2e: cluster
-	$(PY) -m pytest tests/chart/test_helm_install_rbac.py $(PYTEST_ARGS)
+chart-e2e: cluster cluster-node
+	$(PY) -m pytest tests/chart/test_helm_install_rbac.py tests/chart/test_chart_on_a_node.py $(PYTEST_ARGS)
 
 image: system-deps
 	./hack/build-image.sh

@@ -153,6 +153,20 @@ import_image() {
   echo "$id" >"$marker"
   id=${id#sha256:}
   log "imported $name (${id:0:12}) into containerd in $((SECONDS - start)) s"
+  prune_replaced
+}
+
+# prune_replaced: the runtime keeps a replaced build under its ID (sha256:...) after a new
+# import took its name; each is a few hundred MB. Drop those no name and no container uses.
+prune_replaced() {
+  local named used ref digest
+  named=$("${CTR[@]}" images ls | awk 'NR > 1 && $1 !~ /^sha256:/ {print $3}')
+  used=$("${CTR[@]}" containers ls | awk 'NR > 1 {print $2}')
+  while read -r ref digest; do
+    grep -qxF "$digest" <<<"$named" && continue
+    grep -qxF "$ref" <<<"$used" && continue
+    "${CTR[@]}" images rm "$ref" >/dev/null && log "removed the replaced image ${ref:7:12}"
+  done < <("${CTR[@]}" images ls | awk 'NR > 1 && $1 ~ /^sha256:/ {print $1, $3}')
 }
 
 if [ "${1:-}" = import ]; then
