@@ -4,12 +4,14 @@ agent runs as the DaemonSet's pod, from this checkout's image, with the chart's 
 context (read-only root file system, every capability dropped), hostPath mounts and liveness
 probe; and that pod copies and pivots real VMs of the host's libvirtd.
 
-The chart's default values, except:
-- the image: this checkout's build (support/node.py: IMAGE), imported into the node's runtime;
+The chart's default values, except those of deploy/local-node/values.yaml (what the README
+gives a newcomer), and two more:
 - the node selector and toleration of the node's taint (blockcopy.dev/test-node), which keeps
   every other release on this shared API server (installed with the defaults) off the node;
 - the API server's address: it listens on the node's loopback only (127.0.0.1:16443, no
   kube-proxy), so hostNetwork=true and apiServer.host/port;
+- the image: this checkout's build under a tag of its own (support/node.py: IMAGE), imported
+  into the node's runtime, instead of :dev;
 - watchNamespaces: the release's namespace only. Other sessions on this machine run agents and
   VMs too, and a cluster-wide agent here would claim their objects that name no node.
 
@@ -47,12 +49,13 @@ from support.node import (
     untag_image,
 )
 from support.objects import BlockCopies, copy_spec
-from support.paths import CHART
+from support.paths import CHART, ROOT
 from support.waits import wait_for
 
 pytestmark = pytest.mark.e2e
 
 NEXT_TAG = f"{IMAGE_TAG}-next"
+LOCAL_NODE_VALUES = ROOT / "deploy" / "local-node" / "values.yaml"
 
 
 def port_free(port: int) -> bool:
@@ -78,14 +81,16 @@ def release(cluster_node, kubectl, cluster_helm, api, tmp_path_factory):
     """The chart installed in a namespace of its own; its DaemonSet's pod Running and Ready."""
     namespace = create_namespace(kubectl, "node")
     name = unique("bcn").replace("-", "")
-    values = {
-        "image": {"repository": IMAGE_REPOSITORY, "tag": IMAGE_TAG},
-        "nodeSelector": {TAINT_KEY: "true"},
-        "tolerations": [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
-        "hostNetwork": True,
-        "apiServer": {"host": "127.0.0.1", "port": API_PORT},
-        "watchNamespaces": [namespace],
-    }
+    # deploy/local-node/values.yaml (what the README tells a newcomer to use), with this
+    # checkout's image and the release's namespace.
+    values = yaml.safe_load(LOCAL_NODE_VALUES.read_text())
+    assert values["nodeSelector"] == {TAINT_KEY: "true"}
+    assert values["tolerations"] == [{"key": TAINT_KEY, "operator": "Exists",
+                                      "effect": "NoSchedule"}]
+    assert values["hostNetwork"] is True
+    values["apiServer"] = {"host": "127.0.0.1", "port": API_PORT}
+    values["image"] = {"repository": IMAGE_REPOSITORY, "tag": IMAGE_TAG}
+    values["watchNamespaces"] = [namespace]
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     for key in ("metrics", "liveness"):  # bound on the node itself: only if free there
         if not port_free(defaults[key]["port"]):
