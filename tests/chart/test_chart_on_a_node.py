@@ -5,7 +5,7 @@ context (read-only root file system, every capability dropped), hostPath mounts 
 probe; and that pod copies and pivots real VMs of the host's libvirtd.
 
 The chart's default values, except those of deploy/local-node/values.yaml (what the README
-gives a newcomer), and two more:
+gives a newcomer), and a few more for a machine shared with other sessions:
 - the node selector and toleration of the node's taint (blockcopy.dev/test-node), which keeps
   every other release on this shared API server (installed with the defaults) off the node;
 - the API server's address: it listens on the node's loopback only (127.0.0.1:16443, no
@@ -13,7 +13,10 @@ gives a newcomer), and two more:
 - the image: this checkout's build under a tag of its own (support/node.py: IMAGE), imported
   into the node's runtime, instead of :dev;
 - watchNamespaces: the release's namespace only. Other sessions on this machine run agents and
-  VMs too, and a cluster-wide agent here would claim their objects that name no node.
+  VMs too, and a cluster-wide agent here would claim their objects that name no node;
+- userRoles.create=false: those ClusterRoles have fixed names, one release per cluster, and
+  other sessions install the chart on this API server too;
+- the metrics or liveness port, only if the default is taken on this machine (host network).
 
 Every BlockCopy names the node in spec.nodeName and lives in the release's namespace.
 """
@@ -91,6 +94,9 @@ def release(cluster_node, kubectl, cluster_helm, api, tmp_path_factory):
     values["apiServer"] = {"host": "127.0.0.1", "port": API_PORT}
     values["image"] = {"repository": IMAGE_REPOSITORY, "tag": IMAGE_TAG}
     values["watchNamespaces"] = [namespace]
+    # The blockcopy-viewer/-editor ClusterRoles have fixed names, one release per cluster:
+    # other sessions' releases on this API server may hold them, or need them meanwhile.
+    values["userRoles"] = {"create": False}
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     for key in ("metrics", "liveness"):  # bound on the node itself: only if free there
         if not port_free(defaults[key]["port"]):
