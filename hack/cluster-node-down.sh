@@ -72,6 +72,13 @@ if "${CTR[@]}" version >/dev/null 2>&1; then
     "${CTR[@]}" containers delete "$container" >/dev/null 2>&1 || true
   done
 fi
+# What follows is machine-wide (cgroups, network namespaces, the bridge): only when this state
+# dir's node was set up here, not for a state dir that merely has an empty node/ directory.
+if [ ! -f "$NODE/containerd.toml" ]; then
+  rm -rf --one-file-system "$NODE"
+  log "no node was set up in $STATE"
+  exit "$status"
+fi
 # Whatever still runs in a pod's cgroup (a container whose shim is gone, say).
 for procs in $(find /sys/fs/cgroup/*/kubepods -name cgroup.procs 2>/dev/null); do
   while read -r pid; do
