@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo          bring up the local environment and show a live disk copy + pivot"
-	@echo "make test          lint + unit + integration (libvirt) + end-to-end (API server + libvirt + agent)"
+	@echo "make test          lint + unit + integration (libvirt) + end-to-end (API server + libvirt + agent; the chart on a one-node cluster)"
 	@echo "make cluster       start etcd, kube-apiserver, libvirtd (kubeconfig: .local/kubeconfig)"
 	@echo "make cluster-node  + kube-scheduler, kubelet, containerd: a one-node cluster that runs the chart's pod"
 	@echo "make cluster-down  stop everything and remove test VMs and images"
