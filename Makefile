@@ -11,12 +11,13 @@ STATE_DIR ?= $(or $(BLOCKCOPY_STATE_DIR),$(CURDIR)/.local)
 export PATH := $(STATE_DIR)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: help deps system-deps venv cluster cluster-down lint unit integration e2e chart chart-e2e image test test-k8s-oldest demo bench clean
+.PHONY: help deps system-deps venv cluster cluster-node cluster-down lint unit integration e2e chart chart-e2e image test test-k8s-oldest demo bench clean
 
 help:
 	@echo "make demo          bring up the local environment and show a live disk copy + pivot"
-	@echo "make test          lint + unit + integration (libvirt) + end-to-end (API server + libvirt + agent)"
+	@echo "make test          lint + unit + integration (libvirt) + end-to-end (API server + libvirt + agent; the chart on a one-node cluster)"
 	@echo "make cluster       start etcd, kube-apiserver, libvirtd (kubeconfig: .local/kubeconfig)"
+	@echo "make cluster-node  + kube-scheduler, kubelet, containerd: a one-node cluster that runs the chart's pod"
 	@echo "make cluster-down  stop everything and remove test VMs and images"
 	@echo "make test-k8s-oldest  CRD + chart + one real copy on the oldest supported Kubernetes ($(OLDEST_KUBE_VERSION))"
 	@echo "make chart         Helm chart: lint, render, validate offline (1.29..newest), schema, Argo CD/Flux health checks"
@@ -39,6 +40,12 @@ $(VENV)/.installed: pyproject.toml
 cluster: deps
 	@./hack/cluster-up.sh
 
+# The local environment as a one-node cluster that runs pods (kube-scheduler, kubelet,
+# containerd + runc, a local pause image, the agent image of `make image` imported). The node
+# is tainted blockcopy.dev/test-node=true:NoSchedule: only what tolerates it runs there.
+cluster-node: cluster image
+	@./hack/cluster-node.sh
+
 cluster-down:
 	@./hack/cluster-down.sh
 
@@ -58,14 +65,14 @@ e2e: cluster
 chart: venv
 	$(PY) -m pytest tests/chart -m "not e2e" --deselect tests/chart/test_image_build.py::test_build_image_and_run_help $(PYTEST_ARGS)
 
-chart-e2e: cluster
-	$(PY) -m pytest tests/chart/test_helm_install_rbac.py tests/chart/test_dashboard.py -m e2e $(PYTEST_ARGS)
+chart-e2e: cluster cluster-node
+	$(PY) -m pytest tests/chart/test_helm_install_rbac.py tests/chart/test_dashboard.py tests/chart/test_chart_on_a_node.py -m e2e $(PYTEST_ARGS)
 
 image: system-deps
 	./hack/build-image.sh
 
-# The whole suite, as CI runs it.
-test: deps lint cluster
+# The whole suite, as CI runs it (the chart's pod on a real kubelet included).
+test: deps lint cluster cluster-node
 	rm -rf .local/coverage && mkdir -p .local/coverage
 	$(PY) -m pytest tests --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 

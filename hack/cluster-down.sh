@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Tears down what hack/cluster-up.sh started: kube-apiserver, etcd (and its data), the test
+# Tears down what hack/cluster-up.sh and hack/cluster-node.sh started: the node (kubelet, pods,
+# containerd, kube-scheduler: hack/cluster-node-down.sh), kube-apiserver, etcd (and its data), the test
 # VMs (libvirt domains named bct-*) and their throwaway images, and libvirtd/virtlogd only if
 # cluster-up started them. Keeps $STATE/pki so certificates/tokens survive a restart.
 # BLOCKCOPY_KEEP_VMS=1 leaves the VMs alone (a second environment sharing the libvirtd).
@@ -56,6 +57,13 @@ stop_matching() {
     stop_pid "$name" "$pid"
   done
 }
+
+# ---------------------------------------------------------------- node
+# The one-node cluster of hack/cluster-node.sh first (kubelet, pods, containerd, scheduler),
+# while the API server still answers: its Node object goes too.
+if [ -d "$STATE/node" ]; then
+  BLOCKCOPY_STATE_DIR="$STATE" "$HACK/cluster-node-down.sh" || status=1
+fi
 
 # ---------------------------------------------------------------- control plane
 # The controller manager, then the apiserver: each would only log errors while what it

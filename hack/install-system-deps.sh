@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the local environment needs (libvirt, QEMU, buildah and
-# debootstrap for the image). Kubernetes and etcd are built from Go modules with the
+# debootstrap for the image, containerd and runc for the one-node cluster). Kubernetes and etcd are built from Go modules with the
 # machine's Go (hack/build-kube.sh, hack/build-etcd.sh), not taken from Debian.
 # Idempotent: does nothing when every package is already installed.
 set -euo pipefail
@@ -15,6 +15,8 @@ PKGS=(
   gcc libc6-dev
   # container image build without a Docker engine
   buildah debootstrap
+  # the one-node cluster (hack/cluster-node.sh): CRI runtime, OCI runtime, pod network
+  containerd runc containernetworking-plugins
   # misc tools used by scripts and tests
   curl unzip psmisc procps socat
 )

@@ -83,7 +83,22 @@ def allocated(path: str) -> int:
         return 0
 
 
+# What a container's device cgroup does to an agent that opens a host block device (even
+# read-only, even as root): the open fails with EPERM. QEMU, on the host, is not affected.
+CONTAINER_DEVICE_HINT = ("an agent in a container may not open host block devices: its "
+                         "device cgroup refuses it")
+
+
 def device_size(path: str) -> int:
+    """Bytes of a block device: from sysfs when it is there, which needs no access to the
+    device itself (an agent in a container may not open it: see CONTAINER_DEVICE_HINT),
+    else by seeking to its end."""
+    rdev = os.stat(path).st_rdev
+    try:
+        with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/size") as f:
+            return int(f.read()) * 512  # sysfs counts 512-byte sectors, whatever the device's
+    except (OSError, ValueError):
+        pass
     with open(path, "rb") as f:
         return f.seek(0, os.SEEK_END)
 
@@ -107,7 +122,11 @@ def space_refusal(dest: str, *, required: int, capacity: int, reuse: bool,
         return None
     resolved = os.path.realpath(dest)
     if is_block_device(resolved):
-        size = device_size(resolved)
+        try:
+            size = device_size(resolved)
+        except OSError as exc:
+            return ("DestUnreadable", f"cannot learn the size of block device {dest}: "
+                    f"{exc.strerror}; {CONTAINER_DEVICE_HINT}")
         if size < capacity:
             return ("DestNoSpace", f"block device {dest} holds {size} bytes ({_mib(size)}), the "
                     f"disk {capacity} ({_mib(capacity)}): it cannot hold the copy")

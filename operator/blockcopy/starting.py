@@ -213,7 +213,14 @@ class Starter:
             flags.add(Flag.REUSE_EXTERNAL)  # an export exists; libvirt cannot create one
             fmt = "raw"
         if fmt is None and Flag.REUSE_EXTERNAL in flags:
-            fmt = await asyncio.to_thread(destination.probe_format, spec.dest)
+            try:
+                fmt = await asyncio.to_thread(destination.probe_format, spec.dest)
+            except OSError as exc:
+                hint = destination.CONTAINER_DEVICE_HINT \
+                    if destination.is_block_device(spec.dest) else "check its permissions"
+                return _failed("DestUnreadable", f"cannot read dest {spec.dest} to learn its "
+                               f"format: {exc.strerror}; set spec.format ({hint}), nothing "
+                               "was started"), None
         fmt = fmt or disk.source_format or "raw"
         block_device = spec.network is None and destination.is_block_device(spec.dest)
         target = disk.target or spec.disk

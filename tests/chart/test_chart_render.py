@@ -103,6 +103,7 @@ def test_template_renders_the_agent(helm):
     assert env["BLOCKCOPY_LIVENESS_PORT"]["value"] == "8081"
     assert env["LIBVIRT_URI"]["value"] == "qemu:///system"
     assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert agent["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     sc = agent["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False
@@ -515,3 +516,39 @@ def test_admission_policy_judges_a_dest_when_it_is_chosen_only(destinations_poli
     assert admission(destinations_policy, "team-a", outside, old_dest=outside) == (True, None)
     assert not admission(destinations_policy, "team-a", outside, old_dest=inside)[0]
     assert admission(destinations_policy, "team-a", inside, old_dest=outside)[0]
+
+
+def test_host_network_and_api_server_address(helm):
+    """What a cluster whose pods cannot reach the `kubernetes` Service needs (the local
+    one-node cluster: the API server listens on the node's loopback only)."""
+    (agent_default,) = one(helm.render(), "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert not {"KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"} & {
+        e["name"] for e in agent_default["env"]}
+    pod = one(helm.render("--set", "hostNetwork=true", "--set", "apiServer.host=127.0.0.1",
+                          "--set", "apiServer.port=16443"),
+              "DaemonSet")["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["KUBERNETES_SERVICE_HOST"] == "127.0.0.1"
+    assert env["KUBERNETES_SERVICE_PORT"] == "16443"
+    proc = helm.template("--set", "apiServer.host=10.1.2.3", check=False)
+    assert proc.returncode != 0 and "apiServer.host needs apiServer.port" in proc.stderr
+    proc = helm.template("--set", "apiServer.host=https://10.1.2.3", check=False)
+    assert proc.returncode != 0 and "apiServer" in proc.stderr
+
+
+def test_watch_namespaces(helm):
+    """The agent restricted to some namespaces: its --namespace arguments, and the namespace
+    list/watch that kopf's namespaced mode needs (none without the value)."""
+    def namespace_rules(docs):
+        (agent_role,) = [d for d in by_kind(docs, "ClusterRole")
+                         if d["metadata"]["name"].endswith("blockcopy-operator")]
+        return [r for r in agent_role["rules"] if "namespaces" in r["resources"]]
+    assert namespace_rules(helm.render()) == []
+    docs = helm.render("--set", "watchNamespaces={team-a,team-b}")
+    (agent,) = one(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert "--namespace=team-a" in agent["args"] and "--namespace=team-b" in agent["args"]
+    assert namespace_rules(docs) == [{"apiGroups": [""], "resources": ["namespaces"],
+                                      "verbs": ["list", "watch"]}]
+    proc = helm.template("--set", "watchNamespaces={Team_A}", check=False)
+    assert proc.returncode != 0 and "watchNamespaces" in proc.stderr

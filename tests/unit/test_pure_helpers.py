@@ -155,6 +155,43 @@ def test_destination_refusals(tmp_path):
     assert not os.path.exists(root / "new.qcow2")  # checks never create anything
 
 
+def a_block_device() -> str:
+    """A block device of this machine (its disk: every machine that runs the tests has one)."""
+    for entry in sorted(os.listdir("/sys/dev/block")):
+        with open(f"/sys/dev/block/{entry}/uevent") as f:
+            name = dict(line.strip().split("=", 1) for line in f if "=" in line).get("DEVNAME")
+        with open(f"/sys/dev/block/{entry}/size") as f:
+            empty = int(f.read()) == 0  # a loop device without a file, say
+        if name and not empty and destination.is_block_device(f"/dev/{name}"):
+            return f"/dev/{name}"
+    raise AssertionError("no block device with a /dev node on this machine")
+
+
+def test_block_device_size_without_opening_the_device(monkeypatch):
+    """In a container, opening a host block device fails with EPERM (its device cgroup):
+    the size comes from sysfs, and without sysfs the refusal says why."""
+    device = a_block_device()
+    real_open = open
+
+    def refusing_open(path, *args, **kw):
+        if str(path) == device or (str(path).startswith("/sys/") and blind_sysfs):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_open(path, *args, **kw)
+    blind_sysfs = False
+    monkeypatch.setattr("builtins.open", refusing_open)
+    size = destination.device_size(device)
+    rdev = os.stat(device).st_rdev
+    with real_open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/size") as f:
+        assert size == int(f.read()) * 512 > 0
+    assert destination.space_refusal(device, required=1, capacity=size, reuse=True) is None
+    assert destination.space_refusal(device, required=1, capacity=size + 1,
+                                     reuse=True)[0] == "DestNoSpace"
+    blind_sysfs = True
+    reason, message = destination.space_refusal(device, required=1, capacity=1, reuse=True)
+    assert reason == "DestUnreadable"
+    assert "Operation not permitted" in message and "device cgroup" in message
+
+
 # ------------------------------------------------------------------ metrics bookkeeping
 
 
