@@ -10,6 +10,9 @@ STATE_DIR ?= $(or $(BLOCKCOPY_STATE_DIR),$(CURDIR)/.local)
 # kubectl of the local server's release and helm, linked by hack/install-kube-tools.sh.
 export PATH := $(STATE_DIR)/bin:$(PATH)
 PYTEST_ARGS ?=
+# The libvirt + QEMU stack every target runs on: stock (Debian 12: libvirt 9.0, QEMU 7.2) or
+# backports (bookworm-backports: libvirt 11.3, QEMU 10.0); see hack/hypervisor-stack.sh.
+export HYPERVISOR_STACK ?= stock
 
 .PHONY: help deps system-deps venv cluster cluster-node cluster-down lint unit integration e2e chart chart-e2e image test test-k8s-oldest demo bench clean
 

@@ -2,8 +2,11 @@
 # Installs the Debian packages the local environment needs (libvirt, QEMU, buildah and
 # debootstrap for the image, containerd and runc for the one-node cluster). Kubernetes and etcd are built from Go modules with the
 # machine's Go (hack/build-kube.sh, hack/build-etcd.sh), not taken from Debian.
-# Idempotent: does nothing when every package is already installed.
+# Then puts libvirt + QEMU on the stack HYPERVISOR_STACK names (stock, the default, or
+# backports: hack/hypervisor-stack.sh).
+# Idempotent: does nothing when every package is already installed and the stack is right.
 set -euo pipefail
+HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 PKGS=(
   # hypervisor
@@ -27,7 +30,7 @@ for p in "${PKGS[@]}"; do
 done
 if [ ${#missing[@]} -eq 0 ]; then
   echo "system packages: all present"
-  exit 0
+  exec "$HACK/hypervisor-stack.sh"
 fi
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing packages (${missing[*]}) and not root: run 'sudo $0'" >&2
@@ -36,10 +39,14 @@ fi
 echo "installing: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 # No init system here: keep package scripts from trying to start services.
+ours=
 if [ ! -e /usr/sbin/policy-rc.d ]; then
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
   chmod +x /usr/sbin/policy-rc.d
+  ours=1
   trap 'rm -f /usr/sbin/policy-rc.d' EXIT
 fi
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}"
+if [ -n "$ours" ]; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
+exec "$HACK/hypervisor-stack.sh"

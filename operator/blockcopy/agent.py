@@ -67,7 +67,7 @@ class Agent:
                                        poll_interval=config.poll_interval)
         self.followers: dict[tuple[str, str], Follower] = {}
         self.slots = CopySlots(config.max_active_copies, on_change=self._wake_queued)
-        self.groups = Groups(hv, lambda: list(self.followers.values()))
+        self.groups = Groups(hv, lambda: list(self.followers.values()), kube=kube, clock=clock)
         self._start_lock = asyncio.Lock()  # starts are serialized: one job per disk
         self._claimer_task: asyncio.Task[None] | None = None
         hv.add_listener(self._on_job_event)

@@ -113,6 +113,7 @@ class Follower:
         self.unreachable_since: str | None = None
         self.refusals = Backoff(REFUSED_ACTION)
         self._refusal_delay = 0.0
+        self._group_recheck: float | None = None  # s until a waiting group may pivot
 
     # -- wake-ups (called on the event loop) ------------------------------------------
     def on_job_event(self, domain_uuid: str, target: str, event: JobEvent) -> None:
@@ -157,6 +158,8 @@ class Follower:
             return self._refusal_delay
         if self.recorder.phase == Phase.COPYING:
             return self.settings.status_interval  # cur/end stay fresh
+        if self._group_recheck is not None:  # the group may pivot then without a wake-up
+            return min(self._group_recheck, self.settings.poll_interval)
         return self.settings.poll_interval  # events do the work; this is a fallback
 
     async def _sleep(self, stop: StopSignal, timeout: float) -> None:
@@ -248,7 +251,7 @@ class Follower:
                         self.holds_job = started is not None
             else:
                 disk, decision = await self._observe_and_decide(spec, current)
-                decision = self._left_behind(self._group_gate(self._chain_move(decision)))
+                decision = self._left_behind(await self._group_gate(self._chain_move(decision)))
                 fields, converging = self._progress(decision, disk)
                 extra = [*extra, *converging]
                 if decision.phase == Phase.COPYING:
@@ -403,13 +406,14 @@ class Follower:
     def _group_key(self) -> GroupKey | None:
         return key_of(self.body)
 
-    def _group_gate(self, decision: Decision) -> Decision:
+    async def _group_gate(self, decision: Decision) -> Decision:
         """A member of a disk group pivots and aborts with the others (blockcopy.groups)."""
+        self._group_recheck = None
         group = self._group_key()
         if group is None or self.groups is None:
             return decision
         if decision.action == Action.PIVOT:
-            blocked = self.groups.pivot_blocked(group)
+            blocked, self._group_recheck = await self.groups.pivot_blocked(group, by=self)
             if blocked is not None:
                 return Decision(Phase.MIRRORED, reason="WaitingForGroup", message=blocked)
         if decision.action == Action.ABORT and decision.reason != "LayerCopyFailed":

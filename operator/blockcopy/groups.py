@@ -3,7 +3,12 @@
 
 libvirt has no multi-disk transaction. The pivot needs none: each mirror holds every write
 until it is ended, so the group waits until every member is Mirrored with ``pivot: true``,
-then each member pivots (all at once, in a row). The abort needs a common point in time for a
+then each member pivots (all at once, in a row). Who is a member is asked of the API server
+at that moment, not taken from the objects this agent already follows: members created
+together arrive one by one (claimed, then followed), and a fast member must not take a
+group of one for the whole group. Members created within GROUP_SETTLE seconds of the
+newest one the API server shows may still be on their way, so the group waits that long
+after the newest member's creation. The abort needs a common point in time for a
 crash-consistent copy across disks: the guest's file systems are frozen through its guest
 agent when one answers, otherwise the VM is suspended; every member's job is cancelled (each
 destination then holds the disk as it was at that instant); then the guest is thawed or
@@ -14,13 +19,14 @@ node (one domain), so one agent coordinates them.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from blockcopy.api import JOB_PHASES, Phase
-from blockcopy.ports import Hypervisor, HypervisorError
+from blockcopy.ports import Hypervisor, HypervisorError, Kube
 from blockcopy.recorder import ObjectRecorder
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,8 @@ log = logging.getLogger(__name__)
 GroupKey = tuple[str, str, str]  # (namespace, group, domain)
 FREEZE_TIMEOUT = 10.0  # s: a guest agent that does not answer is given up on
 CANCEL_TIMEOUT = 20.0  # s: all members' cancels together
+GROUP_SETTLE = 5.0  # s after the newest member's creation before the group may pivot
+LIST_RETRY = 5.0  # s: the members could not be listed; look again then
 
 
 class Follower(Protocol):
@@ -47,9 +55,18 @@ def key_of(body: Mapping[str, Any]) -> GroupKey | None:
     return body["metadata"]["namespace"], group, str(spec.get("domain"))
 
 
+def _created(body: Mapping[str, Any]) -> dt.datetime | None:
+    stamp = (body.get("metadata") or {}).get("creationTimestamp")
+    try:
+        return dt.datetime.strptime(str(stamp), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+
+
 class Groups:
-    def __init__(self, hv: Hypervisor, followers: Callable[[], Sequence[Follower]]):
-        self.hv = hv
+    def __init__(self, hv: Hypervisor, followers: Callable[[], Sequence[Follower]], *,
+                 kube: Kube, clock: Callable[[], dt.datetime]):
+        self.hv, self.kube, self.clock = hv, kube, clock
         self._followers = followers
         self._aborting: dict[GroupKey, asyncio.Task[str]] = {}
 
@@ -70,22 +87,50 @@ class Groups:
                              "phase": str(m.recorder.phase or "")} for m in members]}
 
     # -- pivot --------------------------------------------------------------------------
-    def pivot_blocked(self, key: GroupKey) -> str | None:
-        """None when every member is Mirrored (or further) with pivot: true; else why not."""
-        members = self.members(key)
+    async def pivot_blocked(self, key: GroupKey, *, by: Follower
+                            ) -> tuple[str | None, float | None]:
+        """(None, None) when every member is Mirrored (or further) with pivot: true and no
+        member can still be on its way; else (why not, when to look again without a wake-up
+        or None). ``by``: the member asking, whose mirror is ready."""
+        namespace = key[0]
+        try:
+            listed = await self.kube.list_namespace(namespace)
+        except Exception as exc:  # no pivot on a partial view: stay on the source
+            log.warning("group %s/%s: cannot list its members: %s", namespace, key[1], exc)
+            return (f"the mirror is ready; group {key[1]} pivots when every member is Mirrored "
+                    f"with pivot: true (its members cannot be listed: {exc})"), LIST_RETRY
+        in_api = {b["metadata"]["name"]: b for b in listed
+                  if key_of(b) == key and not b["metadata"].get("deletionTimestamp")}
+        followed = {m.recorder.ref.name: m for m in self.members(key)}
         blocked = []
-        for m in members:
-            phase = m.recorder.phase
+        for name in sorted(set(in_api) | set(followed)):
+            member = followed.get(name)
+            if member is not None:
+                phase = Phase.MIRRORED if member is by else member.recorder.phase
+                spec = member.body.get("spec") or {}
+            else:
+                body = in_api[name]
+                raw = (body.get("status") or {}).get("phase")
+                phase = Phase(raw) if raw in {p.value for p in Phase} else None
+                spec = body.get("spec") or {}
             if phase in (Phase.PIVOTING, Phase.PIVOTED):
                 continue
             if phase != Phase.MIRRORED:
-                blocked.append(f"{m.recorder.ref.name} is {phase or 'not started'}")
-            elif (m.body.get("spec") or {}).get("pivot") is not True:
-                blocked.append(f"{m.recorder.ref.name} has no pivot: true")
+                blocked.append(f"{name} is {phase or 'not started'}")
+            elif spec.get("pivot") is not True:
+                blocked.append(f"{name} has no pivot: true")
+        recheck = None
+        created = [c for c in map(_created, in_api.values()) if c is not None]
+        if created and not blocked:
+            age = (self.clock() - max(created)).total_seconds()
+            if age < GROUP_SETTLE:
+                recheck = GROUP_SETTLE - age
+                blocked.append(f"members created up to {GROUP_SETTLE:g} s after the newest "
+                               f"one may still join; pivoting in {recheck:.0f} s")
         if not blocked:
-            return None
+            return None, None
         return (f"the mirror is ready; group {key[1]} pivots when every member is Mirrored "
-                f"with pivot: true ({'; '.join(blocked)})")
+                f"with pivot: true ({'; '.join(blocked)})"), recheck
 
     # -- abort --------------------------------------------------------------------------
     def abort_blocked(self, key: GroupKey) -> str | None:

@@ -83,6 +83,11 @@ class KubeClient:
             raise
         return True
 
+    async def list_namespace(self, namespace: str) -> list[dict[str, Any]]:
+        listed = await asyncio.to_thread(self._api.list_namespaced_custom_object,
+                                         GROUP, VERSION, namespace, PLURAL)
+        return list(listed.get("items") or [])
+
     async def unclaimed(self, namespace: str | None, *, timeout: int
                         ) -> AsyncIterator[dict[str, Any]]:
         """The client's watch blocks: it runs in a thread that hands objects to the loop."""

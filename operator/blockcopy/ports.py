@@ -204,6 +204,10 @@ class Kube(StatusStore, Protocol):
         """Label the object as this node's and set its finalizers, unless it changed since
         ``resource_version``."""
 
+    async def list_namespace(self, namespace: str) -> list[dict[str, Any]]:
+        """Every BlockCopy of a namespace, as the API server has them now (a disk group's
+        members, including those no agent follows yet). Raises on API errors."""
+
     def unclaimed(self, namespace: str | None, *, timeout: int) -> AsyncIterator[dict[str, Any]]:
         """List, then watch for ``timeout`` seconds, the objects without the claim label
         (filtered by the API server). Raises on API errors."""

@@ -318,17 +318,19 @@ class FakeKube:
         self.status_writes: list[tuple[float, str, dict[str, Any]]] = []  # (time, name, body)
         self.events: list[RecordedEvent] = []
         self.failing = 0  # the next N status patches raise (API outage)
+        self.failing_lists = 0  # the next N list_namespace calls raise
         self.unclaimed_queue: asyncio.Queue[dict[str, Any]] | None = None
         self._versions = itertools.count(1)
         self._created = itertools.count(0)  # objects made later sort later
 
     def add(self, name: str, spec: dict[str, Any], *, namespace: str = "ns",
-            status: dict[str, Any] | None = None, labels: dict[str, str] | None = None
-            ) -> dict[str, Any]:
+            status: dict[str, Any] | None = None, labels: dict[str, str] | None = None,
+            created: str | None = None) -> dict[str, Any]:
         body = {"apiVersion": "blockcopy.dev/v1alpha1", "kind": "BlockCopy",
                 "metadata": {"namespace": namespace, "name": name, "uid": f"uid-{name}",
                              "generation": 1, "labels": dict(labels or {}),
-                             "creationTimestamp": f"2026-01-01T00:00:{next(self._created):02d}Z",
+                             "creationTimestamp": created or
+                             f"2026-01-01T00:00:{next(self._created):02d}Z",
                              "resourceVersion": str(next(self._versions))},
                 "spec": dict(spec)}
         if status is not None:
@@ -380,6 +382,13 @@ class FakeKube:
         body["metadata"]["finalizers"] = list(finalizers)
         body["metadata"]["resourceVersion"] = str(next(self._versions))
         return True
+
+    async def list_namespace(self, namespace: str) -> list[dict[str, Any]]:
+        await asyncio.sleep(0)
+        if self.failing_lists:
+            self.failing_lists -= 1
+            raise ConnectionError("fault injection: the API server is down")
+        return [copy.deepcopy(b) for (ns, _), b in self.objects.items() if ns == namespace]
 
     async def unclaimed(self, namespace: str | None, *, timeout: int
                         ) -> AsyncIterator[dict[str, Any]]:

@@ -5,6 +5,7 @@ always resumes."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 import pytest
 
@@ -15,19 +16,33 @@ from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 
 
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
 class Env:
-    def __init__(self, tmp_path, disks=("vda", "vdb", "vdc")):
+    """Members of group g on domain vm; ``followed``: those the agent follows from the start
+    (the others exist in the API only, like objects not yet claimed); ``created``: their
+    creationTimestamp. The agent's clock is T0 + the (fake) loop time."""
+
+    def __init__(self, tmp_path, disks=("vda", "vdb", "vdc"), followed=None,
+                 created="2025-12-31T23:00:00Z", pivot=False):
         self.hv, self.kube = FakeHypervisor(), FakeKube()
         self.hv.add_domain("vm", disks={d: str(tmp_path / f"{d}.qcow2") for d in disks})
+        loop = asyncio.get_running_loop()
         self.agent = Agent(AgentConfig(node_name="n", allowed_paths=(str(tmp_path),)),
-                           kube=self.kube, hv=self.hv, images=FakeImages())
+                           kube=self.kube, hv=self.hv, images=FakeImages(),
+                           clock=lambda: T0 + dt.timedelta(seconds=loop.time()))
         self.stop, self.tasks, self.bodies = Stop(), [], {}
         for d in disks:
-            self.bodies[d] = self.kube.add(d, {"domain": "vm", "disk": d, "group": "g",
-                                               "dest": str(tmp_path / f"{d}.copy.qcow2")},
-                                           labels={"blockcopy.dev/node": "n"})
-            self.tasks.append(asyncio.create_task(self.agent.follow(self.bodies[d],
-                                                                    self.stop)))
+            spec = {"domain": "vm", "disk": d, "group": "g",
+                    "dest": str(tmp_path / f"{d}.copy.qcow2"), **({"pivot": True} if pivot else {})}
+            self.bodies[d] = self.kube.add(d, spec, labels={"blockcopy.dev/node": "n"},
+                                           created=created)
+            if followed is None or d in followed:
+                self.follow(d)
+
+    def follow(self, d: str) -> None:
+        self.tasks.append(asyncio.create_task(self.agent.follow(self.bodies[d], self.stop)))
 
     def phase(self, d: str) -> str | None:
         return self.kube.status_of(d).get("phase")
@@ -129,4 +144,55 @@ async def test_the_vm_is_resumed_even_when_cancelling_fails(tmp_path):
     await env.until(lambda: "unquiesce" in env.hv.verbs())
     assert env.hv.suspended == set()
     await env.until(lambda: env.phase("vda") == "Aborted")
+    await env.finish()
+
+
+async def test_a_member_no_agent_follows_yet_holds_the_group(tmp_path):
+    """vdc exists in the API but is not followed yet (not claimed yet, say): vda and vdb,
+    Mirrored with pivot: true, must not take themselves for the whole group."""
+    env = Env(tmp_path, followed=("vda", "vdb"), pivot=True)
+    await env.until(lambda: env.phase("vda") == "Copying" and env.phase("vdb") == "Copying")
+    env.hv.make_ready("vm", "vda")
+    env.hv.make_ready("vm", "vdb")
+    await env.until(lambda: env.phase("vda") == "Mirrored" and env.phase("vdb") == "Mirrored")
+    await asyncio.sleep(10)
+    assert "pivot" not in env.hv.verbs()
+    message = env.kube.status_of("vda")["message"]
+    assert "vdc is not started" in message and "vda is" not in message  # not its own stale phase
+    env.follow("vdc")
+    await env.until(lambda: env.phase("vdc") == "Copying")
+    env.hv.make_ready("vm", "vdc")
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in env.bodies))
+    await env.finish()
+
+
+async def test_a_group_waits_for_members_created_just_after_the_newest(tmp_path):
+    """Every member Mirrored one second after the newest was created: the group waits until
+    5 s after that creation (others may be on their way), then pivots by itself."""
+    env = Env(tmp_path, disks=("vda", "vdb"), created="2026-01-01T00:00:00Z", pivot=True)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await env.until(lambda: env.phase("vda") == "Copying" and env.phase("vdb") == "Copying")
+    env.hv.make_ready("vm", "vda")
+    env.hv.make_ready("vm", "vdb")
+    await env.until(lambda: env.phase("vda") == "Mirrored" and env.phase("vdb") == "Mirrored")
+    await env.until(lambda: "may still join" in env.kube.status_of("vdb")["message"])
+    assert loop.time() < 5 and "pivot" not in env.hv.verbs()
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in env.bodies), timeout=30)
+    pivots = env.hv.times("pivot")
+    # the agent's clock is T0 + loop time, and the members were created at T0
+    assert 5 <= min(pivots) and max(pivots) < 7, (start, pivots)
+    await env.finish()
+
+
+async def test_a_group_whose_members_cannot_be_listed_stays_on_its_sources(tmp_path):
+    env = Env(tmp_path, disks=("vda", "vdb"), pivot=True)
+    env.kube.failing_lists = 4
+    await env.until(lambda: env.phase("vda") == "Copying" and env.phase("vdb") == "Copying")
+    env.hv.make_ready("vm", "vda")
+    env.hv.make_ready("vm", "vdb")
+    await env.until(lambda: "cannot be listed" in (env.kube.status_of("vda").get("message")
+                                                    or ""))
+    assert "pivot" not in env.hv.verbs()
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in env.bodies), timeout=60)
     await env.finish()
