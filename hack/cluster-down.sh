@@ -3,7 +3,8 @@
 # containerd, kube-scheduler: hack/cluster-node-down.sh), kube-apiserver, etcd (and its data), the test
 # VMs (libvirt domains named bct-*) and their throwaway images, and libvirtd/virtlogd only if
 # cluster-up started them. Keeps $STATE/pki so certificates/tokens survive a restart.
-# BLOCKCOPY_KEEP_VMS=1 leaves the VMs alone (a second environment sharing the libvirtd).
+# BLOCKCOPY_KEEP_VMS=1 leaves the VMs, libvirtd and virtlogd alone (a second environment
+# sharing the libvirtd).
 # Safe to run when nothing is up: exits 0.
 set -euo pipefail
 
@@ -102,7 +103,12 @@ elif pgrep -f "qemu-system.*-name guest=$VM_PREFIX" >/dev/null; then
 fi
 [ -n "${BLOCKCOPY_KEEP_VMS:-}" ] || rm -rf "$IMAGES_DIR"
 
-if [ -f "$RUN/libvirt-started-by-us" ]; then
+# libvirtd and virtlogd are machine-wide: a second environment (BLOCKCOPY_KEEP_VMS) never
+# stops them, even if it happened to start them, since the first one still uses them.
+if [ -f "$RUN/libvirt-started-by-us" ] && [ -n "${BLOCKCOPY_KEEP_VMS:-}" ]; then
+  log "BLOCKCOPY_KEEP_VMS set: leaving libvirtd and virtlogd running"
+  rm -f "$RUN/libvirt-started-by-us"
+elif [ -f "$RUN/libvirt-started-by-us" ]; then
   if virsh_ok; then
     # Networks we may have started would leave dnsmasq behind once libvirtd is gone.
     for net in $("${VIRSH[@]}" net-list --name); do

@@ -362,16 +362,25 @@ fi
 # started.
 virsh_ok() { timeout 10 "${VIRSH[@]}" version >/dev/null 2>&1; }
 # daemon_pid NAME: the pid in /run/NAME.pid if that process is alive and is NAME.
+# A zombie (exited, not yet reaped by pid 1) is not alive.
+not_zombie() { local st; st=$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null) && [ "$st" != Z ]; }
 daemon_pid() {
   local pid
   pid=$(cat "/run/$1.pid" 2>/dev/null || true)
-  if [[ "$pid" =~ ^[0-9]+$ ]] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ]; then
+  if [[ "$pid" =~ ^[0-9]+$ ]] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ] \
+     && not_zombie "$pid"; then
     echo "$pid"
   fi
 }
+# any_running NAME: a live process of that exact name (started by anyone), zombies aside.
+any_running() {
+  local pid
+  for pid in $(pgrep -x "$1" || true); do not_zombie "$pid" && return 0; done
+  return 1
+}
 # virtlogd too, even when libvirtd answers: QEMU's log goes through it, and a new domain
 # does not start without it.
-if [ -z "$(daemon_pid virtlogd)" ] && [ "$(id -u)" -eq 0 ] && ! pgrep -x virtlogd >/dev/null; then
+if [ -z "$(daemon_pid virtlogd)" ] && [ "$(id -u)" -eq 0 ] && ! any_running virtlogd; then
   log "starting virtlogd"
   virtlogd -d </dev/null >>"$LOGS/virtlogd.log" 2>&1 9>&-
   touch "$RUN/libvirt-started-by-us"

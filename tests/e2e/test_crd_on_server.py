@@ -87,7 +87,7 @@ def test_kubectl_explain_prints_the_descriptions(kubectl, api):
     assert "an absolute path of a file" in out and "NBD export" in out, out
     assert "allowed roots" in out, out
     out = kubectl("explain", "blockcopies.status.phase").stdout
-    assert "Pending, Preparing, Copying, Mirrored" in out, out
+    assert "Pending, Queued, Preparing, Copying, Mirrored" in out, out
 
 
 def test_field_selectors_on_node_and_domain(blockcopies, kubectl, node):

@@ -20,20 +20,21 @@ from support.waits import wait_for
 
 
 def _alive(pid: int) -> bool:
+    """Running, that is: neither gone nor a zombie (this machine's pid 1 reaps the daemons
+    it inherits only now and then; cluster-up must not take a zombie for a live daemon)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    # a zombie is gone for our purposes
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ", 1)[1][0] != "Z"
 
 
 def _daemon_pid(name: str) -> int | None:
     """The pid of the one system daemon NAME (libvirtd, virtlogd), from pgrep."""
     out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
-    assert len(out) <= 1, f"more than one {name}: {out}"
-    return int(out[0]) if out else None
+    live = [int(pid) for pid in out if _alive(int(pid))]  # an unreaped zombie is gone
+    assert len(live) <= 1, f"more than one {name}: {live}"
+    return live[0] if live else None
 
 
 def _control_plane_pids(state=STATE) -> dict[str, int]:
