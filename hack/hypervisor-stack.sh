@@ -12,7 +12,8 @@
 # the packages that exist only in the newer libvirt (it split its daemons into more packages).
 # When the installed stack changes, the running libvirtd and virtlogd are stopped (they run the
 # old binaries); hack/cluster-up.sh starts the new ones. Idempotent: a machine already on the
-# stack is left alone (the apt lists are not even refreshed).
+# stack, with all of the stack's files in place, is left alone (the apt lists are not even
+# refreshed); one on the stack with files missing is repaired by reinstalling the stack.
 set -euo pipefail
 
 STACK=${HYPERVISOR_STACK:-stock}
@@ -45,9 +46,21 @@ on_stack() {
   fi
 }
 
+# Files the installed stack packages should have but do not. A downgrade can leave some: files
+# that moved between packages across versions (libvirt 11 moved /usr/share/libvirt/cpu_map from
+# libvirt0 to libvirt-common) are deleted when the newer owner is removed, and dpkg no longer
+# lists them under the older owner, so only a reinstall brings them back. libvirtd then fails
+# every domain start with "failed to parse xml document .../cpu_map/index.xml".
+missing_files() {
+  [ -s /usr/share/libvirt/cpu_map/index.xml ] || echo /usr/share/libvirt/cpu_map/index.xml
+  installed | cut -f1 | xargs -r dpkg --verify 2>/dev/null \
+    | awk '$1 == "missing" && $NF !~ "^/usr/share/doc/" { print $NF }' || true
+}
+
 # stock: the packages and no pin (the machine as Debian made it); backports: both.
 pinned=no; [ -f "$PIN" ] && pinned=yes
-if on_stack && [ "$STACK/$pinned" = backports/yes -o "$STACK/$pinned" = stock/no ]; then
+if on_stack && [ "$STACK/$pinned" = backports/yes -o "$STACK/$pinned" = stock/no ] \
+    && [ -z "$(missing_files)" ]; then
   exit 0
 fi
 [ "$(id -u)" -eq 0 ] || die "switching to the $STACK stack needs root"
@@ -91,6 +104,18 @@ apt-get install -y -qq --no-install-recommends --allow-downgrades \
 
 on_stack || die "after the switch the installed packages are not all on the $STACK stack:
 $(installed)"
+# A second transaction puts back what the first one's removals took (see missing_files): every
+# package of the stack is reinstalled, conffiles included. It costs seconds and runs only on a
+# switch or a repair.
+if [ -n "$(missing_files)" ]; then
+  log "restoring files the switch removed: $(missing_files | head -3 | tr '\n' ' ')..."
+  mapfile -t stack_packages < <(installed | cut -f1)
+  apt-get install -y -qq --no-install-recommends --reinstall \
+    -o Dpkg::Options::=--force-confmiss -o Dpkg::Options::=--force-confold "${stack_packages[@]}"
+fi
+leftover=$(missing_files)
+[ -z "$leftover" ] || die "files of the $STACK stack are still missing after reinstalling it:
+$leftover"
 if [ "$STACK" = stock ]; then   # back to the machine as Debian made it
   rm -f "$PIN" "$LIST"
   apt-get update -qq
