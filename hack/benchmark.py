@@ -9,6 +9,8 @@ process with a ServiceAccount of its own, so the API server's audit log tells it
 apart (the local cluster logs BlockCopy and Event requests).
 
   --short     a quick version (fewer rounds, 10 parallel copies, 20 s windows, 1 GiB disks)
+  --smoke     every step once on small disks, in about two minutes: proves the bench runs
+              (tests/e2e/test_benchmark_runs.py); its numbers mean little
 """
 
 from __future__ import annotations
@@ -479,6 +481,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short", action="store_true", help="a quick version")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every step once, on small disks (its numbers mean little)")
     parser.add_argument("--json", default=str(STATE / "bench.json"), help="where to write")
     args = parser.parse_args()
     short = args.short
@@ -488,6 +492,9 @@ def main() -> int:
     args.parallel = 10 if short else 50
     args.window = 20 if short else 60
     args.scale_bandwidth = "1Mi"  # about 96 MiB at 1 MiB/s: a minute and a half of copying
+    if args.smoke:
+        args.rounds, args.parallel, args.window = 2, 3, 5
+        args.size, args.data, args.big_size, args.big_data = "128M", "16M", "256M", "32M"
 
     bench = Bench(args)
     started = time.monotonic()
@@ -497,11 +504,12 @@ def main() -> int:
         bench.close()
     took = time.monotonic() - started
     results = bench.results
-    results["run"] = {"short": short, "seconds": round(took, 1),
+    results["run"] = {"short": short, "smoke": args.smoke, "seconds": round(took, 1),
                       "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
-    print(f"\nbenchmark ({'short' if short else 'full'}, {took:.0f} s): "
+    kind = "smoke" if args.smoke else "short" if short else "full"
+    print(f"\nbenchmark ({kind}, {took:.0f} s): "
           f"{results['machine']}")
     print(f"{'figure':34} {'measured':>14}  target")
     for key, r in results.items():
