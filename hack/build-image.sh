@@ -45,7 +45,7 @@ trap cleanup EXIT
 printf '[global]\ncert = /run/host-ca.crt\n' >"$TMP/pip.conf"
 
 BUILDER_TAG="$IMAGE-builder"
-image_id() { { "${BUILDAH[@]}" images --no-trunc --format '{{.ID}}' "$1" 2>/dev/null || true; } | head -n 1; }
+image_id() { { "${BUILDAH[@]}" images --no-trunc --format '{{.ID}}' "$1" 2>/dev/null || true; } | sed -n 1p; }
 
 log "building $IMAGE from $REPO/Dockerfile on $BASE_IMAGE"
 start=$SECONDS
@@ -110,5 +110,5 @@ exec 9>&-
 config=$("${BUILDAH[@]}" inspect --type image \
   --format 'entrypoint={{.OCIv1.Config.Entrypoint}} user={{.OCIv1.Config.User}}' "$IMAGE")
 echo "image config: $config"
-size=$("${BUILDAH[@]}" images --format '{{.Size}}' "$IMAGE" | head -n 1)
+size=$("${BUILDAH[@]}" images --format '{{.Size}}' "$IMAGE" | sed -n 1p)
 echo "image $IMAGE size: $size"

@@ -44,7 +44,7 @@ stop_from_pidfile() {
   [ -f "$file" ] || return 0
   pid=$(cat "$file" 2>/dev/null || true)
   if [[ "$pid" =~ ^[0-9]+$ ]] \
-     && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q -- "$name"; then
+     && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -- "$name" >/dev/null; then
     stop_pid "$name" "$pid"
   fi
   rm -f "$file"

@@ -39,7 +39,7 @@ stop_pid() {
 stop() {
   local name=$1 pattern=$2 pid
   pid=$(cat "$RUN/$name.pid" 2>/dev/null || true)
-  if [[ "$pid" =~ ^[0-9]+$ ]] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q -- "$name"; then
+  if [[ "$pid" =~ ^[0-9]+$ ]] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -- "$name" >/dev/null; then
     stop_pid "$name" "$pid"
   fi
   rm -f "$RUN/$name.pid"
@@ -125,7 +125,7 @@ if [ -f "$NODE/made-shared" ]; then
 fi
 
 # ---------------------------------------------------------------- files
-if findmnt -rn -o TARGET | grep -qF "$NODE/"; then
+if findmnt -rn -o TARGET | grep -F "$NODE/" >/dev/null; then
   log "WARNING: mounts left under $NODE; not removing it:"
   findmnt -rn -o TARGET | grep -F "$NODE/" >&2
   exit 1

@@ -73,7 +73,7 @@ pid_of() {
   [ -f "$file" ] || return 0
   pid=$(cat "$file" 2>/dev/null || true)
   if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null \
-     && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q -- "$name"; then
+     && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -- "$name" >/dev/null; then
     echo "$pid"
   else
     rm -f "$file"
@@ -82,7 +82,7 @@ pid_of() {
 # find_ours FILE PATTERN: adopt our process (a flag pointing into $NODE) whose pid file is lost.
 find_ours() {
   local file=$1 pattern=$2 pid
-  pid=$(pgrep -f -- "$pattern" | head -n 1 || true)
+  pid=$(pgrep -f -- "$pattern" | sed -n 1p || true)
   if [ -n "$pid" ]; then
     log "adopting running process $pid (no pid file)"
     echo "$pid" >"$file"
@@ -128,17 +128,17 @@ containerd_ok() { "${CTR[@]}" version >/dev/null 2>&1; }
 # the node's containerd, under the same name; skipped when containerd has this very build.
 import_image() {
   local name=$1 id marker tar
-  id=$("${BUILDAH[@]}" images --no-trunc --format '{{.ID}}' "$name" 2>/dev/null | head -n 1 || true)
+  id=$("${BUILDAH[@]}" images --no-trunc --format '{{.ID}}' "$name" 2>/dev/null | sed -n 1p || true)
   if [ -z "$id" ]; then
     [[ "$name" == localhost/blockcopy-operator:* ]] || die "image $name not found in buildah's storage"
     log "$name not built yet: hack/build-image.sh"
     IMAGE="$name" BLOCKCOPY_CACHE_DIR="$CACHE" "$HACK/build-image.sh" >&2
-    id=$("${BUILDAH[@]}" images --no-trunc --format '{{.ID}}' "$name" | head -n 1)
+    id=$("${BUILDAH[@]}" images --no-trunc --format '{{.ID}}' "$name" | sed -n 1p)
   fi
   mkdir -p "$NODE/images"
   marker="$NODE/images/$(echo "$name" | tr '/:' '__').id"
   if [ "$(cat "$marker" 2>/dev/null)" = "$id" ] \
-     && "${CTR[@]}" images ls -q "name==$name" | grep -qx "$name"; then
+     && "${CTR[@]}" images ls -q "name==$name" | grep -x "$name" >/dev/null; then
     return 0
   fi
   local start=$SECONDS
@@ -148,7 +148,7 @@ import_image() {
   "${BUILDAH[@]}" push --quiet "$id" "docker-archive:$tar:$name" >/dev/null
   "${CTR[@]}" images import "$tar" >/dev/null
   rm -f "$tar"
-  "${CTR[@]}" images ls -q "name==$name" | grep -qx "$name" \
+  "${CTR[@]}" images ls -q "name==$name" | grep -x "$name" >/dev/null \
     || die "containerd does not list $name after the import"
   echo "$id" >"$marker"
   id=${id#sha256:}

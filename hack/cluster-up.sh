@@ -53,7 +53,7 @@ pid_of() {
   [ -f "$file" ] || return 0
   pid=$(cat "$file" 2>/dev/null || true)
   if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null \
-     && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q -- "$name"; then
+     && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -- "$name" >/dev/null; then
     echo "$pid"
   else
     log "removing stale pid file $file"
@@ -66,7 +66,7 @@ pid_of() {
 # and records it in FILE instead of starting a second copy that could not bind its port.
 find_ours() {
   local file=$1 pattern=$2 pid
-  pid=$(pgrep -f -- "$pattern" | head -n 1 || true)
+  pid=$(pgrep -f -- "$pattern" | sed -n 1p || true)
   if [ -n "$pid" ]; then
     log "adopting running process $pid (no pid file)"
     echo "$pid" >"$file"
@@ -110,7 +110,7 @@ start_bg() {
 }
 
 etcd_healthy() {
-  curl -s --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" | grep -q '"health":"true"'
+  curl -s --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" | grep '"health":"true"' >/dev/null
 }
 
 api_ready() {

@@ -42,7 +42,7 @@ on_stack() {
   if [ "$STACK" = backports ]; then
     [[ "$(version libvirt0)" == *~bpo12* && "$(version qemu-system-x86)" == *~bpo12* ]]
   else
-    [ -n "$(version libvirt0)" ] && ! installed | grep -q '~bpo12'
+    [ -n "$(version libvirt0)" ] && ! installed | grep '~bpo12' >/dev/null
   fi
 }
 
@@ -90,14 +90,14 @@ apt-get update -qq
 # the newer libvirt has (no version in bookworm) are removed in the same transaction.
 want=() drop=()
 while IFS=$'\t' read -r pkg _; do
-  if apt-cache madison "$pkg" | awk -F'|' -v s="$suite" '$3 ~ (" " s "[/ ]")' | grep -q .; then
+  if apt-cache madison "$pkg" | awk -F'|' -v s="$suite" '$3 ~ (" " s "[/ ]")' | grep . >/dev/null; then
     want+=("$pkg")
   else
     drop+=("$pkg-")
   fi
 done < <(installed)
 for base in libvirt-daemon-system qemu-system-x86 qemu-utils libvirt-dev; do
-  printf '%s\n' "${want[@]}" | grep -qx "$base" || want+=("$base")
+  printf '%s\n' "${want[@]}" | grep -x "$base" >/dev/null || want+=("$base")
 done
 apt-get install -y -qq --no-install-recommends --allow-downgrades \
   -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${want[@]}" "${drop[@]}"
@@ -108,7 +108,7 @@ $(installed)"
 # package of the stack is reinstalled, conffiles included. It costs seconds and runs only on a
 # switch or a repair.
 if [ -n "$(missing_files)" ]; then
-  log "restoring files the switch removed: $(missing_files | head -3 | tr '\n' ' ')..."
+  log "restoring files the switch removed: $(missing_files | sed -n 1,3p | tr '\n' ' ')..."
   mapfile -t stack_packages < <(installed | cut -f1)
   apt-get install -y -qq --no-install-recommends --reinstall \
     -o Dpkg::Options::=--force-confmiss -o Dpkg::Options::=--force-confold "${stack_packages[@]}"
