@@ -296,7 +296,8 @@ def test_pending_until_domain_runs(agent_factory, node, vms, blockcopies, core, 
             break
         stolen.append(label)
     assert label == node, f"claimed by other sessions' agents: {stolen}"
-    assert _claim_lines(agent, namespace, name)
+    # The label is in the API before the claimer, back from its patch, logs the claim.
+    wait_for(lambda: _claim_lines(agent, namespace, name), 10, what="the agent's claim log line")
     status = blockcopies.wait_phase(name, "Pivoted", timeout=90)
     assert status["nodeName"] == node
     assert live_disk_source(vm, "vda") == dest
