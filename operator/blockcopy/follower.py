@@ -110,6 +110,7 @@ class Follower:
         self.generation: int | None = body.get("metadata", {}).get("generation")
         self.spec_changed = False
         self.unreachable = Backoff(LIBVIRT_UNREACHABLE)
+        self.look_failures = Backoff(LIBVIRT_UNREACHABLE)
         self.unreachable_since: str | None = None
         self.refusals = Backoff(REFUSED_ACTION)
         self._refusal_delay = 0.0
@@ -142,6 +143,18 @@ class Follower:
                     self._note_unreachable(str(exc), delay)
                     await self._sleep(stop, delay)
                     continue
+                except HypervisorError as exc:
+                    # libvirt failed a look, not an action (those are decided on): say a
+                    # transient domain went away mid-query ("Unable to read from monitor").
+                    # Look again soon; the next look sees what became of the domain.
+                    delay = self.look_failures.failed()
+                    log.warning("%s/%s: libvirt failed to report the disk, looking again in "
+                                "%gs: %s", *self.recorder.key, delay, exc)
+                    self.recorder.note(f"libvirt failed to report the disk, looking again in "
+                                       f"{delay:g}s: {exc}")
+                    await self._sleep(stop, delay)
+                    continue
+                self.look_failures.succeeded()
                 if step is Step.DONE:
                     return
                 if step is Step.WAIT:

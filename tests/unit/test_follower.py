@@ -229,6 +229,22 @@ async def test_libvirt_unreachable_retries_1_2_5_10_30_and_says_so_once(s):
     assert s.kube.reasons("bc") == ["LibvirtUnreachable", "LibvirtReachable", "Started"]
 
 
+async def test_a_failed_look_is_retried_1_2_5_not_a_crashed_loop(s):
+    # libvirt fails a query while a transient domain is being destroyed ("Unable to read
+    # from monitor"): before, the error escaped the loop and kopf restarted it 60 s later.
+    body = s.create()
+    s.hv.refusals["observe"] = 3
+    task = s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    observed = s.hv.times("observe")
+    gaps = [round(b - a) for a, b in itertools.pairwise(observed[:4])]
+    assert gaps == [1, 2, 5]
+    assert not task.done()  # the loop went on by itself
+    await s.finish()
+    assert task.exception() is None
+    assert "Started" in s.kube.reasons("bc")
+
+
 async def test_progress_is_written_at_most_once_per_interval(s, looptime):
     body = s.create(bandwidth=1)
     s.follow(body)
