@@ -32,6 +32,17 @@ def virsh(*args: str, check: bool = True, uri: str = DEFAULT_URI) -> str:
     return res.stdout.strip()
 
 
+def daemon_libvirt_version(uri: str = DEFAULT_URI) -> str:
+    """The libvirtd's version ("9.0.0" on the stock stack, "11.3.0" on backports): what an
+    agent connected to it reports, whichever libvirt client library the agent has."""
+    conn = libvirt.open(uri)
+    try:
+        v = conn.getLibVersion()
+    finally:
+        conn.close()
+    return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
+
+
 def domstate(vm: VM) -> str:
     return virsh("domstate", vm.name, uri=vm.uri)
 
