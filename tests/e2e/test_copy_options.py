@@ -82,13 +82,28 @@ def _live_backing_source(vm: VM) -> str | None:
 
 
 def _mirror_bitmaps(vm: VM) -> list[dict]:
-    """Dirty bitmaps QEMU holds on vda's active node; while a copy job runs, the mirror job's
-    own (anonymous) bitmap is there, with the job's granularity."""
-    out = virsh("qemu-monitor-command", vm.name, '{"execute":"query-block"}', uri=vm.uri)
-    for dev in json.loads(out)["return"]:
-        if "virtio-disk0" in (dev.get("qdev") or "") and dev.get("inserted"):
-            return dev["inserted"].get("dirty-bitmaps") or []
-    raise AssertionError(f"vda not found in query-block: {out}")
+    """Dirty bitmaps on any block node of the VM: while a copy job runs, the mirror job's own
+    (anonymous) bitmap, with the job's granularity. QEMU 7.2 keeps it on the source's format
+    node; QEMU 10 on the job's mirror_top filter node, which query-block no longer shows:
+    query-named-block-nodes lists both."""
+    out = virsh("qemu-monitor-command", vm.name,
+                '{"execute":"query-named-block-nodes","arguments":{"flat":true}}', uri=vm.uri)
+    return [bitmap for node in json.loads(out)["return"]
+            for bitmap in node.get("dirty-bitmaps") or []]
+
+
+def _write_blocking(vm: VM) -> bool:
+    """Whether QEMU runs vda's ready mirror in write-blocking ("active") mode. QEMU >= 8.2
+    says so in query-block-jobs (actively-synced). QEMU 7.2 does not, but there the job's
+    dirty bitmap stops recording in that mode (guest writes go to both sides instead);
+    QEMU 10's bitmap never records (its filter node marks what is dirty), so that sign is
+    only read where actively-synced is missing."""
+    out = virsh("qemu-monitor-command", vm.name, '{"execute":"query-block-jobs"}', uri=vm.uri)
+    (job,) = [j for j in json.loads(out)["return"] if j.get("type") == "mirror"]
+    if "actively-synced" in job:
+        return job["actively-synced"]
+    (bitmap,) = _mirror_bitmaps(vm)
+    return not bitmap["recording"]
 
 
 def _libvirt_job_flags(vm: VM) -> int:
@@ -384,8 +399,8 @@ def test_granularity_and_buf_size_are_passed_to_qemu(agent, vms, blockcopies):
     assert status["phase"] == "Mirrored", status
     bitmaps = _mirror_bitmaps(vm)
     assert [b["granularity"] for b in bitmaps] == [131072], bitmaps
-    # Background copy mode (no synchronousWrites): the bitmap records guest writes.
-    assert bitmaps[0]["recording"] is True, bitmaps
+    # Background copy mode (no synchronousWrites).
+    assert not _write_blocking(vm)
     assert _libvirt_job_flags(vm) & libvirt.VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES == 0
 
     blockcopies.patch_spec(name, {"pivot": True})
@@ -413,11 +428,9 @@ def test_synchronous_writes_under_guest_writes(agent, vms, blockcopies):
     # libvirt got the flag ...
     flags = _libvirt_job_flags(vm)
     assert flags & libvirt.VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES, hex(flags)
-    # ... and QEMU runs the mirror in write-blocking ("active") mode: QEMU 7.2 shows no copy
-    # mode in query-block-jobs, but in that mode the job's dirty bitmap is disabled (guest
-    # writes go to both sides synchronously instead of being recorded as dirty).
-    bitmaps = _mirror_bitmaps(vm)
-    assert len(bitmaps) == 1 and bitmaps[0]["recording"] is False, bitmaps
+    # ... and QEMU runs the mirror in write-blocking ("active") mode.
+    assert len(_mirror_bitmaps(vm)) == 1
+    assert _write_blocking(vm)
     assert live_mirror(vm, "vda")["ready"] == "yes"
     assert _guest_writes(vm) > writes_at_start  # the guest wrote during the copy
 
