@@ -5,6 +5,7 @@ never on what the agent reports about itself."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -160,10 +161,16 @@ class BlockJobEvents:
 
 
 def live_source_node(vm: VM, target: str = "vda") -> str:
-    """The QEMU block node of the disk's active image, as libvirt names it (libvirt-N-format,
-    N the source's index in the live XML)."""
-    index = live_disk(vm, target).find("source").get("index")
-    return f"libvirt-{index}-format"
+    """The QEMU block node the disk's device reads from (its top node), as QEMU names it.
+    Asked of QEMU, not derived from libvirt's naming: libvirt 9 puts a format node
+    (libvirt-N-format) over every image, libvirt 11 none over a raw one (an NBD export is
+    then just libvirt-N-storage)."""
+    alias = live_disk(vm, target).find("alias").get("name")  # virtio-disk0
+    out = virsh("qemu-monitor-command", vm.name, '{"execute":"query-block"}', uri=vm.uri)
+    for dev in json.loads(out)["return"]:
+        if f"/{alias}/" in (dev.get("qdev") or "") and dev.get("inserted"):
+            return dev["inserted"]["node-name"]
+    raise AssertionError(f"no block device {alias} ({target}) in query-block: {out}")
 
 
 def live_read_matches(vm: VM, offset: int, length: int, pattern: int,
@@ -175,7 +182,9 @@ def live_read_matches(vm: VM, offset: int, length: int, pattern: int,
     with open(log, "rb") as f:
         start = f.seek(0, 2)
     command = f'qemu-io {live_source_node(vm, target)} "read -P {pattern:#x} {offset} {length}"'
-    virsh("qemu-monitor-command", vm.name, "--hmp", command, uri=vm.uri)
+    answer = virsh("qemu-monitor-command", vm.name, "--hmp", command, uri=vm.uri)
+    if answer:  # qemu-io's verdict goes to the log; the monitor answers only errors
+        raise AssertionError(f"{command}: {answer}")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with open(log, "rb") as f:
