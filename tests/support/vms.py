@@ -40,6 +40,7 @@ PREFIX = "bct-"
 IMAGES = Path("/var/lib/libvirt/images/blockcopy-test")
 GUEST_CACHE = Path("/var/cache/blockcopy-operator/guest")
 DEFAULT_URI = "qemu:///system"
+GiB = 1 << 30
 
 
 @dataclass
@@ -125,7 +126,11 @@ def build_chain(
             qcow2 = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", lower]
             _run(*qcow2, str(img), cwd=str(workdir))
         for pattern, off, length in writes:
-            _run("qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {off} {length}", str(img))
+            # qemu-io refuses one request of 2 GiB or more: the bench's 2 GiB layers are
+            # written in 1 GiB requests (the same bytes)
+            chunks = [("-c", f"write -P {pattern:#x} {start} {min(GiB, off + length - start)}")
+                      for start in range(off, off + length, GiB)]
+            _run("qemu-io", "-f", "qcow2", *[arg for chunk in chunks for arg in chunk], str(img))
         paths.append(img)
     return [str(p) for p in reversed(paths)]
 
