@@ -142,9 +142,13 @@ def build_status(
 
 def flipped_to_true(previous: Sequence[Mapping[str, Any]] | None,
                     conditions: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The conditions that are True now and were not True before (each deserves an Event)."""
+    """The trouble conditions that are True now and were not True before (each deserves a
+    Warning Event). Only SpecChangeRefused is trouble when True: Converging True is good
+    news, and ConvergenceAssist posts its own Event where it acts. (A Warning for every
+    Converging flip was most of the Events of 50 copies on a busy node.)"""
     before = {c.get("type"): c.get("status") for c in previous or ()}
-    return [c for c in conditions if c["status"] == "True" and before.get(c["type"]) != "True"]
+    return [c for c in conditions if c["type"] == SPEC_CHANGE_REFUSED
+            and c["status"] == "True" and before.get(c["type"]) != "True"]
 
 
 def phase_event(old_phase: str | None, decision: Decision) -> tuple[str, str, str] | None:

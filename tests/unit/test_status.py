@@ -7,7 +7,7 @@ import datetime as dt
 from blockcopy.api import Phase
 from blockcopy.observation import DiskState, JobProgress, Mirror, MirrorReady
 from blockcopy.reconcile import Decision
-from blockcopy.status import build_status, phase_event, progress_text
+from blockcopy.status import build_status, flipped_to_true, phase_event, progress_text
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
 T1 = T0 + dt.timedelta(seconds=30)
@@ -84,3 +84,13 @@ def test_kstatus_conditions_follow_the_phase():
         got = {c["type"]: c["status"] for c in s["conditions"]}
         assert (got["Ready"], got["Reconciling"], got["Stalled"]) == (ready, reconciling,
                                                                        stalled), phase
+
+
+def test_only_trouble_conditions_flipping_to_true_get_a_warning_event():
+    before = [{"type": "Converging", "status": "False"},
+              {"type": "SpecChangeRefused", "status": "False"}]
+    now = [{"type": "Converging", "status": "True", "message": "what remains shrinks"},
+           {"type": "ConvergenceAssist", "status": "True", "message": "write-blocking"},
+           {"type": "SpecChangeRefused", "status": "True", "message": "dest cannot change"}]
+    assert [c["type"] for c in flipped_to_true(before, now)] == ["SpecChangeRefused"]
+    assert flipped_to_true(now, now) == []  # already True: no second Event
