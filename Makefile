@@ -100,7 +100,7 @@ demo: cluster
 
 # Numbers, not pass/fail: agent vs virsh, status-write rate, latency, memory.
 bench: cluster
-	PYTHONPATH=tests $(PY) hack/benchmark.py
+	PYTHONPATH=tests $(PY) hack/benchmark.py $(BENCH_ARGS)
 
 clean: cluster-down
 	rm -rf $(VENV) .local *.egg-info operator/*.egg-info

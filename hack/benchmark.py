@@ -447,14 +447,20 @@ class Bench:
                                        ["virsh", "-c", "qemu:///system", "version"],
                                        capture_output=True, text=True).stdout.split("\n")[2:4]}
         self.record("agent_rss_idle", agent.rss_mib(), "reported", "MiB", None)
-        self.latencies(agent)
-        self.versus_virsh(agent, label="copy_1g", size=a.size, data=a.data, target_ratio=None,
-                          target_extra=0.5)
-        self.versus_virsh(agent, label="copy_big", size=a.big_size, data=a.big_data,
-                          target_ratio=1.10, target_extra=None)
-        self.scale(agent)
-        self.isolation(agent)
-        self.idle()
+        wanted = set(a.only or PARTS)
+        if "latencies" in wanted:
+            self.latencies(agent)
+        if "copy" in wanted:
+            self.versus_virsh(agent, label="copy_1g", size=a.size, data=a.data,
+                              target_ratio=None, target_extra=0.5)
+            self.versus_virsh(agent, label="copy_big", size=a.big_size, data=a.big_data,
+                              target_ratio=1.10, target_extra=None)
+        if "scale" in wanted:
+            self.scale(agent)
+        if "isolation" in wanted:
+            self.isolation(agent)
+        if "idle" in wanted:
+            self.idle()
 
     def close(self) -> None:
         # The objects go first, while the agents still run to release their finalizers; an
@@ -477,6 +483,9 @@ class Bench:
         kubectl("delete", "namespace", self.namespace, "--wait=false")
 
 
+PARTS = ("latencies", "copy", "scale", "isolation", "idle")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -484,6 +493,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="every step once, on small disks (its numbers mean little)")
     parser.add_argument("--json", default=str(STATE / "bench.json"), help="where to write")
+    parser.add_argument("--only", action="append", choices=PARTS,
+                        help="run only this part (repeatable; default: all)")
     args = parser.parse_args()
     short = args.short
     args.rounds = 3 if short else 10
@@ -518,7 +529,7 @@ def main() -> int:
         verdict = {True: "met", False: "MISSED", None: ""}[r["met"]]
         print(f"{key:34} {r['measured']:>10.3f} {r['unit']:<9} {r['target']}  {verdict}")
     print("stage latencies (ms):")
-    for stage, v in results["stages_ms"].items():
+    for stage, v in results.get("stages_ms", {}).items():
         print(f"  {stage:30} p50 {v['p50']:>8.1f}  p95 {v['p95']:>8.1f}  max {v['max']:>8.1f}"
               f"  (n={v['n']})")
     print(f"written to {args.json}")

@@ -25,6 +25,7 @@ from blockcopy.claimer import Claimer
 from blockcopy.follower import Follower, FollowSettings, StopSignal
 from blockcopy.groups import Groups
 from blockcopy.observation import JobEvent
+from blockcopy.pace import DEFAULT_BUDGET
 from blockcopy.policy import Policy
 from blockcopy.ports import Hypervisor, Images, Kube, ObjectRef
 from blockcopy.recorder import Clock, Recorder, phase_of, utc_now
@@ -41,6 +42,7 @@ class AgentConfig:
     allowed_paths: tuple[str, ...] = destination.DEFAULT_ALLOWED_PATHS
     allowed_network_dests: tuple[str, ...] = ()  # HOST:PORT or socket directories
     status_interval: float = 1.0  # at most one progress write per object per interval
+    progress_budget: float = DEFAULT_BUDGET  # progress refreshes per second, all objects
     poll_interval: float = 5.0  # fallback look when no libvirt event arrives
     claim_interval: float = 30.0  # re-check of unclaimed objects
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
@@ -56,14 +58,15 @@ class Agent:
                  clock: Clock = utc_now):
         self.config, self.kube, self.hv, self.images = config, kube, hv, images
         self.recorder = Recorder(kube=kube, node_name=config.node_name,
-                                 status_interval=config.status_interval, clock=clock)
+                                 status_interval=config.status_interval,
+                                 progress_budget=config.progress_budget, clock=clock)
         self.claimer = Claimer(kube=kube, hv=hv, recorder=self.recorder,
                                node_name=config.node_name, namespaces=config.namespaces,
                                claim_interval=config.claim_interval)
         start = StartSettings(allowed_paths=config.allowed_paths,
                               allowed_network=config.allowed_network_dests,
                               policy=config.policy)
-        self.settings = FollowSettings(start=start, status_interval=config.status_interval,
+        self.settings = FollowSettings(start=start,
                                        poll_interval=config.poll_interval)
         self.followers: dict[tuple[str, str], Follower] = {}
         self.slots = CopySlots(config.max_active_copies, on_change=self._wake_queued)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from blockcopy import __version__
 from blockcopy.agent import AgentConfig
+from blockcopy.pace import DEFAULT_BUDGET
 
 if TYPE_CHECKING:
     from blockcopy.lifecycle import HypervisorFactory
@@ -59,6 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="log line format (env BLOCKCOPY_LOG_FORMAT)")
     parser.add_argument("--status-interval", type=float, default=1.0,
                         help="at most one status write per object per this many seconds")
+    parser.add_argument("--progress-budget", type=float,
+                        default=float(os.environ.get("BLOCKCOPY_PROGRESS_BUDGET",
+                                                     str(DEFAULT_BUDGET))),
+                        metavar="N",
+                        help="progress refreshes (a look at libvirt and a status write) per "
+                        "second for all copies together: with more copies than N, each "
+                        "refreshes every copies/N seconds; phase changes are written at once "
+                        f"whatever it says (env BLOCKCOPY_PROGRESS_BUDGET; default "
+                        f"{DEFAULT_BUDGET:g}; 0: no budget)")
     parser.add_argument("--claim-interval", type=float, default=30.0,
                         help="re-check unclaimed objects every this many seconds (default 30)")
     parser.add_argument("--namespace", action="append", default=None,
@@ -93,6 +103,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
             e.strip() for e in os.environ.get("BLOCKCOPY_ALLOWED_NETWORK_DESTS", "").split(",")
             if e.strip()]),
         status_interval=args.status_interval,
+        progress_budget=args.progress_budget,
         claim_interval=args.claim_interval,
         namespaces=tuple(args.namespace or ()),
         liveness_port=args.liveness_port,

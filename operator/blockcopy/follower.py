@@ -69,7 +69,6 @@ class StopSignal(Protocol):
 @dataclasses.dataclass(frozen=True)
 class FollowSettings:
     start: StartSettings
-    status_interval: float = 1.0  # cur/end refresh while Copying
     poll_interval: float = 5.0  # fallback look when no event arrives
 
 
@@ -170,7 +169,7 @@ class Follower:
                 self.wake.clear()  # only a spec change may cut a refusal's back-off short
             return self._refusal_delay
         if self.recorder.phase == Phase.COPYING:
-            return self.settings.status_interval  # cur/end stay fresh
+            return self.recorder.agent.pace.interval()  # cur/end stay fresh, within budget
         if self._group_recheck is not None:  # the group may pivot then without a wake-up
             return min(self._group_recheck, self.settings.poll_interval)
         return self.settings.poll_interval  # events do the work; this is a fallback

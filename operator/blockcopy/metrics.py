@@ -53,6 +53,10 @@ class PhaseCounts:
             self._phases[key] = phase
             BLOCKCOPIES.labels(phase).inc()
 
+    def count(self, phase: str) -> int:
+        """How many of the objects are in ``phase`` now."""
+        return sum(1 for p in self._phases.values() if p == phase)
+
     def forget(self, key: tuple[str, str]) -> None:
         self.set(key, None)
         self._cur.pop(key, None)

@@ -14,6 +14,7 @@ from typing import Any
 from blockcopy import metrics, status
 from blockcopy.api import TERMINAL_PHASES, Phase
 from blockcopy.observation import DiskState
+from blockcopy.pace import DEFAULT_BUDGET, ProgressPace
 from blockcopy.ports import Kube, ObjectRef
 from blockcopy.reconcile import Decision
 from blockcopy.writer import StatusWriter
@@ -48,11 +49,13 @@ class Recorder:
     """Agent-wide: the API client for Events, the per-phase gauge, the clock."""
 
     def __init__(self, *, kube: Kube, node_name: str, status_interval: float,
-                 clock: Clock = utc_now):
+                 progress_budget: float = DEFAULT_BUDGET, clock: Clock = utc_now):
         self.kube, self.node_name = kube, node_name
         self.status_interval = status_interval
         self.clock = clock
         self.phase_counts = metrics.PhaseCounts()
+        self.pace = ProgressPace(interval=status_interval, budget=progress_budget,
+                                 copying=lambda: self.phase_counts.count(Phase.COPYING))
         self._posting: set[asyncio.Task[None]] = set()  # asyncio holds tasks weakly
 
     def for_object(self, ref: ObjectRef, stored_status: Mapping[str, Any] | None
@@ -85,7 +88,7 @@ class ObjectRecorder:
 
     def __post_init__(self) -> None:
         self.writer = StatusWriter(self.agent.kube, namespace=self.ref.namespace,
-                                   name=self.ref.name, interval=self.agent.status_interval,
+                                   name=self.ref.name, interval=self.agent.pace.interval,
                                    stored=dict(self.status) or None)
         self.agent.phase_counts.set(self.key, self.status.get("phase"))
 

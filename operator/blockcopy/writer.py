@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from blockcopy.ports import StatusStore
@@ -28,10 +29,13 @@ class ObjectGone(Exception):
 
 
 class StatusWriter:
-    def __init__(self, store: StatusStore, *, namespace: str, name: str, interval: float,
-                 stored: Status | None = None):
+    def __init__(self, store: StatusStore, *, namespace: str, name: str,
+                 interval: float | Callable[[], float], stored: Status | None = None):
+        """``interval``: seconds between two progress writes, or a function that says it
+        now (the agent's progress pace: it grows with the number of copies)."""
         self._store, self._namespace, self._name = store, namespace, name
-        self._interval = interval
+        self._interval: Callable[[], float] = (
+            interval if callable(interval) else lambda: interval)
         self._last_time: float | None = None  # loop time of the last write
         self._written: Status | None = stored  # what the API holds, as far as we know
         self._pending: Status | None = None
@@ -75,7 +79,7 @@ class StatusWriter:
         loop = asyncio.get_running_loop()
         if self._urgent.is_set() or self._last_time is None:
             return
-        wait = self._last_time + self._interval - loop.time()
+        wait = self._last_time + self._interval() - loop.time()
         if wait <= 0:
             return
         try:
@@ -100,7 +104,7 @@ class StatusWriter:
                 if self._pending is None:
                     self._pending = status
                 self._last_time = loop.time()
-                await asyncio.sleep(self._interval)
+                await asyncio.sleep(self._interval())
                 continue
             self._last_time = loop.time()
             if not stored:  # 404: deleted meanwhile

@@ -133,7 +133,8 @@ def test_template_with_every_option(helm):
     env = {e["name"]: e.get("value") for e in agent["env"]}
     assert env["BLOCKCOPY_ALLOWED_PATHS"] == "/var/lib/libvirt/images:/srv/vm-storage"
     assert env["BLOCKCOPY_LOG_FORMAT"] == "json"
-    assert agent["args"] == ["--status-interval=1", "--max-active-copies=0", "--verbose"]
+    assert agent["args"] == ["--status-interval=1", "--progress-budget=10", "--max-active-copies=0",
+                             "--verbose"]
     assert agent["image"] == "localhost/blockcopy-operator@sha256:" + "0" * 64
     assert pod["nodeSelector"] == {"blockcopy.dev/hypervisor": "true"}
     assert pod["priorityClassName"] == "system-node-critical"

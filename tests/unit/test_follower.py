@@ -23,12 +23,12 @@ EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 class Scenario:
     """An agent on the fakes, one VM, and helpers to run its follow loop."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, **config_fields):
         self.hv, self.kube, self.images = FakeHypervisor(), FakeKube(), FakeImages()
         self.dom = self.hv.add_domain("vm")
         self.dest = str(tmp_path / "copy.qcow2")
         config = AgentConfig(node_name=NODE, allowed_paths=(str(tmp_path),),
-                             status_interval=1.0, poll_interval=5.0)
+                             status_interval=1.0, poll_interval=5.0, **config_fields)
         self.agent = Agent(config, kube=self.kube, hv=self.hv, images=self.images,
                            clock=self.now)
         self.stop = Stop()
@@ -257,6 +257,33 @@ async def test_progress_is_written_at_most_once_per_interval(s, looptime):
     assert 8 <= len(writes) <= 11, writes
     gaps = [b - a for a, b in itertools.pairwise(writes)]
     assert min(gaps) >= 0.99
+    await s.finish()
+
+
+async def test_many_copies_share_the_agents_progress_budget(tmp_path, looptime):
+    s = Scenario(tmp_path, progress_budget=2.0)
+    names = [f"vm{i}" for i in range(10)]
+    for name in names:
+        s.hv.add_domain(name)
+        s.follow(s.create(name, domain=name, bandwidth=1, dest=str(tmp_path / f"{name}.qcow2")))
+    await s.until(lambda: all(s.phase(name) == "Copying" for name in names))
+    start, looks = float(looptime), s.hv.verbs().count("observe")
+    for i in range(200):  # every copy's cur grows every 0.1 s for 20 s
+        for name in names:
+            s.hv.progress(name, cur=i + 1, end=10_000)
+        await asyncio.sleep(0.1)
+    writes = [(t, name) for t, name, st in s.kube.status_writes if t >= start]
+    # 10 copies, 2 refreshes per second in all: each copy every 5 s (not every 1 s).
+    assert len(writes) <= 2 * 20 + len(names), writes
+    assert s.hv.verbs().count("observe") - looks <= 2 * 20 + len(names)
+    for name in names:
+        times = [t for t, n in writes if n == name]
+        assert 3 <= len(times) <= 5, (name, times)
+        assert min(b - a for a, b in itertools.pairwise(times)) >= 4.99
+    # A phase change is not paced: READY -> Mirrored at once.
+    s.hv.make_ready("vm3")
+    ready_at = float(looptime)
+    assert await s.until(lambda: s.phase("vm3") == "Mirrored") - ready_at < 0.1
     await s.finish()
 
 

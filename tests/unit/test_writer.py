@@ -94,3 +94,21 @@ async def test_a_deleted_object_is_given_up(kube):
     w.submit(progress(2), urgent=True)  # ignored from now on
     await w.flush()
     assert kube.status_writes == []
+
+
+async def test_the_interval_may_change_between_writes(kube, looptime):
+    """The agent's progress pace: the interval grows when more copies run."""
+    interval = [1.0]
+    w = StatusWriter(kube, namespace="ns", name="bc", interval=lambda: interval[0])
+    for cur in range(1, 31):  # 30 updates over 3 s, then 30 over 15 s at a 5 s interval
+        w.submit(progress(cur), urgent=False)
+        await asyncio.sleep(0.1)
+    interval[0] = 5.0
+    for cur in range(31, 61):
+        w.submit(progress(cur), urgent=False)
+        await asyncio.sleep(0.5)
+    await w.flush()
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(t for t, _, _ in kube.status_writes)]
+    assert gaps[:2] == [1.0, 1.0]
+    assert all(g >= 5.0 for g in gaps[3:]), gaps
+    assert kube.status_of("bc")["cur"] == 60
