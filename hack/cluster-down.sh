@@ -25,39 +25,7 @@ if [ -d "$STATE" ]; then
   flock 9
 fi
 
-# stop_pid NAME PID: TERM, wait up to 10 s, then KILL and wait until it is gone.
-stop_pid() {
-  local name=$1 pid=$2 _
-  kill -0 "$pid" 2>/dev/null || return 0
-  log "stopping $name (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  log "$name did not exit after 10 s; killing it"
-  kill -KILL "$pid" 2>/dev/null || true
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-}
-
-# stop_from_pidfile NAME FILE: stops the pid in FILE if it is alive and really is NAME
-# (a recycled pid must not be killed), then removes FILE.
-stop_from_pidfile() {
-  local name=$1 file=$2 pid
-  [ -f "$file" ] || return 0
-  pid=$(cat "$file" 2>/dev/null || true)
-  if [[ "$pid" =~ ^[0-9]+$ ]] \
-     && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -- "$name" >/dev/null; then
-    stop_pid "$name" "$pid"
-  fi
-  rm -f "$file"
-}
-
-# stop_matching NAME PATTERN: catches our own processes whose pid file was lost. PATTERN
-# names a flag pointing into $STATE, so only this state dir's processes match.
-stop_matching() {
-  local name=$1 pattern=$2 pid
-  for pid in $(pgrep -f -- "$pattern" || true); do
-    stop_pid "$name" "$pid"
-  done
-}
+source "$HACK/lib/processes.sh"
 
 # ---------------------------------------------------------------- node
 # The one-node cluster of hack/cluster-node.sh first (kubelet, pods, containerd, scheduler),

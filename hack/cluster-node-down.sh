@@ -24,26 +24,12 @@ log() { echo "[cluster-node-down] $*" >&2; }
 exec 9>"$NODE/.lock"
 flock 9
 
-stop_pid() {
-  local name=$1 pid=$2 _
-  kill -0 "$pid" 2>/dev/null || return 0
-  log "stopping $name (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  log "$name did not exit after 10 s; killing it"
-  kill -KILL "$pid" 2>/dev/null || true
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-}
+source "$HACK/lib/processes.sh"
 # stop NAME PATTERN: the pid in $RUN/NAME.pid if it is NAME, and any process matching PATTERN
 # (a flag pointing into $NODE, so only this state dir's processes match).
 stop() {
-  local name=$1 pattern=$2 pid
-  pid=$(cat "$RUN/$name.pid" 2>/dev/null || true)
-  if [[ "$pid" =~ ^[0-9]+$ ]] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -- "$name" >/dev/null; then
-    stop_pid "$name" "$pid"
-  fi
-  rm -f "$RUN/$name.pid"
-  for pid in $(pgrep -f -- "$pattern" || true); do stop_pid "$name" "$pid"; done
+  stop_from_pidfile "$1" "$RUN/$1.pid"
+  stop_matching "$1" "$2"
 }
 
 # ---------------------------------------------------------------- API objects

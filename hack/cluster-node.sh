@@ -67,55 +67,9 @@ mkdir -p "$NODE" "$RUN" "$LOGS"
 ADMIN=("$STATE/bin/kubectl" --kubeconfig "$STATE/kubeconfig")
 [ -x "$STATE/bin/kubectl" ] || ADMIN=(kubectl --kubeconfig "$STATE/kubeconfig")
 
-# ---------------------------------------------------------------- helpers (as cluster-up.sh)
-pid_of() {
-  local file=$1 name=$2 pid
-  [ -f "$file" ] || return 0
-  pid=$(cat "$file" 2>/dev/null || true)
-  if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null \
-     && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -- "$name" >/dev/null; then
-    echo "$pid"
-  else
-    rm -f "$file"
-  fi
-}
-# find_ours FILE PATTERN: adopt our process (a flag pointing into $NODE) whose pid file is lost.
-find_ours() {
-  local file=$1 pattern=$2 pid
-  pid=$(pgrep -f -- "$pattern" | sed -n 1p || true)
-  if [ -n "$pid" ]; then
-    log "adopting running process $pid (no pid file)"
-    echo "$pid" >"$file"
-    echo "$pid"
-  fi
-}
-stop_pid() {
-  local pid=$1 _
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-}
-wait_for() {
-  local timeout=$1 pid=$2; shift 2
-  local deadline=$((SECONDS + timeout))
-  while [ "$SECONDS" -lt "$deadline" ]; do
-    "$@" && kill -0 "$pid" 2>/dev/null && return 0
-    kill -0 "$pid" 2>/dev/null || return 1
-    sleep 0.5
-  done
-  return 1
-}
-# start_bg NAME CMD...: detached, own session, output to $LOGS/NAME.log, pid in $RUN/NAME.pid.
-start_bg() {
-  local name=$1; shift
-  setsid nohup "$@" </dev/null >>"$LOGS/$name.log" 2>&1 9>&- &
-  echo $! >"$RUN/$name.pid"
-}
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-running_other_binary() {
-  [ "$(readlink -f "/proc/$1/exe" 2>/dev/null)" != "$(readlink -f "$2")" ]
-}
+# ---------------------------------------------------------------- helpers
+source "$HACK/lib/processes.sh"
+
 # replace_if_changed TMP DEST: moves TMP over DEST when they differ; true when it did.
 replace_if_changed() {
   if cmp -s "$1" "$2"; then rm -f "$1"; return 1; fi
@@ -308,7 +262,7 @@ CONTAINERD_PID=$(pid_of "$RUN/containerd.pid" containerd)
   "containerd --config $NODE/containerd.toml")
 if [ -n "$CONTAINERD_PID" ] && { [ "$config_changed" = 1 ] || ! wait_for 15 "$CONTAINERD_PID" containerd_ok; }; then
   log "restarting containerd (pid $CONTAINERD_PID): new config, or not answering"
-  stop_pid "$CONTAINERD_PID"; rm -f "$RUN/containerd.pid"; CONTAINERD_PID=
+  stop_pid containerd "$CONTAINERD_PID"; rm -f "$RUN/containerd.pid"; CONTAINERD_PID=
 fi
 if [ -z "$CONTAINERD_PID" ]; then
   log "starting containerd $(containerd --version | awk '{print $3}') (socket $SOCK)"
@@ -394,7 +348,7 @@ SCHED_PID=$(pid_of "$RUN/kube-scheduler.pid" kube-scheduler)
 if [ -n "$SCHED_PID" ] && { running_other_binary "$SCHED_PID" "$SCHEDULER" \
                             || ! wait_for 30 "$SCHED_PID" sched_healthy; }; then
   log "replacing kube-scheduler (pid $SCHED_PID): another build, or not answering"
-  stop_pid "$SCHED_PID"; rm -f "$RUN/kube-scheduler.pid"; SCHED_PID=
+  stop_pid kube-scheduler "$SCHED_PID"; rm -f "$RUN/kube-scheduler.pid"; SCHED_PID=
 fi
 if [ -z "$SCHED_PID" ]; then
   ! port_busy "$SCHED_PORT" || die "port $SCHED_PORT is used by another process (see BLOCKCOPY_SCHEDULER_PORT)"
@@ -459,7 +413,7 @@ KUBELET_PID=$(pid_of "$RUN/kubelet.pid" kubelet)
 if [ -n "$KUBELET_PID" ] && { [ "$kubelet_config_changed" = 1 ] || [ "$config_changed" = 1 ] \
     || running_other_binary "$KUBELET_PID" "$KUBELET" || ! wait_for 30 "$KUBELET_PID" kubelet_healthy; }; then
   log "restarting kubelet (pid $KUBELET_PID): new config or build, or not answering"
-  stop_pid "$KUBELET_PID"; rm -f "$RUN/kubelet.pid"; KUBELET_PID=
+  stop_pid kubelet "$KUBELET_PID"; rm -f "$RUN/kubelet.pid"; KUBELET_PID=
 fi
 if [ -z "$KUBELET_PID" ]; then
   ! port_busy "$KUBELET_PORT" || die "port $KUBELET_PORT is used by another process (see BLOCKCOPY_KUBELET_PORT)"

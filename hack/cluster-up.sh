@@ -46,68 +46,7 @@ BLOCKCOPY_CACHE_DIR="$CACHE" "$HACK/install-kube-tools.sh"
 KUBECTL="$STATE/bin/kubectl"
 
 # ---------------------------------------------------------------- helpers
-# pid_of FILE NAME: prints the pid in FILE if that process is alive and really is NAME
-# (guards against a recycled pid); otherwise removes the stale FILE and prints nothing.
-pid_of() {
-  local file=$1 name=$2 pid
-  [ -f "$file" ] || return 0
-  pid=$(cat "$file" 2>/dev/null || true)
-  if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null \
-     && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -- "$name" >/dev/null; then
-    echo "$pid"
-  else
-    log "removing stale pid file $file"
-    rm -f "$file"
-  fi
-}
-
-# find_ours FILE PATTERN: when FILE is missing, looks for our process by a flag that points
-# into $STATE (so only this state dir's process matches), e.g. after the pid file was lost,
-# and records it in FILE instead of starting a second copy that could not bind its port.
-find_ours() {
-  local file=$1 pattern=$2 pid
-  pid=$(pgrep -f -- "$pattern" | sed -n 1p || true)
-  if [ -n "$pid" ]; then
-    log "adopting running process $pid (no pid file)"
-    echo "$pid" >"$file"
-    echo "$pid"
-  fi
-}
-
-# port_busy PORT: true when something already listens on 127.0.0.1:PORT.
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-# stop_pid PID: TERM, wait up to 10 s, then KILL (used to replace a hung process).
-stop_pid() {
-  local pid=$1 _
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-}
-
-# wait_for TIMEOUT PID CHECK...: polls CHECK until it succeeds; fails early if PID dies.
-wait_for() {
-  local timeout=$1 pid=$2; shift 2
-  local deadline=$((SECONDS + timeout))
-  while [ "$SECONDS" -lt "$deadline" ]; do
-    # The pid must be alive too: a foreign server on the port must not count as ours.
-    "$@" && kill -0 "$pid" 2>/dev/null && return 0
-    kill -0 "$pid" 2>/dev/null || return 1
-    sleep 0.5
-  done
-  return 1
-}
-
-# start_bg NAME CMD...: detaches CMD from this shell (own session, no tty, output to the log)
-# so it survives the caller's terminal, and closes our lock fd 9 (else the daemon would hold
-# the lock forever); records its pid. Without job control a background child is never a
-# process-group leader, so setsid and nohup exec in place and $! is CMD's pid.
-start_bg() {
-  local name=$1; shift
-  setsid nohup "$@" </dev/null >>"$LOGS/$name.log" 2>&1 9>&- &
-  echo $! >"$RUN/$name.pid"
-}
+source "$HACK/lib/processes.sh"
 
 etcd_healthy() {
   curl -s --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" | grep '"health":"true"' >/dev/null
@@ -182,22 +121,16 @@ else
   mv "$STATE/audit-policy.yaml.tmp" "$STATE/audit-policy.yaml"
 fi
 
-# running_other_binary PID BINARY: true when PID runs another executable than BINARY (say
-# after a KUBE_VERSION switch): such a process is replaced, not adopted.
-running_other_binary() {
-  [ "$(readlink -f "/proc/$1/exe" 2>/dev/null)" != "$(readlink -f "$2")" ]
-}
-
 # ---------------------------------------------------------------- etcd
 ETCD_PID=$(pid_of "$RUN/etcd.pid" etcd)
 [ -n "$ETCD_PID" ] || ETCD_PID=$(find_ours "$RUN/etcd.pid" "etcd .*--data-dir $STATE/etcd( |\$)")
 if [ -n "$ETCD_PID" ] && running_other_binary "$ETCD_PID" "$ETCD"; then
   log "etcd (pid $ETCD_PID) runs another build; replacing it"
-  stop_pid "$ETCD_PID"; rm -f "$RUN/etcd.pid"; ETCD_PID=
+  stop_pid etcd "$ETCD_PID"; rm -f "$RUN/etcd.pid"; ETCD_PID=
 fi
 if [ -n "$ETCD_PID" ] && ! wait_for 15 "$ETCD_PID" etcd_healthy; then
   log "etcd (pid $ETCD_PID) does not answer; restarting it"
-  stop_pid "$ETCD_PID"; rm -f "$RUN/etcd.pid"; ETCD_PID=
+  stop_pid etcd "$ETCD_PID"; rm -f "$RUN/etcd.pid"; ETCD_PID=
 fi
 if [ -z "$ETCD_PID" ]; then
   for port in "$ETCD_PORT" "$ETCD_PEER_PORT"; do
@@ -233,11 +166,11 @@ API_PID=$(pid_of "$RUN/kube-apiserver.pid" kube-apiserver)
   "kube-apiserver .*--token-auth-file=$PKI/tokens.csv")
 if [ -n "$API_PID" ] && running_other_binary "$API_PID" "$APISERVER"; then
   log "kube-apiserver (pid $API_PID) runs another release; replacing it"
-  stop_pid "$API_PID"; rm -f "$RUN/kube-apiserver.pid"; API_PID=
+  stop_pid kube-apiserver "$API_PID"; rm -f "$RUN/kube-apiserver.pid"; API_PID=
 fi
 if [ -n "$API_PID" ] && ! wait_for 30 "$API_PID" api_ready; then
   log "kube-apiserver (pid $API_PID) does not answer; restarting it"
-  stop_pid "$API_PID"; rm -f "$RUN/kube-apiserver.pid"; API_PID=
+  stop_pid kube-apiserver "$API_PID"; rm -f "$RUN/kube-apiserver.pid"; API_PID=
 fi
 if [ -z "$API_PID" ]; then
   ! port_busy "$API_PORT" || die "port $API_PORT is used by another process (see BLOCKCOPY_API_PORT)"
@@ -328,11 +261,11 @@ KCM_PID=$(pid_of "$RUN/kube-controller-manager.pid" kube-controller-manager)
   "kube-controller-manager .*--kubeconfig=$STATE/kcm.kubeconfig")
 if [ -n "$KCM_PID" ] && running_other_binary "$KCM_PID" "$CONTROLLER_MANAGER"; then
   log "kube-controller-manager (pid $KCM_PID) runs another release; replacing it"
-  stop_pid "$KCM_PID"; rm -f "$RUN/kube-controller-manager.pid"; KCM_PID=
+  stop_pid kube-controller-manager "$KCM_PID"; rm -f "$RUN/kube-controller-manager.pid"; KCM_PID=
 fi
 if [ -n "$KCM_PID" ] && ! wait_for 30 "$KCM_PID" kcm_healthy; then
   log "kube-controller-manager (pid $KCM_PID) does not answer; restarting it"
-  stop_pid "$KCM_PID"; rm -f "$RUN/kube-controller-manager.pid"; KCM_PID=
+  stop_pid kube-controller-manager "$KCM_PID"; rm -f "$RUN/kube-controller-manager.pid"; KCM_PID=
 fi
 if [ -z "$KCM_PID" ]; then
   ! port_busy "$KCM_PORT" || die "port $KCM_PORT is used by another process (see BLOCKCOPY_KCM_PORT)"
@@ -390,7 +323,7 @@ if ! virsh_ok; then
   LIBVIRTD_PID=$(daemon_pid libvirtd)
   if [ -n "$LIBVIRTD_PID" ] && ! wait_for 30 "$LIBVIRTD_PID" virsh_ok; then
     log "libvirtd (pid $LIBVIRTD_PID) does not answer; restarting it"
-    stop_pid "$LIBVIRTD_PID"; LIBVIRTD_PID=
+    stop_pid libvirtd "$LIBVIRTD_PID"; LIBVIRTD_PID=
   fi
   if [ -z "$LIBVIRTD_PID" ]; then
     log "starting libvirtd"

@@ -12,12 +12,13 @@ import pytest
 
 from support.paths import HACK
 
-SCRIPTS = sorted(p for p in HACK.glob("*.sh") if "pipefail" in p.read_text())
+SCRIPTS = sorted(p for p in HACK.rglob("*.sh") if "pipefail" in p.read_text())
 EARLY_EXIT_READER = re.compile(r"\|\s*(head\b|grep\s+(-\w*q|--quiet))")
 
 
 def test_the_scripts_are_found():
-    assert {p.name for p in SCRIPTS} >= {"build-image.sh", "cluster-up.sh", "hypervisor-stack.sh"}
+    assert {p.name for p in SCRIPTS} >= {"build-image.sh", "cluster-up.sh", "hypervisor-stack.sh",
+                                        "processes.sh"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
