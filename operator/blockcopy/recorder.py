@@ -46,12 +46,12 @@ def without_kopf(raw_status: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 class Recorder:
-    """Agent-wide: the API client for Events, the per-phase gauge, the clock."""
+    """Agent-wide: the API client for Events, the per-phase gauge, the progress pace, the
+    clock."""
 
     def __init__(self, *, kube: Kube, node_name: str, status_interval: float,
                  progress_budget: float = DEFAULT_BUDGET, clock: Clock = utc_now):
         self.kube, self.node_name = kube, node_name
-        self.status_interval = status_interval
         self.clock = clock
         self.phase_counts = metrics.PhaseCounts()
         self.pace = ProgressPace(interval=status_interval, budget=progress_budget,
