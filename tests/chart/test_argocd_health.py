@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from blockcopy.api import GROUP, KIND, VERSION
+from blockcopy.model.api import GROUP, KIND, VERSION
 from support.paths import CRD, ROOT
 
 SCRIPT = (ROOT / "deploy" / "argocd" / "blockcopy-health.lua").read_text()

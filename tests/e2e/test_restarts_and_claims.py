@@ -37,7 +37,7 @@ import time
 import pytest
 import yaml
 
-from blockcopy.api import GROUP, KIND, NODE_LABEL, VERSION
+from blockcopy.model.api import GROUP, KIND, NODE_LABEL, VERSION
 from support.assertions import assert_on_source
 from support.images import image_digest
 from support.isolation import unique, unique_node
