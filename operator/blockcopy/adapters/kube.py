@@ -39,7 +39,7 @@ class KubeClient:
     async def post_event(self, ref: ObjectRef, *, type: str, reason: str,
                          message: str) -> None:
         now = dt.datetime.now(dt.UTC)
-        event = {
+        event: Any = {
             "metadata": {"generateName": f"{ref.name}.", "namespace": ref.namespace},
             "involvedObject": {"apiVersion": ref.api_version, "kind": ref.kind,
                                "name": ref.name, "namespace": ref.namespace, "uid": ref.uid,
@@ -84,8 +84,8 @@ class KubeClient:
         return True
 
     async def list_namespace(self, namespace: str) -> list[dict[str, Any]]:
-        listed = await asyncio.to_thread(self._api.list_namespaced_custom_object,
-                                         GROUP, VERSION, namespace, PLURAL)
+        listed: Any = await asyncio.to_thread(
+            lambda: self._api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL))
         return list(listed.get("items") or [])
 
     async def unclaimed(self, namespace: str | None, *, timeout: int
@@ -96,7 +96,7 @@ class KubeClient:
         watch = kubernetes.watch.Watch()
         stopped = threading.Event()
         if namespace is None:
-            source: tuple = (self._api.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+            source: tuple[Any, ...] = (self._api.list_cluster_custom_object, GROUP, VERSION, PLURAL)
         else:
             source = (self._api.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)
 

@@ -150,7 +150,7 @@ class Follower:
         if reading.spec is None:
             outcome = Outcome(Decision(Phase.FAILED, message=str(reading.error),
                                        reason="InvalidSpec"), None, [])
-        elif reading.started_job:
+        elif reading.started_job and current is not None:
             self.holds_job = True
             async with self.lock:
                 outcome = await self._follow_job(reading.spec, current, reading.conditions)

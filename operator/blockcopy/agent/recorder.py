@@ -37,7 +37,7 @@ def _seconds(start: str, end: str) -> float:
 
 def phase_of(raw_status: Mapping[str, Any] | None) -> Phase | None:
     try:
-        return Phase((raw_status or {}).get("phase"))
+        return Phase(str((raw_status or {}).get("phase")))
     except ValueError:
         return None
 
@@ -168,7 +168,7 @@ class ObjectRecorder:
         if fields:
             new.update(fields)  # None values delete a field (a JSON merge patch)
         self.status = new
-        phase_changed = new["phase"] != previous.get("phase")
+        phase_changed = bool(new["phase"] != previous.get("phase"))
         if intent:
             await self.writer.write(new)
         else:

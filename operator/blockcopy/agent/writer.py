@@ -92,8 +92,6 @@ class StatusWriter:
         while self._pending is not None:
             await self._wait_for_slot()
             status, self._pending = self._pending, None
-            if status is None:
-                continue
             self._urgent.clear()
             try:
                 self.writes += 1

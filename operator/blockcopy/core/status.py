@@ -81,15 +81,16 @@ def conditions(
             "status": value,
             "reason": reason or phase.value,
             "message": bounded(message) if is_true else f"phase is {phase.value}",
-            "lastTransitionTime": timestamp(now) if changed else old.get("lastTransitionTime"),
+            "lastTransitionTime": timestamp(now) if changed or old is None
+            else old.get("lastTransitionTime"),
             "observedGeneration": generation,
         })
     for cond in extra:
         old = before.get(cond["type"])
         same = old is not None and old.get("status") == cond["status"]
         result.append({**cond, "observedGeneration": generation,
-                       "lastTransitionTime": old.get("lastTransitionTime") if same
-                       else timestamp(now)})
+                       "lastTransitionTime": old.get("lastTransitionTime")
+                       if same and old is not None else timestamp(now)})
     return result
 
 
@@ -118,7 +119,7 @@ def build_status(
     }
     status.update(started or {})
     job = disk.job if disk is not None else None
-    if job is not None and (disk.mirror is not None):
+    if job is not None and disk is not None and disk.mirror is not None:
         status["cur"], status["end"], status["bandwidth"] = job.cur, job.end, job.bandwidth
     if phase in (Phase.PIVOTED, Phase.MIRRORED) and "end" in status:
         status["cur"] = status["end"]  # a finished mirror has copied everything

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from blockcopy.kubectl.errors import NOT_FOUND, PluginError
 from blockcopy.kubectl.manifests import Disk
@@ -43,10 +43,11 @@ class Cluster:
         self.api = kubernetes.client.CustomObjectsApi(client)
         self.host = client.configuration.host
 
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any
+              ) -> dict[str, Any]:
         ApiException = self._kubernetes.client.exceptions.ApiException
         try:
-            return fn(*args, **kw)
+            return cast(dict[str, Any], fn(*args, **kw))
         except ApiException as exc:
             raise self._error(what, exc) from None
         except Exception as exc:  # urllib3's MaxRetryError and friends, an OSError
@@ -68,12 +69,12 @@ class Cluster:
             return PluginError(f"{what}: not found", NOT_FOUND, status=404)
         return PluginError(f"{what}: {message}", status=exc.status)
 
-    def get(self, namespace: str, name: str) -> dict:
+    def get(self, namespace: str, name: str) -> dict[str, Any]:
         return self._call(f"blockcopy {name!r} in namespace {namespace!r}",
                           self.api.get_namespaced_custom_object, GROUP, VERSION, namespace,
                           PLURAL, name)
 
-    def list(self, namespace: str | None) -> list[dict]:
+    def objects(self, namespace: str | None) -> list[dict[str, Any]]:
         if namespace is None:
             result = self._call("listing BlockCopies", self.api.list_cluster_custom_object,
                                 GROUP, VERSION, PLURAL)
@@ -84,7 +85,7 @@ class Cluster:
         return sorted(result["items"], key=lambda o: (o["metadata"].get("namespace", ""),
                                                       o["metadata"]["name"]))
 
-    def create(self, body: dict, *, dry_run: bool) -> dict:
+    def create(self, body: dict[str, Any], *, dry_run: bool) -> dict[str, Any]:
         meta = body["metadata"]
         kw = {"dry_run": "All"} if dry_run else {}
         return self._call(f"creating blockcopy {meta['name']!r} in namespace "
@@ -96,19 +97,19 @@ class Cluster:
         """The domain's disks from the node inventory, or None: no inventory yet."""
         return None
 
-    def patch_spec(self, namespace: str, name: str, spec: dict) -> dict:
+    def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         return self._call(f"patching blockcopy {name!r} in namespace {namespace!r}",
                           self.api.patch_namespaced_custom_object, GROUP, VERSION, namespace,
                           PLURAL, name, {"spec": spec})
 
 
 def select(cluster: Cluster, namespace: str, names: Sequence[str], group: str | None
-           ) -> list[dict]:
+           ) -> list[dict[str, Any]]:
     """The named objects, or the members of ``group`` in ``namespace``; at least one."""
     if group is not None:
-        members = [o for o in cluster.list(namespace) if group_of(o) == group]
+        members = [o for o in cluster.objects(namespace) if group_of(o) == group]
         if not members:
             raise PluginError(f"no BlockCopy of group {group!r} in namespace {namespace!r}",
                               NOT_FOUND)
         return members
-    return [cluster.get(namespace, name) for name in dict.fromkeys(names)]
+    return [cluster.get(namespace, name) for name in dict[str, Any].fromkeys(names)]

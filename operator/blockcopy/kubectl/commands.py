@@ -8,6 +8,7 @@ import posixpath
 import shlex
 import sys
 import time
+from typing import Any
 
 import yaml
 
@@ -62,7 +63,7 @@ def cmd_move(args: argparse.Namespace, cluster: Cluster, namespace: str) -> int:
             parse_bandwidth(args.bandwidth)
         except SpecError as exc:
             raise PluginError(f"--bandwidth: {exc}", USAGE) from None
-    wanted = list(dict.fromkeys(t for item in args.disk or [] for t in item.split(",") if t))
+    wanted = list(dict[str, Any].fromkeys(t for item in args.disk or [] for t in item.split(",") if t))
     bad = [t for t in wanted if "/" in t]
     if bad:
         raise PluginError(f"--disk takes disk targets such as vda, not paths: {bad[0]}", USAGE)
@@ -123,7 +124,7 @@ def cmd_move(args: argparse.Namespace, cluster: Cluster, namespace: str) -> int:
 
 def cmd_list(args: argparse.Namespace, cluster: Cluster, namespace: str) -> int:
     every = args.all_namespaces
-    objects = cluster.list(None if every else namespace)
+    objects = cluster.objects(None if every else namespace)
     if args.group is not None:
         objects = [o for o in objects if group_of(o) == args.group]
     return show(args, objects, namespaces=every, message=False,
@@ -136,7 +137,7 @@ def cmd_status(args: argparse.Namespace, cluster: Cluster, namespace: str) -> in
     return show(args, objects, namespaces=False, message=True, empty="")
 
 
-def show(args: argparse.Namespace, objects: list[dict], *, namespaces: bool, message: bool,
+def show(args: argparse.Namespace, objects: list[dict[str, Any]], *, namespaces: bool, message: bool,
          empty: str) -> int:
     if args.output == "json":
         out(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))

@@ -76,7 +76,7 @@ def plan_dests(domain: str, disks: Sequence[Disk], to_dir: str) -> dict[str, str
 
 def manifests(*, domain: str, disks: Sequence[Disk], to_dir: str, group: str,
               node: str | None, pivot: bool, bandwidth: str | None,
-              namespace: str, prefix: str | None = None) -> list[dict]:
+              namespace: str, prefix: str | None = None) -> list[dict[str, Any]]:
     """One BlockCopy per disk, all in ``group``, named <prefix>-<target> (default prefix:
     the domain)."""
     dests = plan_dests(domain, disks, to_dir)

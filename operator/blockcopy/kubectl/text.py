@@ -48,16 +48,16 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
-def group_of(obj: Mapping) -> str:
+def group_of(obj: Mapping[str, Any]) -> str:
     return ((obj.get("spec") or {}).get("group")
             or ((obj.get("metadata") or {}).get("labels") or {}).get(GROUP_LABEL) or "")
 
 
-def phase_of(obj: Mapping) -> str:
+def phase_of(obj: Mapping[str, Any]) -> str:
     return (obj.get("status") or {}).get("phase") or ""
 
 
-def condition_true(obj: Mapping, ctype: str) -> bool:
+def condition_true(obj: Mapping[str, Any], ctype: str) -> bool:
     return any(c.get("type") == ctype and c.get("status") == "True"
                for c in (obj.get("status") or {}).get("conditions") or [])
 
@@ -72,7 +72,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def rows(objects: Sequence[Mapping], *, namespaces: bool, message: bool
+def rows(objects: Sequence[Mapping[str, Any]], *, namespaces: bool, message: bool
          ) -> tuple[list[str], list[list[Any]]]:
     headers = ["NAME", "DOMAIN", "DISK", "PHASE", "PROGRESS", "RATE", "ETA", "NODE", "GROUP"]
     if namespaces:
@@ -103,13 +103,13 @@ def canonical_phase(text: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown phase {text!r}; phases: {', '.join(PHASES)}")
 
 
-def reached(obj: Mapping, want: str) -> bool:
+def reached(obj: Mapping[str, Any], want: str) -> bool:
     """Whether ``obj`` is in phase ``want``; Mirrored also counts once passed (the Mirrored
     condition stays True after a pivot or an abort of a ready mirror)."""
     return phase_of(obj) == want or (want == "Mirrored" and condition_true(obj, "Mirrored"))
 
 
-def cannot_reach(obj: Mapping, want: str) -> str | None:
+def cannot_reach(obj: Mapping[str, Any], want: str) -> str | None:
     """Why ``obj`` can never reach ``want`` (it ended in another terminal phase), or None."""
     phase = phase_of(obj)
     if phase in TERMINAL and phase != want and not reached(obj, want):

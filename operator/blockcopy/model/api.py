@@ -214,6 +214,7 @@ def parse_bandwidth(value: Any) -> int:
         return 0
     if isinstance(value, bool):
         raise SpecError(f"bandwidth must be a quantity such as 100Mi, not {value!r}")
+    number: int | float
     if isinstance(value, int):
         number, multiplier = value, 1
     elif isinstance(value, str):

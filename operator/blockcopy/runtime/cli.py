@@ -15,6 +15,7 @@ from blockcopy import __version__
 from blockcopy.agent.agent import AgentConfig
 from blockcopy.core.pace import DEFAULT_BUDGET
 from blockcopy.core.policy import Policy, PolicyError
+from blockcopy.model.api import DEFAULT_ALLOWED_PATHS
 from blockcopy.core.policy import parse as parse_policy
 
 if TYPE_CHECKING:
@@ -83,8 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def allowed_paths(from_args: list[str] | None) -> tuple[str, ...]:
-    from blockcopy.adapters.files import DEFAULT_ALLOWED_PATHS
-
     if from_args:
         return tuple(from_args)
     from_env = [p for p in os.environ.get("BLOCKCOPY_ALLOWED_PATHS", "").split(":") if p]

@@ -10,12 +10,13 @@ import kopf
 
 from blockcopy.model.api import GROUP, PLURAL, VERSION
 from blockcopy.model.ports import HypervisorError, HypervisorUnavailable
+from blockcopy.runtime.lifecycle import Logger
 from blockcopy.runtime import lifecycle
 
 
 @kopf.on.startup()
-async def start_agent(memo: kopf.Memo, settings: kopf.OperatorSettings,
-                      logger: logging.Logger, **_: Any) -> None:
+async def start_agent(memo: kopf.Memo, settings: kopf.OperatorSettings, logger: Logger,
+                      **_: Any) -> None:
     await lifecycle.start(memo, settings, logger)
 
 
@@ -43,7 +44,7 @@ async def count_events(**_: Any) -> None:  # never called: its filter is the poi
 
 
 @kopf.on.field(GROUP, VERSION, PLURAL, field="spec", when=_owned)
-async def spec_changed(memo: kopf.Memo, namespace: str, name: str, meta: kopf.Meta,
+async def spec_changed(memo: kopf.Memo, namespace: str | None, name: str, meta: kopf.Meta,
                        **_: Any) -> None:
     """Wake the follow loop for pivot, abort, bandwidth... (status writes do not)."""
     memo.agent.spec_changed(namespace, name, meta.get("generation"))
@@ -56,7 +57,7 @@ async def follow(memo: kopf.Memo, body: kopf.Body, stopped: kopf.DaemonStopped,
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_owned)
-async def cancel_on_delete(memo: kopf.Memo, body: kopf.Body, logger: logging.Logger,
+async def cancel_on_delete(memo: kopf.Memo, body: kopf.Body, logger: Logger,
                            **_: Any) -> None:
     try:
         logger.info(await memo.agent.cancel_for_deletion(body))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import kopf
 
@@ -25,6 +26,7 @@ from blockcopy.model.api import FINALIZER, GROUP, PLURAL
 from blockcopy.model.ports import Hypervisor, HypervisorError
 
 HypervisorFactory = Callable[[str], Hypervisor]  # libvirt URI -> client
+Logger = logging.Logger | logging.LoggerAdapter[Any]  # what kopf passes to handlers
 
 
 def memo_for(config: AgentConfig, *,
@@ -49,8 +51,7 @@ def configure_kopf(settings: kopf.OperatorSettings, *, selector: str) -> None:
     settings.watching.label_selectors[GROUP, PLURAL] = selector
 
 
-async def start(memo: kopf.Memo, settings: kopf.OperatorSettings,
-                logger: logging.Logger) -> None:
+async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, logger: Logger) -> None:
     config: AgentConfig = memo.config
     load_config()
     hypervisor.use_asyncio_loop(asyncio.get_running_loop())
