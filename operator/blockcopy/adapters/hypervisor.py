@@ -95,8 +95,8 @@ class LibvirtHypervisor:
     def add_listener(self, listener: JobListener) -> None:
         self._listeners.append(listener)
 
-    def _on_block_job(self, conn: libvirt.virConnect, dom: libvirt.virDomain,  # noqa: ARG002
-                      disk: str, job_type: int, status: int, opaque: object) -> None:
+    def _on_block_job(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, disk: str,
+                      _job_type: int, status: int, _opaque: object) -> None:
         event = _EVENT_STATUS.get(status)
         if event is None:
             return

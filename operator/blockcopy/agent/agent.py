@@ -14,8 +14,8 @@ from typing import Any
 
 from blockcopy.agent.claimer import Claimer
 from blockcopy.agent.follower import Follower, FollowSettings
-from blockcopy.agent.loop import StopSignal
 from blockcopy.agent.groups import Groups, key_of
+from blockcopy.agent.loop import StopSignal
 from blockcopy.agent.recorder import Clock, Recorder, phase_of, utc_now
 from blockcopy.agent.starter import StartSettings
 from blockcopy.core import reconcile

@@ -112,4 +112,4 @@ def select(cluster: Cluster, namespace: str, names: Sequence[str], group: str | 
             raise PluginError(f"no BlockCopy of group {group!r} in namespace {namespace!r}",
                               NOT_FOUND)
         return members
-    return [cluster.get(namespace, name) for name in dict[str, Any].fromkeys(names)]
+    return [cluster.get(namespace, name) for name in dict.fromkeys(names)]

@@ -63,7 +63,7 @@ def cmd_move(args: argparse.Namespace, cluster: Cluster, namespace: str) -> int:
             parse_bandwidth(args.bandwidth)
         except SpecError as exc:
             raise PluginError(f"--bandwidth: {exc}", USAGE) from None
-    wanted = list(dict[str, Any].fromkeys(t for item in args.disk or [] for t in item.split(",") if t))
+    wanted = list(dict.fromkeys(t for item in args.disk or [] for t in item.split(",") if t))
     bad = [t for t in wanted if "/" in t]
     if bad:
         raise PluginError(f"--disk takes disk targets such as vda, not paths: {bad[0]}", USAGE)
@@ -137,8 +137,8 @@ def cmd_status(args: argparse.Namespace, cluster: Cluster, namespace: str) -> in
     return show(args, objects, namespaces=False, message=True, empty="")
 
 
-def show(args: argparse.Namespace, objects: list[dict[str, Any]], *, namespaces: bool, message: bool,
-         empty: str) -> int:
+def show(args: argparse.Namespace, objects: list[dict[str, Any]], *, namespaces: bool,
+         message: bool, empty: str) -> int:
     if args.output == "json":
         out(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))
     elif args.output == "yaml":

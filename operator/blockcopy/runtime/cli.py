@@ -15,8 +15,8 @@ from blockcopy import __version__
 from blockcopy.agent.agent import AgentConfig
 from blockcopy.core.pace import DEFAULT_BUDGET
 from blockcopy.core.policy import Policy, PolicyError
-from blockcopy.model.api import DEFAULT_ALLOWED_PATHS
 from blockcopy.core.policy import parse as parse_policy
+from blockcopy.model.api import DEFAULT_ALLOWED_PATHS
 
 if TYPE_CHECKING:
     from blockcopy.runtime.lifecycle import HypervisorFactory

@@ -3,15 +3,14 @@ into ``lifecycle`` or the ``Agent`` held in kopf's memo; nothing else lives here
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import kopf
 
 from blockcopy.model.api import GROUP, PLURAL, VERSION
 from blockcopy.model.ports import HypervisorError, HypervisorUnavailable
-from blockcopy.runtime.lifecycle import Logger
 from blockcopy.runtime import lifecycle
+from blockcopy.runtime.lifecycle import Logger
 
 
 @kopf.on.startup()
