@@ -290,3 +290,17 @@ async def test_a_destination_in_the_source_chain_is_refused_before_libvirt(s, tm
         "DestInSourceChain"]
     assert "start_copy" not in s.hv.verbs()
     assert base.read_bytes() == b"QFI\xfb"
+
+
+async def test_an_object_deleted_under_a_pivot_intent_is_let_go_without_the_pivot(s):
+    """The intent (Pivoting) must be stored before the pivot; an object deleted meanwhile
+    (the API server answers 404) ends the loop there: no pivot, no crash of the daemon."""
+    body = s.create(pivot=True)
+    task = s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    del s.kube.objects[("ns", "bc")]  # deleted, finalizer and all (the API says 404)
+    s.hv.make_ready("vm")
+    await asyncio.wait_for(task, 30)
+    assert task.exception() is None
+    assert "pivot" not in s.hv.verbs() and s.hv.disk("vm").source != s.dest
+    await s.finish()
