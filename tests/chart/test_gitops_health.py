@@ -30,18 +30,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
 
-from blockcopy import status as agent_status
-from blockcopy.api import GROUP, KIND, VERSION, Phase, parse_spec
-from blockcopy.claimer import Claimer
-from blockcopy.observation import DiskState, JobProgress, Mirror, MirrorReady
-from blockcopy.reconcile import Action, Decision, refused
-from blockcopy.recorder import Recorder
+from blockcopy.agent.claimer import Claimer
+from blockcopy.agent.recorder import Recorder
+from blockcopy.core import status as agent_status
+from blockcopy.core.reconcile import Action, Decision, refused
+from blockcopy.model.api import GROUP, KIND, VERSION, Phase, parse_spec
+from blockcopy.model.observation import DiskState, JobProgress, Mirror, MirrorReady
 from support.fakes import FakeHypervisor, FakeKube
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -102,17 +101,14 @@ class Step:
 
 
 def written(steps: Sequence[Step]) -> dict[str, Any]:
-    """The status after these writes, each built as the agent's recorder builds it. The
-    status depends on the spec (a pending pivot is not Ready): when build_status takes the
-    spec (``spec=``, parsed as the agent acts on it) it gets it."""
-    takes_spec = "spec" in inspect.signature(agent_status.build_status).parameters
+    """The status after these writes, each built as the agent's recorder builds it (with
+    the spec as the agent acts on it: a pending pivot is not Ready)."""
     current: dict[str, Any] = {}
     for n, step in enumerate(steps):
-        kw = {"spec": parse_spec(dict(step.spec))} if takes_spec else {}
         current = agent_status.build_status(
             step.decision, previous=current, disk=step.disk, node_name=NODE,
             generation=step.generation, now=T0 + dt.timedelta(seconds=10 * n),
-            extra_conditions=step.extra, **kw)
+            extra_conditions=step.extra, spec=parse_spec(dict(step.spec)))
     return current
 
 
@@ -130,7 +126,7 @@ def claimer_pending(spec: Mapping[str, Any]) -> dict[str, Any]:
     return asyncio.run(run())
 
 
-# The follow loop's decisions, as blockcopy.reconcile, .follower and .starting make them.
+# The follow loop's decisions, as blockcopy.core.reconcile, .follower and .starting make them.
 STARTED = Decision(Phase.COPYING, Action.START_COPY, reason="Started",
                    message=f"copying /var/lib/libvirt/images/vm.qcow2 to {DEST} as qcow2")
 COPYING = Decision(Phase.COPYING, message="copying")

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from blockcopy.agent.recorder import Recorder, phase_of
+from blockcopy.core import status
 from blockcopy.core.backoff import API_WATCH, Backoff
 from blockcopy.model.api import FINALIZER, TERMINAL_PHASES, Phase
 from blockcopy.model.ports import Hypervisor, HypervisorError, Kube, ObjectRef
@@ -99,8 +100,13 @@ class Claimer:
             log.info("%s/%s: another agent claimed it first", namespace, name)
             return Verdict.LOST_RACE
         if not (body.get("status") or {}).get("phase"):
+            generation = meta.get("generation")
             pending = {"phase": Phase.PENDING.value, "message": waiting, "progress": "0%",
-                       "observedGeneration": meta.get("generation")}
+                       "observedGeneration": generation,
+                       "conditions": status.conditions(
+                           Phase.PENDING, reason=Phase.PENDING.value, message=waiting,
+                           was_mirrored=False, generation=generation,
+                           now=self.recorder.clock(), previous=None)}
             if await self.kube.patch_status(namespace, name, pending, resource_version=version):
                 self.recorder.post_event(ObjectRef.of(body), type="Normal",
                                          reason=Phase.PENDING.value,

@@ -59,6 +59,7 @@ class Outcome:
     refused: bool = False  # libvirt refused the action: back off, stay in the phase
     intent: bool = False  # wait until it is stored (a plan precedes its files)
     estimate: Estimate | None = None  # the progress estimate, for the metrics
+    spec: BlockCopySpec | None = None  # as acted on (Ready depends on what it asks)
 
 
 class Follower:
@@ -157,6 +158,7 @@ class Follower:
         else:
             outcome = await self._start_job(reading.spec, reading.raw, current,
                                             reading.conditions)
+        outcome.spec = reading.spec
         return await self._record(outcome)
 
     # -- before the job -------------------------------------------------------------------
@@ -244,7 +246,7 @@ class Follower:
             # restarted agent to finish the same thing (the mirror is re-checked).
             # Not again on retries: a refused pivot stays Mirrored, without flapping.
             await self.recorder.record(decision, disk=disk, generation=self.generation,
-                                       extra=outcome.conditions, intent=True)
+                                       extra=outcome.conditions, intent=True, spec=spec)
         try:
             await self._act(spec, disk, decision)
         except HypervisorUnavailable:
@@ -314,7 +316,8 @@ class Follower:
         decision = outcome.decision
         phase_changed = await self.recorder.record(
             decision, disk=outcome.disk, generation=self.generation, started=outcome.started,
-            extra=outcome.conditions, intent=outcome.intent, fields=outcome.fields)
+            extra=outcome.conditions, intent=outcome.intent, fields=outcome.fields,
+            spec=outcome.spec)
         self.recorder.progress(decision.phase, outcome.estimate, outcome.conditions)
         if outcome.started and decision.phase == Phase.COPYING:
             self._take_up_layers()
