@@ -53,16 +53,23 @@ class Claimer:
 
     async def _watch(self, namespace: str | None) -> None:
         backoff = Backoff(API_WATCH)
+        where = f"namespace {namespace}" if namespace else "every namespace"
         while True:
             try:
+                seen = 0
                 async for body in self.kube.unclaimed(namespace,
                                                       timeout=int(self.claim_interval)):
                     backoff.succeeded()
+                    seen += 1
                     try:
                         await self.consider(body)
                     except Exception:
                         log.exception("claiming %s failed",
                                       body.get("metadata", {}).get("name"))
+                # One line per pass: whoever waits for the claimer to have looked (a test,
+                # an operator reading logs) has a positive sign that it did.
+                log.info("claimer pass over %s done: %d unclaimed object(s) considered",
+                         where, seen)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # API outage: retry with back-off

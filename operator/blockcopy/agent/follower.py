@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -62,6 +63,9 @@ class Outcome:
     spec: BlockCopySpec | None = None  # as acted on (Ready depends on what it asks)
 
 
+log = logging.getLogger(__name__)
+
+
 class Follower:
     """Drives one BlockCopy until it reaches a terminal phase or the agent stops.
 
@@ -93,6 +97,7 @@ class Follower:
         self.spec_changed = False
         self._chain: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # last seen, formats
         self._group_recheck: float | None = None  # s until a waiting group may pivot
+        self._looked = False  # the first step was recorded (logged once, for whoever waits)
 
     # -- what the group and the agent see of this follower -------------------------------
     @property
@@ -314,6 +319,10 @@ class Follower:
     # -- recording ------------------------------------------------------------------------
     async def _record(self, outcome: Outcome) -> Step:
         decision = outcome.decision
+        if not self._looked:
+            self._looked = True
+            log.info("%s/%s: first look done: %s (%s)", *self.recorder.key,
+                     decision.phase.value, decision.reason or decision.message)
         phase_changed = await self.recorder.record(
             decision, disk=outcome.disk, generation=self.generation, started=outcome.started,
             extra=outcome.conditions, intent=outcome.intent, fields=outcome.fields,
