@@ -11,13 +11,16 @@ import asyncio
 import copy
 import dataclasses
 import itertools
+import os
 import uuid as uuidlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from blockcopy.model.api import Flag
 from blockcopy.model.observation import (
     DiskInfo,
     DiskState,
+    ImageUser,
     JobEvent,
     JobProgress,
     Mirror,
@@ -185,6 +188,12 @@ class FakeHypervisor:
             raise HypervisorError(f"block copy still active: disk '{request.target}' already "
                                   "in active block job")
         disk.job = FakeJob(dest=request.dest, request=request, bandwidth=request.bandwidth)
+        # libvirt creates a new destination file (QEMU writes it from then on).
+        if request.network is None and not request.block_device and \
+                Flag.REUSE_EXTERNAL not in request.flags and \
+                os.path.isdir(os.path.dirname(request.dest)):
+            with open(request.dest, "ab"):
+                pass
 
     async def pivot(self, domain: str, target: str) -> None:
         await self._enter("pivot", domain, target)
@@ -203,6 +212,18 @@ class FakeHypervisor:
             raise HypervisorError(f"No active block job '{target}'")
         disk.job = None
         self.emit(domain, target, JobEvent.CANCELED)
+
+    async def image_users(self) -> list[ImageUser]:
+        await self._enter("image_users")
+        users = []
+        for dom in self.domains.values():
+            for disk in dom.disks.values():
+                common: dict[str, Any] = {"domain": dom.name, "uuid": dom.uuid,
+                                          "target": disk.target, "running": dom.running}
+                users.append(ImageUser(path=disk.source, chain_known=dom.running, **common))
+                if dom.running:
+                    users.extend(ImageUser(path=p, backing=True, **common) for p in disk.chain)
+        return users
 
     async def set_bandwidth(self, domain: str, target: str, bandwidth: int) -> None:
         await self._enter("set_bandwidth", domain, target, bandwidth)
@@ -256,6 +277,7 @@ class FakeImages:
         self.export_sizes: dict[str, int] = {}  # NBD URI -> size
         self.fail: dict[str, str] = {}  # verb -> message of the ImageError it raises
         self.differ: set[str] = set()  # images that do not compare identical to their copy
+        self.chains: dict[str, list[str]] = {}  # path -> its backing images (stopped domains)
 
     def _enter(self, verb: str, *args: Any) -> None:
         self.calls.append((verb, args))
@@ -287,6 +309,10 @@ class FakeImages:
     async def identical(self, a: str, b: str, *, format: str) -> str | None:
         self._enter("identical", a, b, format)
         return "Content mismatch at offset 0!" if a in self.differ else None
+
+    async def backing_chain(self, path: str) -> list[str]:
+        self._enter("backing_chain", path)
+        return list(self.chains.get(path, []))
 
     async def export_size(self, uri: str) -> int:
         self._enter("export_size", uri)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 
 import pytest
 
@@ -43,7 +44,8 @@ async def test_copy_mirror_pivot_on_request(s, looptime):
     body = s.create()
     s.follow(body)
     await s.until(lambda: s.phase() == "Copying")
-    assert s.hv.verbs()[:4] == ["observe", "capabilities", "disk_size", "start_copy"]
+    assert s.hv.verbs()[:5] == ["observe", "capabilities", "image_users", "disk_size",
+                                "start_copy"]
     s.hv.progress("vm", cur=10, end=100)
     await s.until(lambda: s.kube.status_of("bc").get("cur") == 10)
 
@@ -324,3 +326,61 @@ async def test_a_finished_object_edited_later_acknowledges_the_new_generation(s)
     writes = len(s.kube.status_writes)
     await s.agent.acknowledge(s.kube.objects[("ns", "bc")])  # once is enough
     assert len(s.kube.status_writes) == writes
+
+
+async def test_a_vanished_destination_holds_the_pivot_on_the_source(s, tmp_path):
+    """The destination file deleted (or replaced) while Mirrored: no pivot onto a file
+    without a name; Mirrored with DestinationIntact False and one Warning; abort still ends
+    it on the source."""
+    body = s.create()
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    recorded = s.kube.status_of("bc")["destIdentity"]
+    assert recorded["kind"] == "file" and recorded["inode"] > 0
+    s.hv.make_ready("vm")
+    await s.until(lambda: s.phase() == "Mirrored")
+    os.unlink(s.dest)
+    s.edit(body, pivot=True)
+    await s.until(lambda: any(c["type"] == "DestinationIntact" and c["status"] == "False"
+                              for c in s.kube.status_of("bc").get("conditions") or []))
+    await asyncio.sleep(30)  # looked at again meanwhile: still held, no second Warning
+    assert s.phase() == "Mirrored" and "pivot" not in s.hv.verbs()
+    assert s.hv.verbs().count("image_users") == 1  # only the start: a missing file is nobody's
+    status = s.kube.status_of("bc")
+    assert [c["reason"] for c in status["conditions"] if c["type"] == "DestinationIntact"] == [
+        "DestVanished"]
+    assert [e.reason for e in s.kube.events].count("DestVanished") == 1
+    # Another file of the same name is not the copy either.
+    with open(s.dest, "wb"):
+        pass
+    s.edit(body, bandwidth="1Mi")
+    await s.until(lambda: [c["reason"] for c in s.kube.status_of("bc")["conditions"]
+                           if c["type"] == "DestinationIntact"] == ["DestReplaced"])
+    assert "pivot" not in s.hv.verbs()
+    s.edit(body, abort=True)
+    await s.until(lambda: s.phase() == "Aborted")
+    assert s.hv.disk("vm").source != s.dest
+    await s.finish()
+
+
+async def test_a_destination_another_domain_uses_is_refused_before_anything_starts(s, tmp_path):
+    """reuseExternal onto the image of another, stopped domain: refused (DestInUse), the
+    other image untouched, no job."""
+    other = tmp_path / "other.qcow2"
+    other.write_bytes(b"QFI\\xfb" + b"\\0" * 508)
+    s.hv.add_domain("other-vm", disks={"vda": str(other)}, running=False, persistent=True)
+    body = s.create(dest=str(other), flags=["reuseExternal"], pivot=True)
+    await s.agent.follow(body, s.stop)
+    status = s.kube.status_of("bc")
+    assert status["phase"] == "Failed"
+    assert [c["reason"] for c in status["conditions"] if c["type"] == "Failed"] == ["DestInUse"]
+    assert "'other-vm' (not running)" in status["message"]
+    assert "start_copy" not in s.hv.verbs()
+    # Also as a backing file of a stopped domain's image (read from the image header).
+    base = tmp_path / "shared-base.qcow2"
+    base.write_bytes(b"QFI\\xfb")
+    s.images.chains[str(other)] = [str(base)]
+    body = s.create("bc2", dest=str(base), flags=["reuseExternal"])
+    await s.agent.follow(body, s.stop)
+    assert "a backing image of disk vda of domain 'other-vm'" in s.kube.status_of("bc2")["message"]
+    assert "start_copy" not in s.hv.verbs()

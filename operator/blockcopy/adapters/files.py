@@ -5,12 +5,15 @@ would (symlinks, ``..``) before they are compared."""
 
 from __future__ import annotations
 
+import array
+import fcntl
 import os
 import stat
 from collections.abc import Iterable, Sequence
 
 from blockcopy.core.paths import within
 from blockcopy.model.api import BlockCopySpec, Flag
+from blockcopy.model.observation import FileIdentity
 from blockcopy.model.ports import CONTAINER_DEVICE_HINT, Refusal
 
 
@@ -150,6 +153,25 @@ def network_refusal(endpoint: str, allowed: Iterable[str]) -> tuple[str, str] | 
             f"(allowed: {shown}; see the agent's --allowed-network-dest)")
 
 
+FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long): the inode's generation
+
+
+def _generation(path: str) -> int | None:
+    """The inode generation of a file (ext4, xfs, btrfs...), None where there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        buf = array.array("l", [0])
+        fcntl.ioctl(fd, FS_IOC_GETVERSION, buf, True)
+        return int(buf[0])
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 class LocalFiles:
     """``model.ports.Files`` on this node's file system."""
 
@@ -181,3 +203,14 @@ class LocalFiles:
 
     def probe_format(self, path: str) -> str:
         return probe_format(path)
+
+    def identity(self, path: str) -> FileIdentity | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISBLK(st.st_mode):
+            return FileIdentity("block", st.st_dev, st.st_ino, st.st_rdev)
+        if not stat.S_ISREG(st.st_mode):
+            return FileIdentity("other", st.st_dev, st.st_ino)
+        return FileIdentity("file", st.st_dev, st.st_ino, generation=_generation(path))

@@ -24,9 +24,9 @@ import libvirt
 import libvirt_qemu
 import libvirtaio
 
-from blockcopy.core.domainxml import dest_disk_xml, parse_disk, tenant_of
+from blockcopy.core.domainxml import dest_disk_xml, parse_disk, parse_disks, tenant_of
 from blockcopy.model.api import Flag
-from blockcopy.model.observation import DiskState, JobEvent, JobProgress
+from blockcopy.model.observation import DiskState, ImageUser, JobEvent, JobProgress
 from blockcopy.model.ports import (
     Capabilities,
     CopyRequest,
@@ -337,6 +337,48 @@ class LibvirtHypervisor:
             elif how == "suspended" and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
                 dom.resume()
         await self._in_thread(undo)
+
+    def _image_users(self) -> list[ImageUser]:
+        conn = self._connection()
+        users: list[ImageUser] = []
+        for dom in conn.listAllDomains(0):
+            try:
+                running, persistent = bool(dom.isActive()), bool(dom.isPersistent())
+                definitions = [("live" if running else "persistent", dom.XMLDesc(0))]
+                if running and persistent:
+                    definitions.append(("persistent",
+                                        dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+                name, uuid = dom.name(), dom.UUIDString()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    continue  # gone while we looked
+                raise
+            for definition, xml in definitions:
+                tenant = tenant_of(xml)
+                for disk in parse_disks(xml):
+                    source = disk.source or self._volume_path(conn, disk.volume)
+                    common = {"domain": name, "uuid": uuid, "target": disk.target,
+                              "running": running, "definition": definition, "tenant": tenant}
+                    if source:
+                        # An inactive definition shows no backing chain: libvirt finds it at
+                        # start; the caller reads it from the image.
+                        users.append(ImageUser(path=source, chain_known=definition == "live",
+                                               **common))
+                    users.extend(ImageUser(path=p, backing=True, **common) for p in disk.chain)
+        return users
+
+    @staticmethod
+    def _volume_path(conn: libvirt.virConnect, volume: tuple[str, str] | None) -> str | None:
+        if volume is None:
+            return None
+        try:
+            return str(conn.storagePoolLookupByName(volume[0])
+                       .storageVolLookupByName(volume[1]).path())
+        except libvirt.libvirtError:
+            return None  # a pool or volume that is not there opens nothing
+
+    async def image_users(self) -> list[ImageUser]:
+        return await self._in_thread(self._image_users)
 
     async def set_bandwidth(self, domain: str, target: str, bandwidth: int) -> None:
         await self._in_thread(lambda: self._domain(domain).blockJobSetSpeed(

@@ -76,6 +76,11 @@ class QemuImg:
             return text or "the images differ"
         raise ImageError(f"qemu-img compare failed: {text}")
 
+    async def backing_chain(self, path: str) -> list[str]:
+        # -U: the image may be open by a running QEMU; only its header chain is read.
+        data = json.loads(await _run("info", "-U", "--backing-chain", "--output=json", path))
+        return [os.path.realpath(layer["filename"]) for layer in data[1:]]
+
     async def export_size(self, uri: str) -> int:
         data = json.loads(await _run("info", "--output=json", "-f", "raw", uri,
                                      timeout=NBD_PROBE_TIMEOUT))

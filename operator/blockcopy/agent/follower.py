@@ -21,7 +21,7 @@ from blockcopy.agent.loop import FollowLoop, Step, StopSignal
 from blockcopy.agent.recorder import ObjectRecorder
 from blockcopy.agent.retries import Retries
 from blockcopy.agent.starter import Starter, StartSettings
-from blockcopy.core import convergence, gates, reconcile, status
+from blockcopy.core import convergence, destinations, gates, reconcile, status
 from blockcopy.core.progress import Estimate, ProgressWindow
 from blockcopy.core.reconcile import Action, Decision
 from blockcopy.core.slots import CopySlots
@@ -46,6 +46,7 @@ class Observation:
     layers: LayersView = dataclasses.field(default_factory=LayersView)
     group: GroupView | None = None
     estimate: Estimate | None = None
+    dest: destinations.DestCheck | None = None  # looked at before a pivot (and first look)
 
 
 @dataclasses.dataclass
@@ -169,8 +170,11 @@ class Follower:
     # -- before the job -------------------------------------------------------------------
     async def _start_job(self, spec: BlockCopySpec, raw: Mapping[str, Any],
                          current: Phase | None, conditions: list[dict[str, Any]]) -> Outcome:
+        # Before libvirt is asked anything (nothing created, and no domain's existence told to
+        # a namespace the policy keeps away). An existing dest waits for the look below: it
+        # may be the file of a job of ours that a restarted agent adopts.
         refusal = self.starter.refusal(spec, current)
-        if refusal is not None:  # before libvirt is called: nothing is created
+        if refusal is not None and refusal.reason != "DestExists":
             return Outcome(refusal, None, conditions)
         async with self.lock:
             if current == Phase.PREPARING:
@@ -189,6 +193,8 @@ class Follower:
                 decision = gates.decide_start(
                     spec, current, disk, holder=self.job_holder(self), limit=self.slots.limit,
                     place=self.slots.place(self.recorder.key, created=created))
+                if refusal is not None and decision.action == Action.START_COPY:
+                    return Outcome(refusal, disk, conditions)
                 return await self._act_start(spec, raw, current, disk, decision, conditions,
                                              created)
 
@@ -215,6 +221,12 @@ class Follower:
             spec, current, seen.disk, was_mirrored=bool(self.recorder.status.get("mirroredTime")),
             last_event=self.last_event, layers_view=seen.layers, group_view=seen.group,
             asking=self.name, created_files=list(self.recorder.status.get("createdFiles") or []))
+        decision, intact = destinations.guard(decision, spec.dest, seen.dest,
+                                              previous=self.recorder.status.get("conditions"))
+        if intact and intact[0]["status"] == "False" and not destinations.was_held(
+                self.recorder.status.get("conditions"), intact[0]["reason"]):
+            self.recorder.event("Warning", intact[0]["reason"], intact[0]["message"])
+        conditions = [*conditions, *intact]
         previous = self.recorder.status.get("conditions")
         progress = convergence.progress(decision.phase, has_job=seen.disk.job is not None,
                                         estimate=seen.estimate, previous=previous)
@@ -293,15 +305,17 @@ class Follower:
         disk = await self._observe_disk(spec)
         if isinstance(self.layers, NoLayerCopies):
             self._take_up_layers()
-        group = await self.groups.view(key_of(self.body),
-                                       listing=gates.pivot_due(spec, current, disk))
+        pivot_due = gates.pivot_due(spec, current, disk)
+        group = await self.groups.view(key_of(self.body), listing=pivot_due)
+        dest = await self.starter.dest_check(spec, disk, self.recorder.status.get(
+            "destIdentity")) if pivot_due or not self._looked else None
         estimate = None
         if current == Phase.COPYING and disk.job is not None:
             self.window.add(asyncio.get_running_loop().time(), disk.job.cur, disk.job.end)
             estimate = self.window.estimate()
         else:
             self.window.clear()
-        return Observation(disk, self.layers.view, group, estimate)
+        return Observation(disk, self.layers.view, group, estimate, dest)
 
     def _take_up_layers(self) -> None:
         """A chain move recorded in status: its layer copies (started by the act step)."""

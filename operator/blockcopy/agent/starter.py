@@ -16,13 +16,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from blockcopy.agent import layers
-from blockcopy.core import plans, starting
+from blockcopy.agent.inuse import ImageUsers
+from blockcopy.core import destinations, plans, starting
 from blockcopy.core.plans import Plan, PlanKind, Refusal
 from blockcopy.core.policy import Policy
 from blockcopy.core.reconcile import Decision
 from blockcopy.core.starting import failed
 from blockcopy.model.api import BlockCopySpec, Flag, Phase
-from blockcopy.model.observation import DiskState
+from blockcopy.model.observation import DiskState, FileIdentity
 from blockcopy.model.ports import (
     CONTAINER_DEVICE_HINT,
     CopyRequest,
@@ -58,6 +59,7 @@ class Starter:
         """``status``: the object's status as last recorded; ``now``: a timestamp."""
         self.hv, self.images, self.files, self.settings = hv, images, files, settings
         self.namespace, self._status, self._now = namespace, status, now
+        self.in_use = ImageUsers(hv=hv, images=images, files=files)
 
     # -- before libvirt is called at all ----------------------------------------------
     def refusal(self, spec: BlockCopySpec, current: Phase | None) -> Decision | None:
@@ -87,7 +89,8 @@ class Starter:
         """Copying (or Preparing, or Failed with the reason) and the fields it records.
         ``decision`` is the phase logic's START_COPY."""
         refused = self._refuse_by_policy(spec, disk) or self._refuse_own_chain(spec, disk) or \
-            starting.unsupported(spec, await self.hv.capabilities())
+            starting.unsupported(spec, await self.hv.capabilities()) or \
+            await self._refuse_in_use(spec, disk, [spec.dest])
         if refused is not None:
             return Started(refused)
         assert disk.target is not None
@@ -102,6 +105,7 @@ class Starter:
                 if isinstance(made, Refusal):
                     return Started(failed(made.reason, made.message))
                 refused = self._refuse_targets(made, disk) or \
+                    await self._refuse_in_use(spec, disk, list(made.targets[1:])) or \
                     await self._space(spec, disk, size, made)
                 if refused is not None:
                     return Started(refused)
@@ -142,6 +146,21 @@ class Starter:
             namespace=self.namespace, domain=spec.domain, tenant=disk.domain_tenant,
             dest=spec.dest, resolved=self._resolved(spec))
         return starting.forbidden(forbidden) if forbidden is not None else None
+
+    async def _refuse_in_use(self, spec: BlockCopySpec, disk: DiskState, paths: list[str]
+                             ) -> Decision | None:
+        """A destination (or a file the agent would make) that another disk uses."""
+        if spec.network is not None or not paths:
+            return None
+        holders = await self.in_use.holders(paths, exclude=(disk.domain_uuid, disk.target))
+        for path in paths:
+            user = holders.get(path)
+            if user is not None:
+                visible = self.settings.policy.may_see(namespace=self.namespace,
+                                                       domain=user.domain, tenant=user.tenant)
+                what = "dest" if path == spec.dest else "the chain move's target"
+                return destinations.in_use(path, user, visible=visible, what=what)
+        return None
 
     def _refuse_own_chain(self, spec: BlockCopySpec, disk: DiskState) -> Decision | None:
         if spec.network is not None:
@@ -211,4 +230,32 @@ class Starter:
         return Started(*starting.started(
             spec, disk, raw_spec=raw_spec, decision=decision, plan=plan, fmt=fmt, flags=flags,
             target=target, block_device=block_device,
-            created_before=list(self._status().get("createdFiles") or []), now=self._now()))
+            created_before=list(self._status().get("createdFiles") or []), now=self._now(),
+            identity=await self.dest_identity(spec)))
+
+    async def dest_identity(self, spec: BlockCopySpec) -> FileIdentity | None:
+        """What the destination is now (None for a network destination or when it cannot be
+        looked at: then the pivot checks only that something is there)."""
+        if spec.network is not None:
+            return None
+        try:
+            return await asyncio.to_thread(self.files.identity, spec.dest)
+        except OSError:
+            return None
+
+    async def dest_check(self, spec: BlockCopySpec, disk: DiskState,
+                         recorded: Mapping[str, Any] | None) -> destinations.DestCheck | None:
+        """The destination before a pivot: still the file the copy went to, and no other
+        disk's image (None for a network destination)."""
+        if spec.network is not None:
+            return None
+        before = FileIdentity.from_status(recorded)
+        try:
+            now = await asyncio.to_thread(self.files.identity, spec.dest)
+        except OSError as exc:
+            return destinations.DestCheck(before, None, error=exc.strerror or str(exc))
+        user = await self.in_use.holder(spec.dest, exclude=(disk.domain_uuid, disk.target)) \
+            if now is not None else None
+        visible = user is None or self.settings.policy.may_see(
+            namespace=self.namespace, domain=user.domain, tenant=user.tenant)
+        return destinations.DestCheck(before, now, user=user, visible=visible)

@@ -63,31 +63,48 @@ def parse_disk(domain_xml: str, disk_ref: str) -> DiskInfo | None:
         target_elem = disk.find("target")
         target = target_elem.get("dev") if target_elem is not None else None
         source = _source_path(disk.find("source"))
-        if not _matches(disk_ref, target, source):
-            continue
-        driver = disk.find("driver")
-        chain, formats = [], []
-        store = disk.find("backingStore")
-        while store is not None and (path := _source_path(store.find("source"))):
-            chain.append(path)
-            formats.append(_format(store) or "")
-            store = store.find("backingStore")
-        mirror_elem = disk.find("mirror")
-        mirror = None
-        if mirror_elem is not None:
-            dest = _source_path(mirror_elem.find("source")) or mirror_elem.get("file")
-            mirror = Mirror(dest=dest or "", ready=MirrorReady(mirror_elem.get("ready", "")),
-                            job=mirror_elem.get("job", "copy"))
-        return DiskInfo(
-            target=target,
-            source=source,
-            source_format=driver.get("type") if driver is not None else None,
-            backing=chain[0] if chain else None,
-            mirror=mirror,
-            chain=tuple(chain),
-            chain_formats=tuple(formats),
-        )
+        if _matches(disk_ref, target, source):
+            return _disk_info(disk)
     return None
+
+
+def parse_disks(domain_xml: str) -> list[DiskInfo]:
+    """Every disk of a domain (disks, cdroms, floppies: every image it may open), in order."""
+    return [_disk_info(disk) for disk in ET.fromstring(domain_xml).iterfind("./devices/disk")]
+
+
+def _disk_info(disk: ET.Element) -> DiskInfo:
+    """One ``<disk>`` element as plain data."""
+    target_elem = disk.find("target")
+    target = target_elem.get("dev") if target_elem is not None else None
+    source_elem = disk.find("source")
+    source = _source_path(source_elem)
+    volume = None
+    if disk.get("type") == "volume" and source_elem is not None:
+        volume = (source_elem.get("pool") or "", source_elem.get("volume") or "")
+    driver = disk.find("driver")
+    chain, formats = [], []
+    store = disk.find("backingStore")
+    while store is not None and (path := _source_path(store.find("source"))):
+        chain.append(path)
+        formats.append(_format(store) or "")
+        store = store.find("backingStore")
+    mirror_elem = disk.find("mirror")
+    mirror = None
+    if mirror_elem is not None:
+        dest = _source_path(mirror_elem.find("source")) or mirror_elem.get("file")
+        mirror = Mirror(dest=dest or "", ready=MirrorReady(mirror_elem.get("ready", "")),
+                        job=mirror_elem.get("job", "copy"))
+    return DiskInfo(
+        target=target,
+        source=source,
+        source_format=driver.get("type") if driver is not None else None,
+        backing=chain[0] if chain else None,
+        mirror=mirror,
+        chain=tuple(chain),
+        chain_formats=tuple(formats),
+        volume=volume,
+    )
 
 
 def dest_disk_xml(dest: str, fmt: str, *, block_device: bool,

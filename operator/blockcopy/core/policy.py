@@ -81,6 +81,14 @@ class Policy:
         return Policy(tuple(dataclasses.replace(
             r, resolved_roots=tuple(resolve(d) for d in r.destinations)) for r in self.rules))
 
+    def may_see(self, *, namespace: str, domain: str, tenant: str | None) -> bool:
+        """May the namespace learn that ``domain`` exists (be told its name)? Without a
+        policy, yes; with one, only a domain one of its rules names."""
+        if self.rules is None:
+            return True
+        return any(r.covers_namespace(namespace) and r.covers_domain(domain, tenant)
+                   for r in self.rules)
+
     def precheck(self, *, namespace: str, dest: str, resolved: str) -> str | None:
         """Before libvirt is called: why the namespace may not write ``dest`` (``resolved``
         after symlinks and ``..``), or None."""

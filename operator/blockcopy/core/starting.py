@@ -14,7 +14,7 @@ from blockcopy.core import reconcile
 from blockcopy.core.plans import Plan, PlanKind
 from blockcopy.core.reconcile import Decision
 from blockcopy.model.api import BlockCopySpec, Flag, Phase, started_fields
-from blockcopy.model.observation import DiskState
+from blockcopy.model.observation import DiskState, FileIdentity
 from blockcopy.model.ports import Capabilities, DiskSize
 
 
@@ -95,8 +95,8 @@ def preparing(plan: Plan) -> tuple[Decision, dict[str, Any]]:
 
 def started(spec: BlockCopySpec, disk: DiskState, *, raw_spec: Mapping[str, Any],
             decision: Decision, plan: Plan | None, fmt: str, flags: frozenset[Flag],
-            target: str, block_device: bool, created_before: list[str], now: str
-            ) -> tuple[Decision, dict[str, Any]]:
+            target: str, block_device: bool, created_before: list[str], now: str,
+            identity: FileIdentity | None = None) -> tuple[Decision, dict[str, Any]]:
     """The Copying decision once libvirt accepted the job, and the status fields recorded
     with it (what was started, with which flags, the files created for it)."""
     created = list(created_before)
@@ -108,6 +108,8 @@ def started(spec: BlockCopySpec, disk: DiskState, *, raw_spec: Mapping[str, Any]
         "bandwidth": spec.bandwidth, "startedSpec": started_fields(raw_spec)}
     if created:
         fields["createdFiles"] = created
+    if identity is not None:  # what the copy writes: the pivot checks it is still that file
+        fields["destIdentity"] = identity.status()
     if plan is not None and plan.kind == PlanKind.CHAIN:
         fields["layers"] = [{"source": s, "dest": t, "state": "Pending"} for s, t, _ in plan.lower]
     message = reconcile.started_message(spec, source=disk.source, fmt=fmt, flags=flags)

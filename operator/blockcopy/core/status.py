@@ -128,7 +128,8 @@ def build_status(
     status: dict[str, Any] = {
         k: previous[k] for k in ("cur", "end", "bandwidth", "source", "target", "format", "flags",
                                  "startedSpec", "startTime", "mirroredTime", "completionTime",
-                                 "plan", "layers", "createdFiles", "group", "copyMode")
+                                 "plan", "layers", "createdFiles", "group", "copyMode",
+                                 "destIdentity")
         if k in previous
     }
     status.update(started or {})

@@ -50,6 +50,7 @@ class DiskInfo:
     mirror: Mirror | None = None  # a copy job's destination
     chain: tuple[str, ...] = ()  # the backing images below the active one, nearest first
     chain_formats: tuple[str, ...] = ()  # their formats (as libvirt detected them)
+    volume: tuple[str, str] | None = None  # (pool, volume) of a <disk type='volume'>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,3 +127,61 @@ class LayersView:
 
 
 NO_LAYERS = LayersView()
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageUser:
+    """An image a domain of the node uses: a disk's active image or one of its backing images
+    (``backing``), in the live definition of a running domain or in a persistent one."""
+
+    path: str  # as the domain names it (a storage volume: the volume's path)
+    domain: str
+    uuid: str
+    target: str | None
+    running: bool
+    definition: str = "live"  # "live" or "persistent"
+    backing: bool = False  # a backing image, not the active one
+    tenant: str | None = None  # from the domain's <metadata> (see blockcopy.core.policy)
+    chain_known: bool = True  # False: a stopped domain's image (libvirt shows no chain)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileIdentity:
+    """What a path is on the node: a file (device and inode), a block device (its device
+    number) or something else. Recorded when a copy starts, compared before the pivot."""
+
+    kind: str  # "file", "block" or "other"
+    device: int  # st_dev
+    inode: int  # st_ino
+    rdev: int = 0  # st_rdev of a block device
+    # The inode's generation (FS_IOC_GETVERSION) where the file system keeps one: a deleted
+    # file's inode number is reused at once (ext4), the generation is not.
+    generation: int | None = None
+
+    def same(self, other: FileIdentity) -> bool:
+        if self.kind == "block" and other.kind == "block":
+            return self.rdev == other.rdev
+        if None not in (self.generation, other.generation) and \
+                self.generation != other.generation:
+            return False
+        return (self.kind, self.device, self.inode) == (other.kind, other.device, other.inode)
+
+    def describe(self) -> str:
+        if self.kind == "block":
+            return f"block device {self.rdev >> 8}:{self.rdev & 0xff}"
+        return f"{self.kind} {self.inode} on device {self.device >> 8}:{self.device & 0xff}"
+
+    def status(self) -> dict[str, int | str]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_status(cls, raw: object) -> FileIdentity | None:
+        if not isinstance(raw, dict):
+            return None
+        try:
+            generation = raw.get("generation")
+            return cls(kind=str(raw["kind"]), device=int(raw["device"]),
+                       inode=int(raw["inode"]), rdev=int(raw.get("rdev") or 0),
+                       generation=int(generation) if generation is not None else None)
+        except (KeyError, TypeError, ValueError):
+            return None

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from blockcopy.model.api import BlockCopySpec, Flag, NetworkDest
-from blockcopy.model.observation import DiskState, JobEvent
+from blockcopy.model.observation import DiskState, FileIdentity, ImageUser, JobEvent
 
 # ------------------------------------------------------------------ hypervisor
 
@@ -71,6 +71,11 @@ class Hypervisor(Protocol):
         """End the job, the VM stays on its source."""
 
     async def set_bandwidth(self, domain: str, target: str, bandwidth: int) -> None: ...
+
+    async def image_users(self) -> list[ImageUser]:
+        """Every image the node's domains use (running or not, live and persistent
+        definitions, storage volumes resolved to their paths). A stopped domain's backing
+        chain is not in its definition (``chain_known`` False): ask ``Images.backing_chain``."""
 
     async def disk_size(self, domain: str, target: str) -> DiskSize:
         """The disk's guest-visible size and what its active image occupies."""
@@ -162,6 +167,10 @@ class Images(Protocol):
     async def export_size(self, uri: str) -> int:
         """The size of a network export (an NBD URI)."""
 
+    async def backing_chain(self, path: str) -> list[str]:
+        """The backing images of ``path``, nearest first, as resolved paths (read shared:
+        the image may be open by a running QEMU)."""
+
 
 # ------------------------------------------------------------------ the node's file system
 
@@ -203,6 +212,10 @@ class Files(Protocol):
 
     def probe_format(self, path: str) -> str:
         """qcow2 or raw, from the file's header; raises OSError when it cannot be read."""
+
+    def identity(self, path: str) -> FileIdentity | None:
+        """What ``path`` is now (after symlinks), None when nothing is there; raises OSError
+        when it cannot be looked at."""
 
 
 # ------------------------------------------------------------------ metrics

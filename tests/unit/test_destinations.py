@@ -1,0 +1,74 @@
+"""The destination guarantees as pure rules: the same image (file identity or path), who
+uses it (named only where the namespace may see that domain), and what holds a pivot."""
+
+from __future__ import annotations
+
+from blockcopy.core import destinations
+from blockcopy.core.destinations import DestCheck, guard, held
+from blockcopy.core.domainxml import parse_disks
+from blockcopy.core.reconcile import Action, Decision
+from blockcopy.model.api import Phase
+from blockcopy.model.observation import FileIdentity, ImageUser
+
+FILE = FileIdentity("file", 2049, 100, generation=7)
+PIVOT = Decision(Phase.PIVOTING, Action.PIVOT)
+USER = ImageUser(path="/i/b.qcow2", domain="db-1", uuid="u", target="vdb", running=False,
+                 definition="persistent")
+
+
+def test_the_same_image_is_the_same_file_or_where_unknown_the_same_path():
+    assert destinations.same_image("/a", FILE, "/b", FileIdentity("file", 2049, 100, 0, 7))
+    assert not destinations.same_image("/a", FILE, "/a", FileIdentity("file", 2049, 101))
+    # A deleted file's inode number reused at once: another generation, another file.
+    assert not FILE.same(FileIdentity("file", 2049, 100, generation=8))
+    assert FILE.same(FileIdentity("file", 2049, 100))  # generation unknown on one side
+    assert FileIdentity("block", 5, 1, rdev=0x801).same(FileIdentity("block", 6, 9, rdev=0x801))
+    assert destinations.same_image("/new/x", None, "/new/x", None)
+    assert not destinations.same_image("/new/x", None, "/new/y", FILE)
+    assert FileIdentity.from_status(FILE.status()) == FILE
+    assert FileIdentity.from_status({"kind": "file"}) is None
+
+
+def test_the_other_domain_is_named_only_where_the_namespace_may_see_it():
+    refused = destinations.in_use("/i/b.qcow2", USER, visible=True)
+    assert (refused.phase, refused.reason) == (Phase.FAILED, "DestInUse")
+    assert "disk vdb of domain 'db-1' (not running)" in refused.message
+    hidden = destinations.in_use("/i/b.qcow2", USER, visible=False)
+    assert "db-1" not in hidden.message and "another domain" in hidden.message
+
+
+def test_what_holds_a_pivot():
+    assert held("/d", DestCheck(FILE, FILE)) is None
+    assert held("/d", DestCheck(FILE, None))[0] == "DestVanished"
+    assert held("/d", DestCheck(FILE, FileIdentity("file", 2049, 101)))[0] == "DestReplaced"
+    assert held("/d", DestCheck(FILE, None, error="Permission denied"))[0] == "DestUnreadable"
+    assert held("/d", DestCheck(FILE, FILE, user=USER))[0] == "DestInUse"
+    assert held("/d", DestCheck(None, FILE)) is None  # nothing recorded: something is there
+
+
+def test_the_guard_holds_only_a_pivot_and_keeps_its_condition_between_looks():
+    decision, (cond,) = guard(PIVOT, "/d", DestCheck(FILE, None), previous=[])
+    assert (decision.phase, decision.action, decision.reason) == (
+        Phase.MIRRORED, Action.NONE, "DestVanished")
+    assert (cond["type"], cond["status"]) == ("DestinationIntact", "False")
+    assert destinations.was_held([cond], "DestVanished")
+    mirrored = Decision(Phase.MIRRORED)
+    assert guard(mirrored, "/d", DestCheck(FILE, None), previous=[])[0] == mirrored
+    assert guard(mirrored, "/d", None, previous=[cond])[1] == [
+        {k: cond[k] for k in ("type", "status", "reason", "message")}]
+    assert guard(PIVOT, "/d", DestCheck(FILE, FILE), previous=[cond])[0] == PIVOT
+
+
+def test_every_disk_of_a_domain_and_storage_volumes_are_read():
+    xml = """<domain><devices>
+      <disk type='file' device='disk'><source file='/i/a.qcow2'/><target dev='vda'/>
+        <backingStore type='file'><format type='qcow2'/><source file='/i/base.qcow2'/>
+        </backingStore></disk>
+      <disk type='volume' device='disk'><source pool='fast' volume='v1'/><target dev='vdb'/></disk>
+      <disk type='file' device='cdrom'><source file='/isos/x.iso'/><target dev='sda'/></disk>
+    </devices></domain>"""
+    disks = parse_disks(xml)
+    assert [(d.target, d.source, d.chain, d.volume) for d in disks] == [
+        ("vda", "/i/a.qcow2", ("/i/base.qcow2",), None),
+        ("vdb", None, (), ("fast", "v1")),
+        ("sda", "/isos/x.iso", (), None)]
