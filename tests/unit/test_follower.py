@@ -290,3 +290,37 @@ async def test_a_destination_in_the_source_chain_is_refused_before_libvirt(s, tm
         "DestInSourceChain"]
     assert "start_copy" not in s.hv.verbs()
     assert base.read_bytes() == b"QFI\xfb"
+
+
+async def test_an_object_deleted_under_a_pivot_intent_is_let_go_without_the_pivot(s):
+    """The intent (Pivoting) must be stored before the pivot; an object deleted meanwhile
+    (the API server answers 404) ends the loop there: no pivot, no crash of the daemon."""
+    body = s.create(pivot=True)
+    task = s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    del s.kube.objects[("ns", "bc")]  # deleted, finalizer and all (the API says 404)
+    s.hv.make_ready("vm")
+    await asyncio.wait_for(task, 30)
+    assert task.exception() is None
+    assert "pivot" not in s.hv.verbs() and s.hv.disk("vm").source != s.dest
+    await s.finish()
+
+
+async def test_a_finished_object_edited_later_acknowledges_the_new_generation(s):
+    """Nothing is done for an edit of a Pivoted object, and its status says so for the new
+    generation (Flux's kstatus reads observedGeneration first)."""
+    body = s.create(pivot=True)
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    s.hv.make_ready("vm")
+    await s.until(lambda: s.phase() == "Pivoted")
+    await s.finish()
+    body["status"] = s.kube.status_of("bc")
+    s.edit(body, bandwidth="10Mi")
+    await s.agent.acknowledge(body)
+    status = s.kube.status_of("bc")
+    assert status["observedGeneration"] == 2 and status["phase"] == "Pivoted"
+    assert {c["observedGeneration"] for c in status["conditions"]} == {2}
+    writes = len(s.kube.status_writes)
+    await s.agent.acknowledge(s.kube.objects[("ns", "bc")])  # once is enough
+    assert len(s.kube.status_writes) == writes

@@ -114,6 +114,22 @@ class Agent:
             follower.on_spec_change(generation)
             self.groups.changed(key_of(follower.body), by=follower)
 
+    async def acknowledge(self, body: Mapping[str, Any]) -> None:
+        """A finished object (no follower) edited later: nothing will be done, and its status
+        says so for the new generation (kstatus would otherwise call it InProgress forever)."""
+        meta, raw = body["metadata"], body.get("status") or {}
+        if (meta["namespace"], meta["name"]) in self.followers or \
+                phase_of(raw) not in TERMINAL_PHASES:
+            return
+        generation = meta.get("generation")
+        if raw.get("observedGeneration") == generation:
+            return
+        conditions = [{**c, "observedGeneration": generation}
+                      for c in raw.get("conditions") or []]
+        await self.kube.patch_status(meta["namespace"], meta["name"],
+                                     {"observedGeneration": generation,
+                                      "conditions": conditions})
+
     # -- following ---------------------------------------------------------------------
     async def follow(self, body: Mapping[str, Any], stop: StopSignal) -> None:
         """Drive one owned object until it is terminal, deleted, or the agent stops."""

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from blockcopy.agent.recorder import Recorder, phase_of
+from blockcopy.core import status
 from blockcopy.core.backoff import API_WATCH, Backoff
 from blockcopy.model.api import FINALIZER, TERMINAL_PHASES, Phase
 from blockcopy.model.ports import Hypervisor, HypervisorError, Kube, ObjectRef
@@ -52,16 +53,23 @@ class Claimer:
 
     async def _watch(self, namespace: str | None) -> None:
         backoff = Backoff(API_WATCH)
+        where = f"namespace {namespace}" if namespace else "every namespace"
         while True:
             try:
+                seen = 0
                 async for body in self.kube.unclaimed(namespace,
                                                       timeout=int(self.claim_interval)):
                     backoff.succeeded()
+                    seen += 1
                     try:
                         await self.consider(body)
                     except Exception:
                         log.exception("claiming %s failed",
                                       body.get("metadata", {}).get("name"))
+                # One line per pass: whoever waits for the claimer to have looked (a test,
+                # an operator reading logs) has a positive sign that it did.
+                log.info("claimer pass over %s done: %d unclaimed object(s) considered",
+                         where, seen)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # API outage: retry with back-off
@@ -99,8 +107,13 @@ class Claimer:
             log.info("%s/%s: another agent claimed it first", namespace, name)
             return Verdict.LOST_RACE
         if not (body.get("status") or {}).get("phase"):
+            generation = meta.get("generation")
             pending = {"phase": Phase.PENDING.value, "message": waiting, "progress": "0%",
-                       "observedGeneration": meta.get("generation")}
+                       "observedGeneration": generation,
+                       "conditions": status.conditions(
+                           Phase.PENDING, reason=Phase.PENDING.value, message=waiting,
+                           was_mirrored=False, generation=generation,
+                           now=self.recorder.clock(), previous=None)}
             if await self.kube.patch_status(namespace, name, pending, resource_version=version):
                 self.recorder.post_event(ObjectRef.of(body), type="Normal",
                                          reason=Phase.PENDING.value,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -59,6 +60,10 @@ class Outcome:
     refused: bool = False  # libvirt refused the action: back off, stay in the phase
     intent: bool = False  # wait until it is stored (a plan precedes its files)
     estimate: Estimate | None = None  # the progress estimate, for the metrics
+    spec: BlockCopySpec | None = None  # as acted on (Ready depends on what it asks)
+
+
+log = logging.getLogger(__name__)
 
 
 class Follower:
@@ -92,6 +97,7 @@ class Follower:
         self.spec_changed = False
         self._chain: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # last seen, formats
         self._group_recheck: float | None = None  # s until a waiting group may pivot
+        self._looked = False  # the first step was recorded (logged once, for whoever waits)
 
     # -- what the group and the agent see of this follower -------------------------------
     @property
@@ -157,6 +163,7 @@ class Follower:
         else:
             outcome = await self._start_job(reading.spec, reading.raw, current,
                                             reading.conditions)
+        outcome.spec = reading.spec
         return await self._record(outcome)
 
     # -- before the job -------------------------------------------------------------------
@@ -244,7 +251,7 @@ class Follower:
             # restarted agent to finish the same thing (the mirror is re-checked).
             # Not again on retries: a refused pivot stays Mirrored, without flapping.
             await self.recorder.record(decision, disk=disk, generation=self.generation,
-                                       extra=outcome.conditions, intent=True)
+                                       extra=outcome.conditions, intent=True, spec=spec)
         try:
             await self._act(spec, disk, decision)
         except HypervisorUnavailable:
@@ -312,9 +319,14 @@ class Follower:
     # -- recording ------------------------------------------------------------------------
     async def _record(self, outcome: Outcome) -> Step:
         decision = outcome.decision
+        if not self._looked:
+            self._looked = True
+            log.info("%s/%s: first look done: %s (%s)", *self.recorder.key,
+                     decision.phase.value, decision.reason or decision.message)
         phase_changed = await self.recorder.record(
             decision, disk=outcome.disk, generation=self.generation, started=outcome.started,
-            extra=outcome.conditions, intent=outcome.intent, fields=outcome.fields)
+            extra=outcome.conditions, intent=outcome.intent, fields=outcome.fields,
+            spec=outcome.spec)
         self.recorder.progress(decision.phase, outcome.estimate, outcome.conditions)
         if outcome.started and decision.phase == Phase.COPYING:
             self._take_up_layers()

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
 from blockcopy.agent.retries import Retries
+from blockcopy.agent.writer import ObjectGone
 from blockcopy.model.ports import HypervisorError, HypervisorUnavailable
 
 
@@ -71,6 +72,10 @@ class FollowLoop:
                     # transient domain went away mid-query ("Unable to read from monitor").
                     await self._sleep(stop, s.retries.look_failed(str(exc)))
                     continue
+                except ObjectGone:
+                    # Deleted while an intent was being stored: nothing was acted on (the
+                    # intent precedes its action), and the deletion handler takes over.
+                    return
                 s.retries.looked()
                 if step is Step.DONE:
                     return

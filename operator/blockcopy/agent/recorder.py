@@ -17,7 +17,7 @@ from blockcopy.core.convergence import CONVERGING
 from blockcopy.core.pace import DEFAULT_BUDGET, ProgressPace
 from blockcopy.core.progress import Estimate
 from blockcopy.core.reconcile import Decision
-from blockcopy.model.api import NODE_LABEL, TERMINAL_PHASES, Phase
+from blockcopy.model.api import NODE_LABEL, TERMINAL_PHASES, BlockCopySpec, Phase
 from blockcopy.model.observation import DiskState
 from blockcopy.model.ports import NULL_METRICS, Key, Kube, Metrics, ObjectRef
 
@@ -156,7 +156,8 @@ class ObjectRecorder:
     async def record(self, decision: Decision, *, disk: DiskState | None,
                      generation: int | None, started: Mapping[str, Any] | None = None,
                      extra: Sequence[Mapping[str, Any]] = (), intent: bool = False,
-                     fields: Mapping[str, Any] | None = None) -> bool:
+                     fields: Mapping[str, Any] | None = None,
+                     spec: BlockCopySpec | None = None) -> bool:
         """Write the status of ``decision``, with its Events and metrics. A phase change is
         written at once; ``intent``: wait until it is stored (it must precede an action).
         Returns whether the phase changed (and so its Event was posted)."""
@@ -164,7 +165,7 @@ class ObjectRecorder:
         new = status.build_status(decision, previous=previous, disk=disk,
                                   node_name=self.agent.node_name, generation=generation,
                                   now=self.agent.clock(), started=started,
-                                  extra_conditions=extra)
+                                  extra_conditions=extra, spec=spec)
         if fields:
             new.update(fields)  # None values delete a field (a JSON merge patch)
         self.status = new

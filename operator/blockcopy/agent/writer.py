@@ -71,10 +71,6 @@ class StatusWriter:
         if self._task is not None:
             await asyncio.shield(self._task)
 
-    def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-
     async def _wait_for_slot(self) -> None:
         loop = asyncio.get_running_loop()
         if self._urgent.is_set() or self._last_time is None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from blockcopy.core.reconcile import Decision
-from blockcopy.model.api import Phase
+from blockcopy.model.api import BlockCopySpec, Phase
 from blockcopy.model.observation import DiskState
 
 # Condition types, each True in the phases named, so `kubectl wait --for=condition=X` works.
@@ -44,16 +44,28 @@ def progress_text(cur: int | None, end: int | None) -> str:
     return f"{min(99, cur * 100 // end)}%"
 
 
-def _condition_states(phase: Phase, was_mirrored: bool) -> dict[str, bool]:
+def where_asked(phase: Phase, spec: BlockCopySpec | None) -> bool:
+    """Is the object where its spec asks (kstatus' Ready)? A finished object is (nothing more
+    will happen); a Mirrored one only when neither a pivot nor an abort is asked for. Without
+    a spec (unparsable), Mirrored counts as done."""
+    if phase in (Phase.PIVOTED, Phase.ABORTED):
+        return True
+    if phase != Phase.MIRRORED:
+        return False
+    return spec is None or not (spec.pivot or spec.abort)
+
+
+def _condition_states(phase: Phase, was_mirrored: bool, spec: BlockCopySpec | None
+                      ) -> dict[str, bool]:
+    ready = where_asked(phase, spec)
     return {
         MIRRORED: phase in (Phase.MIRRORED, Phase.PIVOTING, Phase.PIVOTED)
         or (was_mirrored and phase in (Phase.ABORTING, Phase.ABORTED)),
         PIVOTED: phase == Phase.PIVOTED,
         ABORTED: phase == Phase.ABORTED,
         FAILED: phase == Phase.FAILED,
-        READY: phase in (Phase.MIRRORED, Phase.PIVOTED, Phase.ABORTED),
-        RECONCILING: phase in (Phase.PENDING, Phase.QUEUED, Phase.PREPARING, Phase.COPYING,
-                              Phase.PIVOTING, Phase.ABORTING),
+        READY: ready,
+        RECONCILING: not ready and phase != Phase.FAILED,  # something asked is not done yet
         STALLED: phase == Phase.FAILED,
     }
 
@@ -68,11 +80,12 @@ def conditions(
     now: dt.datetime,
     previous: Sequence[Mapping[str, Any]] | None,
     extra: Sequence[Mapping[str, Any]] = (),
+    spec: BlockCopySpec | None = None,
 ) -> list[dict[str, Any]]:
     """The standard-shaped conditions list; lastTransitionTime moves only on a flip."""
     before = {c.get("type"): c for c in previous or ()}
     result = []
-    for ctype, is_true in _condition_states(phase, was_mirrored).items():
+    for ctype, is_true in _condition_states(phase, was_mirrored, spec).items():
         value = "True" if is_true else "False"
         old = before.get(ctype)
         changed = old is None or old.get("status") != value
@@ -104,6 +117,7 @@ def build_status(
     now: dt.datetime,
     started: Mapping[str, Any] | None = None,
     extra_conditions: Sequence[Mapping[str, Any]] = (),
+    spec: BlockCopySpec | None = None,
 ) -> dict[str, Any]:
     """The whole status (except kopf's own stanza) for a decision.
 
@@ -136,7 +150,7 @@ def build_status(
         "conditions": conditions(
             phase, reason=decision.reason, message=decision.message,
             was_mirrored=bool(status.get("mirroredTime")), generation=generation, now=now,
-            previous=previous.get("conditions"), extra=extra_conditions),
+            previous=previous.get("conditions"), extra=extra_conditions, spec=spec),
     })
     return status
 

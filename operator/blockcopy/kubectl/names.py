@@ -13,14 +13,3 @@ RESOURCE = f"{PLURAL}.{GROUP}"  # as kubectl prints it: blockcopies.blockcopy.de
 PHASES: tuple[str, ...] = tuple(dict.fromkeys(
     [Phase.PENDING.value, "Queued", *(p.value for p in Phase)]))
 TERMINAL = frozenset(p.value for p in TERMINAL_PHASES)
-
-# Exit codes (also in --help).
-OK, NOT_REACHED, USAGE, NOT_FOUND, FAILURE = 0, 1, 2, 3, 4
-EXIT_CODES = f"""exit codes:
-  {OK}  done (wait: every object reached the phase)
-  {NOT_REACHED}  wait: a copy Failed, ended in a phase from which the awaited one cannot be
-     reached, or the timeout expired
-  {USAGE}  usage error (bad or missing arguments)
-  {NOT_FOUND}  a named BlockCopy, group or domain (or one of its disks) does not exist
-  {FAILURE}  the API server, the kubeconfig or libvirt refused or could not be reached
-"""

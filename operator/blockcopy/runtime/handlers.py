@@ -44,9 +44,10 @@ async def count_events(**_: Any) -> None:  # never called: its filter is the poi
 
 @kopf.on.field(GROUP, VERSION, PLURAL, field="spec", when=_owned)
 async def spec_changed(memo: kopf.Memo, namespace: str | None, name: str, meta: kopf.Meta,
-                       **_: Any) -> None:
+                       body: kopf.Body, **_: Any) -> None:
     """Wake the follow loop for pivot, abort, bandwidth... (status writes do not)."""
     memo.agent.spec_changed(namespace, name, meta.get("generation"))
+    await memo.agent.acknowledge(body)
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, when=_owned, cancellation_timeout=10)
