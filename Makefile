@@ -55,6 +55,7 @@ cluster-down:
 lint: venv
 	$(VENV)/bin/ruff check operator tests hack
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

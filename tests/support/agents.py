@@ -38,15 +38,15 @@ class Agent:
         # No in-cluster service environment may take precedence over the kubeconfig.
         self.env.pop("KUBERNETES_SERVICE_HOST", None)
         self.command = [sys.executable, *entry, *args]
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> Agent:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: "agent ready" in self.log() or self.proc.poll() is not None,
+            proc = self.proc = subprocess.Popen(self.command, env=self.env, stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: "agent ready" in self.log() or proc.poll() is not None,
                  timeout, what=f"agent {self.node} to start")
-        assert self.proc.poll() is None, f"agent exited early:\n{self.log()}"
+        assert proc.poll() is None, f"agent exited early:\n{self.log()}"
         return self
 
     def log(self) -> str:
@@ -67,7 +67,8 @@ def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (other agents on this machine use ports too)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:

@@ -42,7 +42,7 @@ class Kubectl:
         self.binary, self.kubeconfig = binary, kubeconfig
 
     def __call__(self, *args: str, check: bool = True, input: str | None = None,
-                 kubeconfig: pathlib.Path | str | None = None) -> subprocess.CompletedProcess:
+                 kubeconfig: pathlib.Path | str | None = None) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [str(self.binary), "--kubeconfig", str(kubeconfig or self.kubeconfig), *args],
             capture_output=True, text=True, input=input)
@@ -53,7 +53,10 @@ class Kubectl:
 
 
 def api_client(kubeconfig: pathlib.Path | str = KUBECONFIG) -> kubernetes.client.ApiClient:
-    return kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+    # kubernetes.config is untyped (Any): the annotation states what it returns.
+    client: kubernetes.client.ApiClient = kubernetes.config.new_client_from_config(
+        config_file=str(kubeconfig))
+    return client
 
 
 def custom_objects(kubeconfig: pathlib.Path | str = KUBECONFIG
@@ -65,7 +68,7 @@ def core_v1(kubeconfig: pathlib.Path | str = KUBECONFIG) -> kubernetes.client.Co
     return kubernetes.client.CoreV1Api(api_client(kubeconfig))
 
 
-def apply_crd(kubectl: Kubectl) -> subprocess.CompletedProcess:
+def apply_crd(kubectl: Kubectl) -> subprocess.CompletedProcess[str]:
     """As users apply it (the API server compiles and enforces its CEL rules)."""
     proc = kubectl("apply", "-f", str(CRD))
     kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",

@@ -13,8 +13,8 @@ import dataclasses
 import itertools
 import os
 import uuid as uuidlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 from blockcopy.model.api import Flag
 from blockcopy.model.observation import (
@@ -27,6 +27,7 @@ from blockcopy.model.observation import (
     MirrorReady,
 )
 from blockcopy.model.ports import (
+    Capabilities,
     CopyRequest,
     DiskSize,
     HypervisorError,
@@ -36,6 +37,9 @@ from blockcopy.model.ports import (
     JobListener,
     ObjectRef,
 )
+
+if TYPE_CHECKING:
+    from blockcopy.model.ports import Hypervisor, Images, Kube
 
 
 @dataclasses.dataclass
@@ -77,10 +81,11 @@ class FakeHypervisor:
     def __init__(self) -> None:
         self.domains: dict[str, FakeDomain] = {}
         self.listeners: list[JobListener] = []
-        self.calls: list[tuple[float, str, tuple]] = []
+        self.calls: list[tuple[float, str, tuple[Any, ...]]] = []
         self.unreachable = False  # every call raises HypervisorUnavailable
         self.refusals: dict[str, int] = {}  # verb -> how many next calls libvirt refuses
-        self.on_call: dict[str, Any] = {}  # verb -> callable run inside the call (races)
+        # verb -> callable run inside the call (races)
+        self.on_call: dict[str, Callable[[], object]] = {}
         self.closed = False
         self.suspended: set[str] = set()  # domains paused by quiesce
 
@@ -237,11 +242,9 @@ class FakeHypervisor:
         disk = self._domain(domain).disks[target]
         return DiskSize(capacity=disk.size, allocation=disk.allocation)
 
-    capabilities_value = None  # set to a Capabilities to pretend another hypervisor
+    capabilities_value: Capabilities | None = None  # set to pretend another hypervisor
 
-    async def capabilities(self):
-        from blockcopy.model.ports import Capabilities
-
+    async def capabilities(self) -> Capabilities:
         await self._enter("capabilities")
         return self.capabilities_value or Capabilities(libvirt=(9, 0, 0), qemu=(7, 2, 0))
 
@@ -272,7 +275,7 @@ class FakeImages:
     agent's existence checks see them), every call is recorded, faults can be injected."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple]] = []
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.sizes: dict[str, int] = {}  # path -> virtual size (default 64 MiB)
         self.export_sizes: dict[str, int] = {}  # NBD URI -> size
         self.fail: dict[str, str] = {}  # verb -> message of the ImageError it raises
@@ -446,3 +449,11 @@ class Stop:
 
     async def wait(self) -> None:
         await self._event.wait()
+
+
+if TYPE_CHECKING:
+    # mypy checks the fakes against the agent's interfaces (a fake that drifts from its
+    # Protocol fails `make lint`, not a test run far away).
+    _hypervisor: Hypervisor = FakeHypervisor()
+    _images: Images = FakeImages()
+    _kube: Kube = FakeKube()

@@ -48,7 +48,7 @@ class GitOpsHealth:
                               text=True, timeout=120)
         if proc.returncode != 0:
             raise AssertionError(f"gitops-health failed ({proc.returncode}):\n{proc.stderr}")
-        results = json.loads(proc.stdout)
+        results: list[dict[str, dict[str, str]]] = json.loads(proc.stdout)
         assert len(results) == len(objects)
         return results
 

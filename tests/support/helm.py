@@ -38,7 +38,7 @@ class Helm:
         if kubeconfig is not None:
             self.env["KUBECONFIG"] = str(kubeconfig)
 
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([str(self.binary), *args], capture_output=True, text=True,
                               env=self.env)
         if check and proc.returncode != 0:
@@ -47,26 +47,26 @@ class Helm:
         return proc
 
     def template(self, *args: str, release: str = "bc", namespace: str = "blockcopy-system",
-                 check: bool = True) -> subprocess.CompletedProcess:
+                 check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.run("template", release, str(CHART), "--namespace", namespace, *args,
                         check=check)
 
-    def render(self, *args: str, **kw: Any) -> list[dict]:
+    def render(self, *args: str, **kw: Any) -> list[dict[str, Any]]:
         """The rendered manifests as objects (empty documents dropped)."""
         out = self.template(*args, **kw).stdout
         return [doc for doc in yaml.safe_load_all(out) if doc]
 
-    def manifest(self, release: str, namespace: str) -> list[dict]:
+    def manifest(self, release: str, namespace: str) -> list[dict[str, Any]]:
         """The objects of an installed release."""
         out = self.run("get", "manifest", release, "--namespace", namespace).stdout
         return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
-def by_kind(docs: list[dict], kind: str) -> list[dict]:
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d.get("kind") == kind]
 
 
-def one(docs: list[dict], kind: str) -> dict:
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     found = by_kind(docs, kind)
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
@@ -95,7 +95,7 @@ def user_roles_turn(timeout: float = 900) -> Iterator[None]:
 
 def install_with_user_roles(helm: Helm, name: str, namespace: str, *args: str,
                             before: Callable[[], Any] = lambda: None,
-                            timeout: float = 300) -> subprocess.CompletedProcess:
+                            timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """`helm install` of the chart, user ClusterRoles included (call it holding
     `user_roles_turn`). A session without the lock (an older checkout) may own them for a
     while: retried until they are free. ``before`` runs before each attempt (e.g. applying

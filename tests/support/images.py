@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import tempfile
+from typing import Any
 
 
 def _run(*cmd: str) -> str:
@@ -18,7 +19,7 @@ def _run(*cmd: str) -> str:
     return res.stdout
 
 
-def qemu_img_compare(a: str, b: str) -> subprocess.CompletedProcess:
+def qemu_img_compare(a: str, b: str) -> subprocess.CompletedProcess[str]:
     """Compare the guest-visible content of two images (0: identical, 1: different)."""
     return subprocess.run(["qemu-img", "compare", "-U", a, b], capture_output=True, text=True)
 
@@ -28,13 +29,16 @@ def assert_identical(a: str, b: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def qemu_img_info(path: str) -> dict:
-    return json.loads(_run("qemu-img", "info", "-U", "--output=json", path))
+def qemu_img_info(path: str) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads(_run("qemu-img", "info", "-U", "--output=json", path))
+    return info
 
 
-def backing_chain(path: str) -> list[dict]:
+def backing_chain(path: str) -> list[dict[str, Any]]:
     """`qemu-img info` of the image and of each of its backing files, top first."""
-    return json.loads(_run("qemu-img", "info", "-U", "--backing-chain", "--output=json", path))
+    chain: list[dict[str, Any]] = json.loads(
+        _run("qemu-img", "info", "-U", "--backing-chain", "--output=json", path))
+    return chain
 
 
 def image_digest(path: str, fmt: str | None = None) -> str:

@@ -12,6 +12,7 @@ share the API server and libvirtd, and their agents may watch every namespace, s
 from __future__ import annotations
 
 import uuid
+from typing import Any, cast
 
 import kubernetes
 
@@ -39,7 +40,8 @@ def release_namespace(api: kubernetes.client.CustomObjectsApi, kubectl: Kubectl,
     """Remove the finalizers of every BlockCopy in ``namespace``, then delete it (not waiting).
     Stop the agents that watch it first, or they may add a finalizer again."""
     try:
-        items = api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        items = cast(dict[str, Any], api.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL))["items"]
     except kubernetes.client.exceptions.ApiException as exc:
         if exc.status != 404:  # no CRD: no BlockCopy either
             raise

@@ -21,7 +21,7 @@ DEFAULT_URI = "qemu:///system"
 NO_JOB = "No current block job for {disk}"
 
 
-def _virsh(args: tuple[str, ...], uri: str) -> subprocess.CompletedProcess:
+def _virsh(args: tuple[str, ...], uri: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["virsh", "-c", uri, *args], capture_output=True, text=True)
 
 
@@ -55,7 +55,8 @@ def inactive_xml(vm: VM) -> str:
 
 def live_xml(vm: VM) -> str:
     with libvirt.open(vm.uri) as conn:
-        return conn.lookupByName(vm.name).XMLDesc(0)
+        xml: str = conn.lookupByName(vm.name).XMLDesc(0)
+    return xml
 
 
 def live_disk(vm: VM, target: str = "vda") -> ET.Element:
@@ -77,23 +78,24 @@ def live_disk_source(vm: VM, target: str = "vda") -> str | None:
     return _source_path(live_disk(vm, target).find("source"))
 
 
-def live_mirror(vm: VM, target: str = "vda") -> dict | None:
+def live_mirror(vm: VM, target: str = "vda") -> dict[str, str | None] | None:
     """Attributes of the live <mirror> (type, job, ready...) plus 'source' and 'format', or None."""
     mirror = live_disk(vm, target).find("mirror")
     if mirror is None:
         return None
-    info = dict(mirror.attrib)
+    info: dict[str, str | None] = dict(mirror.attrib)
     info["source"] = _source_path(mirror.find("source")) or mirror.get("file")
     fmt = mirror.find("format")
     info["format"] = fmt.get("type") if fmt is not None else mirror.get("format")
     return info
 
 
-def block_job_info(vm: VM, disk: str = "vda") -> dict:
+def block_job_info(vm: VM, disk: str = "vda") -> dict[str, int]:
     """libvirt's own view of the block job (cur, end, bandwidth in bytes; {} without a job)."""
     with libvirt.open(vm.uri) as conn:
-        return conn.lookupByName(vm.name).blockJobInfo(
+        info: dict[str, int] = conn.lookupByName(vm.name).blockJobInfo(
             disk, libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
+    return info
 
 
 def blockjob_text(vm: VM, disk: str = "vda", *, in_bytes: bool = False,
@@ -142,7 +144,8 @@ class BlockJobEvents:
         self.callback_id = self.conn.domainEventRegisterAny(
             dom, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_event, None)
 
-    def _on_event(self, conn, dom, disk, job_type, status, opaque) -> None:
+    def _on_event(self, conn: libvirt.virConnect, dom: libvirt.virDomain, disk: str,
+                  job_type: int, status: int, opaque: object) -> None:
         self.events.append((time.time(), time.monotonic(), status))
 
     def statuses(self) -> list[int]:
@@ -165,11 +168,14 @@ def live_source_node(vm: VM, target: str = "vda") -> str:
     Asked of QEMU, not derived from libvirt's naming: libvirt 9 puts a format node
     (libvirt-N-format) over every image, libvirt 11 none over a raw one (an NBD export is
     then just libvirt-N-storage)."""
-    alias = live_disk(vm, target).find("alias").get("name")  # virtio-disk0
+    alias_elem = live_disk(vm, target).find("alias")
+    assert alias_elem is not None, f"{vm.name}'s disk {target} has no <alias>"
+    alias = alias_elem.get("name")  # virtio-disk0
     out = virsh("qemu-monitor-command", vm.name, '{"execute":"query-block"}', uri=vm.uri)
     for dev in json.loads(out)["return"]:
         if f"/{alias}/" in (dev.get("qdev") or "") and dev.get("inserted"):
-            return dev["inserted"]["node-name"]
+            node: str = dev["inserted"]["node-name"]
+            return node
     raise AssertionError(f"no block device {alias} ({target}) in query-block: {out}")
 
 

@@ -50,17 +50,17 @@ class TcpProxy:
     def __init__(self, target: tuple[str, int]):
         self.target = target
         self.port = _port_outside_ephemeral_range()
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> TcpProxy:
         host, port = self.target
-        self.proc = subprocess.Popen(
+        proc = self.proc = subprocess.Popen(
             ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,fork,reuseaddr",
              f"TCP:{host}:{port}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(lambda: _accepts(self.port) or self.proc.poll() is not None, 10,
+        wait_for(lambda: _accepts(self.port) or proc.poll() is not None, 10,
                  what=f"the proxy on port {self.port}")
-        assert self.proc.poll() is None, f"socat on port {self.port} exited: {self.proc.returncode}"
+        assert proc.poll() is None, f"socat on port {self.port} exited: {proc.returncode}"
         return self
 
     def kill(self) -> None:

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from blockcopy.model.api import NODE_LABEL
 
 if TYPE_CHECKING:
+    import kubernetes
+
     from support.objects import BlockCopies
 
+T = TypeVar("T")
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.2,
-             what: str | None = None) -> Any:
+
+def wait_for(predicate: Callable[[], T | None], timeout: float = 60, interval: float = 0.2,
+             what: str | None = None) -> T:
     """Poll until ``predicate()`` is truthy and return it; fail with the last value seen."""
     what = what or getattr(predicate, "what", "condition")
     deadline = time.monotonic() + timeout
@@ -28,25 +32,26 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
-def named(what: str, predicate: Callable[[], Any]) -> Callable[[], Any]:
+def named(what: str, predicate: Callable[[], T]) -> Callable[[], T]:
     """``predicate`` with a description for `wait_for`'s timeout message."""
     predicate.what = what  # type: ignore[attr-defined]
     return predicate
 
 
-def phase_in(blockcopies: BlockCopies, name: str, *phases: str) -> Callable[[], Any]:
+def phase_in(blockcopies: BlockCopies, name: str, *phases: str
+             ) -> Callable[[], dict[str, Any] | None]:
     """The status, once its phase is one of ``phases``."""
-    def check():
+    def check() -> dict[str, Any] | None:
         status = blockcopies.status(name)
         return status if status.get("phase") in phases else None
     return named(f"{name} in phase {phases}", check)
 
 
 def copying_with(blockcopies: BlockCopies, name: str, *, counter: str = "end",
-                 above: int = 1) -> Callable[[], Any]:
+                 above: int = 1) -> Callable[[], dict[str, Any] | None]:
     """The status, once Copying with libvirt's ``counter`` above ``above`` (end > 1: the job
     started; cur > 0: bytes copied). Any phase past Copying fails at once."""
-    def check():
+    def check() -> dict[str, Any] | None:
         status = blockcopies.status(name)
         if status.get("phase") == "Copying" and status.get(counter, 0) > above:
             return status
@@ -55,10 +60,10 @@ def copying_with(blockcopies: BlockCopies, name: str, *, counter: str = "end",
     return named(f"{name} Copying with counters", check)
 
 
-def status_where(blockcopies: BlockCopies, name: str, test: Callable[[dict], Any],
-                 what: str) -> Callable[[], Any]:
+def status_where(blockcopies: BlockCopies, name: str, test: Callable[[dict[str, Any]], object],
+                 what: str) -> Callable[[], dict[str, Any] | None]:
     """The status, once ``test(status)`` holds."""
-    def check():
+    def check() -> dict[str, Any] | None:
         status = blockcopies.status(name)
         return status if status and test(status) else None
     return named(what, check)
@@ -75,10 +80,11 @@ def claimed(blockcopies: BlockCopies, name: str) -> Callable[[], str | None]:
                  lambda: (blockcopies.get(name)["metadata"].get("labels") or {}).get(NODE_LABEL))
 
 
-def events_of(blockcopies: BlockCopies, core, name: str, reason: str | None = None,
-              type: str | None = None) -> Callable[[], list]:
+def events_of(blockcopies: BlockCopies, core: kubernetes.client.CoreV1Api, name: str,
+              reason: str | None = None, type: str | None = None
+              ) -> Callable[[], list[kubernetes.client.CoreV1Event]]:
     """The object's Events (of that reason and type, when given), once there is one."""
-    def check():
+    def check() -> list[kubernetes.client.CoreV1Event]:
         return [e for e in blockcopies.events(core, name)
                 if (reason is None or e.reason == reason) and (type is None or e.type == type)]
     label = " ".join(p for p in (type, reason) if p) or "an"

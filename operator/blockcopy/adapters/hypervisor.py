@@ -83,8 +83,10 @@ def _looks_like_uuid(ref: str) -> bool:
 class LibvirtHypervisor:
     """One libvirt connection (reopened when it drops) plus block-job event fan-out."""
 
-    def __init__(self, uri: str = "qemu:///system"):
+    def __init__(self, uri: str = "qemu:///system", *,
+                 open_connection: Callable[[str], libvirt.virConnect] = libvirt.open):
         self.uri = uri
+        self._open = open_connection  # libvirt.open; unit tests inject fault-injecting fakes
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
         self._listeners: list[JobListener] = []
@@ -117,7 +119,7 @@ class LibvirtHypervisor:
                     pass
                 self._drop()
             try:
-                conn = libvirt.open(self.uri)
+                conn = self._open(self.uri)
             except libvirt.libvirtError as exc:
                 raise HypervisorUnavailable(
                     f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}",
