@@ -170,8 +170,12 @@ fi
 helm_args=(template "$RBAC_NAME" "$REPO/charts/blockcopy-operator" --set "fullnameOverride=$RBAC_NAME"
            --show-only templates/clusterrole.yaml)
 [ "$NAMESPACES" = "*" ] || helm_args+=(--set "watchNamespaces={$(echo $NAMESPACES | tr ' ' ,)}")
+# (helm's notes on stderr, such as the chart's crds/ link, only when it fails.)
+role=$("$HELM" "${helm_args[@]}" 2>"$NODES_STATE/helm.err") \
+  || { cat "$NODES_STATE/helm.err" >&2; die "helm template of the chart's ClusterRole failed"; }
+rm -f "$NODES_STATE/helm.err"
 {
-  "$HELM" "${helm_args[@]}"
+  echo "$role"
   cat <<EOF
 ---
 apiVersion: rbac.authorization.k8s.io/v1
@@ -200,6 +204,13 @@ if [ "${#surplus[@]}" -gt 0 ]; then
   flock 9
 fi
 
+# write_owned FILE: stdin into FILE (replaced only when it changed), owned by the node's user.
+write_owned() {
+  cat >"$1.tmp"
+  chown "$NODE_UID:$NODE_GID" "$1.tmp"
+  replace_if_changed "$1.tmp" "$1" || true
+}
+
 session_ok() { timeout 10 virsh -c "$URI" version >/dev/null 2>&1; }
 
 for i in $(seq 1 "$COUNT"); do
@@ -224,14 +235,21 @@ for i in $(seq 1 "$COUNT"); do
   mkdir -p "$NODES_STATE/$name"
 
   # Its libvirt session daemon, started here (not by a client's autostart, which would give
-  # it --timeout=120: it would exit when idle, taking its domains' monitors away).
-  install -d -o "$NODE_UID" -g "$NODE_GID" -m 0700 "$NODE_HOME/.config" "$NODE_HOME/.config/libvirt"
-  cat >"$LIBVIRTD_CONF.tmp" <<EOF
+  # it --timeout=120: it would exit when idle). Through a link named $LIBVIRTD_BIN, so that
+  # its process name is not the system daemon's (`pgrep -x libvirtd` finds root's alone).
+  install -d -o "$NODE_UID" -g "$NODE_GID" -m 0700 "$NODE_HOME/.config" \
+    "$NODE_HOME/.config/libvirt" "$NODE_HOME/bin"
+  ln -sfn "$(command -v libvirtd)" "$NODE_HOME/bin/$LIBVIRTD_BIN"
+  write_owned "$LIBVIRTD_CONF" <<EOF
 # libvirtd of simulated node $name (hack/cluster-nodes.sh), a session daemon: the defaults,
 # started with --config pointing here (which is how the scripts recognise this process).
 EOF
-  chown "$NODE_UID:$NODE_GID" "$LIBVIRTD_CONF.tmp"
-  replace_if_changed "$LIBVIRTD_CONF.tmp" "$LIBVIRTD_CONF" || true
+  # QEMU's own log straight to a file: no session virtlogd per node (one process fewer,
+  # and none that `pgrep -x virtlogd` could take for the system's).
+  write_owned "$NODE_HOME/.config/libvirt/qemu.conf" <<EOF
+# QEMU driver of simulated node $name (hack/cluster-nodes.sh)
+stdio_handler = "file"
+EOF
   pid=$(pid_of "$RUN/$name.libvirtd.pid" "$LIBVIRTD_MATCH")
   [ -n "$pid" ] || pid=$(find_ours "$RUN/$name.libvirtd.pid" "$LIBVIRTD_MATCH")
   if [ -n "$pid" ] && ! wait_for 30 "$pid" session_ok; then
@@ -242,7 +260,7 @@ EOF
     # A daemon someone's client started (with --timeout) holds the user's pid file.
     other=$(cat "/run/user/$NODE_UID/libvirt/libvirtd.pid" 2>/dev/null || true)
     if [[ "$other" =~ ^[0-9]+$ ]] && [ "$(stat -c %u "/proc/$other" 2>/dev/null)" = "$NODE_UID" ] \
-       && [ "$(cat "/proc/$other/comm" 2>/dev/null)" = libvirtd ]; then
+       && [[ "$(cat "/proc/$other/comm" 2>/dev/null)" == *libvirtd ]]; then
       log "replacing the autostarted libvirtd of $name (pid $other)"
       stop_pid "libvirtd of $name" "$other"
     fi
@@ -250,7 +268,7 @@ EOF
     start_bg "$name.libvirtd" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$NODE_HOME" \
       USER="$name" LOGNAME="$name" XDG_RUNTIME_DIR="/run/user/$NODE_UID" \
       setpriv --reuid="$NODE_UID" --regid="$NODE_GID" --init-groups \
-      libvirtd --config "$LIBVIRTD_CONF"
+      "$NODE_HOME/bin/$LIBVIRTD_BIN" --config "$LIBVIRTD_CONF"
     pid=$(cat "$RUN/$name.libvirtd.pid")
     if ! wait_for 60 "$pid" session_ok; then
       tail -n 20 "$LOGS/$name.libvirtd.log" >&2 || true

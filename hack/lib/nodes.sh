@@ -40,6 +40,7 @@ node_vars() {
   URI="qemu+unix:///session?socket=/run/user/${NODE_UID:-UNKNOWN}/libvirt/libvirt-sock"
   IMAGES_DIR=$IMAGES_ROOT/$1
   LIBVIRTD_CONF=$NODE_HOME/.config/libvirt/libvirtd.conf
+  LIBVIRTD_BIN=$PREFIX-libvirtd   # its process name (a link to libvirtd in its home's bin/)
   # Patterns that find the node's processes (pid_of, find_ours, stop_matching).
   LIBVIRTD_MATCH="libvirtd --config $LIBVIRTD_CONF"
   AGENT_MATCH="-m blockcopy --node-name $1 --libvirt-uri"
