@@ -169,6 +169,7 @@ fi
 # ServiceAccount), bound to the group of their client certificates.
 helm_args=(template "$RBAC_NAME" "$REPO/charts/blockcopy-operator" --set "fullnameOverride=$RBAC_NAME"
            --show-only templates/clusterrole.yaml)
+# shellcheck disable=SC2086 # one word per namespace, joined with commas
 [ "$NAMESPACES" = "*" ] || helm_args+=(--set "watchNamespaces={$(echo $NAMESPACES | tr ' ' ,)}")
 # (helm's notes on stderr, such as the chart's crds/ link, only when it fails.)
 role=$("$HELM" "${helm_args[@]}" 2>"$NODES_STATE/helm.err") \

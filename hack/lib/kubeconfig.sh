@@ -1,7 +1,8 @@
 # Identities of the local environment's components (hack/cluster-node.sh's kubelet and
 # scheduler, hack/cluster-nodes.sh's agents): client certificates from the local CA, which
 # the API server trusts (--client-ca-file), and kubeconfigs that use them. One copy, sourced.
-# The caller sets $PKI (the state dir's pki/) and $API_PORT.
+# The caller sets $PKI (the state dir's pki/) and $API_PORT. Runs in its shell, under
+# set -euo pipefail.
 # shellcheck shell=bash
 
 # replace_if_changed TMP DEST: moves TMP over DEST when they differ; true when it did.

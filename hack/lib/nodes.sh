@@ -1,7 +1,7 @@
 # The simulated nodes of hack/cluster-nodes.sh: names, paths and settings shared with
 # hack/cluster-nodes-down.sh. One copy, sourced. The caller sets $STATE, $NODES_STATE, $RUN
-# and defines log() and die().
-# shellcheck shell=bash
+# and defines log() and die(). Runs in their shells, under set -euo pipefail.
+# shellcheck shell=bash disable=SC2034  # its variables are for the callers
 
 # What every node has in common.
 ALLOWED_ROOT=/var/lib/libvirt/images          # the agents' --allowed-path
