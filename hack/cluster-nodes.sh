@@ -111,7 +111,11 @@ stop_agent() {
   else
     log "sending SIG$sig to the agent of $name (pid $pid)"
     kill -s "$sig" "$pid"
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    # Gone, or a zombie (pid 1 may reap its adopted children late): it runs no more.
+    while kill -0 "$pid" 2>/dev/null \
+          && [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" != Z ]; do
+      sleep 0.1
+    done
   fi
   rm -f "$RUN/$name.agent.pid"
 }
@@ -226,6 +230,7 @@ for i in $(seq 1 "$COUNT"); do
     log "created user $name"
   fi
   node_vars "$name"   # now with its UID
+  install -d -o "$NODE_UID" -g "$NODE_GID" -m 0755 "$NODE_HOME"
   claim_user "$name"
   install -d -o "$NODE_UID" -g "$NODE_GID" -m 0700 "/run/user/$NODE_UID"
   install -d -m 0755 "$IMAGES_ROOT"
