@@ -74,9 +74,12 @@ HELM="$STATE/bin/helm"
 [ -x "$HELM" ] || HELM=helm
 
 # ---------------------------------------------------------------- agents
-# The agent's command line: one place, for the bring-up and start-agent.
-start_agent() {
-  local name=$1 pid offset ns
+# launch_agent NAME: starts the node's agent unless it runs (the agent's command line: one
+# place, for the bring-up and start-agent), without waiting: await_agent NAME does. The
+# nodes' agents start side by side (each takes seconds to import and connect).
+declare -A AGENT_OFFSET=()   # where a launched agent's log began
+launch_agent() {
+  local name=$1 pid ns
   node_vars "$name"
   pid=$(pid_of "$RUN/$name.agent.pid" "$AGENT_MATCH")
   [ -n "$pid" ] || pid=$(find_ours "$RUN/$name.agent.pid" "$AGENT_MATCH")
@@ -86,19 +89,28 @@ start_agent() {
     for ns in $NAMESPACES; do args+=(--namespace "$ns"); done
   fi
   [ -x "$VENV/bin/python" ] || die "no $VENV/bin/python: run make venv (or set BLOCKCOPY_VENV)"
-  offset=$(stat -c %s "$LOGS/$name.agent.log" 2>/dev/null || echo 0)
+  AGENT_OFFSET[$name]=$(stat -c %s "$LOGS/$name.agent.log" 2>/dev/null || echo 0)
   # No in-cluster service environment may take precedence over the kubeconfig.
   start_bg "$name.agent" env -u KUBERNETES_SERVICE_HOST -u KUBERNETES_SERVICE_PORT \
     KUBECONFIG="$NODES_STATE/$name/agent.kubeconfig" NODE_NAME="$name" \
     "$VENV/bin/python" -m blockcopy "${args[@]}"
+}
+
+# await_agent NAME: after launch_agent, until the agent logged "agent ready".
+await_agent() {
+  local name=$1 pid offset
+  [ -n "${AGENT_OFFSET[$name]:-}" ] || return 0   # it was running already
+  offset=${AGENT_OFFSET[$name]}
   pid=$(cat "$RUN/$name.agent.pid")
   agent_ready() { tail -c +"$((offset + 1))" "$LOGS/$name.agent.log" | grep "agent ready" >/dev/null; }
-  if ! wait_for 60 "$pid" agent_ready; then
+  if ! wait_for 90 "$pid" agent_ready; then
     tail -c +"$((offset + 1))" "$LOGS/$name.agent.log" | tail -n 30 >&2 || true
-    die "agent of $name not ready after 60 s (log: $LOGS/$name.agent.log)"
+    die "agent of $name not ready after 90 s (log: $LOGS/$name.agent.log)"
   fi
   log "agent of $name ready (pid $pid)"
 }
+
+start_agent() { launch_agent "$1"; await_agent "$1"; }
 
 stop_agent() {
   local name=$1 sig=${2:-TERM} pid
@@ -218,6 +230,9 @@ write_owned() {
 
 session_ok() { timeout 10 virsh -c "$URI" version >/dev/null 2>&1; }
 
+# Each node's user, files, daemon and Node object; the daemons start side by side, then the
+# agents do (each waits for its daemon: the agent connects at once).
+new_daemons=()
 for i in $(seq 1 "$COUNT"); do
   name="$PREFIX-node-$i"
   node_vars "$name"
@@ -275,11 +290,7 @@ EOF
       USER="$name" LOGNAME="$name" XDG_RUNTIME_DIR="/run/user/$NODE_UID" \
       setpriv --reuid="$NODE_UID" --regid="$NODE_GID" --init-groups \
       "$NODE_HOME/bin/$LIBVIRTD_BIN" --config "$LIBVIRTD_CONF"
-    pid=$(cat "$RUN/$name.libvirtd.pid")
-    if ! wait_for 60 "$pid" session_ok; then
-      tail -n 20 "$LOGS/$name.libvirtd.log" >&2 || true
-      die "libvirtd of $name does not answer at $URI (log: $LOGS/$name.libvirtd.log)"
-    fi
+    new_daemons+=("$name")
   fi
 
   # Its Node object: created once; labels and taint (re)set like hack/cluster-node.sh does
@@ -298,11 +309,20 @@ EOF
   "${ADMIN[@]}" label node "$name" --overwrite "${NODE_LABELS[@]}" >/dev/null
   "${ADMIN[@]}" taint node "$name" "$TAINT_KEY=true:NoSchedule" --overwrite >/dev/null
 
-  # Its agent: a client certificate of its own, in the agents' group.
+  # Its agent's identity: a client certificate of its own, in the agents' group.
   client_cert "$AGENT_CERT" "/O=$AGENT_GROUP/CN=$AGENT_GROUP:$name"
   kubeconfig_for "$NODES_STATE/$name/agent.kubeconfig" "$AGENT_CERT"
-  start_agent "$name"
 done
+for name in "${new_daemons[@]}"; do
+  node_vars "$name"
+  pid=$(cat "$RUN/$name.libvirtd.pid")
+  if ! wait_for 60 "$pid" session_ok; then
+    tail -n 20 "$LOGS/$name.libvirtd.log" >&2 || true
+    die "libvirtd of $name does not answer at $URI (log: $LOGS/$name.libvirtd.log)"
+  fi
+done
+for i in $(seq 1 "$COUNT"); do launch_agent "$PREFIX-node-$i"; done
+for i in $(seq 1 "$COUNT"); do await_agent "$PREFIX-node-$i"; done
 
 # ---------------------------------------------------------------- cluster-wide part: HOOK
 # HOOK for the cluster-wide part the plans need (a controller that spreads a plan's copies
