@@ -74,7 +74,10 @@ integration: cluster
 e2e: cluster
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
+# The GitOps health checks run Flux's kstatus and Argo CD's Lua sandbox from Go modules
+# (tests/gitops, built once per content into the cache by hack/build-gitops-health.sh).
 chart: venv
+	./hack/build-gitops-health.sh >/dev/null
 	$(PY) -m pytest tests/chart -m "not e2e" --deselect tests/chart/test_image_build.py::test_build_image_and_run_help $(PYTEST_ARGS)
 
 chart-e2e: cluster cluster-node

@@ -32,7 +32,7 @@ import uuid
 import kubernetes
 import libvirt
 
-from blockcopy.api import GROUP, PLURAL, VERSION
+from blockcopy.model.api import GROUP, PLURAL, VERSION
 from support import vms as testvm
 from support.paths import KUBECONFIG, ROOT, STATE
 

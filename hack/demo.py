@@ -18,7 +18,7 @@ import time
 import kubernetes
 import yaml
 
-from blockcopy.api import GROUP, PLURAL, VERSION
+from blockcopy.model.api import GROUP, PLURAL, VERSION
 from support.agents import Agent
 from support.images import image_digest, qemu_img_compare
 from support.libvirt_probes import domstate, live_disk_source, live_mirror

@@ -27,6 +27,9 @@ from support.objects import BlockCopies
 from support.paths import KUBECONFIG
 from support.vms import VM, create_vm, destroy_vm
 
+# Fixtures kept next to the helpers they wrap.
+pytest_plugins = ["support.gitops"]  # gitops_health: Flux's and Argo CD's verdicts
+
 # ------------------------------------------------------------------ the local environment
 
 

@@ -1,13 +1,15 @@
 -- Argo CD health check for BlockCopy (blockcopy.dev/v1alpha1).
 -- Install: argocd-cm, key resource.customizations.health.blockcopy.dev_BlockCopy (README.md).
 --
---   Healthy      Pivoted, Aborted (finished as asked), and Mirrored while spec.pivot is false:
---                the copy is in sync and waits for the user (set spec.pivot or spec.abort).
+--   Healthy      Pivoted, Aborted (finished as asked), and Mirrored while neither spec.pivot nor
+--                spec.abort is set: the copy is in sync and waits for the user.
 --   Progressing  no status yet (no agent has claimed it), Pending, Queued, Preparing, Copying,
---                Mirrored with spec.pivot true (the pivot is next), Pivoting, Aborting; also any live phase
---                whose status does not reflect the latest spec yet (observedGeneration).
+--                Mirrored with spec.pivot or spec.abort set (that is next, maybe after the rest
+--                of its group), Pivoting, Aborting; also any live phase whose status does not
+--                reflect the latest spec yet (observedGeneration).
 --   Degraded     Failed.
 -- status.message, when there is one, is part of every health message.
+-- Only what Argo CD opens for a health script is used: the base, table and package libraries.
 local hs = {}
 
 local function with_message(text, status)
@@ -59,12 +61,13 @@ if generation ~= nil and status.observedGeneration ~= nil and status.observedGen
 end
 
 if phase == "Mirrored" then
-  if spec.pivot == true then
-    hs.status = "Progressing"
-    hs.message = with_message("Mirrored, pivoting next", status)
-  elseif spec.abort == true then
+  -- abort wins over pivot, as in the agent.
+  if spec.abort == true then
     hs.status = "Progressing"
     hs.message = with_message("Mirrored, aborting next", status)
+  elseif spec.pivot == true then
+    hs.status = "Progressing"
+    hs.message = with_message("Mirrored, pivoting next", status)
   else
     hs.status = "Healthy"
     hs.message = with_message("Mirrored and waiting for you: the copy is in sync; set spec.pivot: true to switch the VM to it (or spec.abort: true to keep a point-in-time copy)", status)

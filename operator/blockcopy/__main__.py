@@ -1,5 +1,5 @@
 import sys
 
-from blockcopy.cli import main
+from blockcopy.runtime.cli import main
 
 sys.exit(main())

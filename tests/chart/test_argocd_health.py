@@ -1,6 +1,9 @@
-"""The Argo CD health check (deploy/argocd/blockcopy-health.lua), run with real Lua interpreters
-(lupa) against BlockCopy objects in every phase. Argo CD runs health scripts with gopher-lua
-(Lua 5.1 semantics), so each case runs on Lua 5.1 and on the newest Lua that lupa bundles."""
+"""The Argo CD health check (deploy/argocd/blockcopy-health.lua) against BlockCopy objects in
+every phase: its statuses and messages. Each case runs where Argo CD runs it, in gopher-lua with
+the libraries Argo CD opens (tests/gitops, support/gitops.py), and, as a second check, in the
+reference Lua interpreters (lupa's Lua 5.1, whose semantics gopher-lua follows, and the newest
+Lua that lupa bundles). test_gitops_health.py checks the verdicts against the agent's statuses
+and Flux's kstatus."""
 
 from __future__ import annotations
 
@@ -10,18 +13,26 @@ from typing import Any
 import pytest
 import yaml
 
-from blockcopy.api import GROUP, KIND, VERSION
+from blockcopy.model.api import GROUP, KIND, VERSION
 from support.paths import CRD, ROOT
 
 SCRIPT = (ROOT / "deploy" / "argocd" / "blockcopy-health.lua").read_text()
-RUNTIMES = ["lupa.lua51", "lupa.lua54"]
+GOPHER_LUA = "gopher-lua"
+RUNTIMES = [GOPHER_LUA, "lupa.lua51", "lupa.lua54"]
 
 
-def health(obj: dict[str, Any], runtime: str) -> dict[str, str]:
+def health(obj: dict[str, Any], runtime: str, gitops_health=None) -> dict[str, str]:
+    if runtime == GOPHER_LUA:
+        result = gitops_health.one(obj)["argocd"]
+        assert not result.get("error"), result
+        return result
     lupa = importlib.import_module(runtime)
     lua = lupa.LuaRuntime(unpack_returned_tuples=True)
-    # Argo CD's sandbox: no os / io; the object is the global `obj`.
-    lua.execute("os = nil; io = nil")
+    # Close to Argo CD's sandbox (only base, table and package): the other libraries' globals
+    # go (string methods on values stay in lupa: gopher-lua above is the exact check); the
+    # object is the global `obj`.
+    lua.execute("string = nil; os = nil; io = nil; math = nil; debug = nil; coroutine = nil; "
+                "utf8 = nil")
     lua.globals().obj = lua.table_from(obj, recursive=True)
     result = lua.execute(SCRIPT)
     return {"status": result["status"], "message": result["message"]}
@@ -59,6 +70,7 @@ CASES = [
     (blockcopy("Mirrored", pivot=True, message="in sync"),
      "Progressing", ["pivoting next", "in sync"]),
     (blockcopy("Mirrored", abort=True), "Progressing", ["aborting next"]),
+    (blockcopy("Mirrored", pivot=True, abort=True), "Progressing", ["aborting next"]),
     (blockcopy("Pivoting", pivot=True, message="switching"), "Progressing", ["Pivoting",
                                                                                "switching"]),
     (blockcopy("Pivoted", pivot=True, message="VM runs on the copy"),
@@ -83,20 +95,20 @@ CASES = [
 @pytest.mark.parametrize("obj, expected, words", CASES,
                          ids=[f"{c[0].get('status', {}).get('phase', 'no-status')}-{i}"
                               for i, c in enumerate(CASES)])
-def test_health(obj, expected, words, runtime):
-    result = health(obj, runtime)
+def test_health(obj, expected, words, runtime, gitops_health):
+    result = health(obj, runtime, gitops_health)
     assert result["status"] == expected, result
     for word in words:
         assert word in result["message"], result
 
 
-def test_every_phase_of_the_crd_is_mapped():
+def test_every_phase_of_the_crd_is_mapped(gitops_health):
     crd = yaml.safe_load(CRD.read_text())
     status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
     phases = status["properties"]["phase"]["enum"]
     for phase in phases:
         for pivot in (False, True):
-            result = health(blockcopy(phase, pivot=pivot), "lupa.lua51")
+            result = health(blockcopy(phase, pivot=pivot), GOPHER_LUA, gitops_health)
             assert result["status"] in {"Healthy", "Progressing", "Degraded"}, (phase, result)
 
 

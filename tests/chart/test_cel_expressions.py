@@ -9,7 +9,7 @@ import celpy
 import pytest
 import yaml
 
-from blockcopy.api import NODE_LABEL
+from blockcopy.model.api import NODE_LABEL
 from support.helm import one
 from support.objects import FINALIZER
 from support.paths import ROOT

@@ -34,7 +34,7 @@ import uuid
 import pytest
 import yaml
 
-from blockcopy.api import NODE_LABEL
+from blockcopy.model.api import NODE_LABEL
 from support.cluster import apply_crd
 from support.helm import one
 from support.images import assert_identical, image_digest

@@ -19,7 +19,7 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
 from packaging.version import Version
 
-from blockcopy import policy as agent_policy
+from blockcopy.core import policy as agent_policy
 from support.helm import USER_ROLES, by_kind, one
 from support.paths import CHART, CRD
 
@@ -483,7 +483,7 @@ DESTS = ["/srv/bct-vm/team-a/x.qcow2", "/srv/bct-vm/team-a/deep/er.qcow2",
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_admission_policy_agrees_with_the_agents_policy(destinations_policy, namespace):
     """For the sample rules, every namespace and destination: admitted at admission exactly
-    when the agent's own policy (blockcopy.policy, fnmatch globs) lets the namespace write
+    when the agent's own policy (blockcopy.core.policy, fnmatch globs) lets the namespace write
     there; so the admission policy refuses early what the agent would refuse later, and
     nothing the agent would allow. (A dest equal to a root itself is no file under it: the
     agent lets it pass to its other checks, the admission policy refuses it.)"""

@@ -2,8 +2,8 @@
 dashboard (schema version, templating, panels with a data source and queries), shipped as a
 ConfigMap for Grafana's sidecar only when asked, and every PromQL query naming only metrics,
 and labels, that the agent really exports: offline against prometheus-client's registry once
-blockcopy.metrics is imported, and (e2e) against the /metrics of a real agent process scraped
-during a real copy and a real failure."""
+blockcopy.adapters.metrics is imported, and (e2e) against the /metrics of a real agent process
+scraped during a real copy and a real failure."""
 
 from __future__ import annotations
 
@@ -241,10 +241,11 @@ def test_the_query_reader_rejects_what_it_should():
 
 
 def test_queries_name_metrics_of_the_agents_registry():
-    # Offline: the names blockcopy.metrics registers (the e2e test below scrapes a real agent).
+    # Offline: the names blockcopy.adapters.metrics registers (the e2e test below scrapes a
+    # real agent).
     from prometheus_client import REGISTRY, generate_latest
 
-    import blockcopy.metrics  # noqa: F401  (registers the agent's metrics)
+    import blockcopy.adapters.metrics  # noqa: F401  (registers the agent's metrics)
     check_queries(dashboard(), exported(generate_latest(REGISTRY).decode()), labels=False)
 
 

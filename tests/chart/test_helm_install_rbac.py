@@ -32,7 +32,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from blockcopy.api import GROUP, KIND, NODE_LABEL, PLURAL, VERSION
+from blockcopy.model.api import GROUP, KIND, NODE_LABEL, PLURAL, VERSION
 from support.agents import Agent, free_port, http_get
 from support.cluster import apply_crd, custom_objects, token_kubeconfig
 from support.helm import (

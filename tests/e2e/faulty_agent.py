@@ -2,8 +2,8 @@
 
 A real libvirt does not refuse a pivot once the mirror is ready, so the "pivot refused" path
 of the agent cannot be provoked from outside. This launcher runs the real agent
-(``blockcopy.cli.main()``, same command line as ``python -m blockcopy``) with the libvirt
-client wrapped, through the agent's hypervisor interface (``blockcopy.ports.Hypervisor``):
+(``blockcopy.runtime.cli.main()``, same command line as ``python -m blockcopy``) with the libvirt
+client wrapped, through the agent's hypervisor interface (``blockcopy.model.ports.Hypervisor``):
 the first N pivots (env ``FAULT_PIVOT_REFUSALS``, default 2) raise
 ``HypervisorError('fault injection: pivot refused')`` without calling libvirt; every other
 call goes to the real client. Every pivot is logged to stderr with a timestamp, prefixed
@@ -29,9 +29,9 @@ import sys
 import time
 from typing import Any
 
-from blockcopy import cli
-from blockcopy.hypervisor import LibvirtHypervisor
-from blockcopy.ports import HypervisorError
+from blockcopy.adapters.hypervisor import LibvirtHypervisor
+from blockcopy.model.ports import HypervisorError
+from blockcopy.runtime import cli
 
 
 class RefusingPivots:

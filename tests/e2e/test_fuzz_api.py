@@ -63,7 +63,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from kubernetes.client.exceptions import ApiException
 
-from blockcopy.api import GROUP, KIND, PLURAL, VERSION
+from blockcopy.model.api import GROUP, KIND, PLURAL, VERSION
 from support.agents import free_port, http_get
 from support.images import assert_identical
 from support.isolation import unique_node

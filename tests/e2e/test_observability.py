@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support.agents import free_port, http_get
 from support.objects import copy_spec
-from support.waits import wait_for
+from support.waits import gone, wait_for
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -68,3 +68,27 @@ def test_metrics_move_during_a_real_copy(agent_factory, node, vms, blockcopies):
     records = [json.loads(line) for line in lines]
     assert any("claimed" in r.get("message", "") or "Copying" in r.get("message", "")
                for r in records)
+
+
+def test_a_deleted_copy_leaves_no_series_behind(agent_factory, node, vms, blockcopies):
+    """Deleting a copy while it copies removes its per-copy series and its phase from the
+    gauges (the agent forgets it), so /metrics does not grow with every copy ever made."""
+    port = free_port()
+    agent_factory(node, extra_args=["--metrics-port", str(port)])
+    vm = vms(layers=2, size="256M", data_per_layer="64M")
+    name = blockcopies.create(copy_spec(vm, node=node, dest=os.path.join(vm.workdir, "c.qcow2"),
+                                        bandwidth="4Mi"))
+    blockcopies.wait_phase(name, "Copying")
+
+    def per_copy(samples) -> list[tuple[str, tuple]]:
+        return [key for key in samples if ("name", name) in key[1]]
+
+    during = wait_for(lambda: (s := _scrape(port)) and per_copy(s) and s, 60,
+                      what="the copy's own series (rate, time left)")
+    assert _value(during, "blockcopy_objects", phase="Copying") == 1
+    blockcopies.delete(name)
+    wait_for(gone(blockcopies, name), 60, what="the object to go (its job cancelled)")
+    after = wait_for(lambda: (s := _scrape(port)) and
+                     _value(s, "blockcopy_objects", phase="Copying") == 0 and s, 30,
+                     what="the Copying gauge to drop")
+    assert per_copy(after) == [], per_copy(after)

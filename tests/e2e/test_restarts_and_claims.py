@@ -37,7 +37,7 @@ import time
 import pytest
 import yaml
 
-from blockcopy.api import GROUP, KIND, NODE_LABEL, VERSION
+from blockcopy.model.api import GROUP, KIND, NODE_LABEL, VERSION
 from support.assertions import assert_on_source
 from support.images import image_digest
 from support.isolation import unique, unique_node
@@ -125,8 +125,10 @@ def test_sigkill_restart_while_mirrored(agent_factory, node, vms, blockcopies, c
     mirror = live_mirror(vm, "vda")
     assert mirror["source"] == dest and mirror["ready"] == "yes"
 
-    agent_factory(node)
-    time.sleep(3)  # the restarted agent looks at the ready job (and has nothing to write)
+    second = agent_factory(node)
+    # The restarted agent looks at the ready job, and has nothing to write.
+    wait_for(lambda: f"{name}: first look done: Mirrored" in second.log(), 30,
+             what="the restarted agent's first look")
     status = blockcopies.status(name)
     assert status["phase"] == "Mirrored", status
     assert status["mirroredTime"] == mirrored["mirroredTime"]
@@ -205,6 +207,11 @@ def test_restart_after_end_does_nothing(end, agent_factory, node, vms, blockcopi
 # exercise this test's agents, so the race is run again (a bounded number of times).
 
 
+def _passes(agent) -> list[str]:
+    """The claimer's "pass done" lines in an agent's log (one per --claim-interval)."""
+    return [line for line in agent.log().splitlines() if "claimer pass over" in line]
+
+
 def _race(agents, vms_list, blockcopies, core, namespace) -> dict[str, str]:
     """Create one unclaimed object per VM in a single request and check that each is claimed
     exactly once: {name: winning node}. Objects won by this test's agents must be copied
@@ -221,8 +228,9 @@ def _race(agents, vms_list, blockcopies, core, namespace) -> dict[str, str]:
     for name, vm in zip(names, vms_list, strict=True):
         label = wait_for(claimed(blockcopies, name), 30)
         winners[name] = label
-        if label not in by_node:  # another session's agent won: none of ours may have claimed
-            time.sleep(1)
+        if label not in by_node:
+            # Another session's agent won: the claim is a conditional write, so the label
+            # in the API is the one claim there is; none of ours may say otherwise.
             assert not any(_claim_lines(a, namespace, name) for a in agents)
             continue
         status = blockcopies.wait_phase(name, "Pivoted", "Failed", timeout=120)
@@ -281,8 +289,10 @@ def test_pending_until_domain_runs(agent_factory, node, vms, blockcopies, core, 
             status["message"], status
         assert condition(status, "Failed") is None or \
             condition(status, "Failed")["status"] == "False"
-        time.sleep(2 * interval)  # re-checked twice meanwhile: still nobody runs it
-        obj = blockcopies.get(name)
+        passes = len(_passes(agent))
+        wait_for(lambda: len(_passes(agent)) >= passes + 2, 6 * interval,  # noqa: B023
+                 what="two more passes of the claimer")
+        obj = blockcopies.get(name)  # re-checked twice meanwhile: still nobody runs it
         assert obj["status"]["phase"] == "Pending"
         assert NODE_LABEL not in (obj["metadata"].get("labels") or {})
         assert not os.path.exists(IMAGES / vm_name)
@@ -314,10 +324,11 @@ def test_pending_phase_has_an_event(agent_factory, node, blockcopies, core):
                                         dest="/var/lib/libvirt/images/bct-nowhere.qcow2"))
     status = blockcopies.wait_phase(name, "Pending", timeout=30)
     assert status["message"] == f"waiting for the agent on node {absent} to claim it", status
-    time.sleep(2)
-    assert f"claiming {name} failed" not in agent.log(), agent.log()
+    # The Event is posted after the Pending write, by the same pass: once it is there, the
+    # claimer is done with the object, and a failure would have been logged already.
     events = wait_for(events_of(blockcopies, core, name, "Pending"), 10)
     assert events[0].type == "Normal" and status["message"] in events[0].message
+    assert f"claiming {name} failed" not in agent.log(), agent.log()
 
 
 # ---------------------------------------------------------------- 14. server-side filtering
@@ -336,9 +347,14 @@ def test_agent_receives_only_its_own_objects(agent_factory, node, vms, blockcopi
         copy_spec(vm, node=node, dest=os.path.join(vm.workdir, "mine.qcow2"), pivot=True),
         name=unique("bc-mine"))
     blockcopies.wait_phase(mine, "Pivoted")
-    # The other node's object changes while this agent runs: still nothing comes to it.
+    # The other node's object changes while this agent runs: still nothing comes to it. A
+    # change of its own object after that one does come (the watch delivers in order): once
+    # it is in the log, the other one would be too, had the API server sent it.
     blockcopies.patch_spec(theirs, {"bandwidth": "5Mi"})
-    time.sleep(3)
+    blockcopies.patch_spec(mine, {"bandwidth": "5Mi"})
+    wait_for(lambda: any(mine in line and "Handler 'spec_changed' succeeded" in line
+                         for line in agent.log().splitlines()), 30,
+             what="the agent to receive its own object's change")
 
     log = agent.log()
     assert mine in log  # verbose: it does log the objects it receives
@@ -362,7 +378,9 @@ def test_namespaced_agent_claims_only_in_its_namespace(agent_factory, node, vms,
     vm = vms()
     dest = os.path.join(vm.workdir, "copy.qcow2")
     name = blockcopies.create(copy_spec(vm, node=None, dest=dest, pivot=True))
-    time.sleep(8)  # a few claim intervals
+    passes = len(_passes(agent))
+    wait_for(lambda: len(_passes(agent)) >= passes + 2, 20,
+             what="two passes of the claimer over its namespace after the creation")
     obj = blockcopies.get(name)
     labels = obj["metadata"].get("labels") or {}
     assert labels.get(NODE_LABEL) != node, (

@@ -36,7 +36,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from blockcopy.api import GROUP, KIND, PLURAL, VERSION
+from blockcopy.model.api import GROUP, KIND, PLURAL, VERSION
 from support.assertions import assert_on_source, assert_untouched
 from support.cluster import custom_objects, token_kubeconfig
 from support.helm import NO_USER_ROLES, by_kind, install_with_user_roles, one, user_roles_turn

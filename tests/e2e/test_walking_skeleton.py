@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from blockcopy.api import NODE_LABEL
+from blockcopy.model.api import NODE_LABEL
 from support.images import image_digest, qemu_img_compare, qemu_img_info
 from support.libvirt_probes import blockjob_text, domstate, live_disk_source, live_mirror, virsh
 from support.objects import condition, copy_spec

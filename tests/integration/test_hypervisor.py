@@ -13,10 +13,10 @@ import uuid
 import libvirt
 import pytest
 
-from blockcopy.api import Flag
-from blockcopy.hypervisor import LibvirtHypervisor, use_asyncio_loop
-from blockcopy.observation import JobEvent, MirrorReady
-from blockcopy.ports import CopyRequest, HypervisorError, HypervisorUnavailable
+from blockcopy.adapters.hypervisor import LibvirtHypervisor, use_asyncio_loop
+from blockcopy.model.api import Flag
+from blockcopy.model.observation import JobEvent, MirrorReady
+from blockcopy.model.ports import CopyRequest, HypervisorError, HypervisorUnavailable
 from support.images import qemu_img_compare
 from support.waits import wait_for
 

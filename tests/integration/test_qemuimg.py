@@ -1,4 +1,4 @@
-"""The qemu-img client (blockcopy.qemuimg) against the real qemu-img: an NBD export whose
+"""The qemu-img client (blockcopy.adapters.qemuimg) against the real qemu-img: an NBD export whose
 server never answers ends in an ImageError within the probe's timeout, not in a wait
 forever (the agent starts copies one at a time: one stuck probe would stop every start)."""
 
@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from blockcopy import qemuimg
-from blockcopy.ports import ImageError
+from blockcopy.adapters import qemuimg
+from blockcopy.model.ports import ImageError
 
 pytestmark = pytest.mark.integration
 

@@ -102,7 +102,7 @@ def test_persistent_vm(conn, vms):
 def test_tenant_metadata(conn, vms):
     """The agent reads a domain's tenant from its live XML (blockcopy.domainxml.tenant_of),
     for the tenant policy; other metadata may sit next to it."""
-    from blockcopy.domainxml import tenant_of
+    from blockcopy.core.domainxml import tenant_of
 
     other = '<x:note xmlns:x="https://example.com/x" text="kept"/>'
     vm = vms(tenant="team-b", metadata=other)

@@ -1,5 +1,5 @@
 """FAKES for orchestration tests: an in-memory hypervisor and Kubernetes API behind the
-agent's interfaces (``blockcopy.ports``). Like Nova's fake libvirt: a small model of
+agent's interfaces (``blockcopy.model.ports``). Like Nova's fake libvirt: a small model of
 domains, disks and block jobs with the rules the agent relies on (one job per disk, pivot
 refused before READY, events on completion), plus knobs to inject faults a real libvirtd
 cannot be made to produce on demand. Never a substitute for the e2e tests on real parts.
@@ -15,8 +15,15 @@ import uuid as uuidlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from blockcopy.observation import DiskInfo, DiskState, JobEvent, JobProgress, Mirror, MirrorReady
-from blockcopy.ports import (
+from blockcopy.model.observation import (
+    DiskInfo,
+    DiskState,
+    JobEvent,
+    JobProgress,
+    Mirror,
+    MirrorReady,
+)
+from blockcopy.model.ports import (
     CopyRequest,
     DiskSize,
     HypervisorError,
@@ -212,7 +219,7 @@ class FakeHypervisor:
     capabilities_value = None  # set to a Capabilities to pretend another hypervisor
 
     async def capabilities(self):
-        from blockcopy.ports import Capabilities
+        from blockcopy.model.ports import Capabilities
 
         await self._enter("capabilities")
         return self.capabilities_value or Capabilities(libvirt=(9, 0, 0), qemu=(7, 2, 0))

@@ -15,7 +15,7 @@ import uuid
 
 import kubernetes
 
-from blockcopy.api import GROUP, PLURAL, VERSION
+from blockcopy.model.api import GROUP, PLURAL, VERSION
 from support.cluster import Kubectl
 
 

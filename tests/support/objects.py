@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import kubernetes
 import yaml
 
-from blockcopy.api import GROUP, KIND, PLURAL, VERSION
+from blockcopy.model.api import GROUP, KIND, PLURAL, VERSION
 from support.waits import copying_with, phase_in, wait_for
 
 if TYPE_CHECKING:

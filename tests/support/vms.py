@@ -328,7 +328,7 @@ def guest_boot_files() -> tuple[str, str]:
 # ---------------------------------------------------------------- domains
 
 
-# The agent's own element in a domain's <metadata> (blockcopy.policy: the domain's tenant).
+# The agent's own element in a domain's <metadata> (blockcopy.core.policy: the domain's tenant).
 POLICY_NS = "https://blockcopy.dev/policy/v1"
 
 
@@ -402,7 +402,7 @@ def create_vm(
     a name that already starts with 'bct-' is used as is. ``disks`` > 1 adds vdb, vdc...,
     each with a chain of its own like vda's (same layers and sizes), in the same directory,
     its files prefixed with the target (vdb-base.qcow2, vdb-layer1.qcow2, ...).
-    ``tenant``: the agent's policy element in its <metadata> (see blockcopy.policy);
+    ``tenant``: the agent's policy element in its <metadata> (see blockcopy.core.policy);
     ``metadata``: any other XML there. With ``guest_writes``, the guest writes
     ``write_slots`` blocks in turn (support.guestwrites.plan_writes); with ``guest_load_mib``
     it also writes that many MiB of random data into a scratch area after each block (a

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from blockcopy.api import NODE_LABEL
+from blockcopy.model.api import NODE_LABEL
 
 if TYPE_CHECKING:
     from support.objects import BlockCopies

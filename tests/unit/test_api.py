@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockcopy.api import Flag, SpecError, parse_bandwidth, parse_spec
+from blockcopy.model.api import Flag, SpecError, parse_bandwidth, parse_spec
 
 GOOD = {"domain": "vm1", "disk": "vda", "dest": "/var/lib/libvirt/images/copy.qcow2"}
 
@@ -97,7 +97,7 @@ def test_any_bandwidth_parses_or_gives_a_spec_error(value):
 
 
 def test_running_spec_keeps_started_fields_and_refuses_invalid_edits():
-    from blockcopy.api import parse_running_spec, pin_started_fields, started_fields
+    from blockcopy.model.api import parse_running_spec, pin_started_fields, started_fields
 
     started = started_fields({**GOOD, "flags": ["shallow"], "pivot": True})
     assert started == {**GOOD, "flags": ["shallow"]}  # mutable fields are not pinned

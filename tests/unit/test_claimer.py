@@ -8,8 +8,8 @@ import itertools
 
 import pytest
 
-from blockcopy.claimer import Claimer, Verdict
-from blockcopy.recorder import Recorder
+from blockcopy.agent.claimer import Claimer, Verdict
+from blockcopy.agent.recorder import Recorder
 from support.fakes import FakeHypervisor, FakeKube
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]

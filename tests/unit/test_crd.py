@@ -9,7 +9,7 @@ import celpy
 import pytest
 import yaml
 
-from blockcopy.api import GROUP, IMMUTABLE_FIELDS, KIND, PLURAL, VERSION, Flag, Phase
+from blockcopy.model.api import GROUP, IMMUTABLE_FIELDS, KIND, PLURAL, VERSION, Flag, Phase
 
 CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "crds" / "blockcopy.yaml").read_text())
 SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]

@@ -5,73 +5,33 @@ deterministic and in milliseconds of real time. The e2e tests run the same paths
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import itertools
 
 import pytest
 
-from blockcopy.agent import Agent, AgentConfig
-from blockcopy.observation import JobEvent, MirrorReady
-from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
+from blockcopy.model.observation import JobEvent, MirrorReady
+from support.agent_on_fakes import FakeNode
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 
 NODE = "node-1"
-EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
-class Scenario:
-    """An agent on the fakes, one VM, and helpers to run its follow loop."""
+class Scenario(FakeNode):
+    """An agent on the fakes, one VM, and its BlockCopies (named "bc" unless said)."""
 
     def __init__(self, tmp_path, **config_fields):
-        self.hv, self.kube, self.images = FakeHypervisor(), FakeKube(), FakeImages()
+        super().__init__(tmp_path, node=NODE, status_interval=1.0, poll_interval=5.0,
+                         **config_fields)
         self.dom = self.hv.add_domain("vm")
         self.dest = str(tmp_path / "copy.qcow2")
-        config = AgentConfig(node_name=NODE, allowed_paths=(str(tmp_path),),
-                             status_interval=1.0, poll_interval=5.0, **config_fields)
-        self.agent = Agent(config, kube=self.kube, hv=self.hv, images=self.images,
-                           clock=self.now)
-        self.stop = Stop()
-        self.tasks: list[asyncio.Task] = []
-
-    @staticmethod
-    def now() -> dt.datetime:
-        return EPOCH + dt.timedelta(seconds=asyncio.get_running_loop().time())
 
     def create(self, name: str = "bc", status: dict | None = None, **spec) -> dict:
-        full = {"domain": "vm", "disk": "vda", "dest": self.dest, **spec}
-        return self.kube.add(name, full, status=status,
-                             labels={"blockcopy.dev/node": NODE})
-
-    def follow(self, body: dict) -> asyncio.Task:
-        task = asyncio.create_task(self.agent.follow(body, self.stop))
-        self.tasks.append(task)
-        return task
-
-    def edit(self, body: dict, **spec) -> None:
-        """A user's edit: the spec changes, the generation grows, kopf's handler pokes."""
-        body["spec"].update(spec)
-        body["metadata"]["generation"] += 1
-        meta = body["metadata"]
-        self.agent.spec_changed(meta["namespace"], meta["name"], meta["generation"])
-
-    async def until(self, predicate, timeout: float = 120, step: float = 0.01) -> float:
-        """Wait (in loop time) until ``predicate()``; returns the loop time it became true."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not predicate():
-            if loop.time() > deadline:
-                raise AssertionError(f"not true after {timeout} s of loop time")
-            await asyncio.sleep(step)
-        return loop.time()
+        return self.add(name, {"domain": "vm", "disk": "vda", "dest": self.dest, **spec},
+                        status=status)
 
     def phase(self, name: str = "bc") -> str | None:
-        return self.kube.status_of(name).get("phase")
-
-    async def finish(self) -> None:
-        self.stop.set()
-        await asyncio.gather(*self.tasks)
-        await self.agent.recorder.drain()
+        return super().phase(name)
 
 
 @pytest.fixture
@@ -106,20 +66,13 @@ async def test_adopts_the_running_job_after_a_restart(s):
     s.follow(body)
     await s.until(lambda: s.phase() == "Copying")
     started = dict(s.kube.status_of("bc"))
-    s.stop.set()
-    await asyncio.gather(*s.tasks)
-
-    restarted = Scenario.__new__(Scenario)  # a new agent process on the same fakes
-    restarted.__dict__.update(s.__dict__)
-    restarted.stop, restarted.tasks = Stop(), []
-    restarted.agent = Agent(s.agent.config, kube=s.kube, hv=s.hv, images=s.images,
-                            clock=s.now)
+    await s.restart()  # a new agent process on the same fakes
     body["status"] = started
-    restarted.follow(body)
+    s.follow(body)
     s.hv.make_ready("vm")
-    await restarted.until(lambda: restarted.phase() == "Pivoted")
+    await s.until(lambda: s.phase() == "Pivoted")
     assert s.hv.verbs().count("start_copy") == 1  # adopted, not started twice
-    await restarted.finish()
+    await s.finish()
 
 
 async def test_adopts_a_job_it_never_recorded(s):
@@ -127,8 +80,8 @@ async def test_adopts_a_job_it_never_recorded(s):
     of ours (same destination) and adopts it instead of failing on a busy disk."""
     body = s.create()
     s.hv.disk("vm").job = None
-    from blockcopy.api import Flag
-    from blockcopy.ports import CopyRequest
+    from blockcopy.model.api import Flag
+    from blockcopy.model.ports import CopyRequest
     await s.hv.start_copy(CopyRequest(domain="vm", target="vda", dest=s.dest, format="qcow2",
                                       flags=frozenset({Flag.TRANSIENT_JOB})))
     s.hv.make_ready("vm", emit=False)
@@ -337,3 +290,37 @@ async def test_a_destination_in_the_source_chain_is_refused_before_libvirt(s, tm
         "DestInSourceChain"]
     assert "start_copy" not in s.hv.verbs()
     assert base.read_bytes() == b"QFI\xfb"
+
+
+async def test_an_object_deleted_under_a_pivot_intent_is_let_go_without_the_pivot(s):
+    """The intent (Pivoting) must be stored before the pivot; an object deleted meanwhile
+    (the API server answers 404) ends the loop there: no pivot, no crash of the daemon."""
+    body = s.create(pivot=True)
+    task = s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    del s.kube.objects[("ns", "bc")]  # deleted, finalizer and all (the API says 404)
+    s.hv.make_ready("vm")
+    await asyncio.wait_for(task, 30)
+    assert task.exception() is None
+    assert "pivot" not in s.hv.verbs() and s.hv.disk("vm").source != s.dest
+    await s.finish()
+
+
+async def test_a_finished_object_edited_later_acknowledges_the_new_generation(s):
+    """Nothing is done for an edit of a Pivoted object, and its status says so for the new
+    generation (Flux's kstatus reads observedGeneration first)."""
+    body = s.create(pivot=True)
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    s.hv.make_ready("vm")
+    await s.until(lambda: s.phase() == "Pivoted")
+    await s.finish()
+    body["status"] = s.kube.status_of("bc")
+    s.edit(body, bandwidth="10Mi")
+    await s.agent.acknowledge(body)
+    status = s.kube.status_of("bc")
+    assert status["observedGeneration"] == 2 and status["phase"] == "Pivoted"
+    assert {c["observedGeneration"] for c in status["conditions"]} == {2}
+    writes = len(s.kube.status_writes)
+    await s.agent.acknowledge(s.kube.objects[("ns", "bc")])  # once is enough
+    assert len(s.kube.status_writes) == writes

@@ -9,9 +9,8 @@ import datetime as dt
 
 import pytest
 
-from blockcopy.agent import Agent, AgentConfig
-from blockcopy.ports import HypervisorError
-from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
+from blockcopy.model.ports import HypervisorError
+from support.agent_on_fakes import FakeNode
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 
@@ -19,50 +18,28 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
-class Env:
+class Env(FakeNode):
     """Members of group g on domain vm; ``followed``: those the agent follows from the start
     (the others exist in the API only, like objects not yet claimed); ``created``: their
-    creationTimestamp. The agent's clock is T0 + the (fake) loop time."""
+    creationTimestamp."""
 
     def __init__(self, tmp_path, disks=("vda", "vdb", "vdc"), followed=None,
                  created="2025-12-31T23:00:00Z", pivot=False):
-        self.hv, self.kube = FakeHypervisor(), FakeKube()
+        super().__init__(tmp_path)
         self.hv.add_domain("vm", disks={d: str(tmp_path / f"{d}.qcow2") for d in disks})
-        loop = asyncio.get_running_loop()
-        self.agent = Agent(AgentConfig(node_name="n", allowed_paths=(str(tmp_path),)),
-                           kube=self.kube, hv=self.hv, images=FakeImages(),
-                           clock=lambda: T0 + dt.timedelta(seconds=loop.time()))
-        self.stop, self.tasks, self.bodies = Stop(), [], {}
+        self.bodies = {}
         for d in disks:
             spec = {"domain": "vm", "disk": d, "group": "g",
                     "dest": str(tmp_path / f"{d}.copy.qcow2"), **({"pivot": True} if pivot else {})}
-            self.bodies[d] = self.kube.add(d, spec, labels={"blockcopy.dev/node": "n"},
-                                           created=created)
+            self.bodies[d] = self.add(d, spec, created=created)
             if followed is None or d in followed:
                 self.follow(d)
 
-    def follow(self, d: str) -> None:
-        self.tasks.append(asyncio.create_task(self.agent.follow(self.bodies[d], self.stop)))
+    def follow(self, d):
+        return super().follow(self.bodies[d])
 
-    def phase(self, d: str) -> str | None:
-        return self.kube.status_of(d).get("phase")
-
-    def edit(self, d: str, **spec) -> None:
-        body = self.bodies[d]
-        body["spec"].update(spec)
-        body["metadata"]["generation"] += 1
-        self.agent.spec_changed("ns", d, body["metadata"]["generation"])
-
-    async def until(self, predicate, timeout=60):
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not predicate():
-            assert loop.time() < deadline
-            await asyncio.sleep(0.05)
-
-    async def finish(self):
-        self.stop.set()
-        await asyncio.gather(*self.tasks)
+    def edit(self, d, **spec):
+        super().edit(self.bodies[d], **spec)
 
 
 async def test_no_member_pivots_until_every_member_is_mirrored_with_pivot(tmp_path):

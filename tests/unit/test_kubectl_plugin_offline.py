@@ -10,8 +10,9 @@ import argparse
 import pytest
 import yaml
 
-from blockcopy import kubectl_plugin as plugin
-from blockcopy.kubectl_plugin import Disk
+from blockcopy.kubectl import errors, main, manifests, names
+from blockcopy.kubectl import text as render
+from blockcopy.kubectl.manifests import Disk
 
 NODE_XML = """<node>
   <domain type='test'>
@@ -37,42 +38,22 @@ NODE_XML = """<node>
 </node>"""
 
 
-@pytest.fixture
-def test_uri(tmp_path) -> str:
-    """libvirt's test driver with web-1 (running: two disks, a network disk, a cdrom) and
-    off-1 (shut off)."""
-    path = tmp_path / "node.xml"
-    path.write_text(NODE_XML)
-    return f"test://{path}"
-
-
 # ------------------------------------------------------------------ disks and destinations
 
 
 def test_disks_from_xml_keeps_disks_only():
     xml = NODE_XML.split("<node>")[1].split("</domain>")[0] + "</domain>"
-    assert plugin.disks_from_xml(xml) == [
+    assert manifests.disks_from_xml(xml) == [
         Disk("vda", "/images/a/top.qcow2", "qcow2"),
         Disk("vdb", "/dev/vg0/web-1-data", "raw"),
         Disk("vdc", None, "raw"),  # a network disk has no path: named after the VM
     ]
 
 
-def test_domain_disks_from_libvirt(test_uri):
-    name, disks = plugin.domain_disks(test_uri, "web-1")
-    assert name == "web-1" and [d.target for d in disks] == ["vda", "vdb", "vdc"]
-    with pytest.raises(plugin.LibvirtCannotTell) as exc:
-        plugin.domain_disks(test_uri, "nope")
-    assert exc.value.code == plugin.NOT_FOUND and "no domain 'nope'" in str(exc.value)
-    with pytest.raises(plugin.PluginError, match="is not running") as exc:
-        plugin.domain_disks(test_uri, "off-1")
-    assert not isinstance(exc.value, plugin.LibvirtCannotTell)
-
-
 def test_dests_are_the_sources_file_names_unless_ambiguous():
     disks = [Disk("vda", "/a/top.qcow2"), Disk("vdb", "/b/data.qcow2"),
              Disk("vdc", "/c/top.qcow2"), Disk("vdd", None, "raw"), Disk("vde")]
-    assert plugin.plan_dests("web-1", disks, "/new") == {
+    assert manifests.plan_dests("web-1", disks, "/new") == {
         "vda": "/new/web-1-vda.qcow2",  # top.qcow2 twice: ambiguous
         "vdb": "/new/data.qcow2",
         "vdc": "/new/web-1-vdc.qcow2",
@@ -82,13 +63,13 @@ def test_dests_are_the_sources_file_names_unless_ambiguous():
 
 
 def test_a_dest_that_is_the_source_is_refused():
-    with pytest.raises(plugin.PluginError, match=r"vda already is /a/top\.qcow2") as exc:
-        plugin.plan_dests("web-1", [Disk("vda", "/a/top.qcow2")], "/a")
-    assert exc.value.code == plugin.USAGE
+    with pytest.raises(errors.PluginError, match=r"vda already is /a/top\.qcow2") as exc:
+        manifests.plan_dests("web-1", [Disk("vda", "/a/top.qcow2")], "/a")
+    assert exc.value.code == errors.USAGE
 
 
 def test_manifests_one_per_disk_in_one_group():
-    bodies = plugin.manifests(domain="Web_1", disks=[Disk("vda", "/a/x.qcow2"), Disk("vdb")],
+    bodies = manifests.manifests(domain="Web_1", disks=[Disk("vda", "/a/x.qcow2"), Disk("vdb")],
                               to_dir="/new", group="Web_1", node="hv-7", pivot=True,
                               bandwidth="100Mi", namespace="vms")
     assert [b["metadata"]["name"] for b in bodies] == ["web-1-vda", "web-1-vdb"]
@@ -99,11 +80,11 @@ def test_manifests_one_per_disk_in_one_group():
         "spec": {"domain": "Web_1", "nodeName": "hv-7", "disk": "vda", "dest": "/new/x.qcow2",
                  "group": "Web_1", "bandwidth": "100Mi", "pivot": True}}
     # A group that is no valid label value is in spec only.
-    (body,) = plugin.manifests(domain="vm", disks=[Disk("vda")], to_dir="/n", group="a b",
+    (body,) = manifests.manifests(domain="vm", disks=[Disk("vda")], to_dir="/n", group="a b",
                                node=None, pivot=False, bandwidth=None, namespace="vms")
     assert "labels" not in body["metadata"] and body["spec"]["group"] == "a b"
     assert "nodeName" not in body["spec"] and body["spec"]["pivot"] is False
-    (body,) = plugin.manifests(domain="vm", disks=[Disk("vda")], to_dir="/n", group="g",
+    (body,) = manifests.manifests(domain="vm", disks=[Disk("vda")], to_dir="/n", group="g",
                                node=None, pivot=False, bandwidth=None, namespace="vms",
                                prefix="Back_Again")
     assert body["metadata"]["name"] == "back-again-vda" and body["spec"]["domain"] == "vm"
@@ -114,7 +95,7 @@ def test_manifests_one_per_disk_in_one_group():
     ("--x..y", "sda", "x-y-sda"), ("web.1", "vda", "web-1-vda"), ("a" * 300, "vda", "a" * 253),
 ])
 def test_object_names_are_valid(domain, target, name):
-    assert plugin.object_name(domain, target) == name
+    assert manifests.object_name(domain, target) == name
 
 
 # ------------------------------------------------------------------ display
@@ -125,7 +106,7 @@ def test_object_names_are_valid(domain, target, name):
     (3 * 2**30, "3.0 GiB/s"), (None, ""), ("fast", ""), (-1, ""),
 ])
 def test_human_rate(rate, text):
-    assert plugin.human_rate(rate) == text
+    assert render.human_rate(rate) == text
 
 
 def obj(name, phase=None, *, ns="vms", group="g", message=None, mirrored=False, **status):
@@ -141,7 +122,7 @@ def test_table_shows_rate_eta_group_and_message():
                    message="copying\n  /a to /b"),
                obj("web-1-vdb", "Queued", message="waiting for a free copy slot: 2nd in queue"),
                obj("new")]
-    text = plugin.table(*plugin.rows(objects, namespaces=True, message=True))
+    text = render.table(*render.rows(objects, namespaces=True, message=True))
     lines = text.splitlines()
     assert lines[0].split() == ["NAMESPACE", "NAME", "DOMAIN", "DISK", "PHASE", "PROGRESS",
                                 "RATE", "ETA", "NODE", "GROUP", "MESSAGE"]
@@ -151,85 +132,63 @@ def test_table_shows_rate_eta_group_and_message():
     # Columns line up: every PHASE cell starts where its header does.
     start = lines[0].index("PHASE")
     assert [line[start:].split()[0] for line in lines[1:3]] == ["Copying", "Queued"]
-    headers, _ = plugin.rows(objects, namespaces=False, message=False)
+    headers, _ = render.rows(objects, namespaces=False, message=False)
     assert "NAMESPACE" not in headers and "MESSAGE" not in headers
 
 
 def test_group_from_spec_or_label():
-    assert plugin.group_of({"spec": {"group": "a"}, "metadata": {}}) == "a"
-    assert plugin.group_of({"spec": {}, "metadata": {"labels": {plugin.GROUP_LABEL: "b"}}}) == "b"
-    assert plugin.group_of({"spec": {}, "metadata": {}}) == ""
+    assert render.group_of({"spec": {"group": "a"}, "metadata": {}}) == "a"
+    assert render.group_of({"spec": {}, "metadata": {"labels": {names.GROUP_LABEL: "b"}}}) == "b"
+    assert render.group_of({"spec": {}, "metadata": {}}) == ""
 
 
 # ------------------------------------------------------------------ wait's verdicts
 
 
 def test_reached_and_cannot_reach():
-    assert plugin.reached(obj("a", "Pivoted"), "Pivoted")
-    assert plugin.reached(obj("a", "Pivoted", mirrored=True), "Mirrored")  # passed
-    assert not plugin.reached(obj("a", "Copying"), "Mirrored")
-    assert plugin.cannot_reach(obj("a", "Copying"), "Pivoted") is None
-    assert plugin.cannot_reach(obj("a", "Failed", message="DestNotAllowed: no"),
+    assert render.reached(obj("a", "Pivoted"), "Pivoted")
+    assert render.reached(obj("a", "Pivoted", mirrored=True), "Mirrored")  # passed
+    assert not render.reached(obj("a", "Copying"), "Mirrored")
+    assert render.cannot_reach(obj("a", "Copying"), "Pivoted") is None
+    assert render.cannot_reach(obj("a", "Failed", message="DestNotAllowed: no"),
                                "Pivoted") == "a is Failed: DestNotAllowed: no"
-    assert plugin.cannot_reach(obj("a", "Failed"), "Failed") is None
-    assert plugin.cannot_reach(obj("a", "Aborted"), "Pivoted") == "a is Aborted"
-    assert plugin.cannot_reach(obj("a", "Aborted", mirrored=True), "Mirrored") is None
+    assert render.cannot_reach(obj("a", "Failed"), "Failed") is None
+    assert render.cannot_reach(obj("a", "Aborted"), "Pivoted") == "a is Aborted"
+    assert render.cannot_reach(obj("a", "Aborted", mirrored=True), "Mirrored") is None
 
 
 @pytest.mark.parametrize("text, seconds", [
     ("90", 90), ("90s", 90), ("5m", 300), ("1h30m", 5400), ("1.5h", 5400), ("250ms", 0.25)])
 def test_durations(text, seconds):
-    assert plugin.parse_duration(text) == seconds
+    assert render.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "5 minutes", "m5", "1x"])
 def test_bad_durations(text):
     with pytest.raises(argparse.ArgumentTypeError):
-        plugin.parse_duration(text)
+        render.parse_duration(text)
 
 
 def test_phases_in_any_case():
-    assert plugin.canonical_phase("pivoted") == "Pivoted"
-    assert plugin.canonical_phase("QUEUED") == "Queued"
+    assert render.canonical_phase("pivoted") == "Pivoted"
+    assert render.canonical_phase("QUEUED") == "Queued"
     with pytest.raises(argparse.ArgumentTypeError, match="phases: Pending, Queued"):
-        plugin.canonical_phase("done")
+        render.canonical_phase("done")
 
 
 # ------------------------------------------------------------------ the command line
 
 
-def test_move_dry_run_reads_the_disks_from_libvirt(test_uri, capsys):
-    code = plugin.main(["move", "web-1", "--to", "/new/", "--libvirt-uri", test_uri,
-                        "-n", "vms", "--dry-run", "--group", "batch-7", "--pivot"])
-    assert code == plugin.OK
-    bodies = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [(b["spec"]["disk"], b["spec"]["dest"]) for b in bodies] == [
-        ("vda", "/new/top.qcow2"), ("vdb", "/new/web-1-data"), ("vdc", "/new/web-1-vdc.raw")]
-    assert {b["spec"]["group"] for b in bodies} == {"batch-7"}
-    assert all(b["spec"]["pivot"] is True for b in bodies)
-
-
-def test_move_named_disks_are_checked_against_libvirt(test_uri, capsys):
-    args = ["move", "web-1", "--to", "/new", "--libvirt-uri", test_uri, "-n", "vms",
-            "--dry-run"]
-    assert plugin.main([*args, "--disk", "vdb,vdz"]) == plugin.NOT_FOUND
-    assert "has no disk 'vdz' (its disks: vda, vdb, vdc)" in capsys.readouterr().err
-    assert plugin.main([*args, "--disk", "vdb"]) == plugin.OK
-    (body,) = yaml.safe_load_all(capsys.readouterr().out)
-    assert body["spec"]["dest"] == "/new/web-1-data"
-
-
-def test_move_named_disks_without_libvirt(tmp_path, capsys):
-    uri = f"test://{tmp_path}/missing.xml"
-    assert plugin.main(["move", "far-1", "--to", "/new", "--disk", "vda", "--libvirt-uri", uri,
-                        "-n", "vms", "--dry-run"]) == plugin.OK
+def test_move_named_disks_without_an_inventory(capsys):
+    assert main.main(["move", "far-1", "--to", "/new", "--disk", "vda",
+                        "-n", "vms", "--dry-run"]) == errors.OK
     captured = capsys.readouterr()
     assert "destinations are named far-1-<disk>.qcow2" in captured.err
     (body,) = yaml.safe_load_all(captured.out)
     assert body["spec"]["dest"] == "/new/far-1-vda.qcow2"
-    # Without --disk, libvirt must tell.
-    assert plugin.main(["move", "far-1", "--to", "/new", "--libvirt-uri", uri, "-n", "vms",
-                        "--dry-run"]) == plugin.FAILURE
+    # Without --disk, the node inventory must tell.
+    assert main.main(["move", "far-1", "--to", "/new", "-n", "vms",
+                        "--dry-run"]) == errors.FAILURE
     assert "name the disks with --disk" in capsys.readouterr().err
 
 
@@ -243,8 +202,8 @@ def test_move_named_disks_without_libvirt(tmp_path, capsys):
 ])
 def test_usage_errors(argv, message, capsys, tmp_path):
     if argv[0] == "move":
-        argv = [*argv, "-n", "vms", "--dry-run", "--libvirt-uri", f"test://{tmp_path}/no.xml"]
-    assert plugin.main(argv) == plugin.USAGE
+        argv = [*argv, "-n", "vms", "--dry-run"]
+    assert main.main(argv) == errors.USAGE
     assert message in capsys.readouterr().err
 
 
@@ -252,24 +211,24 @@ def test_usage_errors(argv, message, capsys, tmp_path):
                                   ["wait", "a", "--for", "Pivoted", "--timeout", "soon"]])
 def test_argparse_errors_exit_2(argv, capsys):
     try:
-        code = plugin.main(argv)
+        code = main.main(argv)
     except SystemExit as exc:
         code = exc.code
-    assert code == plugin.USAGE
+    assert code == errors.USAGE
 
 
 def test_help_documents_the_exit_codes(capsys):
     with pytest.raises(SystemExit):
-        plugin.main(["--help"])
+        main.main(["--help"])
     text = capsys.readouterr().out
     assert "exit codes:" in text and "kubectl blockcopy move" in text
-    for code in (plugin.OK, plugin.NOT_REACHED, plugin.USAGE, plugin.NOT_FOUND,
-                 plugin.FAILURE):
+    for code in (errors.OK, errors.NOT_REACHED, errors.USAGE, errors.NOT_FOUND,
+                 errors.FAILURE):
         assert f"\n  {code}  " in text
 
 
 def test_kubeconfig_errors(tmp_path, capsys):
-    assert plugin.main(["list", "--kubeconfig", str(tmp_path / "none")]) == plugin.FAILURE
+    assert main.main(["list", "--kubeconfig", str(tmp_path / "none")]) == errors.FAILURE
     assert "cannot load the kubeconfig" in capsys.readouterr().err
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
@@ -278,7 +237,7 @@ def test_kubeconfig_errors(tmp_path, capsys):
         "users": [{"name": "u", "user": {"token": "t"}}],
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u",
                                                 "namespace": "team-a"}}]}))
-    assert plugin.main(["list", "--kubeconfig", str(kubeconfig)]) == plugin.FAILURE
+    assert main.main(["list", "--kubeconfig", str(kubeconfig)]) == errors.FAILURE
     err = capsys.readouterr().err
     assert "cannot reach the API server at https://127.0.0.1:1" in err
     assert "namespaces/team-a/" in err  # the context's namespace is the default

@@ -5,57 +5,35 @@ on real images."""
 
 from __future__ import annotations
 
-import asyncio
-import datetime as dt
-
 import pytest
 
-from blockcopy.agent import Agent, AgentConfig
-from blockcopy.api import Flag
-from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
+from blockcopy.model.api import Flag
+from support.agent_on_fakes import FakeNode
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 NODE = "n1"
 
 
-class Env:
+class Env(FakeNode):
+    """One VM whose disk has a chain top -> l1 -> l2 -> b, and one BlockCopy "bc"."""
+
     def __init__(self, tmp_path, **config):
-        self.hv, self.kube, self.images = FakeHypervisor(), FakeKube(), FakeImages()
-        self.root = tmp_path
+        super().__init__(tmp_path, node=NODE, **config)
         (tmp_path / "new").mkdir()
         self.dom = self.hv.add_domain("vm", disks={"vda": str(tmp_path / "top.qcow2")})
         self.disk = self.hv.disk("vm")
         self.disk.chain = tuple(str(tmp_path / n) for n in ("l1.qcow2", "l2.qcow2", "b.qcow2"))
-        self.agent = Agent(AgentConfig(node_name=NODE, allowed_paths=(str(tmp_path),),
-                                       **config),
-                           kube=self.kube, hv=self.hv, images=self.images,
-                           clock=lambda: dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
-        self.stop = Stop()
 
     def follow(self, **spec) -> dict:
-        body = self.kube.add("bc", {"domain": "vm", "disk": "vda", **spec},
-                             labels={"blockcopy.dev/node": NODE})
-        self.task = asyncio.create_task(self.agent.follow(body, self.stop))
+        body = self.add("bc", {"domain": "vm", "disk": "vda", **spec})
+        super().follow(body)
         return body
 
-    def status(self) -> dict:
-        return self.kube.status_of("bc")
-
-    async def until(self, predicate, timeout=300):
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not predicate():
-            assert loop.time() < deadline, self.status()
-            await asyncio.sleep(0.05)
+    def status(self, name: str = "bc") -> dict:
+        return super().status(name)
 
     async def phase(self, phase):
-        await self.until(lambda: self.status().get("phase") in (phase, "Failed"))
-        assert self.status()["phase"] == phase, self.status()
-        return self.status()
-
-    async def finish(self):
-        self.stop.set()
-        await self.task
+        return await self.reach("bc", phase)
 
 
 @pytest.fixture
@@ -125,9 +103,8 @@ async def test_a_restarted_agent_finishes_the_recorded_plan(env):
         "phase": "Preparing", "plan": status["plan"], "createdFiles": status["createdFiles"]}
     env.images.fail = {}
     env.images.calls.clear()
-    env.agent = Agent(env.agent.config, kube=env.kube, hv=env.hv, images=env.images)
-    env.stop = Stop()
-    env.task = asyncio.create_task(env.agent.follow(env.kube.objects[("ns", "bc")], env.stop))
+    await env.restart()
+    FakeNode.follow(env, env.body("bc"))
     await env.phase("Copying")
     assert [v for v in env.images.verbs() if v != "info"] == ["create", "rebase"]
     await env.finish()

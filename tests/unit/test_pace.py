@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blockcopy.pace import ProgressPace
+from blockcopy.core.pace import ProgressPace
 
 
 @pytest.mark.parametrize(("copying", "expected"), [(0, 1.0), (1, 1.0), (10, 1.0), (11, 1.1),

@@ -4,14 +4,16 @@ a forbidden object before any libvirt action (on the FAKES)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 
 import pytest
 
-from blockcopy.agent import Agent, AgentConfig
-from blockcopy.domainxml import tenant_of
-from blockcopy.policy import Policy, PolicyError, load, parse
-from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
+from blockcopy.core.domainxml import tenant_of
+from blockcopy.core.policy import Policy, PolicyError, parse
+from blockcopy.runtime.cli import load_policy as load
+from support.agent_on_fakes import FakeNode
+from support.fakes import Stop
 
 RULES = {"rules": [
     {"namespaces": ["team-a"], "domains": ["web-*"], "destinations": ["/images/a"]},
@@ -24,23 +26,35 @@ def policy() -> Policy:
     return parse(RULES)
 
 
+def precheck(policy: Policy, namespace: str, dest: str) -> str | None:
+    """As the agent asks: with the destination resolved on this file system."""
+    return policy.precheck(namespace=namespace, dest=dest, resolved=os.path.realpath(dest))
+
+
 def test_no_policy_allows_everything():
     assert not Policy().enabled
-    assert Policy().check(namespace="x", domain="y", tenant=None, dest="/z") is None
+    assert Policy().check(namespace="x", domain="y", tenant=None, dest="/z",
+                          resolved="/z") is None
     assert load(None) == Policy() and load("") == Policy()
 
 
 def test_namespaces_not_covered_are_refused_before_libvirt(policy):
-    refused = policy.precheck(namespace="team-c", dest="/images/a/x.qcow2")
+    refused = precheck(policy, "team-c", "/images/a/x.qcow2")
     assert refused is not None and "'team-c' may not use BlockCopy" in refused
-    assert policy.precheck(namespace="team-a", dest="/images/a/x.qcow2") is None
-    assert policy.precheck(namespace="team-b-dev", dest="/images/shared/x") is None
+    assert precheck(policy, "team-a", "/images/a/x.qcow2") is None
+    assert precheck(policy, "team-b-dev", "/images/shared/x") is None
 
 
 def test_destinations_are_per_namespace_and_resolved(policy, tmp_path):
-    refused = policy.precheck(namespace="team-a", dest="/images/b/x.qcow2")
+    refused = precheck(policy, "team-a", "/images/b/x.qcow2")
     assert refused is not None and "its destination roots are /images/a" in refused
-    assert policy.precheck(namespace="team-a", dest="/images/a/../b/x.qcow2") is not None
+    assert precheck(policy, "team-a", "/images/a/../b/x.qcow2") is not None
+    # Symlinks are resolved by the caller; the policy compares what it is given.
+    link = tmp_path / "a-link"
+    link.symlink_to("/images/b")
+    rooted = parse({"rules": [{"namespaces": ["t"], "domains": ["*"],
+                               "destinations": ["/images/a"]}]})
+    assert precheck(rooted, "t", str(link / "x.qcow2")) is not None
 
 
 def test_a_network_destination_is_under_no_root(policy, tmp_path, monkeypatch):
@@ -52,21 +66,19 @@ def test_a_network_destination_is_under_no_root(policy, tmp_path, monkeypatch):
         rooted = parse({"rules": [{"namespaces": ["team-a"], "domains": ["*"],
                                    "destinations": [str(tmp_path / cwd.lstrip("/"))]}]})
         for dest in ("nbd://10.0.0.1:10809/exp", "nbd+unix:///exp?socket=/run/n.sock"):
-            refused = rooted.precheck(namespace="team-a", dest=dest)
+            refused = rooted.precheck(namespace="team-a", dest=dest, resolved=dest)
             assert refused is not None and "may not write" in refused, (cwd, dest)
 
 
 def test_domains_by_name_pattern_or_by_tenant(policy):
-    ok = {"tenant": None, "dest": "/images/a/x"}
+    ok = {"tenant": None, "dest": "/images/a/x", "resolved": "/images/a/x"}
     assert policy.check(namespace="team-a", domain="web-1", **ok) is None
     refused = policy.check(namespace="team-a", domain="db-1", **ok)
     assert refused is not None and "may not act on domain 'db-1'" in refused
-    assert policy.check(namespace="team-b", domain="anything", tenant="b",
-                        dest="/images/b/x") is None
-    assert policy.check(namespace="team-b", domain="anything", tenant="a",
-                        dest="/images/b/x") is not None
-    assert policy.check(namespace="team-b", domain="anything", tenant=None,
-                        dest="/images/b/x") is not None
+    b = {"dest": "/images/b/x", "resolved": "/images/b/x"}
+    assert policy.check(namespace="team-b", domain="anything", tenant="b", **b) is None
+    assert policy.check(namespace="team-b", domain="anything", tenant="a", **b) is not None
+    assert policy.check(namespace="team-b", domain="anything", tenant=None, **b) is not None
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -109,25 +121,22 @@ def test_tenant_comes_from_the_domains_metadata():
 @pytest.mark.asyncio
 @pytest.mark.looptime
 async def test_a_forbidden_object_fails_without_any_libvirt_action(tmp_path):
-    hv, kube = FakeHypervisor(), FakeKube()
-    hv.add_domain("db-1")
     allowed = tmp_path / "images" / "a"
     allowed.mkdir(parents=True)
     policy = parse({"rules": [{"namespaces": ["ns"], "domains": ["web-*"],
                                "destinations": [str(allowed)]}]})
-    agent = Agent(AgentConfig(node_name="n", allowed_paths=(str(tmp_path),), policy=policy),
-                  kube=kube, hv=hv, images=FakeImages())
-    body = kube.add("bc", {"domain": "db-1", "disk": "vda", "dest": str(allowed / "c.qcow2")},
-                    labels={"blockcopy.dev/node": "n"})
+    node = FakeNode(tmp_path, policy=policy)
+    hv, kube, agent = node.hv, node.kube, node.agent
+    hv.add_domain("db-1")
+    body = node.add("bc", {"domain": "db-1", "disk": "vda", "dest": str(allowed / "c.qcow2")})
     await asyncio.wait_for(agent.follow(body, Stop()), 10)
     status = kube.status_of("bc")
     assert status["phase"] == "Failed"
     assert "may not act on domain 'db-1'" in status["message"]
     assert [c["reason"] for c in status["conditions"] if c["type"] == "Failed"] == ["Forbidden"]
     assert hv.verbs() == ["observe"]  # a read-only look at the domain, nothing else
-    outside = kube.add("bc2", {"domain": "web-1", "disk": "vda",
-                               "dest": str(tmp_path / "c.qcow2")},
-                       labels={"blockcopy.dev/node": "n"})
+    outside = node.add("bc2", {"domain": "web-1", "disk": "vda",
+                               "dest": str(tmp_path / "c.qcow2")})
     await asyncio.wait_for(agent.follow(outside, Stop()), 10)
     assert kube.status_of("bc2")["phase"] == "Failed"
     # Both refusals say where they come from (before libvirt, and after the look).

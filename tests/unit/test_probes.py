@@ -7,7 +7,7 @@ import asyncio
 import json
 import socket
 
-from blockcopy.probes import LivenessServer
+from blockcopy.adapters.probes import LivenessServer
 
 
 def _free_port() -> int:

@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from blockcopy.progress import ProgressWindow, duration
+from blockcopy.core.progress import ProgressWindow, duration
+from support.agent_on_fakes import FakeNode
 
 MiB = 1 << 20
 
@@ -64,18 +65,11 @@ def test_durations(seconds, text):
 @pytest.mark.asyncio
 @pytest.mark.looptime
 async def test_status_shows_rate_eta_and_not_converging_until_the_bandwidth_rises(tmp_path):
-    from blockcopy.agent import Agent, AgentConfig
-    from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
-
-    hv, kube = FakeHypervisor(), FakeKube()
+    node = FakeNode(tmp_path, status_interval=1.0)
+    hv, kube, agent, stop = node.hv, node.kube, node.agent, node.stop
     hv.add_domain("vm")
-    agent = Agent(AgentConfig(node_name="n", allowed_paths=(str(tmp_path),),
-                              status_interval=1.0),
-                  kube=kube, hv=hv, images=FakeImages())
-    body = kube.add("bc", {"domain": "vm", "disk": "vda", "dest": str(tmp_path / "c.qcow2")},
-                    labels={"blockcopy.dev/node": "n"})
-    stop = Stop()
-    task = asyncio.create_task(agent.follow(body, stop))
+    task = node.follow(node.add("bc", {"domain": "vm", "disk": "vda",
+                                       "dest": str(tmp_path / "c.qcow2")}))
     await asyncio.sleep(1)
     cur, end = 0, 100 * MiB
     for _ in range(15):  # copies 2 MiB/s, the guest dirties 3 MiB/s
@@ -106,18 +100,12 @@ async def test_status_shows_rate_eta_and_not_converging_until_the_bandwidth_rise
 
 
 async def _not_converging(tmp_path, caps, **spec):
-    from blockcopy.agent import Agent, AgentConfig
-    from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
-
-    hv, kube = FakeHypervisor(), FakeKube()
+    node = FakeNode(tmp_path)
+    hv, kube, agent, stop = node.hv, node.kube, node.agent, node.stop
     hv.capabilities_value = caps
     hv.add_domain("vm")
-    agent = Agent(AgentConfig(node_name="n", allowed_paths=(str(tmp_path),)),
-                  kube=kube, hv=hv, images=FakeImages())
-    body = kube.add("bc", {"domain": "vm", "disk": "vda", "dest": str(tmp_path / "c.qcow2"),
-                           **spec}, labels={"blockcopy.dev/node": "n"})
-    stop = Stop()
-    task = asyncio.create_task(agent.follow(body, stop))
+    task = node.follow(node.add("bc", {"domain": "vm", "disk": "vda",
+                                       "dest": str(tmp_path / "c.qcow2"), **spec}))
     await asyncio.sleep(1)
     cur, end = 0, 100 * MiB
     for _ in range(15):  # copies 2 MiB/s, the guest dirties 3 MiB/s
@@ -133,7 +121,7 @@ async def _not_converging(tmp_path, caps, **spec):
 @pytest.mark.asyncio
 @pytest.mark.looptime
 async def test_convergence_auto_switches_a_running_copy_to_write_blocking_on_qemu_8_2(tmp_path):
-    from blockcopy.ports import Capabilities
+    from blockcopy.model.ports import Capabilities
 
     hv, kube = await _not_converging(tmp_path, Capabilities((11, 3, 0), (10, 0, 2)),
                                      convergence="auto")
@@ -150,7 +138,7 @@ async def test_convergence_auto_switches_a_running_copy_to_write_blocking_on_qem
 @pytest.mark.asyncio
 @pytest.mark.looptime
 async def test_convergence_auto_on_qemu_7_2_says_it_cannot_and_goes_on(tmp_path):
-    from blockcopy.ports import Capabilities
+    from blockcopy.model.ports import Capabilities
 
     hv, kube = await _not_converging(tmp_path, Capabilities((9, 0, 0), (7, 2, 0)),
                                      convergence="auto")
@@ -166,7 +154,7 @@ async def test_convergence_auto_on_qemu_7_2_says_it_cannot_and_goes_on(tmp_path)
 @pytest.mark.asyncio
 @pytest.mark.looptime
 async def test_without_convergence_auto_nothing_is_switched(tmp_path):
-    from blockcopy.ports import Capabilities
+    from blockcopy.model.ports import Capabilities
 
     hv, kube = await _not_converging(tmp_path, Capabilities((11, 3, 0), (10, 0, 2)))
     assert "set_copy_mode" not in hv.verbs()
@@ -177,18 +165,15 @@ async def test_without_convergence_auto_nothing_is_switched(tmp_path):
 @pytest.mark.asyncio
 @pytest.mark.looptime
 async def test_a_spec_needing_more_than_the_host_has_is_refused(tmp_path):
-    from blockcopy.agent import Agent, AgentConfig
-    from blockcopy.ports import Capabilities
-    from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
+    from blockcopy.model.ports import Capabilities
 
-    hv, kube = FakeHypervisor(), FakeKube()
+    node = FakeNode(tmp_path)
+    hv, kube = node.hv, node.kube
     hv.capabilities_value = Capabilities((7, 10, 0), (6, 2, 0))
     hv.add_domain("vm")
-    agent = Agent(AgentConfig(node_name="n", allowed_paths=(str(tmp_path),)),
-                  kube=kube, hv=hv, images=FakeImages())
-    body = kube.add("bc", {"domain": "vm", "disk": "vda", "dest": str(tmp_path / "c.qcow2"),
-                           "flags": ["synchronousWrites"]}, labels={"blockcopy.dev/node": "n"})
-    await asyncio.wait_for(agent.follow(body, Stop()), 10)
+    body = node.add("bc", {"domain": "vm", "disk": "vda", "dest": str(tmp_path / "c.qcow2"),
+                           "flags": ["synchronousWrites"]})
+    await asyncio.wait_for(node.agent.follow(body, node.stop), 10)
     status = kube.status_of("bc")
     assert status["phase"] == "Failed" and "libvirt 8.0" in status["message"]
     assert [c["reason"] for c in status["conditions"] if c["type"] == "Failed"] == [

@@ -8,12 +8,14 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from blockcopy import destination, metrics, reconcile, status
-from blockcopy.api import BlockCopySpec, Flag, Phase
-from blockcopy.backoff import LIBVIRT_UNREACHABLE, REFUSED_ACTION, Backoff, Schedule
-from blockcopy.domainxml import dest_disk_xml, parse_disk
-from blockcopy.observation import DiskInfo, Mirror, MirrorReady
-from blockcopy.reconcile import Action, Decision
+from blockcopy.adapters import files, metrics
+from blockcopy.agent.recorder import PhaseCounts
+from blockcopy.core import reconcile, status
+from blockcopy.core.backoff import LIBVIRT_UNREACHABLE, REFUSED_ACTION, Backoff, Schedule
+from blockcopy.core.domainxml import dest_disk_xml, parse_disk
+from blockcopy.core.reconcile import Action, Decision
+from blockcopy.model.api import BlockCopySpec, Flag, Phase
+from blockcopy.model.observation import DiskInfo, Mirror, MirrorReady
 
 # ------------------------------------------------------------------ backoff
 
@@ -71,10 +73,10 @@ def test_dest_in_the_source_chain_is_found_through_symlinks_and_links(tmp_path):
     (tmp_path / "alias.qcow2").symlink_to(base)
     os.link(top, tmp_path / "hard.qcow2")
     chain = [str(top), str(base)]
-    assert destination.chain_member(str(tmp_path / "alias.qcow2"), chain) == str(base)
-    assert destination.chain_member(str(tmp_path / "hard.qcow2"), chain) == str(top)
-    assert destination.chain_member(str(tmp_path / "x" / ".." / "top.qcow2"), chain) == str(top)
-    assert destination.chain_member(str(tmp_path / "new.qcow2"), chain) is None
+    assert files.chain_member(str(tmp_path / "alias.qcow2"), chain) == str(base)
+    assert files.chain_member(str(tmp_path / "hard.qcow2"), chain) == str(top)
+    assert files.chain_member(str(tmp_path / "x" / ".." / "top.qcow2"), chain) == str(top)
+    assert files.chain_member(str(tmp_path / "new.qcow2"), chain) is None
 
 
 def test_parse_disk_by_target_and_by_source_path():
@@ -91,7 +93,7 @@ def test_parse_disk_by_target_and_by_source_path():
 
 
 def test_network_sources_read_as_the_uri_they_are_written_as():
-    from blockcopy.api import NetworkDest, parse_network_dest
+    from blockcopy.model.api import NetworkDest, parse_network_dest
 
     tcp = """<domain><devices><disk type='network'><driver name='qemu' type='raw'/>
       <source protocol='nbd' name='exp'><host name='127.0.0.1' port='10900'/></source>
@@ -138,7 +140,7 @@ def test_destination_refusals(tmp_path):
     allowed = (str(root),)
 
     def reason(dest: str, *flags: Flag) -> str | None:
-        refused = destination.refusal(spec(dest, *flags), allowed)
+        refused = files.refusal(spec(dest, *flags), allowed)
         return None if refused is None else refused[0]
 
     assert reason(str(root / "new.qcow2")) is None
@@ -151,7 +153,7 @@ def test_destination_refusals(tmp_path):
     assert reason(str(root / "nodir" / "new.qcow2")) == "DestNotCreatable"
     os.mkfifo(root / "fifo")
     assert reason(str(root / "fifo"), Flag.REUSE_EXTERNAL) == "DestNotFileOrDevice"
-    assert destination.probe_format(str(root / "exists.qcow2")) == "qcow2"
+    assert files.probe_format(str(root / "exists.qcow2")) == "qcow2"
     assert not os.path.exists(root / "new.qcow2")  # checks never create anything
 
 
@@ -162,7 +164,7 @@ def a_block_device() -> str:
             name = dict(line.strip().split("=", 1) for line in f if "=" in line).get("DEVNAME")
         with open(f"/sys/dev/block/{entry}/size") as f:
             empty = int(f.read()) == 0  # a loop device without a file, say
-        if name and not empty and destination.is_block_device(f"/dev/{name}"):
+        if name and not empty and files.is_block_device(f"/dev/{name}"):
             return f"/dev/{name}"
     raise AssertionError("no block device with a /dev node on this machine")
 
@@ -179,15 +181,15 @@ def test_block_device_size_without_opening_the_device(monkeypatch):
         return real_open(path, *args, **kw)
     blind_sysfs = False
     monkeypatch.setattr("builtins.open", refusing_open)
-    size = destination.device_size(device)
+    size = files.device_size(device)
     rdev = os.stat(device).st_rdev
     with real_open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/size") as f:
         assert size == int(f.read()) * 512 > 0
-    assert destination.space_refusal(device, required=1, capacity=size, reuse=True) is None
-    assert destination.space_refusal(device, required=1, capacity=size + 1,
+    assert files.space_refusal(device, required=1, capacity=size, reuse=True) is None
+    assert files.space_refusal(device, required=1, capacity=size + 1,
                                      reuse=True)[0] == "DestNoSpace"
     blind_sysfs = True
-    reason, message = destination.space_refusal(device, required=1, capacity=1, reuse=True)
+    reason, message = files.space_refusal(device, required=1, capacity=1, reuse=True)
     assert reason == "DestUnreadable"
     assert "Operation not permitted" in message and "device cgroup" in message
 
@@ -196,7 +198,7 @@ def test_block_device_size_without_opening_the_device(monkeypatch):
 
 
 def test_phase_counts_follow_the_objects():
-    counts = metrics.PhaseCounts()
+    counts = PhaseCounts(metrics.PrometheusMetrics())
 
     def gauge(phase: str) -> float:
         return metrics.BLOCKCOPIES.labels(phase)._value.get()

@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
-from blockcopy.api import TERMINAL_PHASES, BlockCopySpec, Phase
-from blockcopy.observation import DiskState, JobEvent, JobProgress, Mirror, MirrorReady
-from blockcopy.reconcile import Action, decide
+from blockcopy.core.reconcile import Action, decide
+from blockcopy.model.api import JOB_PHASES, TERMINAL_PHASES, BlockCopySpec, Phase
+from blockcopy.model.observation import DiskState, JobEvent, JobProgress, Mirror, MirrorReady
 
 SRC, DEST, OTHER = "/img/src.qcow2", "/img/dest.qcow2", "/img/other.qcow2"
 RUNNING = dict(domain_found=True, domain_uuid="u", domain_name="vm", domain_running=True,
@@ -44,36 +44,71 @@ EVENTS = [None, *JobEvent]
 CASES = list(itertools.product(DISKS, SPECS, PHASES, EVENTS, [False, True]))
 
 
-@pytest.mark.parametrize("disk_name,spec_name,phase,event,was_mirrored", CASES)
-def test_safety_rules_hold_everywhere(disk_name, spec_name, phase, event, was_mirrored):
+# The actions each decided phase may carry: anything else is a bug of the phase logic.
+ACTIONS_OF = {
+    Phase.COPYING: {Action.NONE, Action.START_COPY, Action.SET_BANDWIDTH},
+    Phase.MIRRORED: {Action.NONE, Action.SET_BANDWIDTH},
+    Phase.PIVOTING: {Action.NONE, Action.PIVOT},
+    Phase.ABORTING: {Action.NONE, Action.ABORT},
+    **{p: {Action.NONE} for p in (Phase.PENDING, Phase.QUEUED, Phase.PREPARING, *TERMINAL_PHASES)},
+}
+
+
+def check_safety(disk_name, spec_name, phase, event, was_mirrored) -> int:
+    """The safety rules for one case; returns how many rules applied (at least one)."""
     disk, spec = DISKS[disk_name], SPECS[spec_name]
     d = decide(spec, phase, disk, last_event=event, was_mirrored=was_mirrored)
     ours = disk.mirror is not None and disk.mirror.dest == DEST
-
+    case = (disk_name, spec_name, phase, event, was_mirrored, d)
+    # Every decision: an action its phase may carry.
+    assert d.action in ACTIONS_OF[d.phase], case
+    applied = 1
     if phase in TERMINAL_PHASES:  # finished objects never change and never act
-        assert (d.phase, d.action) == (phase, Action.NONE)
-        return
+        assert (d.phase, d.action) == (phase, Action.NONE), case
+        return applied + 1
+    # A job of ours once started never goes back to before the job.
+    if phase in JOB_PHASES:
+        assert d.phase not in (Phase.PENDING, Phase.QUEUED, Phase.PREPARING), case
+        applied += 1
     # Pivot only onto our own mirror, only when libvirt says ready, only when asked.
     if d.action == Action.PIVOT:
-        assert ours and disk.mirror.ready == MirrorReady.READY and spec.pivot and not spec.abort
+        assert ours and disk.mirror.ready == MirrorReady.READY and spec.pivot and \
+            not spec.abort, case
+        applied += 1
     # Never touch someone else's job.
     if d.action in (Action.PIVOT, Action.ABORT, Action.SET_BANDWIDTH):
-        assert ours
+        assert ours, case
+        applied += 1
     # Start only on an idle, running disk, once.
     if d.action == Action.START_COPY:
-        assert phase in (None, Phase.PENDING, Phase.QUEUED, Phase.PREPARING)
-        assert disk_name == "idle"
-        assert not spec.abort
-        assert d.phase == Phase.COPYING
+        assert phase in (None, Phase.PENDING, Phase.QUEUED, Phase.PREPARING), case
+        assert disk_name == "idle" and not spec.abort and d.phase == Phase.COPYING, case
+        applied += 1
     # Pivoted only when the VM really runs on the destination.
     if d.phase == Phase.PIVOTED:
-        assert disk.source == DEST
+        assert disk.source == DEST, case
+        applied += 1
     # A failure always says why.
     if d.phase == Phase.FAILED:
-        assert d.message and d.reason
+        assert d.message and d.reason, case
+        applied += 1
     # Mirrored / Pivoting only on a ready mirror of ours.
     if d.phase == Phase.MIRRORED or d.action == Action.PIVOT:
-        assert ours and disk.mirror.ready == MirrorReady.READY
+        assert ours and disk.mirror.ready == MirrorReady.READY, case
+        applied += 1
+    return applied
+
+
+def test_safety_rules_hold_everywhere():
+    """One test over the whole enumerated state space (disks x specs x phases x events x
+    was_mirrored): every case checked, each against every rule that applies to it."""
+    applied = [check_safety(*case) for case in CASES]
+    assert len(applied) == len(CASES) == 12 * 4 * 11 * 5 * 2  # disks, specs, phases, events
+    assert min(applied) >= 1
+    # The rules are not vacuous: each kind of decision occurs in the space.
+    decided = {decide(SPECS[s], p, DISKS[d], last_event=e, was_mirrored=m).action
+               for d, s, p, e, m in CASES}
+    assert decided == set(Action) - {Action.PREPARE}
 
 
 def path(spec, steps):

@@ -8,9 +8,8 @@ import asyncio
 
 import pytest
 
-from blockcopy.agent import Agent, AgentConfig
-from blockcopy.slots import CopySlots
-from support.fakes import FakeHypervisor, FakeImages, FakeKube, Stop
+from blockcopy.core.slots import CopySlots
+from support.agent_on_fakes import FakeNode
 
 
 def test_first_come_first_served():
@@ -50,11 +49,8 @@ def test_a_deleted_waiter_moves_the_queue_up():
 @pytest.mark.asyncio
 @pytest.mark.looptime
 async def test_five_copies_on_two_slots(tmp_path):
-    hv, kube = FakeHypervisor(), FakeKube()
-    agent = Agent(AgentConfig(node_name="n", allowed_paths=(str(tmp_path),),
-                              max_active_copies=2),
-                  kube=kube, hv=hv, images=FakeImages())
-    stop, tasks, bodies = Stop(), [], {}
+    node = FakeNode(tmp_path, max_active_copies=2)
+    hv, kube, agent, stop, tasks, bodies = node.hv, node.kube, node.agent, node.stop, [], {}
     for i in range(5):
         hv.add_domain(f"vm{i}")
         bodies[i] = kube.add(f"bc{i}", {"domain": f"vm{i}", "disk": "vda", "pivot": True,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-from blockcopy.api import Phase
-from blockcopy.observation import DiskState, JobProgress, Mirror, MirrorReady
-from blockcopy.reconcile import Decision
-from blockcopy.status import build_status, flipped_to_true, phase_event, progress_text
+from blockcopy.core.reconcile import Decision
+from blockcopy.core.status import build_status, flipped_to_true, phase_event, progress_text
+from blockcopy.model.api import Phase
+from blockcopy.model.observation import DiskState, JobProgress, Mirror, MirrorReady
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
 T1 = T0 + dt.timedelta(seconds=30)

@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 
-from blockcopy.writer import ObjectGone, StatusWriter
+from blockcopy.agent.writer import ObjectGone, StatusWriter
 from support.fakes import FakeKube
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]

@@ -1,0 +1,183 @@
+"""The node's file system, for the checks on a destination made before libvirt is called
+(``model.ports.Files``): the agent must not let a BlockCopy write arbitrary files on the node,
+clobber an existing file, or start a copy that cannot fit. Paths are resolved like the kernel
+would (symlinks, ``..``) before they are compared."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable, Sequence
+
+from blockcopy.core.paths import within
+from blockcopy.model.api import BlockCopySpec, Flag
+from blockcopy.model.ports import CONTAINER_DEVICE_HINT, Refusal
+
+
+def is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def probe_format(path: str) -> str:
+    """Image format of an existing destination: qcow2 by its magic, otherwise raw."""
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+
+
+def chain_member(dest: str, images: Iterable[str | None]) -> str | None:
+    """The image of the source's chain (the active image included) that ``dest`` is, after
+    symlinks and ``..``, or None. Copying into one's own chain, even with reuseExternal,
+    would have QEMU write the data over the image it reads it from."""
+    resolved = os.path.realpath(dest)
+    for image in images:
+        if image is None:
+            continue
+        if os.path.realpath(image) == resolved:
+            return image
+        try:
+            if os.path.exists(dest) and os.path.samefile(dest, image):
+                return image  # a hard link or bind mount of the image
+        except OSError:
+            continue
+    return None
+
+
+def refusal(spec: BlockCopySpec, allowed_roots: Iterable[str]) -> tuple[str, str] | None:
+    """(reason, message) if the destination must not be used, else None.
+
+    ``dest`` is resolved like the kernel would (symlinks, ``..``) and must land under an
+    allowed root, itself resolved the same way.
+    """
+    resolved = os.path.realpath(spec.dest)
+    roots = [os.path.realpath(r) for r in allowed_roots]
+    if not any(within(resolved, root) for root in roots):
+        shown = spec.dest if resolved == spec.dest else f"{spec.dest} (resolves to {resolved})"
+        return ("DestNotAllowed", f"dest {shown} is outside the allowed paths "
+                f"{', '.join(roots)}; see the agent's --allowed-path")
+    exists = os.path.lexists(spec.dest)
+    reuse = Flag.REUSE_EXTERNAL in spec.flags
+    if exists and not reuse:
+        return ("DestExists", f"dest {spec.dest} already exists; set the reuseExternal flag to "
+                "copy into a pre-created destination (it is never overwritten otherwise)")
+    if reuse and not exists:
+        return ("DestMissing", f"dest {spec.dest} does not exist, but the reuseExternal flag "
+                "says it was pre-created")
+    if not exists and not os.path.isdir(os.path.dirname(resolved)):
+        return ("DestNotCreatable", f"cannot create dest {spec.dest}: directory "
+                f"{os.path.dirname(resolved)} does not exist")
+    if exists and not (is_block_device(resolved) or os.path.isfile(resolved)):
+        return ("DestNotFileOrDevice", f"dest {spec.dest} is neither a file nor a block device")
+    return None
+
+
+def allocated(path: str) -> int:
+    """Bytes a file occupies on its storage (sparse files count their data only)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+
+
+def device_size(path: str) -> int:
+    """Bytes of a block device: from sysfs when it is there, which needs no access to the
+    device itself (an agent in a container may not open it: see CONTAINER_DEVICE_HINT),
+    else by seeking to its end."""
+    rdev = os.stat(path).st_rdev
+    try:
+        with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/size") as f:
+            return int(f.read()) * 512  # sysfs counts 512-byte sectors, whatever the device's
+    except (OSError, ValueError):
+        pass
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def space_refusal(dest: str, *, required: int, capacity: int, reuse: bool,
+                  network_size: int | None = None) -> tuple[str, str] | None:
+    """(reason, message) if ``dest`` cannot hold the copy, checked before libvirt is called:
+    the exact size of a block device or network export, or the free space of the file
+    system that will hold a file (``required`` bytes of data to write)."""
+    if network_size is not None:
+        if network_size < capacity:
+            return ("DestNoSpace", f"the NBD export {dest} holds {network_size} bytes, the disk "
+                    f"{capacity}: it cannot hold the copy")
+        if network_size != capacity:
+            return ("DestSizeMismatch", f"the NBD export {dest} holds {network_size} bytes, the "
+                    f"disk {capacity}: QEMU mirrors only onto a target of the same size")
+        return None
+    resolved = os.path.realpath(dest)
+    if is_block_device(resolved):
+        try:
+            size = device_size(resolved)
+        except OSError as exc:
+            return ("DestUnreadable", f"cannot learn the size of block device {dest}: "
+                    f"{exc.strerror}; {CONTAINER_DEVICE_HINT}")
+        if size < capacity:
+            return ("DestNoSpace", f"block device {dest} holds {size} bytes ({_mib(size)}), the "
+                    f"disk {capacity} ({_mib(capacity)}): it cannot hold the copy")
+        return None
+    needed = max(0, required - (allocated(resolved) if reuse else 0))
+    stat = os.statvfs(os.path.dirname(resolved))
+    free = stat.f_bavail * stat.f_frsize
+    if needed > free:
+        return ("DestNoSpace", f"{os.path.dirname(resolved)} has {_mib(free)} free, the copy "
+                f"needs about {_mib(needed)} (the data allocated in the images it copies): "
+                "nothing was started")
+    return None
+
+
+def network_refusal(endpoint: str, allowed: Iterable[str]) -> tuple[str, str] | None:
+    """A network destination (HOST:PORT, or a socket path) must be allowed by the agent's
+    configuration: it sends the VM's data off the host."""
+    allowed = list(allowed)
+    for entry in allowed:
+        if entry == endpoint:
+            return None
+        if endpoint.startswith("/") and entry.startswith("/") and \
+                within(os.path.realpath(endpoint), os.path.realpath(entry)):
+            return None
+    shown = ", ".join(allowed) or "none"
+    return ("DestNotAllowed", f"network destination {endpoint} is not allowed on this node "
+            f"(allowed: {shown}; see the agent's --allowed-network-dest)")
+
+
+class LocalFiles:
+    """``model.ports.Files`` on this node's file system."""
+
+    def resolve(self, path: str) -> str:
+        return os.path.realpath(path)
+
+    def refusal(self, spec: BlockCopySpec, allowed_roots: Sequence[str]) -> Refusal | None:
+        return refusal(spec, allowed_roots)
+
+    def network_refusal(self, endpoint: str, allowed: Sequence[str]) -> Refusal | None:
+        return network_refusal(endpoint, allowed)
+
+    def chain_member(self, dest: str, images: Sequence[str | None]) -> str | None:
+        return chain_member(dest, images)
+
+    def space_refusal(self, dest: str, *, required: int, capacity: int, reuse: bool,
+                      network_size: int | None = None) -> Refusal | None:
+        return space_refusal(dest, required=required, capacity=capacity, reuse=reuse,
+                             network_size=network_size)
+
+    def allocated(self, path: str) -> int:
+        return allocated(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(path)
+
+    def is_block_device(self, path: str) -> bool:
+        return is_block_device(path)
+
+    def probe_format(self, path: str) -> str:
+        return probe_format(path)

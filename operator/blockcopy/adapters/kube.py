@@ -1,0 +1,130 @@
+"""The Kubernetes API client of the agent (``ports.Kube``): status patches, claims, Events
+and the watch of unclaimed objects. The kubernetes client library blocks, so each call runs
+in a worker thread. No decisions here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from blockcopy.model.api import GROUP, NODE_LABEL, PLURAL, VERSION
+from blockcopy.model.ports import ObjectRef
+
+log = logging.getLogger(__name__)
+
+EVENT_SOURCE = "blockcopy-operator"
+
+
+def load_config() -> None:
+    """The in-cluster ServiceAccount when running in a pod, else KUBECONFIG (~/.kube/config)."""
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+
+
+class KubeClient:
+    def __init__(self) -> None:
+        self._api = kubernetes.client.CustomObjectsApi()
+        self._core = kubernetes.client.CoreV1Api()
+
+    async def post_event(self, ref: ObjectRef, *, type: str, reason: str,
+                         message: str) -> None:
+        now = dt.datetime.now(dt.UTC)
+        event: Any = {
+            "metadata": {"generateName": f"{ref.name}.", "namespace": ref.namespace},
+            "involvedObject": {"apiVersion": ref.api_version, "kind": ref.kind,
+                               "name": ref.name, "namespace": ref.namespace, "uid": ref.uid,
+                               "resourceVersion": ref.resource_version},
+            "type": type, "reason": reason, "message": message[:1024],
+            "source": {"component": EVENT_SOURCE}, "firstTimestamp": now,
+            "lastTimestamp": now, "count": 1,
+        }
+        try:
+            await asyncio.to_thread(self._core.create_namespaced_event, ref.namespace, event)
+        except Exception as exc:  # an Event is best effort: never fail the caller
+            log.warning("posting an Event for %s/%s failed: %s", ref.namespace, ref.name, exc)
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any], *,
+                           resource_version: str | None = None) -> bool:
+        body: dict[str, Any] = {"status": status}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
+        try:
+            await asyncio.to_thread(self._api.patch_namespaced_custom_object_status,
+                                    GROUP, VERSION, namespace, PLURAL, name, body)
+        except ApiException as exc:
+            if exc.status == 404 or (resource_version is not None and exc.status == 409):
+                return False
+            raise
+        return True
+
+    async def claim(self, namespace: str, name: str, *, node: str, resource_version: str,
+                    finalizers: list[str]) -> bool:
+        """The resourceVersion in the patch makes the API server refuse (409) a write based
+        on a stale read, so of two agents racing from the same version only one can win;
+        it also makes the whole finalizer list safe to write (a merge patch replaces lists)."""
+        body = {"metadata": {"labels": {NODE_LABEL: node}, "finalizers": finalizers,
+                             "resourceVersion": resource_version}}
+        try:
+            await asyncio.to_thread(self._api.patch_namespaced_custom_object,
+                                    GROUP, VERSION, namespace, PLURAL, name, body)
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
+
+    async def list_namespace(self, namespace: str) -> list[dict[str, Any]]:
+        listed: Any = await asyncio.to_thread(
+            lambda: self._api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL))
+        return list(listed.get("items") or [])
+
+    async def unclaimed(self, namespace: str | None, *, timeout: int
+                        ) -> AsyncIterator[dict[str, Any]]:
+        """The client's watch blocks: it runs in a thread that hands objects to the loop."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        watch = kubernetes.watch.Watch()
+        stopped = threading.Event()
+        if namespace is None:
+            source: tuple[Any, ...] = (self._api.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+        else:
+            source = (self._api.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)
+
+        def pump() -> None:
+            try:
+                for event in watch.stream(*source, label_selector=f"!{NODE_LABEL}",
+                                          timeout_seconds=timeout):
+                    if stopped.is_set():
+                        return
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        loop.call_soon_threadsafe(queue.put_nowait, ("object", event["object"]))
+            except Exception as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+            else:
+                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+
+        thread = threading.Thread(target=pump, name=f"unclaimed:{namespace or '*'}",
+                                  daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, item = await queue.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise item
+                yield item
+        finally:
+            stopped.set()
+            with contextlib.suppress(Exception):
+                watch.stop()

@@ -1,0 +1,93 @@
+"""Prometheus metrics of the agent (``model.ports.Metrics``, in prometheus-client's default
+registry, served on ``--metrics-port``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from blockcopy.model.api import Phase
+from blockcopy.model.ports import Capabilities, Key
+
+_DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600)
+
+BLOCKCOPIES = Gauge("blockcopy_objects", "BlockCopies owned by this agent, by phase", ["phase"])
+COPIED_BYTES = Counter("blockcopy_copied_bytes", "Bytes copied by block jobs of this agent "
+                       "(sum of libvirt's cur increments)")
+COPY_SECONDS = Histogram("blockcopy_copy_duration_seconds",
+                         "Time from the start of a job to Mirrored", buckets=_DURATION_BUCKETS)
+MIRROR_SECONDS = Histogram("blockcopy_mirror_duration_seconds",
+                           "Time spent Mirrored before the pivot or abort ended the job",
+                           buckets=_DURATION_BUCKETS)
+PIVOT_SECONDS = Histogram("blockcopy_pivot_latency_seconds",
+                          "Time from issuing the pivot to the VM running on the destination",
+                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+ERRORS = Counter("blockcopy_errors", "Failures and refused actions, by reason", ["reason"])
+COPY_RATE = Gauge("blockcopy_copy_rate_bytes_per_second", "Bytes copied per second by each "
+                  "copy (over the last 10 s), while Copying", ["namespace", "name"])
+COPY_ETA = Gauge("blockcopy_copy_eta_seconds", "Estimated seconds until each copy is Mirrored "
+                 "(absent when it does not converge)", ["namespace", "name"])
+NOT_CONVERGING = Gauge("blockcopy_not_converging", "1 while a copy does not converge (the guest "
+                       "writes faster than it copies), else 0", ["namespace", "name"])
+HYPERVISOR = Gauge("blockcopy_hypervisor_info", "The connected libvirt and QEMU (value 1), and "
+                   "what they can do", ["libvirt", "qemu", "synchronous_writes",
+                                        "block_job_change"])
+LIBVIRT_UP = Gauge("blockcopy_libvirt_up", "1 when the agent's last call reached libvirtd, "
+                   "else 0")
+WATCH_EVENTS = Counter("blockcopy_watch_events", "Watch events received, by stream (objects: "
+                       "this node's, filtered by the API server; unclaimed) and by whose object "
+                       "it was (this-node, other-node, unclaimed): other-node stays 0",
+                       ["stream", "owner"])
+_DURATIONS = {"copy": COPY_SECONDS, "mirror": MIRROR_SECONDS, "pivot": PIVOT_SECONDS}
+_PER_COPY = (COPY_RATE, COPY_ETA, NOT_CONVERGING)
+
+for _phase in Phase:
+    BLOCKCOPIES.labels(_phase.value)
+
+
+def _remove(gauge: Gauge, key: Key) -> None:
+    try:
+        gauge.remove(*key)
+    except KeyError:
+        pass
+
+
+class PrometheusMetrics:
+    def objects(self, phase: str, count: int) -> None:
+        BLOCKCOPIES.labels(phase).set(count)
+
+    def copied(self, key: Key, nbytes: int) -> None:  # noqa: ARG002 (per copy: not yet)
+        COPIED_BYTES.inc(nbytes)
+
+    def duration(self, what: str, seconds: float) -> None:
+        _DURATIONS[what].observe(seconds)
+
+    def error(self, reason: str) -> None:
+        ERRORS.labels(reason).inc()
+
+    def progress(self, key: Key, *, rate: int | None, eta: float | None,
+                 not_converging: bool) -> None:
+        for gauge, value in ((COPY_RATE, rate), (COPY_ETA, eta)):
+            if value is None:
+                _remove(gauge, key)
+            else:
+                gauge.labels(*key).set(value)
+        NOT_CONVERGING.labels(*key).set(1 if not_converging else 0)
+
+    def forget(self, key: Key) -> None:
+        for gauge in _PER_COPY:
+            _remove(gauge, key)
+
+    def watch_event(self, stream: str, owner: str) -> None:
+        WATCH_EVENTS.labels(stream, owner).inc()
+
+    def hypervisor(self, caps: Capabilities) -> None:
+        HYPERVISOR.labels(".".join(map(str, caps.libvirt)), ".".join(map(str, caps.qemu)),
+                          str(caps.synchronous_writes).lower(),
+                          str(caps.block_job_change).lower()).set(1)
+
+    def libvirt_up(self, up: bool) -> None:
+        LIBVIRT_UP.set(1 if up else 0)
+
+
+def serve(port: int) -> None:
+    start_http_server(port)

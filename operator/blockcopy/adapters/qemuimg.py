@@ -1,0 +1,82 @@
+"""qemu-img, for the images the agent prepares itself (``ports.Images``): a destination
+rebased onto a deeper base, the placeholders and lower images of a chain move, the size of
+an NBD export. Each call is one qemu-img process; none uses -U (force-share), which would hide
+a concurrent writer: these images are either the agent's own or backing images that QEMU
+opens read-only and shares for reading."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+
+from blockcopy.model.ports import ImageError, ImageInfo
+
+log = logging.getLogger(__name__)
+
+# An NBD server that accepts the connection and never answers keeps qemu-img waiting for
+# good (it has no handshake timeout); the agent starts copies one at a time, so it would
+# wait with it. The size of an export is asked for once, before the copy: a few seconds.
+NBD_PROBE_TIMEOUT = 20.0
+
+
+async def _run(*args: str, cwd: str | None = None, timeout: float | None = None) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", *args, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ImageError(f"qemu-img {args[0]} got no answer within {timeout:g} s") from None
+    if proc.returncode != 0:
+        message = err.decode(errors="replace").strip() or out.decode(errors="replace").strip()
+        raise ImageError(f"qemu-img {args[0]} failed: {message}")
+    return out.decode(errors="replace")
+
+
+class QemuImg:
+    async def info(self, path: str) -> ImageInfo:
+        data = json.loads(await _run("info", "--output=json", path))
+        return ImageInfo(format=data["format"], virtual_size=int(data["virtual-size"]),
+                         actual_size=int(data.get("actual-size") or 0),
+                         backing=data.get("backing-filename"))
+
+    async def create(self, path: str, *, format: str, size: int, backing: str | None = None,
+                     backing_format: str | None = None) -> None:
+        args = ["create", "-q", "-f", format]
+        if backing is not None:
+            args += ["-b", backing, "-F", backing_format or "qcow2"]
+        # Relative backing names are resolved from the new image's directory.
+        await _run(*args, path, str(size), cwd=os.path.dirname(path))
+
+    async def rebase(self, path: str, *, backing: str, backing_format: str) -> None:
+        await _run("rebase", "-q", "-f", "qcow2", "-b", backing, "-F", backing_format, path,
+                   cwd=os.path.dirname(path))
+
+    async def copy_layer(self, source: str, dest: str, *, format: str,
+                         backing: str | None = None, backing_format: str | None = None) -> None:
+        args = ["convert", "-n", "-f", format, "-O", format]
+        if backing is not None:
+            args += ["-B", backing, "-F", backing_format or "qcow2"]
+        await _run(*args, source, dest, cwd=os.path.dirname(dest))
+
+    async def identical(self, a: str, b: str, *, format: str) -> str | None:
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-img", "compare", "-f", format, "-F", format, a, b,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        if proc.returncode == 0:
+            return None
+        text = (out + err).decode(errors="replace").strip()
+        if proc.returncode == 1:
+            return text or "the images differ"
+        raise ImageError(f"qemu-img compare failed: {text}")
+
+    async def export_size(self, uri: str) -> int:
+        data = json.loads(await _run("info", "--output=json", "-f", "raw", uri,
+                                     timeout=NBD_PROBE_TIMEOUT))
+        return int(data["virtual-size"])

@@ -1,0 +1,343 @@
+"""One BlockCopy's follower. Each step does four things, in this order: observe (the disk
+in libvirt, and what else the decision needs), decide (pure: ``core.gates`` over the
+observation), act (at most one action, through a collaborator: the starter, the hypervisor,
+the group, the convergence assist), record (status, Events, metrics, through the recorder,
+always). ``loop`` runs the steps and sleeps between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from blockcopy.agent import layers
+from blockcopy.agent.convergence import ConvergenceAssist
+from blockcopy.agent.groups import Groups, key_of
+from blockcopy.agent.layers import NO_LAYER_COPIES, LayerCopies, NoLayerCopies
+from blockcopy.agent.loop import FollowLoop, Step, StopSignal
+from blockcopy.agent.recorder import ObjectRecorder
+from blockcopy.agent.retries import Retries
+from blockcopy.agent.starter import Starter, StartSettings
+from blockcopy.core import convergence, gates, reconcile, status
+from blockcopy.core.progress import Estimate, ProgressWindow
+from blockcopy.core.reconcile import Action, Decision
+from blockcopy.core.slots import CopySlots
+from blockcopy.core.specs import read_spec
+from blockcopy.model.api import TERMINAL_PHASES, BlockCopySpec, Phase
+from blockcopy.model.observation import DiskState, GroupView, JobEvent, LayersView
+from blockcopy.model.ports import Files, Hypervisor, HypervisorError, HypervisorUnavailable, Images
+
+
+@dataclasses.dataclass(frozen=True)
+class FollowSettings:
+    start: StartSettings
+    poll_interval: float = 5.0  # fallback look when no event arrives
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """What one step saw: the disk, and while a job runs, the chain move's lower layers, the
+    disk group (listed from the API server when a pivot is due) and the progress estimate."""
+
+    disk: DiskState
+    layers: LayersView = dataclasses.field(default_factory=LayersView)
+    group: GroupView | None = None
+    estimate: Estimate | None = None
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a step records: the decision as acted on, and what came with it."""
+
+    decision: Decision
+    disk: DiskState | None
+    conditions: list[dict[str, Any]]
+    fields: dict[str, Any] | None = None
+    started: dict[str, Any] | None = None
+    refused: bool = False  # libvirt refused the action: back off, stay in the phase
+    intent: bool = False  # wait until it is stored (a plan precedes its files)
+    estimate: Estimate | None = None  # the progress estimate, for the metrics
+    spec: BlockCopySpec | None = None  # as acted on (Ready depends on what it asks)
+
+
+log = logging.getLogger(__name__)
+
+
+class Follower:
+    """Drives one BlockCopy until it reaches a terminal phase or the agent stops.
+
+    ``body`` is kopf's live view of the object (updated in place as watch events arrive).
+    """
+
+    def __init__(self, body: Mapping[str, Any], *, hv: Hypervisor, images: Images,
+                 files: Files, recorder: ObjectRecorder, settings: FollowSettings,
+                 start_lock: asyncio.Lock, slots: CopySlots, groups: Groups,
+                 job_holder: Callable[[Follower], str | None]):
+        self.body, self.hv, self.images, self.recorder = body, hv, images, recorder
+        self.settings, self.slots, self.groups = settings, slots, groups
+        self.starter = Starter(hv=hv, images=images, files=files, settings=settings.start,
+                               namespace=recorder.ref.namespace, status=lambda: recorder.status,
+                               now=lambda: status.timestamp(recorder.agent.clock()))
+        self.assist = ConvergenceAssist(hv)
+        self.layers: LayerCopies | NoLayerCopies = NO_LAYER_COPIES
+        self.retries = Retries(recorder)
+        self.window = ProgressWindow()  # rate, time left, convergence
+        self.start_lock = start_lock  # of two BlockCopies for one disk only one may start
+        self.job_holder = job_holder  # which other object of this agent holds our disk's job
+        self.holds_job = False  # this object started (or adopted) the disk's job
+        self.lock = asyncio.Lock()  # shared with the deletion handler
+        self.wake = asyncio.Event()
+        self.domain_uuid: str | None = None  # where libvirt's events for us come from
+        self.target: str | None = None
+        self.last_event: JobEvent | None = None
+        self.generation: int | None = body.get("metadata", {}).get("generation")
+        self.spec_changed = False
+        self._chain: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # last seen, formats
+        self._group_recheck: float | None = None  # s until a waiting group may pivot
+        self._looked = False  # the first step was recorded (logged once, for whoever waits)
+
+    # -- what the group and the agent see of this follower -------------------------------
+    @property
+    def name(self) -> str:
+        return self.recorder.ref.name
+
+    @property
+    def phase(self) -> Phase | None:
+        return self.recorder.phase
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    def note_event(self, type: str, reason: str, message: str) -> None:
+        self.recorder.event(type, reason, message)
+
+    # -- wake-ups (called on the event loop) ------------------------------------------
+    def on_job_event(self, domain_uuid: str, target: str, event: JobEvent) -> None:
+        if domain_uuid == self.domain_uuid and target == self.target:
+            self.last_event = event
+            self.wake.set()
+
+    def on_spec_change(self, generation: int | None) -> None:
+        if generation != self.generation:
+            self.generation = generation
+            self.spec_changed = True
+            self.wake.set()
+
+    # -- the loop's questions ---------------------------------------------------------
+    async def run(self, stop: StopSignal) -> None:
+        await FollowLoop(self).run(stop)
+
+    def wait_time(self) -> float:
+        """How long to sleep after a step that found nothing to do (a wake-up cuts it)."""
+        if self.retries.refusing:
+            if not self.spec_changed:
+                self.wake.clear()  # only a spec change may cut a refusal's back-off short
+            return self.retries.refusal_delay
+        if self.recorder.phase == Phase.COPYING:
+            return self.recorder.agent.pace.interval()  # cur/end stay fresh, within budget
+        if self._group_recheck is not None:  # the group may pivot then without a wake-up
+            return min(self._group_recheck, self.settings.poll_interval)
+        return self.settings.poll_interval  # events do the work; this is a fallback
+
+    async def close(self) -> None:
+        await self.layers.stop()  # a restarted agent copies again what was not verified
+        await self.recorder.close()
+
+    # -- one step: observe, decide, act, record -----------------------------------------
+    async def step(self) -> Step:
+        current = self.recorder.phase
+        if current in TERMINAL_PHASES:
+            return Step.DONE
+        self.generation = self.body.get("metadata", {}).get("generation")
+        reading = read_spec(self.body.get("spec"), self.recorder.status, current)
+        if reading.spec is None:
+            outcome = Outcome(Decision(Phase.FAILED, message=str(reading.error),
+                                       reason="InvalidSpec"), None, [])
+        elif reading.started_job and current is not None:
+            self.holds_job = True
+            async with self.lock:
+                outcome = await self._follow_job(reading.spec, current, reading.conditions)
+        else:
+            outcome = await self._start_job(reading.spec, reading.raw, current,
+                                            reading.conditions)
+        outcome.spec = reading.spec
+        return await self._record(outcome)
+
+    # -- before the job -------------------------------------------------------------------
+    async def _start_job(self, spec: BlockCopySpec, raw: Mapping[str, Any],
+                         current: Phase | None, conditions: list[dict[str, Any]]) -> Outcome:
+        refusal = self.starter.refusal(spec, current)
+        if refusal is not None:  # before libvirt is called: nothing is created
+            return Outcome(refusal, None, conditions)
+        async with self.lock:
+            if current == Phase.PREPARING:
+                # The plan's files, made outside the start lock (a rebase takes a while).
+                disk = await self._observe_disk(spec)
+                if reconcile.decide(spec, current, disk).action == Action.START_COPY:
+                    failed = await self.starter.prepare(spec, disk)
+                    if failed is not None:
+                        return Outcome(failed, disk, conditions)
+            # Starts are serialized and decided on a fresh look under the lock: of two
+            # BlockCopies for one disk, the second then sees the first's job (DiskBusy).
+            # The chain is checked once more right before the job starts.
+            async with self.start_lock:
+                disk = await self._observe_disk(spec)
+                created = str(self.body.get("metadata", {}).get("creationTimestamp") or "")
+                decision = gates.decide_start(
+                    spec, current, disk, holder=self.job_holder(self), limit=self.slots.limit,
+                    place=self.slots.place(self.recorder.key, created=created))
+                return await self._act_start(spec, raw, current, disk, decision, conditions,
+                                             created)
+
+    async def _act_start(self, spec: BlockCopySpec, raw: Mapping[str, Any],
+                         current: Phase | None, disk: DiskState, decision: Decision,
+                         conditions: list[dict[str, Any]], created: str) -> Outcome:
+        if decision.reason == "Adopted":
+            self.holds_job = True
+        if decision.phase == Phase.QUEUED:
+            self.slots.wait(self.recorder.key, created=created)
+        if decision.action != Action.START_COPY:
+            return Outcome(decision, disk, conditions)
+        self.slots.hold(self.recorder.key)
+        started = await self.starter.start(spec, disk, raw, decision, current)
+        self.holds_job = started.fields is not None  # a job, or a plan for one
+        return Outcome(started.decision, disk, conditions, started=started.fields,
+                       intent=started.decision.action == Action.PREPARE)
+
+    # -- while the job runs ---------------------------------------------------------------
+    async def _follow_job(self, spec: BlockCopySpec, current: Phase,
+                          conditions: list[dict[str, Any]]) -> Outcome:
+        seen = await self._observe_job(spec, current)
+        decision, self._group_recheck = gates.decide_running(
+            spec, current, seen.disk, was_mirrored=bool(self.recorder.status.get("mirroredTime")),
+            last_event=self.last_event, layers_view=seen.layers, group_view=seen.group,
+            asking=self.name, created_files=list(self.recorder.status.get("createdFiles") or []))
+        previous = self.recorder.status.get("conditions")
+        progress = convergence.progress(decision.phase, has_job=seen.disk.job is not None,
+                                        estimate=seen.estimate, previous=previous)
+        fields = dict(progress.fields)
+        if progress.warning is not None:
+            self.recorder.event("Warning", "NotConverging", progress.warning)
+        assist = convergence.kept_assist(previous)
+        if decision.phase == Phase.COPYING and convergence.assist_wanted(
+                spec, progress, copy_mode=self.recorder.status.get("copyMode"),
+                previous=previous):
+            assist = await self.assist.assist(spec.domain, seen.disk.target or spec.disk)
+            if assist.event is not None:
+                self.recorder.event(*assist.event)
+        fields.update(assist.fields)
+        summary = self.groups.summary(key_of(self.body))
+        if summary is not None:
+            fields["group"] = summary
+        outcome = Outcome(decision, seen.disk, [*conditions, *progress.conditions,
+                                                *assist.conditions], fields=fields,
+                          estimate=seen.estimate)
+        return await self._act_on_job(spec, current, outcome)
+
+    async def _act_on_job(self, spec: BlockCopySpec, current: Phase, outcome: Outcome
+                          ) -> Outcome:
+        decision, disk = outcome.decision, outcome.disk
+        assert disk is not None
+        if decision.phase in (Phase.COPYING, Phase.MIRRORED):
+            self.layers.start()  # after a restart: copy again what was not verified
+        if decision.action == Action.NONE:
+            self.retries.acted()
+            return outcome
+        if decision.action in (Action.PIVOT, Action.ABORT) and not self.retries.refusing:
+            # Record the intent first: if the agent dies mid-way, the phase tells the
+            # restarted agent to finish the same thing (the mirror is re-checked).
+            # Not again on retries: a refused pivot stays Mirrored, without flapping.
+            await self.recorder.record(decision, disk=disk, generation=self.generation,
+                                       extra=outcome.conditions, intent=True, spec=spec)
+        try:
+            await self._act(spec, disk, decision)
+        except HypervisorUnavailable:
+            raise
+        except HypervisorError as exc:
+            self.retries.refused()
+            outcome.decision, outcome.refused = reconcile.refused(decision, current, str(exc)), \
+                True
+            return outcome
+        self.retries.acted()
+        return outcome
+
+    async def _act(self, spec: BlockCopySpec, disk: DiskState, decision: Decision) -> None:
+        target = disk.target or spec.disk
+        match decision.action:
+            case Action.PIVOT:
+                self.recorder.pivot_issued = asyncio.get_running_loop().time()
+                await self.hv.pivot(spec.domain, target)
+            case Action.ABORT:
+                group = key_of(self.body)
+                if group is not None and decision.reason != "LayerCopyFailed":
+                    await self.groups.abort(group, spec.domain, by=self)
+                else:
+                    await self.hv.cancel(spec.domain, target)
+            case Action.SET_BANDWIDTH:
+                await self.hv.set_bandwidth(spec.domain, target, spec.bandwidth)
+
+    # -- observing ------------------------------------------------------------------------
+    async def _observe_disk(self, spec: BlockCopySpec) -> DiskState:
+        # Once started, follow the disk by target: a source path changes with the pivot.
+        disk = await self.hv.observe(spec.domain, self.recorder.status.get("target") or spec.disk)
+        self.retries.reached()
+        if disk.chain:
+            self._chain = (disk.chain, disk.chain_formats)
+        self.domain_uuid, self.target = disk.domain_uuid, disk.target
+        return disk
+
+    async def _observe_job(self, spec: BlockCopySpec, current: Phase) -> Observation:
+        disk = await self._observe_disk(spec)
+        if isinstance(self.layers, NoLayerCopies):
+            self._take_up_layers()
+        group = await self.groups.view(key_of(self.body),
+                                       listing=gates.pivot_due(spec, current, disk))
+        estimate = None
+        if current == Phase.COPYING and disk.job is not None:
+            self.window.add(asyncio.get_running_loop().time(), disk.job.cur, disk.job.end)
+            estimate = self.window.estimate()
+        else:
+            self.window.clear()
+        return Observation(disk, self.layers.view, group, estimate)
+
+    def _take_up_layers(self) -> None:
+        """A chain move recorded in status: its layer copies (started by the act step)."""
+        st = self.recorder.status
+        plan = layers.chain_plan(st.get("plan"), format=st.get("format"),
+                                 chain=self._chain[0], chain_formats=self._chain[1])
+        if plan is not None:
+            self.layers = LayerCopies(plan, self.images, recorded=st.get("layers") or [],
+                                      on_change=self._layers_changed)
+
+    def _layers_changed(self, layer_states: list[dict[str, Any]]) -> None:
+        self.recorder.update(layers=layer_states)
+        self.wake.set()  # a verified (or failed) layer may unblock the pivot (or end it)
+
+    # -- recording ------------------------------------------------------------------------
+    async def _record(self, outcome: Outcome) -> Step:
+        decision = outcome.decision
+        if not self._looked:
+            self._looked = True
+            log.info("%s/%s: first look done: %s (%s)", *self.recorder.key,
+                     decision.phase.value, decision.reason or decision.message)
+        phase_changed = await self.recorder.record(
+            decision, disk=outcome.disk, generation=self.generation, started=outcome.started,
+            extra=outcome.conditions, intent=outcome.intent, fields=outcome.fields,
+            spec=outcome.spec)
+        self.recorder.progress(decision.phase, outcome.estimate, outcome.conditions)
+        if outcome.started and decision.phase == Phase.COPYING:
+            self._take_up_layers()
+            self.layers.start()
+        if phase_changed:
+            self.groups.changed(key_of(self.body), by=self)
+        terminal = decision.phase in TERMINAL_PHASES
+        if outcome.refused and not terminal:
+            self.recorder.refused(decision, phase_changed=phase_changed)
+        if terminal:
+            return Step.DONE
+        # After a successful action, look again at once; after a refused one, back off.
+        return Step.AGAIN if decision.action != Action.NONE and not outcome.refused \
+            else Step.WAIT

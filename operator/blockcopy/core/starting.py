@@ -1,0 +1,116 @@
+"""The rules of starting a copy, as pure functions: the refusals that need one look at the
+disk (the agent's policy, a destination in the source's own chain, a spec the node cannot
+do), how many bytes the destination must hold, the flags and format libvirt is given, the
+status fields a started job records, and the messages. ``agent.starter`` gathers the facts
+(file system, libvirt, qemu-img) and calls these."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from blockcopy.core import reconcile
+from blockcopy.core.plans import Plan, PlanKind
+from blockcopy.core.reconcile import Decision
+from blockcopy.model.api import BlockCopySpec, Flag, Phase, started_fields
+from blockcopy.model.observation import DiskState
+from blockcopy.model.ports import Capabilities, DiskSize
+
+
+def failed(reason: str, message: str) -> Decision:
+    return Decision(Phase.FAILED, reason=reason, message=message)
+
+
+def forbidden(refusal: str) -> Decision:
+    return failed("Forbidden", f"{refusal} (the agent's policy); nothing was started")
+
+
+def own_chain(spec: BlockCopySpec, disk: DiskState, image: str | None) -> Decision | None:
+    """``image``: the image of the disk's chain that ``spec.dest`` is (None: none)."""
+    if image is None:
+        return None
+    what = "the disk's active image" if image == disk.source else \
+        "an image of the disk's backing chain"
+    return failed("DestInSourceChain", f"dest {spec.dest} is {image}, {what}: a copy into "
+                  "its own chain would overwrite what it reads; nothing was started")
+
+
+def unsupported(spec: BlockCopySpec, caps: Capabilities) -> Decision | None:
+    """A spec that needs more than this node's libvirt and QEMU can do."""
+    if Flag.SYNCHRONOUS_WRITES in spec.flags and not caps.synchronous_writes:
+        return failed("NotSupportedHere", f"the synchronousWrites flag needs libvirt 8.0 or "
+                      f"newer; this node has {caps.describe()}")
+    return None
+
+
+def copied_images(spec: BlockCopySpec, disk: DiskState, plan: Plan | None) -> tuple[str, ...]:
+    """The backing images whose data the copy writes into the destination."""
+    if plan is not None and plan.kind == PlanKind.BASE:
+        return disk.chain[: disk.chain.index(spec.base)] if spec.base else ()
+    if plan is not None or (spec.base is None and Flag.SHALLOW not in spec.flags):
+        return disk.chain  # a full copy, or every layer moved
+    return ()  # shallow: the top image only
+
+
+def required_bytes(size: DiskSize, allocations: Mapping[str, int]) -> int:
+    """Bytes the destination will take: what the copied images hold (an upper bound:
+    clusters overwritten in an upper image are counted twice), at most the disk's size, plus
+    a little qcow2 metadata. ``allocations``: bytes each copied backing image occupies."""
+    data = size.allocation + sum(allocations.values())
+    return min(data, size.capacity) + size.capacity // 256 + (1 << 20)
+
+
+def copy_flags_and_format(spec: BlockCopySpec, disk: DiskState, plan: Plan | None
+                          ) -> tuple[frozenset[Flag], str | None]:
+    """The flags libvirt is given, and the format when it is known without probing the
+    destination (None: probe it, a reuseExternal destination without spec.format)."""
+    flags = set(reconcile.copy_flags(spec, disk))
+    fmt = spec.format
+    if plan is not None:
+        flags |= {Flag.SHALLOW, Flag.REUSE_EXTERNAL}  # onto the prepared top image
+        fmt = "qcow2"
+    elif spec.network is not None:
+        flags.add(Flag.REUSE_EXTERNAL)  # an export exists; libvirt cannot create one
+        fmt = "raw"
+    if fmt is None and Flag.REUSE_EXTERNAL not in flags:
+        fmt = disk.source_format or "raw"
+    return frozenset(flags), fmt
+
+
+def plan_message(plan: Plan) -> str:
+    if plan.kind == PlanKind.BASE:
+        return (f"the destination is prepared backed by {plan.base}, holding the data of "
+                f"the {plan.chain.index(str(plan.base)) - 1} image(s) above it")
+    return (f"moving the chain of {len(plan.chain)} images next to {plan.targets[0]}; "
+            "the lower images are copied and verified while the top is mirrored")
+
+
+def preparing(plan: Plan) -> tuple[Decision, dict[str, Any]]:
+    """The Preparing decision and the fields it records (the plan, before any file)."""
+    return (Decision(Phase.PREPARING, reconcile.Action.PREPARE, reason="Preparing",
+                     message=plan_message(plan)),
+            {"plan": plan.status(), "createdFiles": plan.created_files})
+
+
+def started(spec: BlockCopySpec, disk: DiskState, *, raw_spec: Mapping[str, Any],
+            decision: Decision, plan: Plan | None, fmt: str, flags: frozenset[Flag],
+            target: str, block_device: bool, created_before: list[str], now: str
+            ) -> tuple[Decision, dict[str, Any]]:
+    """The Copying decision once libvirt accepted the job, and the status fields recorded
+    with it (what was started, with which flags, the files created for it)."""
+    created = list(created_before)
+    if plan is None and Flag.REUSE_EXTERNAL not in flags and not block_device:
+        created.append(spec.dest)  # libvirt created it for us
+    fields: dict[str, Any] = {
+        "source": disk.source, "target": target, "format": fmt,
+        "flags": sorted(f.value for f in flags), "startTime": now,
+        "bandwidth": spec.bandwidth, "startedSpec": started_fields(raw_spec)}
+    if created:
+        fields["createdFiles"] = created
+    if plan is not None and plan.kind == PlanKind.CHAIN:
+        fields["layers"] = [{"source": s, "dest": t, "state": "Pending"} for s, t, _ in plan.lower]
+    message = reconcile.started_message(spec, source=disk.source, fmt=fmt, flags=flags)
+    if plan is not None:
+        message += f" ({plan_message(plan)})"
+    return dataclasses.replace(decision, message=message), fields

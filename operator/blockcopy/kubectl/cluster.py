@@ -1,0 +1,115 @@
+"""The plugin's client of the Kubernetes API (like kubectl: kubeconfig, context, namespace)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from blockcopy.kubectl.errors import NOT_FOUND, PluginError
+from blockcopy.kubectl.manifests import Disk
+from blockcopy.kubectl.names import RESOURCE
+from blockcopy.kubectl.text import group_of
+from blockcopy.model.api import GROUP, PLURAL, VERSION
+
+
+class Cluster:
+    """The BlockCopy API as the kubeconfig (``--kubeconfig``, ``KUBECONFIG``, ~/.kube/config,
+    or in a pod its ServiceAccount) and ``--context`` give it, like kubectl."""
+
+    def __init__(self, kubeconfig: str | None, context: str | None):
+        import kubernetes
+
+        self._kubernetes = kubernetes
+        config = kubernetes.config
+        default = os.path.expanduser(config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION)
+        have_file = kubeconfig or any(os.path.exists(p) for p in default.split(os.pathsep))
+        try:
+            if have_file or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+                client = config.new_client_from_config(config_file=kubeconfig, context=context)
+                contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
+                chosen = next((c for c in contexts if c["name"] == (context or active["name"])),
+                              active)
+                self.default_namespace = (chosen.get("context") or {}).get("namespace") \
+                    or "default"
+            else:
+                config.load_incluster_config()
+                client = kubernetes.client.ApiClient()
+                with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+                    self.default_namespace = f.read().strip() or "default"
+        except (config.ConfigException, OSError) as exc:
+            raise PluginError(f"cannot load the kubeconfig: {exc}") from None
+        self.api = kubernetes.client.CustomObjectsApi(client)
+        self.host = client.configuration.host
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any
+              ) -> dict[str, Any]:
+        ApiException = self._kubernetes.client.exceptions.ApiException
+        try:
+            return cast(dict[str, Any], fn(*args, **kw))
+        except ApiException as exc:
+            raise self._error(what, exc) from None
+        except Exception as exc:  # urllib3's MaxRetryError and friends, an OSError
+            if isinstance(exc, OSError) or type(exc).__module__.startswith("urllib3"):
+                raise PluginError(f"cannot reach the API server at {self.host}: "
+                                  f"{exc}") from None
+            raise
+
+    @staticmethod
+    def _error(what: str, exc: Any) -> PluginError:
+        try:
+            message = json.loads(exc.body)["message"]
+        except (TypeError, ValueError, KeyError):
+            message = exc.reason or str(exc)
+        if exc.status == 404:
+            if "the server could not find the requested resource" in message:
+                return PluginError(f"{what}: the API server does not know BlockCopies "
+                                   f"({RESOURCE}): is the CRD installed?")
+            return PluginError(f"{what}: not found", NOT_FOUND, status=404)
+        return PluginError(f"{what}: {message}", status=exc.status)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any]:
+        return self._call(f"blockcopy {name!r} in namespace {namespace!r}",
+                          self.api.get_namespaced_custom_object, GROUP, VERSION, namespace,
+                          PLURAL, name)
+
+    def objects(self, namespace: str | None) -> list[dict[str, Any]]:
+        if namespace is None:
+            result = self._call("listing BlockCopies", self.api.list_cluster_custom_object,
+                                GROUP, VERSION, PLURAL)
+        else:
+            result = self._call(f"listing BlockCopies in namespace {namespace!r}",
+                                self.api.list_namespaced_custom_object, GROUP, VERSION,
+                                namespace, PLURAL)
+        return sorted(result["items"], key=lambda o: (o["metadata"].get("namespace", ""),
+                                                      o["metadata"]["name"]))
+
+    def create(self, body: dict[str, Any], *, dry_run: bool) -> dict[str, Any]:
+        meta = body["metadata"]
+        kw = {"dry_run": "All"} if dry_run else {}
+        return self._call(f"creating blockcopy {meta['name']!r} in namespace "
+                          f"{meta['namespace']!r}", self.api.create_namespaced_custom_object,
+                          GROUP, VERSION, meta["namespace"], PLURAL, body, **kw)
+
+    def inventory_disks(self, domain: str, node: str | None  # noqa: ARG002
+                        ) -> tuple[str, list[Disk]] | None:
+        """The domain's disks from the node inventory, or None: no inventory yet."""
+        return None
+
+    def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._call(f"patching blockcopy {name!r} in namespace {namespace!r}",
+                          self.api.patch_namespaced_custom_object, GROUP, VERSION, namespace,
+                          PLURAL, name, {"spec": spec})
+
+
+def select(cluster: Cluster, namespace: str, names: Sequence[str], group: str | None
+           ) -> list[dict[str, Any]]:
+    """The named objects, or the members of ``group`` in ``namespace``; at least one."""
+    if group is not None:
+        members = [o for o in cluster.objects(namespace) if group_of(o) == group]
+        if not members:
+            raise PluginError(f"no BlockCopy of group {group!r} in namespace {namespace!r}",
+                              NOT_FOUND)
+        return members
+    return [cluster.get(namespace, name) for name in dict.fromkeys(names)]

@@ -1,0 +1,312 @@
+"""The agent's external clients, as interfaces: the hypervisor (libvirt), qemu-img, the
+node's file system, the Kubernetes API and the metrics. The agent knows only these; the real
+clients live in ``blockcopy.adapters``, fakes for orchestration tests in
+``tests/support/fakes.py`` (checked against these Protocols by mypy). Also the plain data and
+errors that cross these seams. Pure: no I/O, no framework imports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
+
+from blockcopy.model.api import BlockCopySpec, Flag, NetworkDest
+from blockcopy.model.observation import DiskState, JobEvent
+
+# ------------------------------------------------------------------ hypervisor
+
+
+class HypervisorError(Exception):
+    """libvirt refused or failed an operation; ``str()`` is libvirt's message."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class HypervisorUnavailable(HypervisorError):
+    """libvirtd cannot be reached (the connection is down); worth retrying later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyRequest:
+    """One virDomainBlockCopy call."""
+
+    domain: str
+    target: str
+    dest: str
+    format: str
+    flags: frozenset[Flag]
+    block_device: bool = False  # the destination is a block device (<disk type='block'>)
+    network: NetworkDest | None = None  # the destination is an NBD export
+    bandwidth: int = 0  # bytes/s, 0 = unlimited
+    granularity: int = 0
+    buf_size: int = 0
+
+
+JobListener = Callable[[str, str, JobEvent], None]  # (domain uuid, disk target, event)
+
+
+class Hypervisor(Protocol):
+    """What the agent asks of libvirt. Every call may raise HypervisorUnavailable (cannot
+    reach libvirtd) or HypervisorError (libvirt refused, with its message)."""
+
+    def add_listener(self, listener: JobListener) -> None:
+        """Call ``listener`` on the event loop for every block-job event."""
+
+    async def version(self) -> str: ...
+
+    async def has_running_domain(self, domain: str) -> bool: ...
+
+    async def observe(self, domain: str, disk: str) -> DiskState:
+        """The domain and the disk (by target or source path) as libvirt shows them now."""
+
+    async def start_copy(self, request: CopyRequest) -> None: ...
+
+    async def pivot(self, domain: str, target: str) -> None:
+        """Switch the VM to the mirror (refused by libvirt before it is ready)."""
+
+    async def cancel(self, domain: str, target: str) -> None:
+        """End the job, the VM stays on its source."""
+
+    async def set_bandwidth(self, domain: str, target: str, bandwidth: int) -> None: ...
+
+    async def disk_size(self, domain: str, target: str) -> DiskSize:
+        """The disk's guest-visible size and what its active image occupies."""
+
+    async def capabilities(self) -> Capabilities:
+        """Versions and features of the connected libvirt and QEMU."""
+
+    async def set_copy_mode(self, domain: str, target: str, mode: str) -> None:
+        """Switch a running mirror's copy mode (``write-blocking``); QEMU >= 8.2 only, through
+        libvirt's QEMU monitor passthrough (libvirt has no API for it)."""
+
+    async def quiesce(self, domain: str) -> str:
+        """Hold the guest's disks still: freeze its file systems through its guest agent
+        ("frozen"), or, without an agent that answers, suspend the VM ("suspended")."""
+
+    async def unquiesce(self, domain: str, how: str) -> None:
+        """Undo quiesce: thaw (``how`` "frozen") or resume ("suspended")."""
+
+    async def close(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What the connected libvirt and QEMU can do, learned once per connection."""
+
+    libvirt: tuple[int, int, int]
+    qemu: tuple[int, int, int]
+
+    @property
+    def synchronous_writes(self) -> bool:
+        """VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES (libvirt 8.0)."""
+        return self.libvirt >= (8, 0, 0)
+
+    @property
+    def block_job_change(self) -> bool:
+        """QMP block-job-change: a running mirror switched to write-blocking (QEMU 8.2)."""
+        return self.qemu >= (8, 2, 0)
+
+    def describe(self) -> str:
+        return (f"libvirt {'.'.join(map(str, self.libvirt))}, QEMU "
+                f"{'.'.join(map(str, self.qemu))}: synchronousWrites "
+                f"{'yes' if self.synchronous_writes else 'no'}, switching a running copy to "
+                f"write-blocking {'yes' if self.block_job_change else 'no'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskSize:
+    capacity: int  # the guest-visible size in bytes
+    allocation: int  # bytes the active image occupies on its storage
+
+
+# ------------------------------------------------------------------ images (qemu-img)
+
+
+class ImageError(Exception):
+    """qemu-img failed; ``str()`` is its message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    virtual_size: int
+    actual_size: int  # bytes allocated on the storage
+    backing: str | None = None  # as recorded in the image (may be relative)
+
+
+class Images(Protocol):
+    """What the agent asks of qemu-img, for the images it prepares itself (a destination
+    rebased onto a deeper base, the lower images of a chain move). Never on an image that
+    QEMU may write: those are read by libvirt's block job only."""
+
+    async def info(self, path: str) -> ImageInfo: ...
+
+    async def create(self, path: str, *, format: str, size: int, backing: str | None = None,
+                     backing_format: str | None = None) -> None:
+        """A new image; ``backing`` as written into it (relative to its directory, or
+        absolute)."""
+
+    async def rebase(self, path: str, *, backing: str, backing_format: str) -> None:
+        """Safe rebase: writes into ``path`` what differs between its old and new backing."""
+
+    async def copy_layer(self, source: str, dest: str, *, format: str,
+                         backing: str | None = None, backing_format: str | None = None) -> None:
+        """Copy one layer's own data into the existing ``dest`` (qemu-img convert -n -B)."""
+
+    async def identical(self, a: str, b: str, *, format: str) -> str | None:
+        """None when both images' guest views are identical, else why not."""
+
+    async def export_size(self, uri: str) -> int:
+        """The size of a network export (an NBD URI)."""
+
+
+# ------------------------------------------------------------------ the node's file system
+
+Refusal = tuple[str, str]  # (reason, message) of a destination that must not be used
+# What a container's device cgroup does to an agent that opens a host block device (even
+# read-only, even as root): the open fails with EPERM. QEMU, on the host, is not affected.
+CONTAINER_DEVICE_HINT = ("an agent in a container may not open host block devices: its "
+                         "device cgroup refuses it")
+
+
+class Files(Protocol):
+    """What the agent asks of the node's file system about destinations, before libvirt is
+    called: it must not let a BlockCopy write arbitrary files, clobber one, or start a copy
+    that cannot fit. Blocking calls: the agent runs them in a worker thread where it waits."""
+
+    def resolve(self, path: str) -> str:
+        """``path`` after symlinks and ``..``, as the kernel would open it."""
+
+    def refusal(self, spec: BlockCopySpec, allowed_roots: Sequence[str]) -> Refusal | None:
+        """Why ``spec.dest`` must not be used (outside the roots, exists, missing...)."""
+
+    def network_refusal(self, endpoint: str, allowed: Sequence[str]) -> Refusal | None:
+        """Why a network destination (HOST:PORT or a socket path) is not allowed."""
+
+    def chain_member(self, dest: str, images: Sequence[str | None]) -> str | None:
+        """The image of ``images`` that ``dest`` is (after symlinks, hard links), or None."""
+
+    def space_refusal(self, dest: str, *, required: int, capacity: int, reuse: bool,
+                      network_size: int | None = None) -> Refusal | None:
+        """Why ``dest`` cannot hold the copy (``required`` bytes of data)."""
+
+    def allocated(self, path: str) -> int:
+        """Bytes a file occupies on its storage."""
+
+    def exists(self, path: str) -> bool:
+        """Whether anything (a dangling symlink too) is at ``path``."""
+
+    def is_block_device(self, path: str) -> bool: ...
+
+    def probe_format(self, path: str) -> str:
+        """qcow2 or raw, from the file's header; raises OSError when it cannot be read."""
+
+
+# ------------------------------------------------------------------ metrics
+
+Key = tuple[str, str]  # (namespace, name) of a BlockCopy
+
+
+class Metrics(Protocol):
+    """What the agent reports to its metrics (Prometheus in ``adapters.metrics``)."""
+
+    def objects(self, phase: str, count: int) -> None:
+        """How many of this agent's objects are in ``phase``."""
+
+    def copied(self, key: Key, nbytes: int) -> None:
+        """``nbytes`` more were copied by the job of ``key``."""
+
+    def duration(self, what: str, seconds: float) -> None:
+        """A copy's time to Mirrored ("copy"), time Mirrored ("mirror"), pivot latency
+        ("pivot")."""
+
+    def error(self, reason: str) -> None:
+        """A failure or a refused action, by reason."""
+
+    def progress(self, key: Key, *, rate: int | None, eta: float | None,
+                 not_converging: bool) -> None:
+        """A Copying copy's estimate (None: no estimate)."""
+
+    def forget(self, key: Key) -> None:
+        """The object is gone, or no longer Copying: drop its per-copy series."""
+
+    def watch_event(self, stream: str, owner: str) -> None:
+        """A watch event received (stream "objects" or "unclaimed"; owner this-node,
+        other-node or unclaimed)."""
+
+    def hypervisor(self, caps: Capabilities) -> None:
+        """The connected libvirt and QEMU."""
+
+    def libvirt_up(self, up: bool) -> None:
+        """Whether the last call reached libvirtd."""
+
+
+class NullMetrics:
+    """Reports nothing (tests that do not look at metrics, tools)."""
+
+    def objects(self, phase: str, count: int) -> None: ...
+    def copied(self, key: Key, nbytes: int) -> None: ...
+    def duration(self, what: str, seconds: float) -> None: ...
+    def error(self, reason: str) -> None: ...
+    def progress(self, key: Key, *, rate: int | None, eta: float | None,
+                 not_converging: bool) -> None: ...
+    def forget(self, key: Key) -> None: ...
+    def watch_event(self, stream: str, owner: str) -> None: ...
+    def hypervisor(self, caps: Capabilities) -> None: ...
+    def libvirt_up(self, up: bool) -> None: ...
+
+
+NULL_METRICS = NullMetrics()
+
+
+# ------------------------------------------------------------------ Kubernetes API
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectRef:
+    """What an Event needs to name its object."""
+
+    namespace: str
+    name: str
+    uid: str | None = None
+    api_version: str | None = None
+    kind: str | None = None
+    resource_version: str | None = None
+
+    @classmethod
+    def of(cls, body: Any) -> ObjectRef:
+        meta = body["metadata"]
+        return cls(namespace=meta["namespace"], name=meta["name"], uid=meta.get("uid"),
+                   api_version=body.get("apiVersion"), kind=body.get("kind"),
+                   resource_version=meta.get("resourceVersion"))
+
+
+class StatusStore(Protocol):
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any], *,
+                           resource_version: str | None = None) -> bool:
+        """Merge-patch status; with ``resource_version``, only if nobody wrote since
+        (False when the object changed or is gone)."""
+
+
+class Kube(StatusStore, Protocol):
+    """What the agent asks of the Kubernetes API."""
+
+    async def post_event(self, ref: ObjectRef, *, type: str, reason: str,
+                         message: str) -> None:
+        """A core/v1 Event about the object; failures are logged, never raised."""
+
+    async def claim(self, namespace: str, name: str, *, node: str, resource_version: str,
+                    finalizers: list[str]) -> bool:
+        """Label the object as this node's and set its finalizers, unless it changed since
+        ``resource_version``."""
+
+    async def list_namespace(self, namespace: str) -> list[dict[str, Any]]:
+        """Every BlockCopy of a namespace, as the API server has them now (a disk group's
+        members, including those no agent follows yet). Raises on API errors."""
+
+    def unclaimed(self, namespace: str | None, *, timeout: int) -> AsyncIterator[dict[str, Any]]:
+        """List, then watch for ``timeout`` seconds, the objects without the claim label
+        (filtered by the API server). Raises on API errors."""
