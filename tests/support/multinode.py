@@ -17,6 +17,7 @@ import pathlib
 import signal
 import subprocess
 from dataclasses import dataclass, field
+from typing import Any
 
 from support.paths import HACK, NODES_JSON, STATE
 from support.vms import VM, cleanup_all, create_vm
@@ -48,7 +49,7 @@ class Node:
     libvirtd_log: pathlib.Path = pathlib.Path("/dev/null")
 
     @classmethod
-    def from_json(cls, entry: dict) -> Node:
+    def from_json(cls, entry: dict[str, Any]) -> Node:
         return cls(name=entry["name"], libvirt_uri=entry["libvirtUri"],
                    images_dir=pathlib.Path(entry["imagesDir"]),
                    user=entry.get("user", ""), uid=int(entry.get("uid", -1)),
@@ -60,7 +61,7 @@ class Node:
 
     # ------------------------------------------------------------ VMs
 
-    def create_vm(self, name: str | None = None, **kw) -> VM:
+    def create_vm(self, name: str | None = None, **kw: Any) -> VM:
         """A test VM on this node (support.vms.create_vm options); its files under the
         node's imagesDir, owned by the node's user. A full name (``bct-...``) may be used on
         several nodes at once."""
@@ -115,7 +116,7 @@ class Node:
 
 
 def _script(*args: str, env: dict[str, str] | None = None, timeout: float = 600
-            ) -> subprocess.CompletedProcess:
+            ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "BLOCKCOPY_STATE_DIR": str(STATE), **(env or {})})
     if proc.returncode != 0:
@@ -148,7 +149,8 @@ def by_name(nodes: list[Node], name: str) -> Node:
 
 def wait_agent_log(node: Node, text: str, since: int = 0, timeout: float = 60) -> str:
     """Wait until the node's agent logged ``text`` after byte ``since``; returns the log."""
-    def logged():
+    def logged() -> str | None:
         log = node.agent_log_text(since)
         return log if text in log else None
-    return wait_for(logged, timeout, what=f"{text!r} in the log of {node.name}'s agent")
+    found: str = wait_for(logged, timeout, what=f"{text!r} in the log of {node.name}'s agent")
+    return found
