@@ -14,13 +14,14 @@ PYTEST_ARGS ?=
 # backports (bookworm-backports: libvirt 11.3, QEMU 10.0); see hack/hypervisor-stack.sh.
 export HYPERVISOR_STACK ?= stock
 
-.PHONY: help deps system-deps venv cluster cluster-node cluster-down lint unit integration e2e chart chart-e2e image test test-k8s-oldest demo bench clean
+.PHONY: help deps system-deps venv cluster cluster-node cluster-nodes cluster-down lint unit integration e2e chart chart-e2e image test test-k8s-oldest demo bench clean
 
 help:
 	@echo "make demo          bring up the local environment and show a live disk copy + pivot"
 	@echo "make test          lint + unit + integration (libvirt) + end-to-end (API server + libvirt + agent; the chart on a one-node cluster)"
 	@echo "make cluster       start etcd, kube-apiserver, libvirtd (kubeconfig: .local/kubeconfig)"
 	@echo "make cluster-node  + kube-scheduler, kubelet, containerd: a one-node cluster that runs the chart's pod"
+	@echo "make cluster-nodes NODES=4  + N simulated hypervisor nodes (libvirt session daemons), an agent each (.local/nodes.json)"
 	@echo "make cluster-down  stop everything and remove test VMs and images"
 	@echo "make test-k8s-oldest  CRD + chart + one real copy on the oldest supported Kubernetes ($(OLDEST_KUBE_VERSION))"
 	@echo "make chart         Helm chart: lint, render, validate offline (1.29..newest), schema, Argo CD/Flux health checks"
@@ -48,6 +49,14 @@ cluster: deps
 # is tainted blockcopy.dev/test-node=true:NoSchedule: only what tolerates it runs there.
 cluster-node: cluster image
 	@./hack/cluster-node.sh
+
+# N simulated nodes for multi-node tests (hack/cluster-nodes.sh): each a libvirt session
+# daemon of its own user (its own domains), an agent of this checkout's venv and a Node
+# object (labelled, tainted blockcopy.dev/simulated=true:NoSchedule); .local/nodes.json
+# lists them. Running it again with another NODES grows or shrinks the set.
+NODES ?= 4
+cluster-nodes: cluster
+	@NODES=$(NODES) ./hack/cluster-nodes.sh
 
 cluster-down:
 	@./hack/cluster-down.sh

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Tears down what hack/cluster-up.sh and hack/cluster-node.sh started: the node (kubelet, pods,
+# Tears down what hack/cluster-up.sh, hack/cluster-nodes.sh and hack/cluster-node.sh started:
+# the simulated nodes (hack/cluster-nodes-down.sh), the node (kubelet, pods,
 # containerd, kube-scheduler: hack/cluster-node-down.sh), kube-apiserver, etcd (and its data), the test
 # VMs (libvirt domains named bct-*) and their throwaway images, and libvirtd/virtlogd only if
 # cluster-up started them. Keeps $STATE/pki so certificates/tokens survive a restart.
@@ -26,6 +27,13 @@ if [ -d "$STATE" ]; then
 fi
 
 source "$HACK/lib/processes.sh"
+
+# ---------------------------------------------------------------- simulated nodes
+# hack/cluster-nodes.sh's nodes (agents, session daemons and their domains, Node objects)
+# while the API server still answers.
+if [ -d "$STATE/nodes" ]; then
+  BLOCKCOPY_STATE_DIR="$STATE" "$HACK/cluster-nodes-down.sh" || status=1
+fi
 
 # ---------------------------------------------------------------- node
 # The one-node cluster of hack/cluster-node.sh first (kubelet, pods, containerd, scheduler),

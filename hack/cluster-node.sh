@@ -69,12 +69,8 @@ ADMIN=("$STATE/bin/kubectl" --kubeconfig "$STATE/kubeconfig")
 
 # ---------------------------------------------------------------- helpers
 source "$HACK/lib/processes.sh"
-
-# replace_if_changed TMP DEST: moves TMP over DEST when they differ; true when it did.
-replace_if_changed() {
-  if cmp -s "$1" "$2"; then rm -f "$1"; return 1; fi
-  mv "$1" "$2"
-}
+# replace_if_changed, client_cert, kubeconfig_for (need $PKI and $API_PORT)
+source "$HACK/lib/kubeconfig.sh"
 
 containerd_ok() { "${CTR[@]}" version >/dev/null 2>&1; }
 
@@ -282,47 +278,8 @@ for image in $NODE_IMAGES; do import_image "$image"; done
 # Client certificates from the local CA (the API server trusts it: --client-ca-file), so
 # nothing needs the API server restarted: the kubelet is system:node:NAME (group
 # system:nodes), the scheduler system:kube-scheduler (bound by the bootstrap RBAC policy).
-# client_cert NAME SUBJECT: $PKI/NAME.crt/.key, made once.
-client_cert() {
-  local name=$1 subject=$2
-  [ -s "$PKI/$name.crt" ] && [ -s "$PKI/$name.key" ] \
-    && [ "$(openssl x509 -noout -subject -nameopt compat -in "$PKI/$name.crt")" = "subject=$subject" ] \
-    && return 0
-  printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' \
-    >"$PKI/$name.ext"
-  openssl req -new -newkey rsa:2048 -nodes -keyout "$PKI/$name.key" -out "$PKI/$name.csr" \
-    -subj "$subject" 2>/dev/null
-  openssl x509 -req -sha256 -days 3650 -in "$PKI/$name.csr" -CA "$PKI/ca.crt" \
-    -CAkey "$PKI/ca.key" -set_serial "0x$(openssl rand -hex 16)" -extfile "$PKI/$name.ext" \
-    -out "$PKI/$name.crt" 2>/dev/null
-  rm -f "$PKI/$name.csr" "$PKI/$name.ext"
-  chmod 600 "$PKI/$name.key"
-}
 client_cert "kubelet-$NODE_NAME" "/O=system:nodes/CN=system:node:$NODE_NAME"
 client_cert kube-scheduler "/CN=system:kube-scheduler"
-# kubeconfig_for FILE CERT: a kubeconfig with that client certificate.
-kubeconfig_for() {
-  cat >"$1.tmp" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: blockcopy-local
-  cluster:
-    server: https://127.0.0.1:$API_PORT
-    certificate-authority: $PKI/ca.crt
-users:
-- name: $2
-  user:
-    client-certificate: $PKI/$2.crt
-    client-key: $PKI/$2.key
-contexts:
-- name: $2
-  context: {cluster: blockcopy-local, user: $2}
-current-context: $2
-EOF
-  chmod 600 "$1.tmp"
-  replace_if_changed "$1.tmp" "$1" || true
-}
 kubeconfig_for "$NODE/kubelet.kubeconfig" "kubelet-$NODE_NAME"
 kubeconfig_for "$NODE/scheduler.kubeconfig" kube-scheduler
 # The API server authorizes with RBAC only (no Node authorizer): the kubelet gets the

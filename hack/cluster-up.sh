@@ -305,10 +305,12 @@ daemon_pid() {
     echo "$pid"
   fi
 }
-# any_running NAME: a live process of that exact name (started by anyone), zombies aside.
+# any_running NAME: a live process of that exact name run by root (started by anyone),
+# zombies aside. Root's only: the session daemons of hack/cluster-nodes.sh's users have the
+# same names and are not the system's.
 any_running() {
   local pid
-  for pid in $(pgrep -x "$1" || true); do not_zombie "$pid" && return 0; done
+  for pid in $(pgrep -x -u 0 "$1" || true); do not_zombie "$pid" && return 0; done
   return 1
 }
 # virtlogd too, even when libvirtd answers: QEMU's log goes through it, and a new domain

@@ -30,8 +30,10 @@ def _alive(pid: int) -> bool:
 
 
 def _daemon_pid(name: str) -> int | None:
-    """The pid of the one system daemon NAME (libvirtd, virtlogd), from pgrep."""
-    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
+    """The pid of the one system daemon NAME (libvirtd, virtlogd), from pgrep: root's (the
+    session daemons of hack/cluster-nodes.sh's users have the same names)."""
+    out = subprocess.run(["pgrep", "-x", "-u", "0", name], capture_output=True,
+                         text=True).stdout.split()
     live = [int(pid) for pid in out if _alive(int(pid))]  # an unreaped zombie is gone
     assert len(live) <= 1, f"more than one {name}: {live}"
     return live[0] if live else None

@@ -21,3 +21,6 @@ CACHE = pathlib.Path(os.environ.get("BLOCKCOPY_CACHE_DIR", "/var/cache/blockcopy
 BIN = STATE / "bin"
 KUBECTL = BIN / "kubectl"
 HELM = BIN / "helm"
+# The nodes of `make cluster-nodes` (hack/cluster-nodes.sh): [{"name", "libvirtUri",
+# "imagesDir", ...}], one per libvirt session daemon; see support.multinode.
+NODES_JSON = STATE / "nodes.json"

@@ -5,11 +5,18 @@ Why here: the integration and e2e tests, hack/demo.py and hack/benchmark.py all 
 keeps all its files under ``/var/lib/libvirt/images/blockcopy-test/<name>/``, so
 ``cleanup_all()`` can remove everything this module ever made.
 
+On a node of hack/cluster-nodes.sh (a libvirt session daemon of an unprivileged user,
+``qemu+unix:///session?socket=/run/user/UID/libvirt/libvirt-sock``), the files go under that
+node's imagesDir instead (``<imagesDir>/<name>/``, from .local/nodes.json or ``images_dir``)
+and belong to the node's user, whose QEMU opens them: the same domain name can then exist on
+two nodes, and ``cleanup_all(uri)`` clears one node only. qemu:///system is unchanged.
+
 CLI::
 
     PYTHONPATH=tests python -m support.vms create [--name N] [--layers 2] [--size 64M]
         [--persistent] [--guest-writes] [--disks 1] [--tenant T]
     PYTHONPATH=tests python -m support.vms destroy NAME | cleanup | digest PATH
+    (before the command: [--uri URI] [--images-dir DIR], for a node of `make cluster-nodes`)
 """
 
 from __future__ import annotations
@@ -22,12 +29,15 @@ import hashlib
 import json
 import lzma
 import os
+import pwd
+import re
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +45,57 @@ import libvirt
 
 from support.guestwrites import WRITE_MARK, WritePlan, plan_writes
 from support.images import image_digest
+from support.paths import NODES_JSON
 
 PREFIX = "bct-"
 IMAGES = Path("/var/lib/libvirt/images/blockcopy-test")
 GUEST_CACHE = Path("/var/cache/blockcopy-operator/guest")
 DEFAULT_URI = "qemu:///system"
 GiB = 1 << 30
+# A session daemon's socket: /run/user/UID/libvirt/libvirt-sock (hack/cluster-nodes.sh).
+_SESSION_SOCKET = re.compile(r"^/run/user/(\d+)/")
+
+
+def session_uid(uri: str) -> int | None:
+    """The user whose libvirt session daemon ``uri`` reaches through its socket
+    (``qemu+unix:///session?socket=/run/user/UID/libvirt/libvirt-sock``): its QEMU runs as
+    that user, who must own the images. None for any other URI (qemu:///system: libvirt
+    gives the files to its own QEMU user itself)."""
+    parsed = urllib.parse.urlsplit(uri)
+    if not parsed.scheme.startswith("qemu") or parsed.path.rstrip("/") != "/session":
+        return None
+    sockets = urllib.parse.parse_qs(parsed.query).get("socket") or []
+    match = _SESSION_SOCKET.match(sockets[0]) if sockets else None
+    return int(match.group(1)) if match else None
+
+
+def images_root(uri: str = DEFAULT_URI, images_dir: str | Path | None = None) -> Path:
+    """Where the VMs of ``uri`` keep their files (one directory per VM below): ``images_dir``
+    when given; IMAGES for qemu:///system (and any URI that is not a node's session); for a
+    node of hack/cluster-nodes.sh, its imagesDir in nodes.json."""
+    if images_dir is not None:
+        return Path(images_dir)
+    if session_uid(uri) is None:
+        return IMAGES
+    nodes = json.loads(NODES_JSON.read_text()) if NODES_JSON.exists() else []
+    for node in nodes:
+        if node["libvirtUri"] == uri:
+            return Path(node["imagesDir"])
+    raise ValueError(f"{uri} is no node of {NODES_JSON} (make cluster-nodes): "
+                     "give images_dir, a directory its QEMU user may write")
+
+
+def _give_to_session_user(uri: str, path: Path) -> None:
+    """chown -R ``path`` to the user whose session daemon ``uri`` reaches (no-op otherwise):
+    the images are made by root here, and that user's QEMU opens them read-write."""
+    uid = session_uid(uri)
+    if uid is None:
+        return
+    gid = pwd.getpwuid(uid).pw_gid
+    for dirpath, _dirs, files in os.walk(path):
+        os.chown(dirpath, uid, gid)
+        for f in files:
+            os.chown(os.path.join(dirpath, f), uid, gid)
 
 
 @dataclass
@@ -244,6 +299,8 @@ def guest_boot_files() -> tuple[str, str]:
     kernel, initrd = GUEST_CACHE / f"vmlinuz-{kver}", GUEST_CACHE / f"initramfs-{key}.cpio.gz"
     if not kernel.exists():
         shutil.copyfile(kpath, kernel)
+    # Readable by everyone: the QEMU of a session node runs as an unprivileged user.
+    kernel.chmod(0o644)
     if initrd.exists():
         return str(kernel), str(initrd)
     with tempfile.TemporaryDirectory() as tmp:
@@ -263,6 +320,7 @@ def guest_boot_files() -> tuple[str, str]:
         cpio = subprocess.run(cmd, cwd=tmp, input=listing, capture_output=True, check=True).stdout
         part = initrd.with_name(f"{initrd.name}.{os.getpid()}.part")
         part.write_bytes(gzip.compress(cpio))
+        part.chmod(0o644)
         part.rename(initrd)  # atomic: a concurrent builder never sees half a file
     return str(kernel), str(initrd)
 
@@ -338,6 +396,7 @@ def create_vm(
     metadata: str | None = None,
     write_slots: int = 128,
     guest_load_mib: int = 0,
+    images_dir: str | Path | None = None,
 ) -> VM:
     """Create and start a domain. ``name`` is a purpose ('copy' -> 'bct-copy-1a2b3c');
     a name that already starts with 'bct-' is used as is. ``disks`` > 1 adds vdb, vdc...,
@@ -347,12 +406,18 @@ def create_vm(
     ``metadata``: any other XML there. With ``guest_writes``, the guest writes
     ``write_slots`` blocks in turn (support.guestwrites.plan_writes); with ``guest_load_mib``
     it also writes that many MiB of random data into a scratch area after each block (a
-    guest that outruns a throttled copy, whose blocks still verify)."""
+    guest that outruns a throttled copy, whose blocks still verify). ``images_dir``: where
+    its directory goes (default: ``images_root(uri)``, see there); on a session node's URI
+    the files are given to that node's user."""
     if not 1 <= disks <= 16:
         raise ValueError(f"disks must be 1 to 16, not {disks}")
     if name is None or not name.startswith(PREFIX):
         name = f"{PREFIX}{name or 'vm'}-{secrets.token_hex(3)}"
-    workdir = IMAGES / name
+    root = images_root(uri, images_dir)
+    workdir = root / name
+    if root != IMAGES and not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory (a node's imagesDir is made by "
+                                "hack/cluster-nodes.sh)")
     with libvirt.open(uri) as conn:
         if workdir.exists() or _find(conn, name):
             # never fall into the cleanup below: that would remove someone else's domain
@@ -360,7 +425,8 @@ def create_vm(
     try:
         # libvirt runs qemu as libvirt-qemu: it must be able to traverse to the images
         workdir.mkdir(parents=True, exist_ok=False)
-        IMAGES.chmod(0o755)
+        if root == IMAGES:
+            IMAGES.chmod(0o755)
         workdir.chmod(0o755)
         chain = build_chain(
             workdir, layers, parse_size(size), parse_size(data_per_layer), relative_backing
@@ -378,7 +444,9 @@ def create_vm(
         # The guest writes beyond the layers' data, which therefore stays as it was built.
         plan = plan_writes(layers * parse_size(data_per_layer), parse_size(size),
                            slots=write_slots, load_mib=guest_load_mib) if guest_writes else None
-        xml = domain_xml(name, chain[0], console, guest_boot_files() if guest_writes else None,
+        boot = guest_boot_files() if guest_writes else None
+        _give_to_session_user(uri, workdir)
+        xml = domain_xml(name, chain[0], console, boot,
                          [c[0] for t, c in chains.items() if t != "vda"], metadata=extra or None,
                          cmdline=plan.cmdline() if plan else "")
         with libvirt.open(uri) as conn:
@@ -389,7 +457,7 @@ def create_vm(
                 dom = conn.createXML(xml, 0)
             uuid = dom.UUIDString()
     except BaseException:
-        destroy_vm_by_name(name, uri=uri)
+        destroy_vm_by_name(name, uri=uri, images_dir=root)
         raise
     return VM(
         name=name,
@@ -415,8 +483,10 @@ def _find(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
     return next((d for d in conn.listAllDomains() if d.name() == name), None)
 
 
-def destroy_vm_by_name(name: str, *, uri: str = DEFAULT_URI) -> None:
-    """Destroy (if running), undefine (if persistent) and remove the image dir. Idempotent."""
+def destroy_vm_by_name(name: str, *, uri: str = DEFAULT_URI,
+                       images_dir: str | Path | None = None) -> None:
+    """Destroy (if running), undefine (if persistent) and remove the image dir (under
+    ``images_root(uri, images_dir)``). Idempotent."""
     if not name.startswith(PREFIX) or "/" in name:
         raise ValueError(f"refusing to touch {name!r}: not a {PREFIX} test domain")
     with libvirt.open(uri) as conn:
@@ -440,20 +510,27 @@ def destroy_vm_by_name(name: str, *, uri: str = DEFAULT_URI) -> None:
                     libvirt.VIR_ERR_OPERATION_INVALID,
                 ):
                     raise
-    shutil.rmtree(IMAGES / name, ignore_errors=True)
+    shutil.rmtree(images_root(uri, images_dir) / name, ignore_errors=True)
 
 
 def destroy_vm(vm: VM) -> None:
-    destroy_vm_by_name(vm.name, uri=vm.uri)
+    destroy_vm_by_name(vm.name, uri=vm.uri, images_dir=Path(vm.workdir).parent)
 
 
-def cleanup_all(uri: str = DEFAULT_URI) -> list[str]:
-    """Remove every bct- domain and the whole image root. Returns the domain names removed."""
+def cleanup_all(uri: str = DEFAULT_URI, images_dir: str | Path | None = None) -> list[str]:
+    """Remove every bct- domain of ``uri`` and their files. Returns the domain names removed.
+    On qemu:///system the whole image root goes; on a node, only its bct-* directories (its
+    imagesDir belongs to hack/cluster-nodes.sh, and other nodes' files are not touched)."""
+    root = images_root(uri, images_dir)
     with libvirt.open(uri) as conn:
         names = [d.name() for d in conn.listAllDomains() if d.name().startswith(PREFIX)]
     for name in names:
-        destroy_vm_by_name(name, uri=uri)
-    shutil.rmtree(IMAGES, ignore_errors=True)
+        destroy_vm_by_name(name, uri=uri, images_dir=root)
+    if root == IMAGES:
+        shutil.rmtree(IMAGES, ignore_errors=True)
+    else:
+        for leftover in root.glob(f"{PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     return names
 
 
@@ -484,6 +561,8 @@ def wait_guest_writing(vm: VM, timeout: float = 120, writes: int = 2) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--uri", default=DEFAULT_URI)
+    p.add_argument("--images-dir", help="where the VMs' directories go (default: "
+                   f"{IMAGES}, or a node's imagesDir from {NODES_JSON.name} for its URI)")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create", help="create and start a domain, print it as JSON")
     c.add_argument("--name")
@@ -519,14 +598,15 @@ def main(argv: list[str] | None = None) -> int:
             relative_backing=a.relative_backing,
             disks=a.disks,
             tenant=a.tenant,
+            images_dir=a.images_dir,
         )
         if a.guest_writes and a.wait_writes:
             wait_guest_writing(vm, a.wait_writes)
         print(json.dumps(dataclasses.asdict(vm), indent=2))
     elif a.cmd == "destroy":
-        destroy_vm_by_name(a.name, uri=a.uri)
+        destroy_vm_by_name(a.name, uri=a.uri, images_dir=a.images_dir)
     elif a.cmd == "cleanup":
-        for name in cleanup_all(a.uri):
+        for name in cleanup_all(a.uri, a.images_dir):
             print(f"removed {name}")
     elif a.cmd == "digest":
         print(image_digest(a.path))

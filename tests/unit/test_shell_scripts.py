@@ -18,7 +18,8 @@ EARLY_EXIT_READER = re.compile(r"\|\s*(head\b|grep\s+(-\w*q|--quiet))")
 
 def test_the_scripts_are_found():
     assert {p.name for p in SCRIPTS} >= {"build-image.sh", "cluster-up.sh", "hypervisor-stack.sh",
-                                        "processes.sh"}
+                                        "processes.sh", "cluster-nodes.sh",
+                                        "cluster-nodes-down.sh", "nodes.sh", "kubeconfig.sh"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
