@@ -64,6 +64,7 @@ class FakeDisk:
     size: int = 64 << 20
     allocation: int = 1 << 20
     job: FakeJob | None = None
+    zero_detection: bool = False  # the (mirror's or, after a pivot, active) node detects zeros
 
 
 @dataclasses.dataclass
@@ -254,6 +255,14 @@ class FakeHypervisor:
         if job is None:
             raise HypervisorError(f"no mirror job of {target} in QEMU")
         job.copy_mode = mode
+
+    async def set_zero_detection(self, domain: str, target: str, *, on: bool,
+                                 mirror: bool) -> None:
+        await self._enter("set_zero_detection", domain, target, on, mirror)
+        disk = self._domain(domain).disks[target]
+        if mirror and disk.job is None:
+            raise HypervisorError(f"zero detection: disk {target} has no mirror source index")
+        disk.zero_detection = on
 
     async def quiesce(self, domain: str) -> str:
         await self._enter("quiesce", domain)

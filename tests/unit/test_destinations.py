@@ -3,6 +3,8 @@ uses it (named only where the namespace may see that domain), and what holds a p
 
 from __future__ import annotations
 
+import pytest
+
 from blockcopy.core import destinations
 from blockcopy.core.destinations import DestCheck, guard, held
 from blockcopy.core.domainxml import parse_disks
@@ -72,3 +74,25 @@ def test_every_disk_of_a_domain_and_storage_volumes_are_read():
         ("vda", "/i/a.qcow2", ("/i/base.qcow2",), None),
         ("vdb", None, (), ("fast", "v1")),
         ("sda", "/isos/x.iso", (), None)]
+
+
+def test_the_reopen_keeps_every_option_libvirt_set_but_zeros_and_discard():
+    from blockcopy.core import zeroes
+
+    nodes = {"libvirt-3-format": {"drv": "qcow2", "node-name": "libvirt-3-format"},
+             "libvirt-3-storage": {"drv": "file", "file": "/i/c.qcow2"}}
+    assert zeroes.reopen_options(index=3, nodes=nodes, cache="none", io=None, on=True) == {
+        "driver": "qcow2", "node-name": "libvirt-3-format", "file": "libvirt-3-storage",
+        "backing": None, "read-only": False, "discard": "unmap", "detect-zeroes": "unmap",
+        "cache": {"direct": True, "no-flush": False}}
+    back = zeroes.reopen_options(index=3, nodes=nodes, cache=None, io=None, on=False)
+    assert back["discard"] == "ignore" and "detect-zeroes" not in back
+    # A raw image opened as one storage node (libvirt 11 with QEMU 9.1): reopened whole.
+    raw = {"libvirt-4-storage": {"drv": "host_device", "file": "/dev/loop3"}}
+    assert zeroes.reopen_options(index=4, nodes=raw, cache=None, io="native", on=True) == {
+        "driver": "host_device", "node-name": "libvirt-4-storage", "filename": "/dev/loop3",
+        "aio": "native", "read-only": False, "discard": "unmap", "detect-zeroes": "unmap"}
+    for bad in ({"libvirt-3-format": {"drv": "qcow2", "backing_file_depth": 1}},
+                {"libvirt-3-format": {"drv": "qcow2", "encrypted": True}}, {}):
+        with pytest.raises(zeroes.ZeroesError):
+            zeroes.reopen_options(index=3, nodes=bad, cache=None, io=None, on=True)

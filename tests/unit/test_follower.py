@@ -384,3 +384,65 @@ async def test_a_destination_another_domain_uses_is_refused_before_anything_star
     await s.agent.follow(body, s.stop)
     assert "a backing image of disk vda of domain 'other-vm'" in s.kube.status_of("bc2")["message"]
     assert "start_copy" not in s.hv.verbs()
+
+
+async def test_zeros_are_detected_on_the_destination_from_the_first_byte_on(s):
+    """The copy starts throttled to 1 B/s with a 4 MiB buffer, the destination node is
+    reopened with zero detection, then the spec's speed is set; after the pivot the node is
+    as libvirt configured it again."""
+    body = s.create(bandwidth="8Mi")
+    s.follow(body)
+    await s.until(lambda: s.kube.status_of("bc").get("zeroDetection") == "unmap")
+    (request,) = [a[0] for _, v, a in s.hv.calls if v == "start_copy"]
+    assert (request.bandwidth, request.buf_size) == (1, 4 << 20)
+    verbs = s.hv.verbs()
+    start = verbs.index("start_copy")
+    assert verbs[start + 1:start + 3] == ["set_zero_detection", "set_bandwidth"]
+    assert [a for _, v, a in s.hv.calls if v == "set_zero_detection"] == [
+        ("vm", "vda", True, True)]
+    assert s.hv.disk("vm").job.bandwidth == 8 << 20
+    s.hv.make_ready("vm")
+    s.edit(body, pivot=True)
+    await s.until(lambda: s.phase() == "Pivoted")
+    assert [a for _, v, a in s.hv.calls if v == "set_zero_detection"][-1] == (
+        "vm", "vda", False, False)
+    assert not s.hv.disk("vm").zero_detection
+    await s.finish()
+
+
+async def test_a_reopen_libvirt_refuses_leaves_a_right_copy_at_full_speed(s):
+    s.hv.refusals["set_zero_detection"] = 1
+    body = s.create()
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    status = s.kube.status_of("bc")
+    assert status["zeroDetection"].startswith("off (fault injection")
+    assert s.hv.disk("vm").job.bandwidth == 0  # the throttle lifted anyway
+    await s.finish()
+
+
+async def test_a_copy_left_throttled_by_a_dead_agent_is_reopened_and_lifted(s):
+    """The agent died between the throttled start and the reopen: the next one finds a
+    job at 1 B/s and does both."""
+    body = s.create(detectZeroes=True)
+    from blockcopy.model.api import Flag
+    from blockcopy.model.ports import CopyRequest
+    await s.hv.start_copy(CopyRequest(domain="vm", target="vda", dest=s.dest, format="qcow2",
+                                      flags=frozenset({Flag.TRANSIENT_JOB}), bandwidth=1))
+    body["status"] = {"phase": "Copying", "target": "vda", "startTime": "2026-01-01T00:00:00Z",
+                      "startedSpec": {"domain": "vm", "disk": "vda", "dest": s.dest}}
+    s.follow(body)
+    await s.until(lambda: s.kube.status_of("bc").get("zeroDetection") == "unmap")
+    assert s.hv.disk("vm").job.bandwidth == 0 and s.hv.disk("vm").zero_detection
+    await s.finish()
+
+
+async def test_zero_detection_can_be_turned_off(s):
+    body = s.create(detectZeroes=False, bandwidth="1Mi")
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    (request,) = [a[0] for _, v, a in s.hv.calls if v == "start_copy"]
+    assert (request.bandwidth, request.buf_size) == (1 << 20, 0)
+    assert "set_zero_detection" not in s.hv.verbs()
+    assert s.kube.status_of("bc")["zeroDetection"] == "off (spec.detectZeroes: false)"
+    await s.finish()

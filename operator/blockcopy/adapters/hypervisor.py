@@ -13,7 +13,6 @@ refusal must end the copy with libvirt's message, not be retried forever as an o
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import uuid as uuidlib
@@ -21,10 +20,10 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import libvirt
-import libvirt_qemu
 import libvirtaio
 
-from blockcopy.core.domainxml import dest_disk_xml, parse_disk, parse_disks, tenant_of
+from blockcopy.adapters import domains, monitor
+from blockcopy.core.domainxml import dest_disk_xml, parse_disk, tenant_of
 from blockcopy.model.api import Flag
 from blockcopy.model.observation import DiskState, ImageUser, JobEvent, JobProgress
 from blockcopy.model.ports import (
@@ -200,22 +199,13 @@ class LibvirtHypervisor:
     async def capabilities(self) -> Capabilities:
         return await self._in_thread(self._learn_capabilities)
 
-    def _set_copy_mode(self, domain: str, target: str, mode: str) -> None:
-        dom = self._domain(domain)
-        jobs = json.loads(libvirt_qemu.qemuMonitorCommand(
-            dom, json.dumps({"execute": "query-block-jobs"}), 0)).get("return", [])
-        ids = [j["device"] for j in jobs if j.get("type") == "mirror"
-               and j.get("device", "").startswith(f"copy-{target}-")]
-        if not ids:
-            raise HypervisorError(f"no mirror job of {target} in QEMU")
-        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps({
-            "execute": "block-job-change",
-            "arguments": {"id": ids[0], "type": "mirror", "copy-mode": mode}}), 0))
-        if "error" in reply:
-            raise HypervisorError(f"QEMU refused block-job-change: {reply['error'].get('desc')}")
+    async def set_zero_detection(self, domain: str, target: str, *, on: bool,
+                                 mirror: bool) -> None:
+        await self._in_thread(lambda: monitor.set_zero_detection(
+            self._domain(domain), target, on=on, mirror=mirror))
 
     async def set_copy_mode(self, domain: str, target: str, mode: str) -> None:
-        await self._in_thread(lambda: self._set_copy_mode(domain, target, mode))
+        await self._in_thread(lambda: monitor.set_copy_mode(self._domain(domain), target, mode))
 
     async def version(self) -> str:
         v = await self._in_thread(lambda: self._connection().getLibVersion())
@@ -340,47 +330,8 @@ class LibvirtHypervisor:
                 dom.resume()
         await self._in_thread(undo)
 
-    def _image_users(self) -> list[ImageUser]:
-        conn = self._connection()
-        users: list[ImageUser] = []
-        for dom in conn.listAllDomains(0):
-            try:
-                running, persistent = bool(dom.isActive()), bool(dom.isPersistent())
-                definitions = [("live" if running else "persistent", dom.XMLDesc(0))]
-                if running and persistent:
-                    definitions.append(("persistent",
-                                        dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
-                name, uuid = dom.name(), dom.UUIDString()
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    continue  # gone while we looked
-                raise
-            for definition, xml in definitions:
-                tenant = tenant_of(xml)
-                for disk in parse_disks(xml):
-                    source = disk.source or self._volume_path(conn, disk.volume)
-                    common = {"domain": name, "uuid": uuid, "target": disk.target,
-                              "running": running, "definition": definition, "tenant": tenant}
-                    if source:
-                        # An inactive definition shows no backing chain: libvirt finds it at
-                        # start; the caller reads it from the image.
-                        users.append(ImageUser(path=source, chain_known=definition == "live",
-                                               **common))
-                    users.extend(ImageUser(path=p, backing=True, **common) for p in disk.chain)
-        return users
-
-    @staticmethod
-    def _volume_path(conn: libvirt.virConnect, volume: tuple[str, str] | None) -> str | None:
-        if volume is None:
-            return None
-        try:
-            return str(conn.storagePoolLookupByName(volume[0])
-                       .storageVolLookupByName(volume[1]).path())
-        except libvirt.libvirtError:
-            return None  # a pool or volume that is not there opens nothing
-
     async def image_users(self) -> list[ImageUser]:
-        return await self._in_thread(self._image_users)
+        return await self._in_thread(lambda: domains.image_users(self._connection()))
 
     async def set_bandwidth(self, domain: str, target: str, bandwidth: int) -> None:
         await self._in_thread(lambda: self._domain(domain).blockJobSetSpeed(

@@ -21,7 +21,7 @@ from blockcopy.agent.loop import FollowLoop, Step, StopSignal
 from blockcopy.agent.recorder import ObjectRecorder
 from blockcopy.agent.retries import Retries
 from blockcopy.agent.starter import Starter, StartSettings
-from blockcopy.core import convergence, destinations, gates, reconcile, status
+from blockcopy.core import convergence, destinations, gates, reconcile, status, zeroes
 from blockcopy.core.progress import Estimate, ProgressWindow
 from blockcopy.core.reconcile import Action, Decision
 from blockcopy.core.slots import CopySlots
@@ -282,6 +282,7 @@ class Follower:
             case Action.PIVOT:
                 self.recorder.pivot_issued = asyncio.get_running_loop().time()
                 await self.hv.pivot(spec.domain, target)
+                await self._zero_detection_back(spec.domain, target)
             case Action.ABORT:
                 group = key_of(self.body)
                 if group is not None and decision.reason != "LayerCopyFailed":
@@ -289,7 +290,28 @@ class Follower:
                 else:
                     await self.hv.cancel(spec.domain, target)
             case Action.SET_BANDWIDTH:
-                await self.hv.set_bandwidth(spec.domain, target, spec.bandwidth)
+                if self._throttled_for_zeroes(spec, disk):
+                    # The agent stopped between the throttled start and the reopen: again.
+                    self.recorder.update(zeroDetection=await self.starter.detect_zeroes(
+                        spec.domain, target, spec.bandwidth))
+                else:
+                    await self.hv.set_bandwidth(spec.domain, target, spec.bandwidth)
+
+    def _throttled_for_zeroes(self, spec: BlockCopySpec, disk: DiskState) -> bool:
+        return spec.detect_zeroes and disk.job is not None and \
+            disk.job.bandwidth == zeroes.THROTTLE != spec.bandwidth and \
+            self.recorder.status.get("zeroDetection") != "unmap"
+
+    async def _zero_detection_back(self, domain: str, target: str) -> None:
+        """The pivoted disk behaves as its XML says again (guest discards and zero writes as
+        libvirt configured them); best effort: the data is right either way."""
+        if self.recorder.status.get("zeroDetection") != "unmap":
+            return
+        try:
+            await self.hv.set_zero_detection(domain, target, on=False, mirror=False)
+        except HypervisorError as exc:
+            log.warning("%s/%s: zero detection stays on the pivoted disk: %s",
+                        *self.recorder.key, exc)
 
     # -- observing ------------------------------------------------------------------------
     async def _observe_disk(self, spec: BlockCopySpec) -> DiskState:

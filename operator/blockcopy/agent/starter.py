@@ -17,7 +17,7 @@ from typing import Any
 
 from blockcopy.agent import layers
 from blockcopy.agent.inuse import ImageUsers
-from blockcopy.core import destinations, plans, starting
+from blockcopy.core import destinations, plans, starting, zeroes
 from blockcopy.core.plans import Plan, PlanKind, Refusal
 from blockcopy.core.policy import Policy
 from blockcopy.core.reconcile import Decision
@@ -26,6 +26,7 @@ from blockcopy.model.api import BlockCopySpec, Flag, Phase
 from blockcopy.model.observation import DiskState, FileIdentity
 from blockcopy.model.ports import (
     CONTAINER_DEVICE_HINT,
+    Capabilities,
     CopyRequest,
     DiskSize,
     Files,
@@ -88,8 +89,11 @@ class Starter:
                     decision: Decision, current: Phase | None) -> Started:
         """Copying (or Preparing, or Failed with the reason) and the fields it records.
         ``decision`` is the phase logic's START_COPY."""
-        refused = self._refuse_by_policy(spec, disk) or self._refuse_own_chain(spec, disk) or \
-            starting.unsupported(spec, await self.hv.capabilities()) or \
+        refused = self._refuse_by_policy(spec, disk) or self._refuse_own_chain(spec, disk)
+        if refused is not None:
+            return Started(refused)
+        caps = await self.hv.capabilities()
+        refused = starting.unsupported(spec, caps) or \
             await self._refuse_in_use(spec, disk, [spec.dest])
         if refused is not None:
             return Started(refused)
@@ -118,7 +122,7 @@ class Starter:
             refused = await self._space(spec, disk, size, None)
             if refused is not None:
                 return Started(refused)
-        return await self._start_copy(spec, disk, raw_spec, decision, plan)
+        return await self._start_copy(spec, disk, raw_spec, decision, plan, caps)
 
     async def prepare(self, spec: BlockCopySpec, disk: DiskState) -> Decision | None:
         """The Preparing phase: create the plan's files (again, if a restarted agent left
@@ -203,8 +207,8 @@ class Starter:
 
     # -- the call ---------------------------------------------------------------------
     async def _start_copy(self, spec: BlockCopySpec, disk: DiskState,
-                          raw_spec: Mapping[str, Any], decision: Decision, plan: Plan | None
-                          ) -> Started:
+                          raw_spec: Mapping[str, Any], decision: Decision, plan: Plan | None,
+                          caps: Capabilities) -> Started:
         flags, fmt = starting.copy_flags_and_format(spec, disk, plan)
         if fmt is None:  # a pre-created destination without spec.format: read its header
             try:
@@ -217,21 +221,42 @@ class Starter:
                                       f"({hint}), nothing was started"))
         block_device = spec.network is None and self.files.is_block_device(spec.dest)
         target = disk.target or spec.disk
+        zero_off = starting.zero_detection_off(spec, flags, plan, caps)
         request = CopyRequest(domain=spec.domain, target=target, dest=spec.dest, format=fmt,
                               flags=flags, block_device=block_device, network=spec.network,
                               bandwidth=spec.bandwidth, granularity=spec.granularity,
                               buf_size=spec.buf_size)
+        if zero_off is None:  # throttled until the destination detects zeros
+            request = dataclasses.replace(request, bandwidth=zeroes.THROTTLE,
+                                          buf_size=spec.buf_size or zeroes.ZERO_BUFFER)
         try:
             await self.hv.start_copy(request)
         except HypervisorUnavailable:
             raise
         except HypervisorError as exc:
             return Started(failed("CopyRefused", f"libvirt refused to start the copy: {exc}"))
-        return Started(*starting.started(
+        zero_detection = zero_off or await self.detect_zeroes(spec.domain, target,
+                                                              spec.bandwidth)
+        decision, fields = starting.started(
             spec, disk, raw_spec=raw_spec, decision=decision, plan=plan, fmt=fmt, flags=flags,
             target=target, block_device=block_device,
             created_before=list(self._status().get("createdFiles") or []), now=self._now(),
-            identity=await self.dest_identity(spec)))
+            identity=await self.dest_identity(spec))
+        return Started(decision, {**fields, "zeroDetection": zero_detection})
+
+    async def detect_zeroes(self, domain: str, target: str, bandwidth: int) -> str:
+        """The throttled copy's destination reopened with zero detection, then the speed the
+        spec asks (whatever happened: a copy without detection is still a right copy).
+        Returns status.zeroDetection."""
+        try:
+            await self.hv.set_zero_detection(domain, target, on=True, mirror=True)
+            outcome = "unmap"
+        except HypervisorUnavailable:
+            raise
+        except HypervisorError as exc:
+            outcome = f"off ({exc})"
+        await self.hv.set_bandwidth(domain, target, bandwidth)
+        return outcome
 
     async def dest_identity(self, spec: BlockCopySpec) -> FileIdentity | None:
         """What the destination is now (None for a network destination or when it cannot be

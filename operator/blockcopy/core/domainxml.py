@@ -107,6 +107,26 @@ def _disk_info(disk: ET.Element) -> DiskInfo:
     )
 
 
+def node_index(domain_xml: str, target: str, *, mirror: bool
+               ) -> tuple[int, str | None, str | None]:
+    """(libvirt's index of the image, the disk's cache mode, its io mode): the index of the
+    running mirror's destination (``mirror``), or of the disk's active image. QEMU's node
+    names are ``libvirt-<index>-format`` and ``libvirt-<index>-storage``."""
+    for disk in ET.fromstring(domain_xml).iterfind("./devices/disk"):
+        target_elem = disk.find("target")
+        if target_elem is None or target_elem.get("dev") != target:
+            continue
+        holder = disk.find("mirror") if mirror else disk
+        source = holder.find("source") if holder is not None else None
+        index = source.get("index") if source is not None else None
+        if index is None or not index.isdigit():
+            raise ValueError(f"disk {target} has no {'mirror ' if mirror else ''}source index")
+        driver = disk.find("driver")
+        return (int(index), driver.get("cache") if driver is not None else None,
+                driver.get("io") if driver is not None else None)
+    raise ValueError(f"no disk {target}")
+
+
 def dest_disk_xml(dest: str, fmt: str, *, block_device: bool,
                   network: NetworkDest | None = None) -> str:
     """The ``<disk>`` element virDomainBlockCopy takes for a file, a block device or an NBD

@@ -78,6 +78,20 @@ def copy_flags_and_format(spec: BlockCopySpec, disk: DiskState, plan: Plan | Non
     return frozenset(flags), fmt
 
 
+def zero_detection_off(spec: BlockCopySpec, flags: frozenset[Flag], plan: Plan | None,
+                       caps: Capabilities) -> str | None:
+    """Why the destination is written without zero detection, or None: it is used."""
+    if not spec.detect_zeroes:
+        return "off (spec.detectZeroes: false)"
+    if not caps.blockdev_reopen:
+        return f"off (needs QEMU 6.1; this node has {'.'.join(map(str, caps.qemu))})"
+    if spec.network is not None:
+        return "off (a network destination)"
+    if plan is not None or Flag.SHALLOW in flags:
+        return "off (a shallow copy: the destination has a backing file)"
+    return None
+
+
 def plan_message(plan: Plan) -> str:
     if plan.kind == PlanKind.BASE:
         return (f"the destination is prepared backed by {plan.base}, holding the data of "

@@ -53,10 +53,16 @@ class Flag(enum.StrEnum):
 # Fields that cannot change once the job started (the agent keeps what it started with).
 # granularity and bufSize act only at the start, so a later change could only be ignored.
 IMMUTABLE_FIELDS = ("domain", "nodeName", "disk", "dest", "format", "base", "flags",
-                    "granularity", "bufSize", "backingChain", "group")
+                    "granularity", "bufSize", "backingChain", "group", "detectZeroes")
+# Fields whose absence means true.
+TRUE_BY_DEFAULT = ("detectZeroes",)
 
 
 def _normal(field: str, value: Any) -> Any:
+    """A field's value as compared (absent, empty and the default are the same)."""
+    if field in TRUE_BY_DEFAULT:
+        return value is not False
+    value = value or None
     if field == "flags":
         return sorted(set(value)) if isinstance(value, list) else value
     return value
@@ -70,7 +76,7 @@ def pin_started_fields(raw_spec: Mapping[str, Any], started: Mapping[str, Any] |
     if not started:
         return raw, []
     changed = [f for f in IMMUTABLE_FIELDS
-               if _normal(f, raw.get(f) or None) != _normal(f, started.get(f) or None)]
+               if _normal(f, raw.get(f)) != _normal(f, started.get(f))]
     for field in IMMUTABLE_FIELDS:
         raw.pop(field, None)
         if started.get(field) is not None:
@@ -198,6 +204,7 @@ class BlockCopySpec:
     buf_size: int = 0
     pivot: bool = False
     abort: bool = False
+    detect_zeroes: bool = True  # zeros the guest wrote are not copied as data
 
 
 # Binary and decimal suffixes of Kubernetes quantities, for byte rates.
@@ -263,10 +270,10 @@ def _non_negative_int(raw: Mapping[str, Any], key: str, limit: int = 2**63) -> i
     return value
 
 
-def _bool(raw: Mapping[str, Any], key: str) -> bool:
-    value = raw.get(key, False)
+def _bool(raw: Mapping[str, Any], key: str, *, default: bool = False) -> bool:
+    value = raw.get(key, default)
     if value is None:
-        return False
+        return default
     if not isinstance(value, bool):
         raise SpecError(f"spec.{key} must be true or false, not {value!r}")
     return value
@@ -365,5 +372,6 @@ def parse_spec(raw: Any) -> BlockCopySpec:
         granularity=_non_negative_int(raw, "granularity", limit=2**32),
         buf_size=_non_negative_int(raw, "bufSize"),
         pivot=_bool(raw, "pivot"),
+        detect_zeroes=_bool(raw, "detectZeroes", default=True),
         abort=_bool(raw, "abort"),
     )

@@ -83,6 +83,12 @@ class Hypervisor(Protocol):
     async def capabilities(self) -> Capabilities:
         """Versions and features of the connected libvirt and QEMU."""
 
+    async def set_zero_detection(self, domain: str, target: str, *, on: bool,
+                                 mirror: bool) -> None:
+        """Reopen the running mirror's destination node (``mirror``) or, after the pivot,
+        the disk's active node with zero detection (detect-zeroes and discard unmap) on, or
+        back to libvirt's defaults; QEMU >= 6.1, through the monitor passthrough."""
+
     async def set_copy_mode(self, domain: str, target: str, mode: str) -> None:
         """Switch a running mirror's copy mode (``write-blocking``); QEMU >= 8.2 only, through
         libvirt's QEMU monitor passthrough (libvirt has no API for it)."""
@@ -108,6 +114,11 @@ class Capabilities:
     def synchronous_writes(self) -> bool:
         """VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES (libvirt 8.0)."""
         return self.libvirt >= (8, 0, 0)
+
+    @property
+    def blockdev_reopen(self) -> bool:
+        """QMP blockdev-reopen of a list of nodes (QEMU 6.1): zero detection on a copy."""
+        return self.qemu >= (6, 1, 0)
 
     @property
     def block_job_change(self) -> bool:
