@@ -35,6 +35,7 @@ import pytest
 import yaml
 
 from blockcopy.model.api import NODE_LABEL
+from support.agents import free_port
 from support.cluster import apply_crd
 from support.helm import one
 from support.images import assert_identical, image_digest
@@ -106,9 +107,7 @@ def release(cluster_node, kubectl, cluster_helm, api, tmp_path_factory):
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     for key in ("metrics", "liveness"):  # bound on the node itself: only if free there
         if not port_free(defaults[key]["port"]):
-            with socket.socket() as s:
-                s.bind(("0.0.0.0", 0))
-                values[key] = {"port": s.getsockname()[1]}
+            values[key] = {"port": free_port("0.0.0.0")}
             print(f"port {defaults[key]['port']} is busy on this machine: {key}.port "
                   f"{values[key]['port']}")
     path = tmp_path_factory.mktemp("values") / "values.yaml"

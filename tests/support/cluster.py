@@ -51,6 +51,11 @@ class Kubectl:
                                  f"{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def output(self, *args: str, input: str | None = None,
+               kubeconfig: pathlib.Path | str | None = None) -> str:
+        """kubectl's standard output; a non-zero exit fails as with check=True."""
+        return self(*args, input=input, kubeconfig=kubeconfig).stdout
+
 
 def api_client(kubeconfig: pathlib.Path | str = KUBECONFIG) -> kubernetes.client.ApiClient:
     return kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
@@ -74,12 +79,13 @@ def apply_crd(kubectl: Kubectl) -> subprocess.CompletedProcess:
 
 
 def token_kubeconfig(kubectl: Kubectl, service_account: str, namespace: str,
-                     path: pathlib.Path, admin: pathlib.Path = KUBECONFIG) -> pathlib.Path:
+                     path: pathlib.Path, admin: pathlib.Path = KUBECONFIG, *,
+                     duration: str = "1h") -> pathlib.Path:
     """A kubeconfig that authenticates as ``namespace``/``service_account`` (a token from
-    the TokenRequest API, one hour), with the admin kubeconfig's server and CA: how a user
-    or a pod with that identity talks to the API server."""
+    the TokenRequest API, valid for ``duration``), with the admin kubeconfig's server and CA:
+    how a user or a pod with that identity talks to the API server."""
     token = kubectl("create", "token", service_account, "--namespace", namespace,
-                    "--duration=1h").stdout.strip()
+                    f"--duration={duration}").stdout.strip()
     server = yaml.safe_load(admin.read_text())["clusters"][0]["cluster"]
     config = {
         "apiVersion": "v1", "kind": "Config",
