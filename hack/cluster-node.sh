@@ -34,24 +34,15 @@
 set -euo pipefail
 
 HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(dirname "$HACK")
-CACHE=${BLOCKCOPY_CACHE_DIR:-/var/cache/blockcopy-operator}
-STATE=${BLOCKCOPY_STATE_DIR:-$REPO/.local}
-API_PORT=${BLOCKCOPY_API_PORT:-16443}
+# shellcheck source=lib/env.sh
+source "$HACK/lib/env.sh"   # REPO CACHE STATE API_PORT PKI RUN LOGS NODE_NAME NODE SOCK CTR
 SCHED_PORT=${BLOCKCOPY_SCHEDULER_PORT:-16259}
 KUBELET_PORT=${BLOCKCOPY_KUBELET_PORT:-10250}
 KUBELET_HEALTHZ_PORT=${BLOCKCOPY_KUBELET_HEALTHZ_PORT:-10248}
-NODE_NAME=${BLOCKCOPY_NODE_NAME:-$(hostname)}
 NODE_IMAGES=${BLOCKCOPY_NODE_IMAGES:-localhost/blockcopy-operator:dev}
 SHARED_PATHS=${BLOCKCOPY_NODE_SHARED_PATHS:-/var/lib/libvirt/images}
-PKI="$STATE/pki"
-RUN="$STATE/run"
-LOGS="$STATE/log"
-NODE="$STATE/node"
-SOCK="$NODE/containerd/containerd.sock"
 TAINT_KEY=blockcopy.dev/test-node
 BUILDAH=(buildah --storage-driver vfs)
-CTR=(ctr --address "$SOCK" --namespace k8s.io)
 
 log() { echo "[cluster-node] $*" >&2; }
 die() { echo "[cluster-node] ERROR: $*" >&2; exit 1; }
@@ -69,12 +60,7 @@ ADMIN=("$STATE/bin/kubectl" --kubeconfig "$STATE/kubeconfig")
 
 # ---------------------------------------------------------------- helpers
 source "$HACK/lib/processes.sh"
-
-# replace_if_changed TMP DEST: moves TMP over DEST when they differ; true when it did.
-replace_if_changed() {
-  if cmp -s "$1" "$2"; then rm -f "$1"; return 1; fi
-  mv "$1" "$2"
-}
+source "$HACK/lib/kubeconfig.sh"   # write_kubeconfig, replace_if_changed
 
 containerd_ok() { "${CTR[@]}" version >/dev/null 2>&1; }
 
@@ -300,28 +286,10 @@ client_cert() {
 }
 client_cert "kubelet-$NODE_NAME" "/O=system:nodes/CN=system:node:$NODE_NAME"
 client_cert kube-scheduler "/CN=system:kube-scheduler"
-# kubeconfig_for FILE CERT: a kubeconfig with that client certificate.
+# kubeconfig_for FILE NAME: a kubeconfig with the client certificate NAME.
 kubeconfig_for() {
-  cat >"$1.tmp" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: blockcopy-local
-  cluster:
-    server: https://127.0.0.1:$API_PORT
-    certificate-authority: $PKI/ca.crt
-users:
-- name: $2
-  user:
-    client-certificate: $PKI/$2.crt
-    client-key: $PKI/$2.key
-contexts:
-- name: $2
-  context: {cluster: blockcopy-local, user: $2}
-current-context: $2
-EOF
-  chmod 600 "$1.tmp"
-  replace_if_changed "$1.tmp" "$1" || true
+  write_kubeconfig "$1" "https://127.0.0.1:$API_PORT" "$PKI/ca.crt" "$2" \
+    --cert "$PKI/$2.crt" --key "$PKI/$2.key"
 }
 kubeconfig_for "$NODE/kubelet.kubeconfig" "kubelet-$NODE_NAME"
 kubeconfig_for "$NODE/scheduler.kubeconfig" kube-scheduler
