@@ -144,6 +144,13 @@ class FakeHypervisor:
                 return dom
         raise HypervisorError(f"domain {ref!r} not found")
 
+    def _job(self, domain: str, target: str, missing: str | None = None) -> FakeJob:
+        """The job on ``target``; libvirt's error (or ``missing``) when there is none."""
+        job = self._domain(domain).disks[target].job
+        if job is None:
+            raise HypervisorError(missing or f"No active block job '{target}'")
+        return job
+
     async def version(self) -> str:
         await self._enter("version")
         return "9.0.0"
@@ -188,28 +195,22 @@ class FakeHypervisor:
 
     async def pivot(self, domain: str, target: str) -> None:
         await self._enter("pivot", domain, target)
-        disk = self._domain(domain).disks[target]
-        if disk.job is None:
-            raise HypervisorError(f"No active block job '{target}'")
-        if disk.job.ready != MirrorReady.READY:
+        job = self._job(domain, target)
+        if job.ready != MirrorReady.READY:
             raise HypervisorError(f"block copy still active: disk '{target}' not ready for pivot")
-        disk.source, disk.format, disk.job = disk.job.dest, disk.job.request.format, None
+        disk = self._domain(domain).disks[target]
+        disk.source, disk.format, disk.job = job.dest, job.request.format, None
         self.emit(domain, target, JobEvent.COMPLETED)
 
     async def cancel(self, domain: str, target: str) -> None:
         await self._enter("cancel", domain, target)
-        disk = self._domain(domain).disks[target]
-        if disk.job is None:
-            raise HypervisorError(f"No active block job '{target}'")
-        disk.job = None
+        self._job(domain, target)
+        self._domain(domain).disks[target].job = None
         self.emit(domain, target, JobEvent.CANCELED)
 
     async def set_bandwidth(self, domain: str, target: str, bandwidth: int) -> None:
         await self._enter("set_bandwidth", domain, target, bandwidth)
-        job = self._domain(domain).disks[target].job
-        if job is None:
-            raise HypervisorError(f"No active block job '{target}'")
-        job.bandwidth = bandwidth
+        self._job(domain, target).bandwidth = bandwidth
 
     async def disk_size(self, domain: str, target: str) -> DiskSize:
         await self._enter("disk_size", domain, target)
@@ -226,10 +227,7 @@ class FakeHypervisor:
 
     async def set_copy_mode(self, domain: str, target: str, mode: str) -> None:
         await self._enter("set_copy_mode", domain, target, mode)
-        job = self._domain(domain).disks[target].job
-        if job is None:
-            raise HypervisorError(f"no mirror job of {target} in QEMU")
-        job.copy_mode = mode
+        self._job(domain, target, f"no mirror job of {target} in QEMU").copy_mode = mode
 
     async def quiesce(self, domain: str) -> str:
         await self._enter("quiesce", domain)

@@ -24,6 +24,13 @@ def write_kubeconfig(*args: str | pathlib.Path) -> subprocess.CompletedProcess:
         capture_output=True, text=True)
 
 
+def written(path: pathlib.Path, *args: str | pathlib.Path) -> dict:
+    """The kubeconfig ``write_kubeconfig PATH SERVER ...args`` wrote, parsed."""
+    proc = write_kubeconfig(path, SERVER, *args)
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(path.read_text())
+
+
 @pytest.fixture
 def ca(tmp_path) -> pathlib.Path:
     path = tmp_path / "ca.crt"
@@ -33,10 +40,7 @@ def ca(tmp_path) -> pathlib.Path:
 
 def test_a_token_user_with_the_ca_embedded(tmp_path, ca):
     path = tmp_path / "kubeconfig"
-    proc = write_kubeconfig(path, SERVER, ca, "admin", "--token", "admin-token",
-                            "--context", "blockcopy-local")
-    assert proc.returncode == 0, proc.stderr
-    config = yaml.safe_load(path.read_text())
+    config = written(path, ca, "admin", "--token", "admin-token", "--context", "blockcopy-local")
     (cluster,) = config["clusters"]
     assert cluster["name"] == "blockcopy-local"
     assert cluster["cluster"]["server"] == SERVER
@@ -50,11 +54,8 @@ def test_a_token_user_with_the_ca_embedded(tmp_path, ca):
 
 
 def test_a_client_certificate_user_named_after_its_context(tmp_path, ca):
-    path = tmp_path / "kubelet.kubeconfig"
-    proc = write_kubeconfig(path, SERVER, ca, "kubelet-n1", "--cert", "/pki/kubelet-n1.crt",
-                            "--key", "/pki/kubelet-n1.key")
-    assert proc.returncode == 0, proc.stderr
-    config = yaml.safe_load(path.read_text())
+    config = written(tmp_path / "kubelet.kubeconfig", ca, "kubelet-n1",
+                     "--cert", "/pki/kubelet-n1.crt", "--key", "/pki/kubelet-n1.key")
     assert config["users"] == [{"name": "kubelet-n1", "user": {
         "client-certificate": "/pki/kubelet-n1.crt", "client-key": "/pki/kubelet-n1.key"}}]
     assert config["current-context"] == "kubelet-n1"
@@ -64,14 +65,12 @@ def test_a_client_certificate_user_named_after_its_context(tmp_path, ca):
 
 def test_a_rerun_leaves_the_file_and_its_mtime_alone_and_a_change_replaces_it(tmp_path, ca):
     path = tmp_path / "kubeconfig"
-    args = (path, SERVER, ca, "kcm", "--token", "kcm-token")
-    assert write_kubeconfig(*args).returncode == 0
+    written(path, ca, "kcm", "--token", "kcm-token")
     os.utime(path, ns=(1_000_000_000, 1_000_000_000))
-    assert write_kubeconfig(*args).returncode == 0
+    written(path, ca, "kcm", "--token", "kcm-token")
     assert path.stat().st_mtime_ns == 1_000_000_000
-    assert write_kubeconfig(path, SERVER, ca, "kcm", "--token", "new").returncode == 0
+    assert written(path, ca, "kcm", "--token", "new")["users"][0]["user"] == {"token": "new"}
     assert path.stat().st_mtime_ns != 1_000_000_000
-    assert yaml.safe_load(path.read_text())["users"][0]["user"] == {"token": "new"}
 
 
 @pytest.mark.parametrize("credentials", [
