@@ -34,6 +34,7 @@ import uuid
 import pytest
 import yaml
 
+from blockcopy.kubectl.names import RESOURCE
 from blockcopy.model.api import NODE_LABEL
 from support.agents import free_port
 from support.cluster import apply_crd
@@ -386,7 +387,7 @@ def test_helm_uninstall_keeps_the_crd_and_the_objects(release, kubectl, api, clu
     cluster_helm.run("uninstall", rel, "--namespace", ns, "--wait")
     wait_for(lambda: not pods(kubectl, ns, rel), 60, what="the agent's pod to be gone")
     assert kubectl("get", "daemonset", "--namespace", ns, "-o", "name").stdout.strip() == ""
-    kubectl("get", "crd", "blockcopies.blockcopy.dev")
+    kubectl("get", "crd", RESOURCE)
     after = {o["metadata"]["name"]: o.get("status", {}).get("phase") for o in
              json.loads(kubectl("get", "bc", "--namespace", ns, "-o", "json").stdout)["items"]}
     assert after == before and "untouched" in after

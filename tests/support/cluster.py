@@ -11,6 +11,7 @@ import subprocess
 import kubernetes
 import yaml
 
+from blockcopy.kubectl.names import RESOURCE
 from support.paths import CACHE, CRD, HACK, HELM, KUBECONFIG, KUBECTL, STATE
 
 
@@ -73,7 +74,7 @@ def core_v1(kubeconfig: pathlib.Path | str = KUBECONFIG) -> kubernetes.client.Co
 def apply_crd(kubectl: Kubectl) -> subprocess.CompletedProcess:
     """As users apply it (the API server compiles and enforces its CEL rules)."""
     proc = kubectl("apply", "-f", str(CRD))
-    kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
+    kubectl("wait", "--for=condition=Established", f"crd/{RESOURCE}",
             "--timeout=60s")
     return proc
 

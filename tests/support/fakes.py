@@ -15,6 +15,7 @@ import uuid as uuidlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from blockcopy.model.api import GROUP, KIND, NODE_LABEL, VERSION
 from blockcopy.model.observation import (
     DiskInfo,
     DiskState,
@@ -331,7 +332,7 @@ class FakeKube:
     def add(self, name: str, spec: dict[str, Any], *, namespace: str = "ns",
             status: dict[str, Any] | None = None, labels: dict[str, str] | None = None,
             created: str | None = None) -> dict[str, Any]:
-        body = {"apiVersion": "blockcopy.dev/v1alpha1", "kind": "BlockCopy",
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
                 "metadata": {"namespace": namespace, "name": name, "uid": f"uid-{name}",
                              "generation": 1, "labels": dict(labels or {}),
                              "creationTimestamp": created or
@@ -383,7 +384,7 @@ class FakeKube:
         body = self.objects.get((namespace, name))
         if body is None or body["metadata"]["resourceVersion"] != resource_version:
             return False
-        body["metadata"]["labels"]["blockcopy.dev/node"] = node
+        body["metadata"]["labels"][NODE_LABEL] = node
         body["metadata"]["finalizers"] = list(finalizers)
         body["metadata"]["resourceVersion"] = str(next(self._versions))
         return True
@@ -399,7 +400,7 @@ class FakeKube:
                         ) -> AsyncIterator[dict[str, Any]]:
         for (ns, _), body in list(self.objects.items()):
             if (namespace is None or ns == namespace) and \
-                    "blockcopy.dev/node" not in body["metadata"]["labels"]:
+                    NODE_LABEL not in body["metadata"]["labels"]:
                 yield copy.deepcopy(body)
         await asyncio.sleep(timeout)
 

@@ -10,7 +10,7 @@ import pytest
 
 from blockcopy.agent.claimer import Claimer, Verdict
 from blockcopy.agent.recorder import Recorder
-from blockcopy.model.api import NODE_LABEL
+from blockcopy.model.api import FINALIZER, NODE_LABEL
 from support.fakes import FakeHypervisor, FakeKube
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
@@ -99,4 +99,4 @@ async def test_the_claim_adds_the_finalizer_and_keeps_the_users(env):
     body["metadata"]["finalizers"] = ["example.com/keep-me"]
     assert await claimer.consider(body) == Verdict.CLAIMED
     assert kube.objects[("ns", "a")]["metadata"]["finalizers"] == [
-        "example.com/keep-me", "blockcopy.dev/cancel-job"]
+        "example.com/keep-me", FINALIZER]
