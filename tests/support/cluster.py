@@ -55,7 +55,8 @@ class Kubectl:
     def output(self, *args: str, input: str | None = None,
                kubeconfig: pathlib.Path | str | None = None) -> str:
         """kubectl's standard output; a non-zero exit fails as with check=True."""
-        return self(*args, input=input, kubeconfig=kubeconfig).stdout
+        stdout: str = self(*args, input=input, kubeconfig=kubeconfig).stdout
+        return stdout
 
 
 def api_client(kubeconfig: pathlib.Path | str = KUBECONFIG) -> kubernetes.client.ApiClient:
