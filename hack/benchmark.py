@@ -26,23 +26,21 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 
 import kubernetes
 import libvirt
 
-from blockcopy.model.api import GROUP, PLURAL, VERSION
+from blockcopy.model.api import GROUP, KIND, NODE_LABEL, PLURAL, VERSION
 from support import vms as testvm
-from support.paths import KUBECONFIG, ROOT, STATE
+from support.agents import Agent as AgentProcess
+from support.agents import free_port, http_get
+from support.cluster import Kubectl, apply_crd, bring_up, custom_objects, token_kubeconfig
+from support.paths import STATE
 
-KUBECTL = STATE / "bin" / "kubectl"
 AUDIT_LOG = STATE / "log" / "audit.log"
-
-
-def kubectl(*args: str, input: str | None = None) -> str:
-    return subprocess.run([str(KUBECTL), "--kubeconfig", str(KUBECONFIG), *args], check=True,
-                          capture_output=True, text=True, input=input).stdout
+ADMIN = Kubectl()  # the admin kubeconfig
+kubectl = ADMIN.output
 
 
 def pct(values: list[float], p: float) -> float:
@@ -95,7 +93,7 @@ class PhaseWatch:
                     obj, now = event["object"], time.monotonic()
                     name = obj["metadata"]["name"]
                     keys = [(name, (obj.get("status") or {}).get("phase") or "")]
-                    if (obj["metadata"].get("labels") or {}).get("blockcopy.dev/node"):
+                    if (obj["metadata"].get("labels") or {}).get(NODE_LABEL):
                         keys.append((name, "claimed"))
                     with self.lock:
                         for key in keys:
@@ -119,8 +117,8 @@ class PhaseWatch:
 
 
 class Agent:
-    """The agent as a process, as a ServiceAccount (so its requests are its own in the audit
-    log), with metrics; CPU, memory and wake-ups read from /proc."""
+    """The agent as a process (support.agents), as a ServiceAccount (so its requests are its
+    own in the audit log), with metrics; CPU, memory and wake-ups read from /proc."""
 
     def __init__(self, namespace: str, node: str, *, log_name: str, extra: list[str] = ()):
         self.node = node
@@ -129,50 +127,43 @@ class Agent:
         kubectl("create", "clusterrolebinding", f"{sa}-{namespace}", "--clusterrole",
                 "cluster-admin", f"--serviceaccount={namespace}:{sa}")
         self.user = f"system:serviceaccount:{namespace}:{sa}"
-        token = kubectl("create", "token", sa, "-n", namespace, "--duration=2h").strip()
-        config = json.loads(kubectl("config", "view", "--raw", "-o", "json"))
-        config["users"] = [{"name": sa, "user": {"token": token}}]
-        config["contexts"] = [{"name": sa, "context": {"cluster": config["clusters"][0]["name"],
-                                                       "user": sa}}]
-        config["current-context"] = sa
-        self.kubeconfig = STATE / f"bench-{node}.kubeconfig"
-        self.kubeconfig.write_text(json.dumps(config))
-        self.metrics_port = _free_port()
-        self.log_path = STATE / "log" / f"{log_name}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "blockcopy", "--node-name", node, "--namespace", namespace,
-             "--metrics-port", str(self.metrics_port), *extra],
-            env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
-            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while "agent ready" not in self.log_path.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"agent {node} did not start:\n{self.log_path.read_text()}")
-            time.sleep(0.1)
+        kubeconfig = token_kubeconfig(ADMIN, sa, namespace, STATE / f"bench-{node}.kubeconfig",
+                                      duration="2h")
+        self.metrics_port = free_port()
+        log_path = STATE / "log" / f"{log_name}.log"
+        log_path.unlink(missing_ok=True)  # this run's log only
+        self.process = AgentProcess(
+            node, log_path, kubeconfig=kubeconfig,
+            args=["--node-name", node, "--namespace", namespace,
+                  "--metrics-port", str(self.metrics_port), *extra])
+        try:
+            self.process.start()
+        except AssertionError:
+            raise SystemExit(f"agent {node} did not start:\n{self.process.log()}") from None
+        self.pid = self.process.proc.pid
 
     def rss_mib(self) -> float:
-        for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+        for line in pathlib.Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
 
     def cpu_seconds(self) -> float:
-        fields = pathlib.Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = pathlib.Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def wakeups(self) -> int:
         """Voluntary context switches of all threads: each is a thread that slept (on a timer,
         a socket, a lock) and woke up. Preemptions by other processes are not counted."""
         total = 0
-        for task in pathlib.Path(f"/proc/{self.proc.pid}/task").iterdir():
+        for task in pathlib.Path(f"/proc/{self.pid}/task").iterdir():
             for line in (task / "status").read_text().splitlines():
                 if line.startswith("voluntary_ctxt_switches"):
                     total += int(line.split()[1])
         return total
 
     def metric(self, name: str, **labels: str) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                      timeout=5).read().decode()
+        text = http_get(self.metrics_port, "/metrics")[1]
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name + "{") or line.startswith(name + " "):
@@ -181,18 +172,7 @@ class Agent:
         return total
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        self.process.stop()
 
 
 def _verb(record: dict) -> str:
@@ -225,14 +205,11 @@ def audit_requests(user: str, since: dt.datetime) -> list[dict]:
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        subprocess.run([str(ROOT / "hack" / "cluster-up.sh")], check=True,
-                       stdout=subprocess.DEVNULL)
-        kubectl("apply", "-f", str(ROOT / "crds" / "blockcopy.yaml"))
-        kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev")
+        bring_up()
+        apply_crd(ADMIN)
         self.namespace = f"bench-{uuid.uuid4().hex[:6]}"
         kubectl("create", "namespace", self.namespace)
-        self.api = kubernetes.client.CustomObjectsApi(
-            kubernetes.config.new_client_from_config(config_file=str(KUBECONFIG)))
+        self.api = custom_objects()
         self.events = LibvirtEvents()
         self.watch = PhaseWatch(self.api, self.namespace)
         self.vms: list[testvm.VM] = []
@@ -252,7 +229,7 @@ class Bench:
     def create(self, name: str, spec: dict) -> float:
         t = time.monotonic()
         self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, {
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": "BlockCopy",
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
             "metadata": {"name": name}, "spec": spec})
         return t
 
@@ -371,7 +348,7 @@ class Bench:
         # Events posted about it (an Event's create names no object in the audit record).
         per_copy = collections.Counter(r["objectRef"].get("name") for r in records
                                        if r["objectRef"].get("name") in names
-                                       and r["objectRef"].get("resource") == "blockcopies")
+                                       and r["objectRef"].get("resource") == PLURAL)
         core = kubernetes.client.CoreV1Api(self.api.api_client)
         events = {nm: sum(e.count or 1 for e in core.list_namespaced_event(
             self.namespace, field_selector=f"involvedObject.name={nm}").items) for nm in names}
@@ -466,11 +443,11 @@ class Bench:
         # The objects go first, while the agents still run to release their finalizers; an
         # object whose agent is gone already is released by hand (its VM goes next anyway),
         # so the namespace never hangs in Terminating.
-        kubectl("delete", "blockcopies", "--all", "-n", self.namespace, "--wait=false")
+        kubectl("delete", PLURAL, "--all", "-n", self.namespace, "--wait=false")
         deadline = time.monotonic() + 60
-        while kubectl("get", "blockcopies", "-n", self.namespace, "-o", "name").strip():
+        while kubectl("get", PLURAL, "-n", self.namespace, "-o", "name").strip():
             if time.monotonic() > deadline:
-                for name in kubectl("get", "blockcopies", "-n", self.namespace,
+                for name in kubectl("get", PLURAL, "-n", self.namespace,
                                     "-o", "name").split():
                     kubectl("patch", name, "-n", self.namespace, "--type=merge",
                             "-p", '{"metadata":{"finalizers":null}}')

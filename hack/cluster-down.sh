@@ -10,9 +10,8 @@
 set -euo pipefail
 
 HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(dirname "$HACK")
-STATE=${BLOCKCOPY_STATE_DIR:-$REPO/.local}
-RUN="$STATE/run"
+# shellcheck source=lib/env.sh
+source "$HACK/lib/env.sh"   # REPO STATE RUN...
 VM_PREFIX=bct-
 IMAGES_DIR=/var/lib/libvirt/images/blockcopy-test
 VIRSH=(virsh -c qemu:///system)

@@ -9,13 +9,8 @@
 set -euo pipefail
 
 HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(dirname "$HACK")
-STATE=${BLOCKCOPY_STATE_DIR:-$REPO/.local}
-NODE_NAME=${BLOCKCOPY_NODE_NAME:-$(hostname)}
-RUN="$STATE/run"
-NODE="$STATE/node"
-SOCK="$NODE/containerd/containerd.sock"
-CTR=(ctr --address "$SOCK" --namespace k8s.io)
+# shellcheck source=lib/env.sh
+source "$HACK/lib/env.sh"   # REPO STATE RUN NODE_NAME NODE SOCK CTR
 status=0
 
 log() { echo "[cluster-node-down] $*" >&2; }

@@ -34,24 +34,15 @@
 set -euo pipefail
 
 HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(dirname "$HACK")
-CACHE=${BLOCKCOPY_CACHE_DIR:-/var/cache/blockcopy-operator}
-STATE=${BLOCKCOPY_STATE_DIR:-$REPO/.local}
-API_PORT=${BLOCKCOPY_API_PORT:-16443}
+# shellcheck source=lib/env.sh
+source "$HACK/lib/env.sh"   # REPO CACHE STATE API_PORT PKI RUN LOGS NODE_NAME NODE SOCK CTR
 SCHED_PORT=${BLOCKCOPY_SCHEDULER_PORT:-16259}
 KUBELET_PORT=${BLOCKCOPY_KUBELET_PORT:-10250}
 KUBELET_HEALTHZ_PORT=${BLOCKCOPY_KUBELET_HEALTHZ_PORT:-10248}
-NODE_NAME=${BLOCKCOPY_NODE_NAME:-$(hostname)}
 NODE_IMAGES=${BLOCKCOPY_NODE_IMAGES:-localhost/blockcopy-operator:dev}
 SHARED_PATHS=${BLOCKCOPY_NODE_SHARED_PATHS:-/var/lib/libvirt/images}
-PKI="$STATE/pki"
-RUN="$STATE/run"
-LOGS="$STATE/log"
-NODE="$STATE/node"
-SOCK="$NODE/containerd/containerd.sock"
 TAINT_KEY=blockcopy.dev/test-node
 BUILDAH=(buildah --storage-driver vfs)
-CTR=(ctr --address "$SOCK" --namespace k8s.io)
 
 log() { echo "[cluster-node] $*" >&2; }
 die() { echo "[cluster-node] ERROR: $*" >&2; exit 1; }
@@ -69,7 +60,7 @@ ADMIN=("$STATE/bin/kubectl" --kubeconfig "$STATE/kubeconfig")
 
 # ---------------------------------------------------------------- helpers
 source "$HACK/lib/processes.sh"
-# replace_if_changed, client_cert, kubeconfig_for (need $PKI and $API_PORT)
+# write_kubeconfig, replace_if_changed, client_cert, kubeconfig_for (need $PKI, $API_PORT)
 source "$HACK/lib/kubeconfig.sh"
 
 containerd_ok() { "${CTR[@]}" version >/dev/null 2>&1; }

@@ -13,16 +13,11 @@
 set -euo pipefail
 
 HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(dirname "$HACK")
-CACHE=${BLOCKCOPY_CACHE_DIR:-/var/cache/blockcopy-operator}
-STATE=${BLOCKCOPY_STATE_DIR:-$REPO/.local}
+# shellcheck source=lib/env.sh
+source "$HACK/lib/env.sh"   # REPO CACHE STATE API_PORT PKI RUN LOGS
 ETCD_PORT=${BLOCKCOPY_ETCD_PORT:-23790}
 ETCD_PEER_PORT=${BLOCKCOPY_ETCD_PEER_PORT:-23800}
-API_PORT=${BLOCKCOPY_API_PORT:-16443}
 KCM_PORT=${BLOCKCOPY_KCM_PORT:-16257}
-PKI="$STATE/pki"
-RUN="$STATE/run"
-LOGS="$STATE/log"
 ADMIN_TOKEN=admin-token
 VIRSH=(virsh -c qemu:///system)
 
@@ -47,6 +42,7 @@ KUBECTL="$STATE/bin/kubectl"
 
 # ---------------------------------------------------------------- helpers
 source "$HACK/lib/processes.sh"
+source "$HACK/lib/kubeconfig.sh"   # write_kubeconfig, replace_if_changed
 
 etcd_healthy() {
   curl -s --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" | grep '"health":"true"' >/dev/null
@@ -115,11 +111,7 @@ rules:
         resources: [events]
   - level: None
 EOF
-if cmp -s "$STATE/audit-policy.yaml.tmp" "$STATE/audit-policy.yaml"; then
-  rm -f "$STATE/audit-policy.yaml.tmp"
-else
-  mv "$STATE/audit-policy.yaml.tmp" "$STATE/audit-policy.yaml"
-fi
+replace_if_changed "$STATE/audit-policy.yaml.tmp" "$STATE/audit-policy.yaml" || true
 
 # ---------------------------------------------------------------- etcd
 ETCD_PID=$(pid_of "$RUN/etcd.pid" etcd)
@@ -203,56 +195,14 @@ if [ -z "$API_PID" ]; then
 fi
 
 # ---------------------------------------------------------------- kubeconfig
-# Rendered to a temp file and only moved into place when it differs, so a re-run leaves it
-# (and its mtime) untouched.
-CA_DATA=$(base64 -w0 <"$PKI/ca.crt")
-cat >"$STATE/kubeconfig.tmp" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: blockcopy-local
-  cluster:
-    server: https://127.0.0.1:$API_PORT
-    certificate-authority-data: $CA_DATA
-users:
-- name: admin
-  user:
-    token: $ADMIN_TOKEN
-contexts:
-- name: blockcopy-local
-  context:
-    cluster: blockcopy-local
-    user: admin
-current-context: blockcopy-local
-EOF
-chmod 600 "$STATE/kubeconfig.tmp"
-if cmp -s "$STATE/kubeconfig.tmp" "$STATE/kubeconfig"; then
-  rm -f "$STATE/kubeconfig.tmp"
-else
-  mv "$STATE/kubeconfig.tmp" "$STATE/kubeconfig"
-fi
+# Left untouched (and its mtime too) by a re-run, as long as nothing in it changed.
+write_kubeconfig "$STATE/kubeconfig" "https://127.0.0.1:$API_PORT" "$PKI/ca.crt" admin \
+  --token "$ADMIN_TOKEN" --context blockcopy-local
 
 # ---------------------------------------------------------------- kube-controller-manager
 # Namespace deletion, garbage collection, ServiceAccount tokens, DaemonSet bookkeeping...
-cat >"$STATE/kcm.kubeconfig.tmp" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: blockcopy-local
-  cluster:
-    server: https://127.0.0.1:$API_PORT
-    certificate-authority-data: $CA_DATA
-users:
-- name: kcm
-  user:
-    token: kcm-token
-contexts:
-- name: kcm
-  context: {cluster: blockcopy-local, user: kcm}
-current-context: kcm
-EOF
-chmod 600 "$STATE/kcm.kubeconfig.tmp"
-mv "$STATE/kcm.kubeconfig.tmp" "$STATE/kcm.kubeconfig"
+write_kubeconfig "$STATE/kcm.kubeconfig" "https://127.0.0.1:$API_PORT" "$PKI/ca.crt" kcm \
+  --token kcm-token
 kcm_healthy() {
   [ "$(curl -sk --max-time 3 "https://127.0.0.1:$KCM_PORT/healthz" 2>/dev/null)" = ok ]
 }

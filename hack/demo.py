@@ -11,7 +11,6 @@ on the copied disk (`make cluster-down` removes it).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
@@ -20,19 +19,17 @@ import yaml
 
 from blockcopy.model.api import GROUP, PLURAL, VERSION
 from support.agents import Agent
+from support.cluster import Kubectl, apply_crd, custom_objects
 from support.images import image_digest, qemu_img_compare
 from support.libvirt_probes import domstate, live_disk_source, live_mirror
-from support.paths import CRD, EXAMPLES, KUBECONFIG, KUBECTL, STATE
+from support.paths import EXAMPLES, STATE
 from support.vms import VM, create_vm, destroy_vm_by_name, expected_digest
 
 NS = "default"
 NODE = "demo-node"
 BANDWIDTH = "64Mi"  # slow enough to watch the progress column move
-
-
-def kubectl(*args: str, input: str | None = None) -> str:
-    return subprocess.run([str(KUBECTL), "--kubeconfig", str(KUBECONFIG), *args], check=True,
-                          capture_output=True, text=True, input=input).stdout
+ADMIN = Kubectl()  # the admin kubeconfig
+kubectl = ADMIN.output
 
 
 def say(text: str) -> None:
@@ -42,9 +39,7 @@ def say(text: str) -> None:
 def main() -> int:
     t_start = time.monotonic()
     say("installing the BlockCopy CRD")
-    print(kubectl("apply", "-f", str(CRD)).strip())
-    kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
-            "--timeout=60s")
+    print(apply_crd(ADMIN).stdout.strip())
 
     say("creating the demo VM (QEMU, 1 GiB disk = two-layer qcow2 chain with known data)")
     destroy_vm_by_name("bct-demo")
@@ -72,8 +67,7 @@ def main() -> int:
 
 
 def run_copy(vm: VM, dest: str, expected: str, t_start: float) -> int:
-    api = kubernetes.client.CustomObjectsApi(
-        kubernetes.config.new_client_from_config(config_file=str(KUBECONFIG)))
+    api = custom_objects()
     manifest = yaml.safe_load((EXAMPLES / "full-copy.yaml").read_text())
     manifest["metadata"]["name"] = "demo-vda"
     manifest["spec"].update(domain=vm.name, dest=dest, bandwidth=BANDWIDTH)

@@ -1,14 +1,68 @@
-# Identities of the local environment's components (hack/cluster-node.sh's kubelet and
-# scheduler, hack/cluster-nodes.sh's agents): client certificates from the local CA, which
-# the API server trusts (--client-ca-file), and kubeconfigs that use them. One copy, sourced.
-# The caller sets $PKI (the state dir's pki/) and $API_PORT. Runs in its shell, under
-# set -euo pipefail.
+# The local environment's identities, sourced: the one kubeconfig writer (cluster-up: the
+# admin's and kube-controller-manager's; cluster-node: the kubelet's and kube-scheduler's;
+# cluster-nodes: each simulated node's agent), client certificates from the local CA (the
+# API server trusts it: --client-ca-file) and kubeconfigs that use them. client_cert and
+# kubeconfig_for need $PKI (the state dir's pki/) and $API_PORT.
 # shellcheck shell=bash
+set -o pipefail
+# shellcheck source-path=SCRIPTDIR source=files.sh
+source "$(dirname "${BASH_SOURCE[0]}")/files.sh"
 
-# replace_if_changed TMP DEST: moves TMP over DEST when they differ; true when it did.
-replace_if_changed() {
-  if cmp -s "$1" "$2"; then rm -f "$1"; return 1; fi
-  mv "$1" "$2"
+# write_kubeconfig FILE SERVER CA USER (--token TOKEN | --cert CERT --key KEY) [--context NAME]
+#   A kubeconfig for USER of the local cluster (cluster entry blockcopy-local) at SERVER
+#   (https://127.0.0.1:PORT), trusting the CA certificate file CA, embedded
+#   (certificate-authority-data: a copy of FILE works anywhere). USER authenticates with a
+#   bearer TOKEN or with a client certificate and key (files, referred to by path). The
+#   context is named NAME (default: USER) and is the current one. Mode 600; FILE is replaced
+#   only when its content changes (a re-run leaves it and its mtime alone). Returns 0 when
+#   FILE holds that kubeconfig, whether or not it changed; 2 on a wrong call.
+write_kubeconfig() {
+  [ $# -ge 4 ] || { echo "write_kubeconfig: FILE SERVER CA USER expected" >&2; return 2; }
+  local file=$1 server=$2 ca=$3 user=$4 context=$4 token="" cert="" key="" credentials
+  shift 4
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --token|--cert|--key|--context)
+        [ $# -ge 2 ] || { echo "write_kubeconfig: $1 needs a value" >&2; return 2; } ;;&
+      --token) token=$2 ;;
+      --cert) cert=$2 ;;
+      --key) key=$2 ;;
+      --context) context=$2 ;;
+      *) echo "write_kubeconfig: unknown argument $1" >&2; return 2 ;;
+    esac
+    shift 2
+  done
+  if [ -n "$token" ] && [ -z "$cert$key" ]; then
+    credentials="    token: $token"
+  elif [ -z "$token" ] && [ -n "$cert" ] && [ -n "$key" ]; then
+    credentials=$(printf '    client-certificate: %s\n    client-key: %s' "$cert" "$key")
+  else
+    echo "write_kubeconfig: either --token TOKEN or --cert CERT --key KEY" >&2
+    return 2
+  fi
+  [ -s "$ca" ] || { echo "write_kubeconfig: no CA certificate $ca" >&2; return 2; }
+  (umask 077 && cat >"$file.tmp" <<EOC
+apiVersion: v1
+kind: Config
+clusters:
+- name: blockcopy-local
+  cluster:
+    server: $server
+    certificate-authority-data: $(base64 -w0 <"$ca")
+users:
+- name: $user
+  user:
+$credentials
+contexts:
+- name: $context
+  context:
+    cluster: blockcopy-local
+    user: $user
+current-context: $context
+EOC
+  )
+  chmod 600 "$file.tmp"
+  replace_if_changed "$file.tmp" "$file" || true
 }
 
 # client_cert NAME SUBJECT: $PKI/NAME.crt/.key, made once.
@@ -28,26 +82,8 @@ client_cert() {
   chmod 600 "$PKI/$name.key"
 }
 
-# kubeconfig_for FILE CERT: a kubeconfig with that client certificate.
+# kubeconfig_for FILE NAME: a kubeconfig with the client certificate NAME ($PKI/NAME.crt).
 kubeconfig_for() {
-  cat >"$1.tmp" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: blockcopy-local
-  cluster:
-    server: https://127.0.0.1:$API_PORT
-    certificate-authority: $PKI/ca.crt
-users:
-- name: $2
-  user:
-    client-certificate: $PKI/$2.crt
-    client-key: $PKI/$2.key
-contexts:
-- name: $2
-  context: {cluster: blockcopy-local, user: $2}
-current-context: $2
-EOF
-  chmod 600 "$1.tmp"
-  replace_if_changed "$1.tmp" "$1" || true
+  write_kubeconfig "$1" "https://127.0.0.1:$API_PORT" "$PKI/ca.crt" "$2" \
+    --cert "$PKI/$2.crt" --key "$PKI/$2.key"
 }

@@ -118,5 +118,5 @@ def test_readme_snippet_embeds_the_script_verbatim():
     docs = [d for d in yaml.safe_load_all(readme.split("```yaml", 1)[1].split("```", 1)[0])]
     (cm,) = docs
     assert cm["kind"] == "ConfigMap" and cm["metadata"]["name"] == "argocd-cm"
-    key = "resource.customizations.health.blockcopy.dev_BlockCopy"
+    key = f"resource.customizations.health.{GROUP}_{KIND}"
     assert cm["data"][key].strip() == SCRIPT.strip()

@@ -9,9 +9,8 @@ import celpy
 import pytest
 import yaml
 
-from blockcopy.model.api import NODE_LABEL
+from blockcopy.model.api import FINALIZER, GROUP, KIND, NODE_LABEL, PLURAL, VERSION
 from support.helm import one
-from support.objects import FINALIZER
 from support.paths import ROOT
 
 ENV = celpy.Environment()
@@ -51,8 +50,8 @@ def bc(spec: dict, labels: dict | None = None, finalizers: list | None = None) -
 
 def test_spec_guard_targets_the_main_resource_only(policy):
     (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
-    assert rule["resources"] == ["blockcopies"] and rule["operations"] == ["UPDATE"]
-    assert rule["apiGroups"] == ["blockcopy.dev"]
+    assert rule["resources"] == [PLURAL] and rule["operations"] == ["UPDATE"]
+    assert rule["apiGroups"] == [GROUP]
 
 
 def test_spec_guard_lets_the_agent_claim_and_finalize(policy):
@@ -81,7 +80,7 @@ def flux_exprs() -> dict:
     blocks = [b.split("```", 1)[0] for b in readme.split("```yaml")[1:]]
     (kustomization,) = [yaml.safe_load(b) for b in blocks if "kind: Kustomization" in b]
     (exprs,) = kustomization["spec"]["healthCheckExprs"]
-    assert (exprs["apiVersion"], exprs["kind"]) == ("blockcopy.dev/v1alpha1", "BlockCopy")
+    assert (exprs["apiVersion"], exprs["kind"]) == (f"{GROUP}/{VERSION}", KIND)
     return exprs
 
 

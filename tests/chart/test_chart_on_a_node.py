@@ -34,7 +34,9 @@ import uuid
 import pytest
 import yaml
 
+from blockcopy.kubectl.names import RESOURCE
 from blockcopy.model.api import NODE_LABEL
+from support.agents import free_port
 from support.cluster import apply_crd
 from support.helm import one
 from support.images import assert_identical, image_digest
@@ -106,9 +108,7 @@ def release(cluster_node, kubectl, cluster_helm, api, tmp_path_factory):
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     for key in ("metrics", "liveness"):  # bound on the node itself: only if free there
         if not port_free(defaults[key]["port"]):
-            with socket.socket() as s:
-                s.bind(("0.0.0.0", 0))
-                values[key] = {"port": s.getsockname()[1]}
+            values[key] = {"port": free_port("0.0.0.0")}
             print(f"port {defaults[key]['port']} is busy on this machine: {key}.port "
                   f"{values[key]['port']}")
     path = tmp_path_factory.mktemp("values") / "values.yaml"
@@ -387,7 +387,7 @@ def test_helm_uninstall_keeps_the_crd_and_the_objects(release, kubectl, api, clu
     cluster_helm.run("uninstall", rel, "--namespace", ns, "--wait")
     wait_for(lambda: not pods(kubectl, ns, rel), 60, what="the agent's pod to be gone")
     assert kubectl("get", "daemonset", "--namespace", ns, "-o", "name").stdout.strip() == ""
-    kubectl("get", "crd", "blockcopies.blockcopy.dev")
+    kubectl("get", "crd", RESOURCE)
     after = {o["metadata"]["name"]: o.get("status", {}).get("phase") for o in
              json.loads(kubectl("get", "bc", "--namespace", ns, "-o", "json").stdout)["items"]}
     assert after == before and "untouched" in after

@@ -20,6 +20,7 @@ from kubernetes_validate.utils import SchemaNotFoundError
 from packaging.version import Version
 
 from blockcopy.core import policy as agent_policy
+from blockcopy.model.api import GROUP, PLURAL
 from support.helm import USER_ROLES, by_kind, one
 from support.paths import CHART, CRD
 
@@ -387,16 +388,16 @@ def test_user_roles(helm):
     for role in ("view", "edit", "admin"):
         assert labels[f"rbac.authorization.k8s.io/aggregate-to-{role}"] == "true"
     verbs = {(r, v) for rule in viewer["rules"] for r in rule["resources"]
-             for v in rule["verbs"] if rule["apiGroups"] == ["blockcopy.dev"]}
-    assert verbs == {(r, v) for r in ("blockcopies", "blockcopies/status")
+             for v in rule["verbs"] if rule["apiGroups"] == [GROUP]}
+    assert verbs == {(r, v) for r in (PLURAL, f"{PLURAL}/status")
                      for v in ("get", "list", "watch")}
     # Creating a BlockCopy copies a VM's disk: never aggregated into the built-in roles.
     assert not any(k.startswith("rbac.authorization.k8s.io/aggregate")
                    for k in editor["metadata"]["labels"])
-    writes = {v for rule in editor["rules"] if rule["resources"] == ["blockcopies"]
+    writes = {v for rule in editor["rules"] if rule["resources"] == [PLURAL]
               for v in rule["verbs"]}
     assert {"create", "update", "patch", "delete"} <= writes
-    status = [rule for rule in editor["rules"] if "blockcopies/status" in rule["resources"]]
+    status = [rule for rule in editor["rules"] if f"{PLURAL}/status" in rule["resources"]]
     assert [rule["verbs"] for rule in status] == [["get"]]  # status is the agent's
 
 
@@ -467,8 +468,8 @@ def test_admission_policy_shape(destinations_policy):
     spec = destinations_policy["spec"]
     assert spec["failurePolicy"] == "Fail"
     (rule,) = spec["matchConstraints"]["resourceRules"]
-    assert rule == {"apiGroups": ["blockcopy.dev"], "apiVersions": ["*"],
-                    "operations": ["CREATE", "UPDATE"], "resources": ["blockcopies"]}
+    assert rule == {"apiGroups": [GROUP], "apiVersions": ["*"],
+                    "operations": ["CREATE", "UPDATE"], "resources": [PLURAL]}
     assert all(v["reason"] == "Forbidden" for v in spec["validations"])
 
 
@@ -491,7 +492,8 @@ def test_admission_policy_agrees_with_the_agents_policy(destinations_policy, nam
     roots = {d.rstrip("/") for rule in RULES for d in rule["destinations"]}
     for dest in DESTS:
         admitted, message = admission(destinations_policy, namespace, dest)
-        agent_allows = rules.precheck(namespace=namespace, dest=dest) is None
+        agent_allows = rules.precheck(namespace=namespace, dest=dest,  # resolved as it does
+                                      resolved=os.path.realpath(dest)) is None
         if dest in roots:
             assert not admitted, dest
             continue

@@ -39,7 +39,15 @@ from blockcopy.agent.claimer import Claimer
 from blockcopy.agent.recorder import Recorder
 from blockcopy.core import status as agent_status
 from blockcopy.core.reconcile import Action, Decision, refused
-from blockcopy.model.api import GROUP, KIND, VERSION, Phase, parse_spec
+from blockcopy.model.api import (
+    FINALIZER,
+    GROUP,
+    KIND,
+    NODE_LABEL,
+    VERSION,
+    Phase,
+    parse_spec,
+)
 from blockcopy.model.observation import DiskState, JobProgress, Mirror, MirrorReady
 from support.fakes import FakeHypervisor, FakeKube
 
@@ -72,8 +80,8 @@ def blockcopy(spec: Mapping[str, Any], status: Mapping[str, Any] | None,
     obj: dict[str, Any] = {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
         "metadata": {"name": "vm-vda", "namespace": "vms", "generation": generation,
-                     "labels": {"blockcopy.dev/node": NODE},
-                     "finalizers": ["blockcopy.dev/cancel-job"]},
+                     "labels": {NODE_LABEL: NODE},
+                     "finalizers": [FINALIZER]},
         "spec": dict(spec),
     }
     if status is not None:

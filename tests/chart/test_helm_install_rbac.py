@@ -32,7 +32,8 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from blockcopy.model.api import GROUP, KIND, NODE_LABEL, PLURAL, VERSION
+from blockcopy.kubectl.names import RESOURCE
+from blockcopy.model.api import FINALIZER, GROUP, KIND, NODE_LABEL, PLURAL, VERSION
 from support.agents import Agent, free_port, http_get
 from support.cluster import apply_crd, custom_objects, token_kubeconfig
 from support.helm import (
@@ -45,7 +46,6 @@ from support.helm import (
 )
 from support.isolation import create_namespace, release_namespace, unique, unique_node
 from support.libvirt_probes import live_disk_source, live_mirror
-from support.objects import FINALIZER
 from support.paths import CHART
 from support.waits import wait_for
 
@@ -83,7 +83,7 @@ def release(kubectl, cluster, cluster_helm):
                                        before=lambda: apply_crd(kubectl))
         try:
             assert "Warning" not in proc.stderr, proc.stderr
-            kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
+            kubectl("wait", "--for=condition=Established", f"crd/{RESOURCE}",
                     "--timeout=60s")
             yield {"namespace": namespace, "name": name,
                    "docs": cluster_helm.manifest(name, namespace)}
@@ -153,10 +153,10 @@ def test_rights_are_exactly_the_cluster_role(release, sa_kubeconfig, kubectl):
     declared = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
                 for r in rule["resources"] for v in rule["verbs"]}
     assert declared == {
-        ("blockcopy.dev", "blockcopies", "list"),
-        ("blockcopy.dev", "blockcopies", "watch"),
-        ("blockcopy.dev", "blockcopies", "patch"),
-        ("blockcopy.dev", "blockcopies/status", "patch"),
+        (GROUP, PLURAL, "list"),
+        (GROUP, PLURAL, "watch"),
+        (GROUP, PLURAL, "patch"),
+        (GROUP, f"{PLURAL}/status", "patch"),
         ("", "events", "create"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
@@ -177,9 +177,9 @@ def can_i(kubectl, kubeconfig, *args: str) -> bool:
     ["get", "secrets"], ["list", "secrets", "-A"], ["watch", "secrets"],
     ["get", "configmaps"], ["list", "pods", "-A"], ["list", "namespaces"],
     ["create", "leases.coordination.k8s.io"],
-    ["create", "blockcopies.blockcopy.dev"], ["update", "blockcopies.blockcopy.dev"],
-    ["delete", "blockcopies.blockcopy.dev"], ["get", "blockcopies.blockcopy.dev"],
-    ["update", "blockcopies.blockcopy.dev", "--subresource=status"],
+    ["create", RESOURCE], ["update", RESOURCE],
+    ["delete", RESOURCE], ["get", RESOURCE],
+    ["update", RESOURCE, "--subresource=status"],
     ["patch", "customresourcedefinitions.apiextensions.k8s.io"],
     ["delete", "events"], ["patch", "events"], ["list", "events"],
     ["create", "clusterrolebindings.rbac.authorization.k8s.io"],
@@ -213,7 +213,7 @@ def vm(vms):
 
 
 def get_bc(kubectl, namespace: str, name: str) -> dict | None:
-    proc = kubectl("get", "blockcopies.blockcopy.dev", name, "--namespace", namespace,
+    proc = kubectl("get", RESOURCE, name, "--namespace", namespace,
                    "-o", "json", check=False)
     if proc.returncode != 0:
         assert "NotFound" in proc.stderr, proc.stderr
@@ -265,7 +265,7 @@ def test_agent_as_the_service_account_copies_and_pivots(release, agent, vm, kube
     assert status == 200 and "blockcopy" in text
 
     # Deleting the object: the agent (as the ServiceAccount) removes its finalizer.
-    kubectl("delete", "blockcopies.blockcopy.dev", name, "--namespace", ns, "--wait=false")
+    kubectl("delete", RESOURCE, name, "--namespace", ns, "--wait=false")
     wait_for(lambda: get_bc(kubectl, ns, name) is None, 60, what=f"{name} to be deleted")
 
     log = agent.log()
@@ -320,13 +320,13 @@ def test_service_account_requests_are_refused(release, sa_kubeconfig, kubectl, n
         core.create_namespaced_event(ns, {
             "metadata": {"generateName": f"{name}."}, "type": "Normal", "reason": "Test",
             "message": "posted as the agent",
-            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BlockCopy",
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
                                "namespace": ns, "name": name}})
         obj = get_bc(kubectl, ns, name)
         assert obj["status"]["message"] == "written as the agent"
         assert obj["spec"].get("pivot") is False and obj["metadata"]["generation"] == 1
     finally:
-        kubectl("delete", "blockcopies.blockcopy.dev", name, "--namespace", ns,
+        kubectl("delete", RESOURCE, name, "--namespace", ns,
                 "--wait=false", check=False)
 
 
@@ -335,7 +335,7 @@ def test_rbac_does_not_cover_spec_patches(release, sa_kubeconfig, kubectl):
     the main resource (claim label, finalizer), and `patch` cannot be limited to metadata.
     The agent never writes spec (test above: generation stays 1); specGuard.enabled=true makes
     the API server refuse it (test_spec_guard_enforced_by_the_api_server)."""
-    assert can_i(kubectl, sa_kubeconfig, "patch", "blockcopies.blockcopy.dev",
+    assert can_i(kubectl, sa_kubeconfig, "patch", RESOURCE,
                  "--namespace", release["namespace"])
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["specGuard"] == {"enabled": False}

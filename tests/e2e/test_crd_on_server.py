@@ -13,6 +13,7 @@ import uuid
 import pytest
 import yaml
 
+from blockcopy.model.api import GROUP, PLURAL
 from support.isolation import unique_node
 from support.objects import copy_spec
 from support.paths import CRD as CRD_PATH
@@ -33,7 +34,7 @@ def _renamed_crd(group: str) -> dict:
 def test_the_crd_is_created_established_and_without_warnings(kubectl):
     """A real create: the server compiles every CEL rule and estimates its cost, and refuses
     the whole CRD if one could exceed the budget (cel-python cannot check that)."""
-    group = f"t{uuid.uuid4().hex[:8]}.blockcopy.dev"
+    group = f"t{uuid.uuid4().hex[:8]}.{GROUP}"
     crd = _renamed_crd(group)
     name = crd["metadata"]["name"]
     try:
@@ -56,7 +57,7 @@ def test_the_crd_is_created_established_and_without_warnings(kubectl):
 def test_a_rule_over_the_cost_budget_is_what_the_bounds_prevent(kubectl):
     """Proof that the server does estimate costs (so the test above can fail): the same CRD
     with the bounds of spec.dest and spec.flags removed is refused at creation."""
-    group = f"t{uuid.uuid4().hex[:8]}.blockcopy.dev"
+    group = f"t{uuid.uuid4().hex[:8]}.{GROUP}"
     crd = _renamed_crd(group)
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     for prop in spec["properties"].values():
@@ -86,7 +87,7 @@ def test_kubectl_explain_prints_the_descriptions(kubectl, api):
     out = kubectl("explain", "bc.spec.dest").stdout
     assert "an absolute path of a file" in out and "NBD export" in out, out
     assert "allowed roots" in out, out
-    out = kubectl("explain", "blockcopies.status.phase").stdout
+    out = kubectl("explain", f"{PLURAL}.status.phase").stdout
     assert "Pending, Queued, Preparing, Copying, Mirrored" in out, out
 
 

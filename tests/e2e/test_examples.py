@@ -5,12 +5,12 @@ libvirt and in the images, so the examples cannot rot."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 
 import pytest
 import yaml
 
+from support.agents import free_port
 from support.images import qemu_img_compare, qemu_img_info
 from support.libvirt_probes import blockjob_text, live_disk_source, live_mirror, virsh
 from support.objects import condition
@@ -160,9 +160,7 @@ def test_nbd_destination(agent_factory, vms, blockcopies, node):
     vm = vms(layers=2)
     image = os.path.join(vm.workdir, "export.raw")
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", image, "64M"], check=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     pidfile = os.path.join(vm.workdir, "nbd.pid")
     subprocess.run(["qemu-nbd", "--fork", "--persistent", "--shared=0", "-f", "raw",
                     "-x", "my-vm-vda", "-b", "127.0.0.1", "-p", str(port), "--pid-file",

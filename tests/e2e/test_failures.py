@@ -37,7 +37,6 @@ import itertools
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -56,6 +55,7 @@ from support.libvirt_probes import (
     virsh,
 )
 from support.objects import condition, copy_spec
+from support.proxies import UnixProxy
 from support.vms import expected_digest
 from support.waits import events_of, status_where, wait_for
 
@@ -450,34 +450,8 @@ def test_pivot_refused_retry_backs_off(agent_factory, node, vms, blockcopies, co
 # ---------------------------------------------------------------- 9. libvirt unreachable
 
 
-class LibvirtProxy:
-    """socat between a private socket and libvirtd's: killing it cuts the agent off libvirt
-    without touching libvirtd (which other tests use)."""
-
-    def __init__(self, sock: str):
-        self.sock = sock
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["socat", f"UNIX-LISTEN:{self.sock},fork,unlink-early",
-             "UNIX-CONNECT:/var/run/libvirt/libvirt-sock"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(lambda: os.path.exists(self.sock), 10, what="the proxy socket")
-
-    def kill(self) -> None:
-        """SIGKILL the proxy and its forked children (the process group it leads)."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # already gone, children included
-        self.proc.wait(10)
-
-
 def test_libvirt_unreachable_then_back(agent_factory, node, vms, blockcopies, core, tmp_path):
-    proxy = LibvirtProxy(str(tmp_path / "libvirt-proxy.sock"))
+    proxy = UnixProxy(str(tmp_path / "libvirt-proxy.sock"))
     proxy.start()
     try:
         uri = f"qemu+unix:///system?socket={proxy.sock}"
@@ -527,7 +501,7 @@ def test_libvirt_unreachable_retry_backs_off(agent_factory, node, vms, blockcopi
                                              tmp_path):
     """While libvirt is unreachable, the follow loop retries after 1, 2, 5, 10, 30 s (the
     status message says when); each wait is a real wait, not cut short."""
-    proxy = LibvirtProxy(str(tmp_path / "libvirt-proxy.sock"))
+    proxy = UnixProxy(str(tmp_path / "libvirt-proxy.sock"))
     proxy.start()
     try:
         agent_factory(node, extra_args=[

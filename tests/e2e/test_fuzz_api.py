@@ -184,9 +184,7 @@ def ground(vms):
     for name, target in links.items():
         os.symlink(target, os.path.join(allowed, name))
     os.mkfifo(os.path.join(allowed, "fifo"))
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
+    closed_port = free_port()  # a port nobody listens on
     tarpit = Tarpit()
     yield {"token": token, "vm": vm, "top": top, "allowed": allowed, "outside": outside,
            "lookalike": lookalike, "sentinel": sentinel, "nbd_dir": nbd_dir,

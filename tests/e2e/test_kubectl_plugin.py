@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from blockcopy.kubectl.names import GROUP_LABEL, RESOURCE
+from blockcopy.model.api import GROUP, PLURAL, VERSION
 from support.images import assert_identical
 from support.isolation import unique_node
 from support.libvirt_probes import live_disk_source, live_mirror
@@ -25,7 +27,6 @@ from support.paths import KUBECONFIG, KUBECTL
 from support.waits import wait_for
 
 PLUGIN_BIN = Path(sys.executable).parent  # the venv's bin: where pip put kubectl-blockcopy
-GROUP_LABEL = "blockcopy.dev/group"
 
 
 class Plugin:
@@ -91,7 +92,7 @@ def test_move_a_two_disk_vm_list_status_pivot_the_group_and_wait(
     # move: one BlockCopy per disk, the disks read from the live domain in libvirt.
     moved = plugin("move", vm.name, "--to", str(to), "--node", node, "--bandwidth", "512Mi")
     for target, name in names.items():
-        assert f"blockcopies.blockcopy.dev/{name} created ({vm.name} {target} -> " \
+        assert f"{RESOURCE}/{name} created ({vm.name} {target} -> " \
                f"{dests[target]})" in moved.stdout
         obj = blockcopies.get(name)
         spec = obj["spec"]
@@ -105,7 +106,7 @@ def test_move_a_two_disk_vm_list_status_pivot_the_group_and_wait(
         assert spec.get("group") == vm.name or "dropped spec.group" in moved.stderr, \
             (spec, moved.stderr)
     assert len(blockcopies.api.list_namespaced_custom_object(
-        "blockcopy.dev", "v1alpha1", namespace, "blockcopies")["items"]) == 2
+        GROUP, VERSION, namespace, PLURAL)["items"]) == 2
 
     # wait --group: both copies reach Mirrored (the agent copies both disks).
     waited = plugin("wait", "--group", vm.name, "--for", "Mirrored", "--timeout", "300s")
@@ -139,7 +140,7 @@ def test_move_a_two_disk_vm_list_status_pivot_the_group_and_wait(
     # pivot --group: both specs patched; the agent pivots each (the group gate is the agent's).
     pivoted = plugin("pivot", "--group", vm.name)
     for name in names.values():
-        assert f"blockcopies.blockcopy.dev/{name} patched (spec.pivot: true" in pivoted.stdout
+        assert f"{RESOURCE}/{name} patched (spec.pivot: true" in pivoted.stdout
         assert blockcopies.get(name)["spec"]["pivot"] is True
     waited = plugin("wait", *names.values(), "--for", "Pivoted", "--timeout", "300s")
     assert all(f"{name} Pivoted" in waited.stdout for name in names.values())
@@ -179,7 +180,7 @@ def test_abort_a_copy_while_it_copies_showing_its_rate(plugin, agent_factory, no
     assert row["GROUP"] == "slow" and row["NODE"] == node
 
     aborted = plugin("abort", name)
-    assert f"blockcopies.blockcopy.dev/{name} patched (spec.abort: true" in aborted.stdout
+    assert f"{RESOURCE}/{name} patched (spec.abort: true" in aborted.stdout
     assert blockcopies.get(name)["spec"]["abort"] is True
     plugin("wait", "--group", "slow", "--for", "Aborted", "--timeout", "300s")
     assert live_disk_source(vm, "vda") == vm.chain[0]  # libvirt: still on the source
@@ -227,4 +228,4 @@ def test_wait_exits_1_on_failed_and_on_timeout_and_errors_are_clear(
     assert "no domain 'bct-no-such-vm'" in unknown.stderr
     plugin("wait", name, "--for", "Done", expect=2)
     assert len(blockcopies.api.list_namespaced_custom_object(
-        "blockcopy.dev", "v1alpha1", plugin.namespace, "blockcopies")["items"]) == 2
+        GROUP, VERSION, plugin.namespace, PLURAL)["items"]) == 2

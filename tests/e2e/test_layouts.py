@@ -9,12 +9,12 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import uuid
 
 import pytest
 
+from support.agents import free_port
 from support.assertions import assert_untouched
 from support.images import assert_identical, image_digest, qemu_img_info
 from support.libvirt_probes import (
@@ -175,9 +175,7 @@ class NbdServer:
             self.uri = f"nbd+unix:///exp?socket={self.socket}"
             self.allowed = self.dir
         else:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = free_port()
             where = ["-b", "127.0.0.1", "-p", str(port)]
             self.uri = f"nbd://127.0.0.1:{port}/exp"
             self.allowed = f"127.0.0.1:{port}"

@@ -37,7 +37,7 @@ import time
 import pytest
 import yaml
 
-from blockcopy.model.api import GROUP, KIND, NODE_LABEL, VERSION
+from blockcopy.model.api import FINALIZER, GROUP, KIND, NODE_LABEL, PLURAL, VERSION
 from support.assertions import assert_on_source
 from support.images import image_digest
 from support.isolation import unique, unique_node
@@ -49,7 +49,7 @@ from support.libvirt_probes import (
     live_xml,
     virsh,
 )
-from support.objects import FINALIZER, condition, copy_spec
+from support.objects import condition, copy_spec
 from support.vms import IMAGES, expected_digest
 from support.waits import claimed, events_of, gone, wait_for
 
@@ -360,7 +360,7 @@ def test_agent_receives_only_its_own_objects(agent_factory, node, vms, blockcopi
     assert mine in log  # verbose: it does log the objects it receives
     assert theirs not in log, [line for line in log.splitlines() if theirs in line]
     # The unclaimed watch asks the API server for unlabelled objects only.
-    assert "blockcopies?labelSelector=%21blockcopy.dev/node" in log
+    assert f"{PLURAL}?labelSelector=%21{NODE_LABEL}" in log
     obj = blockcopies.get(theirs)
     assert not obj.get("status"), obj.get("status")  # nobody wrote anything to it
     assert FINALIZER not in (obj["metadata"].get("finalizers") or [])

@@ -154,13 +154,13 @@ def test_viewer_is_aggregated_into_view_and_edit_but_editor_is_not(tenancy, kube
                 return None
         wait_for(can_list, 60, interval=1, what=f"{sa} to list BlockCopies (aggregation)")
         exc = refused(lambda sa=sa: create_as(tenancy["configs"][sa], a, spec))
-        assert exc.status == 403 and "blockcopies" in exc.body, exc.body
+        assert exc.status == 403 and PLURAL in exc.body, exc.body
         # The binding is in A only.
         exc = refused(lambda api=api: api.list_namespaced_custom_object(GROUP, VERSION, b,
                                                                         PLURAL))
         assert exc.status == 403
     view = json.loads(kubectl("get", "clusterrole", "view", "-o", "json").stdout)
-    assert any("blockcopies" in r.get("resources", []) and "create" not in r["verbs"]
+    assert any(PLURAL in r.get("resources", []) and "create" not in r["verbs"]
                for r in view["rules"]), view["rules"]
 
 

@@ -79,8 +79,13 @@ def _more_writes(vm: VM, n: int = 10, timeout: float = 90) -> int:
                     interval=0.3, what=f"{n} more acknowledged guest writes")
 
 
-def _dest(vm: VM) -> str:
-    return os.path.join(vm.workdir, "copy.qcow2")
+def _copy_of_a_writing_vm(vms, blockcopies, node: str, **spec) -> tuple[VM, str, str]:
+    """A guest that writes on (`_writing_vm`), its vda copied to copy.qcow2 in its workdir by
+    ``node``'s agent (``spec`` adds to the spec): the VM, the destination and the BlockCopy's
+    name."""
+    vm = _writing_vm(vms)
+    dest = os.path.join(vm.workdir, "copy.qcow2")
+    return vm, dest, blockcopies.create(copy_spec(vm, node=node, dest=dest, **spec))
 
 
 def _verify_runs_on(vm: VM, image: str, scenario: str) -> Verified:
@@ -101,9 +106,7 @@ def _verify_runs_on(vm: VM, image: str, scenario: str) -> Verified:
 
 
 def test_pivot_under_writes(agent, vms, blockcopies):
-    vm = _writing_vm(vms)
-    dest = _dest(vm)
-    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, bandwidth="8Mi"))
+    vm, dest, name = _copy_of_a_writing_vm(vms, blockcopies, agent.node, bandwidth="8Mi")
     blockcopies.wait_copying(name, counter="cur", above=0)
     copying = last_acknowledged(vm)
     blockcopies.wait_phase(name, "Mirrored", timeout=120)
@@ -119,9 +122,7 @@ def test_pivot_under_writes(agent, vms, blockcopies):
 
 def test_sigkill_while_copying(agent_factory, node, vms, blockcopies):
     first = agent_factory(node)
-    vm = _writing_vm(vms)
-    dest = _dest(vm)
-    name = blockcopies.create(copy_spec(vm, node=node, dest=dest, bandwidth="1Mi"))
+    vm, dest, name = _copy_of_a_writing_vm(vms, blockcopies, node, bandwidth="1Mi")
     blockcopies.wait_copying(name, counter="cur", above=0)
     _more_writes(vm, 5)
     first.stop(signal.SIGKILL)
@@ -140,9 +141,7 @@ def test_sigkill_while_copying(agent_factory, node, vms, blockcopies):
 
 def test_sigkill_while_mirrored(agent_factory, node, vms, blockcopies):
     first = agent_factory(node)
-    vm = _writing_vm(vms)
-    dest = _dest(vm)
-    name = blockcopies.create(copy_spec(vm, node=node, dest=dest))
+    vm, dest, name = _copy_of_a_writing_vm(vms, blockcopies, node)
     blockcopies.wait_phase(name, "Mirrored", timeout=120)
     _more_writes(vm, 5)
     first.stop(signal.SIGKILL)
@@ -161,9 +160,7 @@ def test_sigkill_while_mirrored(agent_factory, node, vms, blockcopies):
 def test_killed_between_pivoting_and_pivot(agent_factory, node, vms, blockcopies):
     doomed = agent_factory(node, entry=FAULTY, env={"FAULT_PIVOT_REFUSALS": "0",
                                                      "FAULT_KILL_BEFORE_PIVOT": "1"})
-    vm = _writing_vm(vms)
-    dest = _dest(vm)
-    name = blockcopies.create(copy_spec(vm, node=node, dest=dest))
+    vm, dest, name = _copy_of_a_writing_vm(vms, blockcopies, node)
     blockcopies.wait_phase(name, "Mirrored", timeout=120)
     _more_writes(vm, 5)
     blockcopies.patch_spec(name, {"pivot": True})
@@ -223,9 +220,7 @@ def _restart_libvirtd() -> float:
 
 
 def test_libvirtd_restart_mid_copy(agent, vms, blockcopies):
-    vm = _writing_vm(vms)
-    dest = _dest(vm)
-    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, bandwidth="1Mi"))
+    vm, dest, name = _copy_of_a_writing_vm(vms, blockcopies, agent.node, bandwidth="1Mi")
     blockcopies.wait_copying(name, counter="cur", above=0)
     _more_writes(vm, 5)
     before = block_job_info(vm)
@@ -258,9 +253,7 @@ def _proxied_agent(agent_factory, node: str, tmp_path, **kw) -> tuple[Agent, Tcp
 def test_api_server_down_mid_copy(agent_factory, node, vms, blockcopies, tmp_path):
     agent, proxy = _proxied_agent(agent_factory, node, tmp_path)
     try:
-        vm = _writing_vm(vms)
-        dest = _dest(vm)
-        name = blockcopies.create(copy_spec(vm, node=node, dest=dest, bandwidth="8Mi"))
+        vm, dest, name = _copy_of_a_writing_vm(vms, blockcopies, node, bandwidth="8Mi")
         blockcopies.wait_copying(name, counter="cur", above=0)
         _more_writes(vm, 5)
 
@@ -291,9 +284,7 @@ def test_api_server_down_mid_pivot(agent_factory, node, vms, blockcopies, tmp_pa
                                   env={"FAULT_PIVOT_REFUSALS": "0",
                                        "FAULT_PIVOT_DELAY": str(delay)})
     try:
-        vm = _writing_vm(vms)
-        dest = _dest(vm)
-        name = blockcopies.create(copy_spec(vm, node=node, dest=dest))
+        vm, dest, name = _copy_of_a_writing_vm(vms, blockcopies, node)
         blockcopies.wait_phase(name, "Mirrored", timeout=120)
         _more_writes(vm, 5)
         blockcopies.patch_spec(name, {"pivot": True})
@@ -332,9 +323,7 @@ def test_abort_mirrored_under_writes(agent, vms, blockcopies):
     after the job ended (the destination no longer changes while the guest writes on); and
     it is consistent: exactly the writes up to some k, none torn. The VM stays on its source,
     which must hold every acknowledged write, before and after the abort."""
-    vm = _writing_vm(vms)
-    dest = _dest(vm)
-    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest))
+    vm, dest, name = _copy_of_a_writing_vm(vms, blockcopies, agent.node)
     blockcopies.wait_phase(name, "Mirrored", timeout=120)
     _more_writes(vm, SLOTS)  # every block rewritten while mirrored
 

@@ -41,8 +41,10 @@ def _vm(tmp_path: pathlib.Path) -> VM:
               layers=2, data_per_layer=MiB, write_plan=plan)
 
 
-def _image(vm: VM, path: pathlib.Path, writes: range) -> pathlib.Path:
-    """A raw image: the layers' data, then ``writes`` as the guest makes them."""
+def _vm_and_image(tmp_path: pathlib.Path, writes: range) -> tuple[VM, pathlib.Path]:
+    """`_vm` and a raw image of its disk: the layers' data, then ``writes`` as the guest
+    makes them."""
+    vm, path = _vm(tmp_path), tmp_path / "disk.raw"
     data = bytearray(vm.size)
     for pattern, off, length in vm.initial_layout():
         data[off:off + length] = bytes([pattern]) * length
@@ -50,7 +52,7 @@ def _image(vm: VM, path: pathlib.Path, writes: range) -> pathlib.Path:
         off = vm.write_plan.offset(seq)
         data[off:off + BLOCK] = block_bytes(off, seq)
     path.write_bytes(data)
-    return path
+    return vm, path
 
 
 def _poke(path: pathlib.Path, off: int, data: bytes) -> None:
@@ -63,6 +65,13 @@ def _log(vm: VM, writes: range, *, tail: str = "") -> None:
     lines = [f"{WRITE_MARK} {n} off={vm.write_plan.offset(n)} seq={n} "
              f"md5={checksum(vm.write_plan.offset(n), n)} rc=0" for n in writes]
     pathlib.Path(vm.console_log).write_text("booting\n" + "\n".join(lines) + "\n" + tail)
+
+
+def _verify_finds(vm: VM, image: pathlib.Path, acknowledged: range, lost: str) -> None:
+    """With ``acknowledged`` in the guest's log, verify fails saying ``lost`` (a regex)."""
+    _log(vm, acknowledged)
+    with pytest.raises(LostWrites, match=lost):
+        verify(vm, str(image), fmt="raw")
 
 
 def test_plan_covers_the_free_part_of_the_disk():
@@ -88,8 +97,7 @@ def test_block_format():
 
 
 def test_intact_image_is_verified(tmp_path):
-    vm = _vm(tmp_path)
-    image = _image(vm, tmp_path / "disk.raw", range(40))
+    vm, image = _vm_and_image(tmp_path, range(40))
     _log(vm, range(40), tail=f"{WRITE_MARK} 40 off=")  # the last line still being written
     result = verify(vm, str(image), fmt="raw")
     assert (result.writes, result.newest, result.written, result.newer) == (40, 39, 16, 0)
@@ -98,8 +106,7 @@ def test_intact_image_is_verified(tmp_path):
 
 
 def test_a_newer_unlogged_write_is_fine(tmp_path):
-    vm = _vm(tmp_path)
-    image = _image(vm, tmp_path / "disk.raw", range(41))
+    vm, image = _vm_and_image(tmp_path, range(41))
     _log(vm, range(40))
     assert verify(vm, str(image), fmt="raw").newer == 1
 
@@ -121,58 +128,43 @@ def test_a_log_that_does_not_match_the_plan_is_refused():
 def test_lost_overwrite_is_detected(tmp_path):
     """The block still holds the previous write to its slot: the newest acknowledged one
     (a write the mirror did not copy again after the guest changed the block) is lost."""
-    vm = _vm(tmp_path)
-    image = _image(vm, tmp_path / "disk.raw", range(40))
+    vm, image = _vm_and_image(tmp_path, range(40))
     lost = 37
     _poke(image, vm.write_plan.offset(lost), block_bytes(vm.write_plan.offset(lost), lost - 16))
-    _log(vm, range(40))
-    with pytest.raises(LostWrites, match=rf"LOST: block at {vm.write_plan.offset(lost)} "
-                                         rf"holds write {lost - 16}, but write {lost}"):
-        verify(vm, str(image), fmt="raw")
+    _verify_finds(vm, image, range(40), rf"LOST: block at {vm.write_plan.offset(lost)} "
+                                        rf"holds write {lost - 16}, but write {lost}")
     with pytest.raises(LostWrites, match="no point-in-time copy"):
         point_in_time(vm, str(image), fmt="raw")
 
 
 def test_lost_first_write_is_detected(tmp_path):
-    vm = _vm(tmp_path)
-    image = _image(vm, tmp_path / "disk.raw", range(10))
-    _log(vm, range(11))  # write 10 acknowledged, never in the image
-    with pytest.raises(LostWrites, match=rf"LOST: block at {vm.write_plan.offset(10)} holds no "
-                                         "write, but write 10"):
-        verify(vm, str(image), fmt="raw")
+    vm, image = _vm_and_image(tmp_path, range(10))
+    # write 10 acknowledged, never in the image
+    _verify_finds(vm, image, range(11), rf"LOST: block at {vm.write_plan.offset(10)} holds no "
+                                        "write, but write 10")
 
 
 def test_torn_block_is_detected(tmp_path):
-    vm = _vm(tmp_path)
-    image = _image(vm, tmp_path / "disk.raw", range(40))
+    vm, image = _vm_and_image(tmp_path, range(40))
     off = vm.write_plan.offset(39)
     _poke(image, off + 512, block_bytes(off, 23)[512:])  # only the first sector is new
-    _log(vm, range(40))
-    with pytest.raises(LostWrites, match="checksum mismatch"):
-        verify(vm, str(image), fmt="raw")
+    _verify_finds(vm, image, range(40), "checksum mismatch")
 
 
 def test_misplaced_block_is_detected(tmp_path):
-    vm = _vm(tmp_path)
-    image = _image(vm, tmp_path / "disk.raw", range(40))
+    vm, image = _vm_and_image(tmp_path, range(40))
     _poke(image, vm.write_plan.offset(39), block_bytes(vm.write_plan.offset(38), 38))
-    _log(vm, range(38))
-    with pytest.raises(LostWrites, match="found at offset"):
-        verify(vm, str(image), fmt="raw")
+    _verify_finds(vm, image, range(38), "found at offset")
 
 
 def test_damage_outside_the_slots_is_detected(tmp_path):
-    vm = _vm(tmp_path)
-    image = _image(vm, tmp_path / "disk.raw", range(40))
+    vm, image = _vm_and_image(tmp_path, range(40))
     _poke(image, MiB + 4 * BLOCK, b"\x00" * BLOCK)  # in the layers' data
-    _log(vm, range(40))
-    with pytest.raises(LostWrites, match=f"block at {MiB + 4 * BLOCK} .* initial data"):
-        verify(vm, str(image), fmt="raw")
+    _verify_finds(vm, image, range(40), f"block at {MiB + 4 * BLOCK} .* initial data")
 
 
 def test_point_in_time_refuses_a_mix_of_instants(tmp_path):
-    vm = _vm(tmp_path)
-    image = _image(vm, tmp_path / "disk.raw", range(30))
+    vm, image = _vm_and_image(tmp_path, range(30))
     off = vm.write_plan.offset(35)  # a later write, without the ones before it
     _poke(image, off, block_bytes(off, 35))
     # Writes 30..34 are missing: their slots hold the previous round's writes.

@@ -12,6 +12,7 @@ import pytest
 
 from blockcopy.adapters import qemuimg
 from blockcopy.model.ports import ImageError
+from support.agents import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -29,9 +30,7 @@ def test_export_size_of_a_server_that_never_answers_times_out(monkeypatch):
 
 
 def test_export_size_of_a_closed_port_fails_at_once():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again when the block ends
+    port = free_port()  # nothing listens on it
     started = time.monotonic()
     with pytest.raises(ImageError, match="qemu-img info failed"):
         asyncio.run(qemuimg.QemuImg().export_size(f"nbd://127.0.0.1:{port}/exp"))

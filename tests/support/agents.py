@@ -63,10 +63,11 @@ class Agent:
             return self.proc.wait(5)
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (other agents on this machine use ports too)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (other agents on this machine use ports too);
+    nothing listens on it once this returns."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
 

@@ -11,6 +11,7 @@ import subprocess
 import kubernetes
 import yaml
 
+from blockcopy.kubectl.names import RESOURCE
 from support.paths import CACHE, CRD, HACK, HELM, KUBECONFIG, KUBECTL, STATE
 
 
@@ -51,6 +52,12 @@ class Kubectl:
                                  f"{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def output(self, *args: str, input: str | None = None,
+               kubeconfig: pathlib.Path | str | None = None) -> str:
+        """kubectl's standard output; a non-zero exit fails as with check=True."""
+        stdout: str = self(*args, input=input, kubeconfig=kubeconfig).stdout
+        return stdout
+
 
 def api_client(kubeconfig: pathlib.Path | str = KUBECONFIG) -> kubernetes.client.ApiClient:
     # kubernetes.config is untyped (Any): the annotation states what it returns.
@@ -71,18 +78,19 @@ def core_v1(kubeconfig: pathlib.Path | str = KUBECONFIG) -> kubernetes.client.Co
 def apply_crd(kubectl: Kubectl) -> subprocess.CompletedProcess[str]:
     """As users apply it (the API server compiles and enforces its CEL rules)."""
     proc = kubectl("apply", "-f", str(CRD))
-    kubectl("wait", "--for=condition=Established", "crd/blockcopies.blockcopy.dev",
+    kubectl("wait", "--for=condition=Established", f"crd/{RESOURCE}",
             "--timeout=60s")
     return proc
 
 
 def token_kubeconfig(kubectl: Kubectl, service_account: str, namespace: str,
-                     path: pathlib.Path, admin: pathlib.Path = KUBECONFIG) -> pathlib.Path:
+                     path: pathlib.Path, admin: pathlib.Path = KUBECONFIG, *,
+                     duration: str = "1h") -> pathlib.Path:
     """A kubeconfig that authenticates as ``namespace``/``service_account`` (a token from
-    the TokenRequest API, one hour), with the admin kubeconfig's server and CA: how a user
-    or a pod with that identity talks to the API server."""
+    the TokenRequest API, valid for ``duration``), with the admin kubeconfig's server and CA:
+    how a user or a pod with that identity talks to the API server."""
     token = kubectl("create", "token", service_account, "--namespace", namespace,
-                    "--duration=1h").stdout.strip()
+                    f"--duration={duration}").stdout.strip()
     server = yaml.safe_load(admin.read_text())["clusters"][0]["cluster"]
     config = {
         "apiVersion": "v1", "kind": "Config",

@@ -16,7 +16,7 @@ import uuid as uuidlib
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from blockcopy.model.api import Flag
+from blockcopy.model.api import GROUP, KIND, NODE_LABEL, VERSION, Flag
 from blockcopy.model.observation import (
     DiskInfo,
     DiskState,
@@ -153,6 +153,13 @@ class FakeHypervisor:
                 return dom
         raise HypervisorError(f"domain {ref!r} not found")
 
+    def _job(self, domain: str, target: str, missing: str | None = None) -> FakeJob:
+        """The job on ``target``; libvirt's error (or ``missing``) when there is none."""
+        job = self._domain(domain).disks[target].job
+        if job is None:
+            raise HypervisorError(missing or f"No active block job '{target}'")
+        return job
+
     async def version(self) -> str:
         await self._enter("version")
         return "9.0.0"
@@ -203,20 +210,17 @@ class FakeHypervisor:
 
     async def pivot(self, domain: str, target: str) -> None:
         await self._enter("pivot", domain, target)
-        disk = self._domain(domain).disks[target]
-        if disk.job is None:
-            raise HypervisorError(f"No active block job '{target}'")
-        if disk.job.ready != MirrorReady.READY:
+        job = self._job(domain, target)
+        if job.ready != MirrorReady.READY:
             raise HypervisorError(f"block copy still active: disk '{target}' not ready for pivot")
-        disk.source, disk.format, disk.job = disk.job.dest, disk.job.request.format, None
+        disk = self._domain(domain).disks[target]
+        disk.source, disk.format, disk.job = job.dest, job.request.format, None
         self.emit(domain, target, JobEvent.COMPLETED)
 
     async def cancel(self, domain: str, target: str) -> None:
         await self._enter("cancel", domain, target)
-        disk = self._domain(domain).disks[target]
-        if disk.job is None:
-            raise HypervisorError(f"No active block job '{target}'")
-        disk.job = None
+        self._job(domain, target)
+        self._domain(domain).disks[target].job = None
         self.emit(domain, target, JobEvent.CANCELED)
 
     async def image_users(self) -> list[ImageUser]:
@@ -233,10 +237,7 @@ class FakeHypervisor:
 
     async def set_bandwidth(self, domain: str, target: str, bandwidth: int) -> None:
         await self._enter("set_bandwidth", domain, target, bandwidth)
-        job = self._domain(domain).disks[target].job
-        if job is None:
-            raise HypervisorError(f"No active block job '{target}'")
-        job.bandwidth = bandwidth
+        self._job(domain, target).bandwidth = bandwidth
 
     async def disk_size(self, domain: str, target: str) -> DiskSize:
         await self._enter("disk_size", domain, target)
@@ -251,10 +252,7 @@ class FakeHypervisor:
 
     async def set_copy_mode(self, domain: str, target: str, mode: str) -> None:
         await self._enter("set_copy_mode", domain, target, mode)
-        job = self._domain(domain).disks[target].job
-        if job is None:
-            raise HypervisorError(f"no mirror job of {target} in QEMU")
-        job.copy_mode = mode
+        self._job(domain, target, f"no mirror job of {target} in QEMU").copy_mode = mode
 
     async def set_zero_detection(self, domain: str, target: str, *, on: bool,
                                  mirror: bool) -> None:
@@ -371,7 +369,7 @@ class FakeKube:
     def add(self, name: str, spec: dict[str, Any], *, namespace: str = "ns",
             status: dict[str, Any] | None = None, labels: dict[str, str] | None = None,
             created: str | None = None) -> dict[str, Any]:
-        body = {"apiVersion": "blockcopy.dev/v1alpha1", "kind": "BlockCopy",
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
                 "metadata": {"namespace": namespace, "name": name, "uid": f"uid-{name}",
                              "generation": 1, "labels": dict(labels or {}),
                              "creationTimestamp": created or
@@ -423,7 +421,7 @@ class FakeKube:
         body = self.objects.get((namespace, name))
         if body is None or body["metadata"]["resourceVersion"] != resource_version:
             return False
-        body["metadata"]["labels"]["blockcopy.dev/node"] = node
+        body["metadata"]["labels"][NODE_LABEL] = node
         body["metadata"]["finalizers"] = list(finalizers)
         body["metadata"]["resourceVersion"] = str(next(self._versions))
         return True
@@ -439,7 +437,7 @@ class FakeKube:
                         ) -> AsyncIterator[dict[str, Any]]:
         for (ns, _), body in list(self.objects.items()):
             if (namespace is None or ns == namespace) and \
-                    "blockcopy.dev/node" not in body["metadata"]["labels"]:
+                    NODE_LABEL not in body["metadata"]["labels"]:
                 yield copy.deepcopy(body)
         await asyncio.sleep(timeout)
 

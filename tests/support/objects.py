@@ -17,8 +17,6 @@ if TYPE_CHECKING:
     from support.cluster import Kubectl
     from support.vms import VM
 
-FINALIZER = f"{GROUP}/cancel-job"  # the agent's, while a job of an object may run
-
 
 def copy_spec(vm: VM | str, *, node: str | None, dest: str, **fields: Any) -> dict[str, Any]:
     """The spec of a copy of ``vm``'s vda (a VM, or a domain name) to ``dest``, for the agent

@@ -1,7 +1,9 @@
-"""A TCP proxy (socat) in front of the API server, for outages that touch no one else: the
-shared kube-apiserver keeps running for every other test and session, while an agent given
-`kubeconfig_through(proxy)` loses it when the test kills the proxy (open connections reset,
-new ones refused) and finds it again when the test restarts the proxy, on the same port."""
+"""socat proxies, for outages that touch no one else: in front of the API server (`TcpProxy`)
+the shared kube-apiserver keeps running for every other test and session, while an agent
+given `kubeconfig_through(proxy)` loses it when the test kills the proxy (open connections
+reset, new ones refused) and finds it again when the test restarts the proxy, on the same
+port; in front of libvirtd (`UnixProxy`, the agent given ``qemu+unix:///system?socket=...``)
+likewise, libvirtd untouched."""
 
 from __future__ import annotations
 
@@ -35,32 +37,33 @@ def _port_outside_ephemeral_range() -> int:
     raise RuntimeError("no free port for the proxy")
 
 
-def _accepts(port: int) -> bool:
+def _accepts(address: tuple[str, int] | str) -> bool:
+    """A TCP (host, port) or a Unix socket's path accepts a connection."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
+        with socket.socket(family) as s:
+            s.settimeout(1)
+            s.connect(address)
             return True
     except OSError:
         return False
 
 
-class TcpProxy:
-    """socat from 127.0.0.1:``port`` to ``target`` (host, port); `kill()` cuts every
-    connection at once, `start()` (again) listens on the same port."""
+class Socat:
+    """socat from ``listen`` to ``connect`` (socat's addresses) that forks a child per
+    connection; `kill()` cuts every connection at once, `start()` (again) listens anew."""
 
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.port = _port_outside_ephemeral_range()
+    def __init__(self, listen: str, connect: str, address: tuple[str, int] | str):
+        self.command = ["socat", listen, connect]
+        self.address = address  # where it listens
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> TcpProxy:
-        host, port = self.target
-        proc = self.proc = subprocess.Popen(
-            ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,fork,reuseaddr",
-             f"TCP:{host}:{port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(lambda: _accepts(self.port) or proc.poll() is not None, 10,
-                 what=f"the proxy on port {self.port}")
-        assert proc.poll() is None, f"socat on port {self.port} exited: {proc.returncode}"
+    def start(self) -> Socat:
+        proc = self.proc = subprocess.Popen(self.command, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: _accepts(self.address) or proc.poll() is not None, 10,
+                 what=f"the proxy on {self.address}")
+        assert proc.poll() is None, f"socat on {self.address} exited: {proc.returncode}"
         return self
 
     def kill(self) -> None:
@@ -72,6 +75,26 @@ class TcpProxy:
         except ProcessLookupError:
             pass  # already gone, children included
         self.proc.wait(10)
+
+
+class TcpProxy(Socat):
+    """From 127.0.0.1:``port`` (a port of its own, the same on every start) to ``target``
+    (host, port)."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target, self.port = target, _port_outside_ephemeral_range()
+        host, port = target
+        super().__init__(f"TCP-LISTEN:{self.port},bind=127.0.0.1,fork,reuseaddr",
+                         f"TCP:{host}:{port}", ("127.0.0.1", self.port))
+
+
+class UnixProxy(Socat):
+    """From the Unix socket ``sock`` to the one at ``target`` (libvirtd's by default)."""
+
+    def __init__(self, sock: str, target: str = "/var/run/libvirt/libvirt-sock"):
+        self.sock = sock
+        super().__init__(f"UNIX-LISTEN:{sock},fork,unlink-early", f"UNIX-CONNECT:{target}",
+                         sock)
 
 
 def api_server(kubeconfig: pathlib.Path | str = KUBECONFIG) -> tuple[str, int]:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import libvirt
 
+from blockcopy.core.domainxml import POLICY_METADATA_NS
 from support.guestwrites import WRITE_MARK, WritePlan, plan_writes
 from support.images import image_digest
 from support.paths import NODES_JSON
@@ -328,13 +329,9 @@ def guest_boot_files() -> tuple[str, str]:
 # ---------------------------------------------------------------- domains
 
 
-# The agent's own element in a domain's <metadata> (blockcopy.core.policy: the domain's tenant).
-POLICY_NS = "https://blockcopy.dev/policy/v1"
-
-
 def tenant_metadata(tenant: str) -> str:
     """The <metadata> content that assigns a domain to ``tenant`` for the agent's policy."""
-    return f'<blockcopy:policy xmlns:blockcopy="{POLICY_NS}" tenant="{tenant}"/>'
+    return f'<blockcopy:policy xmlns:blockcopy="{POLICY_METADATA_NS}" tenant="{tenant}"/>'
 
 
 def disk_target(index: int) -> str:

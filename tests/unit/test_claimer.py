@@ -10,6 +10,7 @@ import pytest
 
 from blockcopy.agent.claimer import Claimer, Verdict
 from blockcopy.agent.recorder import Recorder
+from blockcopy.model.api import FINALIZER, NODE_LABEL
 from support.fakes import FakeHypervisor, FakeKube
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
@@ -23,6 +24,10 @@ class Env:
         self.claimer = Claimer(kube=self.kube, hv=self.hv, recorder=self.recorder,
                                node_name="n1", claim_interval=30)
 
+    async def consider(self, name: str, **spec: str) -> Verdict:
+        """The claimer's verdict on a new object ``name`` (SPEC and ``spec``)."""
+        return await self.claimer.consider(self.kube.add(name, {**SPEC, **spec}))
+
 
 @pytest.fixture
 def env() -> Env:
@@ -33,21 +38,16 @@ SPEC = {"disk": "vda", "dest": "/var/lib/libvirt/images/c.qcow2"}
 
 
 async def test_claims_by_node_name_or_by_running_domain(env):
-    kube, claimer = env.kube, env.claimer
-    by_node = kube.add("a", {**SPEC, "domain": "elsewhere", "nodeName": "n1"})
-    by_domain = kube.add("b", {**SPEC, "domain": "here"})
-    assert await claimer.consider(by_node) == Verdict.CLAIMED
-    assert await claimer.consider(by_domain) == Verdict.CLAIMED
+    assert await env.consider("a", domain="elsewhere", nodeName="n1") == Verdict.CLAIMED
+    assert await env.consider("b", domain="here") == Verdict.CLAIMED
     for name in ("a", "b"):
-        assert kube.objects[("ns", name)]["metadata"]["labels"] == {"blockcopy.dev/node": "n1"}
+        assert env.kube.objects[("ns", name)]["metadata"]["labels"] == {NODE_LABEL: "n1"}
 
 
 async def test_not_ours_is_marked_pending_once_with_an_event(env):
     kube, claimer = env.kube, env.claimer
-    other_node = kube.add("a", {**SPEC, "domain": "here", "nodeName": "n2"})
-    nowhere = kube.add("b", {**SPEC, "domain": "not-running-anywhere"})
-    assert await claimer.consider(other_node) == Verdict.PENDING
-    assert await claimer.consider(nowhere) == Verdict.PENDING
+    assert await env.consider("a", domain="here", nodeName="n2") == Verdict.PENDING
+    assert await env.consider("b", domain="not-running-anywhere") == Verdict.PENDING
     await env.recorder.drain()
     assert kube.status_of("a")["phase"] == "Pending"
     assert "waiting for the agent on node n2" in kube.status_of("a")["message"]
@@ -99,4 +99,4 @@ async def test_the_claim_adds_the_finalizer_and_keeps_the_users(env):
     body["metadata"]["finalizers"] = ["example.com/keep-me"]
     assert await claimer.consider(body) == Verdict.CLAIMED
     assert kube.objects[("ns", "a")]["metadata"]["finalizers"] == [
-        "example.com/keep-me", "blockcopy.dev/cancel-job"]
+        "example.com/keep-me", FINALIZER]

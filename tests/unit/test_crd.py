@@ -18,7 +18,7 @@ STATUS = SCHEMA["properties"]["status"]
 
 
 def test_names_and_printer_columns():
-    assert CRD["metadata"]["name"] == f"{PLURAL}.{GROUP}"
+    assert CRD["metadata"]["name"] == f"{PLURAL}.{GROUP}" and CRD["spec"]["group"] == GROUP
     names = CRD["spec"]["names"]
     assert (names["kind"], names["plural"], names["shortNames"]) == (KIND, PLURAL, ["bc"])
     version = CRD["spec"]["versions"][0]

@@ -13,6 +13,7 @@ import yaml
 from blockcopy.kubectl import errors, main, manifests, names
 from blockcopy.kubectl import text as render
 from blockcopy.kubectl.manifests import Disk
+from blockcopy.model.api import GROUP, KIND, VERSION
 
 NODE_XML = """<node>
   <domain type='test'>
@@ -74,9 +75,9 @@ def test_manifests_one_per_disk_in_one_group():
                               bandwidth="100Mi", namespace="vms")
     assert [b["metadata"]["name"] for b in bodies] == ["web-1-vda", "web-1-vdb"]
     assert bodies[0] == {
-        "apiVersion": "blockcopy.dev/v1alpha1", "kind": "BlockCopy",
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
         "metadata": {"name": "web-1-vda", "namespace": "vms",
-                     "labels": {"blockcopy.dev/group": "Web_1"}},
+                     "labels": {names.GROUP_LABEL: "Web_1"}},
         "spec": {"domain": "Web_1", "nodeName": "hv-7", "disk": "vda", "dest": "/new/x.qcow2",
                  "group": "Web_1", "bandwidth": "100Mi", "pivot": True}}
     # A group that is no valid label value is in spec only.

@@ -5,15 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 from blockcopy.adapters.probes import LivenessServer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support.agents import free_port
 
 
 async def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -28,7 +22,7 @@ async def _get(port: int, path: str) -> tuple[int, bytes]:
 
 def test_serves_once_start_returns_and_stops_serving_after_stop():
     async def scenario():
-        port = _free_port()
+        port = free_port()
         server = LivenessServer(host="127.0.0.1", port=port,
                                 report=lambda: {"libvirt": "connected"})
         await server.start()

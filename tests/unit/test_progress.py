@@ -62,60 +62,58 @@ def test_durations(seconds, text):
     assert duration(seconds) == text
 
 
+def _follow_a_copy(node: FakeNode, tmp_path, **spec) -> None:
+    node.hv.add_domain("vm")
+    node.follow(node.add("bc", {"domain": "vm", "disk": "vda",
+                                "dest": str(tmp_path / "c.qcow2"), **spec}))
+
+
+async def _progress(node: FakeNode, cur: int, end: int, *, copied: int,
+                    dirtied: int) -> tuple[int, int]:
+    """15 s of libvirt's cur/end samples: ``copied`` and ``dirtied`` bytes a second."""
+    for _ in range(15):
+        cur, end = cur + copied, end + dirtied
+        node.hv.progress("vm", cur=cur, end=end)
+        await asyncio.sleep(1)
+    return cur, end
+
+
 @pytest.mark.asyncio
 @pytest.mark.looptime
 async def test_status_shows_rate_eta_and_not_converging_until_the_bandwidth_rises(tmp_path):
     node = FakeNode(tmp_path, status_interval=1.0)
-    hv, kube, agent, stop = node.hv, node.kube, node.agent, node.stop
-    hv.add_domain("vm")
-    task = node.follow(node.add("bc", {"domain": "vm", "disk": "vda",
-                                       "dest": str(tmp_path / "c.qcow2")}))
+    _follow_a_copy(node, tmp_path)
     await asyncio.sleep(1)
-    cur, end = 0, 100 * MiB
-    for _ in range(15):  # copies 2 MiB/s, the guest dirties 3 MiB/s
-        cur, end = cur + 2 * MiB, end + 3 * MiB
-        hv.progress("vm", cur=cur, end=end)
-        await asyncio.sleep(1)
-    status = kube.status_of("bc")
+    # copies 2 MiB/s, the guest dirties 3 MiB/s
+    cur, end = await _progress(node, 0, 100 * MiB, copied=2 * MiB, dirtied=3 * MiB)
+    status = node.status("bc")
     (cond,) = [c for c in status["conditions"] if c["type"] == "Converging"]
     assert (cond["status"], cond["reason"]) == ("False", "NotConverging")
     assert "Raise spec.bandwidth" in cond["message"]
     assert status["rate"] == 2 * MiB and status.get("eta") is None
-    for _ in range(15):  # the bandwidth was raised: 10 MiB/s copied
-        cur, end = cur + 10 * MiB, end + 3 * MiB
-        hv.progress("vm", cur=cur, end=end)
-        await asyncio.sleep(1)
-    status = kube.status_of("bc")
+    # the bandwidth was raised: 10 MiB/s copied
+    await _progress(node, cur, end, copied=10 * MiB, dirtied=3 * MiB)
+    status = node.status("bc")
     (cond,) = [c for c in status["conditions"] if c["type"] == "Converging"]
     assert (cond["status"], cond["reason"]) == ("True", "Converging")
     assert status["rate"] == 10 * MiB and status["eta"].endswith("s")
-    hv.make_ready("vm")
+    node.hv.make_ready("vm")
     await asyncio.sleep(1)
-    status = kube.status_of("bc")
+    status = node.status("bc")
     assert status["phase"] == "Mirrored" and status.get("rate") is None
-    stop.set()
-    await task
-    await agent.recorder.drain()
-    assert [e.reason for e in kube.events].count("NotConverging") == 1
+    await node.finish()
+    assert [e.reason for e in node.kube.events].count("NotConverging") == 1
 
 
 async def _not_converging(tmp_path, caps, **spec):
     node = FakeNode(tmp_path)
-    hv, kube, agent, stop = node.hv, node.kube, node.agent, node.stop
-    hv.capabilities_value = caps
-    hv.add_domain("vm")
-    task = node.follow(node.add("bc", {"domain": "vm", "disk": "vda",
-                                       "dest": str(tmp_path / "c.qcow2"), **spec}))
+    node.hv.capabilities_value = caps
+    _follow_a_copy(node, tmp_path, **spec)
     await asyncio.sleep(1)
-    cur, end = 0, 100 * MiB
-    for _ in range(15):  # copies 2 MiB/s, the guest dirties 3 MiB/s
-        cur, end = cur + 2 * MiB, end + 3 * MiB
-        hv.progress("vm", cur=cur, end=end)
-        await asyncio.sleep(1)
-    stop.set()
-    await task
-    await agent.recorder.drain()
-    return hv, kube
+    # copies 2 MiB/s, the guest dirties 3 MiB/s
+    await _progress(node, 0, 100 * MiB, copied=2 * MiB, dirtied=3 * MiB)
+    await node.finish()
+    return node.hv, node.kube
 
 
 @pytest.mark.asyncio

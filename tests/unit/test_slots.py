@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from blockcopy.core.slots import CopySlots
+from blockcopy.model.api import NODE_LABEL
 from support.agent_on_fakes import FakeNode
 
 
@@ -55,7 +56,7 @@ async def test_five_copies_on_two_slots(tmp_path):
         hv.add_domain(f"vm{i}")
         bodies[i] = kube.add(f"bc{i}", {"domain": f"vm{i}", "disk": "vda", "pivot": True,
                                         "dest": str(tmp_path / f"c{i}.qcow2")},
-                             labels={"blockcopy.dev/node": "n"})
+                             labels={NODE_LABEL: "n"})
         tasks.append(asyncio.create_task(agent.follow(bodies[i], stop)))
     await asyncio.sleep(2)
 
