@@ -65,6 +65,7 @@ class FakeDisk:
     allocation: int = 1 << 20
     job: FakeJob | None = None
     zero_detection: bool = False  # the (mirror's or, after a pivot, active) node detects zeros
+    encryption: str | None = None  # the active image's <encryption> element (LUKS)
 
 
 @dataclasses.dataclass
@@ -189,7 +190,8 @@ class FakeHypervisor:
                             source_format=found.format,
                             backing=found.chain[0] if found.chain else found.backing,
                             mirror=mirror, chain=found.chain,
-                            chain_formats=found.chain_formats or ("qcow2",) * len(found.chain))
+                            chain_formats=found.chain_formats or ("qcow2",) * len(found.chain),
+                            encryption=found.encryption)
         return DiskState.of_domain(uuid=dom.uuid, name=dom.name, running=dom.running,
                                    persistent=dom.persistent, disk=info,
                                    job=job if dom.running else None)
@@ -288,6 +290,7 @@ class FakeImages:
         self.fail: dict[str, str] = {}  # verb -> message of the ImageError it raises
         self.differ: set[str] = set()  # images that do not compare identical to their copy
         self.chains: dict[str, list[str]] = {}  # path -> its backing images (stopped domains)
+        self.encrypted: set[str] = set()  # images qemu-img info calls encrypted (LUKS)
 
     def _enter(self, verb: str, *args: Any) -> None:
         self.calls.append((verb, args))
@@ -300,7 +303,7 @@ class FakeImages:
     async def info(self, path: str) -> ImageInfo:
         self._enter("info", path)
         return ImageInfo(format="qcow2", virtual_size=self.sizes.get(path, 64 << 20),
-                         actual_size=0)
+                         actual_size=0, encrypted=path in self.encrypted)
 
     async def create(self, path: str, *, format: str, size: int, backing: str | None = None,
                      backing_format: str | None = None) -> None:

@@ -96,3 +96,53 @@ def test_the_reopen_keeps_every_option_libvirt_set_but_zeros_and_discard():
                 {"libvirt-3-format": {"drv": "qcow2", "encrypted": True}}, {}):
         with pytest.raises(zeroes.ZeroesError):
             zeroes.reopen_options(index=3, nodes=bad, cache=None, io=None, on=True)
+
+
+def test_the_sources_encryption_goes_into_the_destinations_source():
+    from blockcopy.core.domainxml import dest_disk_xml, parse_disk
+
+    enc = "<encryption format='luks'><secret type='passphrase' uuid='u-1'/></encryption>"
+    for placement in (f"<source file='/i/a.qcow2'>{enc}</source>",
+                      f"<source file='/i/a.qcow2'/>{enc}"):
+        xml = (f"<domain><devices><disk type='file' device='disk'>{placement}"
+               "<backingStore type='file'><source file='/i/b.qcow2'>" + enc + "</source>"
+               "<backingStore/></backingStore><target dev='vda'/></disk></devices></domain>")
+        disk = parse_disk(xml, "vda")
+        assert disk is not None and disk.encryption is not None and disk.chain_encrypted
+        assert 'uuid="u-1"' in disk.encryption and disk.encryption.startswith("<encryption")
+        dest = dest_disk_xml("/n/c.qcow2", "qcow2", block_device=False,
+                             encryption=disk.encryption)
+        assert dest.startswith("""<disk type='file'><source file="/n/c.qcow2"><encryption""")
+    plain = parse_disk("<domain><devices><disk><source file='/i/a'/><target dev='vda'/>"
+                       "</disk></devices></domain>", "vda")
+    assert plain is not None and plain.encryption is None and not plain.chain_encrypted
+
+
+LUKS = "<encryption format='luks'><secret type='passphrase' uuid='0b0c-5e'/></encryption>"
+
+
+def test_encryption_is_kept_or_the_copy_is_refused():
+    from blockcopy.core import starting
+    from blockcopy.model.api import parse_spec
+    from blockcopy.model.observation import DiskState
+
+    disk = DiskState(domain_found=True, domain_running=True, disk_found=True, target="vda",
+                     source="/i/a.qcow2", encryption=LUKS)
+
+    def reason(planned=False, **spec):
+        d = starting.encryption_refusal(parse_spec({"domain": "vm", "disk": "vda", **spec}),
+                                        disk, planned=planned)
+        return d.reason if d else None
+
+    assert reason(dest="/i/b.qcow2") is None
+    assert reason(dest="/i/b.qcow2", flags=["shallow"]) is None
+    assert reason(dest="nbd://10.0.0.5:10809/x") == "EncryptionNotKept"
+    assert reason(dest="/i/b.qcow2", backingChain="copy", planned=True) == "EncryptionNotKept"
+    chained = DiskState(**{**disk.__dict__, "encryption": None, "chain_encrypted": True})
+    assert starting.encryption_refusal(
+        parse_spec({"domain": "vm", "disk": "vda", "dest": "/i/b.qcow2",
+                    "flags": ["shallow", "reuseExternal"]}), chained, planned=False
+    ).reason == "EncryptionNotKept"
+    assert starting.encryption_refusal(parse_spec({"domain": "vm", "disk": "vda",
+                                                   "dest": "/i/b"}),
+                                       DiskState(domain_found=True), planned=True) is None

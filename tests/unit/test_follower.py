@@ -446,3 +446,26 @@ async def test_zero_detection_can_be_turned_off(s):
     assert "set_zero_detection" not in s.hv.verbs()
     assert s.kube.status_of("bc")["zeroDetection"] == "off (spec.detectZeroes: false)"
     await s.finish()
+
+
+LUKS = "<encryption format='luks'><secret type='passphrase' uuid='0b0c-5e'/></encryption>"
+
+
+async def test_an_encrypted_disk_is_copied_encrypted_with_its_secret(s, tmp_path):
+    s.hv.disk("vm").encryption = LUKS
+    body = s.create(pivot=True)
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    (request,) = [a[0] for _, v, a in s.hv.calls if v == "start_copy"]
+    assert request.encryption == LUKS
+    assert s.kube.status_of("bc")["zeroDetection"] == "off (an encrypted destination)"
+    # A pre-created destination must be encrypted too; an NBD export cannot be made so.
+    plain = tmp_path / "plain.qcow2"
+    plain.write_bytes(b"QFI\xfb")
+    s.hv.add_domain("vm2").disks["vda"].encryption = LUKS
+    bad = s.create("bad", domain="vm2", dest=str(plain), flags=["reuseExternal"])
+    await s.agent.follow(bad, s.stop)
+    assert [c["reason"] for c in s.kube.status_of("bad")["conditions"]
+            if c["type"] == "Failed"] == ["DestNotEncrypted"]
+    s.images.encrypted.add(str(plain))
+    await s.finish()

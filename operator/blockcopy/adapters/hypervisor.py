@@ -288,7 +288,7 @@ class LibvirtHypervisor:
         for flag in request.flags:
             bits |= _COPY_FLAGS[flag]
         xml = dest_disk_xml(request.dest, request.format, block_device=request.block_device,
-                            network=request.network)
+                            network=request.network, encryption=request.encryption)
         dom.blockCopy(request.target, xml, params or None, bits)
 
     async def start_copy(self, request: CopyRequest) -> None:

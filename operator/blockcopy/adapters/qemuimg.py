@@ -39,10 +39,12 @@ async def _run(*args: str, cwd: str | None = None, timeout: float | None = None)
 
 class QemuImg:
     async def info(self, path: str) -> ImageInfo:
+        # Probed (no -f): a raw LUKS container shows as format luks only so.
         data = json.loads(await _run("info", "--output=json", path))
         return ImageInfo(format=data["format"], virtual_size=int(data["virtual-size"]),
                          actual_size=int(data.get("actual-size") or 0),
-                         backing=data.get("backing-filename"))
+                         backing=data.get("backing-filename"),
+                         encrypted=bool(data.get("encrypted")) or data["format"] == "luks")
 
     async def create(self, path: str, *, format: str, size: int, backing: str | None = None,
                      backing_format: str | None = None) -> None:

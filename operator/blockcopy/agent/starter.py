@@ -94,7 +94,9 @@ class Starter:
             return Started(refused)
         caps = await self.hv.capabilities()
         refused = starting.unsupported(spec, caps) or \
-            await self._refuse_in_use(spec, disk, [spec.dest])
+            starting.encryption_refusal(spec, disk, planned=plans.needed(spec, disk)) or \
+            await self._refuse_in_use(spec, disk, [spec.dest]) or \
+            await self._refuse_plain_reuse(spec, disk)
         if refused is not None:
             return Started(refused)
         assert disk.target is not None
@@ -150,6 +152,19 @@ class Starter:
             namespace=self.namespace, domain=spec.domain, tenant=disk.domain_tenant,
             dest=spec.dest, resolved=self._resolved(spec))
         return starting.forbidden(forbidden) if forbidden is not None else None
+
+    async def _refuse_plain_reuse(self, spec: BlockCopySpec, disk: DiskState
+                                  ) -> Decision | None:
+        """A pre-created destination of an encrypted disk must be encrypted too (QEMU would
+        refuse a plain one anyway, with a less clear message)."""
+        if not disk.encrypted or Flag.REUSE_EXTERNAL not in spec.flags or \
+                spec.network is not None:
+            return None
+        try:
+            info = await self.images.info(spec.dest)
+        except ImageError:
+            return None  # cannot read it (a device from a pod): QEMU opens only LUKS ones
+        return None if info.encrypted else starting.not_encrypted(spec)
 
     async def _refuse_in_use(self, spec: BlockCopySpec, disk: DiskState, paths: list[str]
                              ) -> Decision | None:
@@ -221,11 +236,12 @@ class Starter:
                                       f"({hint}), nothing was started"))
         block_device = spec.network is None and self.files.is_block_device(spec.dest)
         target = disk.target or spec.disk
-        zero_off = starting.zero_detection_off(spec, flags, plan, caps)
+        zero_off = starting.zero_detection_off(spec, flags, plan, caps,
+                                               encrypted=disk.encrypted)
         request = CopyRequest(domain=spec.domain, target=target, dest=spec.dest, format=fmt,
                               flags=flags, block_device=block_device, network=spec.network,
                               bandwidth=spec.bandwidth, granularity=spec.granularity,
-                              buf_size=spec.buf_size)
+                              buf_size=spec.buf_size, encryption=disk.encryption)
         if zero_off is None:  # throttled until the destination detects zeros
             request = dataclasses.replace(request, bandwidth=zeroes.THROTTLE,
                                           buf_size=spec.buf_size or zeroes.ZERO_BUFFER)

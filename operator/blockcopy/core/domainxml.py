@@ -84,10 +84,12 @@ def _disk_info(disk: ET.Element) -> DiskInfo:
         volume = (source_elem.get("pool") or "", source_elem.get("volume") or "")
     driver = disk.find("driver")
     chain, formats = [], []
+    chain_encrypted = False
     store = disk.find("backingStore")
     while store is not None and (path := _source_path(store.find("source"))):
         chain.append(path)
         formats.append(_format(store) or "")
+        chain_encrypted |= _encryption(store, store.find("source")) is not None
         store = store.find("backingStore")
     mirror_elem = disk.find("mirror")
     mirror = None
@@ -104,7 +106,22 @@ def _disk_info(disk: ET.Element) -> DiskInfo:
         chain=tuple(chain),
         chain_formats=tuple(formats),
         volume=volume,
+        encryption=_encryption(disk, source_elem),
+        chain_encrypted=chain_encrypted,
     )
+
+
+def _encryption(holder: ET.Element, source: ET.Element | None) -> str | None:
+    """An image's ``<encryption>`` element as XML: libvirt takes (and keeps, as the user
+    wrote it) either placement, inside ``<source>`` or directly in the ``<disk>``."""
+    elem = source.find("encryption") if source is not None else None
+    if elem is None:
+        elem = holder.find("encryption")
+    if elem is None:
+        return None
+    elem = ET.fromstring(ET.tostring(elem))  # a copy, without the parent's tail text
+    elem.tail = None
+    return ET.tostring(elem, encoding="unicode")
 
 
 def node_index(domain_xml: str, target: str, *, mirror: bool
@@ -128,20 +145,24 @@ def node_index(domain_xml: str, target: str, *, mirror: bool
 
 
 def dest_disk_xml(dest: str, fmt: str, *, block_device: bool,
-                  network: NetworkDest | None = None) -> str:
+                  network: NetworkDest | None = None, encryption: str | None = None) -> str:
     """The ``<disk>`` element virDomainBlockCopy takes for a file, a block device or an NBD
     export. The format is always given: libvirt would otherwise probe it (a guest-controlled
-    header), and it does not probe network targets at all."""
+    header), and it does not probe network targets at all. ``encryption``: the source's
+    ``<encryption>`` element, inside ``<source>``: libvirt then makes (or, reused, QEMU
+    opens only) a LUKS destination with the same secret; without it the copy of an
+    encrypted disk is written in the clear."""
+    inner = encryption or ""
     if network is not None:
         if network.socket:
             host = f"<host transport='unix' socket={quoteattr(network.socket)}/>"
         else:
             host = f"<host name={quoteattr(str(network.host))} port='{network.port}'/>"
         return (f"<disk type='network'><driver name='qemu' type={quoteattr(fmt)}/>"
-                f"<source protocol='nbd' name={quoteattr(network.export)}>{host}</source>"
-                "</disk>")
+                f"<source protocol='nbd' name={quoteattr(network.export)}>{host}{inner}"
+                "</source></disk>")
     if block_device:
-        return (f"<disk type='block'><source dev={quoteattr(dest)}/>"
+        return (f"<disk type='block'><source dev={quoteattr(dest)}>{inner}</source>"
                 f"<driver type={quoteattr(fmt)}/></disk>")
-    return (f"<disk type='file'><source file={quoteattr(dest)}/>"
+    return (f"<disk type='file'><source file={quoteattr(dest)}>{inner}</source>"
             f"<driver type={quoteattr(fmt)}/></disk>")

@@ -44,6 +44,37 @@ def unsupported(spec: BlockCopySpec, caps: Capabilities) -> Decision | None:
     return None
 
 
+def encryption_refusal(spec: BlockCopySpec, disk: DiskState, *, planned: bool
+                       ) -> Decision | None:
+    """An encrypted disk (LUKS) is copied only where the copy stays encrypted with the same
+    secret: a file or block device, a full or shallow copy (libvirt makes the destination
+    LUKS from the source's <encryption>). Refused where that cannot be promised."""
+    if not disk.encrypted:
+        return None
+    why = None
+    if spec.network is not None:
+        why = ("a network destination is not made encrypted here (the export would have to "
+               "be a LUKS container already)")
+    elif planned:
+        why = ("spec.base below the backing file and backingChain: copy prepare images with "
+               "qemu-img, which would not carry the disk's encryption")
+    elif Flag.SHALLOW in spec.flags and Flag.REUSE_EXTERNAL in spec.flags and \
+            disk.chain_encrypted:
+        why = ("a pre-created shallow destination over an encrypted backing chain cannot be "
+               "opened by libvirt without the chain spelled out")
+    if why is None:
+        return None
+    return failed("EncryptionNotKept", f"disk {disk.target} is encrypted (LUKS) and must stay "
+                  f"so: {why}; copy the whole disk to a file or block device instead; nothing "
+                  "was started")
+
+
+def not_encrypted(spec: BlockCopySpec) -> Decision:
+    return failed("DestNotEncrypted", f"the disk is encrypted (LUKS) but the pre-created dest "
+                  f"{spec.dest} is not: create it encrypted with the disk's secret (qemu-img "
+                  "create -o encrypt.format=luks), or let the copy create it; nothing was started")
+
+
 def copied_images(spec: BlockCopySpec, disk: DiskState, plan: Plan | None) -> tuple[str, ...]:
     """The backing images whose data the copy writes into the destination."""
     if plan is not None and plan.kind == PlanKind.BASE:
@@ -79,10 +110,12 @@ def copy_flags_and_format(spec: BlockCopySpec, disk: DiskState, plan: Plan | Non
 
 
 def zero_detection_off(spec: BlockCopySpec, flags: frozenset[Flag], plan: Plan | None,
-                       caps: Capabilities) -> str | None:
+                       caps: Capabilities, *, encrypted: bool = False) -> str | None:
     """Why the destination is written without zero detection, or None: it is used."""
     if not spec.detect_zeroes:
         return "off (spec.detectZeroes: false)"
+    if encrypted:
+        return "off (an encrypted destination)"
     if not caps.blockdev_reopen:
         return f"off (needs QEMU 6.1; this node has {'.'.join(map(str, caps.qemu))})"
     if spec.network is not None:

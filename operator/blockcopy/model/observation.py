@@ -51,6 +51,8 @@ class DiskInfo:
     chain: tuple[str, ...] = ()  # the backing images below the active one, nearest first
     chain_formats: tuple[str, ...] = ()  # their formats (as libvirt detected them)
     volume: tuple[str, str] | None = None  # (pool, volume) of a <disk type='volume'>
+    encryption: str | None = None  # the active image's <encryption> element, as XML
+    chain_encrypted: bool = False  # a backing image is encrypted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,12 @@ class DiskState:
     mirror: Mirror | None = None  # a copy job's destination, from the live XML
     chain: tuple[str, ...] = ()  # the backing images below the active one, nearest first
     chain_formats: tuple[str, ...] = ()
+    encryption: str | None = None  # the active image's <encryption> element, as XML
+    chain_encrypted: bool = False  # a backing image is encrypted
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption is not None or self.chain_encrypted
 
     @classmethod
     def of_domain(cls, *, uuid: str, name: str, running: bool, persistent: bool,
@@ -84,7 +92,8 @@ class DiskState:
         return dataclasses.replace(
             domain, disk_found=True, target=disk.target, source=disk.source,
             source_format=disk.source_format, backing=disk.backing, mirror=disk.mirror, job=job,
-            chain=disk.chain, chain_formats=disk.chain_formats)
+            chain=disk.chain, chain_formats=disk.chain_formats, encryption=disk.encryption,
+            chain_encrypted=disk.chain_encrypted)
 
 
 @dataclasses.dataclass(frozen=True)

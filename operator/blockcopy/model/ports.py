@@ -43,6 +43,7 @@ class CopyRequest:
     bandwidth: int = 0  # bytes/s, 0 = unlimited
     granularity: int = 0
     buf_size: int = 0
+    encryption: str | None = None  # the source's <encryption>: the copy stays encrypted
 
 
 JobListener = Callable[[str, str, JobEvent], None]  # (domain uuid, disk target, event)
@@ -151,6 +152,7 @@ class ImageInfo:
     virtual_size: int
     actual_size: int  # bytes allocated on the storage
     backing: str | None = None  # as recorded in the image (may be relative)
+    encrypted: bool = False  # LUKS (qcow2 with encryption, or a raw LUKS container)
 
 
 class Images(Protocol):
