@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # backports (bookworm-backports: libvirt 11.3, QEMU 10.0); see hack/hypervisor-stack.sh.
 export HYPERVISOR_STACK ?= stock
 
-.PHONY: help deps system-deps venv cluster cluster-node cluster-nodes cluster-down lint unit integration e2e chart chart-e2e image test test-k8s-oldest demo bench clean
+.PHONY: help deps system-deps venv cluster cluster-node cluster-nodes cluster-down lint unit integration e2e soak chart chart-e2e image test test-k8s-oldest demo bench clean
 
 help:
 	@echo "make demo          bring up the local environment and show a live disk copy + pivot"
@@ -27,6 +27,7 @@ help:
 	@echo "make chart         Helm chart: lint, render, validate offline (1.29..newest), schema, Argo CD/Flux health checks"
 	@echo "make image         build the agent image with buildah (localhost/blockcopy-operator:dev)"
 	@echo "make bench         numbers: agent vs virsh blockcopy, status writes, latency, memory"
+	@echo "make soak          the e2e tier SOAK (5) times over, stopping at the first failure"
 
 deps: system-deps venv
 
@@ -74,6 +75,12 @@ integration: cluster
 
 e2e: cluster
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+# The e2e tier SOAK times over (the whole tier, then again), stopping at the first failure:
+# a test that fails once in N runs is a defect, and one run does not show it.
+SOAK ?= 5
+soak: cluster
+	$(PY) -m pytest tests/e2e --count $(SOAK) --repeat-scope session -x $(PYTEST_ARGS)
 
 # The GitOps health checks run Flux's kstatus and Argo CD's Lua sandbox from Go modules
 # (tests/gitops, built once per content into the cache by hack/build-gitops-health.sh).
