@@ -28,7 +28,8 @@ from support.paths import KUBECONFIG
 from support.vms import VM, create_vm, destroy_vm
 
 # Fixtures kept next to the helpers they wrap.
-pytest_plugins = ["support.gitops"]  # gitops_health: Flux's and Argo CD's verdicts
+# gitops_health: Flux's and Argo CD's verdicts; nbd and small_fs: destinations elsewhere
+pytest_plugins = ["support.gitops", "support.storage"]
 
 # ------------------------------------------------------------------ the local environment
 
