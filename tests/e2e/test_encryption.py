@@ -3,7 +3,8 @@ passphrase in a libvirt secret, <encryption format='luks'> in the disk XML) stay
 Its copy, qcow2 or raw, is LUKS with the same secret and holds the guest's data (compared
 through the passphrase, and never in the clear on the destination's storage); a pre-created
 plain destination and an NBD export are refused before anything is written; a raw copy,
-a LUKS container written whole, is refused where it cannot fit."""
+a LUKS container written whole, is refused where it cannot fit. The VM restarted on its
+qcow2 copy runs, QEMU reading the guest's data through the secret."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ import pytest
 
 from support.assertions import assert_on_source
 from support.images import file_sha256, image_digest, qemu_img_compare, qemu_img_info
-from support.libvirt_probes import live_disk, live_disk_source, live_mirror, no_block_job
+from support.libvirt_probes import (
+    domstate,
+    live_disk,
+    live_disk_source,
+    live_mirror,
+    live_read_matches,
+    no_block_job,
+    virsh,
+)
 from support.objects import condition, copy_spec
 from support.vms import VM
 from support.waits import events_of, wait_for
@@ -58,7 +67,7 @@ def _refused(blockcopies, core, name: str, reason: str) -> dict:
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
-def test_an_encrypted_disk_is_copied_encrypted(fmt, agent, vms, blockcopies, node):
+def test_an_encrypted_disk_is_copied_encrypted(fmt, agent, vms, users, blockcopies, node):
     vm = _encrypted_vm(vms)
     dest = os.path.join(vm.workdir, f"copy.{fmt}")
     name = blockcopies.create(copy_spec(vm, node=node, dest=dest, format=fmt, pivot=True))
@@ -84,6 +93,13 @@ def test_an_encrypted_disk_is_copied_encrypted(fmt, agent, vms, blockcopies, nod
     result = qemu_img_compare(vm.chain[0], dest, luks=vm.luks, b_format=fmt)
     assert result.returncode == 0, result.stdout + result.stderr
     assert image_digest(dest, fmt, luks=vm.luks) == vm.initial_digest
+    if fmt == "qcow2":  # the VM restarted on its copy: QEMU opens it with the secret
+        virsh("destroy", vm.name)
+        restarted = users(dest, secret_uuid=vm.secret_uuid)
+        virsh("start", restarted.name)
+        assert domstate(restarted) == "running"
+        assert _encryption_of(live_disk(restarted)) is not None
+        assert live_read_matches(restarted, 0, vm.data_per_layer, PATTERN[0])
 
 
 def test_a_plain_precreated_destination_is_refused(agent, vms, blockcopies, node, core):

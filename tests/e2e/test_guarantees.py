@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
 import yaml
@@ -35,26 +34,11 @@ from support.libvirt_probes import (
     virsh,
 )
 from support.objects import condition, copy_spec
-from support.vms import IMAGES, VM, define_on, destroy_vm, wait_guest_writing
+from support.vms import IMAGES, VM, destroy_vm, wait_guest_writing
 from support.waits import events_of, status_where, wait_for
 
 MiB = 1 << 20
 REUSE = ["reuseExternal"]
-
-
-@pytest.fixture
-def users() -> Iterator[Callable[[str], VM]]:
-    """``make(image)``: a domain defined (shut off) on an existing image; undefined at
-    teardown (the image stays)."""
-    made: list[VM] = []
-
-    def make(image: str) -> VM:
-        vm = define_on(image)
-        made.append(vm)
-        return vm
-    yield make
-    for vm in made:
-        destroy_vm(vm)
 
 
 def _intact(blockcopies, name: str, reason: str, timeout: float = 30) -> dict:

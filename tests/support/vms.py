@@ -552,17 +552,18 @@ def create_vm(
     )
 
 
-def define_on(image: str, name: str | None = None, *, uri: str = DEFAULT_URI) -> VM:
+def define_on(image: str, name: str | None = None, *, uri: str = DEFAULT_URI,
+              secret_uuid: str = "") -> VM:
     """A domain defined (shut off) whose vda is ``image``, an existing qcow2 file that
-    stays where it is (another VM's, or a copy's destination): a second user of that image.
-    Its own directory holds only its console log; destroy_vm leaves ``image`` alone unless
-    it lies in that directory."""
+    stays where it is (another VM's, or a copy's destination): a second user of that image
+    (``secret_uuid``: a LUKS one, its passphrase in that libvirt secret). Its own directory
+    holds only its console log; destroy_vm leaves ``image`` alone unless it lies there."""
     if name is None or not name.startswith(PREFIX):
         name = f"{PREFIX}{name or 'user'}-{secrets.token_hex(3)}"
     workdir = images_root(uri) / name
     workdir.mkdir(parents=True, exist_ok=False)
     workdir.chmod(0o755)
-    xml = domain_xml(name, image, str(workdir / "console.log"), None)
+    xml = domain_xml(name, image, str(workdir / "console.log"), None, secret_uuid=secret_uuid)
     try:
         with libvirt.open(uri) as conn:
             uuid = conn.defineXML(xml).UUIDString()
