@@ -25,10 +25,11 @@ from support.cluster import (
 from support.helm import Helm
 from support.objects import BlockCopies
 from support.paths import KUBECONFIG
-from support.vms import VM, create_vm, destroy_vm
+from support.vms import VM, create_vm, define_on, destroy_vm
 
 # Fixtures kept next to the helpers they wrap.
-pytest_plugins = ["support.gitops"]  # gitops_health: Flux's and Argo CD's verdicts
+# gitops_health: Flux's and Argo CD's verdicts; nbd and small_fs: destinations elsewhere
+pytest_plugins = ["support.gitops", "support.storage"]
 
 # ------------------------------------------------------------------ the local environment
 
@@ -146,6 +147,22 @@ def vms() -> Iterator[Callable[..., VM]]:
 
     def make(name: str | None = None, **kw) -> VM:
         vm = create_vm(name, **kw)
+        made.append(vm)
+        return vm
+
+    yield make
+    for vm in made:
+        destroy_vm(vm)
+
+
+@pytest.fixture
+def users() -> Iterator[Callable[..., VM]]:
+    """``make(image, secret_uuid="")``: a domain defined (shut off) on an existing image
+    (support.vms.define_on), a second user of it; undefined at teardown, the image kept."""
+    made: list[VM] = []
+
+    def make(image: str, secret_uuid: str = "") -> VM:
+        vm = define_on(image, secret_uuid=secret_uuid)
         made.append(vm)
         return vm
 

@@ -13,6 +13,7 @@ from support.guestwrites import paused, verify
 from support.images import qemu_img_compare
 from support.libvirt_probes import domstate, live_disk_source, live_mirror, no_block_job
 from support.objects import condition, copy_spec
+from support.vms import wait_guest_writing
 from support.waits import events_of, wait_for
 
 
@@ -124,6 +125,10 @@ def test_convergence_auto(agent, vms, blockcopies, node, core):
     on as before (still Copying, never restarted)."""
     vm = vms(layers=1, size="256M", data_per_layer="8M", guest_writes=True, guest_load_mib=1)
     dest = os.path.join(vm.workdir, "c.qcow2")
+    # The guest's load must be running before the copy starts: the 8 MiB of data (unwritten
+    # areas and zeros are not copied) reach Mirrored in about 4 s, while the guest's kernel
+    # takes longer than that to boot and start writing.
+    wait_guest_writing(vm)
     # The guest rewrites its scratch area at several MiB/s: a 2 MiB/s copy never converges in
     # the background mode. Once QEMU copies guest writes synchronously (write-blocking),
     # what stays dirty still drains only at the background rate, in bursts: at 2 MiB/s the

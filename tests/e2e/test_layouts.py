@@ -10,11 +10,9 @@ import itertools
 import os
 import shutil
 import subprocess
-import uuid
 
 import pytest
 
-from support.agents import free_port
 from support.assertions import assert_untouched
 from support.images import assert_identical, image_digest, qemu_img_info
 from support.libvirt_probes import (
@@ -157,57 +155,6 @@ def test_a_chain_move_into_an_existing_file_is_refused_before_anything(agent, vm
 # ------------------------------------------------------------------ NBD destinations
 
 
-class NbdServer:
-    """qemu-nbd serving a raw file of the disk's size, on 127.0.0.1:PORT or a Unix socket."""
-
-    def __init__(self, workdir: str, size: int, *, unix: bool):
-        self.dir = os.path.join(workdir, f"nbd-{uuid.uuid4().hex[:4]}")
-        os.mkdir(self.dir)
-        os.chmod(self.dir, 0o755)
-        self.image = os.path.join(self.dir, "export.raw")
-        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", self.image, str(size)],
-                       check=True)
-        self.pidfile = os.path.join(self.dir, "qemu-nbd.pid")
-        where: list[str]
-        if unix:
-            self.socket = os.path.join(self.dir, "nbd.sock")
-            where = ["-k", self.socket]
-            self.uri = f"nbd+unix:///exp?socket={self.socket}"
-            self.allowed = self.dir
-        else:
-            port = free_port()
-            where = ["-b", "127.0.0.1", "-p", str(port)]
-            self.uri = f"nbd://127.0.0.1:{port}/exp"
-            self.allowed = f"127.0.0.1:{port}"
-        # --persistent: QEMU reconnects (an abort, a retry) without the server exiting;
-        # --shared=0: any number of clients (the agent's size check, then QEMU).
-        subprocess.run(["qemu-nbd", "--fork", "--persistent", "--shared=0", "-f", "raw",
-                        "-x", "exp", "--pid-file", self.pidfile, *where, self.image],
-                       check=True, env={**os.environ, "PATH": os.environ["PATH"]})
-        if unix:  # QEMU runs as libvirt-qemu: it must be allowed to connect
-            os.chmod(self.socket, 0o777)
-
-    def stop(self) -> None:
-        try:
-            pid = int(open(self.pidfile).read())
-        except (OSError, ValueError):
-            return
-        subprocess.run(["kill", str(pid)], check=False)
-
-
-@pytest.fixture
-def nbd():
-    servers: list[NbdServer] = []
-
-    def make(vm: VM, *, unix: bool) -> NbdServer:
-        server = NbdServer(vm.workdir, parse_size("64M"), unix=unix)
-        servers.append(server)
-        return server
-    yield make
-    for server in servers:
-        server.stop()
-
-
 @pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix-socket"])
 def test_copy_and_pivot_onto_an_nbd_export(unix, agent_factory, vms, blockcopies, node, nbd):
     vm = vms(layers=2, size="64M", data_per_layer="4M")
@@ -270,26 +217,6 @@ def test_an_nbd_export_of_another_size_is_refused(agent_factory, vms, blockcopie
 
 
 # ------------------------------------------------------------------ space
-
-
-@pytest.fixture
-def small_fs():
-    """A small tmpfs under the allowed root, mounted BEFORE the test's VM starts: QEMU runs
-    in a private mount namespace (libvirt's default) that would not see a later mount."""
-    mounts: list[str] = []
-
-    def make(size: str) -> str:
-        path = f"/var/lib/libvirt/images/bct-tmpfs-{uuid.uuid4().hex[:6]}"
-        os.mkdir(path)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path],
-                       check=True)
-        mounts.append(path)
-        return path
-    yield make
-    for path in mounts:
-        if subprocess.run(["umount", path]).returncode != 0:
-            subprocess.run(["umount", "-l", path], check=True)
-        os.rmdir(path)
 
 
 def test_a_copy_that_cannot_fit_never_starts(agent, vms, blockcopies, node, core, small_fs):

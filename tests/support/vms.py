@@ -45,7 +45,7 @@ import libvirt
 
 from blockcopy.core.domainxml import POLICY_METADATA_NS
 from support.guestwrites import WRITE_MARK, WritePlan, plan_writes
-from support.images import image_digest
+from support.images import Luks, image_digest
 from support.paths import NODES_JSON
 
 PREFIX = "bct-"
@@ -121,9 +121,13 @@ class VM:
     layers: int = 0
     data_per_layer: int = 0
     write_plan: WritePlan | None = None
+    # encrypted=True: vda is a LUKS qcow2 (one layer) opened with this passphrase, which the
+    # libvirt secret secret_uuid holds (its usage: the image's path)
+    luks: Luks | None = None
+    secret_uuid: str = ""
 
     def checksum_guest_view(self) -> str:
-        return image_digest(self.chain[0], "qcow2")
+        return image_digest(self.chain[0], "qcow2", luks=self.luks)
 
     def initial_layout(self) -> list[tuple[int, int, int]]:
         """(pattern byte, offset, length) of the data the chain held when the VM was created,
@@ -189,6 +193,48 @@ def build_chain(
             _run("qemu-io", "-f", "qcow2", *[arg for chunk in chunks for arg in chunk], str(img))
         paths.append(img)
     return [str(p) for p in reversed(paths)]
+
+
+def build_encrypted(workdir: Path, size: int, per_layer: int, luks: Luks) -> list[str]:
+    """One LUKS-encrypted qcow2 image (base.qcow2) holding layer_plan(1, per_layer)'s data."""
+    img = str(workdir / "base.qcow2")
+    luks.create(img, "qcow2", size)
+    for pattern, off, length in layer_plan(1, per_layer)[0]:
+        luks.qemu_io(img, "qcow2", f"write -P {pattern:#x} {off} {length}")
+    return [img]
+
+
+def write_into(image: str, writes: list[tuple[int, int, int]], luks: Luks | None) -> None:
+    """(pattern byte, offset, length) written as data into a qcow2 image (pattern 0 too:
+    real zero bytes, allocated like any other data, as a guest zeroing its disk writes)."""
+    commands = [f"write -P {pattern:#x} {start} {min(GiB, off + length - start)}"
+                for pattern, off, length in writes for start in range(off, off + length, GiB)]
+    if luks is not None:
+        luks.qemu_io(image, "qcow2", *commands)
+    else:
+        _run("qemu-io", "-f", "qcow2", *[a for c in commands for a in ("-c", c)], image)
+
+
+def define_secret(uri: str, usage: str, passphrase: str) -> str:
+    """A libvirt secret (a LUKS passphrase) for the volume ``usage``; its UUID."""
+    xml = (f"<secret ephemeral='no' private='yes'><description>bct test image</description>"
+           f"<usage type='volume'><volume>{usage}</volume></usage></secret>")
+    with libvirt.open(uri) as conn:
+        secret = conn.secretDefineXML(xml)
+        secret.setValue(passphrase.encode())
+        return str(secret.UUIDString())
+
+
+def undefine_secrets(uri: str, workdir: Path) -> None:
+    """The secrets define_secret made for images under ``workdir``."""
+    with libvirt.open(uri) as conn:
+        for secret in conn.listAllSecrets():
+            try:
+                if (secret.usageID() or "").startswith(f"{workdir}/"):
+                    secret.undefine()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_SECRET:
+                    raise
 
 
 def expected_digest(vm: VM) -> str:
@@ -339,19 +385,27 @@ def disk_target(index: int) -> str:
     return "vd" + "abcdefghijklmnopqrstuvwxyz"[index]
 
 
-def _disk_xml(target: str, top: str) -> str:
+def encryption_xml(secret_uuid: str) -> str:
+    """A disk's <encryption> element: LUKS, the passphrase in the libvirt secret."""
+    return (f"<encryption format='luks'><secret type='passphrase' uuid='{secret_uuid}'/>"
+            "</encryption>")
+
+
+def _disk_xml(target: str, top: str, secret_uuid: str = "") -> str:
+    encryption = f"\n      {encryption_xml(secret_uuid)}" if secret_uuid else ""
     return f"""    <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/>
       <source file='{top}'/>
-      <target dev='{target}' bus='virtio'/>
+      <target dev='{target}' bus='virtio'/>{encryption}
     </disk>"""
 
 
 def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | None,
                extra_tops: list[str] | tuple[str, ...] = (), metadata: str | None = None,
-               cmdline: str = "") -> str:
+               cmdline: str = "", secret_uuid: str = "") -> str:
     """``top`` is vda's active image; ``extra_tops`` those of vdb, vdc, ...;
-    ``metadata`` the XML inside <metadata>, if any; ``cmdline`` extra kernel arguments."""
+    ``metadata`` the XML inside <metadata>, if any; ``cmdline`` extra kernel arguments;
+    ``secret_uuid``: vda is LUKS-encrypted, its passphrase in that libvirt secret."""
     # The cloud kernel resets while unpacking itself in 64 MiB; it boots in 128 MiB.
     memory, os_extra = (128 if boot else 64), ""
     if boot:
@@ -361,7 +415,8 @@ def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | No
             "</cmdline>"
         )
     # No <backingStore> on purpose: libvirt detects the chain from the qcow2 headers.
-    disks = "\n".join(_disk_xml(disk_target(i), t) for i, t in enumerate([top, *extra_tops]))
+    disks = "\n".join(_disk_xml(disk_target(i), t, secret_uuid if i == 0 else "")
+                      for i, t in enumerate([top, *extra_tops]))
     meta = f"\n  <metadata>{metadata}</metadata>" if metadata else ""
     return f"""<domain type='qemu'>
   <name>{name}</name>{meta}
@@ -395,6 +450,9 @@ def create_vm(
     guest_load_mib: int = 0,
     images_dir: str | Path | None = None,
     zeros: str | int = 0,
+    encrypted: bool = False,
+    extra_writes: list[tuple[int, int, int]] | None = None,
+    start: bool = True,
 ) -> VM:
     """Create and start a domain. ``name`` is a purpose ('copy' -> 'bct-copy-1a2b3c');
     a name that already starts with 'bct-' is used as is. ``disks`` > 1 adds vdb, vdc...,
@@ -408,9 +466,17 @@ def create_vm(
     its directory goes (default: ``images_root(uri)``, see there); on a session node's URI
     the files are given to that node's user. ``zeros``: that many bytes of zero bytes written
     right after the layers' data into the top image (allocated: data to QEMU, as when a guest
-    writes zeros), for the zero-detection tests and bench."""
+    writes zeros), for the zero-detection tests and bench. ``encrypted``: vda is one LUKS qcow2 image
+    (layers=1), its passphrase in a libvirt secret (VM.luks, VM.secret_uuid; undefined with
+    the domain). ``extra_writes``: (pattern byte, offset, length) written into vda's top
+    image after its layers (pattern 0: real zero bytes). ``start=False`` (with
+    ``persistent``): the domain is defined, shut off."""
     if not 1 <= disks <= 16:
         raise ValueError(f"disks must be 1 to 16, not {disks}")
+    if encrypted and (layers != 1 or disks != 1):
+        raise ValueError("an encrypted VM has one disk of one layer")
+    if not start and not persistent:
+        raise ValueError("a domain that is not started must be persistent (defined)")
     if name is None or not name.startswith(PREFIX):
         name = f"{PREFIX}{name or 'vm'}-{secrets.token_hex(3)}"
     root = images_root(uri, images_dir)
@@ -428,22 +494,32 @@ def create_vm(
         if root == IMAGES:
             IMAGES.chmod(0o755)
         workdir.chmod(0o755)
-        chain = build_chain(
-            workdir, layers, parse_size(size), parse_size(data_per_layer), relative_backing
-        )
+        luks = Luks(secrets.token_hex(8)) if encrypted else None
+        if luks is not None:
+            chain = build_encrypted(workdir, parse_size(size), parse_size(data_per_layer), luks)
+        else:
+            chain = build_chain(
+                workdir, layers, parse_size(size), parse_size(data_per_layer), relative_backing
+            )
+        if extra_writes:
+            write_into(chain[0], extra_writes, luks)
         if zeros:
-            start, length = layers * parse_size(data_per_layer), parse_size(zeros)
-            _run("qemu-io", "-f", "qcow2", *[arg for off in range(start, start + length, GiB)
+            if luks is not None:
+                raise ValueError("zeros= is for plain images")
+            at, length = layers * parse_size(data_per_layer), parse_size(zeros)
+            _run("qemu-io", "-f", "qcow2", *[arg for off in range(at, at + length, GiB)
                                              for arg in ("-c", f"write -P 0 {off} "
-                                                         f"{min(GiB, start + length - off)}")],
+                                                         f"{min(GiB, at + length - off)}")],
                  chain[0])
+        secret_uuid = define_secret(uri, chain[0], luks.passphrase) if luks else ""
         chains = {"vda": chain}
         for i in range(1, disks):
             target = disk_target(i)
             chains[target] = build_chain(workdir, layers, parse_size(size),
                                          parse_size(data_per_layer), relative_backing,
                                          prefix=f"{target}-")
-        digests = {t: image_digest(c[0], "qcow2") for t, c in chains.items()}
+        digests = {t: image_digest(c[0], "qcow2", luks=luks if t == "vda" else None)
+                   for t, c in chains.items()}
         digest = digests["vda"]
         console = str(workdir / "console.log")
         extra = (tenant_metadata(tenant) if tenant else "") + (metadata or "")
@@ -454,11 +530,12 @@ def create_vm(
         _give_to_session_user(uri, workdir)
         xml = domain_xml(name, chain[0], console, boot,
                          [c[0] for t, c in chains.items() if t != "vda"], metadata=extra or None,
-                         cmdline=plan.cmdline() if plan else "")
+                         cmdline=plan.cmdline() if plan else "", secret_uuid=secret_uuid)
         with libvirt.open(uri) as conn:
             if persistent:
                 dom = conn.defineXML(xml)
-                dom.create()
+                if start:
+                    dom.create()
             else:
                 dom = conn.createXML(xml, 0)
             uuid = dom.UUIDString()
@@ -481,7 +558,31 @@ def create_vm(
         layers=layers,
         data_per_layer=parse_size(data_per_layer),
         write_plan=plan,
+        luks=luks,
+        secret_uuid=secret_uuid,
     )
+
+
+def define_on(image: str, name: str | None = None, *, uri: str = DEFAULT_URI,
+              secret_uuid: str = "") -> VM:
+    """A domain defined (shut off) whose vda is ``image``, an existing qcow2 file that
+    stays where it is (another VM's, or a copy's destination): a second user of that image
+    (``secret_uuid``: a LUKS one, its passphrase in that libvirt secret). Its own directory
+    holds only its console log; destroy_vm leaves ``image`` alone unless it lies there."""
+    if name is None or not name.startswith(PREFIX):
+        name = f"{PREFIX}{name or 'user'}-{secrets.token_hex(3)}"
+    workdir = images_root(uri) / name
+    workdir.mkdir(parents=True, exist_ok=False)
+    workdir.chmod(0o755)
+    xml = domain_xml(name, image, str(workdir / "console.log"), None, secret_uuid=secret_uuid)
+    try:
+        with libvirt.open(uri) as conn:
+            uuid = conn.defineXML(xml).UUIDString()
+    except BaseException:
+        destroy_vm_by_name(name, uri=uri)
+        raise
+    return VM(name=name, uuid=uuid, uri=uri, workdir=str(workdir), chain=[image],
+              persistent=True, console_log=str(workdir / "console.log"))
 
 
 def _find(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
@@ -516,6 +617,7 @@ def destroy_vm_by_name(name: str, *, uri: str = DEFAULT_URI,
                     libvirt.VIR_ERR_OPERATION_INVALID,
                 ):
                     raise
+    undefine_secrets(uri, images_root(uri, images_dir) / name)
     shutil.rmtree(images_root(uri, images_dir) / name, ignore_errors=True)
 
 

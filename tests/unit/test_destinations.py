@@ -146,3 +146,25 @@ def test_encryption_is_kept_or_the_copy_is_refused():
     assert starting.encryption_refusal(parse_spec({"domain": "vm", "disk": "vda",
                                                    "dest": "/i/b"}),
                                        DiskState(domain_found=True), planned=True) is None
+
+
+def test_an_encrypted_copy_needs_room_for_its_luks_header_and_a_raw_one_for_all_of_it():
+    """A raw copy of an encrypted disk is a LUKS container QEMU writes whole (measured: a
+    64 MiB disk holding 8 MiB of data gave a 66 MiB raw copy); a qcow2 one holds the data
+    and a LUKS header of about 2 MiB."""
+    from blockcopy.core.starting import LUKS_HEADER, required_bytes, space_basis
+    from blockcopy.model.ports import DiskSize
+
+    mib = 1 << 20
+    size = DiskSize(capacity=64 * mib, allocation=8 * mib)
+    plain = required_bytes(size, {})
+    assert plain == 8 * mib + 64 * mib // 256 + mib
+    assert LUKS_HEADER >= 2 * mib + 256 * 1024  # qemu-img measure: 2.3 MiB for a LUKS qcow2
+    assert required_bytes(size, {}, encrypted=True, fmt="qcow2") == plain + LUKS_HEADER
+    assert required_bytes(size, {}, encrypted=True, fmt="raw") == 64 * mib + LUKS_HEADER
+    assert required_bytes(size, {}, encrypted=True, fmt=None) == 64 * mib + LUKS_HEADER
+    assert required_bytes(size, {}, fmt="raw") == plain  # a plain raw copy stays sparse
+    assert "written whole" in space_basis(encrypted=True, fmt="raw")
+    assert "LUKS header" in space_basis(encrypted=True, fmt="qcow2")
+    assert space_basis(encrypted=False, fmt="raw") == \
+        "the data allocated in the images it copies"

@@ -11,6 +11,7 @@ import os
 import pytest
 
 from blockcopy.model.observation import JobEvent, MirrorReady
+from blockcopy.model.ports import HypervisorError
 from support.agent_on_fakes import FakeNode
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
@@ -468,4 +469,35 @@ async def test_an_encrypted_disk_is_copied_encrypted_with_its_secret(s, tmp_path
     assert [c["reason"] for c in s.kube.status_of("bad")["conditions"]
             if c["type"] == "Failed"] == ["DestNotEncrypted"]
     s.images.encrypted.add(str(plain))
+    await s.finish()
+
+
+async def test_a_new_encrypted_destination_qemu_failed_to_format_is_tried_again(s):
+    """QEMU 7.2 times its LUKS key derivation by CPU time and fails at once when one round
+    measured 0 ms ("Unable to get accurate CPU usage", a third of the encrypted copies on a
+    loaded host): the start is made again, and nothing else is."""
+    s.hv.disk("vm").encryption = LUKS
+    refusals = [2]
+
+    def refuse() -> None:
+        if refusals[0]:
+            refusals[0] -= 1
+            raise HypervisorError("operation failed: failed to format image: 'Unable to get "
+                                  "accurate CPU usage'")
+    s.hv.on_call["start_copy"] = refuse
+    body = s.create()
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Copying")
+    assert s.hv.verbs().count("start_copy") == 3
+    await s.finish()
+
+
+async def test_a_refusal_that_does_not_pass_is_not_tried_again(s):
+    s.hv.refusals["start_copy"] = 1
+    body = s.create()
+    s.follow(body)
+    await s.until(lambda: s.phase() == "Failed")
+    assert s.hv.verbs().count("start_copy") == 1
+    assert [c["reason"] for c in s.kube.status_of("bc")["conditions"]
+            if c["type"] == "Failed" and c["status"] == "True"] == ["CopyRefused"]
     await s.finish()

@@ -105,10 +105,13 @@ def _mib(n: int) -> str:
 
 
 def space_refusal(dest: str, *, required: int, capacity: int, reuse: bool,
-                  network_size: int | None = None) -> tuple[str, str] | None:
+                  network_size: int | None = None,
+                  basis: str = "the data allocated in the images it copies"
+                  ) -> tuple[str, str] | None:
     """(reason, message) if ``dest`` cannot hold the copy, checked before libvirt is called:
     the exact size of a block device or network export, or the free space of the file
-    system that will hold a file (``required`` bytes of data to write)."""
+    system that will hold a file (``required`` bytes of data to write, counted as
+    ``basis`` says)."""
     if network_size is not None:
         if network_size < capacity:
             return ("DestNoSpace", f"the NBD export {dest} holds {network_size} bytes, the disk "
@@ -133,8 +136,7 @@ def space_refusal(dest: str, *, required: int, capacity: int, reuse: bool,
     free = stat.f_bavail * stat.f_frsize
     if needed > free:
         return ("DestNoSpace", f"{os.path.dirname(resolved)} has {_mib(free)} free, the copy "
-                f"needs about {_mib(needed)} (the data allocated in the images it copies): "
-                "nothing was started")
+                f"needs about {_mib(needed)} ({basis}): nothing was started")
     return None
 
 
@@ -188,9 +190,11 @@ class LocalFiles:
         return chain_member(dest, images)
 
     def space_refusal(self, dest: str, *, required: int, capacity: int, reuse: bool,
-                      network_size: int | None = None) -> Refusal | None:
+                      network_size: int | None = None,
+                      basis: str = "the data allocated in the images it copies"
+                      ) -> Refusal | None:
         return space_refusal(dest, required=required, capacity=capacity, reuse=reuse,
-                             network_size=network_size)
+                             network_size=network_size, basis=basis)
 
     def allocated(self, path: str) -> int:
         return allocated(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +37,8 @@ from blockcopy.model.ports import (
     ImageError,
     Images,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,11 +217,27 @@ class Starter:
         copied = starting.copied_images(spec, disk, plan)
         allocations = await asyncio.to_thread(
             lambda: {p: self.files.allocated(p) for p in copied})
-        required = starting.required_bytes(size, allocations)
+        fmt = await self._format(spec, disk, plan) if disk.encrypted else None
+        required = starting.required_bytes(size, allocations, encrypted=disk.encrypted,
+                                           fmt=fmt)
         refused = await asyncio.to_thread(
-            self.files.space_refusal, spec.dest, required=required, capacity=size.capacity,
-            reuse=Flag.REUSE_EXTERNAL in spec.flags)
+            lambda: self.files.space_refusal(
+                spec.dest, required=required, capacity=size.capacity,
+                reuse=Flag.REUSE_EXTERNAL in spec.flags,
+                basis=starting.space_basis(encrypted=disk.encrypted, fmt=fmt)))
         return failed(*refused) if refused is not None else None
+
+    async def _format(self, spec: BlockCopySpec, disk: DiskState, plan: Plan | None
+                      ) -> str | None:
+        """The destination's format as the copy will have it (a pre-created one's read
+        from its header; None when it cannot be read)."""
+        fmt = starting.copy_flags_and_format(spec, disk, plan)[1]
+        if fmt is not None:
+            return fmt
+        try:
+            return await asyncio.to_thread(self.files.probe_format, spec.dest)
+        except OSError:
+            return None
 
     # -- the call ---------------------------------------------------------------------
     async def _start_copy(self, spec: BlockCopySpec, disk: DiskState,
@@ -245,12 +264,20 @@ class Starter:
         if zero_off is None:  # throttled until the destination detects zeros
             request = dataclasses.replace(request, bandwidth=zeroes.THROTTLE,
                                           buf_size=spec.buf_size or zeroes.ZERO_BUFFER)
-        try:
-            await self.hv.start_copy(request)
-        except HypervisorUnavailable:
-            raise
-        except HypervisorError as exc:
-            return Started(failed("CopyRefused", f"libvirt refused to start the copy: {exc}"))
+        for attempt in range(1, starting.START_ATTEMPTS + 1):
+            try:
+                await self.hv.start_copy(request)
+                break
+            except HypervisorUnavailable:
+                raise
+            except HypervisorError as exc:
+                if attempt < starting.START_ATTEMPTS and starting.passing_refusal(str(exc)):
+                    log.info("%s/%s: libvirt refused the copy (%s), attempt %d of %d; again",
+                             spec.domain, target, exc, attempt, starting.START_ATTEMPTS)
+                    await asyncio.sleep(starting.START_RETRY_DELAY)
+                    continue
+                return Started(failed("CopyRefused",
+                                      f"libvirt refused to start the copy: {exc}"))
         zero_detection = zero_off or await self.detect_zeroes(spec.domain, target,
                                                               spec.bandwidth)
         decision, fields = starting.started(

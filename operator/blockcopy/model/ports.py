@@ -212,8 +212,11 @@ class Files(Protocol):
         """The image of ``images`` that ``dest`` is (after symlinks, hard links), or None."""
 
     def space_refusal(self, dest: str, *, required: int, capacity: int, reuse: bool,
-                      network_size: int | None = None) -> Refusal | None:
-        """Why ``dest`` cannot hold the copy (``required`` bytes of data)."""
+                      network_size: int | None = None,
+                      basis: str = "the data allocated in the images it copies"
+                      ) -> Refusal | None:
+        """Why ``dest`` cannot hold the copy (``required`` bytes, counted as ``basis``
+        says)."""
 
     def allocated(self, path: str) -> int:
         """Bytes a file occupies on its storage."""
