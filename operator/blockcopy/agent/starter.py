@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +37,8 @@ from blockcopy.model.ports import (
     ImageError,
     Images,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +276,17 @@ class Starter:
             outcome = f"off ({exc})"
         await self.hv.set_bandwidth(domain, target, bandwidth)
         return outcome
+
+    async def zero_detection_back(self, domain: str, target: str) -> None:
+        """The pivoted disk behaves as its XML says again (guest discards and zero writes as
+        libvirt configured them); best effort: the data is right either way."""
+        if self._status().get("zeroDetection") != "unmap":
+            return
+        try:
+            await self.hv.set_zero_detection(domain, target, on=False, mirror=False)
+        except HypervisorError as exc:
+            log.warning("%s: zero detection stays on the pivoted disk %s: %s", domain, target,
+                        exc)
 
     async def dest_identity(self, spec: BlockCopySpec) -> FileIdentity | None:
         """What the destination is now (None for a network destination or when it cannot be
