@@ -14,7 +14,7 @@ from typing import Any
 
 from support import vms as testvm
 
-PAUSED = re.compile(r"(\S+): guest paused (\d+) ms for the check at the switch \((\w+): (\w+)\)")
+PAUSED = re.compile(r"(\S+): guest paused (\d+) ms for the check at the switch \((\w+): (\w+)")
 TARGET_MS = 150.0
 
 

@@ -90,8 +90,11 @@ def pause(dom: libvirt.virDomain, owner: str) -> bool:
 def resume(dom: libvirt.virDomain, owner: str) -> None:
     if _pause_owner(dom) != owner:
         return  # not ours to resume
-    if _paused(dom):
-        dom.resume()
+    try:
+        dom.resume()  # first: the guest waits; the mark goes after
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # not paused
+            raise
     _mark(dom, None)
 
 

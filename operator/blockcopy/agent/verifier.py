@@ -25,7 +25,6 @@ from blockcopy.core.verify import Result
 from blockcopy.model.api import BlockCopySpec, Verify
 from blockcopy.model.observation import DiskState
 from blockcopy.model.ports import (
-    DataMap,
     Hypervisor,
     HypervisorError,
     HypervisorUnavailable,
@@ -84,40 +83,60 @@ class Verifier:
             if not result.held:
                 await self.hv.pivot(spec.domain, copy.target)
             return result
+        # The blocks are drawn before the pause (the data map is the source's, mapped above).
+        offsets = verify.sample(self.seed(), data.size, data.data) if data else []
         lock = self._pauses.setdefault(spec.domain, asyncio.Lock())
         async with lock:
-            return await self._paused(copy, data)
+            return await self._paused(copy, offsets)
 
-    async def _paused(self, copy: Copy, data: DataMap | None) -> Result:
+    async def _paused(self, copy: Copy, offsets: list[int]) -> Result:
         spec = copy.spec
         loop = asyncio.get_running_loop()
         ours = await self.hv.pause(spec.domain, self.owner)
         paused_at = loop.time()
+        steps: dict[str, float] = {}  # step -> loop time it ended, for the log
+
+        def step(name: str) -> None:
+            steps[name] = loop.time()
         try:
             try:
-                result = await self._check(copy, data, lambda: _ms(loop.time() - paused_at))
+                result = await self._check(copy, offsets, step,
+                                           lambda: _ms(loop.time() - paused_at))
             except NotChecked as exc:
                 result = verify.not_verified(spec, str(exc))
             if result.result == verify.MISMATCH:
                 await self.hv.cancel(spec.domain, copy.target)
             elif not result.held:
                 await self.hv.pivot(spec.domain, copy.target)
+            step("pivot")
         finally:
             if ours:
                 await self._resume(spec.domain)
+            step("resume")
         pause_ms = _ms(loop.time() - paused_at)
-        log.info("%s: guest paused %d ms for the check at the switch (%s: %s)", spec.domain,
-                 pause_ms, result.method.value, result.result)
+        last, took = paused_at, []
+        for name, at in steps.items():
+            took.append(f"{name} {_ms(at - last)}")
+            last = at
+        log.info("%s: guest paused %d ms for the check at the switch (%s: %s; %s ms)",
+                 spec.domain, pause_ms, result.method.value, result.result, ", ".join(took))
         return dataclasses.replace(result, pause_ms=pause_ms)
 
-    async def _check(self, copy: Copy, data: DataMap | None, elapsed: Callable[[], int]
-                     ) -> Result:
+    async def _check(self, copy: Copy, offsets: list[int], step: Callable[[str], None],
+                     elapsed: Callable[[], int]) -> Result:
         spec, disk = copy.spec, copy.disk
         source, dest = disk.source or "", spec.dest
         source_format, dest_format = str(disk.source_format), str(copy.dest_format)
         await self._settle(spec.domain, copy.target)
+        step("settle")
         if verify.needs_flush(source_format=source_format, dest_format=dest_format):
-            await self.hv.flush_images(spec.domain)
+            try:
+                await self.hv.flush_images(spec.domain)
+            except HypervisorUnavailable:
+                raise
+            except HypervisorError as exc:
+                raise NotChecked(f"QEMU could not flush the images ({exc})") from None
+            step("flush")
         method = spec.verify or Verify.SAMPLE
         if method == Verify.FULL:
             size = (await self.hv.disk_size(spec.domain, copy.target)).capacity
@@ -131,8 +150,6 @@ class Verifier:
                 return verify.matched(method, 0, elapsed())
             return verify.mismatched(method, 0, 1, verify.offset_in(differ), elapsed(),
                                      detail=differ)
-        assert data is not None
-        offsets = verify.sample(self.seed(), data.size, data.data)
         try:
             views = await asyncio.wait_for(asyncio.gather(
                 self.images.read_blocks(source, format=source_format, offsets=offsets,
@@ -144,6 +161,7 @@ class Verifier:
                              f"{verify.READ_LIMIT:g} s") from None
         except ImageError as exc:
             raise NotChecked(str(exc)) from None
+        step("read")
         mismatches, first = verify.compare(offsets, *views)
         if mismatches:
             return verify.mismatched(method, len(offsets), mismatches, first, elapsed())
