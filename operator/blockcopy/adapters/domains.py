@@ -57,14 +57,11 @@ PAUSE_NS = "https://blockcopy.dev/pause/v1"
 
 
 def _pause_owner(dom: libvirt.virDomain) -> str | None:
-    try:
-        xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, PAUSE_NS,
-                           libvirt.VIR_DOMAIN_AFFECT_LIVE)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-            return None
-        raise
-    return ElementTree.fromstring(xml).get("node")
+    """The node named by the mark, from the live XML (``virDomainGetMetadata`` would report
+    a missing element as an error, which libvirt also prints)."""
+    metadata = ElementTree.fromstring(dom.XMLDesc(0)).find("metadata")
+    mark = metadata.find(f"{{{PAUSE_NS}}}pause") if metadata is not None else None
+    return mark.get("node") if mark is not None else None
 
 
 def _mark(dom: libvirt.virDomain, owner: str | None) -> None:
