@@ -46,7 +46,7 @@ from support.guestwrites import (
 )
 from support.images import file_sha256
 from support.libvirt_probes import block_job_info, domstate, live_disk_source, live_mirror
-from support.objects import copy_spec
+from support.objects import condition, copy_spec
 from support.paths import STATE
 from support.proxies import TcpProxy, api_server, kubeconfig_through
 from support.vms import VM, wait_guest_writing
@@ -177,7 +177,8 @@ def test_killed_between_pivoting_and_pivot(agent_factory, node, vms, blockcopies
 
     agent_factory(node)
     blockcopies.wait_phase(name, "Pivoted", timeout=60)
-    assert blockcopies.status(name)["verification"]["result"] == "Match"
+    verified = condition(blockcopies.status(name), "Verified")
+    assert verified is not None and verified["reason"] == "Match", verified
     _verify_runs_on(vm, dest, "killed between Pivoting and the pivot")
 
 
