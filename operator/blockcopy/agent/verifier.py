@@ -106,9 +106,10 @@ class Verifier:
                 result = verify.not_verified(spec, str(exc))
             if result.result == verify.MISMATCH:
                 await self.hv.cancel(spec.domain, copy.target)
+                step("cancel")
             elif not result.held:
                 await self.hv.pivot(spec.domain, copy.target)
-            step("pivot")
+                step("pivot")
         finally:
             if ours:
                 await self._resume(spec.domain)
