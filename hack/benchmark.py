@@ -503,11 +503,7 @@ class Bench:
         kubectl("delete", "namespace", self.namespace, "--wait=false")
 
 
-<<<<<<< HEAD
-PARTS = ("latencies", "copy", "scale", "isolation", "verify", "idle")
-=======
-PARTS = ("latencies", "copy", "zeros", "scale", "isolation", "idle")
->>>>>>> main
+PARTS = ("latencies", "copy", "zeros", "scale", "isolation", "verify", "idle")
 
 
 def main() -> int:
