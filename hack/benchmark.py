@@ -31,6 +31,7 @@ import uuid
 import kubernetes
 import libvirt
 
+import bench_verify
 from blockcopy.model.api import GROUP, KIND, NODE_LABEL, PLURAL, VERSION
 from support import vms as testvm
 from support.agents import Agent as AgentProcess
@@ -220,6 +221,8 @@ class Bench:
                **detail) -> None:
         self.results[key] = {"measured": round(measured, 4), "unit": unit, "target": target,
                              "met": ok, **detail}
+
+    pct = staticmethod(pct)
 
     def vm(self, purpose: str, **kw) -> testvm.VM:
         vm = testvm.create_vm(f"bench-{purpose}", **kw)
@@ -474,6 +477,8 @@ class Bench:
             self.scale(agent)
         if "isolation" in wanted:
             self.isolation(agent)
+        if "verify" in wanted:
+            bench_verify.run(self, agent)
         if "idle" in wanted:
             self.idle()
 
@@ -498,7 +503,7 @@ class Bench:
         kubectl("delete", "namespace", self.namespace, "--wait=false")
 
 
-PARTS = ("latencies", "copy", "zeros", "scale", "isolation", "idle")
+PARTS = ("latencies", "copy", "zeros", "scale", "isolation", "verify", "idle")
 
 
 def main() -> int:
@@ -542,7 +547,8 @@ def main() -> int:
         if not isinstance(r, dict) or "measured" not in r:
             continue
         verdict = {True: "met", False: "MISSED", None: ""}[r["met"]]
-        print(f"{key:34} {r['measured']:>10.3f} {r['unit']:<9} {r['target']}  {verdict}")
+        extra = f"  (p50 {r['p50']:.1f}, max {r['max']:.1f}, n={r['n']})" if "p50" in r else ""
+        print(f"{key:34} {r['measured']:>10.3f} {r['unit']:<9} {r['target']}  {verdict}{extra}")
     print("stage latencies (ms):")
     for stage, v in results.get("stages_ms", {}).items():
         print(f"  {stage:30} p50 {v['p50']:>8.1f}  p95 {v['p95']:>8.1f}  max {v['max']:>8.1f}"

@@ -55,9 +55,11 @@ def test_copy_mirror_then_pivot_on_request(agent, vms, blockcopies, core):
 
     blockcopies.patch_spec(name, {"pivot": True})
     _assert_pivoted_onto_copy(blockcopies, name, vm, dest, before)
-    # Exactly one Event per phase change (Event timestamps have 1 s resolution: no order).
+    # Exactly one Event per phase change (Event timestamps have 1 s resolution: no order),
+    # and one for the check at the switch (spec.verify left out: Sample).
     events = blockcopies.events(core, name)
-    phases = sorted(e.message.split(":")[0] for e in events)
+    assert [e.reason for e in events].count("Verified") == 1, [e.reason for e in events]
+    phases = sorted(e.message.split(":")[0] for e in events if e.reason != "Verified")
     assert phases == ["Copying", "Mirrored", "Pivoted", "Pivoting"], phases
     assert {e.type for e in events} == {"Normal"}
     # The agent wrote status only: the spec is exactly what the user wrote.

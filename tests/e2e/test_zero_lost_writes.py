@@ -16,7 +16,8 @@ What each test does to the copy while the guest writes, and how:
   agent adopts it and pivots.
 - test_killed_between_pivoting_and_pivot: FAULT INJECTION (tests/e2e/faulty_agent.py,
   FAULT_KILL_BEFORE_PIVOT=1): the agent dies after storing Pivoting, before asking libvirt to
-  pivot; a new agent finishes the pivot.
+  pivot, with the guest paused for the check at the switch; a new agent resumes the guest
+  and finishes the pivot.
 - test_libvirtd_restart_mid_copy: the shared libvirtd is restarted (SIGTERM, `libvirtd -d`)
   while the job copies; QEMU and its job survive, libvirtd recovers them.
 - test_api_server_down_mid_copy / test_api_server_down_mid_pivot: the agent reaches the API
@@ -45,7 +46,7 @@ from support.guestwrites import (
 )
 from support.images import file_sha256
 from support.libvirt_probes import block_job_info, domstate, live_disk_source, live_mirror
-from support.objects import copy_spec
+from support.objects import condition, copy_spec
 from support.paths import STATE
 from support.proxies import TcpProxy, api_server, kubeconfig_through
 from support.vms import VM, wait_guest_writing
@@ -170,10 +171,14 @@ def test_killed_between_pivoting_and_pivot(agent_factory, node, vms, blockcopies
     assert blockcopies.status(name)["phase"] == "Pivoting"
     assert live_disk_source(vm, "vda") == vm.chain[0]
     assert live_mirror(vm, "vda")["ready"] == "yes"
-    _more_writes(vm)
+    # It died inside the check at the switch (spec.verify: Sample), the guest paused: the
+    # node's next agent resumes it at its start (the pause is marked in the live metadata).
+    assert domstate(vm) == "paused"
 
     agent_factory(node)
     blockcopies.wait_phase(name, "Pivoted", timeout=60)
+    verified = condition(blockcopies.status(name), "Verified")
+    assert verified is not None and verified["reason"] == "Match", verified
     _verify_runs_on(vm, dest, "killed between Pivoting and the pivot")
 
 

@@ -175,3 +175,37 @@ def test_an_os_error_inside_libvirtd_is_a_refusal_not_an_outage(vm, hv, read_onl
     disk = hv.observe(vm.name, "vda")  # the same connection goes on working
     assert (disk.source, disk.mirror, disk.job) == (vm.chain[0], None, None)
     assert os.listdir(read_only_dir) == []
+
+
+def _state(vm) -> int:
+    with libvirt.open(vm.uri) as conn:
+        return conn.lookupByName(vm.name).state()[0]
+
+
+def test_pauses_are_marked_resumed_once_and_never_someone_elses(vm, hv):
+    """The check at the switch's pause: marked in the live metadata, so that the node's next
+    agent resumes a VM its predecessor left paused; a VM paused by anyone else is left alone
+    (not marked, not resumed)."""
+    assert hv.pause(vm.name, "node-a") is True
+    assert _state(vm) == libvirt.VIR_DOMAIN_PAUSED
+    assert 'node="node-a"' in subprocess.run(
+        ["virsh", "-c", vm.uri, "metadata", vm.name, "https://blockcopy.dev/pause/v1"],
+        capture_output=True, text=True, check=True).stdout
+    assert hv.pause(vm.name, "node-a") is True  # ours already (a resume that failed before)
+    hv.resume(vm.name, "node-b")  # another node's agent: not its pause
+    assert _state(vm) == libvirt.VIR_DOMAIN_PAUSED
+    assert hv.resume_left_paused("node-b") == []
+    assert hv.resume_left_paused("node-a") == [vm.name]  # the next agent of node-a
+    assert _state(vm) == libvirt.VIR_DOMAIN_RUNNING
+    assert hv.resume_left_paused("node-a") == []  # the mark is gone
+    # Paused by someone else: the agent checks it as it is and never resumes it.
+    with libvirt.open(vm.uri) as conn:
+        conn.lookupByName(vm.name).suspend()
+    assert hv.pause(vm.name, "node-a") is False
+    hv.resume(vm.name, "node-a")
+    assert hv.resume_left_paused("node-a") == []
+    assert _state(vm) == libvirt.VIR_DOMAIN_PAUSED
+    # QMP stop on the paused VM flushes and leaves it paused; job_progress without a job.
+    hv.flush_images(vm.name)
+    assert _state(vm) == libvirt.VIR_DOMAIN_PAUSED
+    assert hv.job_progress(vm.name, "vda") is None

@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import os
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from blockcopy.model.api import GROUP, KIND, NODE_LABEL, VERSION, Flag
@@ -29,6 +29,7 @@ from blockcopy.model.observation import (
 from blockcopy.model.ports import (
     Capabilities,
     CopyRequest,
+    DataMap,
     DiskSize,
     HypervisorError,
     HypervisorUnavailable,
@@ -90,6 +91,7 @@ class FakeHypervisor:
         self.on_call: dict[str, Callable[[], object]] = {}
         self.closed = False
         self.suspended: set[str] = set()  # domains paused by quiesce
+        self.paused: dict[str, str | None] = {}  # domain -> who paused it (None: not the agent)
 
     # -- test setup and control --------------------------------------------------------
     def add_domain(self, name: str, *, disks: dict[str, str] | None = None,
@@ -275,6 +277,35 @@ class FakeHypervisor:
         await self._enter("unquiesce", domain, how)
         self.suspended.discard(domain)
 
+    async def pause(self, domain: str, owner: str) -> bool:
+        await self._enter("pause", domain, owner)
+        self._domain(domain)
+        if domain in self.paused:
+            return self.paused[domain] == owner
+        self.paused[domain] = owner
+        return True
+
+    async def resume(self, domain: str, owner: str) -> None:
+        await self._enter("resume", domain, owner)
+        if domain in self.paused and self.paused[domain] == owner:
+            del self.paused[domain]
+
+    async def resume_left_paused(self, owner: str) -> list[str]:
+        await self._enter("resume_left_paused", owner)
+        resumed = sorted(d for d, who in self.paused.items() if who == owner)
+        for domain in resumed:
+            del self.paused[domain]
+        return resumed
+
+    async def job_progress(self, domain: str, target: str) -> JobProgress | None:
+        await self._enter("job_progress", domain, target)
+        job = self._domain(domain).disks[target].job
+        return None if job is None else JobProgress(cur=job.cur, end=job.end,
+                                                    bandwidth=job.bandwidth)
+
+    async def flush_images(self, domain: str) -> None:
+        await self._enter("flush_images", domain)
+
     async def close(self) -> None:
         self.closed = True
 
@@ -291,6 +322,35 @@ class FakeImages:
         self.differ: set[str] = set()  # images that do not compare identical to their copy
         self.chains: dict[str, list[str]] = {}  # path -> its backing images (stopped domains)
         self.encrypted: set[str] = set()  # images qemu-img info calls encrypted (LUKS)
+        # The guest views the checks at the switch read (an image not here cannot be read).
+        self.views: dict[str, bytearray] = {}
+        self.read_delay = 0.0  # s each read_blocks takes
+
+    def _view(self, path: str) -> bytearray:
+        if path not in self.views:
+            raise ImageError(f"cannot open {path}: No such file or directory")
+        return self.views[path]
+
+    async def data_map(self, path: str, *, format: str) -> DataMap:
+        self._enter("data_map", path, format)
+        view = self._view(path)
+        return DataMap(size=len(view), data=((0, len(view)),))
+
+    async def read_blocks(self, path: str, *, format: str, offsets: Sequence[int],
+                          length: int) -> list[bytes]:
+        self._enter("read_blocks", path, format, len(offsets))
+        await asyncio.sleep(self.read_delay)
+        view = self._view(path)
+        return [bytes(view[off:off + length]) for off in offsets]
+
+    async def compare_in_use(self, a: str, b: str, *, format_a: str, format_b: str,
+                             timeout: float) -> str | None:
+        self._enter("compare_in_use", a, b, timeout)
+        va, vb = self._view(a), self._view(b)
+        first = next((i for i, (x, y) in enumerate(zip(va, vb, strict=False)) if x != y), None)
+        if first is None and len(va) == len(vb):
+            return None
+        return f"Content mismatch at offset {first if first is not None else len(va)}!"
 
     def _enter(self, verb: str, *args: Any) -> None:
         self.calls.append((verb, args))

@@ -13,8 +13,8 @@ import blockcopy
 PACKAGE = Path(blockcopy.__file__).parent
 PURE = ("model", "core")
 # What pure code may import: data structures, text, arithmetic, pure path and XML parsing.
-PURE_STDLIB = {"__future__", "collections", "collections.abc", "dataclasses", "datetime",
-               "enum", "fnmatch", "math", "posixpath", "typing", "urllib.parse",
+PURE_STDLIB = {"__future__", "bisect", "collections", "collections.abc", "dataclasses", "datetime",
+               "enum", "fnmatch", "hashlib", "math", "posixpath", "typing", "urllib.parse",
                "xml.etree.ElementTree", "xml.sax.saxutils"}
 MAX_LINES = 400
 

@@ -9,7 +9,8 @@ import celpy
 import pytest
 import yaml
 
-from blockcopy.model.api import GROUP, IMMUTABLE_FIELDS, KIND, PLURAL, VERSION, Flag, Phase
+from blockcopy.core import verify
+from blockcopy.model.api import GROUP, IMMUTABLE_FIELDS, KIND, PLURAL, VERSION, Flag, Phase, Verify
 
 CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "crds" / "blockcopy.yaml").read_text())
 SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
@@ -57,8 +58,14 @@ def test_schema_matches_the_code():
     written = {"phase", "cur", "end", "progress", "bandwidth", "nodeName", "source", "target",
                "format", "flags", "startedSpec", "startTime", "mirroredTime", "completionTime",
                "message", "observedGeneration", "conditions", "kopf", "rate", "eta", "plan",
-               "layers", "createdFiles", "group"}
+               "layers", "createdFiles", "group", "verification"}
     assert written <= set(STATUS["properties"])
+    assert SPEC["properties"]["verify"]["enum"] == [v.value for v in Verify]
+    verification = STATUS["properties"]["verification"]["properties"]
+    assert set(verification) == {"method", "result", "samples", "blockSize", "mismatches",
+                                 "firstMismatch", "pauseMs", "time", "message"}
+    assert verification["result"]["enum"] == [verify.MATCH, verify.MISMATCH,
+                                              verify.NOT_VERIFIED]
 
 
 RULES = [(r["rule"], r["message"]) for r in SCHEMA["x-kubernetes-validations"]]

@@ -5,6 +5,9 @@ start): such an image is marked ``chain_known`` False for the caller to read its
 
 from __future__ import annotations
 
+from xml.etree import ElementTree
+from xml.sax.saxutils import quoteattr
+
 import libvirt
 
 from blockcopy.core.domainxml import parse_disks, tenant_of
@@ -46,3 +49,61 @@ def volume_path(conn: libvirt.virConnect, volume: tuple[str, str] | None) -> str
                    .storageVolLookupByName(volume[1]).path())
     except libvirt.libvirtError:
         return None
+
+
+# -- pauses of the check at the switch (Hypervisor.pause, resume, resume_left_paused) -----
+# The mark a pausing agent leaves in the domain's live metadata: <blockcopy:pause node=N/>.
+PAUSE_NS = "https://blockcopy.dev/pause/v1"
+
+
+def _pause_owner(dom: libvirt.virDomain) -> str | None:
+    """The node named by the mark, from the live XML (``virDomainGetMetadata`` would report
+    a missing element as an error, which libvirt also prints)."""
+    metadata = ElementTree.fromstring(dom.XMLDesc(0)).find("metadata")
+    mark = metadata.find(f"{{{PAUSE_NS}}}pause") if metadata is not None else None
+    return mark.get("node") if mark is not None else None
+
+
+def _mark(dom: libvirt.virDomain, owner: str | None) -> None:
+    xml = None if owner is None else f"<pause node={quoteattr(owner)}/>"
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, "blockcopy" if xml else None,
+                    PAUSE_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+def _paused(dom: libvirt.virDomain) -> bool:
+    return bool(dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED)
+
+
+def pause(dom: libvirt.virDomain, owner: str) -> bool:
+    """Suspend ``dom``, marked first (an agent that dies between the two leaves a mark on
+    a running VM: its next start drops it). False: paused by someone else, left alone."""
+    if _paused(dom):
+        return _pause_owner(dom) == owner  # ours: a resume that failed before
+    _mark(dom, owner)
+    dom.suspend()
+    return True
+
+
+def resume(dom: libvirt.virDomain, owner: str) -> None:
+    if _pause_owner(dom) != owner:
+        return  # not ours to resume
+    try:
+        dom.resume()  # first: the guest waits; the mark goes after
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # not paused
+            raise
+    _mark(dom, None)
+
+
+def resume_left_paused(conn: libvirt.virConnect, owner: str) -> list[str]:
+    resumed = []
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        try:
+            if _pause_owner(dom) == owner:
+                if _paused(dom):
+                    resumed.append(dom.name())
+                resume(dom, owner)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+    return resumed

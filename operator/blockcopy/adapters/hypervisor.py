@@ -335,6 +335,27 @@ class LibvirtHypervisor:
                 dom.resume()
         await self._in_thread(undo)
 
+    async def pause(self, domain: str, owner: str) -> bool:
+        return await self._in_thread(lambda: domains.pause(self._domain(domain), owner))
+
+    async def resume(self, domain: str, owner: str) -> None:
+        await self._in_thread(lambda: domains.resume(self._domain(domain), owner))
+
+    async def resume_left_paused(self, owner: str) -> list[str]:
+        return await self._in_thread(
+            lambda: domains.resume_left_paused(self._connection(), owner))
+
+    async def job_progress(self, domain: str, target: str) -> JobProgress | None:
+        def look() -> JobProgress | None:
+            info = self._domain(domain).blockJobInfo(
+                target, libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
+            return JobProgress(cur=int(info.get("cur", 0)), end=int(info.get("end", 0)),
+                               bandwidth=int(info.get("bandwidth", 0))) if info else None
+        return await self._in_thread(look)
+
+    async def flush_images(self, domain: str) -> None:
+        await self._in_thread(lambda: monitor.flush_images(self._domain(domain)))
+
     async def image_users(self) -> list[ImageUser]:
         return await self._in_thread(lambda: domains.image_users(self._connection()))
 

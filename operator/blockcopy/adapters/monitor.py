@@ -56,3 +56,9 @@ def set_zero_detection(dom: libvirt.virDomain, target: str, *, on: bool, mirror:
     if (node.get("detect_zeroes") == "unmap") != on:
         raise HypervisorError(f"zero detection: QEMU shows detect_zeroes "
                               f"{node.get('detect_zeroes')!r} on {options['node-name']}")
+
+
+def flush_images(dom: libvirt.virDomain) -> None:
+    """QMP ``stop`` on the paused VM: QEMU stops it (already stopped: nothing changes for the
+    guest or libvirt) and flushes every block node, the qcow2 metadata caches included."""
+    qmp(dom, "stop")

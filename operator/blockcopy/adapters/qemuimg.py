@@ -1,8 +1,9 @@
 """qemu-img, for the images the agent prepares itself (``ports.Images``): a destination
 rebased onto a deeper base, the placeholders and lower images of a chain move, the size of
-an NBD export. Each call is one qemu-img process; none uses -U (force-share), which would hide
-a concurrent writer: these images are either the agent's own or backing images that QEMU
-opens read-only and shares for reading."""
+an NBD export. Each call is one qemu-img process; none that writes uses -U (force-share),
+which would hide a concurrent writer: these images are either the agent's own or backing
+images that QEMU opens read-only and shares for reading. The checks at the switch read the
+images in use without locks (-U, file.locking=off, ``adapters.imageread``) and write nothing."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Sequence
 
-from blockcopy.model.ports import ImageError, ImageInfo
+from blockcopy.adapters import imageread
+from blockcopy.model.ports import DataMap, ImageError, ImageInfo
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +90,46 @@ class QemuImg:
         data = json.loads(await _run("info", "--output=json", "-f", "raw", uri,
                                      timeout=NBD_PROBE_TIMEOUT))
         return int(data["virtual-size"])
+
+    async def data_map(self, path: str, *, format: str) -> DataMap:
+        entries = json.loads(await _run("map", "-U", "--output=json", "-f", format, path,
+                                        timeout=60.0))
+        size = max((int(e["start"]) + int(e["length"]) for e in entries), default=0)
+        return DataMap(size=size, data=tuple(
+            (int(e["start"]), int(e["length"])) for e in entries
+            if e.get("data") and not e.get("zero")))
+
+    async def read_blocks(self, path: str, *, format: str, offsets: Sequence[int],
+                          length: int) -> list[bytes]:
+        return await asyncio.to_thread(imageread.read_blocks, path, format, offsets, length)
+
+    async def compare_in_use(self, a: str, b: str, *, format_a: str, format_b: str,
+                             timeout: float) -> str | None:
+        # The mirror keeps its target locked (and QEMU its source): read both without locks.
+        opts = [f"driver={fmt},file.driver={_protocol(path)},file.filename={_opt(path)},"
+                "file.locking=off" for path, fmt in ((a, format_a), (b, format_b))]
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-img", "compare", "--image-opts", *opts, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise ImageError(f"qemu-img compare took more than {timeout:g} s") from None
+        text = (out + err).decode(errors="replace").strip()
+        if proc.returncode == 0:
+            return None
+        if proc.returncode == 1:
+            return text or "the images differ"
+        raise ImageError(f"qemu-img compare failed: {text}")
+
+
+def _protocol(path: str) -> str:
+    return "host_device" if path.startswith("/dev/") else "file"
+
+
+def _opt(path: str) -> str:
+    """A path as a value of --image-opts (a comma is written twice)."""
+    return path.replace(",", ",,")
+

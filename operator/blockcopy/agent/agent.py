@@ -18,6 +18,7 @@ from blockcopy.agent.groups import Groups, key_of
 from blockcopy.agent.loop import StopSignal
 from blockcopy.agent.recorder import Clock, Recorder, phase_of, utc_now
 from blockcopy.agent.starter import StartSettings
+from blockcopy.agent.verifier import Verifier
 from blockcopy.core import reconcile
 from blockcopy.core.pace import DEFAULT_BUDGET
 from blockcopy.core.policy import Policy
@@ -32,7 +33,16 @@ from blockcopy.model.api import (
     parse_running_spec,
 )
 from blockcopy.model.observation import JobEvent
-from blockcopy.model.ports import NULL_METRICS, Files, Hypervisor, Images, Kube, Metrics, ObjectRef
+from blockcopy.model.ports import (
+    NULL_METRICS,
+    Files,
+    Hypervisor,
+    HypervisorError,
+    Images,
+    Kube,
+    Metrics,
+    ObjectRef,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +84,7 @@ class Agent:
                                        poll_interval=config.poll_interval)
         self.followers: dict[tuple[str, str], Follower] = {}
         self.slots = CopySlots(config.max_active_copies, on_change=self._wake_queued)
+        self.verifier = Verifier(hv, images, owner=config.node_name)
         self.groups = Groups(hv, lambda: list(self.followers.values()), kube=kube, clock=clock)
         self._start_lock = asyncio.Lock()  # starts are serialized: one job per disk
         self._claimer_task: asyncio.Task[None] | None = None
@@ -82,6 +93,19 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------------
     def start_claiming(self) -> None:
         self._claimer_task = asyncio.create_task(self.claimer.run(), name="claimer")
+
+    async def resume_left_paused(self) -> list[str]:
+        """Resume the VMs this node's previous agent paused for a check at the switch and
+        did not resume (it died meanwhile); never one paused by anyone else."""
+        try:
+            resumed = await self.hv.resume_left_paused(self.config.node_name)
+        except HypervisorError as exc:
+            log.error("cannot look for VMs a previous agent left paused: %s", exc)
+            return []
+        for name in resumed:
+            log.warning("resumed VM %s: a previous agent of this node paused it for the check "
+                        "at the switch and did not resume it", name)
+        return resumed
 
     async def stop(self) -> None:
         if self._claimer_task is not None:
@@ -141,7 +165,8 @@ class Agent:
                             settings=self.settings,
                             slots=self.slots, groups=self.groups,
                             recorder=self.recorder.for_object(ref, body.get("status")),
-                            start_lock=self._start_lock, job_holder=self._job_holder)
+                            start_lock=self._start_lock, job_holder=self._job_holder,
+                            verifier=self.verifier)
         self.followers[key] = follower
         try:
             await follower.run(stop)

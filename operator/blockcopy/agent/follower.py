@@ -21,7 +21,8 @@ from blockcopy.agent.loop import FollowLoop, Step, StopSignal
 from blockcopy.agent.recorder import ObjectRecorder
 from blockcopy.agent.retries import Retries
 from blockcopy.agent.starter import Starter, StartSettings
-from blockcopy.core import convergence, destinations, gates, reconcile, status, zeroes
+from blockcopy.agent.verifier import Copy, Verifier
+from blockcopy.core import convergence, destinations, gates, reconcile, status, verify, zeroes
 from blockcopy.core.progress import Estimate, ProgressWindow
 from blockcopy.core.reconcile import Action, Decision
 from blockcopy.core.slots import CopySlots
@@ -76,13 +77,14 @@ class Follower:
     def __init__(self, body: Mapping[str, Any], *, hv: Hypervisor, images: Images,
                  files: Files, recorder: ObjectRecorder, settings: FollowSettings,
                  start_lock: asyncio.Lock, slots: CopySlots, groups: Groups,
-                 job_holder: Callable[[Follower], str | None]):
+                 job_holder: Callable[[Follower], str | None], verifier: Verifier):
         self.body, self.hv, self.images, self.recorder = body, hv, images, recorder
         self.settings, self.slots, self.groups = settings, slots, groups
         self.starter = Starter(hv=hv, images=images, files=files, settings=settings.start,
                                namespace=recorder.ref.namespace, status=lambda: recorder.status,
                                now=lambda: status.timestamp(recorder.agent.clock()))
         self.assist = ConvergenceAssist(hv)
+        self.verifier = verifier
         self.layers: LayerCopies | NoLayerCopies = NO_LAYER_COPIES
         self.retries = Retries(recorder)
         self.window = ProgressWindow()  # rate, time left, convergence
@@ -226,8 +228,8 @@ class Follower:
         if intact and intact[0]["status"] == "False" and not destinations.was_held(
                 self.recorder.status.get("conditions"), intact[0]["reason"]):
             self.recorder.event("Warning", intact[0]["reason"], intact[0]["message"])
-        conditions = [*conditions, *intact]
         previous = self.recorder.status.get("conditions")
+        conditions = [*conditions, *intact, *verify.kept(previous)]
         progress = convergence.progress(decision.phase, has_job=seen.disk.job is not None,
                                         estimate=seen.estimate, previous=previous)
         fields = dict(progress.fields)
@@ -265,7 +267,7 @@ class Follower:
             await self.recorder.record(decision, disk=disk, generation=self.generation,
                                        extra=outcome.conditions, intent=True, spec=spec)
         try:
-            await self._act(spec, disk, decision)
+            checked = await self._act(spec, disk, decision)
         except HypervisorUnavailable:
             raise
         except HypervisorError as exc:
@@ -273,16 +275,40 @@ class Follower:
             outcome.decision, outcome.refused = reconcile.refused(decision, current, str(exc)), \
                 True
             return outcome
+        if checked is not None and self._record_check(outcome, checked):
+            return outcome
         self.retries.acted()
         return outcome
 
-    async def _act(self, spec: BlockCopySpec, disk: DiskState, decision: Decision) -> None:
+    def _record_check(self, outcome: Outcome, result: verify.Result) -> bool:
+        """The check at the switch: its condition, status field and Event; the decision a
+        held pivot turns into (Failed on a mismatch, Mirrored while a check asked for
+        cannot be made: True, retried on the refusal back-off)."""
+        outcome.decision = verify.decision(result, outcome.decision)
+        outcome.conditions = [*(c for c in outcome.conditions
+                                if c.get("type") != verify.VERIFIED), verify.condition(result)]
+        outcome.fields = {**(outcome.fields or {}), "verification": verify.status_field(
+            result, status.timestamp(self.recorder.agent.clock()))}
+        event = verify.event(result)
+        if event is not None:
+            self.recorder.event(*event)
+        if result.reason == "NotVerifiable":
+            self.retries.refused()
+            outcome.refused = True
+        return outcome.refused
+
+    async def _act(self, spec: BlockCopySpec, disk: DiskState, decision: Decision
+                   ) -> verify.Result | None:
+        """Act on the decision; a pivot returns its check at the switch."""
         target = disk.target or spec.disk
         match decision.action:
             case Action.PIVOT:
                 self.recorder.pivot_issued = asyncio.get_running_loop().time()
-                await self.hv.pivot(spec.domain, target)
-                await self._zero_detection_back(spec.domain, target)
+                checked = await self.verifier.pivot(Copy(
+                    spec, disk, target, self.recorder.status.get("format")))
+                if not checked.held:
+                    await self.starter.zero_detection_back(spec.domain, target)
+                return checked
             case Action.ABORT:
                 group = key_of(self.body)
                 if group is not None and decision.reason != "LayerCopyFailed":
@@ -296,22 +322,12 @@ class Follower:
                         spec.domain, target, spec.bandwidth))
                 else:
                     await self.hv.set_bandwidth(spec.domain, target, spec.bandwidth)
+        return None
 
     def _throttled_for_zeroes(self, spec: BlockCopySpec, disk: DiskState) -> bool:
         return spec.detect_zeroes and disk.job is not None and \
             disk.job.bandwidth == zeroes.THROTTLE != spec.bandwidth and \
             self.recorder.status.get("zeroDetection") != "unmap"
-
-    async def _zero_detection_back(self, domain: str, target: str) -> None:
-        """The pivoted disk behaves as its XML says again (guest discards and zero writes as
-        libvirt configured them); best effort: the data is right either way."""
-        if self.recorder.status.get("zeroDetection") != "unmap":
-            return
-        try:
-            await self.hv.set_zero_detection(domain, target, on=False, mirror=False)
-        except HypervisorError as exc:
-            log.warning("%s/%s: zero detection stays on the pivoted disk: %s",
-                        *self.recorder.key, exc)
 
     # -- observing ------------------------------------------------------------------------
     async def _observe_disk(self, spec: BlockCopySpec) -> DiskState:

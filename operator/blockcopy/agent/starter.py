@@ -301,6 +301,17 @@ class Starter:
         await self.hv.set_bandwidth(domain, target, bandwidth)
         return outcome
 
+    async def zero_detection_back(self, domain: str, target: str) -> None:
+        """The pivoted disk behaves as its XML says again (guest discards and zero writes as
+        libvirt configured them); best effort: the data is right either way."""
+        if self._status().get("zeroDetection") != "unmap":
+            return
+        try:
+            await self.hv.set_zero_detection(domain, target, on=False, mirror=False)
+        except HypervisorError as exc:
+            log.warning("%s: zero detection stays on the pivoted disk %s: %s", domain, target,
+                        exc)
+
     async def dest_identity(self, spec: BlockCopySpec) -> FileIdentity | None:
         """What the destination is now (None for a network destination or when it cannot be
         looked at: then the pivot checks only that something is there)."""

@@ -129,7 +129,7 @@ def build_status(
         k: previous[k] for k in ("cur", "end", "bandwidth", "source", "target", "format", "flags",
                                  "startedSpec", "startTime", "mirroredTime", "completionTime",
                                  "plan", "layers", "createdFiles", "group", "copyMode",
-                                 "destIdentity", "zeroDetection")
+                                 "destIdentity", "zeroDetection", "verification")
         if k in previous
     }
     status.update(started or {})

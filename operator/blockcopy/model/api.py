@@ -8,7 +8,7 @@ import math
 import posixpath
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 GROUP = "blockcopy.dev"
 VERSION = "v1alpha1"
@@ -101,6 +101,10 @@ def parse_running_spec(raw_spec: Mapping[str, Any], started: Mapping[str, Any] |
     for field in ("pivot", "abort"):
         if not isinstance(raw.get(field, False), bool):
             raw[field] = False
+    try:
+        _choice(raw, "verify", Verify)
+    except SpecError:
+        raw.pop("verify", None)  # the default (Sample) until a valid value is set
     return parse_spec(raw), problems
 
 
@@ -117,6 +121,14 @@ class Convergence(enum.StrEnum):
     """spec.convergence: what the agent may do about a copy that does not converge."""
 
     AUTO = "auto"  # switch the running mirror to write-blocking (QEMU >= 8.2)
+
+
+class Verify(enum.StrEnum):
+    """spec.verify: what the agent checks of the copy at the switch, the guest paused."""
+
+    NONE = "None"  # nothing: the pivot goes on as soon as libvirt says ready
+    SAMPLE = "Sample"  # 1,024 blocks of the guest's view, source against destination
+    FULL = "Full"  # every block (qemu-img compare): a pause of seconds per GiB
 
 
 class BackingChain(enum.StrEnum):
@@ -205,6 +217,9 @@ class BlockCopySpec:
     pivot: bool = False
     abort: bool = False
     detect_zeroes: bool = True  # zeros the guest wrote are not copied as data
+    # None (absent): Sample, but a copy that cannot be checked still pivots (NotVerified);
+    # asked for explicitly, a check that cannot be made holds the pivot (NotVerifiable).
+    verify: Verify | None = None
 
 
 # Binary and decimal suffixes of Kubernetes quantities, for byte rates.
@@ -279,15 +294,16 @@ def _bool(raw: Mapping[str, Any], key: str, *, default: bool = False) -> bool:
     return value
 
 
-def _convergence(raw: Mapping[str, Any]) -> Convergence | None:
-    value = _string(raw, "convergence")
-    if value is None:
-        return None
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def _choice(raw: Mapping[str, Any], key: str, kind: type[E]) -> E | None:
+    value = _string(raw, key)
     try:
-        return Convergence(value)
+        return None if value is None else kind(value)
     except ValueError:
-        raise SpecError(f"spec.convergence {value!r}: the only value is "
-                        f"{Convergence.AUTO.value!r}") from None
+        raise SpecError(f"spec.{key} {value!r}: the values are "
+                        f"{', '.join(repr(v.value) for v in kind)}") from None
 
 
 def parse_spec(raw: Any) -> BlockCopySpec:
@@ -362,7 +378,7 @@ def parse_spec(raw: Any) -> BlockCopySpec:
         network=network,
         backing_chain=backing_chain,
         group=_string(raw, "group"),
-        convergence=_convergence(raw),
+        convergence=_choice(raw, "convergence", Convergence),
         node_name=_string(raw, "nodeName"),
         format=fmt,
         base=base,
@@ -374,4 +390,5 @@ def parse_spec(raw: Any) -> BlockCopySpec:
         pivot=_bool(raw, "pivot"),
         detect_zeroes=_bool(raw, "detectZeroes", default=True),
         abort=_bool(raw, "abort"),
+        verify=_choice(raw, "verify", Verify),
     )

@@ -12,7 +12,19 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from blockcopy.model.api import BlockCopySpec, Flag, NetworkDest
-from blockcopy.model.observation import DiskState, FileIdentity, ImageUser, JobEvent
+
+# The image Protocol and its data live in model.images; re-exported here.
+from blockcopy.model.images import DataMap as DataMap
+from blockcopy.model.images import ImageError as ImageError
+from blockcopy.model.images import ImageInfo as ImageInfo
+from blockcopy.model.images import Images as Images
+from blockcopy.model.observation import (
+    DiskState,
+    FileIdentity,
+    ImageUser,
+    JobEvent,
+    JobProgress,
+)
 
 # ------------------------------------------------------------------ hypervisor
 
@@ -94,6 +106,25 @@ class Hypervisor(Protocol):
         """Switch a running mirror's copy mode (``write-blocking``); QEMU >= 8.2 only, through
         libvirt's QEMU monitor passthrough (libvirt has no API for it)."""
 
+    async def pause(self, domain: str, owner: str) -> bool:
+        """Suspend the VM, marked in its live metadata as paused by ``owner`` (this node's
+        agent: a VM it left paused is resumed by its next start). False when the VM was
+        already paused by someone else (then it is left to them: not marked, never
+        resumed)."""
+
+    async def resume(self, domain: str, owner: str) -> None:
+        """Resume a VM ``owner`` paused (and drop the mark); nothing for any other."""
+
+    async def resume_left_paused(self, owner: str) -> list[str]:
+        """Resume every VM ``owner`` paused and did not resume (its agent died): their
+        names."""
+
+    async def job_progress(self, domain: str, target: str) -> JobProgress | None:
+        """The disk's block job's cur/end now (None: no job), without the XML."""
+
+    async def flush_images(self, domain: str) -> None:
+        """Have QEMU write every image's cached metadata out (a paused VM stays paused)."""
+
     async def quiesce(self, domain: str) -> str:
         """Hold the guest's disks still: freeze its file systems through its guest agent
         ("frozen"), or, without an agent that answers, suspend the VM ("suspended")."""
@@ -137,52 +168,6 @@ class Capabilities:
 class DiskSize:
     capacity: int  # the guest-visible size in bytes
     allocation: int  # bytes the active image occupies on its storage
-
-
-# ------------------------------------------------------------------ images (qemu-img)
-
-
-class ImageError(Exception):
-    """qemu-img failed; ``str()`` is its message."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageInfo:
-    format: str
-    virtual_size: int
-    actual_size: int  # bytes allocated on the storage
-    backing: str | None = None  # as recorded in the image (may be relative)
-    encrypted: bool = False  # LUKS (qcow2 with encryption, or a raw LUKS container)
-
-
-class Images(Protocol):
-    """What the agent asks of qemu-img, for the images it prepares itself (a destination
-    rebased onto a deeper base, the lower images of a chain move). Never on an image that
-    QEMU may write: those are read by libvirt's block job only."""
-
-    async def info(self, path: str) -> ImageInfo: ...
-
-    async def create(self, path: str, *, format: str, size: int, backing: str | None = None,
-                     backing_format: str | None = None) -> None:
-        """A new image; ``backing`` as written into it (relative to its directory, or
-        absolute)."""
-
-    async def rebase(self, path: str, *, backing: str, backing_format: str) -> None:
-        """Safe rebase: writes into ``path`` what differs between its old and new backing."""
-
-    async def copy_layer(self, source: str, dest: str, *, format: str,
-                         backing: str | None = None, backing_format: str | None = None) -> None:
-        """Copy one layer's own data into the existing ``dest`` (qemu-img convert -n -B)."""
-
-    async def identical(self, a: str, b: str, *, format: str) -> str | None:
-        """None when both images' guest views are identical, else why not."""
-
-    async def export_size(self, uri: str) -> int:
-        """The size of a network export (an NBD URI)."""
-
-    async def backing_chain(self, path: str) -> list[str]:
-        """The backing images of ``path``, nearest first, as resolved paths (read shared:
-        the image may be open by a running QEMU)."""
 
 
 # ------------------------------------------------------------------ the node's file system

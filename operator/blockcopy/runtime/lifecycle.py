@@ -69,6 +69,7 @@ async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, logger: Logger
     agent = memo.agent = Agent(config, kube=KubeClient(), hv=hv, images=QemuImg(),
                                files=LocalFiles(), metrics=prometheus)
     configure_kopf(settings, selector=agent.own_selector)
+    await agent.resume_left_paused()
     agent.start_claiming()
     if config.liveness_port:
         # Bound before "agent ready" is logged: whoever reads that line may probe at once.

@@ -1,0 +1,123 @@
+"""Issue T, item 5: the copy verified at the switch (spec.verify), on real parts (API server,
+libvirtd, QEMU, the agent as a process), with a writing guest (support.guestwrites: every
+write it acknowledged must be on the image it ends on).
+
+- test_the_default_check_pivots_with_every_write: spec.verify left out (Sample): the guest
+  is paused, 1,024 blocks compared, pivoted; status.verification says Match, with the pause.
+- test_a_destination_changed_behind_qemus_back_is_caught: 8 MiB of the (raw) destination
+  overwritten by another process while Mirrored (a destination that lies): no pivot, Failed
+  VerifyMismatch, the VM on its source with every write.
+- test_verify_none_pivots_unchecked / test_full_on_raw_pivots: the two other values.
+"""
+
+from __future__ import annotations
+
+import os
+
+from support.guestwrites import Verified, last_acknowledged, paused, verify
+from support.libvirt_probes import domstate, live_disk_source, live_mirror
+from support.objects import condition, copy_spec
+from support.vms import VM, wait_guest_writing
+from support.waits import events_of, wait_for
+
+DISK = {"size": "128M", "data_per_layer": "8M"}  # 16 MiB of layer data, writes beyond
+SLOTS = 64
+MiB = 1 << 20
+
+
+def _writing_vm(vms) -> VM:
+    vm = vms(guest_writes=True, write_slots=SLOTS, **DISK)
+    wait_guest_writing(vm)
+    _more_writes(vm, 20)
+    return vm
+
+
+def _more_writes(vm: VM, n: int = 10, timeout: float = 90) -> int:
+    target = last_acknowledged(vm) + n
+    return wait_for(lambda: (seq := last_acknowledged(vm)) >= target and seq, timeout,
+                    interval=0.3, what=f"{n} more acknowledged guest writes")
+
+
+def _runs_on(vm: VM, image: str, scenario: str) -> Verified:
+    """The VM runs on ``image`` without a job and writes on; paused, every acknowledged write
+    is there."""
+    assert domstate(vm) == "running"  # resumed after the check
+    assert live_disk_source(vm, "vda") == image
+    assert live_mirror(vm, "vda") is None
+    _more_writes(vm)
+    with paused(vm):
+        result = verify(vm, image)
+    print(f"VERIFY [{scenario}]: {result}")
+    assert result.writes > 0
+    return result
+
+
+def test_the_default_check_pivots_with_every_write(agent, vms, blockcopies, core):
+    vm = _writing_vm(vms)
+    dest = os.path.join(vm.workdir, "copy.qcow2")
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, pivot=True))
+    status = blockcopies.wait_phase(name, "Pivoted", "Failed", timeout=180)
+    assert status["phase"] == "Pivoted", status
+    check = status["verification"]
+    assert check["method"] == "Sample" and check["result"] == "Match", check
+    assert check["samples"] == 1024 and check["blockSize"] == 4096 and check["mismatches"] == 0
+    print(f"VERIFY [default]: guest paused {check['pauseMs']} ms for 1024 blocks")
+    assert 0 < check["pauseMs"] < 5000
+    verified = condition(status, "Verified")
+    assert verified is not None and verified["status"] == "True", status["conditions"]
+    events = wait_for(events_of(blockcopies, core, name, "Verified", type="Normal"), 15)
+    assert "1024 sampled blocks" in events[0].message
+    _runs_on(vm, dest, "default check")
+
+
+def test_a_destination_changed_behind_qemus_back_is_caught(agent, vms, blockcopies, core):
+    vm = _writing_vm(vms)
+    dest = os.path.join(vm.workdir, "copy.raw")
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, format="raw"))
+    blockcopies.wait_phase(name, "Mirrored", timeout=180)
+    # The layers' data is at [0, 16 MiB): 8 MiB of it garbled on the destination, by another
+    # process, without QEMU knowing (a device that drops or misplaces writes).
+    with open(dest, "r+b") as f:
+        f.seek(4 * MiB)
+        f.write(os.urandom(8 * MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    _more_writes(vm)
+    blockcopies.patch_spec(name, {"pivot": True})
+    status = blockcopies.wait_phase(name, "Failed", "Pivoted", timeout=120)
+    assert status["phase"] == "Failed", status
+    failed = condition(status, "Failed")
+    assert failed is not None and failed["reason"] == "VerifyMismatch", status["conditions"]
+    check = status["verification"]
+    assert check["result"] == "Mismatch" and check["mismatches"] > 100, check
+    assert 4 * MiB <= check["firstMismatch"] < 12 * MiB, check
+    assert condition(status, "Verified")["reason"] == "VerifyMismatch"
+    wait_for(events_of(blockcopies, core, name, "VerifyMismatch", type="Warning"), 15)
+    _runs_on(vm, vm.chain[0], "mismatch: stays on the source")
+
+
+def test_verify_none_pivots_unchecked(agent, vms, blockcopies):
+    vm = _writing_vm(vms)
+    dest = os.path.join(vm.workdir, "copy.qcow2")
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, pivot=True,
+                                        verify="None"))
+    status = blockcopies.wait_phase(name, "Pivoted", "Failed", timeout=180)
+    assert status["phase"] == "Pivoted", status
+    assert status["verification"]["result"] == "NotVerified"
+    assert condition(status, "Verified")["reason"] == "NotAsked"
+    _runs_on(vm, dest, "verify None")
+
+
+def test_full_on_raw_pivots(agent, vms, blockcopies):
+    vm = _writing_vm(vms)
+    dest = os.path.join(vm.workdir, "copy.raw")
+    name = blockcopies.create(copy_spec(vm, node=agent.node, dest=dest, format="raw",
+                                        pivot=True, verify="Full"))
+    status = blockcopies.wait_phase(name, "Pivoted", "Failed", "Mirrored", timeout=180)
+    if status["phase"] == "Mirrored":  # pivot=True: a Mirrored object only passes through
+        status = blockcopies.wait_phase(name, "Pivoted", "Failed", timeout=120)
+    assert status["phase"] == "Pivoted", status
+    check = status["verification"]
+    assert check["method"] == "Full" and check["result"] == "Match", check
+    print(f"VERIFY [Full, 128 MiB]: guest paused {check['pauseMs']} ms")
+    _runs_on(vm, dest, "Full on raw")
