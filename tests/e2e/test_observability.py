@@ -81,10 +81,10 @@ def test_a_deleted_copy_leaves_no_series_behind(agent_factory, node, vms, blockc
     blockcopies.wait_phase(name, "Copying")
 
     def per_copy(samples) -> list[tuple[str, tuple]]:
-        return [key for key in samples if ("name", name) in key[1]]
+        return [key for key in samples if ("blockcopy_name", name) in key[1]]
 
     during = wait_for(lambda: (s := _scrape(port)) and per_copy(s) and s, 60,
-                      what="the copy's own series (rate, time left)")
+                      what="the copy's own series (bytes, time left)")
     assert _value(during, "blockcopy_objects", phase="Copying") == 1
     blockcopies.delete(name)
     wait_for(gone(blockcopies, name), 60, what="the object to go (its job cancelled)")

@@ -32,7 +32,16 @@ from blockcopy.model.api import (
     parse_running_spec,
 )
 from blockcopy.model.observation import JobEvent
-from blockcopy.model.ports import NULL_METRICS, Files, Hypervisor, Images, Kube, Metrics, ObjectRef
+from blockcopy.model.ports import (
+    NULL_METRICS,
+    Files,
+    Hypervisor,
+    HypervisorError,
+    Images,
+    Kube,
+    Metrics,
+    ObjectRef,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,7 @@ class AgentConfig:
     progress_budget: float = DEFAULT_BUDGET  # progress refreshes per second, all objects
     poll_interval: float = 5.0  # fallback look when no libvirt event arrives
     claim_interval: float = 30.0  # re-check of unclaimed objects
+    libvirt_check_interval: float = 15.0  # blockcopy_libvirt_up, even with no copy running
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
     # Who may copy what (none: anyone, within the allowed roots).
     policy: Policy = dataclasses.field(default_factory=Policy)
@@ -77,17 +87,32 @@ class Agent:
         self.groups = Groups(hv, lambda: list(self.followers.values()), kube=kube, clock=clock)
         self._start_lock = asyncio.Lock()  # starts are serialized: one job per disk
         self._claimer_task: asyncio.Task[None] | None = None
+        self._libvirt_task: asyncio.Task[None] | None = None
         hv.add_listener(self._on_job_event)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start_claiming(self) -> None:
         self._claimer_task = asyncio.create_task(self.claimer.run(), name="claimer")
+        self._libvirt_task = asyncio.create_task(self.check_libvirt(), name="libvirt-check")
+
+    async def check_libvirt(self) -> None:
+        """Whether libvirtd answers, every libvirt_check_interval, for blockcopy_libvirt_up:
+        the follow loops report it too, but only while they have a copy to follow."""
+        while True:
+            try:
+                await self.hv.version()
+                self.recorder.metrics.libvirt_up(True)
+            except HypervisorError as exc:
+                log.debug("libvirt check failed: %s", exc)
+                self.recorder.metrics.libvirt_up(False)
+            await asyncio.sleep(self.config.libvirt_check_interval)
 
     async def stop(self) -> None:
-        if self._claimer_task is not None:
-            self._claimer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._claimer_task
+        for task in (self._claimer_task, self._libvirt_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.recorder.drain()
         await self.hv.close()
 
