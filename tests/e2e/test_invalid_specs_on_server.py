@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import kubernetes
@@ -15,8 +16,32 @@ import pytest
 import yaml
 
 from blockcopy.model.api import GROUP, KIND, PLURAL, VERSION
+from support import isolation
 from support.invalid_specs import INVALID, VALID, Invalid, spec
 from support.isolation import unique_node
+from support.paths import CRD
+
+SPEC_SCHEMA = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"][
+    "openAPIV3Schema"]["properties"]["spec"]
+
+
+def _served_spec_schema(kubectl) -> dict:
+    crd = json.loads(kubectl("get", "crd", f"{PLURAL}.{GROUP}", "-o", "json").stdout)
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+
+@pytest.fixture(scope="module")
+def dry_runs(api, kubectl) -> Iterator[str]:
+    """One namespace for the dry runs. The server must serve this checkout's spec schema,
+    before and after: on a cluster shared by several checkouts, another one may apply its
+    own CRD meanwhile, and then this module's results say nothing (re-run it)."""
+    name = isolation.create_namespace(kubectl)
+    assert _served_spec_schema(kubectl) == SPEC_SCHEMA, \
+        "the API server serves another checkout's CRD: apply this one and re-run"
+    yield name
+    isolation.release_namespace(api, kubectl, name)
+    assert _served_spec_schema(kubectl) == SPEC_SCHEMA, \
+        "another checkout applied its CRD during this run: re-run"
 
 
 def _dry_run_create(api, namespace: str, raw: Any) -> str | None:
@@ -33,15 +58,15 @@ def _dry_run_create(api, namespace: str, raw: Any) -> str | None:
 
 
 @pytest.mark.parametrize("row", INVALID, ids=lambda r: r.id)
-def test_refused_at_admission_with_its_message(row: Invalid, api, blockcopies):
-    refusal = _dry_run_create(api, blockcopies.namespace, row.spec)
+def test_refused_at_admission_with_its_message(row: Invalid, api, dry_runs):
+    refusal = _dry_run_create(api, dry_runs, row.spec)
     assert refusal is not None, f"{row.id}: admitted"
     assert row.server in refusal, refusal
 
 
 @pytest.mark.parametrize("raw", VALID, ids=lambda raw: str(sorted(raw.items()))[:80])
-def test_the_valid_edges_are_admitted(raw: dict[str, Any], api, blockcopies):
-    assert _dry_run_create(api, blockcopies.namespace, raw) is None
+def test_the_valid_edges_are_admitted(raw: dict[str, Any], api, dry_runs):
+    assert _dry_run_create(api, dry_runs, raw) is None
 
 
 def test_kubectl_apply_says_why(blockcopies, kubectl):

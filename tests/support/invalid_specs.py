@@ -130,6 +130,8 @@ INVALID: tuple[Invalid, ...] = (
             "spec.bandwidth must be a quantity of bytes per second"),
     Invalid("bandwidth-too-large", spec(bandwidth="9Ei"), "is too large",
             "spec.bandwidth must be a quantity of bytes per second"),
+    Invalid("bandwidth-milli", spec(bandwidth="5m"), "is not a quantity",
+            "spec.bandwidth must be a quantity of bytes per second"),
     Invalid("granularity-too-large", spec(granularity=2**32),
             "libvirt takes at most 4294967295",
             "spec.granularity must be 0 (libvirt's default) or a power of two"),
@@ -159,7 +161,8 @@ INVALID: tuple[Invalid, ...] = (
     Invalid("nbd-with-base", spec(dest=NBD, base="/var/lib/libvirt/images/base.qcow2"),
             "a network destination takes a full copy", "an NBD destination takes a full copy"),
     # -- refused at admission only: the agent accepts these (abort wins over pivot; libvirt
-    #    itself refuses a bad granularity when the copy starts; the bounds are sanity limits)
+    #    itself refuses a bad granularity when the copy starts; the bounds are sanity limits;
+    #    the agent rounds a fraction of a byte down and strips spaces)
     Invalid("pivot-and-abort", spec(pivot=True, abort=True), None,
             "spec.pivot and spec.abort cannot both be true"),
     Invalid("granularity-not-a-power-of-two", spec(granularity=1000), None,
@@ -172,6 +175,10 @@ INVALID: tuple[Invalid, ...] = (
             "spec.bufSize must be at most 1073741824"),
     Invalid("bandwidth-above-1ti", spec(bandwidth="2Ti"), None,
             "spec.bandwidth must be a quantity of bytes per second"),
+    Invalid("bandwidth-fraction", spec(bandwidth="0.5"), None,
+            "spec.bandwidth must be a quantity of bytes per second"),
+    Invalid("bandwidth-with-spaces", spec(bandwidth=" 5 "), None,
+            "spec.bandwidth must be a quantity of bytes per second"),
 )
 
 # Valid specs at the edges of the rules: both sides accept them.
@@ -181,6 +188,7 @@ VALID: tuple[dict[str, Any], ...] = (
     spec(dest="nbd://[fd00::1]/disk0"),
     spec(dest="nbd+unix:///disk0?socket=/run/nbd/disk0.sock"),
     spec(bandwidth="1.5Ki"), spec(bandwidth=0), spec(bandwidth="1Ti"), spec(bandwidth=1048576),
+    spec(bandwidth="0"), spec(bandwidth="1e3"), spec(bandwidth="100M"),
     spec(granularity=512), spec(granularity=2**26), spec(granularity=0),
     spec(bufSize=2**30), spec(bufSize=0),
     spec(base="/var/lib/libvirt/images/base.qcow2", format="qcow2"),
