@@ -12,6 +12,7 @@ import pytest
 
 from blockcopy.model.observation import JobEvent, MirrorReady
 from support.agent_on_fakes import FakeNode
+from support.invalid_specs import INVALID
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 
@@ -468,4 +469,22 @@ async def test_an_encrypted_disk_is_copied_encrypted_with_its_secret(s, tmp_path
     assert [c["reason"] for c in s.kube.status_of("bad")["conditions"]
             if c["type"] == "Failed"] == ["DestNotEncrypted"]
     s.images.encrypted.add(str(plain))
+    await s.finish()
+
+
+
+@pytest.mark.parametrize("row", [r for r in INVALID if r.agent and isinstance(r.spec, dict)],
+                         ids=lambda r: r.id)
+async def test_a_spec_admitted_before_the_crd_refused_it_fails_untouched(s, row):
+    """The agent's second line: an object the API server admitted before the CRD's rules
+    (tests/support/invalid_specs.py) existed ends Failed/InvalidSpec with its message and a
+    Warning Event, and libvirt is asked nothing that acts on a disk."""
+    s.follow(s.add("bc", row.spec))
+    await s.until(lambda: s.phase() == "Failed", timeout=30)
+    status = s.status("bc")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert row.agent in status["message"]
+    assert "InvalidSpec" in s.kube.reasons("bc")
+    assert not {"start_copy", "pivot", "cancel", "set_bandwidth"} & set(s.hv.verbs())
     await s.finish()
