@@ -1,12 +1,18 @@
 """Every invalid spec the agent knows (tests/support/invalid_specs.py) refused by a real API
 server at admission, with the message the table gives: the CRD's OpenAPI schema and CEL rules
-as the server compiles, costs and runs them. Creates are server-side dry runs in the test's
-namespace (nothing is stored); the user's own path (kubectl apply, an edit of a live object)
-is run for real too."""
+as the server compiles, costs and runs them. And the other way round: of the fuzz test's
+random specs, every one the agent refuses is refused by the server too.
+
+The CRD is this checkout's crds/blockcopy.yaml under a group of this module's own (as in
+test_crd_on_server.py): on a cluster shared by several checkouts, another one applying its
+version of blockcopies.blockcopy.dev cannot change what is tested here. Creates are dry
+runs except where a user's path needs a stored object (an edit)."""
 
 from __future__ import annotations
 
+import copy
 import json
+import types
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -14,83 +20,147 @@ from typing import Any
 import kubernetes
 import pytest
 import yaml
+from hypothesis import HealthCheck, Phase, given, settings
 
-from blockcopy.model.api import GROUP, KIND, PLURAL, VERSION
+from blockcopy.model.api import GROUP, KIND, PLURAL, VERSION, SpecError, parse_spec
 from support import isolation
+from support.cluster import custom_objects
 from support.invalid_specs import INVALID, VALID, Invalid, spec
-from support.isolation import unique_node
 from support.paths import CRD
 
-SPEC_SCHEMA = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"][
-    "openAPIV3Schema"]["properties"]["spec"]
-
-
-def _served_spec_schema(kubectl) -> dict:
-    crd = json.loads(kubectl("get", "crd", f"{PLURAL}.{GROUP}", "-o", "json").stdout)
-    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+FUZZ_EXAMPLES = 600
 
 
 @pytest.fixture(scope="module")
-def dry_runs(api, kubectl) -> Iterator[str]:
-    """One namespace for the dry runs. The server must serve this checkout's spec schema,
-    before and after: on a cluster shared by several checkouts, another one may apply its
-    own CRD meanwhile, and then this module's results say nothing (re-run it)."""
-    name = isolation.create_namespace(kubectl)
-    assert _served_spec_schema(kubectl) == SPEC_SCHEMA, \
-        "the API server serves another checkout's CRD: apply this one and re-run"
-    yield name
-    isolation.release_namespace(api, kubectl, name)
-    assert _served_spec_schema(kubectl) == SPEC_SCHEMA, \
-        "another checkout applied its CRD during this run: re-run"
-
-
-def _dry_run_create(api, namespace: str, raw: Any) -> str | None:
-    """None if the server admits it, else its refusal."""
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-            "metadata": {"name": f"bad-{uuid.uuid4().hex[:6]}"}, "spec": raw}
+def group(kubectl) -> Iterator[str]:
+    """This module's copy of the CRD, established, under a group of its own."""
+    group = f"t{uuid.uuid4().hex[:8]}.{GROUP}"
+    crd = yaml.safe_load(CRD.read_text())
+    crd["metadata"]["name"] = f"{PLURAL}.{group}"
+    crd["spec"]["group"] = group
+    name = crd["metadata"]["name"]
+    proc = kubectl("create", "-f", "-", input=yaml.safe_dump(crd), check=False)
+    assert proc.returncode == 0, proc.stderr
     try:
-        api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body,
-                                            dry_run="All")
+        kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+        yield group
+    finally:
+        kubectl("delete", "crd", name, "--ignore-not-found", "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def api(cluster) -> kubernetes.client.CustomObjectsApi:
+    """The admin's client, without conftest's api fixture: that one applies the shared CRD,
+    which this module does not need."""
+    return custom_objects(cluster)
+
+
+@pytest.fixture(scope="module")
+def namespace(kubectl) -> Iterator[str]:
+    name = isolation.create_namespace(kubectl)
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false")
+
+
+def _body(group: str, raw: Any, name: str | None = None) -> dict[str, Any]:
+    return {"apiVersion": f"{group}/{VERSION}", "kind": KIND,
+            "metadata": {"name": name or f"bad-{uuid.uuid4().hex[:6]}"}, "spec": raw}
+
+
+def _refusal(api, group: str, namespace: str, raw: Any) -> str | None:
+    """None if the server admits it (dry run), else its refusal."""
+    try:
+        api.create_namespaced_custom_object(group, VERSION, namespace, PLURAL,
+                                            _body(group, raw), dry_run="All")
     except kubernetes.client.ApiException as exc:
-        assert exc.status == 422, (exc.status, exc.body)
+        assert exc.status in (400, 422), (exc.status, exc.body)
         return str(json.loads(exc.body)["message"])
     return None
 
 
 @pytest.mark.parametrize("row", INVALID, ids=lambda r: r.id)
-def test_refused_at_admission_with_its_message(row: Invalid, api, dry_runs):
-    refusal = _dry_run_create(api, dry_runs, row.spec)
+def test_refused_at_admission_with_its_message(row: Invalid, api, group, namespace):
+    refusal = _refusal(api, group, namespace, row.spec)
     assert refusal is not None, f"{row.id}: admitted"
     assert row.server in refusal, refusal
 
 
 @pytest.mark.parametrize("raw", VALID, ids=lambda raw: str(sorted(raw.items()))[:80])
-def test_the_valid_edges_are_admitted(raw: dict[str, Any], api, dry_runs):
-    assert _dry_run_create(api, dry_runs, raw) is None
+def test_the_valid_edges_are_admitted(raw: dict[str, Any], api, group, namespace):
+    assert _refusal(api, group, namespace, raw) is None
 
 
-def test_kubectl_apply_says_why(blockcopies, kubectl):
+def test_kubectl_apply_says_why(group, namespace, kubectl):
     """What a user sees: kubectl apply fails, nothing is stored, the message names the rule."""
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": "shallow"},
-            "spec": spec(base="/var/lib/libvirt/images/base.qcow2", flags=["shallow"],
-                         nodeName=unique_node("nobody"))}
-    proc = kubectl("apply", "-n", blockcopies.namespace, "-f", "-",
-                   input=yaml.safe_dump(body), check=False)
+    body = _body(group, spec(base="/var/lib/libvirt/images/base.qcow2", flags=["shallow"]),
+                 name="shallow")
+    proc = kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(body),
+                   check=False)
     assert proc.returncode != 0
     assert "spec.base and the shallow flag cannot be combined" in proc.stderr, proc.stderr
-    assert not blockcopies.exists("shallow")
+    proc = kubectl("get", f"{PLURAL}.{group}", "shallow", "-n", namespace, check=False)
+    assert proc.returncode != 0 and "NotFound" in proc.stderr, proc.stderr
 
 
-def test_an_edit_to_pivot_and_abort_at_once_is_refused(blockcopies, kubectl):
+def test_an_edit_to_pivot_and_abort_at_once_is_refused(group, namespace, kubectl):
     """pivot: true set early, then abort: true: refused until pivot is set back to false
     (the agent would let abort win; the server says so instead of guessing)."""
-    name = blockcopies.create(spec(nodeName=unique_node("nobody"), pivot=True))
-    proc = kubectl("patch", "bc", name, "-n", blockcopies.namespace, "--type=merge",
-                   "-p", json.dumps({"spec": {"abort": True}}), check=False)
+    resource = f"{PLURAL}.{group}"
+    kubectl("apply", "-n", namespace, "-f", "-",
+            input=yaml.safe_dump(_body(group, spec(pivot=True), name="armed")))
+
+    def patch(fields: dict[str, Any]):
+        return kubectl("patch", resource, "armed", "-n", namespace, "--type=merge",
+                       "-p", json.dumps({"spec": fields}), check=False)
+    proc = patch({"abort": True})
     assert proc.returncode != 0
     assert "spec.pivot and spec.abort cannot both be true" in proc.stderr, proc.stderr
-    proc = kubectl("patch", "bc", name, "-n", blockcopies.namespace, "--type=merge",
-                   "-p", json.dumps({"spec": {"abort": True, "pivot": False}}), check=False)
+    proc = patch({"abort": True, "pivot": False})
     assert proc.returncode == 0, proc.stderr
-    stored = blockcopies.get(name)["spec"]
+    stored = json.loads(kubectl("get", resource, "armed", "-n", namespace, "-o",
+                                "json").stdout)["spec"]
     assert (stored["pivot"], stored["abort"]) == (False, True)
+
+
+def test_every_fuzz_spec_the_agent_refuses_is_refused_at_admission(api, group, namespace):
+    """The fuzz test's strategies (paths with .., NBD URIs, quantities, any Unicode, values of
+    any type), without a VM: whatever parse_spec refuses, the API server must refuse too;
+    the other way round is allowed (the CRD is stricter in places, invalid_specs.py)."""
+    from e2e.test_fuzz_api import strategies
+
+    vm = types.SimpleNamespace(name="bct-fuzz-vm", uuid=str(uuid.uuid4()),
+                               chain=["/var/lib/libvirt/images/t/vm/top.qcow2",
+                                      "/var/lib/libvirt/images/t/vm/base.qcow2"],
+                               workdir="/var/lib/libvirt/images/t/vm")
+    top = "/var/lib/libvirt/images/t"
+    ground = {"vm": vm, "allowed": f"{top}/allowed", "outside": "/srv/outside",
+              "lookalike": f"{top}/allowed-not", "sentinel": "/srv/sentinel", "top": top,
+              "tmp_prefix": "/tmp/bct-fuzz", "closed_port": 1, "nbd_dir": "/run/bct-nbd",
+              "victims": ["/srv/outside/victim.qcow2"]}
+    slipped: list[tuple[Any, str]] = []
+    counts = {"agent refused": 0}
+
+    @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, database=None, deadline=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(raw=strategies(ground, "node-a", "node-b"))
+    def check(raw: Any) -> None:
+        try:
+            parse_spec(raw)
+            return
+        except SpecError as exc:
+            why = str(exc)
+        counts["agent refused"] += 1
+        if _refusal(api, group, namespace, raw) is None:
+            slipped.append((raw, why))
+
+    check()
+    assert counts["agent refused"] > FUZZ_EXAMPLES // 10
+    assert slipped == [], slipped[:10]
+
+
+def test_the_module_used_its_own_copy_of_the_crd(group, kubectl):
+    served = json.loads(kubectl("get", "crd", f"{PLURAL}.{group}", "-o", "json").stdout)
+    mine = copy.deepcopy(yaml.safe_load(CRD.read_text()))
+    schema = mine["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert served["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"][
+        "spec"] == schema
