@@ -13,14 +13,15 @@ from typing import Any
 
 import celpy
 import pytest
+import yaml
 
 from blockcopy.model import api
 from blockcopy.model.api import SpecError, parse_spec
 from support.invalid_specs import INVALID, NOT_IN_CEL, VALID, Invalid
 from support.paths import CRD, ROOT
 
-SPEC_SCHEMA = __import__("yaml").safe_load(CRD.read_text())["spec"]["versions"][0][
-    "schema"]["openAPIV3Schema"]["properties"]["spec"]
+SPEC_SCHEMA = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"][
+    "openAPIV3Schema"]["properties"]["spec"]
 
 # Reasons the agent gives that are not refusals of a spec: progress, and what happened to a
 # copy after it started (a job that failed, a domain that stopped...).
