@@ -308,6 +308,9 @@ def strategies(g: dict, node: str, other_node: str) -> st.SearchStrategy[dict]:
     return st.one_of(wild, near, escape, escape)
 
 
+# Refused by the API server (the CRD's rules). The agent's own outcome stays allowed: on a
+# cluster shared by several checkouts the CRD served may be another's, without the rules;
+# test_invalid_specs_on_server.py checks the rules on a private copy of this one.
 ADMISSION = "refused by the API server"
 
 
@@ -319,16 +322,19 @@ def targeted(g: dict, node: str) -> list[tuple[str, dict, set[str]]]:
         return {**copy_spec(vm, node=node, dest=f"{allowed}/t-{uuid.uuid4().hex[:6]}.qcow2"),
                 **fields}
     return [
-        ("granularity not a power of two", copy(granularity=3), {ADMISSION}),
-        ("granularity above QEMU's 64 MiB", copy(granularity=2**30), {ADMISSION}),
-        ("granularity past libvirt's unsigned int", copy(granularity=2**40), {ADMISSION}),
+        ("granularity not a power of two", copy(granularity=3), {ADMISSION, "CopyRefused"}),
+        ("granularity above QEMU's 64 MiB", copy(granularity=2**30),
+         {ADMISSION, "CopyRefused"}),
+        ("granularity past libvirt's unsigned int", copy(granularity=2**40),
+         {ADMISSION, "InvalidSpec"}),
         ("a format QEMU does not know", copy(format="bogus"), {"CopyRefused"}),
         ("a base outside the chain", copy(base=g["victims"][0]), {"BaseNotInChain"}),
         ("a base through a symlink out of the root", copy(base=f"{allowed}/vm/base.qcow2"),
          {"BaseNotInChain"}),
         ("a disk the VM does not have", copy(disk="vdb"), {"DiskNotFound"}),
-        ("bandwidth that overflows a float", copy(bandwidth="1e400"), {ADMISSION}),
-        ("NUL in the domain", copy(domain=vm.name + "\x00"), {ADMISSION}),
+        ("bandwidth that overflows a float", copy(bandwidth="1e400"),
+         {ADMISSION, "InvalidSpec"}),
+        ("NUL in the domain", copy(domain=vm.name + "\x00"), {ADMISSION, "InvalidSpec"}),
         ("into a symlinked directory outside",
          copy(dest=f"{allowed}/escape/copy.qcow2"), {"DestNotAllowed"}),
         ("onto a symlink to a file outside, reuseExternal",
@@ -353,7 +359,8 @@ def targeted(g: dict, node: str) -> list[tuple[str, dict, set[str]]]:
         ("an NBD endpoint not allowed", copy(dest="nbd://10.255.255.1:10809/exp"),
          {"DestNotAllowed"}),
         ("NUL in the domain, claimed by domain",
-         copy_spec(vm.name + "\x00", node=None, dest=f"{allowed}/nul.qcow2"), {ADMISSION}),
+         copy_spec(vm.name + "\x00", node=None, dest=f"{allowed}/nul.qcow2"),
+         {ADMISSION, "Pending"}),
     ]
 
 
@@ -492,10 +499,9 @@ def test_fuzz_specs_through_the_api_server(agent_factory, node, ground, blockcop
     cases = {}
     for what, spec, expected in targeted(g, node):
         name = run.create(spec)
-        if expected == {ADMISSION}:  # the CRD's rules (tests/support/invalid_specs.py)
-            assert name is None, (what, spec)
+        if name is None:  # refused by the CRD's rules (tests/support/invalid_specs.py)
+            assert ADMISSION in expected, (what, spec, run.refusal_samples[-1:])
             continue
-        assert name is not None, (what, spec)
         cases[name] = (what, expected)
     statuses = wait_settled(run, blockcopies)
     for name, (what, expected) in cases.items():
