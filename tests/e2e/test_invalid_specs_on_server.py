@@ -164,3 +164,46 @@ def test_the_module_used_its_own_copy_of_the_crd(group, kubectl):
     schema = mine["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert served["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"][
         "spec"] == schema
+
+
+def test_an_object_admitted_before_the_rules_can_still_be_finished(kubectl, api, namespace):
+    """Upgrading the CRD does not lock objects in: one created under a CRD without the spec
+    rules (an older release) keeps taking what the agent writes (status, the claim label,
+    its finalizer's removal) once the rules are there (the API server ratchets unchanged
+    invalid fields, Kubernetes >= 1.30), so it can fail with InvalidSpec, be repaired by its
+    user, and be deleted."""
+    group = f"t{uuid.uuid4().hex[:8]}.{GROUP}"
+    crd = yaml.safe_load(CRD.read_text())
+    crd["metadata"]["name"] = name = f"{PLURAL}.{group}"
+    crd["spec"]["group"] = group
+    old = copy.deepcopy(crd)
+    old_spec = old["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    old_spec.pop("x-kubernetes-validations")
+    for prop in old_spec["properties"].values():
+        prop.pop("x-kubernetes-validations", None)
+    resource = f"{PLURAL}.{group}"
+    kubectl("create", "-f", "-", input=yaml.safe_dump(old))
+    try:
+        kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+        bad = spec(bandwidth="fast", pivot=True, abort=True)
+        body = {**_body(group, bad, name="old"),
+                "metadata": {"name": "old", "finalizers": ["blockcopy.dev/cancel-job"]}}
+        kubectl("create", "-n", namespace, "-f", "-", input=yaml.safe_dump(body))
+        kubectl("replace", "-f", "-", input=yaml.safe_dump(
+            {**crd, "metadata": {**crd["metadata"], "resourceVersion": json.loads(kubectl(
+                "get", "crd", name, "-o", "json").stdout)["metadata"]["resourceVersion"]}}))
+        # The rules are served: the same spec is refused for a new object.
+        assert _refusal(api, group, namespace, bad) is not None
+        # What the agent writes still goes through.
+        api.patch_namespaced_custom_object_status(
+            group, VERSION, namespace, PLURAL, "old",
+            {"status": {"phase": "Failed", "message": "invalid spec: bandwidth 'fast' ..."}})
+        kubectl("label", resource, "old", "-n", namespace, "blockcopy.dev/node=n1")
+        # A user's edit that repairs the spec is admitted.
+        kubectl("patch", resource, "old", "-n", namespace, "--type=merge",
+                "-p", json.dumps({"spec": {"bandwidth": "1Mi", "pivot": False}}))
+        kubectl("patch", resource, "old", "-n", namespace, "--type=json",
+                "-p", json.dumps([{"op": "remove", "path": "/metadata/finalizers"}]))
+        kubectl("delete", resource, "old", "-n", namespace, "--timeout=30s")
+    finally:
+        kubectl("delete", "crd", name, "--ignore-not-found", "--wait=false")
