@@ -105,6 +105,9 @@ class Agent:
             except HypervisorError as exc:
                 log.debug("libvirt check failed: %s", exc)
                 self.recorder.metrics.libvirt_up(False)
+            except Exception:  # never end the check: the gauge would freeze
+                log.exception("libvirt check failed")
+                self.recorder.metrics.libvirt_up(False)
             await asyncio.sleep(self.config.libvirt_check_interval)
 
     async def stop(self) -> None:
