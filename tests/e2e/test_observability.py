@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support.agents import free_port, http_get
 from support.objects import copy_spec
+from support.proxies import UnixProxy
 from support.waits import gone, wait_for
 
 
@@ -92,3 +93,26 @@ def test_a_deleted_copy_leaves_no_series_behind(agent_factory, node, vms, blockc
                      _value(s, "blockcopy_objects", phase="Copying") == 0 and s, 30,
                      what="the Copying gauge to drop")
     assert per_copy(after) == [], per_copy(after)
+
+
+def test_libvirt_up_follows_libvirtd_on_an_idle_node(agent_factory, node, tmp_path):
+    """blockcopy_libvirt_up (the PrometheusRule's BlockCopyLibvirtUnreachable) with no copy
+    at all: the agent's periodic check sees libvirtd go (its socket proxied, then cut) and
+    come back."""
+    proxy = UnixProxy(str(tmp_path / "libvirt-proxy.sock"))
+    proxy.start()
+    try:
+        port = free_port()
+        agent_factory(node, extra_args=[
+            "--libvirt-uri", f"qemu+unix:///system?socket={proxy.sock}",
+            "--metrics-port", str(port), "--libvirt-check-interval", "1"])
+
+        def up() -> float:
+            return _value(_scrape(port), "blockcopy_libvirt_up")
+        wait_for(lambda: up() == 1, 20, what="libvirt_up 1")
+        proxy.kill()
+        wait_for(lambda: up() == 0, 30, what="libvirt_up 0 once libvirtd is cut off")
+        proxy.start()
+        wait_for(lambda: up() == 1, 60, what="libvirt_up 1 again")
+    finally:
+        proxy.kill()
