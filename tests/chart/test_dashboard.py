@@ -3,7 +3,8 @@ dashboard (schema version, templating, panels with a data source and queries), s
 ConfigMap for Grafana's sidecar only when asked, and every PromQL query naming only metrics,
 and labels, that the agent really exports: offline against prometheus-client's registry once
 blockcopy.adapters.metrics is imported, and (e2e) against the /metrics of a real agent process
-scraped during a real copy and a real failure."""
+scraped during a real copy and a real failure; the chart's alert rules
+(templates/prometheusrule.yaml, tests/chart/test_prometheusrule.py) against the same scrape."""
 
 from __future__ import annotations
 
@@ -14,107 +15,17 @@ from collections.abc import Iterator
 
 import kubernetes_validate
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from support import promql
 from support.agents import free_port, http_get
 from support.helm import by_kind, one
 from support.objects import copy_spec
 from support.paths import CHART
+from support.promql import exported, parse
 from support.waits import wait_for
 
 DASHBOARD = CHART / "dashboards" / "blockcopy.json"
 DS = {"type": "prometheus", "uid": "${datasource}"}
-
-# Labels a series gets from Prometheus, not from the agent: the target's (instance, job), those
-# a ServiceMonitor adds (namespace, pod, service, container, endpoint) and the chart's
-# relabeling (node); a scraped label that clashes with one of them is renamed exported_<name>.
-TARGET_LABELS = {"instance", "job", "namespace", "pod", "service", "container", "endpoint",
-                 "node", "exported_namespace"}
-# Labels the queries make themselves (label_replace's destination).
-MADE_LABELS = {"copy_namespace"}
-
-FUNCTIONS = {"abs", "absent", "ceil", "changes", "clamp_max", "clamp_min", "delta", "deriv",
-             "exp", "floor", "histogram_quantile", "idelta", "increase", "irate",
-             "label_join", "label_replace", "ln", "max_over_time", "min_over_time",
-             "avg_over_time", "rate", "resets", "round", "scalar", "sort", "sort_desc",
-             "time", "timestamp", "vector", "last_over_time"}
-AGGREGATIONS = {"sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk",
-                "quantile", "count_values", "group"}
-GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
-OPERATORS = {"and", "or", "unless", "bool", "offset"}
-
-TOKEN = re.compile(r"""
-    (?P<ws>\s+)
-  | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
-  | (?P<range>\[[^\]]+\])
-  | (?P<number>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)
-  | (?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
-  | (?P<op>=~|!~|!=|==|<=|>=|[-+*/%^<>=,(){}])
-""", re.X)
-
-
-def tokens(expr: str) -> list[tuple[str, str]]:
-    out, pos = [], 0
-    while pos < len(expr):
-        m = TOKEN.match(expr, pos)
-        assert m, f"cannot read {expr[pos:]!r} in {expr!r}"
-        pos = m.end()
-        if m.lastgroup != "ws":
-            out.append((m.lastgroup, m.group()))
-    return out
-
-
-def parse(expr: str) -> dict:
-    """What a PromQL expression uses: its selectors (metric name, label names matched), the
-    labels it groups by, and its functions. Fails on what it cannot read (an unbalanced
-    bracket, an unknown function, a matcher without a metric name)."""
-    toks, i = tokens(expr), 0
-    found: dict = {"selectors": [], "grouping": set(), "functions": set()}
-    depth = 0
-    while i < len(toks):
-        kind, text = toks[i]
-        after = toks[i + 1][1] if i + 1 < len(toks) else None
-        if kind == "ident" and text in GROUPING and after == "(":
-            j = i + 2
-            while toks[j][1] != ")":
-                if toks[j][0] == "ident":
-                    found["grouping"].add(toks[j][1])
-                else:
-                    assert toks[j][1] == ",", expr
-                j += 1
-            i = j + 1
-            continue
-        if kind == "ident" and after == "(":
-            assert text in FUNCTIONS | AGGREGATIONS, f"unknown function {text} in {expr}"
-            found["functions"].add(text)
-        elif kind == "ident" and text in AGGREGATIONS and after in GROUPING:
-            found["functions"].add(text)
-        elif kind == "ident" and text not in OPERATORS:
-            labels, j = set(), i + 1
-            if after == "{":
-                j = i + 2
-                while toks[j][1] != "}":
-                    (k1, label), (_, op), (k3, _value) = toks[j:j + 3]
-                    assert k1 == "ident" and op in ("=", "!=", "=~", "!~") and k3 == "string", \
-                        f"bad matcher in {expr}"
-                    labels.add(label)
-                    j += 3
-                    if toks[j][1] == ",":
-                        j += 1
-                j += 1
-            found["selectors"].append((text, labels))
-            i = j
-            continue
-        elif text == "{":
-            raise AssertionError(f"a selector without a metric name in {expr}")
-        elif text == "(":
-            depth += 1
-        elif text == ")":
-            depth -= 1
-            assert depth >= 0, f"unbalanced ) in {expr}"
-        i += 1
-    assert depth == 0, f"unbalanced ( in {expr}"
-    return found
 
 
 def dashboard() -> dict:
@@ -139,41 +50,16 @@ def queries(board: dict) -> Iterator[tuple[str, str]]:
             yield f"variable {var['name']}", f"{m[1]}{{{m[2]}!=\"\"}}"
 
 
-def exported(exposition: str) -> dict[str, set[str]]:
-    """Sample names of a Prometheus text exposition, each with the label names seen on it.
-    Families without samples yet (a labelled metric no event has touched) still count by
-    their type: counter NAME_total, histogram NAME_bucket/_sum/_count, gauge NAME."""
-    names: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(exposition):
-        suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum",
-                    "_count", "_created"], "summary": ["", "_sum", "_count", "_created"]}
-        for suffix in suffixes.get(family.type, [""]):
-            names.setdefault(family.name + suffix, set())
-        for sample in family.samples:
-            names.setdefault(sample.name, set()).update(sample.labels)
-    return names
-
-
 def check_queries(board: dict, metrics: dict[str, set[str]], *, labels: bool) -> set[str]:
-    """Every query's metrics are in ``metrics`` (and, with ``labels``, their matched and
-    grouping labels are the metric's, Prometheus' or made by the query). The metrics used."""
-    used, problems = set(), []
-    for where, expr in queries(board):
-        found = parse(expr)
-        assert found["selectors"], f"{where}: no metric in {expr}"
-        known_labels = set(TARGET_LABELS | MADE_LABELS)
-        for name, matched in found["selectors"]:
-            used.add(name)
-            if name not in metrics:
-                problems.append(f"{where}: {name} is not exported")
-                continue
-            known_labels |= metrics[name]
-            if labels and not matched <= metrics[name] | TARGET_LABELS:
-                problems.append(f"{where}: {name} has no label {matched - metrics[name]}")
-        if labels and not found["grouping"] <= known_labels:
-            problems.append(f"{where}: groups by unknown {found['grouping'] - known_labels}")
-    assert problems == [], "\n".join(problems)
-    return used
+    return promql.check(queries(board), metrics, labels=labels)
+
+
+def alert_exprs(helm) -> list[tuple[str, str]]:
+    """(where, PromQL) of every alert of the chart's PrometheusRule."""
+    docs = helm.render("--set", "metrics.prometheusRule.enabled=true")
+    (rule,) = by_kind(docs, "PrometheusRule")
+    return [(f"alert {r['alert']}", r["expr"]) for group in rule["spec"]["groups"]
+            for r in group["rules"]]
 
 
 # ------------------------------------------------------------------ the JSON
@@ -219,11 +105,13 @@ def test_every_metric_of_the_agent_has_a_panel():
                    "blockcopy_copy_duration_seconds_bucket",
                    "blockcopy_mirror_duration_seconds_bucket",
                    "blockcopy_pivot_latency_seconds_bucket", "blockcopy_errors_total",
-                   "blockcopy_watch_events_total", "blockcopy_copy_rate_bytes_per_second",
-                   "blockcopy_copy_eta_seconds", "blockcopy_not_converging"):
+                   "blockcopy_watch_events_total", "blockcopy_copy_bytes_total",
+                   "blockcopy_copy_eta_seconds", "blockcopy_not_converging",
+                   "blockcopy_libvirt_up", "blockcopy_build_info"):
         assert family in used, family
     grouped = {g for _, expr in queries(dashboard()) for g in parse(expr)["grouping"]}
-    assert {"phase", "reason", "le", "stream", "owner"} <= grouped
+    assert {"phase", "reason", "le", "stream", "owner", "blockcopy_namespace",
+            "blockcopy_name", "version"} <= grouped
 
 
 def test_the_query_reader_rejects_what_it_should():
@@ -300,9 +188,11 @@ def test_dashboard_needs_metrics(helm):
 
 
 @pytest.mark.e2e
-def test_queries_name_only_what_a_real_agent_exports(agent_factory, node, vms, blockcopies):
+def test_queries_name_only_what_a_real_agent_exports(agent_factory, node, vms, blockcopies,
+                                                     helm):
     """Scrape a real agent while a copy runs (the per-copy gauges exist only then) after a
-    failure (errors_total gets its reason label): every query's metrics and labels exist."""
+    failure (errors_total gets its reason label): every query's and every alert's metrics
+    and labels exist, and no label of the agent's is one Prometheus gives the target."""
     port = free_port()
     agent_factory(node, extra_args=["--metrics-port", str(port)])
     vm = vms("dashboard", size="256M", data_per_layer="64M")  # 128 MiB to copy
@@ -313,15 +203,25 @@ def test_queries_name_only_what_a_real_agent_exports(agent_factory, node, vms, b
 
     def scrape_with_every_family():
         metrics = exported(http_get(port, "/metrics")[1])
-        wanted = ("blockcopy_copy_rate_bytes_per_second", "blockcopy_copy_eta_seconds",
+        wanted = ("blockcopy_copy_bytes_total", "blockcopy_copy_eta_seconds",
                   "blockcopy_not_converging", "blockcopy_errors_total",
-                  "blockcopy_watch_events_total")
+                  "blockcopy_watch_events_total", "blockcopy_build_info")
         return metrics if all(metrics.get(w) for w in wanted) else None
     metrics = wait_for(scrape_with_every_family, 90, interval=0.5,
                        what="a scrape with every labelled family")
-    assert metrics["blockcopy_copy_rate_bytes_per_second"] == {"namespace", "name"}
+    for per_copy in ("blockcopy_copy_bytes_total", "blockcopy_copy_eta_seconds",
+                     "blockcopy_not_converging"):
+        assert metrics[per_copy] == {"blockcopy_namespace", "blockcopy_name"}, per_copy
     assert metrics["blockcopy_errors_total"] == {"reason"}
+    assert metrics["blockcopy_build_info"] == {"version", "python_version", "libvirt_python"}
+    assert "blockcopy_libvirt_up" in metrics
+    clashing = {name: labels & promql.TARGET_LABELS for name, labels in metrics.items()
+                if labels & promql.TARGET_LABELS}
+    assert clashing == {}, clashing
     used = check_queries(dashboard(), metrics, labels=True)
     assert {m for m in used if m.startswith("blockcopy_")} == used
+    used = promql.check(alert_exprs(helm), metrics, labels=True)
+    assert used == {"up", "blockcopy_libvirt_up", "blockcopy_objects",
+                    "blockcopy_not_converging", "blockcopy_copy_bytes_total"}
     blockcopies.patch_spec(name, {"abort": True})
     blockcopies.wait_phase(name, "Aborted", timeout=120)

@@ -5,8 +5,8 @@ paths with `..` and symlinks, NBD URIs, flag lists, quantities, integers past in
 the wrong type) and creates each one on the real kube-apiserver, in the test's namespace,
 against a real agent process and a real VM whose name and UUID the specs may use (so that
 some of them reach libvirt with bad values: a format QEMU does not know, a base not in the
-chain, a granularity that is not a power of two). Some specs name the agent's node, some
-another node, some none (claimed by domain).
+chain; what the CRD's rules refuse must be refused by the API server). Some specs name the
+agent's node, some another node, some none (claimed by domain).
 
 What must hold, whatever the spec:
 
@@ -308,6 +308,12 @@ def strategies(g: dict, node: str, other_node: str) -> st.SearchStrategy[dict]:
     return st.one_of(wild, near, escape, escape)
 
 
+# Refused by the API server (the CRD's rules). The agent's own outcome stays allowed: on a
+# cluster shared by several checkouts the CRD served may be another's, without the rules;
+# test_invalid_specs_on_server.py checks the rules on a private copy of this one.
+ADMISSION = "refused by the API server"
+
+
 def targeted(g: dict, node: str) -> list[tuple[str, dict, set[str]]]:
     """(what, spec, the reasons it may end with), run first, while the disk is idle."""
     vm, allowed = g["vm"], g["allowed"]
@@ -316,16 +322,19 @@ def targeted(g: dict, node: str) -> list[tuple[str, dict, set[str]]]:
         return {**copy_spec(vm, node=node, dest=f"{allowed}/t-{uuid.uuid4().hex[:6]}.qcow2"),
                 **fields}
     return [
-        ("granularity not a power of two", copy(granularity=3), {"CopyRefused"}),
-        ("granularity above QEMU's 64 MiB", copy(granularity=2**30), {"CopyRefused"}),
-        ("granularity past libvirt's unsigned int", copy(granularity=2**40), {"InvalidSpec"}),
+        ("granularity not a power of two", copy(granularity=3), {ADMISSION, "CopyRefused"}),
+        ("granularity above QEMU's 64 MiB", copy(granularity=2**30),
+         {ADMISSION, "CopyRefused"}),
+        ("granularity past libvirt's unsigned int", copy(granularity=2**40),
+         {ADMISSION, "InvalidSpec"}),
         ("a format QEMU does not know", copy(format="bogus"), {"CopyRefused"}),
         ("a base outside the chain", copy(base=g["victims"][0]), {"BaseNotInChain"}),
         ("a base through a symlink out of the root", copy(base=f"{allowed}/vm/base.qcow2"),
          {"BaseNotInChain"}),
         ("a disk the VM does not have", copy(disk="vdb"), {"DiskNotFound"}),
-        ("bandwidth that overflows a float", copy(bandwidth="1e400"), {"InvalidSpec"}),
-        ("NUL in the domain", copy(domain=vm.name + "\x00"), {"InvalidSpec"}),
+        ("bandwidth that overflows a float", copy(bandwidth="1e400"),
+         {ADMISSION, "InvalidSpec"}),
+        ("NUL in the domain", copy(domain=vm.name + "\x00"), {ADMISSION, "InvalidSpec"}),
         ("into a symlinked directory outside",
          copy(dest=f"{allowed}/escape/copy.qcow2"), {"DestNotAllowed"}),
         ("onto a symlink to a file outside, reuseExternal",
@@ -350,7 +359,8 @@ def targeted(g: dict, node: str) -> list[tuple[str, dict, set[str]]]:
         ("an NBD endpoint not allowed", copy(dest="nbd://10.255.255.1:10809/exp"),
          {"DestNotAllowed"}),
         ("NUL in the domain, claimed by domain",
-         copy_spec(vm.name + "\x00", node=None, dest=f"{allowed}/nul.qcow2"), {"Pending"}),
+         copy_spec(vm.name + "\x00", node=None, dest=f"{allowed}/nul.qcow2"),
+         {ADMISSION, "Pending"}),
     ]
 
 
@@ -489,7 +499,9 @@ def test_fuzz_specs_through_the_api_server(agent_factory, node, ground, blockcop
     cases = {}
     for what, spec, expected in targeted(g, node):
         name = run.create(spec)
-        assert name is not None, (what, spec)
+        if name is None:  # refused by the CRD's rules (tests/support/invalid_specs.py)
+            assert ADMISSION in expected, (what, spec, run.refusal_samples[-1:])
+            continue
         cases[name] = (what, expected)
     statuses = wait_settled(run, blockcopies)
     for name, (what, expected) in cases.items():
@@ -588,6 +600,9 @@ def test_fuzz_specs_through_the_api_server(agent_factory, node, ground, blockcop
           f"refusals, e.g.: {run.refusal_samples}\n"
           f"created by {created_in:.0f} s, settled by {settled_in:.0f} s, done in {total:.0f} s")
     # The run did reach every layer: the API server, the agent's checks, libvirt.
-    assert sum(run.refused.values()) > 0 and outcomes["CopyRefused"] >= 3
-    assert outcomes["InvalidSpec"] > 0 and outcomes["DestNotAllowed"] > 0
+    assert sum(run.refused.values()) > 0 and outcomes["CopyRefused"] >= 1
+    assert outcomes["DestNotAllowed"] > 0
+    # (InvalidSpec should not occur: the CRD refuses at admission what the agent would.
+    # test_invalid_specs_on_server.py checks that on these strategies against a private copy
+    # of the CRD; here the shared one may be another checkout's version.)
     assert outcomes["Pending"] > 0

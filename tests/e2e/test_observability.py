@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support.agents import free_port, http_get
 from support.objects import copy_spec
+from support.proxies import UnixProxy
 from support.waits import gone, wait_for
 
 
@@ -81,10 +82,10 @@ def test_a_deleted_copy_leaves_no_series_behind(agent_factory, node, vms, blockc
     blockcopies.wait_phase(name, "Copying")
 
     def per_copy(samples) -> list[tuple[str, tuple]]:
-        return [key for key in samples if ("name", name) in key[1]]
+        return [key for key in samples if ("blockcopy_name", name) in key[1]]
 
     during = wait_for(lambda: (s := _scrape(port)) and per_copy(s) and s, 60,
-                      what="the copy's own series (rate, time left)")
+                      what="the copy's own series (bytes, time left)")
     assert _value(during, "blockcopy_objects", phase="Copying") == 1
     blockcopies.delete(name)
     wait_for(gone(blockcopies, name), 60, what="the object to go (its job cancelled)")
@@ -92,3 +93,26 @@ def test_a_deleted_copy_leaves_no_series_behind(agent_factory, node, vms, blockc
                      _value(s, "blockcopy_objects", phase="Copying") == 0 and s, 30,
                      what="the Copying gauge to drop")
     assert per_copy(after) == [], per_copy(after)
+
+
+def test_libvirt_up_follows_libvirtd_on_an_idle_node(agent_factory, node, tmp_path):
+    """blockcopy_libvirt_up (the PrometheusRule's BlockCopyLibvirtUnreachable) with no copy
+    at all: the agent's periodic check sees libvirtd go (its socket proxied, then cut) and
+    come back."""
+    proxy = UnixProxy(str(tmp_path / "libvirt-proxy.sock"))
+    proxy.start()
+    try:
+        port = free_port()
+        agent_factory(node, extra_args=[
+            "--libvirt-uri", f"qemu+unix:///system?socket={proxy.sock}",
+            "--metrics-port", str(port), "--libvirt-check-interval", "1"])
+
+        def up() -> float:
+            return _value(_scrape(port), "blockcopy_libvirt_up")
+        wait_for(lambda: up() == 1, 20, what="libvirt_up 1")
+        proxy.kill()
+        wait_for(lambda: up() == 0, 30, what="libvirt_up 0 once libvirtd is cut off")
+        proxy.start()
+        wait_for(lambda: up() == 1, 60, what="libvirt_up 1 again")
+    finally:
+        proxy.kill()

@@ -100,3 +100,32 @@ async def test_the_claim_adds_the_finalizer_and_keeps_the_users(env):
     assert await claimer.consider(body) == Verdict.CLAIMED
     assert kube.objects[("ns", "a")]["metadata"]["finalizers"] == [
         "example.com/keep-me", FINALIZER]
+
+
+async def test_libvirt_up_is_checked_with_no_copy_to_follow():
+    """blockcopy_libvirt_up follows libvirtd every libvirt_check_interval, even on an idle
+    node (the follow loops report it too, but only while they follow a copy)."""
+    from blockcopy.agent.agent import Agent, AgentConfig
+    from blockcopy.model.ports import NullMetrics
+    from support.fakes import FakeImages
+
+    class UpMetrics(NullMetrics):
+        def __init__(self) -> None:
+            self.up: list[bool] = []
+
+        def libvirt_up(self, up: bool) -> None:
+            self.up.append(up)
+
+    hv, seen = FakeHypervisor(), UpMetrics()
+    agent = Agent(AgentConfig(node_name="n1", libvirt_check_interval=10), kube=FakeKube(),
+                  hv=hv, images=FakeImages(), files=None, metrics=seen)  # type: ignore[arg-type]
+    agent.start_claiming()
+    await asyncio.sleep(1)
+    assert seen.up == [True]
+    hv.unreachable = True
+    await asyncio.sleep(10)
+    assert seen.up == [True, False]
+    hv.unreachable = False
+    await asyncio.sleep(10)
+    assert seen.up == [True, False, True]
+    await agent.stop()

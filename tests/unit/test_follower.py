@@ -13,6 +13,7 @@ import pytest
 from blockcopy.model.observation import JobEvent, MirrorReady
 from blockcopy.model.ports import HypervisorError
 from support.agent_on_fakes import FakeNode
+from support.invalid_specs import INVALID
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 
@@ -505,4 +506,21 @@ async def test_a_refusal_that_does_not_pass_is_not_tried_again(s):
     assert s.hv.verbs().count("start_copy") == 1
     assert [c["reason"] for c in s.kube.status_of("bc")["conditions"]
             if c["type"] == "Failed" and c["status"] == "True"] == ["CopyRefused"]
+    await s.finish()
+
+
+@pytest.mark.parametrize("row", [r for r in INVALID if r.agent and isinstance(r.spec, dict)],
+                         ids=lambda r: r.id)
+async def test_a_spec_admitted_before_the_crd_refused_it_fails_untouched(s, row):
+    """The agent's second line: an object the API server admitted before the CRD's rules
+    (tests/support/invalid_specs.py) existed ends Failed/InvalidSpec with its message and a
+    Warning Event, and libvirt is asked nothing that acts on a disk."""
+    s.follow(s.add("bc", row.spec))
+    await s.until(lambda: s.phase() == "Failed", timeout=30)
+    status = s.status("bc")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert row.agent in status["message"]
+    assert "InvalidSpec" in s.kube.reasons("bc")
+    assert not {"start_copy", "pivot", "cancel", "set_bandwidth"} & set(s.hv.verbs())
     await s.finish()

@@ -601,3 +601,30 @@ async def test_block_job_events_become_job_events_for_every_listener(
     expected = [(dom.uuid, "vda", event) for event in STATUSES.values()]
     assert first == expected and last == expected
     assert [r.getMessage() for r in caplog.records] == ["block-job listener failed"] * 4
+
+
+async def test_libvirt_errors_do_not_go_to_stderr_once_the_agent_set_up_libvirt() -> None:
+    """libvirt's C library prints each failed call to stderr unless a handler is set: a
+    domain of another VM gone mid-listing broke the agent's JSON log lines. In a process of
+    its own (the handler is process-wide): errors still raise, stderr stays empty."""
+    import subprocess
+    import sys
+
+    script = """if True:
+        import asyncio
+        from blockcopy.adapters import hypervisor
+        async def main():
+            hypervisor.use_asyncio_loop(asyncio.get_running_loop())
+            hv = hypervisor.LibvirtHypervisor("test:///default")
+            try:
+                await hv.pivot("no-such-domain", "vda")
+            except hypervisor.HypervisorError as exc:
+                print("raised:", exc)
+            await hv.close()
+        asyncio.run(main())
+    """
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "raised:" in proc.stdout, proc.stdout
+    assert proc.stderr == "", proc.stderr

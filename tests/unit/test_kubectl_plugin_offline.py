@@ -242,3 +242,30 @@ def test_kubeconfig_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot reach the API server at https://127.0.0.1:1" in err
     assert "namespaces/team-a/" in err  # the context's namespace is the default
+
+
+def test_abort_gives_up_a_requested_pivot(capsys):
+    """The CRD refuses pivot and abort both true: `abort` on an object with pivot: true sets
+    pivot back to false in the same patch."""
+    import argparse
+
+    from blockcopy.kubectl.commands import cmd_set
+
+    class Objects:
+        def __init__(self) -> None:
+            self.patches: list[tuple[str, dict]] = []
+            self.specs = {"armed": {"pivot": True}, "plain": {}}
+
+        def get(self, namespace: str, name: str) -> dict:
+            return {"metadata": {"name": name}, "spec": self.specs[name],
+                    "status": {"phase": "Copying"}}
+
+        def patch_spec(self, namespace: str, name: str, patch: dict) -> None:
+            self.patches.append((name, patch))
+
+    cluster = Objects()
+    args = argparse.Namespace(names=["armed", "plain"], group=None)
+    assert cmd_set("abort", args, cluster, "ns") == 0  # type: ignore[arg-type]
+    assert cluster.patches == [("armed", {"abort": True, "pivot": False}),
+                               ("plain", {"abort": True})]
+    assert "spec.abort: true, spec.pivot: false" in capsys.readouterr().out

@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+import blockcopy
 from blockcopy.adapters import files, metrics
 from blockcopy.agent.recorder import PhaseCounts
 from blockcopy.core import reconcile, status
@@ -218,6 +219,44 @@ def test_phase_counts_follow_the_objects():
     counts.copied(("ns", "c"), 150)
     counts.copied(("ns", "c"), 120)  # never counts backwards
     assert metrics.COPIED_BYTES._value.get() - copied == 150
+    assert metrics.COPY_BYTES.labels("ns", "c")._value.get() == 150
+    counts.forget(("ns", "c"))
+
+
+def _series(name: str) -> set[tuple[str, ...]]:
+    from prometheus_client import REGISTRY
+    return {tuple(sorted(s.labels.items())) for family in REGISTRY.collect()
+            for s in family.samples if s.name == name}
+
+
+def test_per_copy_series_idle_keeps_the_counter_forget_drops_all():
+    prom, key = metrics.PrometheusMetrics(), ("tenant-a", "web-vda")
+    labels = (("blockcopy_name", "web-vda"), ("blockcopy_namespace", "tenant-a"))
+    prom.progress(key, eta=12.5, not_converging=False)
+    prom.copied(key, 4096)
+    prom.copied(key, 1024)
+    assert labels in _series("blockcopy_copy_bytes_total")
+    assert metrics.COPY_BYTES.labels(*key)._value.get() == 5120
+    assert metrics.COPY_ETA.labels(*key)._value.get() == 12.5
+    prom.progress(key, eta=None, not_converging=True)
+    assert labels not in _series("blockcopy_copy_eta_seconds")
+    assert metrics.NOT_CONVERGING.labels(*key)._value.get() == 1
+    prom.idle(key)  # Mirrored: no estimate, but the bytes stay a counter
+    assert labels not in _series("blockcopy_not_converging")
+    assert labels in _series("blockcopy_copy_bytes_total")
+    prom.forget(key)  # deleted
+    assert labels not in _series("blockcopy_copy_bytes_total")
+    prom.forget(key)  # twice is fine
+
+
+def test_build_info_and_libvirt_up():
+    (info,) = _series("blockcopy_build_info")
+    assert dict(info)["version"] == blockcopy.__version__
+    prom = metrics.PrometheusMetrics()
+    prom.libvirt_up(False)
+    assert metrics.LIBVIRT_UP._value.get() == 0
+    prom.libvirt_up(True)
+    assert metrics.LIBVIRT_UP._value.get() == 1
 
 
 # ------------------------------------------------------------------ decisions and messages

@@ -58,11 +58,19 @@ _event_impl_loop: asyncio.AbstractEventLoop | None = None
 T = TypeVar("T")
 
 
+def _libvirt_error(_context: object, error: tuple[object, ...]) -> None:
+    """libvirt's C library prints every failed call to stderr unless a handler is set: that
+    broke the agent's JSON logs (a domain of another VM gone while the agent listed them).
+    The error still reaches the caller as libvirtError; here it is only a debug line."""
+    log.debug("libvirt: %s", error[2] if len(error) > 2 else error)
+
+
 def use_asyncio_loop(loop: asyncio.AbstractEventLoop) -> None:
     """Deliver libvirt events on ``loop``; must run before the first connection opens."""
     global _event_impl_loop
     with _event_impl_lock:
         if _event_impl_loop is None:
+            libvirt.registerErrorHandler(_libvirt_error, None)
             libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
             _event_impl_loop = loop
 

@@ -1,10 +1,19 @@
 """Prometheus metrics of the agent (``model.ports.Metrics``, in prometheus-client's default
-registry, served on ``--metrics-port``)."""
+registry, served on ``--metrics-port``).
+
+As Prometheus expects them: bytes are a counter (dashboards and alerts compute the rate with
+``rate()``), and the per-copy labels are ``blockcopy_namespace`` and ``blockcopy_name``, not
+``namespace`` and ``name``, which a scrape's target labels (a ServiceMonitor's ``namespace``,
+``pod``, ``node``...) would overwrite or rename to ``exported_*``."""
 
 from __future__ import annotations
 
+import platform
+from importlib import metadata
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from blockcopy import __version__
 from blockcopy.model.api import Phase
 from blockcopy.model.ports import Capabilities, Key
 
@@ -22,31 +31,48 @@ PIVOT_SECONDS = Histogram("blockcopy_pivot_latency_seconds",
                           "Time from issuing the pivot to the VM running on the destination",
                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
 ERRORS = Counter("blockcopy_errors", "Failures and refused actions, by reason", ["reason"])
-COPY_RATE = Gauge("blockcopy_copy_rate_bytes_per_second", "Bytes copied per second by each "
-                  "copy (over the last 10 s), while Copying", ["namespace", "name"])
+# The labels of per-copy series: the BlockCopy's namespace and name.
+PER_COPY_LABELS = ["blockcopy_namespace", "blockcopy_name"]
+COPY_BYTES = Counter("blockcopy_copy_bytes", "Bytes copied by each copy's block job (the "
+                     "growth of libvirt's cur; rate() of it is the copy rate), until the object "
+                     "is deleted", PER_COPY_LABELS)
 COPY_ETA = Gauge("blockcopy_copy_eta_seconds", "Estimated seconds until each copy is Mirrored "
-                 "(absent when it does not converge)", ["namespace", "name"])
+                 "(absent when it does not converge), while Copying", PER_COPY_LABELS)
 NOT_CONVERGING = Gauge("blockcopy_not_converging", "1 while a copy does not converge (the guest "
-                       "writes faster than it copies), else 0", ["namespace", "name"])
+                       "writes faster than it copies), else 0; while Copying", PER_COPY_LABELS)
 HYPERVISOR = Gauge("blockcopy_hypervisor_info", "The connected libvirt and QEMU (value 1), and "
                    "what they can do", ["libvirt", "qemu", "synchronous_writes",
                                         "block_job_change"])
-LIBVIRT_UP = Gauge("blockcopy_libvirt_up", "1 when the agent's last call reached libvirtd, "
-                   "else 0")
+LIBVIRT_UP = Gauge("blockcopy_libvirt_up", "1 when the agent's last call to libvirtd (its "
+                   "periodic check or a copy's) reached it, else 0")
+BUILD_INFO = Gauge("blockcopy_build_info", "The agent's build (value 1)",
+                   ["version", "python_version", "libvirt_python"])
 WATCH_EVENTS = Counter("blockcopy_watch_events", "Watch events received, by stream (objects: "
                        "this node's, filtered by the API server; unclaimed) and by whose object "
                        "it was (this-node, other-node, unclaimed): other-node stays 0",
                        ["stream", "owner"])
 _DURATIONS = {"copy": COPY_SECONDS, "mirror": MIRROR_SECONDS, "pivot": PIVOT_SECONDS}
-_PER_COPY = (COPY_RATE, COPY_ETA, NOT_CONVERGING)
+_ESTIMATES = (COPY_ETA, NOT_CONVERGING)
+_PER_COPY = (*_ESTIMATES, COPY_BYTES)
 
 for _phase in Phase:
     BLOCKCOPIES.labels(_phase.value)
 
 
-def _remove(gauge: Gauge, key: Key) -> None:
+def _distribution_version(name: str) -> str:
     try:
-        gauge.remove(*key)
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+BUILD_INFO.labels(__version__, platform.python_version(),
+                  _distribution_version("libvirt-python")).set(1)
+
+
+def _remove(metric: Gauge | Counter, key: Key) -> None:
+    try:
+        metric.remove(*key)
     except KeyError:
         pass
 
@@ -55,8 +81,9 @@ class PrometheusMetrics:
     def objects(self, phase: str, count: int) -> None:
         BLOCKCOPIES.labels(phase).set(count)
 
-    def copied(self, key: Key, nbytes: int) -> None:  # noqa: ARG002 (per copy: not yet)
+    def copied(self, key: Key, nbytes: int) -> None:
         COPIED_BYTES.inc(nbytes)
+        COPY_BYTES.labels(*key).inc(nbytes)
 
     def duration(self, what: str, seconds: float) -> None:
         _DURATIONS[what].observe(seconds)
@@ -64,18 +91,21 @@ class PrometheusMetrics:
     def error(self, reason: str) -> None:
         ERRORS.labels(reason).inc()
 
-    def progress(self, key: Key, *, rate: int | None, eta: float | None,
-                 not_converging: bool) -> None:
-        for gauge, value in ((COPY_RATE, rate), (COPY_ETA, eta)):
-            if value is None:
-                _remove(gauge, key)
-            else:
-                gauge.labels(*key).set(value)
+    def progress(self, key: Key, *, eta: float | None, not_converging: bool) -> None:
+        COPY_BYTES.labels(*key)  # 0 until it grows: a copy that never moves has a series too
+        if eta is None:
+            _remove(COPY_ETA, key)
+        else:
+            COPY_ETA.labels(*key).set(eta)
         NOT_CONVERGING.labels(*key).set(1 if not_converging else 0)
 
-    def forget(self, key: Key) -> None:
-        for gauge in _PER_COPY:
+    def idle(self, key: Key) -> None:
+        for gauge in _ESTIMATES:
             _remove(gauge, key)
+
+    def forget(self, key: Key) -> None:
+        for metric in _PER_COPY:
+            _remove(metric, key)
 
     def watch_event(self, stream: str, owner: str) -> None:
         WATCH_EVENTS.labels(stream, owner).inc()

@@ -57,6 +57,7 @@ class AgentConfig:
     progress_budget: float = DEFAULT_BUDGET  # progress refreshes per second, all objects
     poll_interval: float = 5.0  # fallback look when no libvirt event arrives
     claim_interval: float = 30.0  # re-check of unclaimed objects
+    libvirt_check_interval: float = 15.0  # blockcopy_libvirt_up, even with no copy running
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
     # Who may copy what (none: anyone, within the allowed roots).
     policy: Policy = dataclasses.field(default_factory=Policy)
@@ -88,11 +89,28 @@ class Agent:
         self.groups = Groups(hv, lambda: list(self.followers.values()), kube=kube, clock=clock)
         self._start_lock = asyncio.Lock()  # starts are serialized: one job per disk
         self._claimer_task: asyncio.Task[None] | None = None
+        self._libvirt_task: asyncio.Task[None] | None = None
         hv.add_listener(self._on_job_event)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start_claiming(self) -> None:
         self._claimer_task = asyncio.create_task(self.claimer.run(), name="claimer")
+        self._libvirt_task = asyncio.create_task(self.check_libvirt(), name="libvirt-check")
+
+    async def check_libvirt(self) -> None:
+        """Whether libvirtd answers, every libvirt_check_interval, for blockcopy_libvirt_up:
+        the follow loops report it too, but only while they have a copy to follow."""
+        while True:
+            try:
+                await self.hv.version()
+                self.recorder.metrics.libvirt_up(True)
+            except HypervisorError as exc:
+                log.debug("libvirt check failed: %s", exc)
+                self.recorder.metrics.libvirt_up(False)
+            except Exception:  # never end the check: the gauge would freeze
+                log.exception("libvirt check failed")
+                self.recorder.metrics.libvirt_up(False)
+            await asyncio.sleep(self.config.libvirt_check_interval)
 
     async def resume_left_paused(self) -> list[str]:
         """Resume the VMs this node's previous agent paused for a check at the switch and
@@ -108,10 +126,11 @@ class Agent:
         return resumed
 
     async def stop(self) -> None:
-        if self._claimer_task is not None:
-            self._claimer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._claimer_task
+        for task in (self._claimer_task, self._libvirt_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.recorder.drain()
         await self.hv.close()
 

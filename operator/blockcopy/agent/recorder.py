@@ -187,12 +187,13 @@ class ObjectRecorder:
 
     def progress(self, phase: Phase, estimate: Estimate | None,
                  conditions: Sequence[Mapping[str, Any]]) -> None:
-        """The per-copy metrics of a Copying copy (gone once it is not Copying)."""
+        """The estimate metrics of a Copying copy (gone once it is not Copying; its byte
+        counter stays until the object is deleted)."""
         metrics = self.agent.metrics
         if phase != Phase.COPYING or estimate is None:
-            metrics.forget(self.key)
+            metrics.idle(self.key)
             return
-        metrics.progress(self.key, rate=estimate.rate, eta=estimate.eta,
+        metrics.progress(self.key, eta=estimate.eta,
                          not_converging=any(c.get("type") == CONVERGING and
                                             c.get("status") == "False" for c in conditions))
 

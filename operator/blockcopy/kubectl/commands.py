@@ -159,6 +159,11 @@ def cmd_set(field: str, args: argparse.Namespace, cluster: Cluster, namespace: s
             out(f"{RESOURCE}/{name} unchanged (spec.{field} is already true; phase {phase or '-'})")
         elif phase in TERMINAL:
             out(f"{RESOURCE}/{name} not patched: it is already {phase}, nothing to {field}")
+        elif field == "abort" and (obj.get("spec") or {}).get("pivot") is True:
+            # The CRD refuses pivot and abort both true: aborting gives up the pivot.
+            cluster.patch_spec(namespace, name, {"abort": True, "pivot": False})
+            out(f"{RESOURCE}/{name} patched (spec.abort: true, spec.pivot: false; "
+                f"phase {phase or '-'})")
         else:
             cluster.patch_spec(namespace, name, {field: True})
             out(f"{RESOURCE}/{name} patched (spec.{field}: true; phase {phase or '-'})")

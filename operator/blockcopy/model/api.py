@@ -172,7 +172,10 @@ def parse_network_dest(text: str) -> NetworkDest | None:
     is not a URI at all (a path). Raises SpecError for a URI the agent cannot use."""
     if "://" not in text:
         return None
-    parts = urllib.parse.urlsplit(text)
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError as exc:  # an unbalanced [ of an IPv6 host
+        raise SpecError(f"spec.dest {text!r} is not a valid URI: {exc}") from None
     export = urllib.parse.unquote(parts.path.removeprefix("/"))
     if not export or "/" in export:
         raise SpecError(f"spec.dest {text!r}: the NBD export name is missing (…/EXPORT)")

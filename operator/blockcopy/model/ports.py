@@ -231,7 +231,8 @@ class Metrics(Protocol):
         """How many of this agent's objects are in ``phase``."""
 
     def copied(self, key: Key, nbytes: int) -> None:
-        """``nbytes`` more were copied by the job of ``key``."""
+        """``nbytes`` more were copied by the job of ``key`` (a per-copy counter, kept until
+        ``forget``)."""
 
     def duration(self, what: str, seconds: float) -> None:
         """A copy's time to Mirrored ("copy"), time Mirrored ("mirror"), pivot latency
@@ -240,12 +241,15 @@ class Metrics(Protocol):
     def error(self, reason: str) -> None:
         """A failure or a refused action, by reason."""
 
-    def progress(self, key: Key, *, rate: int | None, eta: float | None,
-                 not_converging: bool) -> None:
+    def progress(self, key: Key, *, eta: float | None, not_converging: bool) -> None:
         """A Copying copy's estimate (None: no estimate)."""
 
+    def idle(self, key: Key) -> None:
+        """The copy is not Copying (or has no estimate): drop its estimate series (its byte
+        counter stays)."""
+
     def forget(self, key: Key) -> None:
-        """The object is gone, or no longer Copying: drop its per-copy series."""
+        """The object is gone: drop every per-copy series, its byte counter too."""
 
     def watch_event(self, stream: str, owner: str) -> None:
         """A watch event received (stream "objects" or "unclaimed"; owner this-node,
@@ -265,8 +269,8 @@ class NullMetrics:
     def copied(self, key: Key, nbytes: int) -> None: ...
     def duration(self, what: str, seconds: float) -> None: ...
     def error(self, reason: str) -> None: ...
-    def progress(self, key: Key, *, rate: int | None, eta: float | None,
-                 not_converging: bool) -> None: ...
+    def progress(self, key: Key, *, eta: float | None, not_converging: bool) -> None: ...
+    def idle(self, key: Key) -> None: ...
     def forget(self, key: Key) -> None: ...
     def watch_event(self, stream: str, owner: str) -> None: ...
     def hypervisor(self, caps: Capabilities) -> None: ...

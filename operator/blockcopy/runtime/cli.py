@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{DEFAULT_BUDGET:g}; 0: no budget)")
     parser.add_argument("--claim-interval", type=float, default=30.0,
                         help="re-check unclaimed objects every this many seconds (default 30)")
+    parser.add_argument("--libvirt-check-interval", type=float, default=15.0,
+                        help="check that libvirtd answers every this many seconds, for the "
+                        "blockcopy_libvirt_up metric (default 15)")
     parser.add_argument("--namespace", action="append", default=None,
                         help="watch only this namespace (repeatable; default: all namespaces)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -120,6 +123,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         status_interval=args.status_interval,
         progress_budget=args.progress_budget,
         claim_interval=args.claim_interval,
+        libvirt_check_interval=args.libvirt_check_interval,
         namespaces=tuple(args.namespace or ()),
         liveness_port=args.liveness_port,
         max_active_copies=args.max_active_copies,
