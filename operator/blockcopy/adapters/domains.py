@@ -1,13 +1,19 @@
-"""Every image the node's domains use (``Hypervisor.image_users``), read from libvirt: the
-live and persistent definitions of every domain, running or not, storage volumes resolved
-to their paths. A stopped domain's definition shows no backing chain (libvirt finds it at
-start): such an image is marked ``chain_known`` False for the caller to read its chain."""
+"""What the node's domains hold, read from libvirt. Every image they use
+(``Hypervisor.image_users``): the live and persistent definitions of every domain, running
+or not, storage volumes resolved to their paths. A stopped domain's definition shows no
+backing chain (libvirt finds it at start): such an image is marked ``chain_known`` False for
+the caller to read its chain. And the node inventory (``Hypervisor.inventory``): domains,
+their disks, sizes."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import libvirt
 
 from blockcopy.core.domainxml import parse_disks, tenant_of
+from blockcopy.core.inventory import inventory_disks
+from blockcopy.model.inventory import DomainState, InventoryDisk, InventoryDomain
 from blockcopy.model.observation import ImageUser
 
 
@@ -46,3 +52,44 @@ def volume_path(conn: libvirt.virConnect, volume: tuple[str, str] | None) -> str
                    .storageVolLookupByName(volume[1]).path())
     except libvirt.libvirtError:
         return None
+
+
+# libvirt's domain states as the inventory names them (blocked: running, waiting on I/O).
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.STOPPED,
+}
+
+
+def inventory(conn: libvirt.virConnect) -> list[InventoryDomain]:
+    """Every domain with its disks (``Hypervisor.inventory``): the live definition of a
+    running domain, the persistent one of a stopped domain; sizes from virDomainGetBlockInfo
+    (left out where libvirt cannot tell: a stopped domain's NBD disk, a missing image)."""
+    out: list[InventoryDomain] = []
+    for dom in conn.listAllDomains(0):
+        try:
+            state = _STATES.get(dom.state()[0], DomainState.OTHER)
+            name, uuid, xml = dom.name(), dom.UUIDString(), dom.XMLDesc(0)
+            disks = [_sized(dom, disk if volume is None or disk.source else
+                            dataclasses.replace(disk, source=volume_path(conn, volume)))
+                     for disk, volume in inventory_disks(xml)]
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                continue  # gone while we looked
+            raise
+        out.append(InventoryDomain(name=name, uuid=uuid, state=state, disks=tuple(disks)))
+    return out
+
+
+def _sized(dom: libvirt.virDomain, disk: InventoryDisk) -> InventoryDisk:
+    if not disk.source:
+        return disk  # an empty drive
+    try:
+        capacity, allocation, _physical = dom.blockInfo(disk.target)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        return disk
+    return dataclasses.replace(disk, virtual_size=int(capacity), allocation=int(allocation))

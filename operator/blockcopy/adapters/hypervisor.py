@@ -25,11 +25,13 @@ import libvirtaio
 from blockcopy.adapters import domains, monitor
 from blockcopy.core.domainxml import dest_disk_xml, parse_disk, tenant_of
 from blockcopy.model.api import Flag
+from blockcopy.model.inventory import InventoryDomain
 from blockcopy.model.observation import DiskState, ImageUser, JobEvent, JobProgress
 from blockcopy.model.ports import (
     Capabilities,
     CopyRequest,
     DiskSize,
+    DomainListener,
     HypervisorError,
     HypervisorUnavailable,
     JobListener,
@@ -89,12 +91,32 @@ class LibvirtHypervisor:
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
         self._listeners: list[JobListener] = []
-        self._callback_id: int | None = None
+        self._domain_listeners: list[DomainListener] = []
+        self._callback_ids: list[int] = []
         self._capabilities: Capabilities | None = None  # of the current connection
 
     # -- connection and error classification ----------------------------------------
     def add_listener(self, listener: JobListener) -> None:
         self._listeners.append(listener)
+
+    def add_domain_listener(self, listener: DomainListener) -> None:
+        self._domain_listeners.append(listener)
+
+    def _on_domain(self, dom: libvirt.virDomain | None) -> None:
+        domain_uuid = dom.UUIDString() if dom is not None else ""
+        for listener in list(self._domain_listeners):
+            try:
+                listener(domain_uuid)
+            except Exception:
+                log.exception("domain listener failed")
+
+    def _on_lifecycle(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, _event: int,
+                      _detail: int, _opaque: object) -> None:
+        self._on_domain(dom)
+
+    def _on_device(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, _alias: str,
+                   _opaque: object) -> None:
+        self._on_domain(dom)
 
     def _on_block_job(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, disk: str,
                       _job_type: int, status: int, _opaque: object) -> None:
@@ -126,8 +148,14 @@ class LibvirtHypervisor:
             if _event_impl_loop is not None:
                 # Keepalive lets libvirt notice a dead daemon; events need the loop.
                 conn.setKeepAlive(5, 3)
-                self._callback_id = conn.domainEventRegisterAny(
-                    None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None)
+                self._callback_ids = [conn.domainEventRegisterAny(None, event_id, callback, None)
+                                      for event_id, callback in (
+                    (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job),
+                    (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
+                    (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self._on_device),
+                    (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device))]
+                # Events may have been missed while there was no connection.
+                _event_impl_loop.call_soon_threadsafe(self._on_domain, None)
             self._conn = conn
             self._capabilities = None  # learned again on the next ask
             return conn
@@ -135,7 +163,7 @@ class LibvirtHypervisor:
     def _drop(self) -> None:
         """Forget a connection that went bad (libvirt frees it; no calls on it any more)."""
         self._conn = None
-        self._callback_id = None
+        self._callback_ids = []
 
     def _connection_works(self) -> bool:
         """Is the current connection alive, and does a trivial call on it succeed?"""
@@ -171,8 +199,8 @@ class LibvirtHypervisor:
         with self._lock:
             if self._conn is not None:
                 try:
-                    if self._callback_id is not None:
-                        self._conn.domainEventDeregisterAny(self._callback_id)
+                    for callback_id in self._callback_ids:
+                        self._conn.domainEventDeregisterAny(callback_id)
                     self._conn.close()
                 except libvirt.libvirtError:
                     pass
@@ -329,6 +357,9 @@ class LibvirtHypervisor:
             elif how == "suspended" and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
                 dom.resume()
         await self._in_thread(undo)
+
+    async def inventory(self) -> list[InventoryDomain]:
+        return await self._in_thread(lambda: domains.inventory(self._connection()))
 
     async def image_users(self) -> list[ImageUser]:
         return await self._in_thread(lambda: domains.image_users(self._connection()))

@@ -15,6 +15,7 @@ from typing import Any
 from blockcopy.agent.claimer import Claimer
 from blockcopy.agent.follower import Follower, FollowSettings
 from blockcopy.agent.groups import Groups, key_of
+from blockcopy.agent.inventory import InventoryPublisher
 from blockcopy.agent.loop import StopSignal
 from blockcopy.agent.recorder import Clock, Recorder, phase_of, utc_now
 from blockcopy.agent.starter import StartSettings
@@ -53,6 +54,7 @@ class AgentConfig:
     max_active_copies: int = 0  # copies running at once on this node; 0: no limit
     liveness_port: int = 0  # 0: no liveness endpoint
     metrics_port: int = 0  # 0: no metrics endpoint
+    inventory_interval: float = 300.0  # the inventory's slow resync; 0: no inventory
 
 
 class Agent:
@@ -77,17 +79,29 @@ class Agent:
         self.groups = Groups(hv, lambda: list(self.followers.values()), kube=kube, clock=clock)
         self._start_lock = asyncio.Lock()  # starts are serialized: one job per disk
         self._claimer_task: asyncio.Task[None] | None = None
+        self.inventory: InventoryPublisher | None = None
+        if config.inventory_interval > 0:
+            self.inventory = InventoryPublisher(
+                node_name=config.node_name, hv=hv, images=images, kube=kube,
+                resync_interval=config.inventory_interval, clock=clock)
+        self._inventory_task: asyncio.Task[None] | None = None
         hv.add_listener(self._on_job_event)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start_claiming(self) -> None:
         self._claimer_task = asyncio.create_task(self.claimer.run(), name="claimer")
 
+    def start_inventory(self) -> None:
+        """Publish this node's DiskInventory (unless --inventory-interval 0)."""
+        if self.inventory is not None:
+            self._inventory_task = asyncio.create_task(self.inventory.run(), name="inventory")
+
     async def stop(self) -> None:
-        if self._claimer_task is not None:
-            self._claimer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._claimer_task
+        for task in (self._claimer_task, self._inventory_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.recorder.drain()
         await self.hv.close()
 

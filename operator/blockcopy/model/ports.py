@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from blockcopy.model.api import BlockCopySpec, Flag, NetworkDest
+from blockcopy.model.inventory import BackingImage, InventoryDomain
 from blockcopy.model.observation import DiskState, FileIdentity, ImageUser, JobEvent
 
 # ------------------------------------------------------------------ hypervisor
@@ -47,6 +48,9 @@ class CopyRequest:
 
 
 JobListener = Callable[[str, str, JobEvent], None]  # (domain uuid, disk target, event)
+# A domain was defined, started, stopped, undefined... or a device was added or removed (its
+# UUID); "" after a new connection to libvirtd (events may have been missed meanwhile).
+DomainListener = Callable[[str], None]
 
 
 class Hypervisor(Protocol):
@@ -55,6 +59,10 @@ class Hypervisor(Protocol):
 
     def add_listener(self, listener: JobListener) -> None:
         """Call ``listener`` on the event loop for every block-job event."""
+
+    def add_domain_listener(self, listener: DomainListener) -> None:
+        """Call ``listener`` on the event loop for every domain lifecycle event and every
+        device added or removed (what changes the node's inventory)."""
 
     async def version(self) -> str: ...
 
@@ -77,6 +85,12 @@ class Hypervisor(Protocol):
         """Every image the node's domains use (running or not, live and persistent
         definitions, storage volumes resolved to their paths). A stopped domain's backing
         chain is not in its definition (``chain_known`` False): ask ``Images.backing_chain``."""
+
+    async def inventory(self) -> list[InventoryDomain]:
+        """Every domain of the node with its disks (device='disk' only), their sources,
+        formats, sizes (left out where libvirt cannot tell, e.g. a stopped domain's NBD disk)
+        and backing chains. A stopped domain's backing chain is not in its definition (libvirt
+        finds it at start): empty, for the caller to ask ``Images.backing_images``."""
 
     async def disk_size(self, domain: str, target: str) -> DiskSize:
         """The disk's guest-visible size and what its active image occupies."""
@@ -183,6 +197,9 @@ class Images(Protocol):
     async def backing_chain(self, path: str) -> list[str]:
         """The backing images of ``path``, nearest first, as resolved paths (read shared:
         the image may be open by a running QEMU)."""
+
+    async def backing_images(self, path: str) -> list[BackingImage]:
+        """``backing_chain`` with each image's format."""
 
 
 # ------------------------------------------------------------------ the node's file system
@@ -336,3 +353,7 @@ class Kube(StatusStore, Protocol):
     def unclaimed(self, namespace: str | None, *, timeout: int) -> AsyncIterator[dict[str, Any]]:
         """List, then watch for ``timeout`` seconds, the objects without the claim label
         (filtered by the API server). Raises on API errors."""
+
+    async def publish_inventory(self, name: str, status: dict[str, Any]) -> None:
+        """Write the status of the DiskInventory ``name`` (cluster-scoped), creating the
+        object first if it is missing. Raises on API errors."""

@@ -76,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{DEFAULT_BUDGET:g}; 0: no budget)")
     parser.add_argument("--claim-interval", type=float, default=30.0,
                         help="re-check unclaimed objects every this many seconds (default 30)")
+    parser.add_argument("--inventory-interval", type=float,
+                        default=float(os.environ.get("BLOCKCOPY_INVENTORY_INTERVAL", "300")),
+                        metavar="SECONDS",
+                        help="publish this node's domains and disks in the DiskInventory named "
+                        "after the node: at start, on libvirt's domain events, and at least "
+                        "every SECONDS (env BLOCKCOPY_INVENTORY_INTERVAL; default 300; 0: no "
+                        "inventory)")
     parser.add_argument("--namespace", action="append", default=None,
                         help="watch only this namespace (repeatable; default: all namespaces)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -120,6 +127,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         status_interval=args.status_interval,
         progress_budget=args.progress_budget,
         claim_interval=args.claim_interval,
+        inventory_interval=max(0.0, args.inventory_interval),
         namespaces=tuple(args.namespace or ()),
         liveness_port=args.liveness_port,
         max_active_copies=args.max_active_copies,

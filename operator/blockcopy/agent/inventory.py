@@ -1,0 +1,127 @@
+"""The node inventory publisher: what this node's hypervisor holds (domains, disks, sizes,
+backing chains), kept in the cluster-scoped DiskInventory named after the node, so that
+nobody has to log into a host to write a BlockCopy (``kubectl blockcopy move`` reads it).
+
+It looks at libvirt at start, after domain lifecycle and device events and after a block
+job completed (a pivot changes a disk's source), at most once per ``min_gap`` (events during
+a look make one trailing look), and on a slow resync; it writes only when the content
+changed (a resync refreshes ``updated``). Failures are retried with back-off and logged
+once until the next success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from blockcopy.agent.recorder import Clock, utc_now
+from blockcopy.core.backoff import Backoff, Schedule
+from blockcopy.core.inventory import LookTimer, chain_unknown, with_chains
+from blockcopy.core.status import timestamp
+from blockcopy.model.inventory import BackingImage, InventoryDomain, bounded
+from blockcopy.model.observation import JobEvent
+from blockcopy.model.ports import Hypervisor, ImageError, Images, Kube
+
+log = logging.getLogger(__name__)
+
+MIN_GAP = 2.0  # seconds between the starts of two looks
+RETRY = Schedule((2, 5, 10, 30, 60))
+CHAIN_READS = 4  # qemu-img processes at once for stopped domains' chains
+
+
+class InventoryPublisher:
+    def __init__(self, *, node_name: str, hv: Hypervisor, images: Images, kube: Kube,
+                 resync_interval: float = 300.0, min_gap: float = MIN_GAP,
+                 clock: Clock = utc_now):
+        self.node_name, self.hv, self.images, self.kube = node_name, hv, images, kube
+        self.clock = clock
+        self.timer = LookTimer(min_gap=min_gap, resync=resync_interval)
+        self.backoff = Backoff(RETRY)
+        self.looks = 0  # looks at libvirt (tests, the benchmark)
+        self.writes = 0  # DiskInventory writes
+        self._wake = asyncio.Event()
+        self._published: dict[str, object] | None = None  # content last written
+        self._write_owed = True  # a resync (or the first look) must write even if unchanged
+        # Stopped domains' chains read with qemu-img, by image path; forgotten at each resync
+        # (an image rebased while its domain is stopped is seen then).
+        self._chains: dict[str, tuple[BackingImage, ...]] = {}
+        hv.add_listener(self._on_job_event)
+        hv.add_domain_listener(self._on_domain_event)
+
+    # -- events ------------------------------------------------------------------------
+    def _on_domain_event(self, _uuid: str) -> None:
+        self.poke()
+
+    def _on_job_event(self, _uuid: str, _target: str, event: JobEvent) -> None:
+        if event is JobEvent.COMPLETED:  # a pivot: the disk's source changed
+            self.poke()
+
+    def poke(self) -> None:
+        """Something on the node changed: look again (soon, within the limits)."""
+        self.timer.event()
+        self._wake.set()
+
+    # -- the loop ----------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = self.timer.next_look()
+            self._wake.clear()
+            wait = None if due is None else due - loop.time()
+            if wait is None or wait > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except TimeoutError:
+                    pass
+                continue  # re-read the timer: an event may have come, or the time be due
+            if self.timer.looking(loop.time()):
+                self._write_owed = True
+                self._chains.clear()
+            try:
+                await self.publish()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # libvirt, qemu-img or the API server: try again later
+                delay = self.backoff.failed()
+                if self.backoff.failures == 1:
+                    log.warning("cannot publish the inventory of node %s (retrying %s): %s",
+                                self.node_name, RETRY.describe(), exc)
+                else:
+                    log.debug("inventory still not published: %s", exc)
+                self.timer.event()
+                await asyncio.sleep(delay)
+                continue
+            if self.backoff.active:
+                log.info("the inventory of node %s is published again", self.node_name)
+            self.backoff.succeeded()
+
+    async def publish(self) -> bool:
+        """One look at libvirt; the DiskInventory written if its content changed (or a
+        write is owed). True when written."""
+        self.looks += 1
+        domains = await self.hv.inventory()
+        domains = [with_chains(d, await self._read_chains(d)) for d in domains]
+        inventory = bounded(self.node_name, timestamp(self.clock()), domains)
+        content = inventory.content()
+        if content == self._published and not self._write_owed:
+            return False
+        await self.kube.publish_inventory(self.node_name, inventory.to_status())
+        self._published, self._write_owed = content, False
+        self.writes += 1
+        return True
+
+    async def _read_chains(self, domain: InventoryDomain) -> dict[str, tuple[BackingImage, ...]]:
+        paths = {d.source for d in domain.disks if d.source and chain_unknown(domain, d)}
+        missing = sorted(p for p in paths if p not in self._chains)
+        limit = asyncio.Semaphore(CHAIN_READS)
+
+        async def read(path: str) -> None:
+            async with limit:
+                try:
+                    self._chains[path] = tuple(await self.images.backing_images(path))
+                except ImageError as exc:  # gone, unreadable: listed without its chain
+                    log.debug("no backing chain for %s: %s", path, exc)
+                    self._chains[path] = ()
+
+        await asyncio.gather(*(read(p) for p in missing))
+        return {p: self._chains[p] for p in paths}
