@@ -180,17 +180,19 @@ def test_phases_in_any_case():
 # ------------------------------------------------------------------ the command line
 
 
-def test_move_named_disks_without_an_inventory(capsys):
+def test_move_named_disks_without_an_inventory(capsys, monkeypatch, tmp_path):
     assert main.main(["move", "far-1", "--to", "/new", "--disk", "vda",
                         "-n", "vms", "--dry-run"]) == errors.OK
     captured = capsys.readouterr()
     assert "destinations are named far-1-<disk>.qcow2" in captured.err
     (body,) = yaml.safe_load_all(captured.out)
     assert body["spec"]["dest"] == "/new/far-1-vda.qcow2"
-    # Without --disk, the node inventory must tell.
+    # Without --disk, the node inventory must tell: the API server is asked, even for a dry
+    # run (tests/unit/test_kubectl_inventory.py); here there is none to ask.
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
     assert main.main(["move", "far-1", "--to", "/new", "-n", "vms",
                         "--dry-run"]) == errors.FAILURE
-    assert "name the disks with --disk" in capsys.readouterr().err
+    assert "cannot load the kubeconfig" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
