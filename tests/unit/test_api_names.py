@@ -1,7 +1,8 @@
 """The API's names (blockcopy.model.api, .inventory) where files that cannot import them
 spell them out: the RBAC and admission rules of the chart's templates (BlockCopies,
-DiskInventories), the examples, and the audit policy of hack/cluster-up.sh (`make bench` counts the agent's requests from it). The CRD's names are
-checked by test_crd.py; the rendered chart (helm) by tests/chart."""
+DiskInventories), the examples, and the audit policy of hack/cluster-up.sh (`make bench`
+counts the agent's requests from it). The CRD's names are checked by test_crd.py; the
+rendered chart (helm) by tests/chart."""
 
 from __future__ import annotations
 
