@@ -95,13 +95,13 @@ def test_a_name_on_two_nodes_needs_node(cluster, capsys):
 def test_not_found_stopped_and_truncated(cluster, capsys):
     cluster.objects = [inventory("hv-1", web("off-1", "u-3", DomainState.STOPPED)),
                        inventory("hv-2", web("x", "u-4"), truncated=True)]
-    assert main.main(move("web-9")) == errors.FAILURE
+    assert main.main(move("web-9")) == errors.NOT_FOUND
     err = capsys.readouterr().err
     assert "no domain 'web-9' in the node inventory of 2 nodes" in err
     assert "inventory of hv-2 is truncated" in err and "name the disks with --disk" in err
     assert main.main(move("off-1")) == errors.NOT_FOUND
     assert "'off-1' on node 'hv-1' is stopped" in capsys.readouterr().err
-    assert main.main(move("web-9", "--node", "hv-1")) == errors.FAILURE
+    assert main.main(move("web-9", "--node", "hv-1")) == errors.NOT_FOUND
     assert "in the node inventory of node 'hv-1'" in capsys.readouterr().err
 
 

@@ -67,6 +67,10 @@ def use_asyncio_loop(loop: asyncio.AbstractEventLoop) -> None:
         if _event_impl_loop is None:
             libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
             _event_impl_loop = loop
+            # libvirt also prints every error on stderr, the expected ones too (a domain gone
+            # between two calls of the inventory's look at every domain); they still raise,
+            # and the agent logs what matters.
+            libvirt.registerErrorHandler(lambda *_: None, None)
 
 
 def _version_tuple(number: int) -> tuple[int, int, int]:

@@ -51,7 +51,8 @@ def find_domain(inventories: Sequence[NodeInventory], domain: str, node: str | N
     truncated = [i.node_name for i in inventories if i.truncated]
     more = (f"; the inventory of {', '.join(truncated)} is truncated (too many domains): "
             "name the disks with --disk and the node with --node") if truncated else ""
-    raise InventoryCannotTell(f"no domain {domain!r} in the node inventory of {where}{more}")
+    raise InventoryCannotTell(f"no domain {domain!r} in the node inventory of {where}{more}",
+                              NOT_FOUND)
 
 
 def disks_to_move(inv: NodeInventory, dom: InventoryDomain) -> list[Disk]:
