@@ -33,7 +33,8 @@ from support.paths import KUBECONFIG, KUBECTL
 pytestmark = pytest.mark.e2e
 
 PLUGIN_BIN = Path(sys.executable).parent  # the venv's bin: where pip put kubectl-blockcopy
-SOON = 10.0  # seconds: an event, then at most the 2 s gap between two looks, and a write
+SOON = 15.0  # seconds: an event, at most the 2 s gap between two looks, a look, a write (on a
+#             machine shared with other sessions)
 
 
 def test_a_vm_in_its_nodes_inventory_from_creation_to_undefine(agent_factory, node, vms,

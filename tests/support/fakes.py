@@ -255,9 +255,10 @@ class FakeHypervisor:
                     users.extend(ImageUser(path=p, backing=True, **common) for p in disk.chain)
         return users
 
-    async def inventory(self) -> list[InventoryDomain]:
-        """As libvirt shows it: a stopped domain's definition has no backing chain."""
-        await self._enter("inventory")
+    async def inventory(self, *, fresh_sizes: bool = False) -> list[InventoryDomain]:
+        """As libvirt shows it: a stopped domain's definition has no backing chain. (Sizes
+        are always the current ones: ``fresh_sizes`` is only recorded.)"""
+        await self._enter("inventory", fresh_sizes)
         out = []
         for dom in self.domains.values():
             disks = tuple(InventoryDisk(

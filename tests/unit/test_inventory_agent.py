@@ -131,6 +131,18 @@ class TestPublisher:
             await asyncio.sleep(300)  # the resync: written even if unchanged, `updated` refreshed
             assert len(kube.inventory_writes) == 2
             assert published(kube)["updated"] == "2026-12-04T00:05:00Z"
+            # Sizes are read afresh at the start and at each resync only.
+            fresh = [args for _, verb, args in hv.calls if verb == "inventory"]
+            assert fresh == [(True,), *[(False,)] * 5, (True,)]
+
+    async def test_a_failed_resync_is_owed_until_it_succeeds(self, hv, kube, images, looptime):
+        async with running(hv, kube, images, resync=60.0):
+            await asyncio.sleep(1)
+            kube.failing_inventory = 2  # the resync at 60 s and its first retry
+            await asyncio.sleep(70)
+            fresh = [(round(t), args) for t, verb, args in hv.calls if verb == "inventory"]
+            assert fresh == [(0, (True,)), (60, (True,)), (62, (True,)), (67, (True,))]
+            assert [round(t) for t, _ in kube.inventory_writes] == [0, 67]
 
     async def test_a_completed_block_job_is_looked_at(self, hv, kube, images, looptime):
         async with running(hv, kube, images):

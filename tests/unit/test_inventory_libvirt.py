@@ -102,6 +102,30 @@ async def test_the_inventory_of_a_node(hv: LibvirtHypervisor) -> None:
     assert [d["state"] for d in status["domains"]] == ["Stopped", "Paused", "Running"]
 
 
+async def test_sizes_are_read_for_new_or_changed_disks_or_when_asked(
+        hv: LibvirtHypervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """virDomainGetBlockInfo waits for a busy domain's job lock: a look asks it only about
+    disks it has not sized yet (a new domain, another state, another source), or about every
+    disk with fresh_sizes (the publisher's resync)."""
+    asked: list[tuple[str, str]] = []
+    real = libvirt.virDomain.blockInfo
+
+    def counting(dom: libvirt.virDomain, target: str, flags: int = 0) -> list[int]:
+        asked.append((dom.name(), target))
+        return real(dom, target, flags)  # type: ignore[no-any-return]
+    monkeypatch.setattr(libvirt.virDomain, "blockInfo", counting)
+    first = await hv.inventory()
+    assert sorted(asked) == [("inv-off", "vdb"), ("inv-running", "vda")]
+    asked.clear()
+    assert await hv.inventory() == first and asked == []  # nothing new: the sizes known
+    hv.opened[0].lookupByName("inv-running").suspend()  # type: ignore[attr-defined]
+    await hv.inventory()
+    assert asked == [("inv-running", "vda")]  # another state
+    asked.clear()
+    await hv.inventory(fresh_sizes=True)
+    assert sorted(asked) == [("inv-off", "vdb"), ("inv-running", "vda")]
+
+
 async def test_domains_defined_and_undefined_are_seen_on_the_next_look(
         hv: LibvirtHypervisor) -> None:
     await hv.inventory()

@@ -13,7 +13,7 @@ import libvirt
 
 from blockcopy.core.domainxml import parse_disks, tenant_of
 from blockcopy.core.inventory import inventory_disks
-from blockcopy.model.inventory import DomainState, InventoryDisk, InventoryDomain
+from blockcopy.model.inventory import DomainState, InventoryDomain
 from blockcopy.model.observation import ImageUser
 
 
@@ -63,33 +63,50 @@ _STATES = {
 }
 
 
-def inventory(conn: libvirt.virConnect) -> list[InventoryDomain]:
+# Sizes already read, by (domain UUID, state, target, source): (capacity, allocation), None
+# each where libvirt could not tell.
+SizeKey = tuple[str, DomainState, str, str]
+Sizes = dict[SizeKey, tuple[int | None, int | None]]
+
+
+def inventory(conn: libvirt.virConnect, known: Sizes) -> tuple[list[InventoryDomain], Sizes]:
     """Every domain with its disks (``Hypervisor.inventory``): the live definition of a
     running domain, the persistent one of a stopped domain; sizes from virDomainGetBlockInfo
-    (left out where libvirt cannot tell: a stopped domain's NBD disk, a missing image)."""
+    (left out where libvirt cannot tell: a stopped domain's NBD disk, a missing image), read
+    only for disks not in ``known``. Returns the sizes of this look too, for the next one.
+
+    virDomainGetBlockInfo waits for the domain's job lock (a domain starting, stopping or busy
+    with a monitor command holds it for a while): reading every disk's size on every look
+    would make each look as slow as the busiest domain of the node."""
     out: list[InventoryDomain] = []
+    sizes: Sizes = {}
     for dom in conn.listAllDomains(0):
         try:
             state = _STATES.get(dom.state()[0], DomainState.OTHER)
             name, uuid, xml = dom.name(), dom.UUIDString(), dom.XMLDesc(0)
-            disks = [_sized(dom, disk if volume is None or disk.source else
-                            dataclasses.replace(disk, source=volume_path(conn, volume)))
-                     for disk, volume in inventory_disks(xml)]
+            disks = []
+            for disk, volume in inventory_disks(xml):
+                if volume is not None and not disk.source:
+                    disk = dataclasses.replace(disk, source=volume_path(conn, volume))
+                if disk.source:  # not an empty drive
+                    key = (uuid, state, disk.target, disk.source)
+                    sizes[key] = known[key] if key in known else _size(dom, disk.target)
+                    disk = dataclasses.replace(disk, virtual_size=sizes[key][0],
+                                               allocation=sizes[key][1])
+                disks.append(disk)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 continue  # gone while we looked
             raise
         out.append(InventoryDomain(name=name, uuid=uuid, state=state, disks=tuple(disks)))
-    return out
+    return out, sizes
 
 
-def _sized(dom: libvirt.virDomain, disk: InventoryDisk) -> InventoryDisk:
-    if not disk.source:
-        return disk  # an empty drive
+def _size(dom: libvirt.virDomain, target: str) -> tuple[int | None, int | None]:
     try:
-        capacity, allocation, _physical = dom.blockInfo(disk.target)
+        capacity, allocation, _physical = dom.blockInfo(target)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             raise
-        return disk
-    return dataclasses.replace(disk, virtual_size=int(capacity), allocation=int(allocation))
+        return None, None
+    return int(capacity), int(allocation)

@@ -98,6 +98,7 @@ class LibvirtHypervisor:
         self._domain_listeners: list[DomainListener] = []
         self._callback_ids: list[int] = []
         self._capabilities: Capabilities | None = None  # of the current connection
+        self._sizes: domains.Sizes = {}  # the inventory's disk sizes of its last look
 
     # -- connection and error classification ----------------------------------------
     def add_listener(self, listener: JobListener) -> None:
@@ -362,8 +363,12 @@ class LibvirtHypervisor:
                 dom.resume()
         await self._in_thread(undo)
 
-    async def inventory(self) -> list[InventoryDomain]:
-        return await self._in_thread(lambda: domains.inventory(self._connection()))
+    async def inventory(self, *, fresh_sizes: bool = False) -> list[InventoryDomain]:
+        def look() -> list[InventoryDomain]:
+            known = {} if fresh_sizes else self._sizes
+            found, self._sizes = domains.inventory(self._connection(), known)
+            return found
+        return await self._in_thread(look)
 
     async def image_users(self) -> list[ImageUser]:
         return await self._in_thread(lambda: domains.image_users(self._connection()))

@@ -41,7 +41,9 @@ class InventoryPublisher:
         self.writes = 0  # DiskInventory writes
         self._wake = asyncio.Event()
         self._published: dict[str, object] | None = None  # content last written
-        self._write_owed = True  # a resync (or the first look) must write even if unchanged
+        # A resync is owed (the first look is one, and a failed one is owed again): every
+        # disk's size read again, and the status written even if unchanged (`updated`).
+        self._resync_owed = True
         # Stopped domains' chains read with qemu-img, by image path; forgotten at each resync
         # (an image rebased while its domain is stopped is seen then).
         self._chains: dict[str, tuple[BackingImage, ...]] = {}
@@ -75,7 +77,7 @@ class InventoryPublisher:
                     pass
                 continue  # re-read the timer: an event may have come, or the time be due
             if self.timer.looking(loop.time()):
-                self._write_owed = True
+                self._resync_owed = True
                 self._chains.clear()
             try:
                 await self.publish()
@@ -96,17 +98,18 @@ class InventoryPublisher:
             self.backoff.succeeded()
 
     async def publish(self) -> bool:
-        """One look at libvirt; the DiskInventory written if its content changed (or a
-        write is owed). True when written."""
+        """One look at libvirt (on a resync: every disk's size read again, not only those of
+        new or changed disks); the DiskInventory written if its content changed (or on a
+        resync). True when written."""
         self.looks += 1
-        domains = await self.hv.inventory()
+        domains = await self.hv.inventory(fresh_sizes=self._resync_owed)
         domains = [with_chains(d, await self._read_chains(d)) for d in domains]
         inventory = bounded(self.node_name, timestamp(self.clock()), domains)
         content = inventory.content()
-        if content == self._published and not self._write_owed:
+        if content == self._published and not self._resync_owed:
             return False
         await self.kube.publish_inventory(self.node_name, inventory.to_status())
-        self._published, self._write_owed = content, False
+        self._published, self._resync_owed = content, False
         self.writes += 1
         return True
 

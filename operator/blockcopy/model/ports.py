@@ -86,11 +86,13 @@ class Hypervisor(Protocol):
         definitions, storage volumes resolved to their paths). A stopped domain's backing
         chain is not in its definition (``chain_known`` False): ask ``Images.backing_chain``."""
 
-    async def inventory(self) -> list[InventoryDomain]:
+    async def inventory(self, *, fresh_sizes: bool = False) -> list[InventoryDomain]:
         """Every domain of the node with its disks (device='disk' only), their sources,
         formats, sizes (left out where libvirt cannot tell, e.g. a stopped domain's NBD disk)
-        and backing chains. A stopped domain's backing chain is not in its definition (libvirt
-        finds it at start): empty, for the caller to ask ``Images.backing_images``."""
+        and backing chains. Sizes are read for the disks that are new since the last call
+        (or whose source or domain state changed), for all with ``fresh_sizes``. A stopped
+        domain's backing chain is not in its definition (libvirt finds it at start): empty,
+        for the caller to ask ``Images.backing_images``."""
 
     async def disk_size(self, domain: str, target: str) -> DiskSize:
         """The disk's guest-visible size and what its active image occupies."""
