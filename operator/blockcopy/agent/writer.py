@@ -83,11 +83,14 @@ class StatusWriter:
         except TimeoutError:
             pass
 
+    def _nothing_pending(self) -> bool:
+        return self._pending is None
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending is not None:
             await self._wait_for_slot()
-            if self._pending is None:
+            if self._nothing_pending():  # (a method: mypy keeps the narrowing of the loop)
                 # While this waited, submit() saw the API already holding the newest state
                 # and dropped the pending one: nothing to write (writing None would delete
                 # the whole status, kopf's bookkeeping and startTime with it).
