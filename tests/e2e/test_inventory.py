@@ -1,6 +1,7 @@
 """The node inventory on real parts: the agent as a process, libvirtd and QEMU, the API
 server. A VM shows up in its node's DiskInventory within seconds of its creation (sizes and
-backing chain as libvirt and qemu-img see them), its disk's source changes after a pivot, it
+backing chain as libvirt and qemu-img see them), so does a disk hot-plugged into it, its
+disk's source changes after a pivot, it
 shows Stopped after a destroy (the chains of its qcow2 images read with qemu-img), and it
 disappears after undefine. `kubectl blockcopy move` finds the VM's node and disks there:
 ambiguous when two nodes list it (both agents here share one libvirtd), picked with --node.
@@ -40,7 +41,7 @@ SOON = 15.0  # seconds: an event, at most the 2 s gap between two looks, a look,
 def test_a_vm_in_its_nodes_inventory_from_creation_to_undefine(agent_factory, node, vms,
                                                                blockcopies, api):
     agent_factory()
-    vm = vms("inv", persistent=True, disks=2)
+    vm = vms("inv", persistent=True, disks=2, hotplug=True)
     started = time.monotonic()
     dom = wait_domain(api, node, vm.name, lambda d: d is not None and d.state == "Running",
                       timeout=SOON)
@@ -60,6 +61,21 @@ def test_a_vm_in_its_nodes_inventory_from_creation_to_undefine(agent_factory, no
     updated = dt.datetime.fromisoformat(status["updated"].replace("Z", "+00:00"))
     assert abs((dt.datetime.now(dt.UTC) - updated).total_seconds()) < 60
     print(f"in the inventory {appeared:.1f} s after create_vm returned")
+
+    # A disk hot-plugged (a device-added event): listed within seconds, with its size.
+    extra = str(Path(vm.workdir) / "extra.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", extra, "32M"], check=True)
+    os.chmod(extra, 0o644)
+    virsh("attach-disk", vm.name, extra, "vdc", "--driver", "qemu", "--subdriver", "qcow2",
+          "--targetbus", "virtio", "--live", uri=vm.uri)
+    plugged = time.monotonic()
+    dom = wait_domain(api, node, vm.name,
+                      lambda d: d is not None and d.disk("vdc") is not None, timeout=SOON,
+                      what="the hot-plugged vdc in the inventory")
+    print(f"the hot-plugged disk in the inventory {time.monotonic() - plugged:.1f} s later")
+    vdc = dom.disk("vdc")  # type: ignore[union-attr]
+    assert vdc is not None and (vdc.source, vdc.format, vdc.virtual_size) == \
+        (extra, "qcow2", 32 << 20)
 
     # A pivot (full copy of vda): its source is the copy, no backing chain any more.
     to = Path(vm.workdir) / "moved"

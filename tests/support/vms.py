@@ -349,9 +349,10 @@ def _disk_xml(target: str, top: str) -> str:
 
 def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | None,
                extra_tops: list[str] | tuple[str, ...] = (), metadata: str | None = None,
-               cmdline: str = "") -> str:
+               cmdline: str = "", hotplug: bool = False) -> str:
     """``top`` is vda's active image; ``extra_tops`` those of vdb, vdc, ...;
-    ``metadata`` the XML inside <metadata>, if any; ``cmdline`` extra kernel arguments."""
+    ``metadata`` the XML inside <metadata>, if any; ``cmdline`` extra kernel arguments;
+    ``hotplug``: ACPI on (the pc machine's PCI bus then takes hot-plugged disks)."""
     # The cloud kernel resets while unpacking itself in 64 MiB; it boots in 128 MiB.
     memory, os_extra = (128 if boot else 64), ""
     if boot:
@@ -363,11 +364,12 @@ def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | No
     # No <backingStore> on purpose: libvirt detects the chain from the qcow2 headers.
     disks = "\n".join(_disk_xml(disk_target(i), t) for i, t in enumerate([top, *extra_tops]))
     meta = f"\n  <metadata>{metadata}</metadata>" if metadata else ""
+    features = "\n  <features><acpi/></features>" if hotplug else ""
     return f"""<domain type='qemu'>
   <name>{name}</name>{meta}
   <memory unit='MiB'>{memory}</memory>
   <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type>{os_extra}</os>
+  <os><type arch='x86_64' machine='pc'>hvm</type>{os_extra}</os>{features}
   <on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>
   <devices>
 {disks}
@@ -395,6 +397,7 @@ def create_vm(
     guest_load_mib: int = 0,
     images_dir: str | Path | None = None,
     zeros: str | int = 0,
+    hotplug: bool = False,
 ) -> VM:
     """Create and start a domain. ``name`` is a purpose ('copy' -> 'bct-copy-1a2b3c');
     a name that already starts with 'bct-' is used as is. ``disks`` > 1 adds vdb, vdc...,
@@ -408,7 +411,8 @@ def create_vm(
     its directory goes (default: ``images_root(uri)``, see there); on a session node's URI
     the files are given to that node's user. ``zeros``: that many bytes of zero bytes written
     right after the layers' data into the top image (allocated: data to QEMU, as when a guest
-    writes zeros), for the zero-detection tests and bench."""
+    writes zeros), for the zero-detection tests and bench. ``hotplug``: disks may be
+    hot-plugged (ACPI on)."""
     if not 1 <= disks <= 16:
         raise ValueError(f"disks must be 1 to 16, not {disks}")
     if name is None or not name.startswith(PREFIX):
@@ -454,7 +458,7 @@ def create_vm(
         _give_to_session_user(uri, workdir)
         xml = domain_xml(name, chain[0], console, boot,
                          [c[0] for t, c in chains.items() if t != "vda"], metadata=extra or None,
-                         cmdline=plan.cmdline() if plan else "")
+                         cmdline=plan.cmdline() if plan else "", hotplug=hotplug)
         with libvirt.open(uri) as conn:
             if persistent:
                 dom = conn.defineXML(xml)
