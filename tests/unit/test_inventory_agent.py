@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from blockcopy.agent.inventory import InventoryPublisher
+from blockcopy.agent.inventory import CHAIN_READS, InventoryPublisher
 from blockcopy.core.inventory import LookTimer, inventory_disks
 from blockcopy.model.inventory import BackingImage, DiskType, parse_inventory
 from blockcopy.model.observation import JobEvent
@@ -176,6 +176,29 @@ class TestPublisher:
             assert images.calls == [("backing_images", ("/images/off.qcow2",))]
             await asyncio.sleep(60)
             assert len(images.calls) == 2  # asked again at the resync
+
+    async def test_chains_are_read_a_few_at_once_and_an_unreadable_image_has_none(
+            self, hv, kube, images, looptime):
+        for i in range(10):
+            hv.add_domain(f"off{i}", running=False)
+        images.fail["backing_images"] = "Could not open '/images/off0.qcow2'"
+        running_now, most = 0, 0
+        real = images.backing_images
+
+        async def slow(path: str) -> list[BackingImage]:
+            nonlocal running_now, most
+            running_now += 1
+            most = max(most, running_now)
+            await asyncio.sleep(1)  # qemu-img takes its time
+            running_now -= 1
+            return await real(path)
+        images.backing_images = slow  # type: ignore[method-assign]
+        async with running(hv, kube, images):
+            await asyncio.sleep(5)
+        assert most == CHAIN_READS
+        assert float(kube.inventory_writes[0][0]) == pytest.approx(3.0)  # 10 images, 4 at once
+        off = parse_inventory(published(kube)).find("off3")
+        assert off is not None and off.disks[0].backing_chain == ()  # listed, without a chain
 
     async def test_failures_are_retried_with_back_off_and_logged_once(
             self, hv, kube, images, looptime, caplog):

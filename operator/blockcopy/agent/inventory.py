@@ -18,7 +18,7 @@ from blockcopy.agent.recorder import Clock, utc_now
 from blockcopy.core.backoff import Backoff, Schedule
 from blockcopy.core.inventory import LookTimer, chain_unknown, with_chains
 from blockcopy.core.status import timestamp
-from blockcopy.model.inventory import BackingImage, InventoryDomain, bounded
+from blockcopy.model.inventory import BackingImage, bounded
 from blockcopy.model.observation import JobEvent
 from blockcopy.model.ports import Hypervisor, ImageError, Images, Kube
 
@@ -103,7 +103,9 @@ class InventoryPublisher:
         resync). True when written."""
         self.looks += 1
         domains = await self.hv.inventory(fresh_sizes=self._resync_owed)
-        domains = [with_chains(d, await self._read_chains(d)) for d in domains]
+        await self._read_chains({d.source for dom in domains for d in dom.disks
+                                 if d.source and chain_unknown(dom, d)})
+        domains = [with_chains(d, self._chains) for d in domains]
         inventory = bounded(self.node_name, timestamp(self.clock()), domains)
         content = inventory.content()
         if content == self._published and not self._resync_owed:
@@ -113,9 +115,9 @@ class InventoryPublisher:
         self.writes += 1
         return True
 
-    async def _read_chains(self, domain: InventoryDomain) -> dict[str, tuple[BackingImage, ...]]:
-        paths = {d.source for d in domain.disks if d.source and chain_unknown(domain, d)}
-        missing = sorted(p for p in paths if p not in self._chains)
+    async def _read_chains(self, paths: set[str]) -> None:
+        """qemu-img's backing chains of ``paths`` not read since the last resync, a few at
+        once; an image that cannot be read is listed without a chain."""
         limit = asyncio.Semaphore(CHAIN_READS)
 
         async def read(path: str) -> None:
@@ -126,5 +128,4 @@ class InventoryPublisher:
                     log.debug("no backing chain for %s: %s", path, exc)
                     self._chains[path] = ()
 
-        await asyncio.gather(*(read(p) for p in missing))
-        return {p: self._chains[p] for p in paths}
+        await asyncio.gather(*(read(p) for p in sorted(paths - self._chains.keys())))
