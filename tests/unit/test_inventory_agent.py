@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from blockcopy.agent.inventory import CHAIN_READS, InventoryPublisher
-from blockcopy.core.inventory import LookTimer, inventory_disks
+from blockcopy.core.inventory import LookTimer, block_stats_sizes, inventory_disks
 from blockcopy.model.inventory import BackingImage, DiskType, parse_inventory
 from blockcopy.model.observation import JobEvent
 from support.fakes import FakeHypervisor, FakeImages, FakeKube
@@ -266,3 +266,39 @@ def test_inventory_disks_from_the_domain_xml():
     assert disks["vdc"][0].source == "nbd+unix:///e2?socket=/run/n.sock"
     assert disks["vdd"][0].type == DiskType.VOLUME and disks["vdd"][1] == ("default", "v1")
     assert disks["vde"][0].source is None  # an empty drive
+
+
+# What libvirt 9.0 reported here (virConnectGetAllDomainStats, BLOCK), next to what
+# virDomainGetBlockInfo said for the same disks: running file (6561792 allocated), stopped
+# file (6557696), a running disk in a block copy (its mirror listed as a second vda).
+RUNNING = {"block.count": 1, "block.0.name": "vda", "block.0.path": "/i/top.qcow2",
+           "block.0.backingIndex": 1, "block.0.allocation": 0, "block.0.capacity": 67108864,
+           "block.0.physical": 6561792}
+STOPPED = {"block.count": 1, "block.0.name": "vda", "block.0.path": "/i/off.qcow2",
+           "block.0.allocation": 6557696, "block.0.capacity": 67108864,
+           "block.0.physical": 6619136}
+MIRRORING = {"block.count": 2, "block.0.name": "vda", "block.0.path": "/i/base.qcow2",
+             "block.0.allocation": 0, "block.0.capacity": 67108864,
+             "block.0.physical": 10760192, "block.1.name": "vda",
+             "block.1.path": "/fast/copy.qcow2", "block.1.allocation": 10813440,
+             "block.1.capacity": 67108864, "block.1.physical": 10752000}
+
+
+def test_sizes_from_the_domain_stats_mean_what_block_info_says():
+    assert block_stats_sizes(RUNNING, "vda", "/i/top.qcow2", active=True, file=True) == \
+        (67108864, 6561792)
+    assert block_stats_sizes(STOPPED, "vda", "/i/off.qcow2", active=False, file=True) == \
+        (67108864, 6557696)
+    # A running block device: the highest offset written, as virDomainGetBlockInfo says.
+    assert block_stats_sizes(RUNNING, "vda", "/i/top.qcow2", active=True, file=False) == \
+        (67108864, 0)
+    # In a block copy: the source's entry, not the mirror's.
+    assert block_stats_sizes(MIRRORING, "vda", "/i/base.qcow2", active=True, file=True) == \
+        (67108864, 10760192)
+    assert block_stats_sizes(MIRRORING, "vda", "/fast/copy.qcow2", active=True,
+                             file=True) == (67108864, 10752000)
+    # Busy (NOWAIT: no capacity), another disk, no block stats: not known.
+    busy = {k: v for k, v in RUNNING.items() if not k.endswith(("capacity", "physical"))}
+    assert block_stats_sizes(busy, "vda", "/i/top.qcow2", active=True, file=True) is None
+    assert block_stats_sizes(RUNNING, "vdb", "/i/b.qcow2", active=True, file=True) is None
+    assert block_stats_sizes({}, "vda", "/i/top.qcow2", active=True, file=True) is None

@@ -104,9 +104,9 @@ async def test_the_inventory_of_a_node(hv: LibvirtHypervisor) -> None:
 
 async def test_sizes_are_read_for_new_or_changed_disks_or_when_asked(
         hv: LibvirtHypervisor, monkeypatch: pytest.MonkeyPatch) -> None:
-    """virDomainGetBlockInfo waits for a busy domain's job lock: a look asks it only about
-    disks it has not sized yet (a new domain, another state, another source), or about every
-    disk with fresh_sizes (the publisher's resync)."""
+    """The test driver reports no block stats: sizes come from virDomainGetBlockInfo (which
+    waits for a busy domain's job lock), asked only about disks not sized yet (a new domain,
+    another state, another source), or about every disk with fresh_sizes (the resync)."""
     asked: list[tuple[str, str]] = []
     real = libvirt.virDomain.blockInfo
 

@@ -8,12 +8,13 @@ their disks, sizes."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import libvirt
 
 from blockcopy.core.domainxml import parse_disks, tenant_of
-from blockcopy.core.inventory import inventory_disks
-from blockcopy.model.inventory import DomainState, InventoryDomain
+from blockcopy.core.inventory import block_stats_sizes, inventory_disks
+from blockcopy.model.inventory import DiskType, DomainState, InventoryDisk, InventoryDomain
 from blockcopy.model.observation import ImageUser
 
 
@@ -67,17 +68,23 @@ _STATES = {
 # each where libvirt could not tell.
 SizeKey = tuple[str, DomainState, str, str]
 Sizes = dict[SizeKey, tuple[int | None, int | None]]
+# Domain stats without waiting: a domain busy with a job (starting, stopping, a monitor
+# command, a block job's completion) is reported without the sizes that need QEMU.
+_STATS_FLAGS = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
 
 
 def inventory(conn: libvirt.virConnect, known: Sizes) -> tuple[list[InventoryDomain], Sizes]:
     """Every domain with its disks (``Hypervisor.inventory``): the live definition of a
-    running domain, the persistent one of a stopped domain; sizes from virDomainGetBlockInfo
-    (left out where libvirt cannot tell: a stopped domain's NBD disk, a missing image), read
-    only for disks not in ``known``. Returns the sizes of this look too, for the next one.
-
-    virDomainGetBlockInfo waits for the domain's job lock (a domain starting, stopping or busy
-    with a monitor command holds it for a while): reading every disk's size on every look
-    would make each look as slow as the busiest domain of the node."""
+    running domain, the persistent one of a stopped domain. Sizes as virDomainGetBlockInfo
+    gives them, for the disks not in ``known`` (new, or another source or state), taken from
+    one call for all domains that never waits (virConnectGetAllDomainStats, NOWAIT): a
+    domain's job lock can be held for many seconds (22 s seen here during another session's
+    block job), and virDomainGetBlockInfo waits for it. Where the stats have no size (a busy
+    domain, a stopped domain's NBD disk, a missing image) it is left out and asked again on
+    the next look. A driver without block stats (test://) is asked with
+    virDomainGetBlockInfo. Returns the sizes of this look too, for the next one."""
+    stats = {dom.UUIDString(): st for dom, st in
+             conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_BLOCK, _STATS_FLAGS)}
     out: list[InventoryDomain] = []
     sizes: Sizes = {}
     for dom in conn.listAllDomains(0):
@@ -90,9 +97,11 @@ def inventory(conn: libvirt.virConnect, known: Sizes) -> tuple[list[InventoryDom
                     disk = dataclasses.replace(disk, source=volume_path(conn, volume))
                 if disk.source:  # not an empty drive
                     key = (uuid, state, disk.target, disk.source)
-                    sizes[key] = known[key] if key in known else _size(dom, disk.target)
-                    disk = dataclasses.replace(disk, virtual_size=sizes[key][0],
-                                               allocation=sizes[key][1])
+                    size = known.get(key) or _size(dom, disk, state, stats.get(uuid))
+                    if size is not None:
+                        sizes[key] = size
+                        disk = dataclasses.replace(disk, virtual_size=size[0],
+                                                   allocation=size[1])
                 disks.append(disk)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
@@ -102,11 +111,19 @@ def inventory(conn: libvirt.virConnect, known: Sizes) -> tuple[list[InventoryDom
     return out, sizes
 
 
-def _size(dom: libvirt.virDomain, target: str) -> tuple[int | None, int | None]:
+def _size(dom: libvirt.virDomain, disk: InventoryDisk, state: DomainState,
+          stats: dict[str, Any] | None) -> tuple[int | None, int | None] | None:
+    """From the domain's stats; from virDomainGetBlockInfo where the driver reports no block
+    stats at all. None: not known now (ask again next time)."""
+    assert disk.source
+    if stats is not None and "block.count" in stats:
+        return block_stats_sizes(stats, disk.target, disk.source,
+                                 active=state is not DomainState.STOPPED,
+                                 file=disk.type is DiskType.FILE)
     try:
-        capacity, allocation, _physical = dom.blockInfo(target)
+        capacity, allocation, _physical = dom.blockInfo(disk.target)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             raise
-        return None, None
+        return None, None  # libvirt cannot tell (asked once per source and state)
     return int(capacity), int(allocation)

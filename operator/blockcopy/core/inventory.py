@@ -5,6 +5,8 @@ publisher looks again (events coalesced, a minimum gap, a slow resync). Pure: no
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 from blockcopy.core.domainxml import typed_disks
 from blockcopy.model.inventory import (
@@ -84,3 +86,32 @@ class LookTimer:
         if resync:
             self.last_resync = now
         return resync
+
+
+def block_stats_sizes(stats: Mapping[str, Any], target: str, source: str, *, active: bool,
+                      file: bool) -> tuple[int, int | None] | None:
+    """(capacity, allocation) of the disk ``target`` (whose active image is ``source``) from
+    libvirt's domain stats (virConnectGetAllDomainStats, VIR_DOMAIN_STATS_BLOCK), with
+    allocation meaning what virDomainGetBlockInfo returns: for a running domain's file, the
+    bytes it occupies on the host (QEMU's actual size: the stats' ``physical``), else the
+    stats' ``allocation`` (a running domain's block device: the highest offset written; a
+    stopped domain's image: what its storage allocates). None when the stats have no size
+    for the disk (NOWAIT: a domain busy with a job is reported without its sizes). A disk in
+    a block job is listed twice (its mirror too): the entry of ``source`` is taken."""
+    entries = []
+    for i in range(_int(stats.get("block.count")) or 0):
+        if stats.get(f"block.{i}.name") == target:
+            entries.append(i)
+    chosen = next((i for i in entries if stats.get(f"block.{i}.path") == source),
+                  entries[0] if entries else None)
+    if chosen is None:
+        return None
+    capacity = _int(stats.get(f"block.{chosen}.capacity"))
+    if capacity is None:
+        return None
+    key = "physical" if active and file else "allocation"
+    return capacity, _int(stats.get(f"block.{chosen}.{key}"))
+
+
+def _int(raw: object) -> int | None:
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) else None
