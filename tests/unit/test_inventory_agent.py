@@ -178,7 +178,8 @@ class TestPublisher:
             assert len(images.calls) == 2  # asked again at the resync
 
     async def test_chains_are_read_a_few_at_once_and_an_unreadable_image_has_none(
-            self, hv, kube, images, looptime):
+            self, hv, kube, images, looptime, caplog):
+        caplog.set_level(logging.INFO, logger="blockcopy.agent.inventory")
         for i in range(10):
             hv.add_domain(f"off{i}", running=False)
         images.fail["backing_images"] = "Could not open '/images/off0.qcow2'"
@@ -189,14 +190,17 @@ class TestPublisher:
             nonlocal running_now, most
             running_now += 1
             most = max(most, running_now)
-            await asyncio.sleep(1)  # qemu-img takes its time
+            await asyncio.sleep(2)  # qemu-img takes its time
             running_now -= 1
             return await real(path)
         images.backing_images = slow  # type: ignore[method-assign]
         async with running(hv, kube, images):
-            await asyncio.sleep(5)
+            await asyncio.sleep(8)
         assert most == CHAIN_READS
-        assert float(kube.inventory_writes[0][0]) == pytest.approx(3.0)  # 10 images, 4 at once
+        assert float(kube.inventory_writes[0][0]) == pytest.approx(6.0)  # 10 images, 4 at once
+        # A slow look is logged (what delays the inventory after an event).
+        assert any("look of node hv-1 took 6.0 s (11 domains)" in r.getMessage()
+                   for r in caplog.records)
         off = parse_inventory(published(kube)).find("off3")
         assert off is not None and off.disks[0].backing_chain == ()  # listed, without a chain
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 MIN_GAP = 2.0  # seconds between the starts of two looks
 RETRY = Schedule((2, 5, 10, 30, 60))
 CHAIN_READS = 4  # qemu-img processes at once for stopped domains' chains
+SLOW_LOOK = 5.0  # seconds: a look that takes longer is logged
 
 
 class InventoryPublisher:
@@ -102,9 +103,15 @@ class InventoryPublisher:
         new or changed disks); the DiskInventory written if its content changed (or on a
         resync). True when written."""
         self.looks += 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         domains = await self.hv.inventory(fresh_sizes=self._resync_owed)
         await self._read_chains({d.source for dom in domains for d in dom.disks
                                  if d.source and chain_unknown(dom, d)})
+        took = loop.time() - started
+        if took > SLOW_LOOK:  # what delays the inventory after an event
+            log.info("the inventory look of node %s took %.1f s (%d domains)", self.node_name,
+                     took, len(domains))
         domains = [with_chains(d, self._chains) for d in domains]
         inventory = bounded(self.node_name, timestamp(self.clock()), domains)
         content = inventory.content()
