@@ -174,6 +174,8 @@ class Agent:
 
     def stop(self) -> None:
         self.process.stop()
+        # The node inventory it published (cluster-scoped, named after its node).
+        kubectl("delete", "diskinventory", self.node, "--ignore-not-found")
 
 
 def _verb(record: dict) -> str:
@@ -381,6 +383,7 @@ class Bench:
         writes = collections.Counter(
             r["objectRef"].get("name") for r in records
             if r["verb"] == "patch" and r["objectRef"].get("subresource") == "status"
+            and r["objectRef"].get("resource") == PLURAL  # not the node's DiskInventory
             and window_start <= dt.datetime.fromisoformat(
                 r["requestReceivedTimestamp"].replace("Z", "+00:00")) <= window_end)
         # Requests naming one copy (its claim, status writes...) from the audit log, plus the

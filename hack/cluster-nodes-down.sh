@@ -98,6 +98,9 @@ for name in "${names[@]}"; do
   esac
   if [ "${#KUBECTL[@]}" -gt 0 ]; then
     "${KUBECTL[@]}" delete node "$name" --ignore-not-found --wait=false >/dev/null || status=1
+    # The node inventory its agent published (none where the CRD is not installed).
+    "${KUBECTL[@]}" delete diskinventories.blockcopy.dev "$name" --ignore-not-found \
+      --wait=false >/dev/null 2>&1 || true
   fi
   rm -rf "${NODES_STATE:?}/$name"
 done

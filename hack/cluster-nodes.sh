@@ -171,10 +171,13 @@ save_settings
 start=$SECONDS
 
 # ---------------------------------------------------------------- cluster-wide objects
-# The CRD, as users apply it (only when missing: tests may be working with it right now).
-"${ADMIN[@]}" get crd blockcopies.blockcopy.dev >/dev/null 2>&1 \
-  || "${ADMIN[@]}" apply -f "$REPO/crds/blockcopy.yaml" >/dev/null
-"${ADMIN[@]}" wait --for=condition=Established crd/blockcopies.blockcopy.dev --timeout=60s >/dev/null
+# The CRDs, as users apply them (only when missing: tests may be working with them right now).
+for crd in blockcopy:blockcopies diskinventory:diskinventories; do
+  file=${crd%%:*} name=${crd#*:}.blockcopy.dev
+  "${ADMIN[@]}" get crd "$name" >/dev/null 2>&1 \
+    || "${ADMIN[@]}" apply -f "$REPO/crds/$file.yaml" >/dev/null
+  "${ADMIN[@]}" wait --for=condition=Established "crd/$name" --timeout=60s >/dev/null
+done
 if [ "$NAMESPACES" != "*" ]; then
   for ns in $NAMESPACES; do
     "${ADMIN[@]}" get namespace "$ns" >/dev/null 2>&1 \

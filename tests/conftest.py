@@ -102,11 +102,12 @@ def blockcopies(api, namespace, kubectl) -> BlockCopies:
 
 
 @pytest.fixture
-def agent_factory(namespace, node, tmp_path) -> Iterator[Callable[..., Agent]]:
+def agent_factory(api, namespace, node, tmp_path) -> Iterator[Callable[..., Agent]]:
     """``make(node=<the test's node>, *, start=True, extra_args=(), namespace=<the test's>,
     clusterwide=False, status_interval=0.5, entry=BLOCKCOPY, env=None, kubeconfig=admin)``:
     an agent process watching only the test's namespace (or ``namespace``), unless
-    ``clusterwide``. Stopped at teardown (before the namespace is released), its log printed."""
+    ``clusterwide``. Stopped at teardown (before the namespace is released), its log printed,
+    the DiskInventory it published (named after its node, cluster-scoped) deleted."""
     test_namespace, test_node = namespace, node
     agents: list[Agent] = []
 
@@ -132,6 +133,8 @@ def agent_factory(namespace, node, tmp_path) -> Iterator[Callable[..., Agent]]:
     for agent in agents:
         agent.stop()
         print(f"--- log of agent {agent.node} ---\n{agent.log()[-8000:]}")
+    for name in {agent.node for agent in agents}:
+        isolation.delete_inventory(api, name)
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ from support.agents import free_port
 from support.cluster import apply_crd
 from support.helm import one
 from support.images import assert_identical, image_digest
-from support.isolation import create_namespace, release_namespace, unique
+from support.isolation import create_namespace, delete_inventory, release_namespace, unique
 from support.libvirt_probes import (
     blockjob_text,
     daemon_libvirt_version,
@@ -130,6 +130,9 @@ def release(cluster_node, kubectl, cluster_helm, api, tmp_path_factory):
     cluster_helm.run("uninstall", name, "--namespace", namespace, "--wait", check=False)
     untag_image(f"{IMAGE_REPOSITORY}:{NEXT_TAG}")
     release_namespace(api, kubectl, namespace)
+    # The node inventory its agent published (cluster-scoped, named after the node; an agent
+    # of another release on this node writes it again).
+    delete_inventory(api, cluster_node)
 
 
 def pods(kubectl, namespace: str, release: str) -> list[dict]:

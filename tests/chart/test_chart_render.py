@@ -21,11 +21,14 @@ from packaging.version import Version
 
 from blockcopy.core import policy as agent_policy
 from blockcopy.model.api import GROUP, PLURAL
+from blockcopy.model.inventory import INVENTORY_PLURAL
 from support.helm import USER_ROLES, by_kind, one
-from support.paths import CHART, CRD
+from support.paths import CHART, CRD, CRDS
 
 TOP_CRD = CRD
 CHART_CRD = CHART / "crds" / "blockcopy.yaml"
+# Every CRD of the API (crds/: BlockCopy, DiskInventory), each linked from the chart's crds/.
+TOP_CRDS = sorted(CRDS.glob("*.yaml"))
 
 # A tenant policy (values policy.rules) with every kind of pattern the agent's globs know.
 RULES = [
@@ -90,9 +93,9 @@ def test_helm_lint_strict_is_clean(helm):
 def test_template_renders_the_agent(helm):
     docs = helm.render()
     kinds = sorted(d["kind"] for d in docs)
-    # The agent's ClusterRole, and blockcopy-viewer / blockcopy-editor (userRoles.create).
-    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
-                     "DaemonSet", "Service", "ServiceAccount"]
+    # The agent's ClusterRole, and blockcopy-viewer / -editor / -admin (userRoles.create).
+    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRole",
+                     "ClusterRoleBinding", "DaemonSet", "Service", "ServiceAccount"]
     assert {r["metadata"]["name"] for r in by_kind(docs, "ClusterRole")} >= set(USER_ROLES)
     ds = one(docs, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
@@ -135,6 +138,7 @@ def test_template_with_every_option(helm):
     assert env["BLOCKCOPY_ALLOWED_PATHS"] == "/var/lib/libvirt/images:/srv/vm-storage"
     assert env["BLOCKCOPY_LOG_FORMAT"] == "json"
     assert agent["args"] == ["--status-interval=1", "--progress-budget=10", "--max-active-copies=0",
+                             "--inventory-interval=300",
                              "--verbose"]
     assert agent["image"] == "localhost/blockcopy-operator@sha256:" + "0" * 64
     assert pod["nodeSelector"] == {"blockcopy.dev/hypervisor": "true"}
@@ -225,30 +229,36 @@ def test_servicemonitor_shape(helm):
 
 # ------------------------------------------------------------------ the CRD: one source of truth
 
-def test_chart_crd_is_the_repository_crd():
-    # A symlink (helm lint/template/package follow it and package the file's content), so the
-    # two cannot drift; the byte comparison also covers a checkout that turned it into a copy.
-    assert CHART_CRD.is_symlink(), "charts/blockcopy-operator/crds/blockcopy.yaml must link"
-    assert os.readlink(CHART_CRD) == "../../../crds/blockcopy.yaml"
-    assert CHART_CRD.resolve() == TOP_CRD.resolve()
-    assert filecmp.cmp(CHART_CRD, TOP_CRD, shallow=False)
+def test_chart_crds_are_the_repository_crds():
+    # Symlinks (helm lint/template/package follow them and package the files' content), so
+    # the two cannot drift; the byte comparison also covers a checkout that made them copies.
+    assert [p.name for p in TOP_CRDS] == ["blockcopy.yaml", "diskinventory.yaml"]
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == [p.name for p in TOP_CRDS]
+    for top in TOP_CRDS:
+        linked = CHART / "crds" / top.name
+        assert linked.is_symlink(), f"charts/blockcopy-operator/crds/{top.name} must link"
+        assert os.readlink(linked) == f"../../../crds/{top.name}"
+        assert linked.resolve() == top.resolve()
+        assert filecmp.cmp(linked, top, shallow=False)
 
 
-def test_packaged_chart_carries_the_crd(helm, tmp_path):
+def test_packaged_chart_carries_the_crds(helm, tmp_path):
     helm.run("package", str(CHART), "--destination", str(tmp_path))
     (tgz,) = tmp_path.glob("blockcopy-operator-*.tgz")
     with tarfile.open(tgz) as tar:
-        member = tar.getmember("blockcopy-operator/crds/blockcopy.yaml")
-        assert member.isfile()  # the content, not a dangling link
-        assert tar.extractfile(member).read() == TOP_CRD.read_bytes()
+        for top in TOP_CRDS:
+            member = tar.getmember(f"blockcopy-operator/crds/{top.name}")
+            assert member.isfile()  # the content, not a dangling link
+            assert tar.extractfile(member).read() == top.read_bytes()
     shown = helm.run("show", "crds", str(tgz)).stdout
-    assert yaml.safe_load(shown) == yaml.safe_load(TOP_CRD.read_text())
+    assert [d for d in yaml.safe_load_all(shown) if d] == \
+        [yaml.safe_load(top.read_text()) for top in TOP_CRDS]
 
 
-def test_template_includes_the_crd_only_on_request(helm):
+def test_template_includes_the_crds_only_on_request(helm):
     assert by_kind(helm.render(), "CustomResourceDefinition") == []
-    crd = one(helm.render("--include-crds"), "CustomResourceDefinition")
-    assert crd == yaml.safe_load(TOP_CRD.read_text())
+    crds = by_kind(helm.render("--include-crds"), "CustomResourceDefinition")
+    assert crds == [yaml.safe_load(top.read_text()) for top in TOP_CRDS]
 
 
 # ------------------------------------------------------------------ values.schema.json
@@ -384,6 +394,10 @@ def test_multi_tenancy_parts_are_off_by_default_but_the_user_roles(helm):
 def test_user_roles(helm):
     roles = {r["metadata"]["name"]: r for r in by_kind(helm.render(), "ClusterRole")}
     viewer, editor = roles["blockcopy-viewer"], roles["blockcopy-editor"]
+    # The node inventories name every tenant's VMs: neither role reads them.
+    for role in (viewer, editor):
+        assert not any(r.startswith(INVENTORY_PLURAL) for rule in role["rules"]
+                       for r in rule["resources"])
     labels = viewer["metadata"]["labels"]
     for role in ("view", "edit", "admin"):
         assert labels[f"rbac.authorization.k8s.io/aggregate-to-{role}"] == "true"
@@ -399,6 +413,44 @@ def test_user_roles(helm):
     assert {"create", "update", "patch", "delete"} <= writes
     status = [rule for rule in editor["rules"] if f"{PLURAL}/status" in rule["resources"]]
     assert [rule["verbs"] for rule in status] == [["get"]]  # status is the agent's
+
+
+def test_the_admin_role_reads_the_inventories_and_owns_blockcopies(helm):
+    admin = {r["metadata"]["name"]: r for r in by_kind(helm.render(), "ClusterRole")}[
+        "blockcopy-admin"]
+    # Never aggregated: bound on purpose (cluster-wide: the inventories are cluster-scoped).
+    assert not any(k.startswith("rbac.authorization.k8s.io/aggregate")
+                   for k in admin["metadata"]["labels"])
+    verbs = {(r, v) for rule in admin["rules"] if rule["apiGroups"] == [GROUP]
+             for r in rule["resources"] for v in rule["verbs"]}
+    assert verbs == {
+        *((PLURAL, v) for v in ("get", "list", "watch", "create", "update", "patch", "delete",
+                                "deletecollection")),
+        (f"{PLURAL}/status", "get"),
+        *((r, v) for r in (INVENTORY_PLURAL, f"{INVENTORY_PLURAL}/status")
+          for v in ("get", "list", "watch"))}
+
+
+def test_the_agent_may_publish_its_inventory_unless_it_is_off(helm):
+    def inventory_rules(*args: str) -> list[dict]:
+        (agent_role,) = [d for d in by_kind(helm.render(*args), "ClusterRole")
+                         if d["metadata"]["name"] == "bc-blockcopy-operator"]
+        return [r for r in agent_role["rules"]
+                if any(x.startswith(INVENTORY_PLURAL) for x in r["resources"])]
+
+    def args_of(*args: str) -> list[str]:
+        (agent,) = one(helm.render(*args), "DaemonSet")["spec"]["template"]["spec"][
+            "containers"]
+        return [a for a in agent["args"] if a.startswith("--inventory-interval")]
+
+    assert inventory_rules() == [
+        {"apiGroups": [GROUP], "resources": [INVENTORY_PLURAL], "verbs": ["create"]},
+        {"apiGroups": [GROUP], "resources": [f"{INVENTORY_PLURAL}/status"],
+         "verbs": ["patch"]}]
+    assert args_of() == ["--inventory-interval=300"]
+    assert inventory_rules("--set", "inventoryInterval=0") == []
+    assert args_of("--set", "inventoryInterval=0") == ["--inventory-interval=0"]
+    assert args_of("--set", "inventoryInterval=60") == ["--inventory-interval=60"]
 
 
 def test_policy_rules_become_the_agents_policy_file(helm):

@@ -23,8 +23,11 @@ agent on this machine takes it.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
+import subprocess
+import sys
 import time
 
 import kubernetes
@@ -34,6 +37,7 @@ from kubernetes.client.exceptions import ApiException
 
 from blockcopy.kubectl.names import RESOURCE
 from blockcopy.model.api import FINALIZER, GROUP, KIND, NODE_LABEL, PLURAL, VERSION
+from blockcopy.model.inventory import INVENTORY_PLURAL
 from support.agents import Agent, free_port, http_get
 from support.cluster import apply_crd, custom_objects, token_kubeconfig
 from support.helm import (
@@ -44,12 +48,15 @@ from support.helm import (
     one,
     user_roles_turn,
 )
+from support.inventories import raw_inventory, wait_domain
 from support.isolation import create_namespace, release_namespace, unique, unique_node
 from support.libvirt_probes import live_disk_source, live_mirror
-from support.paths import CHART
+from support.paths import CHART, KUBECTL
 from support.waits import wait_for
 
 pytestmark = pytest.mark.e2e
+
+PLUGIN_BIN = pathlib.Path(sys.executable).parent  # where pip put kubectl-blockcopy
 
 
 def install(helm, namespace: str, name: str, *args: str) -> tuple[str, list[dict]]:
@@ -102,8 +109,8 @@ def sa_kubeconfig(release, kubectl, cluster, tmp_path_factory) -> pathlib.Path:
 def test_install_created_the_release_objects(release, kubectl):
     ns = release["namespace"]
     kinds = sorted(d["kind"] for d in release["docs"])
-    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
-                     "DaemonSet", "Service", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRole",
+                     "ClusterRoleBinding", "DaemonSet", "Service", "ServiceAccount"]
     roles = {d["metadata"]["name"] for d in by_kind(release["docs"], "ClusterRole")}
     assert roles == {agent_role(release["docs"])["metadata"]["name"], *USER_ROLES}
     for doc in release["docs"]:
@@ -157,6 +164,8 @@ def test_rights_are_exactly_the_cluster_role(release, sa_kubeconfig, kubectl):
         (GROUP, PLURAL, "watch"),
         (GROUP, PLURAL, "patch"),
         (GROUP, f"{PLURAL}/status", "patch"),
+        (GROUP, INVENTORY_PLURAL, "create"),
+        (GROUP, f"{INVENTORY_PLURAL}/status", "patch"),
         ("", "events", "create"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
@@ -184,6 +193,9 @@ def can_i(kubectl, kubeconfig, *args: str) -> bool:
     ["delete", "events"], ["patch", "events"], ["list", "events"],
     ["create", "clusterrolebindings.rbac.authorization.k8s.io"],
     ["patch", "daemonsets.apps"],
+    # The node inventory: written blind (create, status patch), never read or deleted.
+    ["get", f"{INVENTORY_PLURAL}.{GROUP}"], ["list", f"{INVENTORY_PLURAL}.{GROUP}"],
+    ["delete", f"{INVENTORY_PLURAL}.{GROUP}"], ["patch", f"{INVENTORY_PLURAL}.{GROUP}"],
 ])
 def test_refused(release, sa_kubeconfig, kubectl, args):
     assert not can_i(kubectl, sa_kubeconfig, *args, "--namespace", release["namespace"])
@@ -263,6 +275,10 @@ def test_agent_as_the_service_account_copies_and_pivots(release, agent, vm, kube
     assert "Pivoted" in reasons, reasons
     status, text = http_get(port(agent, "METRICS"), "/metrics")
     assert status == 200 and "blockcopy" in text
+    # Its node inventory, published with the chart's rights (create, then status patches).
+    wait_domain(custom_objects(), agent.node, vm.name,
+                lambda d: d is not None and d.disk("vda") is not None
+                and d.disk("vda").source == dest)
 
     # Deleting the object: the agent (as the ServiceAccount) removes its finalizer.
     kubectl("delete", RESOURCE, name, "--namespace", ns, "--wait=false")
@@ -392,3 +408,46 @@ def test_spec_guard_enforced_by_the_api_server(kubectl, cluster_helm, cluster, t
                 '{"metadata":{"finalizers":null}}')
     finally:
         cluster_helm.run("uninstall", release_name, "--namespace", namespace, check=False)
+
+
+def test_only_the_admin_role_reads_the_node_inventories(release, kubectl, namespace, node,
+                                                        agent_factory, tmp_path):
+    """The inventories name every tenant's VMs: blockcopy-admin reads them, blockcopy-viewer
+    and blockcopy-editor do not, and `kubectl blockcopy move` says which role it takes."""
+    agent_factory()  # publishes the inventory of the test's node
+    wait_for(lambda: raw_inventory(custom_objects(), node), 30, what=f"the inventory of {node}")
+    identities, bindings = {}, []
+    for role in ("blockcopy-viewer", "blockcopy-editor", "blockcopy-admin"):
+        sa = role.replace("blockcopy-", "inventory-")
+        kubectl("create", "serviceaccount", sa, "--namespace", namespace)
+        bindings.append(f"{sa}-{namespace}")
+        kubectl("create", "clusterrolebinding", bindings[-1], f"--clusterrole={role}",
+                f"--serviceaccount={namespace}:{sa}")
+        identities[role] = token_kubeconfig(kubectl, sa, namespace, tmp_path / f"{sa}.conf")
+    resource = f"{INVENTORY_PLURAL}.{GROUP}"
+    try:
+        for verb in ("get", "list", "watch"):
+            assert can_i(kubectl, identities["blockcopy-admin"], verb, resource)
+            assert not can_i(kubectl, identities["blockcopy-viewer"], verb, resource)
+            assert not can_i(kubectl, identities["blockcopy-editor"], verb, resource)
+        assert not can_i(kubectl, identities["blockcopy-admin"], "patch", resource)
+
+        def move(role: str, expect: int) -> str:
+            env = {**os.environ, "KUBECONFIG": str(identities[role]),
+                   "PATH": f"{PLUGIN_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+            env.pop("KUBERNETES_SERVICE_HOST", None)
+            proc = subprocess.run(
+                [str(KUBECTL), "blockcopy", "move", "bct-nowhere", "--to", "/x", "--node",
+                 node, "-n", namespace, "--dry-run"],
+                env=env, capture_output=True, text=True, timeout=60)
+            assert proc.returncode == expect, (role, proc.returncode, proc.stderr)
+            return proc.stderr
+        for role in ("blockcopy-viewer", "blockcopy-editor"):
+            refused = move(role, 4)
+            assert "forbidden" in refused and "needs the blockcopy-admin ClusterRole" in refused
+        # The admin reads it: the domain is just not there.
+        assert f"no domain 'bct-nowhere' in the node inventory of node '{node}'" in \
+            move("blockcopy-admin", 3)
+    finally:
+        for binding in bindings:
+            kubectl("delete", "clusterrolebinding", binding, "--ignore-not-found")

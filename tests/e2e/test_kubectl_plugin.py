@@ -1,7 +1,8 @@
 """`kubectl blockcopy` end to end: the plugin as installed (the console script kubectl-blockcopy
 of this package, found by the real kubectl on PATH), against the real API server, real QEMU VMs
-(disks discovered from libvirt) and the agent as a real process. Each test checks what the
-plugin printed and its exit code, the objects in the API, and, where the agent acted, libvirt.
+(disks found in the node inventory the agent publishes) and the agent as a real process. Each
+test checks what the plugin printed and its exit code, the objects in the API, and, where the
+agent acted, libvirt.
 
 Isolation (tests/support/isolation.py): every object names the test's node (`move --node`),
 whose agent watches only the test's namespace."""
@@ -21,6 +22,7 @@ import yaml
 from blockcopy.kubectl.names import GROUP_LABEL, RESOURCE
 from blockcopy.model.api import GROUP, PLURAL, VERSION
 from support.images import assert_identical
+from support.inventories import wait_domain
 from support.isolation import unique_node
 from support.libvirt_probes import live_disk_source, live_mirror
 from support.paths import KUBECONFIG, KUBECTL
@@ -82,14 +84,17 @@ def one_line(text: str | None) -> str:
 
 
 def test_move_a_two_disk_vm_list_status_pivot_the_group_and_wait(
-        plugin, agent_factory, node, namespace, vms, blockcopies, tmp_path):
+        plugin, agent_factory, node, namespace, vms, blockcopies, tmp_path, api):
     agent_factory()
     vm = vms("plugin", disks=2)
+    # The plugin reads the disks from the node inventory the agent publishes (seconds after
+    # the VM started).
+    wait_domain(api, node, vm.name, lambda d: d is not None)
     to = dest_dir(vm)
     dests = {t: str(to / os.path.basename(chain[0])) for t, chain in vm.disk_chains.items()}
     names = {t: f"{vm.name}-{t}" for t in ("vda", "vdb")}
 
-    # move: one BlockCopy per disk, the disks read from the live domain in libvirt.
+    # move: one BlockCopy per disk, the disks read from the node's inventory.
     moved = plugin("move", vm.name, "--to", str(to), "--node", node, "--bandwidth", "512Mi")
     for target, name in names.items():
         assert f"{RESOURCE}/{name} created ({vm.name} {target} -> " \
@@ -161,9 +166,10 @@ def test_move_a_two_disk_vm_list_status_pivot_the_group_and_wait(
 
 
 def test_abort_a_copy_while_it_copies_showing_its_rate(plugin, agent_factory, node, vms,
-                                                       blockcopies):
+                                                       blockcopies, api):
     agent_factory()
     vm = vms("plugin-abort", size="256M", data_per_layer="64M")  # 128 MiB to copy
+    wait_domain(api, node, vm.name, lambda d: d is not None)  # --disk checked against it
     to = dest_dir(vm)
     plugin("move", vm.name, "--to", str(to), "--disk", "vda", "--node", node,
            "--bandwidth", "8Mi", "--group", "slow")

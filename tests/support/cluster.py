@@ -12,7 +12,7 @@ import kubernetes
 import yaml
 
 from blockcopy.kubectl.names import RESOURCE
-from support.paths import CACHE, CRD, HACK, HELM, KUBECONFIG, KUBECTL, STATE
+from support.paths import CACHE, CRDS, HACK, HELM, KUBECONFIG, KUBECTL, STATE
 
 
 def bring_up() -> pathlib.Path:
@@ -76,9 +76,13 @@ def core_v1(kubeconfig: pathlib.Path | str = KUBECONFIG) -> kubernetes.client.Co
 
 
 def apply_crd(kubectl: Kubectl) -> subprocess.CompletedProcess[str]:
-    """As users apply it (the API server compiles and enforces its CEL rules)."""
-    proc = kubectl("apply", "-f", str(CRD))
-    kubectl("wait", "--for=condition=Established", f"crd/{RESOURCE}",
+    """Every CRD of crds/ (BlockCopy, DiskInventory), as users apply them (the API server
+    compiles and enforces their CEL rules)."""
+    proc = kubectl("apply", "-f", str(CRDS))
+    names = [yaml.safe_load(p.read_text())["metadata"]["name"]
+             for p in sorted(CRDS.glob("*.yaml"))]
+    assert RESOURCE in names
+    kubectl("wait", "--for=condition=Established", *(f"crd/{n}" for n in names),
             "--timeout=60s")
     return proc
 

@@ -17,6 +17,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from blockcopy.model.api import GROUP, KIND, NODE_LABEL, VERSION, Flag
+from blockcopy.model.inventory import (
+    BackingImage,
+    DiskType,
+    DomainState,
+    InventoryDisk,
+    InventoryDomain,
+)
 from blockcopy.model.observation import (
     DiskInfo,
     DiskState,
@@ -31,6 +38,7 @@ from blockcopy.model.ports import (
     CopyRequest,
     DataMap,
     DiskSize,
+    DomainListener,
     HypervisorError,
     HypervisorUnavailable,
     ImageError,
@@ -84,6 +92,7 @@ class FakeHypervisor:
     def __init__(self) -> None:
         self.domains: dict[str, FakeDomain] = {}
         self.listeners: list[JobListener] = []
+        self.domain_listeners: list[DomainListener] = []
         self.calls: list[tuple[float, str, tuple[Any, ...]]] = []
         self.unreachable = False  # every call raises HypervisorUnavailable
         self.refusals: dict[str, int] = {}  # verb -> how many next calls libvirt refuses
@@ -109,6 +118,12 @@ class FakeHypervisor:
     def emit(self, domain: str, target: str, event: JobEvent) -> None:
         for listener in list(self.listeners):
             listener(self.domains[domain].uuid, target, event)
+
+    def emit_domain(self, domain: str) -> None:
+        """A lifecycle or device event of ``domain`` (or "" after a reconnection)."""
+        uuid = self.domains[domain].uuid if domain else ""
+        for listener in list(self.domain_listeners):
+            listener(uuid)
 
     def progress(self, domain: str, target: str = "vda", *, cur: int, end: int) -> None:
         job = self.disk(domain, target).job
@@ -137,6 +152,9 @@ class FakeHypervisor:
     # -- the interface -----------------------------------------------------------------
     def add_listener(self, listener: JobListener) -> None:
         self.listeners.append(listener)
+
+    def add_domain_listener(self, listener: DomainListener) -> None:
+        self.domain_listeners.append(listener)
 
     async def _enter(self, verb: str, *args: Any) -> None:
         self.calls.append((asyncio.get_running_loop().time(), verb, args))
@@ -238,6 +256,23 @@ class FakeHypervisor:
                 if dom.running:
                     users.extend(ImageUser(path=p, backing=True, **common) for p in disk.chain)
         return users
+
+    async def inventory(self, *, fresh_sizes: bool = False) -> list[InventoryDomain]:
+        """As libvirt shows it: a stopped domain's definition has no backing chain. (Sizes
+        are always the current ones: ``fresh_sizes`` is only recorded.)"""
+        await self._enter("inventory", fresh_sizes)
+        out = []
+        for dom in self.domains.values():
+            disks = tuple(InventoryDisk(
+                target=d.target, type=DiskType.FILE, source=d.source, format=d.format,
+                virtual_size=d.size, allocation=d.allocation,
+                backing_chain=tuple(BackingImage(p, f or None) for p, f in
+                                    zip(d.chain, d.chain_formats or ("",) * len(d.chain),
+                                        strict=True)) if dom.running else ())
+                for d in dom.disks.values())
+            out.append(InventoryDomain(dom.name, dom.uuid, DomainState.RUNNING if dom.running
+                                       else DomainState.STOPPED, disks))
+        return out
 
     async def set_bandwidth(self, domain: str, target: str, bandwidth: int) -> None:
         await self._enter("set_bandwidth", domain, target, bandwidth)
@@ -387,6 +422,10 @@ class FakeImages:
         self._enter("backing_chain", path)
         return list(self.chains.get(path, []))
 
+    async def backing_images(self, path: str) -> list[BackingImage]:
+        self._enter("backing_images", path)
+        return [BackingImage(p, "qcow2") for p in self.chains.get(path, [])]
+
     async def export_size(self, uri: str) -> int:
         self._enter("export_size", uri)
         if uri not in self.export_sizes:
@@ -426,6 +465,9 @@ class FakeKube:
         self.failing = 0  # the next N status patches raise (API outage)
         self.failing_lists = 0  # the next N list_namespace calls raise
         self.unclaimed_queue: asyncio.Queue[dict[str, Any]] | None = None
+        self.inventories: dict[str, dict[str, Any]] = {}  # DiskInventory name -> status
+        self.inventory_writes: list[tuple[float, str]] = []  # (loop time, name)
+        self.failing_inventory = 0  # the next N inventory writes raise
         self._versions = itertools.count(1)
         self._created = itertools.count(0)  # objects made later sort later
 
@@ -482,6 +524,14 @@ class FakeKube:
         self.status_writes.append((asyncio.get_running_loop().time(), name,
                                    copy.deepcopy(status)))
         return True
+
+    async def publish_inventory(self, name: str, status: dict[str, Any]) -> None:
+        await asyncio.sleep(0)
+        if self.failing_inventory:
+            self.failing_inventory -= 1
+            raise ConnectionError("fault injection: the API server is down")
+        self.inventories[name] = merge_patch(self.inventories.get(name) or {}, status)
+        self.inventory_writes.append((asyncio.get_running_loop().time(), name))
 
     async def claim(self, namespace: str, name: str, *, node: str, resource_version: str,
                     finalizers: list[str]) -> bool:

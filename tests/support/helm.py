@@ -19,7 +19,7 @@ from support.paths import CHART, STATE
 # The chart's ClusterRoles for people (userRoles.create) have fixed names: one release per
 # cluster may own them. Test sessions that share the API server take turns (a file lock in
 # the shared state dir), and a release that only needs the agent sets userRoles.create=false.
-USER_ROLES = ("blockcopy-viewer", "blockcopy-editor")
+USER_ROLES = ("blockcopy-viewer", "blockcopy-editor", "blockcopy-admin")
 NO_USER_ROLES = ("--set", "userRoles.create=false")
 
 

@@ -63,7 +63,7 @@ INVALID: tuple[Invalid, ...] = (
             _type("spec.bufSize", "integer")),
     Invalid("granularity-negative", spec(granularity=-1), "non-negative integer",
             "spec.granularity in body should be greater than or equal to 0"),
-    Invalid("convergence-unknown", spec(convergence="fast"), "the only value is 'auto'",
+    Invalid("convergence-unknown", spec(convergence="fast"), "the values are 'auto'",
             'spec.convergence: Unsupported value: "fast"'),
     Invalid("backingchain-unknown", spec(backingChain="move"), "the only value is 'copy'",
             'spec.backingChain: Unsupported value: "move"'),
@@ -223,6 +223,9 @@ NOT_IN_CEL: dict[str, str] = {
     "DestVanished": "the file is on the node, after the start",
     "DestReplaced": "the file is on the node, after the start",
     "DestInUse": "libvirt knows which VMs use an image",
+    "VerifyMismatch": "the check at the switch reads both images while the VM is paused",
+    "NotVerifiable": "whether the images can be read is known on the node (their format, "
+                     "encryption, an NBD export)",
     "DestIsSource": "the disk's current source is libvirt's",
     "DestInSourceChain": "the disk's backing chain is libvirt's",
     "DestConflict": "the backing chain's file names are libvirt's",

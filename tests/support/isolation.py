@@ -7,7 +7,8 @@ share the API server and libvirtd, and their agents may watch every namespace, s
   unless a test needs a cluster-wide agent), so they never take anyone else's objects;
 - leaves nothing behind (`release_namespace`): the finalizers of its BlockCopies are removed
   (their agents are stopped by then) and the namespace is deleted, without waiting
-  (kube-controller-manager's namespace controller removes what is in it)."""
+  (kube-controller-manager's namespace controller removes what is in it); the DiskInventory
+  its agents published, named after its node, is deleted (`delete_inventory`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, cast
 import kubernetes
 
 from blockcopy.model.api import GROUP, PLURAL, VERSION
+from blockcopy.model.inventory import INVENTORY_PLURAL
 from support.cluster import Kubectl
 
 
@@ -57,3 +59,13 @@ def release_namespace(api: kubernetes.client.CustomObjectsApi, kubectl: Kubectl,
             if exc.status != 404:
                 raise
     kubectl("delete", "namespace", namespace, "--wait=false", "--ignore-not-found")
+
+
+def delete_inventory(api: kubernetes.client.CustomObjectsApi, node: str) -> None:
+    """Delete the DiskInventory an agent of ``node`` published (cluster-scoped: no namespace
+    takes it along). Stop the agent first, or it creates it again."""
+    try:
+        api.delete_cluster_custom_object(GROUP, VERSION, INVENTORY_PLURAL, node)
+    except kubernetes.client.exceptions.ApiException as exc:
+        if exc.status != 404:  # never published (or no CRD)
+            raise

@@ -10,7 +10,9 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 HACK = ROOT / "hack"
-CRD = ROOT / "crds" / "blockcopy.yaml"
+CRDS = ROOT / "crds"  # every CRD of the API: BlockCopy, DiskInventory
+CRD = CRDS / "blockcopy.yaml"
+INVENTORY_CRD = CRDS / "diskinventory.yaml"
 CHART = ROOT / "charts" / "blockcopy-operator"
 EXAMPLES = ROOT / "examples"
 

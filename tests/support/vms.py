@@ -402,10 +402,11 @@ def _disk_xml(target: str, top: str, secret_uuid: str = "") -> str:
 
 def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | None,
                extra_tops: list[str] | tuple[str, ...] = (), metadata: str | None = None,
-               cmdline: str = "", secret_uuid: str = "") -> str:
+               cmdline: str = "", secret_uuid: str = "", hotplug: bool = False) -> str:
     """``top`` is vda's active image; ``extra_tops`` those of vdb, vdc, ...;
     ``metadata`` the XML inside <metadata>, if any; ``cmdline`` extra kernel arguments;
-    ``secret_uuid``: vda is LUKS-encrypted, its passphrase in that libvirt secret."""
+    ``secret_uuid``: vda is LUKS-encrypted, its passphrase in that libvirt secret;
+    ``hotplug``: ACPI on (the pc machine's PCI bus then takes hot-plugged disks)."""
     # The cloud kernel resets while unpacking itself in 64 MiB; it boots in 128 MiB.
     memory, os_extra = (128 if boot else 64), ""
     if boot:
@@ -418,11 +419,12 @@ def domain_xml(name: str, top: str, console_log: str, boot: tuple[str, str] | No
     disks = "\n".join(_disk_xml(disk_target(i), t, secret_uuid if i == 0 else "")
                       for i, t in enumerate([top, *extra_tops]))
     meta = f"\n  <metadata>{metadata}</metadata>" if metadata else ""
+    features = "\n  <features><acpi/></features>" if hotplug else ""
     return f"""<domain type='qemu'>
   <name>{name}</name>{meta}
   <memory unit='MiB'>{memory}</memory>
   <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type>{os_extra}</os>
+  <os><type arch='x86_64' machine='pc'>hvm</type>{os_extra}</os>{features}
   <on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>
   <devices>
 {disks}
@@ -453,6 +455,7 @@ def create_vm(
     encrypted: bool = False,
     extra_writes: list[tuple[int, int, int]] | None = None,
     start: bool = True,
+    hotplug: bool = False,
 ) -> VM:
     """Create and start a domain. ``name`` is a purpose ('copy' -> 'bct-copy-1a2b3c');
     a name that already starts with 'bct-' is used as is. ``disks`` > 1 adds vdb, vdc...,
@@ -466,11 +469,12 @@ def create_vm(
     its directory goes (default: ``images_root(uri)``, see there); on a session node's URI
     the files are given to that node's user. ``zeros``: that many bytes of zero bytes written
     right after the layers' data into the top image (allocated: data to QEMU, as when a guest
-    writes zeros), for the zero-detection tests and bench. ``encrypted``: vda is one LUKS qcow2 image
-    (layers=1), its passphrase in a libvirt secret (VM.luks, VM.secret_uuid; undefined with
-    the domain). ``extra_writes``: (pattern byte, offset, length) written into vda's top
-    image after its layers (pattern 0: real zero bytes). ``start=False`` (with
-    ``persistent``): the domain is defined, shut off."""
+    writes zeros), for the zero-detection tests and bench. ``encrypted``: vda is one LUKS
+    qcow2 image (layers=1), its passphrase in a libvirt secret (VM.luks, VM.secret_uuid;
+    undefined with the domain). ``extra_writes``: (pattern byte, offset, length) written into
+    vda's top image after its layers (pattern 0: real zero bytes). ``start=False`` (with
+    ``persistent``): the domain is defined, shut off. ``hotplug``: disks may be hot-plugged
+    (ACPI on)."""
     if not 1 <= disks <= 16:
         raise ValueError(f"disks must be 1 to 16, not {disks}")
     if encrypted and (layers != 1 or disks != 1):
@@ -530,7 +534,8 @@ def create_vm(
         _give_to_session_user(uri, workdir)
         xml = domain_xml(name, chain[0], console, boot,
                          [c[0] for t, c in chains.items() if t != "vda"], metadata=extra or None,
-                         cmdline=plan.cmdline() if plan else "", secret_uuid=secret_uuid)
+                         cmdline=plan.cmdline() if plan else "", secret_uuid=secret_uuid,
+                         hotplug=hotplug)
         with libvirt.open(uri) as conn:
             if persistent:
                 dom = conn.defineXML(xml)

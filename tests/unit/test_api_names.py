@@ -1,7 +1,8 @@
-"""The API's names (blockcopy.model.api) where files that cannot import them spell them out:
-the RBAC and admission rules of the chart's templates, the examples, and the audit policy of
-hack/cluster-up.sh (`make bench` counts the agent's requests from it). The CRD's names are
-checked by test_crd.py; the rendered chart (helm) by tests/chart."""
+"""The API's names (blockcopy.model.api, .inventory) where files that cannot import them
+spell them out: the RBAC and admission rules of the chart's templates (BlockCopies,
+DiskInventories), the examples, and the audit policy of hack/cluster-up.sh (`make bench`
+counts the agent's requests from it). The CRD's names are checked by test_crd.py; the
+rendered chart (helm) by tests/chart."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from blockcopy.model.api import GROUP, KIND, PLURAL, VERSION
+from blockcopy.model.inventory import INVENTORY_PLURAL
 from support.paths import CHART, EXAMPLES, HACK
 
 TEMPLATES = sorted((CHART / "templates").glob("*.yaml"))
@@ -44,7 +46,8 @@ def test_every_rule_of_the_chart_names_our_group_and_resources_as_the_code_does(
         for groups, resources in rules(template.read_text()):
             for group in filter(ours, groups):
                 assert group == GROUP, f"{template.name}: apiGroups {groups}"
-                assert set(resources) <= {PLURAL, f"{PLURAL}/status"}, \
+                assert set(resources) <= {PLURAL, f"{PLURAL}/status", INVENTORY_PLURAL,
+                                          f"{INVENTORY_PLURAL}/status"}, \
                     f"{template.name}: resources {resources}"
                 named[template.name] = resources
     # The agent's ClusterRole, the user roles, the admission policy and the spec guard.

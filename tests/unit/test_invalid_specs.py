@@ -29,7 +29,7 @@ NOT_A_REFUSAL = {"Started", "Queued", "Preparing", "Pivoted", "Aborted", "Adopte
                  "AbortedBeforeStart", "WaitingForGroup", "WaitingForLayers", "JobFailed",
                  "JobCanceled", "JobLost", "PivotFailed", "PivotRefused", "CopyRefused",
                  "PreparationFailed", "LayerCopyFailed", "ChainChanged", "DomainStopped",
-                 "DomainGone"}
+                 "DomainGone", "Match", "NotAsked", "NotVerified"}
 
 
 def _raise_site(exc: BaseException) -> int:

@@ -1,7 +1,7 @@
-"""The kubectl plugin's own logic, without an API server: disks from a domain's XML (and from
-libvirt's test driver, a real libvirt connection to a fake hypervisor), destination naming,
-the manifests `move` makes, the table, `wait`'s verdicts, arguments and their exit codes.
-Against the real API server, VMs and agent: tests/e2e/test_kubectl_plugin.py."""
+"""The kubectl plugin's own logic, without an API server: destination naming, the manifests
+`move` makes, the table, `wait`'s verdicts, arguments and their exit codes (`move` from the
+node inventories: test_kubectl_inventory.py). Against the real API server, VMs and agent:
+tests/e2e/test_kubectl_plugin.py."""
 
 from __future__ import annotations
 
@@ -15,40 +15,7 @@ from blockcopy.kubectl import text as render
 from blockcopy.kubectl.manifests import Disk
 from blockcopy.model.api import GROUP, KIND, VERSION
 
-NODE_XML = """<node>
-  <domain type='test'>
-    <name>web-1</name><memory>65536</memory><os><type>hvm</type></os>
-    <devices>
-      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-        <source file='/images/a/top.qcow2'/><target dev='vda' bus='virtio'/></disk>
-      <disk type='block' device='disk'><driver name='qemu' type='raw'/>
-        <source dev='/dev/vg0/web-1-data'/><target dev='vdb' bus='virtio'/></disk>
-      <disk type='network' device='disk'><driver name='qemu' type='raw'/>
-        <source protocol='nbd' name='exp'><host name='10.0.0.5' port='10809'/></source>
-        <target dev='vdc' bus='virtio'/></disk>
-      <disk type='file' device='cdrom'><source file='/isos/x.iso'/>
-        <target dev='sda' bus='sata'/><readonly/></disk>
-    </devices>
-  </domain>
-  <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
-    <name>off-1</name><memory>65536</memory><os><type>hvm</type></os>
-    <devices><disk type='file' device='disk'><source file='/images/off.qcow2'/>
-      <target dev='vda' bus='virtio'/></disk></devices>
-    <test:runstate>5</test:runstate>
-  </domain>
-</node>"""
-
-
 # ------------------------------------------------------------------ disks and destinations
-
-
-def test_disks_from_xml_keeps_disks_only():
-    xml = NODE_XML.split("<node>")[1].split("</domain>")[0] + "</domain>"
-    assert manifests.disks_from_xml(xml) == [
-        Disk("vda", "/images/a/top.qcow2", "qcow2"),
-        Disk("vdb", "/dev/vg0/web-1-data", "raw"),
-        Disk("vdc", None, "raw"),  # a network disk has no path: named after the VM
-    ]
 
 
 def test_dests_are_the_sources_file_names_unless_ambiguous():
@@ -180,17 +147,19 @@ def test_phases_in_any_case():
 # ------------------------------------------------------------------ the command line
 
 
-def test_move_named_disks_without_an_inventory(capsys):
+def test_move_named_disks_without_an_inventory(capsys, monkeypatch, tmp_path):
     assert main.main(["move", "far-1", "--to", "/new", "--disk", "vda",
                         "-n", "vms", "--dry-run"]) == errors.OK
     captured = capsys.readouterr()
     assert "destinations are named far-1-<disk>.qcow2" in captured.err
     (body,) = yaml.safe_load_all(captured.out)
     assert body["spec"]["dest"] == "/new/far-1-vda.qcow2"
-    # Without --disk, the node inventory must tell.
+    # Without --disk, the node inventory must tell: the API server is asked, even for a dry
+    # run (tests/unit/test_kubectl_inventory.py); here there is none to ask.
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
     assert main.main(["move", "far-1", "--to", "/new", "-n", "vms",
                         "--dry-run"]) == errors.FAILURE
-    assert "name the disks with --disk" in capsys.readouterr().err
+    assert "cannot load the kubeconfig" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -25,11 +25,13 @@ import libvirtaio
 from blockcopy.adapters import domains, monitor
 from blockcopy.core.domainxml import dest_disk_xml, parse_disk, tenant_of
 from blockcopy.model.api import Flag
+from blockcopy.model.inventory import InventoryDomain
 from blockcopy.model.observation import DiskState, ImageUser, JobEvent, JobProgress
 from blockcopy.model.ports import (
     Capabilities,
     CopyRequest,
     DiskSize,
+    DomainListener,
     HypervisorError,
     HypervisorUnavailable,
     JobListener,
@@ -97,12 +99,33 @@ class LibvirtHypervisor:
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
         self._listeners: list[JobListener] = []
-        self._callback_id: int | None = None
+        self._domain_listeners: list[DomainListener] = []
+        self._callback_ids: list[int] = []
         self._capabilities: Capabilities | None = None  # of the current connection
+        self._sizes: domains.Sizes = {}  # the inventory's disk sizes of its last look
 
     # -- connection and error classification ----------------------------------------
     def add_listener(self, listener: JobListener) -> None:
         self._listeners.append(listener)
+
+    def add_domain_listener(self, listener: DomainListener) -> None:
+        self._domain_listeners.append(listener)
+
+    def _on_domain(self, dom: libvirt.virDomain | None) -> None:
+        domain_uuid = dom.UUIDString() if dom is not None else ""
+        for listener in list(self._domain_listeners):
+            try:
+                listener(domain_uuid)
+            except Exception:
+                log.exception("domain listener failed")
+
+    def _on_lifecycle(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, _event: int,
+                      _detail: int, _opaque: object) -> None:
+        self._on_domain(dom)
+
+    def _on_device(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, _alias: str,
+                   _opaque: object) -> None:
+        self._on_domain(dom)
 
     def _on_block_job(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, disk: str,
                       _job_type: int, status: int, _opaque: object) -> None:
@@ -139,8 +162,14 @@ class LibvirtHypervisor:
                 except libvirt.libvirtError as exc:
                     if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
                         raise
-                self._callback_id = conn.domainEventRegisterAny(
-                    None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None)
+                self._callback_ids = [conn.domainEventRegisterAny(None, event_id, callback, None)
+                                      for event_id, callback in (
+                    (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job),
+                    (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
+                    (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self._on_device),
+                    (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device))]
+                # Events may have been missed while there was no connection.
+                _event_impl_loop.call_soon_threadsafe(self._on_domain, None)
             self._conn = conn
             self._capabilities = None  # learned again on the next ask
             return conn
@@ -148,7 +177,7 @@ class LibvirtHypervisor:
     def _drop(self) -> None:
         """Forget a connection that went bad (libvirt frees it; no calls on it any more)."""
         self._conn = None
-        self._callback_id = None
+        self._callback_ids = []
 
     def _connection_works(self) -> bool:
         """Is the current connection alive, and does a trivial call on it succeed?"""
@@ -184,8 +213,8 @@ class LibvirtHypervisor:
         with self._lock:
             if self._conn is not None:
                 try:
-                    if self._callback_id is not None:
-                        self._conn.domainEventDeregisterAny(self._callback_id)
+                    for callback_id in self._callback_ids:
+                        self._conn.domainEventDeregisterAny(callback_id)
                     self._conn.close()
                 except libvirt.libvirtError:
                     pass
@@ -319,29 +348,11 @@ class LibvirtHypervisor:
             lambda: self._domain(domain).blockInfo(target))
         return DiskSize(capacity=int(capacity), allocation=int(allocation))
 
-    def _quiesce(self, domain: str) -> str:
-        dom = self._domain(domain)
-        try:
-            dom.agentSetResponseTimeout(5, 0)  # an agent that does not answer: 5 s at most
-            dom.fsFreeze()
-            return "frozen"
-        except libvirt.libvirtError as exc:  # no guest agent, or it does not answer
-            log.info("cannot freeze the file systems of %s (%s); suspending it", domain,
-                     exc.get_error_message())
-        dom.suspend()
-        return "suspended"
-
     async def quiesce(self, domain: str) -> str:
-        return await self._in_thread(lambda: self._quiesce(domain))
+        return await self._in_thread(lambda: domains.quiesce(self._domain(domain)))
 
     async def unquiesce(self, domain: str, how: str) -> None:
-        def undo() -> None:
-            dom = self._domain(domain)
-            if how == "frozen":
-                dom.fsThaw()
-            elif how == "suspended" and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                dom.resume()
-        await self._in_thread(undo)
+        await self._in_thread(lambda: domains.unquiesce(self._domain(domain), how))
 
     async def pause(self, domain: str, owner: str) -> bool:
         return await self._in_thread(lambda: domains.pause(self._domain(domain), owner))
@@ -363,6 +374,13 @@ class LibvirtHypervisor:
 
     async def flush_images(self, domain: str) -> None:
         await self._in_thread(lambda: monitor.flush_images(self._domain(domain)))
+
+    async def inventory(self, *, fresh_sizes: bool = False) -> list[InventoryDomain]:
+        def look() -> list[InventoryDomain]:
+            known = {} if fresh_sizes else self._sizes
+            found, self._sizes = domains.inventory(self._connection(), known)
+            return found
+        return await self._in_thread(look)
 
     async def image_users(self) -> list[ImageUser]:
         return await self._in_thread(lambda: domains.image_users(self._connection()))

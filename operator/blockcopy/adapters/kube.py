@@ -16,6 +16,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from blockcopy.model.api import GROUP, NODE_LABEL, PLURAL, VERSION
+from blockcopy.model.inventory import INVENTORY_KIND, INVENTORY_PLURAL
 from blockcopy.model.ports import ObjectRef
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,30 @@ class KubeClient:
                 return False
             raise
         return True
+
+    async def publish_inventory(self, name: str, status: dict[str, Any]) -> None:
+        """Patch the status; when the object is missing (404), create it (an empty object:
+        the API server drops status on create) and patch again. The agent needs create on
+        diskinventories and patch on diskinventories/status, nothing else."""
+        def patch() -> None:
+            self._api.patch_cluster_custom_object_status(GROUP, VERSION, INVENTORY_PLURAL,
+                                                         name, {"status": status})
+
+        try:
+            await asyncio.to_thread(patch)
+            return
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": INVENTORY_KIND,
+                "metadata": {"name": name}}
+        try:
+            await asyncio.to_thread(self._api.create_cluster_custom_object, GROUP, VERSION,
+                                    INVENTORY_PLURAL, body)
+        except ApiException as exc:
+            if exc.status != 409:  # created meanwhile (another agent of the same node name)
+                raise
+        await asyncio.to_thread(patch)
 
     async def list_namespace(self, namespace: str) -> list[dict[str, Any]]:
         listed: Any = await asyncio.to_thread(

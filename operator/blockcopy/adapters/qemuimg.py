@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 
 from blockcopy.adapters import imageread
+from blockcopy.model.inventory import BackingImage
 from blockcopy.model.ports import DataMap, ImageError, ImageInfo
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,13 @@ class QemuImg:
         raise ImageError(f"qemu-img compare failed: {text}")
 
     async def backing_chain(self, path: str) -> list[str]:
+        return [image.path for image in await self.backing_images(path)]
+
+    async def backing_images(self, path: str) -> list[BackingImage]:
         # -U: the image may be open by a running QEMU; only its header chain is read.
         data = json.loads(await _run("info", "-U", "--backing-chain", "--output=json", path))
-        return [os.path.realpath(layer["filename"]) for layer in data[1:]]
+        return [BackingImage(os.path.realpath(layer["filename"]), layer.get("format"))
+                for layer in data[1:]]
 
     async def export_size(self, uri: str) -> int:
         data = json.loads(await _run("info", "--output=json", "-f", "raw", uri,

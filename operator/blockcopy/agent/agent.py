@@ -15,6 +15,7 @@ from typing import Any
 from blockcopy.agent.claimer import Claimer
 from blockcopy.agent.follower import Follower, FollowSettings
 from blockcopy.agent.groups import Groups, key_of
+from blockcopy.agent.inventory import InventoryPublisher
 from blockcopy.agent.loop import StopSignal
 from blockcopy.agent.recorder import Clock, Recorder, phase_of, utc_now
 from blockcopy.agent.starter import StartSettings
@@ -64,6 +65,7 @@ class AgentConfig:
     max_active_copies: int = 0  # copies running at once on this node; 0: no limit
     liveness_port: int = 0  # 0: no liveness endpoint
     metrics_port: int = 0  # 0: no metrics endpoint
+    inventory_interval: float = 300.0  # the inventory's slow resync; 0: no inventory
 
 
 class Agent:
@@ -90,6 +92,12 @@ class Agent:
         self._start_lock = asyncio.Lock()  # starts are serialized: one job per disk
         self._claimer_task: asyncio.Task[None] | None = None
         self._libvirt_task: asyncio.Task[None] | None = None
+        self.inventory: InventoryPublisher | None = None
+        if config.inventory_interval > 0:
+            self.inventory = InventoryPublisher(
+                node_name=config.node_name, hv=hv, images=images, kube=kube,
+                resync_interval=config.inventory_interval, clock=clock)
+        self._inventory_task: asyncio.Task[None] | None = None
         hv.add_listener(self._on_job_event)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -125,8 +133,13 @@ class Agent:
                         "at the switch and did not resume it", name)
         return resumed
 
+    def start_inventory(self) -> None:
+        """Publish this node's DiskInventory (unless --inventory-interval 0)."""
+        if self.inventory is not None:
+            self._inventory_task = asyncio.create_task(self.inventory.run(), name="inventory")
+
     async def stop(self) -> None:
-        for task in (self._claimer_task, self._libvirt_task):
+        for task in (self._claimer_task, self._libvirt_task, self._inventory_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

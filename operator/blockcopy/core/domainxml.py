@@ -73,6 +73,13 @@ def parse_disks(domain_xml: str) -> list[DiskInfo]:
     return [_disk_info(disk) for disk in ET.fromstring(domain_xml).iterfind("./devices/disk")]
 
 
+def typed_disks(domain_xml: str) -> list[tuple[str, str, DiskInfo]]:
+    """Every ``<disk>`` as (device: disk, cdrom, floppy, lun; type: file, block, network,
+    volume...; the disk as plain data)."""
+    return [(disk.get("device") or "disk", disk.get("type") or "file", _disk_info(disk))
+            for disk in ET.fromstring(domain_xml).iterfind("./devices/disk")]
+
+
 def _disk_info(disk: ET.Element) -> DiskInfo:
     """One ``<disk>`` element as plain data."""
     target_elem = disk.find("target")

@@ -7,11 +7,13 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from blockcopy.kubectl.errors import NOT_FOUND, PluginError
-from blockcopy.kubectl.manifests import Disk
+from blockcopy.kubectl.errors import NOT_FOUND, InventoryCannotTell, PluginError
 from blockcopy.kubectl.names import RESOURCE
 from blockcopy.kubectl.text import group_of
 from blockcopy.model.api import GROUP, PLURAL, VERSION
+from blockcopy.model.inventory import INVENTORY_PLURAL
+
+INVENTORY_RESOURCE = f"{INVENTORY_PLURAL}.{GROUP}"
 
 
 class Cluster:
@@ -23,8 +25,10 @@ class Cluster:
 
         self._kubernetes = kubernetes
         config = kubernetes.config
-        default = os.path.expanduser(config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION)
+        # KUBECONFIG read now: the client library reads it once, when first imported.
+        default = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
         have_file = kubeconfig or any(os.path.exists(p) for p in default.split(os.pathsep))
+        kubeconfig = kubeconfig or default
         try:
             if have_file or not os.environ.get("KUBERNETES_SERVICE_HOST"):
                 client = config.new_client_from_config(config_file=kubeconfig, context=context)
@@ -65,7 +69,7 @@ class Cluster:
         if exc.status == 404:
             if "the server could not find the requested resource" in message:
                 return PluginError(f"{what}: the API server does not know BlockCopies "
-                                   f"({RESOURCE}): is the CRD installed?")
+                                   f"({RESOURCE}): is the CRD installed?", status=404)
             return PluginError(f"{what}: not found", NOT_FOUND, status=404)
         return PluginError(f"{what}: {message}", status=exc.status)
 
@@ -92,10 +96,37 @@ class Cluster:
                           f"{meta['namespace']!r}", self.api.create_namespaced_custom_object,
                           GROUP, VERSION, meta["namespace"], PLURAL, body, **kw)
 
-    def inventory_disks(self, domain: str, node: str | None  # noqa: ARG002
-                        ) -> tuple[str, list[Disk]] | None:
-        """The domain's disks from the node inventory, or None: no inventory yet."""
-        return None
+    def inventories(self, node: str | None) -> list[dict[str, Any]]:
+        """The DiskInventory of ``node``, or every one. InventoryCannotTell (with the reason)
+        when there is none to read: no agent published one, the CRD is not installed, or the
+        user may not read them (the blockcopy-admin ClusterRole may)."""
+        what = f"reading the node inventory of {node!r}" if node else \
+            "listing the node inventories"
+        try:
+            if node is not None:
+                return [self._call(what, self.api.get_cluster_custom_object, GROUP, VERSION,
+                                   INVENTORY_PLURAL, node)]
+            found = self._call(what, self.api.list_cluster_custom_object, GROUP, VERSION,
+                               INVENTORY_PLURAL)["items"]
+        except PluginError as exc:
+            if exc.status == 404 and exc.code != NOT_FOUND:
+                raise InventoryCannotTell(f"{what}: the API server does not know node "
+                                          f"inventories ({INVENTORY_RESOURCE}): install the "
+                                          "CRD (the chart's crds/)") from None
+            if exc.status == 404:
+                raise InventoryCannotTell(f"node {node!r} has no node inventory (its agent "
+                                          "is not running, or runs with --inventory-interval "
+                                          "0)", NOT_FOUND) from None
+            if exc.status == 403:
+                raise InventoryCannotTell(f"{exc}: reading the node inventories (they name "
+                                          "every tenant's VMs) needs the blockcopy-admin "
+                                          "ClusterRole") from None
+            raise
+        if not found:
+            raise InventoryCannotTell("no node inventory in the API server (no agent "
+                                      "publishes one: agents older than the inventory, or "
+                                      "--inventory-interval 0)")
+        return cast(list[dict[str, Any]], found)
 
     def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         return self._call(f"patching blockcopy {name!r} in namespace {namespace!r}",

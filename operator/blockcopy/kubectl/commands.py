@@ -21,6 +21,7 @@ from blockcopy.kubectl.errors import (
     InventoryCannotTell,
     PluginError,
 )
+from blockcopy.kubectl.inventory import disks_to_move, find_domain, parsed
 from blockcopy.kubectl.manifests import Disk, manifests
 from blockcopy.kubectl.names import GROUP_LABEL, RESOURCE, TERMINAL
 from blockcopy.kubectl.text import (
@@ -36,14 +37,14 @@ from blockcopy.model.api import SpecError, parse_bandwidth
 
 
 def domain_disks(cluster: Cluster | None, domain: str, node: str | None
-                 ) -> tuple[str, list[Disk]]:
-    """(the domain's name, its disks), as the agents publish them in the API server (the
-    node inventory); InventoryCannotTell when no inventory describes the domain."""
-    found = cluster.inventory_disks(domain, node) if cluster is not None else None
-    if found is None:
-        raise InventoryCannotTell(f"no node inventory in the API server describes domain "
-                                f"{domain!r}")
-    return found
+                 ) -> tuple[str, str, list[Disk]]:
+    """(the domain's name, its node, its disks), as the agents publish them in the API server
+    (the node inventories); InventoryCannotTell when no inventory describes the domain."""
+    if cluster is None:
+        raise InventoryCannotTell("the node inventories were not read (--dry-run with -n and "
+                                  "--disk works offline)")
+    inv, dom = find_domain(parsed(cluster.inventories(node)), domain, node)
+    return dom.name, inv.node_name, disks_to_move(inv, dom)
 
 
 def out(text: str = "") -> None:
@@ -67,11 +68,12 @@ def cmd_move(args: argparse.Namespace, cluster: Cluster, namespace: str) -> int:
     bad = [t for t in wanted if "/" in t]
     if bad:
         raise PluginError(f"--disk takes disk targets such as vda, not paths: {bad[0]}", USAGE)
-    domain = args.vm
+    domain, node = args.vm, args.node
     if wanted:
-        # libvirt, when reachable here, tells the sources (destination names) and typos.
+        # The node inventory, when readable, tells the node, the sources (destination names)
+        # and typos.
         try:
-            domain_name, found = domain_disks(cluster, args.vm, args.node)
+            domain_name, node_name, found = domain_disks(cluster, args.vm, args.node)
         except InventoryCannotTell as exc:
             note(f"note: {exc}: destinations are named {args.vm}-<disk>.qcow2")
             disks = [Disk(t) for t in wanted]
@@ -81,16 +83,17 @@ def cmd_move(args: argparse.Namespace, cluster: Cluster, namespace: str) -> int:
             if missing:
                 raise PluginError(f"domain {domain_name!r} has no disk {missing[0]!r} (its "
                                   f"disks: {', '.join(known) or 'none'})", NOT_FOUND)
-            domain, disks = domain_name, [known[t] for t in wanted]
+            domain, node, disks = domain_name, node_name, [known[t] for t in wanted]
     else:
         try:
-            domain, disks = domain_disks(cluster, args.vm, args.node)
+            domain, node, disks = domain_disks(cluster, args.vm, args.node)
         except InventoryCannotTell as exc:
             raise PluginError(f"{exc}{exc.HINT}", exc.code) from None
         if not disks:
-            raise PluginError(f"domain {domain!r} has no disks to copy", NOT_FOUND)
+            raise PluginError(f"domain {domain!r} on node {node!r} has no disks to copy",
+                              NOT_FOUND)
     group = args.group or domain
-    bodies = manifests(domain=domain, disks=disks, to_dir=to_dir, group=group, node=args.node,
+    bodies = manifests(domain=domain, disks=disks, to_dir=to_dir, group=group, node=node,
                        pivot=args.pivot, bandwidth=args.bandwidth, namespace=namespace,
                        prefix=args.prefix)
     if args.dry_run:

@@ -23,7 +23,7 @@ class PluginError(Exception):
 
 
 class InventoryCannotTell(PluginError):
-    """No node inventory in the API server describes the domain (no agent publishes one, or
-    the domain is not there)."""
+    """No node inventory in the API server describes the domain (no agent publishes one, the
+    CRD is missing, the user may not read them, or the domain is not there)."""
 
     HINT = " (name the disks with --disk)"

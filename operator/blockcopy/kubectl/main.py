@@ -9,7 +9,6 @@ status and the agents' node inventory. Imports: stdlib, kubernetes, yaml and
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -22,7 +21,8 @@ from blockcopy.kubectl.names import PHASES
 from blockcopy.kubectl.text import canonical_phase, parse_duration
 
 EXAMPLES = """examples:
-  kubectl blockcopy move web-1 --to /var/lib/libvirt/images/fast      # every disk, from libvirt
+  kubectl blockcopy move web-1 --to /var/lib/libvirt/images/fast      # every disk, found in
+                                                                     # the node inventories
   kubectl blockcopy move web-1 --to /srv/new --disk vda --disk vdb --node hv-07 --bandwidth 100Mi
   kubectl blockcopy list -n vms            (or -A)
   kubectl blockcopy status web-1-vda
@@ -70,27 +70,28 @@ def build_parser() -> argparse.ArgumentParser:
                "Create one BlockCopy per disk of VM, all in one group (default: the VM's "
                "name), each copying the disk to DIR/<file name of its current source> (or "
                "DIR/<vm>-<disk>.qcow2 when two sources share a file name or the source is "
-               "unknown). Without --disk the disks (device='disk') come from the running "
-               "domain's live XML in libvirt (--libvirt-uri; run it on the VM's node). The "
-               "server checks every object (dry run) before any is created.")
+               "unknown). The VM (by name or UUID), its node and its disks (device='disk') "
+               "come from the node inventories the agents publish (DiskInventory, readable "
+               "with the blockcopy-admin ClusterRole), from any machine: no libvirt needed. "
+               "With --disk, the disks are named by hand (and checked against the inventory "
+               "when it can be read). The server checks every object (dry run) before any "
+               "is created.")
     move.add_argument("vm", metavar="VM", help="libvirt domain name (or UUID)")
     move.add_argument("--to", required=True, metavar="DIR",
                       help="absolute destination directory on the VM's node")
     move.add_argument("--disk", action="append", metavar="TARGET",
                       help="disk target to move (repeatable, or comma-separated); default: "
-                           "every disk of the domain, from libvirt")
+                           "every disk of the domain, from the node inventory")
     move.add_argument("--pivot", action="store_true",
                       help="switch the VM to the copies once Mirrored (spec.pivot: true)")
     move.add_argument("--bandwidth", metavar="Q",
                       help="limit per copy in bytes per second, a quantity such as 100Mi")
     move.add_argument("--node", metavar="N", help="spec.nodeName: the node whose agent copies "
-                      "(default: the agent whose libvirt runs the domain claims them)")
+                      "(default: the node whose inventory has the domain; with --disk and no "
+                      "inventory, the agent whose libvirt runs the domain claims them)")
     move.add_argument("--group", metavar="G", help="spec.group (default: the VM's name)")
     move.add_argument("--prefix", metavar="P", help="name the BlockCopies P-<disk> (default: "
                       "the VM's name)")
-    move.add_argument("--libvirt-uri", default=os.environ.get("LIBVIRT_URI", "qemu:///system"),
-                      help="libvirt to read the disks from (default: $LIBVIRT_URI or "
-                           "qemu:///system)")
     move.add_argument("--dry-run", action="store_true",
                       help="print the BlockCopies as YAML instead of creating them")
 
@@ -147,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "--group, not both")
             return USAGE
     try:
-        if args.command == "move" and args.dry_run and args.namespace:
+        if args.command == "move" and args.dry_run and args.namespace and args.disk:
             cluster, namespace = None, args.namespace
         else:
             cluster = Cluster(args.kubeconfig, args.context)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 import re
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,30 +29,11 @@ def valid_label_value(value: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Disk:
-    """One disk (device='disk') of a domain, from its live XML."""
+    """One disk (device='disk') of a domain, from the node inventory (or named by hand)."""
 
     target: str
     source: str | None = None  # file or block device path; None: network, volume or empty
     format: str | None = None  # the driver's type (qcow2, raw)
-
-
-def disks_from_xml(xml: str) -> list[Disk]:
-    """The disks (device='disk', not cdroms or floppies) of a domain's XML, in order."""
-    disks = []
-    for elem in ET.fromstring(xml).findall("./devices/disk"):
-        if elem.get("device", "disk") != "disk":
-            continue
-        target = elem.find("target")
-        if target is None or not target.get("dev"):
-            continue
-        source = elem.find("source")
-        path = None
-        if source is not None and elem.get("type") in ("file", "block"):
-            path = source.get("file") or source.get("dev")
-        driver = elem.find("driver")
-        disks.append(Disk(target.get("dev", ""), path,
-                          driver.get("type") if driver is not None else None))
-    return disks
 
 
 def plan_dests(domain: str, disks: Sequence[Disk], to_dir: str) -> dict[str, str]:

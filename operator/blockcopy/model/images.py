@@ -8,6 +8,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
+from blockcopy.model.inventory import BackingImage
+
 
 class ImageError(Exception):
     """qemu-img failed, or an image cannot be read as asked; ``str()`` says why."""
@@ -59,6 +61,9 @@ class Images(Protocol):
     async def backing_chain(self, path: str) -> list[str]:
         """The backing images of ``path``, nearest first, as resolved paths (read shared:
         the image may be open by a running QEMU)."""
+
+    async def backing_images(self, path: str) -> list[BackingImage]:
+        """``backing_chain`` with each image's format."""
 
     async def data_map(self, path: str, *, format: str) -> DataMap:
         """Where the guest view of an image in use holds data (qemu-img map -U)."""

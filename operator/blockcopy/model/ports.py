@@ -18,6 +18,7 @@ from blockcopy.model.images import DataMap as DataMap
 from blockcopy.model.images import ImageError as ImageError
 from blockcopy.model.images import ImageInfo as ImageInfo
 from blockcopy.model.images import Images as Images
+from blockcopy.model.inventory import InventoryDomain
 from blockcopy.model.observation import (
     DiskState,
     FileIdentity,
@@ -59,6 +60,9 @@ class CopyRequest:
 
 
 JobListener = Callable[[str, str, JobEvent], None]  # (domain uuid, disk target, event)
+# A domain was defined, started, stopped, undefined... or a device was added or removed (its
+# UUID); "" after a new connection to libvirtd (events may have been missed meanwhile).
+DomainListener = Callable[[str], None]
 
 
 class Hypervisor(Protocol):
@@ -67,6 +71,10 @@ class Hypervisor(Protocol):
 
     def add_listener(self, listener: JobListener) -> None:
         """Call ``listener`` on the event loop for every block-job event."""
+
+    def add_domain_listener(self, listener: DomainListener) -> None:
+        """Call ``listener`` on the event loop for every domain lifecycle event and every
+        device added or removed (what changes the node's inventory)."""
 
     async def version(self) -> str: ...
 
@@ -89,6 +97,14 @@ class Hypervisor(Protocol):
         """Every image the node's domains use (running or not, live and persistent
         definitions, storage volumes resolved to their paths). A stopped domain's backing
         chain is not in its definition (``chain_known`` False): ask ``Images.backing_chain``."""
+
+    async def inventory(self, *, fresh_sizes: bool = False) -> list[InventoryDomain]:
+        """Every domain of the node with its disks (device='disk' only), their sources,
+        formats, sizes (left out where libvirt cannot tell, e.g. a stopped domain's NBD disk)
+        and backing chains. Sizes are read for the disks that are new since the last call
+        (or whose source or domain state changed), for all with ``fresh_sizes``. A stopped
+        domain's backing chain is not in its definition (libvirt finds it at start): empty,
+        for the caller to ask ``Images.backing_images``."""
 
     async def disk_size(self, domain: str, target: str) -> DiskSize:
         """The disk's guest-visible size and what its active image occupies."""
@@ -328,3 +344,7 @@ class Kube(StatusStore, Protocol):
     def unclaimed(self, namespace: str | None, *, timeout: int) -> AsyncIterator[dict[str, Any]]:
         """List, then watch for ``timeout`` seconds, the objects without the claim label
         (filtered by the API server). Raises on API errors."""
+
+    async def publish_inventory(self, name: str, status: dict[str, Any]) -> None:
+        """Write the status of the DiskInventory ``name`` (cluster-scoped), creating the
+        object first if it is missing. Raises on API errors."""

@@ -79,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--libvirt-check-interval", type=float, default=15.0,
                         help="check that libvirtd answers every this many seconds, for the "
                         "blockcopy_libvirt_up metric (default 15)")
+    parser.add_argument("--inventory-interval", type=float,
+                        default=float(os.environ.get("BLOCKCOPY_INVENTORY_INTERVAL", "300")),
+                        metavar="SECONDS",
+                        help="publish this node's domains and disks in the DiskInventory named "
+                        "after the node: at start, on libvirt's domain events, and at least "
+                        "every SECONDS (env BLOCKCOPY_INVENTORY_INTERVAL; default 300; 0: no "
+                        "inventory)")
     parser.add_argument("--namespace", action="append", default=None,
                         help="watch only this namespace (repeatable; default: all namespaces)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -124,6 +131,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         progress_budget=args.progress_budget,
         claim_interval=args.claim_interval,
         libvirt_check_interval=args.libvirt_check_interval,
+        inventory_interval=max(0.0, args.inventory_interval),
         namespaces=tuple(args.namespace or ()),
         liveness_port=args.liveness_port,
         max_active_copies=args.max_active_copies,

@@ -71,6 +71,7 @@ async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, logger: Logger
     configure_kopf(settings, selector=agent.own_selector)
     await agent.resume_left_paused()
     agent.start_claiming()
+    agent.start_inventory()
     if config.liveness_port:
         # Bound before "agent ready" is logged: whoever reads that line may probe at once.
         memo.liveness = LivenessServer(host="0.0.0.0", port=config.liveness_port)
