@@ -110,7 +110,7 @@ def cmd_list_watch(args: argparse.Namespace, cluster: Cluster, namespace: str,
     objects, version = listing(cluster, None if every else namespace)
 
     def wanted(obj: Object) -> bool:
-        return args.group is None or group_of(obj) == args.group
+        return bool(args.group is None or group_of(obj) == args.group)
     return watch_and_print(cluster, None if every else namespace,
                            [o for o in objects if wanted(o)], version, wanted,
                            fmt=args.output, namespaces=every, message=False, out=out)
@@ -124,8 +124,8 @@ def cmd_status_watch(args: argparse.Namespace, cluster: Cluster, namespace: str,
 
     def wanted(obj: Object) -> bool:
         if args.group is not None:
-            return group_of(obj) == args.group
-        return obj["metadata"]["name"] in names
+            return bool(group_of(obj) == args.group)
+        return bool(obj["metadata"]["name"] in names)
     return watch_and_print(cluster, namespace, [o for o in objects if wanted(o)], version,
                            wanted, fmt=args.output, namespaces=False, message=True, out=out)
 
@@ -141,8 +141,8 @@ def cmd_wait(args: argparse.Namespace, cluster: Cluster, namespace: str, *,
 
     def wanted(obj: Object) -> bool:
         if args.group is not None:
-            return group_of(obj) == args.group
-        return obj["metadata"]["name"] in args.names
+            return bool(group_of(obj) == args.group)
+        return bool(obj["metadata"]["name"] in args.names)
     current = {o["metadata"]["name"]: o for o in listed if wanted(o)}
     missing = [n for n in args.names if n not in current]
     if missing:
