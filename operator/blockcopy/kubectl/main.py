@@ -153,6 +153,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Cluster, str], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["__complete"]:  # as Cobra programs do: kubectl_complete-blockcopy
+        from blockcopy.kubectl import completion
+        return completion.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
