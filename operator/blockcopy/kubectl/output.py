@@ -19,16 +19,32 @@ WIDE = ["SOURCE", "DEST", "LIMIT", "PIVOT", "AGENT", "AGE"]
 
 
 def age(created: str | None, now: dt.datetime) -> str:
-    """kubectl's AGE: 45s, 12m, 5h, 3d, 2y; empty when unknown."""
+    """kubectl's AGE (k8s.io/apimachinery's HumanDuration): 90s, 5m30s, 42m, 3h5m, 20h,
+    3d4h, 45d, 2y70d; empty when unknown."""
     try:
         then = dt.datetime.fromisoformat(str(created).replace("Z", "+00:00"))
     except ValueError:
         return ""
-    seconds = max(0, int((now - then).total_seconds()))
-    for unit, size in (("y", 365 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= 2 * size or (unit in "mh" and seconds >= size):
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    s = max(0, int((now - then).total_seconds()))
+    m, h, d = s // 60, s // 3600, s // 86400
+
+    def two(big: int, unit: str, small: int, small_unit: str) -> str:
+        return f"{big}{unit}{small}{small_unit}" if small else f"{big}{unit}"
+    if s < 120:
+        return f"{s}s"
+    if m < 10:
+        return two(m, "m", s % 60, "s")
+    if m < 180:
+        return f"{m}m"
+    if h < 8:
+        return two(h, "h", m % 60, "m")
+    if h < 48:
+        return f"{h}h"
+    if h < 192:
+        return two(d, "d", h % 24, "h")
+    if d < 730:
+        return f"{d}d"
+    return two(d // 365, "y", d % 365, "d") if d < 8 * 365 else f"{d // 365}y"
 
 
 def wide_cells(obj: Mapping[str, Any], now: dt.datetime) -> list[Any]:
