@@ -108,7 +108,7 @@ def namespaces(words: Words) -> list[str]:
         import kubernetes
 
         core = kubernetes.client.CoreV1Api(cluster.api.api_client)
-        return [n.metadata.name for n in core.list_namespace(**kw).items]
+        return [str(n.metadata.name) for n in core.list_namespace(**kw).items if n.metadata]
     return _api(words, call)
 
 
