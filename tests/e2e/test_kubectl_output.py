@@ -132,9 +132,9 @@ def test_watches_print_the_phases_and_wait_follows_a_watch(
         assert mirrored.split()[:3] == [name, vm.name, "vda"]
         assert "MESSAGE" in header
         row = listed.until(lambda line: " Mirrored " in line, 60)
-        assert blockcopy.__version__ in row.split()
+        assert row.split()[:2] == [name, vm.name] and vm.chain[0] in row.split()  # SOURCE
         doc = json.loads(names.until(
-            lambda line: json.loads(line)["status"].get("phase") == "Mirrored", 60))
+            lambda line: (json.loads(line).get("status") or {}).get("phase") == "Mirrored", 60))
         assert doc["status"]["progress"] == "100%"
         # The rows in between were phases on the way (Copying, perhaps Pending first).
         phases = [cell(line, header, "PHASE") for line in status.seen[1:]]
