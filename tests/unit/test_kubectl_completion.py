@@ -32,7 +32,7 @@ def test_flags_of_the_subcommand_and_the_connection():
     assert {"--output", "--watch", "--all-namespaces", "--group", "--namespace",
             "--kubeconfig", "--context"} <= set(flags)
     assert "--for" not in flags and directive == completion.NO_FILES
-    assert "--for" in values("wait", "a", "-")[0] and "--interval" not in values("wait", "-")[0]
+    assert "--for" in values("wait", "a", "-")[0] and "-h" not in values("wait", "-")[0]
     assert "--version" in values("-")[0]
 
 
