@@ -12,10 +12,10 @@ import os
 import pathlib
 import subprocess
 import sys
-import tarfile
 import venv
 
 import pytest
+import yaml
 
 import blockcopy
 from support.paths import HACK, KUBECTL
@@ -81,12 +81,30 @@ def test_the_wheel_installs_alone_and_runs_as_a_kubectl_plugin(built, cluster, t
     assert completed.splitlines()[0].split("\t")[0] == "version"
 
 
-def test_the_krew_archive_installs_itself_on_first_run(built, cluster, tmp_path):
-    unpacked = tmp_path / "krew-plugin"
-    with tarfile.open(built["archive"]) as tar:
-        tar.extractall(unpacked, filter="data")
-    env = clean_env(cluster, unpacked)
-    env["KUBECTL_BLOCKCOPY_HOME"] = str(tmp_path / "home")
+@pytest.fixture(scope="module")
+def krew() -> pathlib.Path:
+    """kubectl-krew and validate-krew-manifest, built from sigs.k8s.io/krew (tests/krew)."""
+    proc = subprocess.run([str(HACK / "build-krew.sh")], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    return pathlib.Path(proc.stdout.strip())
+
+
+def test_krew_validates_the_manifest_installs_the_archive_and_the_plugin_runs(
+        built, krew, cluster, tmp_path):
+    # What the krew-index's CI runs on a manifest (its install step also demands a LICENSE
+    # file in the archive: -skip-install; krew installs it below).
+    run(os.environ, krew / "validate-krew-manifest", "-manifest", built["manifest"],
+        "-skip-install")
+    krew_root = tmp_path / "krew-root"
+    env = clean_env(cluster, krew_root / "bin")
+    env["PATH"] = os.pathsep.join([str(krew), env["PATH"]])  # kubectl-krew
+    env.update(KREW_ROOT=str(krew_root), KUBECTL_BLOCKCOPY_HOME=str(tmp_path / "home"))
+    run(env, KUBECTL, "krew", "install", f"--manifest={built['manifest']}",
+        f"--archive={built['archive']}")
+    assert (krew_root / "bin" / "kubectl-blockcopy").is_symlink()
+
+    # First run: the launcher installs the wheel into its own virtualenv, then runs it.
     first = run(env, KUBECTL, "blockcopy", "version", "--client")
     assert first.stdout.strip() == f"Client Version: {blockcopy.__version__}"
     assert "first run: installing" in first.stderr
@@ -94,6 +112,11 @@ def test_the_krew_archive_installs_itself_on_first_run(built, cluster, tmp_path)
     assert "first run" not in again.stderr
     installed = tmp_path / "home" / blockcopy.__version__
     assert (installed / ".installed").read_text().strip() == built["wheel"].name
-    # kubectl_complete-blockcopy (krew users link it next to the plugin) answers kubectl.
+
+    # Completion as the manifest's caveats say to set it up: the link, then kubectl's TAB.
+    caveats = yaml.safe_load(built["manifest"].read_text())["spec"]["caveats"]
+    lines = caveats.splitlines()
+    at = next(i for i, line in enumerate(lines) if "ln -s" in line)
+    run(env, "bash", "-c", "\n".join(lines[at:at + 2]))  # a command continued with \
     completed = run(env, KUBECTL, "__complete", "blockcopy", "li").stdout
     assert completed.splitlines() == ["list\tlist BlockCopies", ":4"]
