@@ -87,6 +87,11 @@ class StatusWriter:
         loop = asyncio.get_running_loop()
         while self._pending is not None:
             await self._wait_for_slot()
+            if self._pending is None:
+                # While this waited, submit() saw the API already holding the newest state
+                # and dropped the pending one: nothing to write (writing None would delete
+                # the whole status, kopf's bookkeeping and startTime with it).
+                break
             status, self._pending = self._pending, None
             self._urgent.clear()
             try:
