@@ -116,6 +116,7 @@ def build_wheel(out: pathlib.Path, work: pathlib.Path) -> pathlib.Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
     shutil.copy2(PLUGIN / "pyproject.toml", stage / "pyproject.toml")
+    shutil.copy2(ROOT / "LICENSE", stage / "LICENSE")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                     "--no-build-isolation", "-w", str(out), str(stage)], check=True,
                    env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"})
@@ -132,14 +133,13 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
 
 
 def build_archive(out: pathlib.Path, wheel: pathlib.Path) -> pathlib.Path:
-    """The krew archive: launcher, completion script and wheel (LICENSE when there is one)."""
+    """The krew archive: launcher, completion script, wheel and LICENSE."""
     launcher = (PLUGIN / "launcher.py").read_text()
     launcher = launcher.replace('WHEEL = "kubectl_blockcopy.whl"', f'WHEEL = "{wheel.name}"')
     members = {NAME: (launcher.encode(), 0o755),
                COMPLETE: (f'#!/bin/sh\nexec {NAME} __complete "$@"\n'.encode(), 0o755),
                wheel.name: (wheel.read_bytes(), 0o644)}
-    if (ROOT / "LICENSE").is_file():
-        members["LICENSE"] = ((ROOT / "LICENSE").read_bytes(), 0o644)
+    members["LICENSE"] = ((ROOT / "LICENSE").read_bytes(), 0o644)  # krew-index requires one
     path = out / f"{NAME}-v{version()}.tar.gz"
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:

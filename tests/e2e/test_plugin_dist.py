@@ -8,11 +8,15 @@ PyPI (or wherever pip is configured to look)."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import pathlib
 import subprocess
 import sys
+import threading
 import venv
+from collections.abc import Iterator
 
 import pytest
 import yaml
@@ -25,14 +29,22 @@ AGENT_ONLY = ["kopf", "libvirt", "prometheus_client",
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> dict[str, pathlib.Path]:
+def built(tmp_path_factory) -> Iterator[dict[str, pathlib.Path]]:
+    """`make dist` into a directory served over HTTP (the manifest's uri points there, as a
+    release's would point to its download)."""
     out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run([sys.executable, str(HACK / "plugin_dist.py"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    proc = subprocess.run([sys.executable, str(HACK / "plugin_dist.py"), "--out", str(out),
+                           "--url-base", url], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (wheel,) = out.glob("kubectl_blockcopy-*.whl")
     (archive,) = out.glob("kubectl-blockcopy-v*.tar.gz")
-    return {"wheel": wheel, "archive": archive, "manifest": out / "blockcopy.yaml"}
+    yield {"wheel": wheel, "archive": archive, "manifest": out / "blockcopy.yaml"}
+    server.shutdown()
+    server.server_close()
 
 
 def run(env: dict[str, str], *args: str | pathlib.Path, expect: int = 0,
@@ -92,16 +104,17 @@ def krew() -> pathlib.Path:
 
 def test_krew_validates_the_manifest_installs_the_archive_and_the_plugin_runs(
         built, krew, cluster, tmp_path):
-    # What the krew-index's CI runs on a manifest (its install step also demands a LICENSE
-    # file in the archive: -skip-install; krew installs it below).
-    run(os.environ, krew / "validate-krew-manifest", "-manifest", built["manifest"],
-        "-skip-install")
+    # What the krew-index's CI runs on a manifest: its fields, its platforms, and a
+    # `kubectl krew install` of the archive from its uri (sha256 checked, LICENSE required).
+    env = {**os.environ, "PATH": os.pathsep.join([str(krew), str(KUBECTL.parent),
+                                                  os.environ["PATH"]])}
+    checked = run(env, krew / "validate-krew-manifest", "-manifest", built["manifest"])
+    assert "all 1 spec.platforms installed fine" in checked.stderr, checked.stderr
     krew_root = tmp_path / "krew-root"
     env = clean_env(cluster, krew_root / "bin")
     env["PATH"] = os.pathsep.join([str(krew), env["PATH"]])  # kubectl-krew
     env.update(KREW_ROOT=str(krew_root), KUBECTL_BLOCKCOPY_HOME=str(tmp_path / "home"))
-    run(env, KUBECTL, "krew", "install", f"--manifest={built['manifest']}",
-        f"--archive={built['archive']}")
+    run(env, KUBECTL, "krew", "install", f"--manifest={built['manifest']}")
     assert (krew_root / "bin" / "kubectl-blockcopy").is_symlink()
 
     # First run: the launcher installs the wheel into its own virtualenv, then runs it.
