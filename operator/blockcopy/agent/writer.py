@@ -91,7 +91,7 @@ class StatusWriter:
                 # While this waited, submit() saw the API already holding the newest state
                 # and dropped the pending one: nothing to write (writing None would delete
                 # the whole status, kopf's bookkeeping and startTime with it).
-                break
+                break  # type: ignore[unreachable]  # mypy narrows across the await
             status, self._pending = self._pending, None
             self._urgent.clear()
             try:
