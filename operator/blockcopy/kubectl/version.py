@@ -1,7 +1,8 @@
 """``kubectl blockcopy version``: the plugin's version and every agent's, as the agents
 publish it in the API server: each writes ``status.agentVersion`` (with ``status.nodeName``)
-into the BlockCopies it handles, and, where the node inventory exists, into its node's
-DiskInventory. An agent that handles no copy and publishes no inventory is not seen."""
+into the BlockCopies it handles. A node's DiskInventory (the node inventory) whose status
+carries ``agentVersion`` and ``nodeName`` counts too, so that once the inventory writer puts
+them there, agents without copies are seen as well; until then they are not."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from blockcopy.kubectl.text import table
 from blockcopy.model.api import GROUP, PLURAL, VERSION
 
 DESCRIPTION = ("Print the plugin's version and the version of every agent seen in the API "
-               "server: the agents write it (status.agentVersion) into the BlockCopies they "
-               "handle and into their node's DiskInventory. Every namespace is read when "
-               "allowed, else the current one.")
+               "server: each agent writes it (status.agentVersion) into the BlockCopies it "
+               "handles; a DiskInventory whose status carries agentVersion counts too. Every "
+               "namespace is read when allowed, else the current one.")
 INVENTORY_PLURAL = "diskinventories"  # cluster-scoped, one per node (the node inventory)
 
 
