@@ -6,8 +6,8 @@ the word being completed (possibly empty).
 It answers as Cobra programs answer ``__complete``: one candidate a line (a tab, then a
 description), then ``:N``, the Cobra directive (4: no file names; 0: file names; 16:
 directories only). Subcommands, flags and their fixed values come from the plugin's own
-parser (so they cannot drift from it); BlockCopy names, groups, namespaces and kubeconfig
-contexts from the kubeconfig and the API server, within a few seconds or not at all."""
+parser (so they cannot drift from it); BlockCopy names, groups, namespaces, nodes and
+kubeconfig contexts from the kubeconfig and the API server, within a few seconds or not at all."""
 
 from __future__ import annotations
 
@@ -112,6 +112,15 @@ def namespaces(words: Words) -> list[str]:
     return _api(words, call)
 
 
+def nodes(words: Words) -> list[str]:
+    def call(cluster: Any, kw: dict[str, Any]) -> list[str]:
+        import kubernetes
+
+        core = kubernetes.client.CoreV1Api(cluster.api.api_client)
+        return [str(n.metadata.name) for n in core.list_node(**kw).items if n.metadata]
+    return _api(words, call)
+
+
 def contexts(words: Words) -> list[str]:
     try:
         import kubernetes
@@ -134,6 +143,8 @@ def values(action: argparse.Action, words: Words) -> tuple[Candidates, int]:
         return [(g, "group") for g in groups], NO_FILES
     if action.dest == "namespace":
         return [(n, "") for n in namespaces(words)], NO_FILES
+    if action.dest == "node":
+        return [(n, "node") for n in nodes(words)], NO_FILES
     if action.dest == "context":
         return [(c, "") for c in contexts(words)], NO_FILES
     if action.dest == "kubeconfig":
