@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # backports (bookworm-backports: libvirt 11.3, QEMU 10.0); see hack/hypervisor-stack.sh.
 export HYPERVISOR_STACK ?= stock
 
-.PHONY: help deps system-deps venv cluster cluster-node cluster-nodes cluster-down lint unit integration e2e soak chart chart-e2e image test test-k8s-oldest demo bench clean
+.PHONY: help deps system-deps venv dist cluster cluster-node cluster-nodes cluster-down lint unit integration e2e soak chart chart-e2e image test test-k8s-oldest demo bench clean
 
 help:
 	@echo "make demo          bring up the local environment and show a live disk copy + pivot"
@@ -26,6 +26,7 @@ help:
 	@echo "make test-k8s-oldest  CRD + chart + one real copy on the oldest supported Kubernetes ($(OLDEST_KUBE_VERSION))"
 	@echo "make chart         Helm chart: lint, render, validate offline (1.29..newest), schema, Argo CD/Flux health checks"
 	@echo "make image         build the agent image with buildah (localhost/blockcopy-operator:dev)"
+	@echo "make dist          the kubectl plugin alone: its wheel, krew archive and manifest in dist/"
 	@echo "make bench         numbers: agent vs virsh blockcopy, status writes, latency, memory"
 	@echo "make soak          the e2e tier SOAK (5) times over, stopping at the first failure"
 
@@ -41,6 +42,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+# The kubectl plugin as a distribution of its own (hack/plugin_dist.py): dist/ gets its wheel
+# (kubectl-blockcopy: the Kubernetes client and PyYAML, no kopf, no libvirt), the krew archive
+# and the krew manifest (plugin/blockcopy.yaml) with the archive's uri and sha256.
+# PLUGIN_URL_BASE: where the release serves the archive (default: file://dist).
+PLUGIN_URL_BASE ?=
+dist: venv
+	$(PY) hack/plugin_dist.py --out dist $(if $(PLUGIN_URL_BASE),--url-base $(PLUGIN_URL_BASE))
 
 cluster: deps
 	@./hack/cluster-up.sh

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from blockcopy import __version__
 from blockcopy.agent.writer import StatusWriter
 from blockcopy.core import status
 from blockcopy.core.convergence import CONVERGING
@@ -166,6 +167,7 @@ class ObjectRecorder:
                                   node_name=self.agent.node_name, generation=generation,
                                   now=self.agent.clock(), started=started,
                                   extra_conditions=extra, spec=spec)
+        new["agentVersion"] = __version__  # read by `kubectl blockcopy version`
         if fields:
             new.update(fields)  # None values delete a field (a JSON merge patch)
         self.status = new

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import posixpath
 import shlex
 import sys
-import time
 from typing import Any
 
 import yaml
 
+from blockcopy.kubectl import output, watching
 from blockcopy.kubectl.cluster import Cluster, select
 from blockcopy.kubectl.errors import (
     NOT_FOUND,
-    NOT_REACHED,
     OK,
     USAGE,
     InventoryCannotTell,
@@ -24,15 +22,7 @@ from blockcopy.kubectl.errors import (
 from blockcopy.kubectl.inventory import disks_to_move, find_domain, parsed
 from blockcopy.kubectl.manifests import Disk, manifests
 from blockcopy.kubectl.names import GROUP_LABEL, RESOURCE, TERMINAL
-from blockcopy.kubectl.text import (
-    cannot_reach,
-    format_duration,
-    group_of,
-    phase_of,
-    reached,
-    rows,
-    table,
-)
+from blockcopy.kubectl.text import group_of, phase_of
 from blockcopy.model.api import SpecError, parse_bandwidth
 
 
@@ -126,6 +116,8 @@ def cmd_move(args: argparse.Namespace, cluster: Cluster, namespace: str) -> int:
 
 
 def cmd_list(args: argparse.Namespace, cluster: Cluster, namespace: str) -> int:
+    if args.watch:
+        return watching.cmd_list_watch(args, cluster, namespace, out)
     every = args.all_namespaces
     objects = cluster.objects(None if every else namespace)
     if args.group is not None:
@@ -136,21 +128,19 @@ def cmd_list(args: argparse.Namespace, cluster: Cluster, namespace: str) -> int:
 
 
 def cmd_status(args: argparse.Namespace, cluster: Cluster, namespace: str) -> int:
+    if args.watch:
+        return watching.cmd_status_watch(args, cluster, namespace, out)
     objects = select(cluster, namespace, args.names, args.group)
     return show(args, objects, namespaces=False, message=True, empty="")
 
 
 def show(args: argparse.Namespace, objects: list[dict[str, Any]], *, namespaces: bool,
          message: bool, empty: str) -> int:
-    if args.output == "json":
-        out(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))
-    elif args.output == "yaml":
-        out(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": objects},
-                           sort_keys=False).rstrip())
-    elif not objects:
+    text = output.render(args.output, objects, namespaces=namespaces, message=message)
+    if text:
+        out(text)
+    elif args.output in ("table", "wide") and empty:
         note(empty)
-    else:
-        out(table(*rows(objects, namespaces=namespaces, message=message)))
     return OK
 
 
@@ -174,29 +164,5 @@ def cmd_set(field: str, args: argparse.Namespace, cluster: Cluster, namespace: s
 
 
 def cmd_wait(args: argparse.Namespace, cluster: Cluster, namespace: str) -> int:
-    want, deadline = args.phase, time.monotonic() + args.timeout
-    done: set[str] = set()
-    while True:
-        objects = select(cluster, namespace, args.names, args.group)
-        for obj in objects:
-            name = obj["metadata"]["name"]
-            if name not in done and reached(obj, want):
-                done.add(name)
-                out(f"{RESOURCE}/{name} {phase_of(obj)}")
-        doomed = [why for o in objects if (why := cannot_reach(o, want))]
-        if doomed:
-            for why in doomed:
-                note(f"error: {why}")
-            note(f"error: will never be {want}")
-            return NOT_REACHED
-        if all(reached(o, want) for o in objects):
-            return OK
-        if time.monotonic() >= deadline:
-            waiting = ", ".join(f"{o['metadata']['name']} is {phase_of(o) or 'new'}"
-                                + (f" ({p})" if (p := (o.get('status') or {}).get('progress'))
-                                   else "")
-                                for o in objects if not reached(o, want))
-            note(f"error: timed out after {format_duration(args.timeout)} waiting for {want}: "
-                 f"{waiting}")
-            return NOT_REACHED
-        time.sleep(min(args.interval, max(0.0, deadline - time.monotonic())))
+    """Through a watch (blockcopy.kubectl.watching), not by polling."""
+    return watching.cmd_wait(args, cluster, namespace, out=out, note=note)

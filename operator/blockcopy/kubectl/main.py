@@ -14,10 +14,20 @@ import textwrap
 from collections.abc import Callable, Sequence
 
 from blockcopy import __version__
+from blockcopy.kubectl import version
 from blockcopy.kubectl.cluster import Cluster
-from blockcopy.kubectl.commands import cmd_list, cmd_move, cmd_set, cmd_status, cmd_wait, note
+from blockcopy.kubectl.commands import (
+    cmd_list,
+    cmd_move,
+    cmd_set,
+    cmd_status,
+    cmd_wait,
+    note,
+    out,
+)
 from blockcopy.kubectl.errors import EXIT_CODES, USAGE, PluginError
 from blockcopy.kubectl.names import PHASES
+from blockcopy.kubectl.output import FORMATS
 from blockcopy.kubectl.text import canonical_phase, parse_duration
 
 EXAMPLES = """examples:
@@ -30,6 +40,8 @@ EXAMPLES = """examples:
   kubectl blockcopy pivot --group web-1    (or: pivot web-1-vda web-1-vdb)
   kubectl blockcopy wait --group web-1 --for Pivoted
   kubectl blockcopy abort web-1-vdb
+  kubectl blockcopy status --group web-1 --watch           (-o wide|name|json|yaml)
+  kubectl blockcopy version                                (the plugin's and each agent's)
 """
 
 
@@ -105,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--group", help="only this group's BlockCopies")
         else:
             _select_args(p, "show")
-        p.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
+        p.add_argument("-o", "--output", choices=FORMATS, default="table",
+                       help="table (default), wide (more columns), name, json or yaml")
+        p.add_argument("-w", "--watch", action="store_true",
+                       help="after printing them, print every change (until Ctrl-C)")
 
     for verb, field, what in (
             ("pivot", "pivot", "switch the VMs to the copies (each pivots once Mirrored)"),
@@ -125,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="PHASE", help=f"one of {', '.join(PHASES)}")
     wait.add_argument("--timeout", type=parse_duration, default=parse_duration("30m"),
                       help="give up after this long (90s, 5m, 1h30m; default 30m)")
-    wait.add_argument("--interval", type=parse_duration, default=1.0, help=argparse.SUPPRESS)
+    version.add_arguments(add("version", "print the plugin's version and every agent's",
+                              version.DESCRIPTION))
     return parser
 
 
@@ -133,10 +149,15 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Cluster, str], int]] = {
     "move": cmd_move, "list": cmd_list, "status": cmd_status, "wait": cmd_wait,
     "pivot": lambda a, c, n: cmd_set("pivot", a, c, n),
     "abort": lambda a, c, n: cmd_set("abort", a, c, n),
+    "version": lambda a, c, n: version.cmd_version(a, c, n, out=out),
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["__complete"]:  # as Cobra programs do: kubectl_complete-blockcopy
+        from blockcopy.kubectl import completion
+        return completion.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -150,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "move" and args.dry_run and args.namespace and args.disk:
             cluster, namespace = None, args.namespace
+        elif args.command == "version" and args.client:
+            cluster, namespace = None, ""
         else:
             cluster = Cluster(args.kubeconfig, args.context)
             namespace = args.namespace or cluster.default_namespace
