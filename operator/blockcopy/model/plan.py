@@ -26,6 +26,7 @@ MAX_ACTIVE_LIMIT = 1000  # maxActive above this is refused (also by the CRD's sc
 MAX_ACTIVE_PER_NODE_LIMIT = 64
 DEFAULT_MAX_ACTIVE = 4
 DEFAULT_MAX_ACTIVE_PER_NODE = 1
+MAX_NAME = 52  # a plan's name (its children are NAME-0001, its groups NAME-vm0001)
 MAX_DISKS = 2000  # a plan holds at most this many disks (its status lists them all)
 
 

@@ -336,3 +336,32 @@ class Kube(StatusStore, Protocol):
     def unclaimed(self, namespace: str | None, *, timeout: int) -> AsyncIterator[dict[str, Any]]:
         """List, then watch for ``timeout`` seconds, the objects without the claim label
         (filtered by the API server). Raises on API errors."""
+
+
+class PlanKube(Protocol):
+    """What the plan controller asks of the Kubernetes API. Listing calls raise on API
+    errors; writes return False when the object is gone (or, for creates, already there)."""
+
+    async def inventories(self) -> list[dict[str, Any]]:
+        """Every DiskInventory object (cluster-scoped, one per node)."""
+
+    async def node_labels(self) -> dict[str, dict[str, str]]:
+        """Every Node's labels, by node name."""
+
+    async def children(self, namespace: str, plan: str) -> list[dict[str, Any]]:
+        """The BlockCopies of the namespace labelled as the plan's."""
+
+    async def copies_of_domain(self, domain: str) -> list[dict[str, Any]]:
+        """Every BlockCopy (all namespaces) whose spec.domain is ``domain``."""
+
+    async def create_copy(self, namespace: str, body: dict[str, Any]) -> bool: ...
+
+    async def patch_copy(self, namespace: str, name: str, patch: dict[str, Any]) -> bool: ...
+
+    async def delete_copy(self, namespace: str, name: str) -> bool: ...
+
+    async def patch_plan_status(self, namespace: str, name: str,
+                                status: dict[str, Any]) -> bool: ...
+
+    async def post_event(self, ref: ObjectRef, *, type: str, reason: str,
+                         message: str) -> None: ...
