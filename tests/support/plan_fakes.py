@@ -10,11 +10,10 @@ import copy
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
-from support.fakes import RecordedEvent, merge_patch
-
 from blockcopy.model.api import GROUP, KIND, VERSION
 from blockcopy.model.plan import PLAN_KIND, PLAN_LABEL
 from blockcopy.model.ports import ObjectRef
+from support.fakes import RecordedEvent, merge_patch
 
 if TYPE_CHECKING:
     from blockcopy.model.ports import PlanKube

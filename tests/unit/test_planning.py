@@ -7,13 +7,13 @@ import itertools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.plan_fakes import domain, inventory
 
 from blockcopy.core import planning
 from blockcopy.core.planning import Child, Inventory, PlannedDisk, parse_inventory
 from blockcopy.core.policy import Policy, Rule
 from blockcopy.model.api import Phase
 from blockcopy.model.plan import PLAN_LABEL, parse_plan
+from support.plan_fakes import domain, inventory
 
 
 def plan_spec(**kw):
