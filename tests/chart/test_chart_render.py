@@ -21,8 +21,8 @@ from packaging.version import Version
 
 from blockcopy.core import policy as agent_policy
 from blockcopy.model.api import GROUP, PLURAL
-from support.helm import USER_ROLES, by_kind, one
-from support.paths import CHART, CRD
+from support.helm import USER_ROLES, agent_part, by_kind, controller_part, one
+from support.paths import CHART, CRD, PLAN_CRD
 
 TOP_CRD = CRD
 CHART_CRD = CHART / "crds" / "blockcopy.yaml"
@@ -88,7 +88,10 @@ def test_helm_lint_strict_is_clean(helm):
 
 
 def test_template_renders_the_agent(helm):
-    docs = helm.render()
+    everything = helm.render()
+    assert sorted(d["kind"] for d in controller_part(everything)) == [
+        "ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    docs = agent_part(everything)
     kinds = sorted(d["kind"] for d in docs)
     # The agent's ClusterRole, and blockcopy-viewer / blockcopy-editor (userRoles.create).
     assert kinds == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
@@ -152,7 +155,7 @@ def test_template_with_every_option(helm):
     assert set(policies) == {"bc-blockcopy-operator-spec-guard",
                              "bc-blockcopy-operator-destinations"}
     (cond,) = policies["bc-blockcopy-operator-spec-guard"]["spec"]["matchConditions"]
-    sa = one(docs, "ServiceAccount")["metadata"]["name"]
+    sa = one(agent_part(docs), "ServiceAccount")["metadata"]["name"]
     assert f"system:serviceaccount:blockcopy-system:{sa}" in cond["expression"]
     bindings = {b["spec"]["policyName"] for b in by_kind(docs, "ValidatingAdmissionPolicyBinding")}
     assert bindings == set(policies)
@@ -241,14 +244,18 @@ def test_packaged_chart_carries_the_crd(helm, tmp_path):
         member = tar.getmember("blockcopy-operator/crds/blockcopy.yaml")
         assert member.isfile()  # the content, not a dangling link
         assert tar.extractfile(member).read() == TOP_CRD.read_bytes()
+        plan = tar.getmember("blockcopy-operator/crds/blockcopyplan.yaml")
+        assert tar.extractfile(plan).read() == PLAN_CRD.read_bytes()
     shown = helm.run("show", "crds", str(tgz)).stdout
-    assert yaml.safe_load(shown) == yaml.safe_load(TOP_CRD.read_text())
+    assert [d for d in yaml.safe_load_all(shown) if d] == [
+        yaml.safe_load(TOP_CRD.read_text()), yaml.safe_load(PLAN_CRD.read_text())]
 
 
 def test_template_includes_the_crd_only_on_request(helm):
     assert by_kind(helm.render(), "CustomResourceDefinition") == []
-    crd = one(helm.render("--include-crds"), "CustomResourceDefinition")
-    assert crd == yaml.safe_load(TOP_CRD.read_text())
+    crds = by_kind(helm.render("--include-crds"), "CustomResourceDefinition")
+    assert sorted(crds, key=lambda c: c["metadata"]["name"]) == [
+        yaml.safe_load(TOP_CRD.read_text()), yaml.safe_load(PLAN_CRD.read_text())]
 
 
 # ------------------------------------------------------------------ values.schema.json
@@ -365,7 +372,7 @@ def test_readme_documents_every_value():
 
 
 def test_multi_tenancy_parts_are_off_by_default_but_the_user_roles(helm):
-    docs = helm.render()
+    docs = agent_part(helm.render())
     assert by_kind(docs, "ConfigMap") == [] and by_kind(docs, "ValidatingAdmissionPolicy") == []
     pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
     (agent,) = pod["containers"]
@@ -373,10 +380,10 @@ def test_multi_tenancy_parts_are_off_by_default_but_the_user_roles(helm):
     assert "policy" not in {v["name"] for v in pod["volumes"]}
     assert "checksum/policy" not in (one(docs, "DaemonSet")["spec"]["template"]["metadata"]
                                      .get("annotations") or {})
-    roles = {r["metadata"]["name"] for r in by_kind(docs, "ClusterRole")}
+    roles = {r["metadata"]["name"] for r in by_kind(agent_part(docs), "ClusterRole")}
     assert set(USER_ROLES) <= roles
     assert roles - set(USER_ROLES) == {"bc-blockcopy-operator"}
-    off = helm.render("--set", "userRoles.create=false")
+    off = agent_part(helm.render("--set", "userRoles.create=false"))
     assert {r["metadata"]["name"] for r in by_kind(off, "ClusterRole")} == \
         {"bc-blockcopy-operator"}
 

@@ -11,6 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 HACK = ROOT / "hack"
 CRD = ROOT / "crds" / "blockcopy.yaml"
+PLAN_CRD = ROOT / "crds" / "blockcopyplan.yaml"
 CHART = ROOT / "charts" / "blockcopy-operator"
 EXAMPLES = ROOT / "examples"
 
