@@ -30,7 +30,7 @@ def inventory(node: str, domains: list[dict[str, Any]], *,
 
 
 def domain(name: str, disks: dict[str, str], *, uuid: str | None = None,
-           state: str = "running", size: int = 1 << 20) -> dict[str, Any]:
+           state: str = "Running", size: int = 1 << 20) -> dict[str, Any]:
     """A domain of an inventory; ``disks``: target -> source path."""
     return {"name": name, "uuid": uuid or f"uuid-{name}", "state": state,
             "disks": [{"target": t, "type": "file", "source": s, "format": "qcow2",

@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockcopy.core import planning
-from blockcopy.core.planning import Child, Inventory, PlannedDisk, parse_inventory
+from blockcopy.core.planning import Child, PlannedDisk, parse_inventory
 from blockcopy.core.policy import Policy, Rule
 from blockcopy.model.api import Phase
+from blockcopy.model.inventory import NodeInventory
 from blockcopy.model.plan import PLAN_LABEL, parse_plan
 from support.plan_fakes import domain, inventory
 
@@ -21,14 +22,14 @@ def plan_spec(**kw):
                        "destination": {"pathPrefix": "/dst"}, **kw})
 
 
-def inventories(*objs) -> list[Inventory]:
+def inventories(*objs) -> list[NodeInventory]:
     return [parse_inventory(o) for o in objs]
 
 
 INVS = inventories(
     inventory("n1", [domain("web", {"vda": "/src/web/a.qcow2", "vdb": "/src/web/b.qcow2",
                                     "vdc": "/other/web-c.qcow2"}),
-                     domain("db", {"vda": "/src/db.qcow2"}, state="shut off")]),
+                     domain("db", {"vda": "/src/db.qcow2"}, state="Stopped")]),
     inventory("n2", [domain("web", {"vda": "/src/web/a.qcow2"}, uuid="u-2"),
                      domain("cache", {"vda": "/srcs/cache.qcow2", "vdb": "/src"})]),
 )
@@ -47,7 +48,7 @@ def test_selection_by_prefix_keeps_the_path_below_it():
     assert [d.index for d in chosen.disks] == [0, 1, 2]
     # outside the prefix (vdc, /srcs, the prefix itself): left alone, not even mentioned;
     # a stopped domain's disk under it: reported
-    assert chosen.excluded == ("n1/db: not running (shut off)",)
+    assert chosen.excluded == ("n1/db: not running (Stopped)",)
 
 
 def test_selection_by_domains_nodes_and_policy():
@@ -68,7 +69,7 @@ def test_selection_by_domains_nodes_and_policy():
     policy = Policy((Rule(("team-a",), ("db*", "cache"), None, ("/dst",)),))
     chosen = planning.select(plan_spec(), namespace="team-a", inventories=INVS,
                              node_labels={}, policy=policy)
-    assert chosen.disks == () and chosen.excluded == ("n1/db: not running (shut off)",)
+    assert chosen.disks == () and chosen.excluded == ("n1/db: not running (Stopped)",)
     assert planning.select(plan_spec(), namespace="team-b", inventories=INVS, node_labels={},
                            policy=policy) == planning.Selection((), ())
 

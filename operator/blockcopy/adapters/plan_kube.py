@@ -13,7 +13,8 @@ from kubernetes.client.exceptions import ApiException
 
 from blockcopy.adapters.kube import KubeClient
 from blockcopy.model.api import GROUP, PLURAL, VERSION
-from blockcopy.model.plan import INVENTORY_PLURAL, PLAN_LABEL, PLAN_PLURAL
+from blockcopy.model.inventory import INVENTORY_PLURAL
+from blockcopy.model.plan import PLAN_LABEL, PLAN_PLURAL
 
 
 class PlanKubeClient:

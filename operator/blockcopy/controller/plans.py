@@ -18,10 +18,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from blockcopy.core import plan_status, planning
-from blockcopy.core.planning import Child, Inventory, PlannedDisk
+from blockcopy.core.planning import Child, PlannedDisk
 from blockcopy.core.policy import Policy
 from blockcopy.core.progress import ProgressWindow
 from blockcopy.model.api import FINALIZER, GROUP, KIND, NODE_LABEL, VERSION, Phase
+from blockcopy.model.inventory import NodeInventory
 from blockcopy.model.plan import PLAN_KIND, PLAN_LABEL, PlanError, PlanSpec, parse_plan
 from blockcopy.model.ports import ObjectRef, PlanKube
 
@@ -131,8 +132,9 @@ class PlanController:
         except PlanError as exc:
             await self._refuse(body, state, str(exc))
             return IDLE_INTERVAL
-        inventories = {i.node: i for i in map(planning.parse_inventory,
-                                              await self.kube.inventories()) if i.node}
+        inventories = {i.node_name: i for i in map(planning.parse_inventory,
+                                                   await self.kube.inventories())
+                       if i.node_name}
         if state.disks is None and previous.get("startTime") and previous.get("disks"):
             state.disks = tuple(PlannedDisk.from_status(i, d)
                                 for i, d in enumerate(previous["disks"]))
@@ -177,7 +179,7 @@ class PlanController:
         busy = status["phase"] in (plan_status.PlanPhase.RUNNING,)
         return RUNNING_INTERVAL if busy else IDLE_INTERVAL
 
-    def live_nodes(self, inventories: Mapping[str, Inventory]) -> set[str]:
+    def live_nodes(self, inventories: Mapping[str, NodeInventory]) -> set[str]:
         now = self.now()
         live = set()
         for node, inv in inventories.items():
@@ -188,7 +190,7 @@ class PlanController:
 
     async def _act(self, body: Mapping[str, Any], spec: PlanSpec,
                    disks: tuple[PlannedDisk, ...], children: dict[int, Child],
-                   inventories: Mapping[str, Inventory], state: PlanState) -> None:
+                   inventories: Mapping[str, NodeInventory], state: PlanState) -> None:
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         decided = planning.decide(spec, disks, children, states=state.states,

@@ -25,7 +25,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from blockcopy.core.policy import Policy
+from blockcopy.model import inventory
 from blockcopy.model.api import Phase
+from blockcopy.model.inventory import DiskType, DomainState, InventoryDisk, NodeInventory
 from blockcopy.model.plan import MAX_DISKS, PLAN_LABEL, PivotMode, PlanSpec, inside
 
 # Before Mirrored: a child in these phases (or without a phase yet) may copy at any moment.
@@ -64,53 +66,19 @@ class PlannedDisk:
                    bytes=int(raw.get("bytes") or 0), group=int(raw.get("group") or 0))
 
 
-@dataclasses.dataclass(frozen=True)
-class InventoryDisk:
-    target: str
-    source: str | None
-    type: str
-    virtual_size: int
+def parse_inventory(obj: Mapping[str, Any]) -> NodeInventory:
+    """A DiskInventory object (cluster-scoped, named after its node)."""
+    inv = inventory.parse_inventory(obj.get("status") or {})
+    if not inv.node_name:
+        inv = dataclasses.replace(inv, node_name=str((obj.get("metadata") or {}).get("name")
+                                                     or ""))
+    return inv
 
 
-@dataclasses.dataclass(frozen=True)
-class InventoryDomain:
-    name: str
-    uuid: str
-    state: str
-    disks: tuple[InventoryDisk, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Inventory:
-    """A node's DiskInventory status, as far as plans need it."""
-
-    node: str
-    updated: str | None
-    domains: tuple[InventoryDomain, ...]
-
-    def find(self, disk: PlannedDisk) -> InventoryDisk | None:
-        for domain in self.domains:
-            if domain.uuid == disk.uuid or (not disk.uuid and domain.name == disk.domain):
-                return next((d for d in domain.disks if d.target == disk.target), None)
-        return None
-
-
-def parse_inventory(obj: Mapping[str, Any]) -> Inventory:
-    """A DiskInventory object (cluster-scoped, named after its node); bad entries skipped."""
-    status = obj.get("status") or {}
-    node = status.get("nodeName") or (obj.get("metadata") or {}).get("name") or ""
-    domains = []
-    for dom in status.get("domains") or []:
-        if not isinstance(dom, Mapping) or not dom.get("name"):
-            continue
-        disks = tuple(
-            InventoryDisk(target=str(d.get("target") or ""), source=d.get("source"),
-                          type=str(d.get("type") or "file"),
-                          virtual_size=int(d.get("virtualSize") or 0))
-            for d in dom.get("disks") or [] if isinstance(d, Mapping) and d.get("target"))
-        domains.append(InventoryDomain(name=str(dom["name"]), uuid=str(dom.get("uuid") or ""),
-                                       state=str(dom.get("state") or ""), disks=disks))
-    return Inventory(node=str(node), updated=status.get("updated"), domains=tuple(domains))
+def find(inv: NodeInventory, disk: PlannedDisk) -> InventoryDisk | None:
+    """The planned disk in a node's inventory now (its domain by UUID, else by name)."""
+    domain = inv.find(disk.uuid or disk.domain)
+    return domain.disk(disk.target) if domain is not None else None
 
 
 def destination(source: str, spec: PlanSpec) -> str:
@@ -126,35 +94,36 @@ class Selection:
     too_many: bool = False
 
 
-def select(spec: PlanSpec, *, namespace: str, inventories: Iterable[Inventory],
+def select(spec: PlanSpec, *, namespace: str, inventories: Iterable[NodeInventory],
            node_labels: Mapping[str, Mapping[str, str]], policy: Policy) -> Selection:
     disks: list[PlannedDisk] = []
     excluded: list[str] = []
     groups = 0
-    for inv in sorted(inventories, key=lambda i: i.node):
+    for inv in sorted(inventories, key=lambda i: i.node_name):
+        node = inv.node_name
         if spec.node_selector is not None and (
-                inv.node not in node_labels or not spec.node_selector.matches(
-                    node_labels[inv.node])):
+                node not in node_labels or not spec.node_selector.matches(node_labels[node])):
             continue
         for dom in sorted(inv.domains, key=lambda d: (d.name, d.uuid)):
             if spec.domains and not any(fnmatch.fnmatchcase(dom.name, p) for p in spec.domains):
                 continue
-            under = [d for d in dom.disks if d.source and d.type in ("file", "block")
+            under = [d for d in dom.disks
+                     if d.source and d.type in (DiskType.FILE, DiskType.BLOCK)
                      and inside(posixpath.normpath(d.source), spec.source_prefix)
                      and posixpath.normpath(d.source) != spec.source_prefix]
             if not under:
                 continue
             if not policy.may_see(namespace=namespace, domain=dom.name, tenant=None):
                 continue  # not even named: the namespace may not learn it exists
-            if dom.state != "running":
-                excluded.append(f"{inv.node}/{dom.name}: not running ({dom.state or 'unknown'})")
+            if dom.state is not DomainState.RUNNING:
+                excluded.append(f"{node}/{dom.name}: not running ({dom.state.value})")
                 continue
             for d in sorted(under, key=lambda d: d.target):
                 source = posixpath.normpath(str(d.source))
                 disks.append(PlannedDisk(
-                    index=len(disks), node=inv.node, domain=dom.name, uuid=dom.uuid,
+                    index=len(disks), node=node, domain=dom.name, uuid=dom.uuid,
                     target=d.target, source=source, dest=destination(source, spec),
-                    bytes=d.virtual_size, group=groups))
+                    bytes=d.virtual_size or 0, group=groups))
             groups += 1
     return Selection(tuple(disks[:MAX_DISKS]), tuple(excluded[:50]),
                      too_many=len(disks) > MAX_DISKS)
@@ -197,7 +166,7 @@ def active(children: Iterable[Child]) -> list[Child]:
 
 def decide(spec: PlanSpec, disks: Sequence[PlannedDisk], children: Mapping[int, Child], *,
            states: Mapping[int, tuple[str, str]], live_nodes: set[str],
-           inventories: Mapping[str, Inventory]) -> Round:
+           inventories: Mapping[str, NodeInventory]) -> Round:
     """One round: new per-disk states, the children to create (within both limits) and the
     children to pivot."""
     new_states: dict[int, tuple[str, str]] = {}
@@ -220,7 +189,7 @@ def decide(spec: PlanSpec, disks: Sequence[PlannedDisk], children: Mapping[int, 
                                       "there (its inventory is missing or stale)")
             continue
         inv = inventories.get(disk.node)
-        now = inv.find(disk) if inv is not None else None
+        now = find(inv, disk) if inv is not None else None
         if inv is not None and (now is None or now.source is None
                                 or posixpath.normpath(now.source) != disk.source):
             where = "is gone" if now is None else f"is now on {now.source}"

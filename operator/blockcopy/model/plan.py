@@ -17,8 +17,6 @@ PLAN_KIND = "BlockCopyPlan"
 PLAN_PLURAL = "blockcopyplans"
 # On every child: which plan (in the child's namespace) made it.
 PLAN_LABEL = f"{GROUP}/plan"
-# The per-node disk inventories the agents publish (cluster-scoped, name = node name).
-INVENTORY_PLURAL = "diskinventories"
 # The controller's finalizer on plans: children not pivoted are cancelled before a plan goes.
 PLAN_FINALIZER = f"{GROUP}/plan-children"
 
