@@ -195,7 +195,7 @@ case "${1:-up}" in
     exit 0 ;;
   start-controller|stop-controller|restart-controller)
     load_settings || die "no nodes in $STATE (run $0 first)"
-    AGENT_TIMEOUT=${BLOCKCOPY_NODES_AGENT_TIMEOUT:-300}
+    AGENT_TIMEOUT=${BLOCKCOPY_NODES_AGENT_TIMEOUT:-900}
     case "$1" in
       start-controller) start_controller ;;
       stop-controller) stop_controller "${2:-TERM}" ;;
@@ -214,7 +214,7 @@ fi
 PREFIX=${BLOCKCOPY_NODES_PREFIX:-bcn}
 IMAGES_ROOT=${BLOCKCOPY_NODES_IMAGES:-/var/lib/libvirt/images/blockcopy-nodes}
 NAMESPACES=${BLOCKCOPY_NODES_NAMESPACES:-blockcopy-nodes}
-AGENT_TIMEOUT=${BLOCKCOPY_NODES_AGENT_TIMEOUT:-300}
+AGENT_TIMEOUT=${BLOCKCOPY_NODES_AGENT_TIMEOUT:-900}
 VENV=${BLOCKCOPY_VENV:-$REPO/.venv}
 [[ "$PREFIX" =~ ^[a-z][a-z0-9-]{0,20}$ ]] || die "BLOCKCOPY_NODES_PREFIX: a short lower-case name, not '$PREFIX'"
 case "$IMAGES_ROOT/" in

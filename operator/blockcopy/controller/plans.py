@@ -47,7 +47,7 @@ class PlanState:
 @dataclasses.dataclass(frozen=True)
 class ControllerConfig:
     policy: Policy = dataclasses.field(default_factory=Policy)
-    agent_timeout: float = 300.0  # s: an inventory older than this means no agent runs
+    agent_timeout: float = 900.0  # s: an inventory older than this means no agent runs
 
 
 def _parse_time(text: str | None) -> dt.datetime | None:

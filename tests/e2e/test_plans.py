@@ -1,0 +1,224 @@
+"""BlockCopyPlan on simulated hypervisor nodes (hack/cluster-nodes.sh: 4 session libvirtds,
+an agent each, the plan controller): real API server, libvirt and QEMU.
+
+- A dry run lists exactly the disks under the prefix (node, domain, disk, source,
+  destination, bytes) of the domains it names, and creates nothing.
+- A plan over VMs of 1-3 disks on 4 nodes (the same domain name on two of them, a disk of a
+  matching VM outside the prefix) moves every disk under the prefix, never more than
+  maxActive 3 copies active in all nor maxActivePerNode 1 on a node (sampled every 200 ms
+  for the whole run), pivots each VM's disks together (Automatic), and each destination
+  holds its source's guest view; the disk outside the prefix is left alone.
+- Deleting a running plan cancels its children: the VMs stay on their sources.
+
+The nodes' DiskInventory objects come from their agents where this checkout's agents publish
+them; otherwise the test publishes them from the nodes' libvirt in the same shape
+(support.plans.ensure_inventories). The destination directories are made by the test with
+the owner and mode of the matching source directories (support.plans.mirror_directories).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from blockcopy.model.api import FINALIZER, NODE_LABEL
+from blockcopy.model.plan import PLAN_KIND, PLAN_LABEL
+from support import multinode
+from support.images import qemu_img_compare
+from support.libvirt_probes import live_disk_source, live_mirror
+from support.plans import (
+    Plans,
+    Sampler,
+    delete_inventories,
+    ensure_inventories,
+    mirror_directories,
+)
+from support.vms import VM, create_vm, destroy_vm
+from support.waits import wait_for
+
+pytestmark = pytest.mark.e2e
+
+ALLOWED_ROOT = pathlib.Path("/var/lib/libvirt/images")  # the node agents' allowed root
+
+
+@pytest.fixture(scope="module")
+def nodes(cluster) -> list[multinode.Node]:
+    nodes = multinode.bring_up(4)
+    assert multinode.controller_pid() is not None
+    return nodes[:4]
+
+
+@pytest.fixture(scope="module")
+def tag() -> str:
+    return uuid.uuid4().hex[:5]
+
+
+@pytest.fixture(scope="module")
+def dirs(tag) -> Iterator[dict[str, pathlib.Path]]:
+    """A destination root and a directory outside the source prefix, both under the agents'
+    allowed root; removed at the end (after the VMs)."""
+    made = {"dst": ALLOWED_ROOT / f"bct-plans-dst-{tag}",
+            "out": ALLOWED_ROOT / f"bct-plans-out-{tag}"}
+    for path in made.values():
+        path.mkdir(mode=0o755)
+        path.chmod(0o755)
+    yield made
+    for path in made.values():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def plans(api, nodes) -> Iterator[Plans]:
+    namespace = nodes[0].namespaces[0] if nodes[0].namespaces else "default"
+    made = Plans(api, namespace)
+    yield made
+    for name in made.made:
+        made.delete(name, wait=180)
+
+
+@pytest.fixture(scope="module")
+def vms(dirs) -> Iterator[list[VM]]:
+    made: list[VM] = []
+    yield made
+    for vm in made:
+        destroy_vm(vm)
+
+
+@pytest.fixture(scope="module")
+def published(api) -> Iterator[list[str]]:
+    written: list[str] = []
+    yield written
+    delete_inventories(api, written)
+
+
+def expected_disks(vms_on: dict[str, list[VM]], src: str, dst: str) -> set[tuple]:
+    return {(node, vm.name, target, chain[0], dst + chain[0][len(src):])
+            for node, vms in vms_on.items() for vm in vms
+            for target, chain in vm.disk_chains.items()
+            if chain[0].startswith(src + "/")}
+
+
+def test_dry_run_then_a_plan_over_four_nodes(nodes, plans, vms, dirs, tag, api, published):
+    src_prefix = str(nodes[0].images_dir.parent)
+    dst_prefix = str(dirs["dst"])
+    a, b, c, d = nodes
+    name = f"bct-pl{tag}"
+    layout = {a.name: [a.create_vm(f"{name}-a", layers=1, disks=3),
+                       a.create_vm(f"{name}-b", layers=2, disks=1)],
+              b.name: [b.create_vm(f"{name}-a", layers=1, disks=1)],  # same name as on a
+              c.name: [c.create_vm(f"{name}-c", layers=1, disks=2)],
+              d.name: [d.create_vm(f"{name}-d", layers=1, disks=2)]}
+    outside = create_vm(f"{name}-out", uri=d.libvirt_uri, images_dir=dirs["out"], layers=1)
+    for made in layout.values():
+        vms.extend(made)
+    vms.append(outside)
+    domains = {n: {vm.name for vm in made} for n, made in layout.items()}
+    domains[d.name].add(outside.name)
+    published.extend(ensure_inventories(api, nodes, domains))
+    expected = expected_disks(layout, src_prefix, dst_prefix)
+    assert len(expected) == 9
+
+    spec = {"source": {"pathPrefix": src_prefix, "domains": [f"{name}-*"]},
+            "destination": {"pathPrefix": dst_prefix, "bandwidth": "2Mi"},
+            "maxActive": 3, "maxActivePerNode": 1, "pivot": "Automatic"}
+
+    # The dry run: what would be copied, nothing created.
+    preview = plans.create(f"{name}-dry", {**spec, "dryRun": True})
+    status = plans.wait_phase(preview, "Planned", "Failed", timeout=60)
+    assert status["phase"] == "Planned", status
+    listed = {(e["node"], e["domain"], e["disk"], e["source"], e["destination"])
+              for e in status["disks"]}
+    assert listed == expected
+    assert all(e["bytes"] == 64 << 20 for e in status["disks"])
+    assert status["total"] == 9 and plans.children(preview) == []
+    plans.delete(preview)
+
+    # The plan itself.
+    for _, _, _, source, _ in expected:
+        mirror_directories(source, src_prefix, dst_prefix)
+    plan = plans.create(name, spec)
+    with Sampler(plans, plan) as sampler:
+        status = plans.wait_phase(plan, "Completed", "Failed", timeout=600)
+    assert sampler.error is None, sampler.error
+    assert status["phase"] == "Completed", status
+    assert (status["total"], status["pivoted"], status["failed"]) == (9, 9, 0)
+    assert status["bytesDone"] == status["bytesTotal"] > 0
+    assert {n["name"]: n["pivoted"] for n in status["nodes"]} == {
+        a.name: 4, b.name: 1, c.name: 2, d.name: 2}
+    # The limits held for the whole run (and the sampler did see copies running).
+    assert sampler.samples > 20 and sampler.copying_seen > 0
+    assert sampler.max_total <= 3 and sampler.max_status_active <= 3
+    assert max(sampler.max_per_node.values()) == 1, sampler.max_per_node
+    assert sampler.max_total >= 2  # more than one node copied at once
+
+    children = plans.children(plan)
+    assert len(children) == 9
+    plan_uid = plans.get(plan)["metadata"]["uid"]
+    for child in children:
+        meta = child["metadata"]
+        assert meta["labels"][PLAN_LABEL] == plan
+        assert meta["labels"][NODE_LABEL] == child["spec"]["nodeName"]
+        (owner,) = meta["ownerReferences"]
+        assert (owner["kind"], owner["uid"]) == (PLAN_KIND, plan_uid)
+        assert child["status"]["phase"] == "Pivoted"
+        assert FINALIZER in meta.get("finalizers", [FINALIZER])
+    groups = {}
+    for child in children:
+        groups.setdefault((child["spec"]["nodeName"], child["spec"]["domain"]), set()).add(
+            child["spec"]["group"])
+    assert all(len(g) == 1 for g in groups.values()) and len(groups) == 6
+    assert len({g for gs in groups.values() for g in gs}) == 6  # one group per VM
+
+    # Every disk runs on its copy, which holds its source's guest view.
+    by_name = {(n, vm.name): vm for n, made in layout.items() for vm in made}
+    for node_name, domain, target, source, dest in expected:
+        vm = by_name[(node_name, domain)]
+        assert live_disk_source(vm, target) == dest
+        assert live_mirror(vm, target) is None
+        result = qemu_img_compare(source, dest)
+        assert result.returncode == 0, result.stdout + result.stderr
+        node = multinode.by_name(nodes, node_name)
+        assert pathlib.Path(dest).stat().st_uid == node.uid
+    # The disk outside the prefix was left alone.
+    assert live_disk_source(outside, "vda") == outside.chain[0]
+    assert not any(c["spec"]["domain"] == outside.name for c in children)
+
+
+def test_deleting_a_running_plan_cancels_its_copies(nodes, plans, vms, dirs, tag, api,
+                                                    published):
+    src_prefix = str(nodes[0].images_dir.parent)
+    dst_prefix = str(dirs["dst"]) + "-del"
+    os.mkdir(dst_prefix)
+    try:
+        name = f"bct-pd{tag}"
+        made = [nodes[0].create_vm(f"{name}-x", layers=1, data_per_layer="16M"),
+                nodes[1].create_vm(f"{name}-y", layers=1, data_per_layer="16M")]
+        vms.extend(made)
+        published.extend(ensure_inventories(api, nodes[:2], {
+            nodes[0].name: {made[0].name}, nodes[1].name: {made[1].name}}))
+        for vm in made:
+            mirror_directories(vm.chain[0], src_prefix, dst_prefix)
+        plan = plans.create(name, {
+            "source": {"pathPrefix": src_prefix, "domains": [f"{name}-*"]},
+            "destination": {"pathPrefix": dst_prefix, "bandwidth": "256Ki"},
+            "maxActive": 2, "maxActivePerNode": 1, "pivot": "Automatic"})
+
+        def copying() -> list[dict] | None:
+            kids = plans.children(plan)
+            phases = [(k.get("status") or {}).get("phase") for k in kids]
+            return kids if len(kids) == 2 and phases.count("Copying") == 2 else None
+
+        wait_for(copying, 120, what=f"both children of {plan} Copying")
+        assert all(live_mirror(vm, "vda") is not None for vm in made)
+        plans.delete(plan, wait=180)
+        # Cancelled: each VM on its source, no job left.
+        for vm in made:
+            assert live_disk_source(vm, "vda") == vm.chain[0]
+            assert live_mirror(vm, "vda") is None
+    finally:
+        shutil.rmtree(dst_prefix, ignore_errors=True)
