@@ -12,8 +12,8 @@ an agent each, the plan controller): real API server, libvirt and QEMU.
 
 The nodes' DiskInventory objects come from their agents where this checkout's agents publish
 them; otherwise the test publishes them from the nodes' libvirt in the same shape
-(support.plans.ensure_inventories). The destination directories are made by the test with
-the owner and mode of the matching source directories (support.plans.mirror_directories).
+(support.plans.ensure_inventories). The destination directories do not exist: the agents
+make them (the children's spec.createDirectories) like the matching source directories.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from support.plans import (
     Sampler,
     delete_inventories,
     ensure_inventories,
-    mirror_directories,
 )
 from support.vms import VM, create_vm, destroy_vm
 from support.waits import wait_for
@@ -139,8 +138,6 @@ def test_dry_run_then_a_plan_over_four_nodes(nodes, plans, vms, dirs, tag, api, 
     plans.delete(preview)
 
     # The plan itself.
-    for _, _, _, source, _ in expected:
-        mirror_directories(source, src_prefix, dst_prefix)
     plan = plans.create(name, spec)
     with Sampler(plans, plan) as sampler:
         status = plans.wait_phase(plan, "Completed", "Failed", timeout=600)
@@ -184,6 +181,11 @@ def test_dry_run_then_a_plan_over_four_nodes(nodes, plans, vms, dirs, tag, api, 
         assert result.returncode == 0, result.stdout + result.stderr
         node = multinode.by_name(nodes, node_name)
         assert pathlib.Path(dest).stat().st_uid == node.uid
+        # Its directories, made by the agent like the source's.
+        for made, like in ((pathlib.Path(dest).parent, pathlib.Path(source).parent),
+                           (pathlib.Path(dest).parent.parent, node.images_dir)):
+            assert (made.stat().st_uid, made.stat().st_gid, made.stat().st_mode) == \
+                (like.stat().st_uid, like.stat().st_gid, like.stat().st_mode), made
     # The disk outside the prefix was left alone.
     assert live_disk_source(outside, "vda") == outside.chain[0]
     assert not any(c["spec"]["domain"] == outside.name for c in children)
@@ -201,8 +203,6 @@ def test_deleting_a_running_plan_cancels_its_copies(nodes, plans, vms, dirs, tag
         vms.extend(made)
         published.extend(ensure_inventories(api, nodes[:2], {
             nodes[0].name: {made[0].name}, nodes[1].name: {made[1].name}}))
-        for vm in made:
-            mirror_directories(vm.chain[0], src_prefix, dst_prefix)
         plan = plans.create(name, {
             "source": {"pathPrefix": src_prefix, "domains": [f"{name}-*"]},
             "destination": {"pathPrefix": dst_prefix, "bandwidth": "256Ki"},

@@ -1,18 +1,15 @@
 """BlockCopyPlans in the e2e tests: creating, reading and deleting plans, the nodes' disk
 inventories (published by the agents; where this checkout's agents do not publish them yet,
-the test publishes them itself from the nodes' libvirt, in the same shape), a sampler of the
-plan's children (how many are active, cluster-wide and per node) and the destination
-directories."""
+the test publishes them itself from the nodes' libvirt, in the same shape), and a sampler of the
+plan's children (how many are active, cluster-wide and per node)."""
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import kubernetes
@@ -217,24 +214,3 @@ def delete_inventories(api: kubernetes.client.CustomObjectsApi, names: Iterable[
         except ApiException as exc:
             if exc.status != 404:
                 raise
-
-
-# ------------------------------------------------------------------ destinations
-
-
-def mirror_directories(source: str, src_prefix: str, dst_prefix: str) -> list[Path]:
-    """The directories between ``dst_prefix`` and the destination of ``source``, made where
-    missing with the owner, group and mode of the matching source directory. Returns those
-    it made (deepest last)."""
-    rel = Path(os.path.dirname(source)).relative_to(src_prefix)
-    made = []
-    src, dst = Path(src_prefix), Path(dst_prefix)
-    for part in rel.parts:
-        src, dst = src / part, dst / part
-        if not dst.exists():
-            st = src.stat()
-            dst.mkdir()
-            os.chown(dst, st.st_uid, st.st_gid)
-            dst.chmod(st.st_mode & 0o7777)
-            made.append(dst)
-    return made

@@ -84,7 +84,7 @@ async def test_a_plan_runs_to_completion_within_its_limits(kube, controller, clo
     assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-p"
     assert child["spec"] == {"domain": "db", "nodeName": "n1", "disk": "vda",
                              "dest": "/dst/db/a.qcow2", "group": "p-vm0000", "pivot": False,
-                             "bandwidth": 1 << 20}
+                             "createDirectories": True, "bandwidth": 1 << 20}
     st = status(kube)
     assert (st["phase"], st["total"], st["queued"], st["active"]) == ("Running", 4, 4, 2)
     assert st["startTime"]

@@ -174,6 +174,10 @@ class Follower:
         # a namespace the policy keeps away). An existing dest waits for the look below: it
         # may be the file of a job of ours that a restarted agent adopts.
         refusal = self.starter.refusal(spec, current)
+        # spec.createDirectories: the starter makes them, once the source's are known.
+        if refusal is not None and spec.create_directories and \
+                refusal.reason == "DestNotCreatable":
+            refusal = None
         if refusal is not None and refusal.reason != "DestExists":
             return Outcome(refusal, None, conditions)
         async with self.lock:

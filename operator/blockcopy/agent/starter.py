@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +37,8 @@ from blockcopy.model.ports import (
     ImageError,
     Images,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,14 @@ class Starter:
         refused = self._refuse_by_policy(spec, disk) or self._refuse_own_chain(spec, disk)
         if refused is not None:
             return Started(refused)
+        if spec.create_directories and disk.source and spec.network is None:
+            dirs, why = await asyncio.to_thread(self.files.make_directories, spec.dest,
+                                                disk.source, self.settings.allowed_paths)
+            if dirs:
+                log.info("%s: made %s (like the source's directories)", spec.dest,
+                         ", ".join(dirs))
+            if why is not None:
+                return Started(failed(*why))
         caps = await self.hv.capabilities()
         refused = starting.unsupported(spec, caps) or \
             starting.encryption_refusal(spec, disk, planned=plans.needed(spec, disk)) or \

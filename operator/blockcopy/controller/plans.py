@@ -82,6 +82,7 @@ def child_body(plan: Mapping[str, Any], spec: PlanSpec, disk: PlannedDisk) -> di
     child_spec: dict[str, Any] = {
         "domain": disk.domain, "nodeName": disk.node, "disk": disk.target, "dest": disk.dest,
         "group": planning.group_name(meta["name"], disk.group), "pivot": False,
+        "createDirectories": True,
     }
     if spec.format:
         child_spec["format"] = spec.format

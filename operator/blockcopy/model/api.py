@@ -205,6 +205,8 @@ class BlockCopySpec:
     pivot: bool = False
     abort: bool = False
     detect_zeroes: bool = True  # zeros the guest wrote are not copied as data
+    # Missing directories of dest are made, each like the source's directory at its depth.
+    create_directories: bool = False
 
 
 # Binary and decimal suffixes of Kubernetes quantities, for byte rates.
@@ -351,6 +353,8 @@ def parse_spec(raw: Any) -> BlockCopySpec:
             raise SpecError("a network destination takes a full copy: spec.base and shallow "
                             "would leave it pointing at backing files it cannot reach")
         fmt = "raw"
+        if _bool(raw, "createDirectories"):
+            raise SpecError("spec.createDirectories needs a path destination, not an NBD export")
     if base is not None and fmt not in (None, "qcow2"):
         raise SpecError(f"spec.base needs a qcow2 destination (it gets a backing file); "
                         f"spec.format {fmt!r} cannot hold one")
@@ -373,5 +377,6 @@ def parse_spec(raw: Any) -> BlockCopySpec:
         buf_size=_non_negative_int(raw, "bufSize"),
         pivot=_bool(raw, "pivot"),
         detect_zeroes=_bool(raw, "detectZeroes", default=True),
+        create_directories=_bool(raw, "createDirectories"),
         abort=_bool(raw, "abort"),
     )

@@ -230,6 +230,13 @@ class Files(Protocol):
         """What ``path`` is now (after symlinks), None when nothing is there; raises OSError
         when it cannot be looked at."""
 
+    def make_directories(self, dest: str, source: str,
+                         allowed_roots: Sequence[str]) -> tuple[list[str], Refusal | None]:
+        """spec.createDirectories: the missing directories of ``dest``, each made with the
+        owner, group and mode of the directory of ``source`` at the same depth, when the
+        nearest existing one lies under an allowed root. Returns those made (top first) and
+        why not (the ones made before a failure stay)."""
+
 
 # ------------------------------------------------------------------ metrics
 

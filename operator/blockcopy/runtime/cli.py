@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=float(os.environ.get("BLOCKCOPY_AGENT_TIMEOUT", "900")),
                         metavar="S",
                         help="controller: a node whose DiskInventory was not updated for S "
-                        "seconds has no agent; its disks wait (default 900: three of the agents' 300 s inventory resyncs)")
+                        "seconds has no agent; its disks wait (default 900: three of the "
+                        "agents' 300 s inventory resyncs)")
     parser.add_argument("--node-name", default=os.environ.get("NODE_NAME"),
                         help="name of this node (env NODE_NAME; default: the host name)")
     parser.add_argument("--libvirt-uri", default=os.environ.get("LIBVIRT_URI", "qemu:///system"),
