@@ -29,8 +29,10 @@ import pytest
 from blockcopy.model.api import FINALIZER, NODE_LABEL
 from blockcopy.model.plan import PLAN_KIND, PLAN_LABEL
 from support import multinode
+from support.cluster import apply_crd
 from support.images import qemu_img_compare
 from support.libvirt_probes import live_disk_source, live_mirror
+from support.paths import PLAN_CRD
 from support.plans import (
     Plans,
     Sampler,
@@ -71,8 +73,19 @@ def dirs(tag) -> Iterator[dict[str, pathlib.Path]]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def apply_crds(kubectl) -> None:
+    """This checkout's CRDs (BlockCopy with spec.createDirectories, the plan's), again right
+    before a plan starts: on the shared API server, a test of another checkout may have
+    applied an older BlockCopy CRD, whose schema would prune the children's new field."""
+    apply_crd(kubectl)
+    kubectl("apply", "-f", str(PLAN_CRD))
+    kubectl("wait", "--for=condition=Established", "crd/blockcopyplans.blockcopy.dev",
+            "--timeout=60s")
+
+
 @pytest.fixture(scope="module")
-def plans(api, nodes) -> Iterator[Plans]:
+def plans(api, nodes, kubectl) -> Iterator[Plans]:
+    apply_crds(kubectl)
     namespace = nodes[0].namespaces[0] if nodes[0].namespaces else "default"
     made = Plans(api, namespace)
     yield made
@@ -102,7 +115,8 @@ def expected_disks(vms_on: dict[str, list[VM]], src: str, dst: str) -> set[tuple
             if chain[0].startswith(src + "/")}
 
 
-def test_dry_run_then_a_plan_over_four_nodes(nodes, plans, vms, dirs, tag, api, published):
+def test_dry_run_then_a_plan_over_four_nodes(nodes, plans, vms, dirs, tag, api, published,
+                                              kubectl):
     src_prefix = str(nodes[0].images_dir.parent)
     dst_prefix = str(dirs["dst"])
     a, b, c, d = nodes
@@ -138,6 +152,7 @@ def test_dry_run_then_a_plan_over_four_nodes(nodes, plans, vms, dirs, tag, api, 
     plans.delete(preview)
 
     # The plan itself.
+    apply_crds(kubectl)
     plan = plans.create(name, spec)
     with Sampler(plans, plan) as sampler:
         status = plans.wait_phase(plan, "Completed", "Failed", timeout=600)
@@ -162,14 +177,15 @@ def test_dry_run_then_a_plan_over_four_nodes(nodes, plans, vms, dirs, tag, api, 
         assert meta["labels"][NODE_LABEL] == child["spec"]["nodeName"]
         (owner,) = meta["ownerReferences"]
         assert (owner["kind"], owner["uid"]) == (PLAN_KIND, plan_uid)
-        assert child["status"]["phase"] == "Pivoted"
+        assert child["status"]["phase"] == "Pivoted", child["status"]
+        assert child["spec"]["createDirectories"] is True
         assert FINALIZER in meta.get("finalizers", [FINALIZER])
     groups = {}
     for child in children:
         groups.setdefault((child["spec"]["nodeName"], child["spec"]["domain"]), set()).add(
             child["spec"]["group"])
-    assert all(len(g) == 1 for g in groups.values()) and len(groups) == 6
-    assert len({g for gs in groups.values() for g in gs}) == 6  # one group per VM
+    assert all(len(g) == 1 for g in groups.values()) and len(groups) == 5
+    assert len({g for gs in groups.values() for g in gs}) == 5  # one group per VM
 
     # Every disk runs on its copy, which holds its source's guest view.
     by_name = {(n, vm.name): vm for n, made in layout.items() for vm in made}
@@ -192,7 +208,7 @@ def test_dry_run_then_a_plan_over_four_nodes(nodes, plans, vms, dirs, tag, api, 
 
 
 def test_deleting_a_running_plan_cancels_its_copies(nodes, plans, vms, dirs, tag, api,
-                                                    published):
+                                                    published, kubectl):
     src_prefix = str(nodes[0].images_dir.parent)
     dst_prefix = str(dirs["dst"]) + "-del"
     os.mkdir(dst_prefix)
@@ -203,6 +219,7 @@ def test_deleting_a_running_plan_cancels_its_copies(nodes, plans, vms, dirs, tag
         vms.extend(made)
         published.extend(ensure_inventories(api, nodes[:2], {
             nodes[0].name: {made[0].name}, nodes[1].name: {made[1].name}}))
+        apply_crds(kubectl)
         plan = plans.create(name, {
             "source": {"pathPrefix": src_prefix, "domains": [f"{name}-*"]},
             "destination": {"pathPrefix": dst_prefix, "bandwidth": "256Ki"},
