@@ -178,7 +178,6 @@ def test_dry_run_then_a_plan_over_four_nodes(nodes, plans, vms, dirs, tag, api, 
         (owner,) = meta["ownerReferences"]
         assert (owner["kind"], owner["uid"]) == (PLAN_KIND, plan_uid)
         assert child["status"]["phase"] == "Pivoted", child["status"]
-        assert child["spec"]["createDirectories"] is True
         assert FINALIZER in meta.get("finalizers", [FINALIZER])
     groups = {}
     for child in children:
