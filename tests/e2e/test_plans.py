@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from blockcopy.model.api import FINALIZER, NODE_LABEL
 from blockcopy.model.plan import PLAN_KIND, PLAN_LABEL
@@ -238,3 +239,31 @@ def test_deleting_a_running_plan_cancels_its_copies(nodes, plans, vms, dirs, tag
             assert live_mirror(vm, "vda") is None
     finally:
         shutil.rmtree(dst_prefix, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"source": {"pathPrefix": "/var/lib/libvirt/images/a"},
+      "destination": {"pathPrefix": "/var/lib/libvirt/images/a/b"}},
+     "must not lie inside spec.source.pathPrefix"),
+    ({"source": {"pathPrefix": "/var/lib/libvirt/images/a/b"},
+      "destination": {"pathPrefix": "/var/lib/libvirt/images/a"}},
+     "must not lie inside spec.destination.pathPrefix"),
+    ({"source": {"pathPrefix": "images/a"}, "destination": {"pathPrefix": "/b"}},
+     "an absolute, normalised directory"),
+    ({"source": {"pathPrefix": "/a"}, "destination": {"pathPrefix": "/b/../c"}},
+     "an absolute, normalised directory"),
+    ({"source": {"pathPrefix": "/a"}, "destination": {"pathPrefix": "/b"}, "maxActive": 0},
+     "maxActive"),
+    ({"source": {"pathPrefix": "/a"}, "destination": {"pathPrefix": "/b"},
+      "maxActivePerNode": 1000}, "maxActivePerNode"),
+    ({"source": {"pathPrefix": "/a"}, "destination": {"pathPrefix": "/b"}, "pivot": "Now"},
+     "pivot"),
+], ids=["dest-inside", "source-inside", "relative", "dotdot", "zero", "absurd", "pivot"])
+def test_bad_plans_refused_at_admission(plans, kubectl, tag, spec, message):
+    """The API server itself refuses them (the CRD's schema and CEL rules): nothing exists."""
+    apply_crds(kubectl)
+    name = f"bct-bad{tag}"
+    with pytest.raises(ApiException) as refused:
+        plans.create(name, spec)
+    assert refused.value.status == 422 and message in refused.value.body, refused.value.body
+    assert not plans.exists(name)
