@@ -562,3 +562,45 @@ def test_watch_namespaces(helm):
                                       "verbs": ["list", "watch"]}]
     proc = helm.template("--set", "watchNamespaces={Team_A}", check=False)
     assert proc.returncode != 0 and "watchNamespaces" in proc.stderr
+
+
+# ------------------------------------------------------------------ the plan controller
+
+
+def test_the_plan_controller(helm):
+    docs = controller_part(helm.render())
+    deploy = one(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][:2] == ["--mode=controller", "--agent-timeout=900"]
+    assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert not pod.get("hostNetwork") and "volumes" in pod
+    # Its pods are not the agents': neither the DaemonSet nor the metrics Service selects them.
+    agents = agent_part(helm.render())
+    selector = one(agents, "DaemonSet")["spec"]["selector"]["matchLabels"]
+    labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert not selector.items() <= labels.items()
+    assert not one(agents, "Service")["spec"]["selector"].items() <= labels.items()
+    # Its rights: plans (and their status), BlockCopies (create, patch, delete: its children),
+    # inventories and nodes read only; bound to its ServiceAccount.
+    role = one(docs, "ClusterRole")
+    verbs = {(r["apiGroups"][0], res): set(r["verbs"]) for r in role["rules"]
+             for res in r["resources"]}
+    assert verbs[(GROUP, "blockcopyplans")] == {"list", "watch", "patch"}
+    assert verbs[(GROUP, "blockcopyplans/status")] == {"patch"}
+    assert verbs[(GROUP, PLURAL)] == {"list", "watch", "create", "patch", "delete"}
+    assert verbs[(GROUP, "diskinventories")] == {"list"}
+    assert verbs[("", "nodes")] == {"list"}
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
+    # Off: none of it.
+    assert controller_part(helm.render("--set", "controller.enabled=false")) == []
+    # Namespaced like the agents, with the namespace rule kopf needs.
+    docs = controller_part(helm.render("--set", "watchNamespaces={team-a}"))
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "--namespace=team-a" in container["args"]
+    assert any("namespaces" in r["resources"] for r in one(docs, "ClusterRole")["rules"])
