@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator
 
@@ -267,3 +268,55 @@ def test_bad_plans_refused_at_admission(plans, kubectl, tag, spec, message):
         plans.create(name, spec)
     assert refused.value.status == 422 and message in refused.value.body, refused.value.body
     assert not plans.exists(name)
+
+
+def test_controller_killed_mid_plan_carries_on(nodes, plans, vms, dirs, tag, api, published,
+                                               kubectl):
+    """SIGKILL of the plan controller while copies run: started again, it takes the plan's
+    fixed disk set from its status and its children from the API, creates no duplicate and
+    never exceeds the limits; the plan completes."""
+    src_prefix = str(nodes[0].images_dir.parent)
+    dst_prefix = str(dirs["dst"]) + "-kill"
+    os.mkdir(dst_prefix)
+    try:
+        name = f"bct-pk{tag}"
+        made = [nodes[0].create_vm(f"{name}-x", layers=1, disks=2, data_per_layer="8M"),
+                nodes[1].create_vm(f"{name}-y", layers=1, disks=1, data_per_layer="8M")]
+        vms.extend(made)
+        published.extend(ensure_inventories(api, nodes[:2], {
+            nodes[0].name: {made[0].name}, nodes[1].name: {made[1].name}}))
+        apply_crds(kubectl)
+        plan = plans.create(name, {
+            "source": {"pathPrefix": src_prefix, "domains": [f"{name}-*"]},
+            "destination": {"pathPrefix": dst_prefix, "bandwidth": "1Mi"},
+            "maxActive": 2, "maxActivePerNode": 1, "pivot": "Automatic"})
+        with Sampler(plans, plan) as sampler:
+            wait_for(lambda: any((c.get("status") or {}).get("phase") == "Copying"
+                                 for c in plans.children(plan)), 120,
+                     what=f"a child of {plan} Copying")
+            try:
+                multinode.stop_controller(signal.SIGKILL)
+                before = {c["metadata"]["uid"] for c in plans.children(plan)}
+            finally:
+                multinode.start_controller()
+            status = plans.wait_phase(plan, "Completed", "Failed", timeout=300)
+        assert status["phase"] == "Completed", status
+        assert (status["total"], status["pivoted"]) == (3, 3)
+        children = plans.children(plan)
+        assert len(children) == 3 and before <= {c["metadata"]["uid"] for c in children}
+        assert sampler.error is None and sampler.max_total <= 2
+        assert max(sampler.max_per_node.values()) == 1
+        for vm in made:
+            for target, chain in vm.disk_chains.items():
+                dest = dst_prefix + chain[0][len(src_prefix):]
+                assert live_disk_source(vm, target) == dest
+                result = qemu_img_compare(chain[0], dest)
+                assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        if multinode.controller_pid() is None:
+            multinode.start_controller()
+        for vm in list(vms):
+            if vm.name.startswith(f"bct-pk{tag}"):
+                destroy_vm(vm)
+                vms.remove(vm)
+        shutil.rmtree(dst_prefix, ignore_errors=True)
