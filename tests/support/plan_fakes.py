@@ -58,6 +58,8 @@ class FakePlanKube:
         self.created: list[str] = []
         self.deleted: list[str] = []
         self.active_seen: list[int] = []  # after every create: active children in total
+        self.inventory_lists = 0
+        self.status_writes = 0
 
     def add_plan(self, body: dict[str, Any]) -> dict[str, Any]:
         meta = body["metadata"]
@@ -89,6 +91,7 @@ class FakePlanKube:
     # ------------------------------------------------------------ ports.PlanKube
 
     async def inventories(self) -> list[dict[str, Any]]:
+        self.inventory_lists += 1
         return [copy.deepcopy(i) for i in self.inventory.values()]
 
     async def node_labels(self) -> dict[str, dict[str, str]]:
@@ -124,6 +127,7 @@ class FakePlanKube:
         body = self.plans.get((namespace, name))
         if body is None:
             return False
+        self.status_writes += 1
         body["status"] = merge_patch(body.get("status") or {}, status)
         return True
 

@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from blockcopy.controller.plans import ControllerConfig, PlanController
+from blockcopy.controller.plans import INVENTORY_TTL, ControllerConfig, PlanController
 from blockcopy.core.plan_status import PlanPhase
 from blockcopy.model.api import FINALIZER, NODE_LABEL
 from blockcopy.model.plan import PLAN_LABEL
@@ -157,17 +157,19 @@ async def test_node_without_agent_waits_then_goes(kube, controller, clock):
     assert st["waiting"] == 1 and "p-0003" not in kube.created
     assert "waiting for node n2" in st["disks"][3]["message"]
     kube.inventory["n2"]["status"]["updated"] = clock.now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    clock.tick(INVENTORY_TTL)  # the inventories are listed again
     await controller.round(body)
     assert "p-0003" in kube.created and status(kube)["waiting"] == 0
 
 
-async def test_vanished_disk_reported_and_the_set_is_fixed(kube, controller):
+async def test_vanished_disk_reported_and_the_set_is_fixed(kube, controller, clock):
     body = kube.add_plan(plan(maxActive=1, maxActivePerNode=1))
     await controller.round(body)
     # A new VM appears, db's disk goes: neither changes the set; db is reported.
     kube.inventory["n1"]["status"]["domains"].append(domain("new", {"vda": "/src/new.qcow2"}))
     kube.inventory["n1"]["status"]["domains"][0]["disks"][1]["source"] = "/moved/b.qcow2"
     kube.set_phase("p-0000", "Mirrored")
+    clock.tick(INVENTORY_TTL)
     await controller.round(body)
     st = status(kube)
     assert st["total"] == 4 and {d["domain"] for d in st["disks"]} == {"db", "web"}
@@ -193,3 +195,17 @@ async def test_invalid_spec_and_deletion(kube, controller):
     cancelled = await controller.cancel(body)
     assert sorted(cancelled) == ["p-0001", "p-0002", "p-0003"]
     assert list(kube.children_of("p")) == ["p-0000"]
+
+
+async def test_inventories_listed_once_per_ttl_and_idle_status_not_rewritten(kube, controller,
+                                                                             clock):
+    first = kube.add_plan(plan("p", dryRun=True))
+    second = kube.add_plan(plan("q", dryRun=True))
+    for _ in range(3):
+        await controller.round(first)
+        await controller.round(second)
+    assert kube.inventory_lists == 1
+    assert kube.status_writes == 2  # one per plan: nothing changed since
+    clock.tick(INVENTORY_TTL)
+    await controller.round(first)
+    assert kube.inventory_lists == 2

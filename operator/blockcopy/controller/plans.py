@@ -29,6 +29,7 @@ from blockcopy.model.ports import ObjectRef, PlanKube
 log = logging.getLogger(__name__)
 
 RUNNING_INTERVAL = 2.0  # s between rounds while copies run (the rate's samples)
+INVENTORY_TTL = 10.0  # s: the nodes' inventories are listed at most this often (all plans)
 IDLE_INTERVAL = 30.0  # s between rounds of a finished, planned or waiting plan
 
 
@@ -42,6 +43,7 @@ class PlanState:
     window: ProgressWindow = dataclasses.field(default_factory=ProgressWindow)
     phase: str | None = None
     refused_generation: int | None = None
+    written: dict[str, Any] | None = None  # the status last written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +115,18 @@ class PlanController:
         self.kube, self.config = kube, config
         self.clock, self.now = clock, now
         self.plans: dict[str, PlanState] = {}  # by the plan's uid
+        self._inventories: dict[str, NodeInventory] = {}
+        self._inventories_at: float | None = None
+
+    async def inventories(self) -> dict[str, NodeInventory]:
+        """Every node's inventory, listed at most every INVENTORY_TTL seconds for all plans
+        together (each may be a megabyte: a round of every plan must not fetch them all)."""
+        now = self.clock()
+        if self._inventories_at is None or now - self._inventories_at >= INVENTORY_TTL:
+            listed = map(planning.parse_inventory, await self.kube.inventories())
+            self._inventories = {i.node_name: i for i in listed if i.node_name}
+            self._inventories_at = now
+        return self._inventories
 
     def _state(self, body: Mapping[str, Any]) -> PlanState:
         meta = body["metadata"]
@@ -133,9 +147,7 @@ class PlanController:
         except PlanError as exc:
             await self._refuse(body, state, str(exc))
             return IDLE_INTERVAL
-        inventories = {i.node_name: i for i in map(planning.parse_inventory,
-                                                   await self.kube.inventories())
-                       if i.node_name}
+        inventories = await self.inventories()
         if state.disks is None and previous.get("startTime") and previous.get("disks"):
             state.disks = tuple(PlannedDisk.from_status(i, d)
                                 for i, d in enumerate(previous["disks"]))
@@ -175,7 +187,10 @@ class PlanController:
             now=self.now(), window=state.window, clock=self.clock())
         if spec.dry_run or not selected:
             status.pop("startTime", None)
-        await self.kube.patch_plan_status(namespace, name, status)
+        # The same status again (an idle plan) is not written again.
+        if status != state.written:
+            await self.kube.patch_plan_status(namespace, name, status)
+            state.written = status
         await self._phase_event(body, state, status)
         busy = status["phase"] in (plan_status.PlanPhase.RUNNING,)
         return RUNNING_INTERVAL if busy else IDLE_INTERVAL
