@@ -320,3 +320,59 @@ def test_controller_killed_mid_plan_carries_on(nodes, plans, vms, dirs, tag, api
                 destroy_vm(vm)
                 vms.remove(vm)
         shutil.rmtree(dst_prefix, ignore_errors=True)
+
+
+def test_agent_killed_mid_plan_the_others_go_on(nodes, plans, vms, dirs, tag, api, published,
+                                                kubectl):
+    """SIGKILL of one node's agent while its copy runs: the other node's disks go on; started
+    again, the agent picks its copy up and the plan completes."""
+    src_prefix = str(nodes[0].images_dir.parent)
+    dst_prefix = str(dirs["dst"]) + "-agent"
+    os.mkdir(dst_prefix)
+    victim, other = nodes[2], nodes[3]
+    try:
+        name = f"bct-pa{tag}"
+        made = {victim.name: victim.create_vm(f"{name}-v", layers=1, data_per_layer="8M"),
+                other.name: other.create_vm(f"{name}-o", layers=1, disks=2,
+                                            data_per_layer="8M")}
+        vms.extend(made.values())
+        published.extend(ensure_inventories(api, [victim, other], {
+            n: {vm.name} for n, vm in made.items()}))
+        apply_crds(kubectl)
+        plan = plans.create(name, {
+            "source": {"pathPrefix": src_prefix, "domains": [f"{name}-*"]},
+            "destination": {"pathPrefix": dst_prefix, "bandwidth": "1Mi"},
+            "maxActive": 2, "maxActivePerNode": 1, "pivot": "Automatic"})
+
+        def phases() -> dict[str, str | None]:
+            return {c["spec"]["nodeName"] + "/" + c["spec"]["disk"]:
+                    (c.get("status") or {}).get("phase") for c in plans.children(plan)}
+
+        wait_for(lambda: phases().get(f"{victim.name}/vda") == "Copying", 120,
+                 what=f"the copy on {victim.name} Copying")
+        try:
+            victim.stop_agent(signal.SIGKILL)
+            # The other node's disks go on: both end Mirrored or Pivoted meanwhile.
+            wait_for(lambda: [p for k, p in phases().items() if k.startswith(other.name)]
+                     in (["Pivoted", "Pivoted"],), 180,
+                     what=f"{other.name}'s disks pivoted while {victim.name} has no agent")
+            assert plans.status(plan)["phase"] == "Running"
+        finally:
+            victim.start_agent()
+        status = plans.wait_phase(plan, "Completed", "Failed", timeout=300)
+        assert status["phase"] == "Completed", status
+        assert (status["total"], status["pivoted"]) == (3, 3)
+        for vm in made.values():
+            for target, chain in vm.disk_chains.items():
+                dest = dst_prefix + chain[0][len(src_prefix):]
+                assert live_disk_source(vm, target) == dest
+                result = qemu_img_compare(chain[0], dest)
+                assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        if victim.agent_pid() is None:
+            victim.start_agent()
+        for vm in list(vms):
+            if vm.name.startswith(f"bct-pa{tag}"):
+                destroy_vm(vm)
+                vms.remove(vm)
+        shutil.rmtree(dst_prefix, ignore_errors=True)
