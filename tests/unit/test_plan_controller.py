@@ -209,3 +209,13 @@ async def test_inventories_listed_once_per_ttl_and_idle_status_not_rewritten(kub
     clock.tick(INVENTORY_TTL)
     await controller.round(first)
     assert kube.inventory_lists == 2
+
+
+async def test_delete_retention_asks_the_agents_to_reclaim_the_sources(kube, controller):
+    body = kube.add_plan(plan(sourceRetention="Delete", maxActive=1))
+    await controller.round(body)
+    (child,) = kube.children_of("p").values()
+    assert child["spec"]["deleteSourcesUnder"] == "/src"
+    kept = kube.add_plan(plan("k", maxActive=1))
+    await controller.round(kept)
+    assert all("deleteSourcesUnder" not in c["spec"] for c in kube.children_of("k").values())

@@ -224,6 +224,9 @@ class LocalFiles:
     def allocated(self, path: str) -> int:
         return allocated(path)
 
+    def delete(self, path: str) -> None:
+        os.unlink(path)
+
     def make_directories(self, dest: str, source: str, allowed_roots: Sequence[str]
                          ) -> tuple[list[str], Refusal | None]:
         return make_directories(dest, source, allowed_roots)

@@ -18,6 +18,7 @@ from blockcopy.agent.convergence import ConvergenceAssist
 from blockcopy.agent.groups import Groups, key_of
 from blockcopy.agent.layers import NO_LAYER_COPIES, LayerCopies, NoLayerCopies
 from blockcopy.agent.loop import FollowLoop, Step, StopSignal
+from blockcopy.agent.reclaim import reclaim, summary
 from blockcopy.agent.recorder import ObjectRecorder
 from blockcopy.agent.retries import Retries
 from blockcopy.agent.starter import Starter, StartSettings
@@ -151,6 +152,8 @@ class Follower:
     async def step(self) -> Step:
         current = self.recorder.phase
         if current in TERMINAL_PHASES:
+            if current == Phase.PIVOTED:
+                await self._reclaim()
             return Step.DONE
         self.generation = self.body.get("metadata", {}).get("generation")
         reading = read_spec(self.body.get("spec"), self.recorder.status, current)
@@ -356,6 +359,17 @@ class Follower:
         self.recorder.update(layers=layer_states)
         self.wake.set()  # a verified (or failed) layer may unblock the pivot (or end it)
 
+    async def _reclaim(self) -> None:
+        """spec.deleteSourcesUnder, once Pivoted (agent.reclaim)."""
+        reading = read_spec(self.body.get("spec"), self.recorder.status, Phase.PIVOTED)
+        if reading.spec is None:
+            return
+        done = await reclaim(reading.spec, self.recorder.status, images=self.images,
+                             files=self.starter.files, in_use=self.starter.in_use)
+        if done is not None:
+            self.recorder.update(reclaimedSources=done)
+            self.recorder.event("Normal", "SourcesReclaimed", summary(done))
+
     # -- recording ------------------------------------------------------------------------
     async def _record(self, outcome: Outcome) -> Step:
         decision = outcome.decision
@@ -377,6 +391,8 @@ class Follower:
         if outcome.refused and not terminal:
             self.recorder.refused(decision, phase_changed=phase_changed)
         if terminal:
+            if decision.phase == Phase.PIVOTED:
+                await self._reclaim()
             return Step.DONE
         # After a successful action, look again at once; after a refused one, back off.
         return Step.AGAIN if decision.action != Action.NONE and not outcome.refused \

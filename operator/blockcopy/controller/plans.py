@@ -23,7 +23,14 @@ from blockcopy.core.policy import Policy
 from blockcopy.core.progress import ProgressWindow
 from blockcopy.model.api import FINALIZER, GROUP, KIND, NODE_LABEL, VERSION, Phase
 from blockcopy.model.inventory import NodeInventory
-from blockcopy.model.plan import PLAN_KIND, PLAN_LABEL, PlanError, PlanSpec, parse_plan
+from blockcopy.model.plan import (
+    PLAN_KIND,
+    PLAN_LABEL,
+    PlanError,
+    PlanSpec,
+    Retention,
+    parse_plan,
+)
 from blockcopy.model.ports import ObjectRef, PlanKube
 
 log = logging.getLogger(__name__)
@@ -94,6 +101,8 @@ def child_body(plan: Mapping[str, Any], spec: PlanSpec, disk: PlannedDisk) -> di
         child_spec["bandwidth"] = spec.bandwidth
     if spec.convergence:
         child_spec["convergence"] = spec.convergence.value
+    if spec.retention is Retention.DELETE:
+        child_spec["deleteSourcesUnder"] = spec.source_prefix
     return {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
         "metadata": {

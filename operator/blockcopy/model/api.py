@@ -207,6 +207,8 @@ class BlockCopySpec:
     detect_zeroes: bool = True  # zeros the guest wrote are not copied as data
     # Missing directories of dest are made, each like the source's directory at its depth.
     create_directories: bool = False
+    # After the pivot: the old chain's images under it that no domain uses are deleted.
+    delete_sources_under: str | None = None
 
 
 # Binary and decimal suffixes of Kubernetes quantities, for byte rates.
@@ -270,6 +272,13 @@ def _non_negative_int(raw: Mapping[str, Any], key: str, limit: int = 2**63) -> i
     if value >= limit:
         raise SpecError(f"spec.{key} {value} is too large: libvirt takes at most {limit - 1}")
     return value
+
+
+def _absolute(raw: Mapping[str, Any], key: str) -> str | None:
+    value = _string(raw, key)
+    if value is not None and (not posixpath.isabs(value) or posixpath.normpath(value) == "/"):
+        raise SpecError(f"spec.{key} must be an absolute directory other than /, not {value!r}")
+    return posixpath.normpath(value) if value is not None else None
 
 
 def _bool(raw: Mapping[str, Any], key: str, *, default: bool = False) -> bool:
@@ -378,5 +387,6 @@ def parse_spec(raw: Any) -> BlockCopySpec:
         pivot=_bool(raw, "pivot"),
         detect_zeroes=_bool(raw, "detectZeroes", default=True),
         create_directories=_bool(raw, "createDirectories"),
+        delete_sources_under=_absolute(raw, "deleteSourcesUnder"),
         abort=_bool(raw, "abort"),
     )

@@ -230,6 +230,9 @@ class Files(Protocol):
         """What ``path`` is now (after symlinks), None when nothing is there; raises OSError
         when it cannot be looked at."""
 
+    def delete(self, path: str) -> None:
+        """Remove the file ``path`` (source retention: an image no domain uses)."""
+
     def make_directories(self, dest: str, source: str,
                          allowed_roots: Sequence[str]) -> tuple[list[str], Refusal | None]:
         """spec.createDirectories: the missing directories of ``dest``, each made with the
