@@ -22,9 +22,12 @@ import os
 import pathlib
 import shutil
 import signal
+import subprocess
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 
+import libvirt
 import pytest
 from kubernetes.client.exceptions import ApiException
 
@@ -32,8 +35,8 @@ from blockcopy.model.api import FINALIZER, NODE_LABEL
 from blockcopy.model.plan import PLAN_KIND, PLAN_LABEL
 from support import multinode
 from support.cluster import apply_crd
-from support.images import qemu_img_compare
-from support.libvirt_probes import live_disk_source, live_mirror
+from support.images import image_digest, qemu_img_compare
+from support.libvirt_probes import live_disk_source, live_mirror, live_xml
 from support.paths import PLAN_CRD
 from support.plans import (
     Plans,
@@ -41,7 +44,7 @@ from support.plans import (
     delete_inventories,
     ensure_inventories,
 )
-from support.vms import VM, create_vm, destroy_vm
+from support.vms import VM, create_vm, destroy_vm, destroy_vm_by_name
 from support.waits import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -375,4 +378,57 @@ def test_agent_killed_mid_plan_the_others_go_on(nodes, plans, vms, dirs, tag, ap
             if vm.name.startswith(f"bct-pa{tag}"):
                 destroy_vm(vm)
                 vms.remove(vm)
+        shutil.rmtree(dst_prefix, ignore_errors=True)
+
+
+def test_delete_retention_keeps_a_shared_backing_file(nodes, plans, vms, dirs, tag, api,
+                                                      published, kubectl):
+    """sourceRetention Delete: after the pivot, the old top image (used by nobody) is
+    deleted; its backing file, also the backing file of another (defined, stopped) VM's
+    disk, is kept; status.reclaimedSources says both."""
+    node = nodes[0]
+    src_prefix = str(node.images_dir.parent)
+    dst_prefix = str(dirs["dst"]) + "-ret"
+    os.mkdir(dst_prefix)
+    name = f"bct-pr{tag}"
+    sharer = f"{name}-sharer"
+    try:
+        vm = node.create_vm(f"{name}-m", layers=2)
+        vms.append(vm)
+        top, base = vm.chain
+        overlay = dirs["out"] / f"{sharer}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base,
+                        str(overlay)], check=True)
+        os.chown(overlay, node.uid, -1)
+        domain_type = ET.fromstring(live_xml(vm)).get("type")
+        with libvirt.open(node.libvirt_uri) as conn:
+            conn.defineXML(f"""<domain type='{domain_type}'><name>{sharer}</name>
+              <memory unit='MiB'>64</memory><os><type>hvm</type></os><devices>
+              <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+              <source file='{overlay}'/><target dev='vda' bus='virtio'/></disk>
+              </devices></domain>""")
+        published.extend(ensure_inventories(api, [node], {node.name: {vm.name, sharer}}))
+        apply_crds(kubectl)
+        plan = plans.create(name, {
+            "source": {"pathPrefix": src_prefix, "domains": [f"{name}-*"]},
+            "destination": {"pathPrefix": dst_prefix}, "pivot": "Automatic",
+            "sourceRetention": "Delete"})
+        status = plans.wait_phase(plan, "Completed", "Failed", timeout=300)
+        assert status["phase"] == "Completed", status
+        assert status["total"] == 1  # the stopped sharer is not selected
+        assert len(plans.children(plan)) == 1
+        reclaimed = wait_for(lambda: (plans.children(plan)[0].get("status") or {})
+                             .get("reclaimedSources"), 60, what="the sources reclaimed")
+        assert reclaimed["deleted"] == [top], reclaimed
+        assert any(k.startswith(f"{base}: used by domain {sharer}") for k in reclaimed["kept"])
+        assert not os.path.exists(top) and os.path.exists(base)
+        dest = dst_prefix + top[len(src_prefix):]
+        assert live_disk_source(vm, "vda") == dest
+        assert image_digest(dest, "qcow2") == vm.initial_digests["vda"]
+    finally:
+        destroy_vm_by_name(sharer, uri=node.libvirt_uri, images_dir=dirs["out"])
+        for made in list(vms):
+            if made.name.startswith(name):
+                destroy_vm(made)
+                vms.remove(made)
         shutil.rmtree(dst_prefix, ignore_errors=True)

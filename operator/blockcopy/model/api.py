@@ -53,7 +53,8 @@ class Flag(enum.StrEnum):
 # Fields that cannot change once the job started (the agent keeps what it started with).
 # granularity and bufSize act only at the start, so a later change could only be ignored.
 IMMUTABLE_FIELDS = ("domain", "nodeName", "disk", "dest", "format", "base", "flags",
-                    "granularity", "bufSize", "backingChain", "group", "detectZeroes")
+                    "granularity", "bufSize", "backingChain", "group", "detectZeroes",
+                    "deleteSourcesUnder")
 # Fields whose absence means true.
 TRUE_BY_DEFAULT = ("detectZeroes",)
 
