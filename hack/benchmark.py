@@ -308,6 +308,42 @@ class Bench:
             self.record(f"{label}_overhead", extra, f"<= virsh + {target_extra:g} s", "s",
                         extra <= target_extra, **detail)
 
+    # -- [T] 4: zeros the guest wrote, ours vs virsh ----------------------------------
+    def zeros(self, agent: Agent) -> None:
+        """A disk of 8 MiB data followed by 256 MiB of zero bytes the guest wrote (allocated
+        in the source: they are data to QEMU): the destination's allocation and the time,
+        copied by the agent (zero detection on) and by `virsh blockcopy`, to qcow2 and raw."""
+        a = self.args
+        data, zeros = (8 << 20, 256 << 20) if not a.smoke else (8 << 20, 32 << 20)
+        for fmt in ("qcow2", "raw"):
+            measured = {}
+            for who in ("virsh", "agent"):
+                vm = self.vm(f"zero-{fmt}-{who}", layers=1, size="2G" if not a.smoke else "256M",
+                             data_per_layer=data, zeros=zeros)
+                source_mib = os.stat(vm.chain[0]).st_blocks * 512 / 2**20
+                dest = os.path.join(vm.workdir, f"{who}.{fmt}")
+                if who == "virsh":
+                    t = time.monotonic()
+                    subprocess.run(["virsh", "-c", vm.uri, "blockcopy", vm.name, "vda", dest,
+                                    "--format", fmt, "--transient-job", "--wait", "--pivot"],
+                                   check=True, capture_output=True)
+                    took = time.monotonic() - t
+                else:
+                    name = f"zero-{fmt}"
+                    t0 = self.create(name, {"domain": vm.name, "disk": "vda", "pivot": True,
+                                            "nodeName": agent.node, "format": fmt,
+                                            "dest": dest})
+                    took = self.watch.wait(name, "Pivoted") - t0
+                measured[who] = (os.stat(dest).st_blocks * 512 / 2**20, took)
+                testvm.destroy_vm(vm)
+            bound = 1.05 * data / 2**20 + 16
+            (ours, ours_s), (theirs, theirs_s) = measured["agent"], measured["virsh"]
+            self.record(f"zeros_{fmt}_allocation", ours, f"<= {bound:.1f} MiB", "MiB",
+                        ours <= bound, virsh_mib=round(theirs, 1), agent_s=round(ours_s, 2),
+                        virsh_s=round(theirs_s, 2), data_mib=data >> 20, zeros_mib=zeros >> 20,
+                        source_mib=round(source_mib, 1))
+            self.record(f"zeros_{fmt}_time_vs_virsh", ours_s - theirs_s, "reported", "s", None)
+
     # -- 6: many copies on one node ---------------------------------------------------
     def scale(self, agent: Agent) -> None:
         a = self.args
@@ -432,6 +468,8 @@ class Bench:
                               target_ratio=None, target_extra=0.5)
             self.versus_virsh(agent, label="copy_big", size=a.big_size, data=a.big_data,
                               target_ratio=1.10, target_extra=None)
+        if "zeros" in wanted:
+            self.zeros(agent)
         if "scale" in wanted:
             self.scale(agent)
         if "isolation" in wanted:
@@ -460,7 +498,7 @@ class Bench:
         kubectl("delete", "namespace", self.namespace, "--wait=false")
 
 
-PARTS = ("latencies", "copy", "scale", "isolation", "idle")
+PARTS = ("latencies", "copy", "zeros", "scale", "isolation", "idle")
 
 
 def main() -> int:

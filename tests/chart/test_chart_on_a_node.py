@@ -4,7 +4,7 @@ agent runs as the DaemonSet's pod, from this checkout's image, with the chart's 
 context (read-only root file system, every capability dropped), hostPath mounts and liveness
 probe; and that pod copies and pivots real VMs of the host's libvirtd.
 
-The chart's default values, except those of deploy/local-node/values.yaml (what the README
+The chart's default values, except those of deploy/local-node/values.yaml (what docs/development.md
 gives a newcomer), and a few more for a machine shared with other sessions:
 - the node selector and toleration of the node's taint (blockcopy.dev/test-node), which keeps
   every other release on this shared API server (installed with the defaults) off the node;
@@ -92,7 +92,7 @@ def release(cluster_node, kubectl, cluster_helm, api, tmp_path_factory):
     """The chart installed in a namespace of its own; its DaemonSet's pod Running and Ready."""
     namespace = create_namespace(kubectl, "node")
     name = unique("bcn").replace("-", "")
-    # deploy/local-node/values.yaml (what the README tells a newcomer to use), with this
+    # deploy/local-node/values.yaml (what docs/development.md tells a newcomer to use), with this
     # checkout's image and the release's namespace.
     values = yaml.safe_load(LOCAL_NODE_VALUES.read_text())
     assert values["nodeSelector"] == {TAINT_KEY: "true"}

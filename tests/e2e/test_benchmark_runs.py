@@ -15,7 +15,8 @@ FIGURES = {
     "agent_rss_idle", "ready_to_mirrored_p95", "pivot_to_pivoted_p95", "create_to_copying_p95",
     "copy_1g_overhead", "copy_big_ratio", "scale_rss_max", "scale_cpu",
     "scale_status_writes_max", "api_requests_per_copy", "foreign_watch_events", "idle_cpu",
-    "idle_wakeups_per_minute",
+    "idle_wakeups_per_minute", "zeros_qcow2_allocation", "zeros_raw_allocation",
+    "zeros_qcow2_time_vs_virsh", "zeros_raw_time_vs_virsh",
 }
 STAGES = {"create -> claimed", "claimed -> Copying", "create -> Copying", "READY -> Mirrored",
           "pivot patch -> Pivoting", "Pivoting -> Pivoted", "pivot patch -> Pivoted"}

@@ -59,6 +59,15 @@ def test_two_slots_for_five_copies(agent_factory, vms, blockcopies, node):
     assert no_block_job(machines[3])  # deleted while queued: never started
 
 
+def printed_columns(table: str) -> dict[str, str]:
+    """The first row of kubectl's table by its header's column offsets (cells may be empty
+    or hold spaces, as the wide columns Group and Message do)."""
+    header, row = table.splitlines()[:2]
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    return {header[a:b].strip(): row[a:b].strip()
+            for a, b in zip(starts, [*starts[1:], None], strict=True)}
+
+
 def test_rate_and_eta_while_copying(agent, vms, blockcopies, node):
     vm = vms(layers=1, size="128M", data_per_layer="96M")
     name = blockcopies.create(copy_spec(vm, node=node, dest=os.path.join(vm.workdir, "c.qcow2"),
@@ -69,10 +78,12 @@ def test_rate_and_eta_while_copying(agent, vms, blockcopies, node):
     assert 2 << 20 <= status["rate"] <= 6 << 20, status["rate"]  # about 4 MiB/s
     assert status["eta"].endswith("s")
     assert condition(status, "Converging")["status"] == "True"
-    header, row = blockcopies.kubectl("get", "bc", name, "-n",
-                                      blockcopies.namespace).stdout.splitlines()[:2]
-    columns = dict(zip(header.split(), row.split(), strict=False))
-    assert int(columns["RATE"]) > 0 and re.fullmatch(r"(\d+h)?(\d+m)?\d+s", columns["ETA"])
+    columns = printed_columns(blockcopies.kubectl("get", "bc", name, "-n",
+                                                  blockcopies.namespace).stdout)
+    assert re.fullmatch(r"(\d+h)?(\d+m)?\d+s", columns["ETA"]) and "RATE" not in columns
+    wide = printed_columns(blockcopies.kubectl("get", "bc", name, "-n", blockcopies.namespace,
+                                               "-o", "wide").stdout)
+    assert int(wide["RATE"]) > 0 and wide["DEST"] == os.path.join(vm.workdir, "c.qcow2")
     blockcopies.patch_spec(name, {"bandwidth": 0})
     status = blockcopies.wait_phase(name, "Mirrored", timeout=60)
     assert "rate" not in status and "eta" not in status

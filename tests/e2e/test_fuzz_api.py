@@ -12,7 +12,7 @@ What must hold, whatever the spec:
 
 - the API server refuses it (counted: 4xx, never 5xx), or the object ends in a phase of the
   CRD's enum with a reason: a Failed object has a True Failed condition whose reason is one of
-  the README's failure reasons, a message, and a Warning Event of that reason; a Pending one
+  the failure reasons of docs/api.md, a message, and a Warning Event of that reason; a Pending one
   says why; the others carry their phase's conditions;
 - the agent never crashes nor hangs: it still answers /healthz, has logged no traceback,
   removes its finalizers when every object is deleted, and copies and pivots a known-good
@@ -97,9 +97,9 @@ def documented_phases() -> set[str]:
 
 
 def documented_reasons() -> set[str]:
-    """The failure reasons the README lists (its "Failure reasons" paragraph)."""
-    text = (ROOT / "README.md").read_text()
-    paragraph = text.split("Failure reasons", 1)[1].split("In every case", 1)[0]
+    """The failure reasons the API reference lists (docs/api.md, section "Failure reasons")."""
+    text = (ROOT / "docs" / "api.md").read_text()
+    paragraph = text.split("## Failure reasons", 1)[1].split("In every case", 1)[0]
     return set(re.findall(r"`([A-Z][A-Za-z]+)`", paragraph))
 
 

@@ -248,7 +248,7 @@ def test_each_tenant_copies_its_own_vm_into_its_own_root_only(tenancy, policy_ag
 def test_without_a_policy_the_same_copy_is_allowed(tenancy, agent_factory, node, tenant_vms,
                                                    api, kubectl):
     """The control: the default (no policy) lets A copy B's VM anywhere under the allowed
-    roots; RBAC on BlockCopy is then the only control (README, Multi-tenancy)."""
+    roots; RBAC on BlockCopy is then the only control (docs/tenancy.md)."""
     vm_a, vm_b = tenant_vms
     agent_factory(node, namespace=tenancy["ns_a"],
                   extra_args=["--allowed-path", tenancy["top"]])

@@ -413,7 +413,11 @@ class FakeKube:
         if resource_version is not None and body["metadata"]["resourceVersion"] != \
                 resource_version:
             return False
-        body["status"] = merge_patch(body.get("status") or {}, status)
+        # As the API server merges {"status": STATUS}: a null status deletes all of it.
+        merged = merge_patch(body, {"status": status})
+        body.pop("status", None)
+        if "status" in merged:
+            body["status"] = merged["status"]
         body["metadata"]["resourceVersion"] = str(next(self._versions))
         self.status_writes.append((asyncio.get_running_loop().time(), name,
                                    copy.deepcopy(status)))

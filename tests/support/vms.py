@@ -394,6 +394,7 @@ def create_vm(
     write_slots: int = 128,
     guest_load_mib: int = 0,
     images_dir: str | Path | None = None,
+    zeros: str | int = 0,
 ) -> VM:
     """Create and start a domain. ``name`` is a purpose ('copy' -> 'bct-copy-1a2b3c');
     a name that already starts with 'bct-' is used as is. ``disks`` > 1 adds vdb, vdc...,
@@ -405,7 +406,9 @@ def create_vm(
     it also writes that many MiB of random data into a scratch area after each block (a
     guest that outruns a throttled copy, whose blocks still verify). ``images_dir``: where
     its directory goes (default: ``images_root(uri)``, see there); on a session node's URI
-    the files are given to that node's user."""
+    the files are given to that node's user. ``zeros``: that many bytes of zero bytes written
+    right after the layers' data into the top image (allocated: data to QEMU, as when a guest
+    writes zeros), for the zero-detection tests and bench."""
     if not 1 <= disks <= 16:
         raise ValueError(f"disks must be 1 to 16, not {disks}")
     if name is None or not name.startswith(PREFIX):
@@ -428,6 +431,12 @@ def create_vm(
         chain = build_chain(
             workdir, layers, parse_size(size), parse_size(data_per_layer), relative_backing
         )
+        if zeros:
+            start, length = layers * parse_size(data_per_layer), parse_size(zeros)
+            _run("qemu-io", "-f", "qcow2", *[arg for off in range(start, start + length, GiB)
+                                             for arg in ("-c", f"write -P 0 {off} "
+                                                         f"{min(GiB, start + length - off)}")],
+                 chain[0])
         chains = {"vda": chain}
         for i in range(1, disks):
             target = disk_target(i)

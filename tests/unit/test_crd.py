@@ -23,8 +23,27 @@ def test_names_and_printer_columns():
     assert (names["kind"], names["plural"], names["shortNames"]) == (KIND, PLURAL, ["bc"])
     version = CRD["spec"]["versions"][0]
     assert version["name"] == VERSION and version["subresources"] == {"status": {}}
-    columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Progress", "Rate", "ETA", "Domain", "Disk", "Node", "Age"]
+    assert names["categories"] == ["blockcopy"]  # kubectl get blockcopy (all kinds of it)
+    columns = version["additionalPrinterColumns"]
+    # kubectl get bc: readable at a glance; -o wide adds the priority-1 columns after Age.
+    assert [c["name"] for c in columns if not c.get("priority")] == \
+        ["Phase", "Progress", "ETA", "Domain", "Disk", "Node", "Age"]
+    assert [c["name"] for c in columns if c.get("priority") == 1] == \
+        ["Dest", "Rate", "Group", "Message"]
+    assert {c.get("priority", 0) for c in columns} == {0, 1}
+    # No raw byte count at a glance: integer columns (bytes, bytes/s) only with -o wide.
+    assert all(c.get("priority") == 1 for c in columns if c["type"] == "integer")
+    paths = {c["jsonPath"] for c in columns}
+    assert not paths & {".status.cur", ".status.end"}
+    # Every column reads a field the schema has (the API server prints nothing otherwise).
+    for c in columns:
+        parts = c["jsonPath"].split(".")[1:]
+        if parts[0] == "metadata":
+            continue
+        node = SCHEMA
+        for part in parts:
+            node = node["properties"][part]
+        assert node["type"] == c["type"], c
 
 
 def test_schema_matches_the_code():

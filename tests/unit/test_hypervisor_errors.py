@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -227,6 +229,32 @@ async def test_versions_and_disk_size_as_the_driver_reports_them(hv: LibvirtHype
     assert (caps.libvirt[0] * 1000000 + caps.libvirt[1] * 1000 + caps.libvirt[2],
             caps.qemu[0] * 1000000 + caps.qemu[1] * 1000 + caps.qemu[2]) == (lib, hypervisor)
     assert await hv.disk_size(OFF, "vda") == DiskSize(capacity=capacity, allocation=allocation)
+
+
+EVENTS_ON = """
+import asyncio, sys
+from blockcopy.adapters import hypervisor
+
+async def main() -> None:
+    hypervisor.use_asyncio_loop(asyncio.get_running_loop())
+    hv = hypervisor.LibvirtHypervisor(sys.argv[1])
+    print(await hv.version())
+    await hv.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_driver_without_keepalive_connects_with_events_on(node_uri: str) -> None:
+    """As in the agent, libvirt events on an asyncio loop (process-wide and once only, hence
+    a process of its own): a driver without a daemon (test://) has no keepalive to set, and
+    that is no outage (CI once saw every verb here fail once another test had turned events
+    on in the same process)."""
+    proc = subprocess.run([sys.executable, "-c", EVENTS_ON, node_uri],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lib = libvirt.getVersion()
+    assert proc.stdout.strip() == f"{lib // 1000000}.{lib // 1000 % 1000}.{lib % 1000}"
 
 
 # ------------------------------------------------------------------ libvirtd unreachable

@@ -112,3 +112,19 @@ async def test_the_interval_may_change_between_writes(kube, looptime):
     assert gaps[:2] == [1.0, 1.0]
     assert all(g >= 5.0 for g in gaps[3:]), gaps
     assert kube.status_of("bc")["cur"] == 60
+
+
+async def test_a_state_taken_back_while_waiting_for_the_slot_writes_nothing(kube, looptime):
+    """Progress 2 waits for the t=1 slot; meanwhile the state goes back to what the API holds
+    (progress 1), so nothing is pending. The writer must not then write "nothing": a merge
+    patch of ``status: null`` deletes the whole status (seen in CI: startTime and kopf's
+    bookkeeping gone, the API server's immutability rules bypassed)."""
+    w = writer(kube)
+    w.submit(progress(1), urgent=False)
+    await asyncio.sleep(0.1)  # written at t=0
+    w.submit(progress(2), urgent=False)  # pending until t=1
+    await asyncio.sleep(0.2)
+    w.submit(progress(1), urgent=False)  # equal to what is stored: dropped
+    await w.flush()
+    assert [body for _, _, body in kube.status_writes] == [progress(1)]
+    assert kube.status_of("bc") == progress(1)

@@ -124,8 +124,13 @@ class LibvirtHypervisor:
                     f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}",
                     exc.get_error_code()) from None
             if _event_impl_loop is not None:
-                # Keepalive lets libvirt notice a dead daemon; events need the loop.
-                conn.setKeepAlive(5, 3)
+                # Keepalive lets libvirt notice a dead daemon; events need the loop. A driver
+                # without a daemon (test://, an embedded one) has no keepalive to set.
+                try:
+                    conn.setKeepAlive(5, 3)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                        raise
                 self._callback_id = conn.domainEventRegisterAny(
                     None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None)
             self._conn = conn

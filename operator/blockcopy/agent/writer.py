@@ -83,10 +83,20 @@ class StatusWriter:
         except TimeoutError:
             pass
 
+    def _still_pending(self) -> Status | None:
+        """The pending state read again after an await (mypy keeps the loop's narrowing of
+        ``self._pending`` across it, though submit() may have dropped it meanwhile)."""
+        return self._pending
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending is not None:
             await self._wait_for_slot()
+            if self._still_pending() is None:
+                # While this waited, submit() saw the API already holding the newest state
+                # and dropped the pending one: nothing to write (writing None would delete
+                # the whole status, kopf's bookkeeping and startTime with it).
+                break
             status, self._pending = self._pending, None
             self._urgent.clear()
             try:

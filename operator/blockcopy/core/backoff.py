@@ -26,7 +26,7 @@ class Schedule:
         return self.delays[min(max(failures, 1), len(self.delays)) - 1]
 
     def describe(self) -> str:
-        """'1, 2, 5, 10, then every 30 s' (for messages and the README)."""
+        """'1, 2, 5, 10, then every 30 s' (for messages and docs/api.md)."""
         head = ", ".join(f"{d:g}" for d in self.delays[:-1])
         return f"{head}, then every {self.delays[-1]:g} s" if head else \
             f"every {self.delays[-1]:g} s"
@@ -53,7 +53,7 @@ class Backoff:
         return self.failures > 0
 
 
-# The schedules of the agent (README, "phases": the retry timings users see in Events).
+# The schedules of the agent (docs/api.md, "Phases": the retry timings users see in Events).
 LIBVIRT_UNREACHABLE = Schedule((1, 2, 5, 10, 30))
 REFUSED_ACTION = Schedule((5, 5, 5, 10, 30))
 API_WATCH = Schedule((1, 2, 4, 8, 16, 30))
