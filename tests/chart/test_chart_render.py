@@ -25,6 +25,14 @@ from support.helm import USER_ROLES, agent_part, by_kind, controller_part, one
 from support.paths import CHART, CRD, PLAN_CRD
 
 TOP_CRD = CRD
+TOP_CRDS = sorted(CRD.parent.glob("*.yaml"))
+
+
+def crd_name(crd: dict) -> str:
+    return str(crd["metadata"]["name"])
+
+
+EXPECTED_CRDS = sorted((yaml.safe_load(p.read_text()) for p in TOP_CRDS), key=crd_name)
 CHART_CRD = CHART / "crds" / "blockcopy.yaml"
 
 # A tenant policy (values policy.rules) with every kind of pattern the agent's globs know.
@@ -238,24 +246,23 @@ def test_chart_crd_is_the_repository_crd():
 
 
 def test_packaged_chart_carries_the_crd(helm, tmp_path):
+    """Every CRD of crds/ (BlockCopy, BlockCopyPlan, DiskInventory...), as its content."""
     helm.run("package", str(CHART), "--destination", str(tmp_path))
     (tgz,) = tmp_path.glob("blockcopy-operator-*.tgz")
     with tarfile.open(tgz) as tar:
-        member = tar.getmember("blockcopy-operator/crds/blockcopy.yaml")
-        assert member.isfile()  # the content, not a dangling link
-        assert tar.extractfile(member).read() == TOP_CRD.read_bytes()
-        plan = tar.getmember("blockcopy-operator/crds/blockcopyplan.yaml")
-        assert tar.extractfile(plan).read() == PLAN_CRD.read_bytes()
+        for crd in TOP_CRDS:
+            member = tar.getmember(f"blockcopy-operator/crds/{crd.name}")
+            assert member.isfile()  # the content, not a dangling link
+            assert tar.extractfile(member).read() == crd.read_bytes()
+    assert PLAN_CRD in TOP_CRDS and TOP_CRD in TOP_CRDS
     shown = helm.run("show", "crds", str(tgz)).stdout
-    assert [d for d in yaml.safe_load_all(shown) if d] == [
-        yaml.safe_load(TOP_CRD.read_text()), yaml.safe_load(PLAN_CRD.read_text())]
+    assert sorted((d for d in yaml.safe_load_all(shown) if d), key=crd_name) == EXPECTED_CRDS
 
 
 def test_template_includes_the_crd_only_on_request(helm):
     assert by_kind(helm.render(), "CustomResourceDefinition") == []
     crds = by_kind(helm.render("--include-crds"), "CustomResourceDefinition")
-    assert sorted(crds, key=lambda c: c["metadata"]["name"]) == [
-        yaml.safe_load(TOP_CRD.read_text()), yaml.safe_load(PLAN_CRD.read_text())]
+    assert sorted(crds, key=crd_name) == EXPECTED_CRDS
 
 
 # ------------------------------------------------------------------ values.schema.json
