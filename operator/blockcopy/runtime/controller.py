@@ -22,6 +22,7 @@ from blockcopy.model.api import GROUP, PLURAL, VERSION
 from blockcopy.model.plan import PLAN_FINALIZER, PLAN_LABEL, PLAN_PLURAL
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
+ROUND_TIMEOUT = 120.0  # s: a round that takes longer is abandoned, the next one starts afresh
 
 
 def memo_for(config: ControllerConfig) -> kopf.Memo:
@@ -88,8 +89,8 @@ async def drive(memo: kopf.Memo, body: kopf.Body, stopped: kopf.DaemonStopped,
     while not stopped:
         wake.clear()
         try:
-            delay = await memo.controller.round(body)
-        except Exception as exc:  # the API failed: the next round tries again
+            delay = await asyncio.wait_for(memo.controller.round(body), ROUND_TIMEOUT)
+        except Exception as exc:  # the API failed (or hung): the next round tries again
             logger.warning("plan round failed (next in 10 s): %s", exc)
             delay = 10.0
         deadline = loop.time() + delay
