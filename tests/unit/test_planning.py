@@ -137,9 +137,12 @@ def test_limits_never_exceeded(layout, max_active, per_node, rnd):
         assert len(act) <= max_active
         for node, group in itertools.groupby(sorted(c.node for c in act)):
             assert len(list(group)) <= per_node, node
-        if len(children) == len(ds):
+        broken = {ds[c.index].group for c in children.values()
+                  if c.phase in (Phase.FAILED, Phase.ABORTED)}
+        if all(d.index in children or d.group in broken for d in ds):
             break
-    assert len(children) == len(ds)  # and every disk got its child in the end
+    # Every disk got its child in the end, but those of a VM one of whose disks failed.
+    assert all(d.index in children or d.group in broken for d in ds)
 
 
 def test_waiting_vanished_and_cleared():
@@ -205,3 +208,17 @@ def test_holder_names_the_other_object():
 def test_names():
     assert planning.child_name("p", 7) == "p-0007"
     assert len(planning.group_name("x" * 52, 9999)) <= 63
+
+
+def test_a_failed_disk_aborts_its_vms_other_disks_and_skips_the_rest():
+    ds = disks({"n1": [3]})
+    spec = plan_spec(pivot="Automatic", maxActive=5, maxActivePerNode=5)
+    kids = {0: Child("p-0", 0, Phase.FAILED, False, "n1"),
+            1: Child("p-1", 1, Phase.MIRRORED, False, "n1")}
+    decided = planning.decide(spec, ds, kids, states={}, live_nodes={"n1"}, inventories={})
+    assert decided.create == () and decided.pivot == ()
+    assert decided.abort == ("p-1",)
+    assert decided.states[2][0] == planning.GROUP_FAILED and "p-0" in decided.states[2][1]
+    kids[1] = Child("p-1", 1, Phase.MIRRORED, False, "n1", abort=True)
+    assert planning.decide(spec, ds, kids, states={}, live_nodes={"n1"},
+                           inventories={}).abort == ()

@@ -80,8 +80,9 @@ def child_of(obj: Mapping[str, Any], plan: str) -> Child | None:
     except ValueError:
         phase = None
     return Child(name=name, index=int(suffix), phase=phase, pivot=spec.get("pivot") is True,
-                 node=str(spec.get("nodeName") or ""), cur=int(status.get("cur") or 0),
-                 end=int(status.get("end") or 0), message=str(status.get("message") or ""))
+                 node=str(spec.get("nodeName") or ""), abort=spec.get("abort") is True,
+                 cur=int(status.get("cur") or 0), end=int(status.get("end") or 0),
+                 message=str(status.get("message") or ""))
 
 
 def child_body(plan: Mapping[str, Any], spec: PlanSpec, disk: PlannedDisk) -> dict[str, Any]:
@@ -243,6 +244,10 @@ class PlanController:
             if created:
                 log.info("%s/%s: created %s for %s/%s on %s", namespace, name,
                          children[disk.index].name, disk.domain, disk.target, disk.node)
+        for child_name in decided.abort:
+            if await self.kube.patch_copy(namespace, child_name, {"spec": {"abort": True}}):
+                log.info("%s/%s: abort asked of %s (another disk of its VM failed)",
+                         namespace, name, child_name)
         for child_name in decided.pivot:
             if await self.kube.patch_copy(namespace, child_name, {"spec": {"pivot": True}}):
                 log.info("%s/%s: pivot asked of %s", namespace, name, child_name)

@@ -36,7 +36,10 @@ ACTIVE_PHASES = frozenset({None, Phase.PENDING, Phase.QUEUED, Phase.PREPARING, P
 WAITING = "Waiting"  # its node has no agent running (transient)
 CONFLICT = "Conflict"  # another BlockCopy holds the disk (final)
 VANISHED = "Vanished"  # its VM or disk is gone, or it moved out of the prefix (final)
-FINAL_STATES = frozenset({CONFLICT, VANISHED})
+GROUP_FAILED = "GroupFailed"  # another disk of its VM failed: the VM stays on its sources
+FINAL_STATES = frozenset({CONFLICT, VANISHED, GROUP_FAILED})
+# A child in these phases failed its VM's move: the other disks of the VM do not pivot.
+BROKEN = frozenset({Phase.FAILED, Phase.ABORTED, Phase.ABORTING})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +151,7 @@ class Child:
     phase: Phase | None
     pivot: bool
     node: str
+    abort: bool = False
     cur: int = 0  # bytes copied, as the child's status says
     end: int = 0
     message: str = ""
@@ -157,6 +161,7 @@ class Child:
 class Round:
     create: tuple[PlannedDisk, ...]  # in this order, each only if still free of conflicts
     pivot: tuple[str, ...]  # children to set pivot: true
+    abort: tuple[str, ...]  # children to set abort: true (another disk of their VM failed)
     states: dict[int, tuple[str, str]]  # disk index -> (state, message), new this round
 
 
@@ -176,6 +181,8 @@ def decide(spec: PlanSpec, disks: Sequence[PlannedDisk], children: Mapping[int, 
         per_node[child.node] = per_node.get(child.node, 0) + 1
     total = len(running)
     started_groups = {disks[c.index].group for c in children.values() if c.index < len(disks)}
+    broken = {disks[c.index].group: c for c in children.values()
+              if c.index < len(disks) and c.phase in BROKEN}
     # Disks of VMs already under way first: their group pivots sooner.
     order = sorted((d for d in disks if d.index not in children),
                    key=lambda d: (d.group not in started_groups, d.index))
@@ -183,6 +190,12 @@ def decide(spec: PlanSpec, disks: Sequence[PlannedDisk], children: Mapping[int, 
     for disk in order:
         state = states.get(disk.index)
         if state is not None and state[0] in FINAL_STATES:
+            continue
+        if disk.group in broken:
+            new_states[disk.index] = (GROUP_FAILED, f"not copied: {broken[disk.group].name} "
+                                      f"(another disk of {disk.domain}) ended "
+                                      f"{broken[disk.group].phase}, and all disks of a VM "
+                                      "pivot together")
             continue
         if disk.node not in live_nodes:
             new_states[disk.index] = (WAITING, f"waiting for node {disk.node}: no agent runs "
@@ -203,15 +216,20 @@ def decide(spec: PlanSpec, disks: Sequence[PlannedDisk], children: Mapping[int, 
         create.append(disk)
         total += 1
         per_node[disk.node] = per_node.get(disk.node, 0) + 1
+    aborts = tuple(c.name for c in children.values()
+                   if c.index < len(disks) and disks[c.index].group in broken
+                   and c.phase not in BROKEN and c.phase not in (Phase.PIVOTED, Phase.PIVOTING)
+                   and not c.abort)
     return Round(tuple(create), tuple(pivots(spec, disks, children, states, new_states)),
-                 new_states)
+                 aborts, new_states)
 
 
 def pivots(spec: PlanSpec, disks: Sequence[PlannedDisk], children: Mapping[int, Child],
            states: Mapping[int, tuple[str, str]],
            new_states: Mapping[int, tuple[str, str]]) -> list[str]:
     """Automatic plans: the children of every VM whose disks all have a child, each Mirrored
-    (disks that will never get one, Vanished or Conflict, do not hold the others back)."""
+    (disks that will never get one, Vanished or Conflict, do not hold the others back); not
+    a VM one of whose children failed (the others are aborted)."""
     if spec.pivot is not PivotMode.AUTOMATIC:
         return []
     members: dict[int, list[PlannedDisk]] = {}
@@ -224,8 +242,9 @@ def pivots(spec: PlanSpec, disks: Sequence[PlannedDisk], children: Mapping[int, 
         own = [children[d.index] for d in group if d.index in children]
         if waiting or not own:
             continue
-        ended = {Phase.FAILED, Phase.ABORTED, Phase.ABORTING, Phase.PIVOTED, Phase.PIVOTING}
-        going = [c for c in own if c.phase not in ended]
+        if any(c.phase in BROKEN for c in own):
+            continue  # its other disks abort (decide): the VM stays on its sources
+        going = [c for c in own if c.phase not in (Phase.PIVOTED, Phase.PIVOTING)]
         if going and all(c.phase is Phase.MIRRORED for c in going):
             names.extend(c.name for c in going if not c.pivot)
     return names
