@@ -199,16 +199,20 @@ async def test_invalid_spec_and_deletion(kube, controller):
 
 async def test_inventories_listed_once_per_ttl_and_idle_status_not_rewritten(kube, controller,
                                                                              clock):
-    first = kube.add_plan(plan("p", dryRun=True))
-    second = kube.add_plan(plan("q", dryRun=True))
+    first = kube.add_plan(plan("p", maxActive=1))
+    second = kube.add_plan(plan("q", maxActive=1, source={"pathPrefix": "/nothing"}))
+    await controller.round(first)
+    await controller.round(second)
+    assert kube.inventory_lists == 2  # each selected its disks from a fresh list
+    writes = kube.status_writes
     for _ in range(3):
         await controller.round(first)
         await controller.round(second)
-    assert kube.inventory_lists == 1
-    assert kube.status_writes == 2  # one per plan: nothing changed since
+    assert kube.inventory_lists == 2
+    assert kube.status_writes == writes  # nothing changed since
     clock.tick(INVENTORY_TTL)
     await controller.round(first)
-    assert kube.inventory_lists == 2
+    assert kube.inventory_lists == 3
 
 
 async def test_delete_retention_asks_the_agents_to_reclaim_the_sources(kube, controller):

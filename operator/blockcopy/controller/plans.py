@@ -128,11 +128,13 @@ class PlanController:
         self._inventories: dict[str, NodeInventory] = {}
         self._inventories_at: float | None = None
 
-    async def inventories(self) -> dict[str, NodeInventory]:
+    async def inventories(self, *, fresh: bool = False) -> dict[str, NodeInventory]:
         """Every node's inventory, listed at most every INVENTORY_TTL seconds for all plans
-        together (each may be a megabyte: a round of every plan must not fetch them all)."""
+        together (each may be a megabyte: a round of every plan must not fetch them all);
+        ``fresh``: listed now (a plan selecting its disks sees what the nodes hold now)."""
         now = self.clock()
-        if self._inventories_at is None or now - self._inventories_at >= INVENTORY_TTL:
+        if fresh or self._inventories_at is None or \
+                now - self._inventories_at >= INVENTORY_TTL:
             listed = map(planning.parse_inventory, await self.kube.inventories())
             self._inventories = {i.node_name: i for i in listed if i.node_name}
             self._inventories_at = now
@@ -157,7 +159,9 @@ class PlanController:
         except PlanError as exc:
             await self._refuse(body, state, str(exc))
             return IDLE_INTERVAL
-        inventories = await self.inventories()
+        selecting = state.disks is None and not (previous.get("startTime")
+                                                 and previous.get("disks"))
+        inventories = await self.inventories(fresh=selecting)
         if state.disks is None and previous.get("startTime") and previous.get("disks"):
             state.disks = tuple(PlannedDisk.from_status(i, d)
                                 for i, d in enumerate(previous["disks"]))
