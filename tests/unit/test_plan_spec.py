@@ -98,7 +98,9 @@ def test_crd_names():
     names = CRD["spec"]["names"]
     assert (names["kind"], names["plural"], names["shortNames"]) == (PLAN_KIND, PLAN_PLURAL,
                                                                      ["bcp"])
-    assert "blockcopy" in names["categories"] and CRD["spec"]["scope"] == "Namespaced"
+    # Not in BlockCopy's category "blockcopy" (its singular too: `kubectl delete blockcopy X`
+    # would become ambiguous).
+    assert "categories" not in names and CRD["spec"]["scope"] == "Namespaced"
     version = CRD["spec"]["versions"][0]
     assert version["name"] == VERSION and version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]][:3] == \
