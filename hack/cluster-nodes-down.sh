@@ -55,7 +55,8 @@ fi
 # HOOK: the plans' cluster-wide controller (see hack/cluster-nodes.sh), stopped before the
 # agents so it starts nothing new on nodes that are going away.
 if [ "$all" = 1 ]; then
-  stop_from_pidfile nodes-controller "$RUN/nodes-controller.pid"
+  stop_from_pidfile "$CONTROLLER_MATCH" "$RUN/nodes-controller.pid"
+  rm -f "$RUN/nodes-controller.pid"
 fi
 
 # ---------------------------------------------------------------- nodes
@@ -109,6 +110,8 @@ if [ "$all" = 1 ]; then
   if [ "${#KUBECTL[@]}" -gt 0 ]; then
     "${KUBECTL[@]}" delete clusterrolebinding "$RBAC_NAME" --ignore-not-found >/dev/null || status=1
     "${KUBECTL[@]}" delete clusterrole "$RBAC_NAME" --ignore-not-found >/dev/null || status=1
+    "${KUBECTL[@]}" delete clusterrolebinding "$CONTROLLER_RBAC" --ignore-not-found >/dev/null || status=1
+    "${KUBECTL[@]}" delete clusterrole "$CONTROLLER_RBAC-controller" --ignore-not-found >/dev/null || status=1
   fi
   rmdir "$IMAGES_ROOT" 2>/dev/null || true
   rm -rf "$NODES_STATE" "$STATE/nodes.json"

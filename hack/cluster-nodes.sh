@@ -30,6 +30,11 @@
 #   hack/cluster-nodes.sh stop-agent NAME [SIG] stop one node's agent (TERM; KILL: no cleanup)
 #   hack/cluster-nodes.sh start-agent NAME     start it again (no-op if it runs)
 #   hack/cluster-nodes.sh restart-agent NAME
+#   hack/cluster-nodes.sh stop-controller [SIG] / start-controller / restart-controller
+#                                              the plan controller (`python -m blockcopy
+#                                              --mode controller`, pid file
+#                                              $STATE/run/nodes-controller.pid, log
+#                                              $STATE/log/nodes-controller.log)
 #   hack/cluster-nodes-down.sh [NAME...]       tear down (hack/cluster-down.sh calls it)
 #
 # Environment (bring-up; later calls reuse what it recorded in $STATE/nodes/settings):
@@ -112,6 +117,45 @@ await_agent() {
 
 start_agent() { launch_agent "$1"; await_agent "$1"; }
 
+# ---------------------------------------------------------------- the plan controller
+# start_controller: the BlockCopyPlan controller of these nodes (one process), with a client
+# certificate of its own bound to the chart's controller ClusterRole; no-op if it runs.
+start_controller() {
+  local pid offset ns args=(--mode controller --agent-timeout "$AGENT_TIMEOUT")
+  pid=$(pid_of "$RUN/nodes-controller.pid" "$CONTROLLER_MATCH")
+  [ -z "$pid" ] || return 0
+  if [ "$NAMESPACES" != "*" ]; then
+    for ns in $NAMESPACES; do args+=(--namespace "$ns"); done
+  fi
+  offset=$(stat -c %s "$LOGS/nodes-controller.log" 2>/dev/null || echo 0)
+  start_bg nodes-controller env -u KUBERNETES_SERVICE_HOST -u KUBERNETES_SERVICE_PORT \
+    KUBECONFIG="$NODES_STATE/controller.kubeconfig" "$VENV/bin/python" -m blockcopy "${args[@]}"
+  pid=$(cat "$RUN/nodes-controller.pid")
+  controller_ready() { tail -c +"$((offset + 1))" "$LOGS/nodes-controller.log" | grep "plan controller ready" >/dev/null; }
+  if ! wait_for 90 "$pid" controller_ready; then
+    tail -c +"$((offset + 1))" "$LOGS/nodes-controller.log" | tail -n 30 >&2 || true
+    die "plan controller not ready after 90 s (log: $LOGS/nodes-controller.log)"
+  fi
+  log "plan controller ready (pid $pid)"
+}
+
+stop_controller() {
+  local sig=${1:-TERM} pid
+  pid=$(pid_of "$RUN/nodes-controller.pid" "$CONTROLLER_MATCH")
+  if [ -z "$pid" ]; then log "the plan controller is not running"; return 0; fi
+  if [ "$sig" = TERM ]; then
+    stop_pid "plan controller" "$pid"
+  else
+    log "sending SIG$sig to the plan controller (pid $pid)"
+    kill -s "$sig" "$pid"
+    while kill -0 "$pid" 2>/dev/null \
+          && [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" != Z ]; do
+      sleep 0.1
+    done
+  fi
+  rm -f "$RUN/nodes-controller.pid"
+}
+
 stop_agent() {
   local name=$1 sig=${2:-TERM} pid
   node_vars "$name"
@@ -149,7 +193,16 @@ case "${1:-up}" in
       restart-agent) stop_agent "$2"; start_agent "$2" ;;
     esac
     exit 0 ;;
-  *) die "unknown command $1 (up, start-agent, stop-agent, restart-agent)" ;;
+  start-controller|stop-controller|restart-controller)
+    load_settings || die "no nodes in $STATE (run $0 first)"
+    AGENT_TIMEOUT=${BLOCKCOPY_NODES_AGENT_TIMEOUT:-900}
+    case "$1" in
+      start-controller) start_controller ;;
+      stop-controller) stop_controller "${2:-TERM}" ;;
+      restart-controller) stop_controller; start_controller ;;
+    esac
+    exit 0 ;;
+  *) die "unknown command $1 (up, start-agent, stop-agent, restart-agent, start-controller, stop-controller, restart-controller)" ;;
 esac
 
 # ---------------------------------------------------------------- settings
@@ -161,6 +214,7 @@ fi
 PREFIX=${BLOCKCOPY_NODES_PREFIX:-bcn}
 IMAGES_ROOT=${BLOCKCOPY_NODES_IMAGES:-/var/lib/libvirt/images/blockcopy-nodes}
 NAMESPACES=${BLOCKCOPY_NODES_NAMESPACES:-blockcopy-nodes}
+AGENT_TIMEOUT=${BLOCKCOPY_NODES_AGENT_TIMEOUT:-900}
 VENV=${BLOCKCOPY_VENV:-$REPO/.venv}
 [[ "$PREFIX" =~ ^[a-z][a-z0-9-]{0,20}$ ]] || die "BLOCKCOPY_NODES_PREFIX: a short lower-case name, not '$PREFIX'"
 case "$IMAGES_ROOT/" in
@@ -171,8 +225,8 @@ save_settings
 start=$SECONDS
 
 # ---------------------------------------------------------------- cluster-wide objects
-# The CRDs, as users apply them (only when missing: tests may be working with them right now).
-for crd in blockcopy:blockcopies diskinventory:diskinventories; do
+# The CRDs (copies, inventories, plans), as users apply them (only when missing: tests may be working with them right now).
+for crd in blockcopy:blockcopies diskinventory:diskinventories blockcopyplan:blockcopyplans; do
   file=${crd%%:*} name=${crd#*:}.blockcopy.dev
   "${ADMIN[@]}" get crd "$name" >/dev/null 2>&1 \
     || "${ADMIN[@]}" apply -f "$REPO/crds/$file.yaml" >/dev/null
@@ -327,13 +381,35 @@ done
 for i in $(seq 1 "$COUNT"); do launch_agent "$PREFIX-node-$i"; done
 for i in $(seq 1 "$COUNT"); do await_agent "$PREFIX-node-$i"; done
 
-# ---------------------------------------------------------------- cluster-wide part: HOOK
-# HOOK for the cluster-wide part the plans need (a controller that spreads a plan's copies
-# over the nodes; not written yet). Start it here, once the nodes and their agents are up:
-#   start_bg nodes-controller <command>      (pid $RUN/nodes-controller.pid, log
-#                                             $LOGS/nodes-controller.log)
-# and wait for it like start_agent waits for "agent ready"; hack/cluster-nodes-down.sh
-# already stops a process recorded in $RUN/nodes-controller.pid (its HOOK).
+# ---------------------------------------------------------------- cluster-wide part
+# The plan controller, once the nodes and their agents are up: its rights are exactly the
+# chart's controller ClusterRole (the ClusterRole document of templates/controller.yaml),
+# bound to the group of its client certificate. hack/cluster-nodes-down.sh stops it first.
+helm_args=(template "$CONTROLLER_RBAC" "$REPO/charts/blockcopy-operator"
+           --set "fullnameOverride=$CONTROLLER_RBAC" --show-only templates/controller.yaml)
+# shellcheck disable=SC2086 # one word per namespace, joined with commas
+[ "$NAMESPACES" = "*" ] || helm_args+=(--set "watchNamespaces={$(echo $NAMESPACES | tr ' ' ,)}")
+controller_role=$("$HELM" "${helm_args[@]}" 2>"$NODES_STATE/helm.err") \
+  || { cat "$NODES_STATE/helm.err" >&2; die "helm template of the chart's controller failed"; }
+rm -f "$NODES_STATE/helm.err"
+{
+  # Its ClusterRole alone (the file also holds the chart's ServiceAccount and Deployment).
+  echo "$controller_role" | awk 'BEGIN { RS = "\n---\n" } /\nkind: ClusterRole\n/ { print "---"; print }'
+  cat <<EOF
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: $CONTROLLER_RBAC
+  labels: {app.kubernetes.io/managed-by: blockcopy-cluster-nodes}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: $CONTROLLER_RBAC-controller}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: Group, name: "$CONTROLLER_GROUP"}
+EOF
+} | "${ADMIN[@]}" apply -f - >/dev/null
+client_cert "$CONTROLLER_CERT" "/O=$CONTROLLER_GROUP/CN=$CONTROLLER_GROUP:controller"
+kubeconfig_for "$NODES_STATE/controller.kubeconfig" "$CONTROLLER_CERT"
+start_controller
 
 # ---------------------------------------------------------------- nodes.json
 entries="" nl=$'\n'

@@ -8,6 +8,12 @@ ALLOWED_ROOT=/var/lib/libvirt/images          # the agents' --allowed-path
 TAINT_KEY=blockcopy.dev/simulated             # NoSchedule: no kubelet runs there
 AGENT_GROUP=blockcopy:sim-node-agents         # the agents' client certificates' O=
 RBAC_NAME=blockcopy-sim-node-agents           # their ClusterRole and ClusterRoleBinding
+# The plan controller (one per state dir): its client certificate's group, its RBAC (the
+# chart's controller ClusterRole), its process (pid file nodes-controller.pid).
+CONTROLLER_GROUP=blockcopy:sim-plan-controller
+CONTROLLER_RBAC=blockcopy-sim-plan-controller
+CONTROLLER_CERT=sim-plan-controller
+CONTROLLER_MATCH="-m blockcopy --mode controller"
 
 # save_settings / load_settings: what the bring-up chose (prefix, images root, namespaces,
 # venv), so that start-agent, the teardown and a later bring-up agree with it.

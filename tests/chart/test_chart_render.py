@@ -22,13 +22,20 @@ from packaging.version import Version
 from blockcopy.core import policy as agent_policy
 from blockcopy.model.api import GROUP, PLURAL
 from blockcopy.model.inventory import INVENTORY_PLURAL
-from support.helm import USER_ROLES, by_kind, one
-from support.paths import CHART, CRD, CRDS
+from support.helm import USER_ROLES, agent_part, by_kind, controller_part, one
+from support.paths import CHART, CRD, CRDS, PLAN_CRD
 
 TOP_CRD = CRD
-CHART_CRD = CHART / "crds" / "blockcopy.yaml"
-# Every CRD of the API (crds/: BlockCopy, DiskInventory), each linked from the chart's crds/.
+# Every CRD of the API (crds/), each linked from the chart's crds/.
 TOP_CRDS = sorted(CRDS.glob("*.yaml"))
+
+
+def crd_name(crd: dict) -> str:
+    return str(crd["metadata"]["name"])
+
+
+EXPECTED_CRDS = sorted((yaml.safe_load(p.read_text()) for p in TOP_CRDS), key=crd_name)
+CHART_CRD = CHART / "crds" / "blockcopy.yaml"
 
 # A tenant policy (values policy.rules) with every kind of pattern the agent's globs know.
 RULES = [
@@ -91,7 +98,10 @@ def test_helm_lint_strict_is_clean(helm):
 
 
 def test_template_renders_the_agent(helm):
-    docs = helm.render()
+    everything = helm.render()
+    assert sorted(d["kind"] for d in controller_part(everything)) == [
+        "ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    docs = agent_part(everything)
     kinds = sorted(d["kind"] for d in docs)
     # The agent's ClusterRole, and blockcopy-viewer / -editor / -admin (userRoles.create).
     assert kinds == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRole",
@@ -156,7 +166,7 @@ def test_template_with_every_option(helm):
     assert set(policies) == {"bc-blockcopy-operator-spec-guard",
                              "bc-blockcopy-operator-destinations"}
     (cond,) = policies["bc-blockcopy-operator-spec-guard"]["spec"]["matchConditions"]
-    sa = one(docs, "ServiceAccount")["metadata"]["name"]
+    sa = one(agent_part(docs), "ServiceAccount")["metadata"]["name"]
     assert f"system:serviceaccount:blockcopy-system:{sa}" in cond["expression"]
     bindings = {b["spec"]["policyName"] for b in by_kind(docs, "ValidatingAdmissionPolicyBinding")}
     assert bindings == set(policies)
@@ -232,7 +242,8 @@ def test_servicemonitor_shape(helm):
 def test_chart_crds_are_the_repository_crds():
     # Symlinks (helm lint/template/package follow them and package the files' content), so
     # the two cannot drift; the byte comparison also covers a checkout that made them copies.
-    assert [p.name for p in TOP_CRDS] == ["blockcopy.yaml", "diskinventory.yaml"]
+    assert [p.name for p in TOP_CRDS] == ["blockcopy.yaml", "blockcopyplan.yaml",
+                                          "diskinventory.yaml"]
     assert sorted(p.name for p in (CHART / "crds").iterdir()) == [p.name for p in TOP_CRDS]
     for top in TOP_CRDS:
         linked = CHART / "crds" / top.name
@@ -242,23 +253,24 @@ def test_chart_crds_are_the_repository_crds():
         assert filecmp.cmp(linked, top, shallow=False)
 
 
-def test_packaged_chart_carries_the_crds(helm, tmp_path):
+def test_packaged_chart_carries_the_crd(helm, tmp_path):
+    """Every CRD of crds/ (BlockCopy, BlockCopyPlan, DiskInventory...), as its content."""
     helm.run("package", str(CHART), "--destination", str(tmp_path))
     (tgz,) = tmp_path.glob("blockcopy-operator-*.tgz")
     with tarfile.open(tgz) as tar:
-        for top in TOP_CRDS:
-            member = tar.getmember(f"blockcopy-operator/crds/{top.name}")
+        for crd in TOP_CRDS:
+            member = tar.getmember(f"blockcopy-operator/crds/{crd.name}")
             assert member.isfile()  # the content, not a dangling link
-            assert tar.extractfile(member).read() == top.read_bytes()
+            assert tar.extractfile(member).read() == crd.read_bytes()
+    assert PLAN_CRD in TOP_CRDS and TOP_CRD in TOP_CRDS
     shown = helm.run("show", "crds", str(tgz)).stdout
-    assert [d for d in yaml.safe_load_all(shown) if d] == \
-        [yaml.safe_load(top.read_text()) for top in TOP_CRDS]
+    assert sorted((d for d in yaml.safe_load_all(shown) if d), key=crd_name) == EXPECTED_CRDS
 
 
 def test_template_includes_the_crds_only_on_request(helm):
     assert by_kind(helm.render(), "CustomResourceDefinition") == []
     crds = by_kind(helm.render("--include-crds"), "CustomResourceDefinition")
-    assert crds == [yaml.safe_load(top.read_text()) for top in TOP_CRDS]
+    assert sorted(crds, key=crd_name) == EXPECTED_CRDS
 
 
 # ------------------------------------------------------------------ values.schema.json
@@ -375,7 +387,7 @@ def test_readme_documents_every_value():
 
 
 def test_multi_tenancy_parts_are_off_by_default_but_the_user_roles(helm):
-    docs = helm.render()
+    docs = agent_part(helm.render())
     assert by_kind(docs, "ConfigMap") == [] and by_kind(docs, "ValidatingAdmissionPolicy") == []
     pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
     (agent,) = pod["containers"]
@@ -383,10 +395,10 @@ def test_multi_tenancy_parts_are_off_by_default_but_the_user_roles(helm):
     assert "policy" not in {v["name"] for v in pod["volumes"]}
     assert "checksum/policy" not in (one(docs, "DaemonSet")["spec"]["template"]["metadata"]
                                      .get("annotations") or {})
-    roles = {r["metadata"]["name"] for r in by_kind(docs, "ClusterRole")}
+    roles = {r["metadata"]["name"] for r in by_kind(agent_part(docs), "ClusterRole")}
     assert set(USER_ROLES) <= roles
     assert roles - set(USER_ROLES) == {"bc-blockcopy-operator"}
-    off = helm.render("--set", "userRoles.create=false")
+    off = agent_part(helm.render("--set", "userRoles.create=false"))
     assert {r["metadata"]["name"] for r in by_kind(off, "ClusterRole")} == \
         {"bc-blockcopy-operator"}
 
@@ -607,3 +619,45 @@ def test_watch_namespaces(helm):
                                       "verbs": ["list", "watch"]}]
     proc = helm.template("--set", "watchNamespaces={Team_A}", check=False)
     assert proc.returncode != 0 and "watchNamespaces" in proc.stderr
+
+
+# ------------------------------------------------------------------ the plan controller
+
+
+def test_the_plan_controller(helm):
+    docs = controller_part(helm.render())
+    deploy = one(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][:2] == ["--mode=controller", "--agent-timeout=900"]
+    assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert not pod.get("hostNetwork") and "volumes" in pod
+    # Its pods are not the agents': neither the DaemonSet nor the metrics Service selects them.
+    agents = agent_part(helm.render())
+    selector = one(agents, "DaemonSet")["spec"]["selector"]["matchLabels"]
+    labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert not selector.items() <= labels.items()
+    assert not one(agents, "Service")["spec"]["selector"].items() <= labels.items()
+    # Its rights: plans (and their status), BlockCopies (create, patch, delete: its children),
+    # inventories and nodes read only; bound to its ServiceAccount.
+    role = one(docs, "ClusterRole")
+    verbs = {(r["apiGroups"][0], res): set(r["verbs"]) for r in role["rules"]
+             for res in r["resources"]}
+    assert verbs[(GROUP, "blockcopyplans")] == {"list", "watch", "patch"}
+    assert verbs[(GROUP, "blockcopyplans/status")] == {"patch"}
+    assert verbs[(GROUP, PLURAL)] == {"list", "watch", "create", "patch", "delete"}
+    assert verbs[(GROUP, "diskinventories")] == {"list"}
+    assert verbs[("", "nodes")] == {"list"}
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
+    # Off: none of it.
+    assert controller_part(helm.render("--set", "controller.enabled=false")) == []
+    # Namespaced like the agents, with the namespace rule kopf needs.
+    docs = controller_part(helm.render("--set", "watchNamespaces={team-a}"))
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "--namespace=team-a" in container["args"]
+    assert any("namespaces" in r["resources"] for r in one(docs, "ClusterRole")["rules"])

@@ -43,7 +43,9 @@ from support.cluster import apply_crd, custom_objects, token_kubeconfig
 from support.helm import (
     NO_USER_ROLES,
     USER_ROLES,
+    agent_part,
     by_kind,
+    controller_part,
     install_with_user_roles,
     one,
     user_roles_turn,
@@ -68,13 +70,14 @@ def install(helm, namespace: str, name: str, *args: str) -> tuple[str, list[dict
 def sa_kubeconfig_for(docs: list[dict], namespace: str, kubectl, cluster: pathlib.Path,
                       path: pathlib.Path) -> pathlib.Path:
     """A kubeconfig with the release's ServiceAccount token and the admin kubeconfig's CA."""
-    sa = one(docs, "ServiceAccount")["metadata"]["name"]
+    sa = one(agent_part(docs), "ServiceAccount")["metadata"]["name"]
     return token_kubeconfig(kubectl, sa, namespace, path, admin=cluster)
 
 
 def agent_role(docs: list[dict]) -> dict:
     """The agent's ClusterRole (the others are the user roles, userRoles.create)."""
-    (role,) = [d for d in by_kind(docs, "ClusterRole") if d["metadata"]["name"] not in USER_ROLES]
+    (role,) = [d for d in by_kind(agent_part(docs), "ClusterRole")
+               if d["metadata"]["name"] not in USER_ROLES]
     return role
 
 
@@ -108,10 +111,13 @@ def sa_kubeconfig(release, kubectl, cluster, tmp_path_factory) -> pathlib.Path:
 
 def test_install_created_the_release_objects(release, kubectl):
     ns = release["namespace"]
-    kinds = sorted(d["kind"] for d in release["docs"])
+    kinds = sorted(d["kind"] for d in agent_part(release["docs"]))
     assert kinds == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRole",
-                     "ClusterRoleBinding", "DaemonSet", "Service", "ServiceAccount"]
-    roles = {d["metadata"]["name"] for d in by_kind(release["docs"], "ClusterRole")}
+                     "ClusterRoleBinding",
+                     "DaemonSet", "Service", "ServiceAccount"]
+    assert sorted(d["kind"] for d in controller_part(release["docs"])) == [
+        "ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    roles = {d["metadata"]["name"] for d in by_kind(agent_part(release["docs"]), "ClusterRole")}
     assert roles == {agent_role(release["docs"])["metadata"]["name"], *USER_ROLES}
     for doc in release["docs"]:
         scope = [] if doc["kind"].startswith("Cluster") else ["--namespace", ns]
@@ -119,7 +125,7 @@ def test_install_created_the_release_objects(release, kubectl):
 
 
 def test_identity_is_the_service_account(release, sa_kubeconfig, kubectl):
-    sa = one(release["docs"], "ServiceAccount")["metadata"]["name"]
+    sa = one(agent_part(release["docs"]), "ServiceAccount")["metadata"]["name"]
     review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
               "spec": {"resourceAttributes": {"verb": "list", "group": GROUP,
                                               "resource": PLURAL}}}

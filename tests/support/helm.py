@@ -62,6 +62,22 @@ class Helm:
         return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
+def is_controller(doc: dict[str, Any]) -> bool:
+    """One of the plan controller's objects (controller.enabled)."""
+    labels = (doc.get("metadata") or {}).get("labels") or {}
+    return labels.get("app.kubernetes.io/component") == "controller"
+
+
+def agent_part(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The release's objects without the plan controller's (its ServiceAccount, ClusterRole,
+    binding and Deployment)."""
+    return [d for d in docs if not is_controller(d)]
+
+
+def controller_part(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if is_controller(d)]
+
+
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d.get("kind") == kind]
 

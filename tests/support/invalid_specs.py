@@ -186,6 +186,15 @@ INVALID: tuple[Invalid, ...] = (
             "spec.bandwidth must be a quantity of bytes per second"),
     Invalid("bandwidth-with-spaces", spec(bandwidth=" 5 "), None,
             "spec.bandwidth must be a quantity of bytes per second"),
+    # -- what a plan's children carry (CEL)
+    Invalid("create-directories-nbd", spec(dest=NBD, format="raw", createDirectories=True),
+            "spec.createDirectories needs a path destination",
+            "spec.createDirectories needs a path destination"),
+    Invalid("delete-sources-relative", spec(deleteSourcesUnder="srv/array-a"),
+            "must be an absolute directory other than /",
+            "an absolute, normalised directory other than /"),
+    Invalid("delete-sources-not-normalised", spec(deleteSourcesUnder="/srv/a/../b"), None,
+            "an absolute, normalised directory other than /"),
 )
 
 # Valid specs at the edges of the rules: both sides accept them.

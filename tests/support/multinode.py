@@ -115,6 +115,33 @@ class Node:
         return self.start_agent()
 
 
+CONTROLLER_PID_FILE = STATE / "run" / "nodes-controller.pid"
+CONTROLLER_LOG = STATE / "log" / "nodes-controller.log"
+
+
+def controller_pid() -> int | None:
+    """The plan controller's pid, if it runs (hack/cluster-nodes.sh starts it)."""
+    try:
+        pid = int(CONTROLLER_PID_FILE.read_text().strip())
+        cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    return pid if b"--mode\0controller" in cmdline else None
+
+
+def stop_controller(sig: int = signal.SIGTERM) -> None:
+    _script("stop-controller", signal.Signals(sig).name.removeprefix("SIG"))
+    assert controller_pid() is None
+
+
+def start_controller() -> int:
+    """Start the plan controller again (no-op if it runs), once it logged that it is ready."""
+    _script("start-controller")
+    pid = controller_pid()
+    assert pid is not None
+    return pid
+
+
 def _script(*args: str, env: dict[str, str] | None = None, timeout: float = 600
             ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
@@ -136,7 +163,8 @@ def bring_up(count: int = 2) -> list[Node]:
     """At least ``count`` nodes, their agents running: hack/cluster-nodes.sh (idempotent:
     a few seconds when they are up), never shrinking a larger set someone brought up."""
     nodes = load()
-    if len(nodes) < count or any(n.agent_pid() is None for n in nodes):
+    if len(nodes) < count or any(n.agent_pid() is None for n in nodes) \
+            or controller_pid() is None:
         _script(env={"NODES": str(max(count, len(nodes)))})
         nodes = load()
     assert len(nodes) >= count, nodes

@@ -13,6 +13,7 @@ HACK = ROOT / "hack"
 CRDS = ROOT / "crds"  # every CRD of the API: BlockCopy, DiskInventory
 CRD = CRDS / "blockcopy.yaml"
 INVENTORY_CRD = CRDS / "diskinventory.yaml"
+PLAN_CRD = CRDS / "blockcopyplan.yaml"
 CHART = ROOT / "charts" / "blockcopy-operator"
 EXAMPLES = ROOT / "examples"
 

@@ -13,6 +13,7 @@ import yaml
 
 from blockcopy.model.api import GROUP, KIND, PLURAL, VERSION
 from blockcopy.model.inventory import INVENTORY_PLURAL
+from blockcopy.model.plan import PLAN_PLURAL
 from support.paths import CHART, EXAMPLES, HACK
 
 TEMPLATES = sorted((CHART / "templates").glob("*.yaml"))
@@ -47,12 +48,14 @@ def test_every_rule_of_the_chart_names_our_group_and_resources_as_the_code_does(
             for group in filter(ours, groups):
                 assert group == GROUP, f"{template.name}: apiGroups {groups}"
                 assert set(resources) <= {PLURAL, f"{PLURAL}/status", INVENTORY_PLURAL,
-                                          f"{INVENTORY_PLURAL}/status"}, \
+                                          f"{INVENTORY_PLURAL}/status", PLAN_PLURAL,
+                                          f"{PLAN_PLURAL}/status"}, \
                     f"{template.name}: resources {resources}"
                 named[template.name] = resources
-    # The agent's ClusterRole, the user roles, the admission policy and the spec guard.
+    # The agent's ClusterRole, the user roles, the admission policy, the spec guard and the
+    # plan controller's ClusterRole.
     assert set(named) == {"clusterrole.yaml", "userroles.yaml", "admissionpolicy.yaml",
-                          "specguard.yaml"}, named
+                          "specguard.yaml", "controller.yaml"}, named
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)

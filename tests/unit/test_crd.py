@@ -84,7 +84,8 @@ STARTED = {"phase": "Copying", "startTime": "2026-01-01T00:00:00Z"}
 CHANGES = {"backingChain": "copy", "group": "g2",
            "domain": "vm2", "disk": "vdb", "dest": "/var/lib/libvirt/images/d.qcow2",
            "nodeName": "n2", "format": "raw", "base": "/b.qcow2", "flags": ["reuseExternal"],
-           "granularity": 131072, "bufSize": 1048576, "detectZeroes": False}
+           "granularity": 131072, "bufSize": 1048576, "detectZeroes": False,
+           "deleteSourcesUnder": "/var/lib/libvirt/images/old"}
 
 
 def test_there_is_one_rule_per_immutable_field():

@@ -57,3 +57,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 {{- end }}
+
+{{/* Labels that select the plan controller's pod: none of the agent's selector (the
+DaemonSet and the metrics Service select the agents by theirs). */}}
+{{- define "blockcopy-operator.controllerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "blockcopy-operator.name" . | trunc 52 }}-controller
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels on the plan controller's objects. */}}
+{{- define "blockcopy-operator.controllerLabels" -}}
+helm.sh/chart: {{ include "blockcopy-operator.chart" . }}
+{{ include "blockcopy-operator.controllerSelectorLabels" . }}
+app.kubernetes.io/component: controller
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: blockcopy-operator
+{{- end }}

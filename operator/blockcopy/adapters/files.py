@@ -76,6 +76,35 @@ def refusal(spec: BlockCopySpec, allowed_roots: Iterable[str]) -> tuple[str, str
     return None
 
 
+def make_directories(dest: str, source: str, allowed_roots: Iterable[str]
+                     ) -> tuple[list[str], tuple[str, str] | None]:
+    """See ``ports.Files.make_directories``."""
+    missing: list[tuple[str, str]] = []
+    d, s = os.path.dirname(dest), os.path.dirname(source)
+    while not os.path.lexists(d):
+        if s in ("", "/") or d in ("", "/"):
+            return [], ("DestNotCreatable", f"cannot create the directories of {dest}: the "
+                        f"source {source} has no directory at the depth of {d}")
+        missing.append((d, s))
+        d, s = os.path.dirname(d), os.path.dirname(s)
+    resolved = os.path.realpath(d)
+    roots = [os.path.realpath(r) for r in allowed_roots]
+    if not os.path.isdir(resolved) or not any(within(resolved, root) for root in roots):
+        return [], ("DestNotAllowed", f"will not create directories below {d}: it is not a "
+                    f"directory under the allowed paths {', '.join(roots)}")
+    made: list[str] = []
+    for directory, like in reversed(missing):
+        try:
+            st = os.stat(like)
+            os.mkdir(directory, 0o700)
+            made.append(directory)
+            os.chown(directory, st.st_uid, st.st_gid)
+            os.chmod(directory, stat.S_IMODE(st.st_mode))
+        except OSError as exc:
+            return made, ("DestNotCreatable", f"cannot create {directory} like {like}: {exc}")
+    return made, None
+
+
 def allocated(path: str) -> int:
     """Bytes a file occupies on its storage (sparse files count their data only)."""
     try:
@@ -198,6 +227,13 @@ class LocalFiles:
 
     def allocated(self, path: str) -> int:
         return allocated(path)
+
+    def delete(self, path: str) -> None:
+        os.unlink(path)
+
+    def make_directories(self, dest: str, source: str, allowed_roots: Sequence[str]
+                         ) -> tuple[list[str], Refusal | None]:
+        return make_directories(dest, source, allowed_roots)
 
     def exists(self, path: str) -> bool:
         return os.path.lexists(path)

@@ -13,12 +13,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from blockcopy.agent.claimer import Claimer
-from blockcopy.agent.follower import Follower, FollowSettings
+from blockcopy.agent.follower import Follower
 from blockcopy.agent.groups import Groups, key_of
 from blockcopy.agent.inventory import InventoryPublisher
 from blockcopy.agent.loop import StopSignal
 from blockcopy.agent.recorder import Clock, Recorder, phase_of, utc_now
 from blockcopy.agent.starter import StartSettings
+from blockcopy.agent.steps import FollowSettings
 from blockcopy.agent.verifier import Verifier
 from blockcopy.core import reconcile
 from blockcopy.core.pace import DEFAULT_BUDGET

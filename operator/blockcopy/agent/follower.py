@@ -8,7 +8,6 @@ always). ``loop`` runs the steps and sleeps between them.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,52 +17,20 @@ from blockcopy.agent.convergence import ConvergenceAssist
 from blockcopy.agent.groups import Groups, key_of
 from blockcopy.agent.layers import NO_LAYER_COPIES, LayerCopies, NoLayerCopies
 from blockcopy.agent.loop import FollowLoop, Step, StopSignal
+from blockcopy.agent.reclaim import reclaim, summary
 from blockcopy.agent.recorder import ObjectRecorder
 from blockcopy.agent.retries import Retries
-from blockcopy.agent.starter import Starter, StartSettings
+from blockcopy.agent.starter import Starter
+from blockcopy.agent.steps import FollowSettings, Observation, Outcome
 from blockcopy.agent.verifier import Copy, Verifier
 from blockcopy.core import convergence, destinations, gates, reconcile, status, verify, zeroes
-from blockcopy.core.progress import Estimate, ProgressWindow
+from blockcopy.core.progress import ProgressWindow
 from blockcopy.core.reconcile import Action, Decision
 from blockcopy.core.slots import CopySlots
 from blockcopy.core.specs import read_spec
 from blockcopy.model.api import TERMINAL_PHASES, BlockCopySpec, Phase
-from blockcopy.model.observation import DiskState, GroupView, JobEvent, LayersView
+from blockcopy.model.observation import DiskState, JobEvent
 from blockcopy.model.ports import Files, Hypervisor, HypervisorError, HypervisorUnavailable, Images
-
-
-@dataclasses.dataclass(frozen=True)
-class FollowSettings:
-    start: StartSettings
-    poll_interval: float = 5.0  # fallback look when no event arrives
-
-
-@dataclasses.dataclass(frozen=True)
-class Observation:
-    """What one step saw: the disk, and while a job runs, the chain move's lower layers, the
-    disk group (listed from the API server when a pivot is due) and the progress estimate."""
-
-    disk: DiskState
-    layers: LayersView = dataclasses.field(default_factory=LayersView)
-    group: GroupView | None = None
-    estimate: Estimate | None = None
-    dest: destinations.DestCheck | None = None  # looked at before a pivot (and first look)
-
-
-@dataclasses.dataclass
-class Outcome:
-    """What a step records: the decision as acted on, and what came with it."""
-
-    decision: Decision
-    disk: DiskState | None
-    conditions: list[dict[str, Any]]
-    fields: dict[str, Any] | None = None
-    started: dict[str, Any] | None = None
-    refused: bool = False  # libvirt refused the action: back off, stay in the phase
-    intent: bool = False  # wait until it is stored (a plan precedes its files)
-    estimate: Estimate | None = None  # the progress estimate, for the metrics
-    spec: BlockCopySpec | None = None  # as acted on (Ready depends on what it asks)
-
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +120,8 @@ class Follower:
     async def step(self) -> Step:
         current = self.recorder.phase
         if current in TERMINAL_PHASES:
+            if current == Phase.PIVOTED:
+                await self._reclaim()
             return Step.DONE
         self.generation = self.body.get("metadata", {}).get("generation")
         reading = read_spec(self.body.get("spec"), self.recorder.status, current)
@@ -176,6 +145,10 @@ class Follower:
         # a namespace the policy keeps away). An existing dest waits for the look below: it
         # may be the file of a job of ours that a restarted agent adopts.
         refusal = self.starter.refusal(spec, current)
+        # spec.createDirectories: the starter makes them, once the source's are known.
+        if refusal is not None and spec.create_directories and \
+                refusal.reason == "DestNotCreatable":
+            refusal = None
         if refusal is not None and refusal.reason != "DestExists":
             return Outcome(refusal, None, conditions)
         async with self.lock:
@@ -368,6 +341,17 @@ class Follower:
         self.recorder.update(layers=layer_states)
         self.wake.set()  # a verified (or failed) layer may unblock the pivot (or end it)
 
+    async def _reclaim(self) -> None:
+        """spec.deleteSourcesUnder, once Pivoted (agent.reclaim)."""
+        reading = read_spec(self.body.get("spec"), self.recorder.status, Phase.PIVOTED)
+        if reading.spec is None:
+            return
+        done = await reclaim(reading.spec, self.recorder.status, images=self.images,
+                             files=self.starter.files, in_use=self.starter.in_use)
+        if done is not None:
+            self.recorder.update(reclaimedSources=done)
+            self.recorder.event("Normal", "SourcesReclaimed", summary(done))
+
     # -- recording ------------------------------------------------------------------------
     async def _record(self, outcome: Outcome) -> Step:
         decision = outcome.decision
@@ -389,6 +373,8 @@ class Follower:
         if outcome.refused and not terminal:
             self.recorder.refused(decision, phase_changed=phase_changed)
         if terminal:
+            if decision.phase == Phase.PIVOTED:
+                await self._reclaim()
             return Step.DONE
         # After a successful action, look again at once; after a refused one, back off.
         return Step.AGAIN if decision.action != Action.NONE and not outcome.refused \

@@ -95,6 +95,14 @@ class Starter:
         refused = self._refuse_by_policy(spec, disk) or self._refuse_own_chain(spec, disk)
         if refused is not None:
             return Started(refused)
+        if spec.create_directories and disk.source and spec.network is None:
+            dirs, why = await asyncio.to_thread(self.files.make_directories, spec.dest,
+                                                disk.source, self.settings.allowed_paths)
+            if dirs:
+                log.info("%s: made %s (like the source's directories)", spec.dest,
+                         ", ".join(dirs))
+            if why is not None:
+                return Started(failed(*why))
         caps = await self.hv.capabilities()
         refused = starting.unsupported(spec, caps) or \
             starting.encryption_refusal(spec, disk, planned=plans.needed(spec, disk)) or \

@@ -6,9 +6,14 @@ import dataclasses
 import enum
 import math
 import posixpath
-import urllib.parse
 from collections.abc import Mapping
 from typing import Any, TypeVar
+
+# NBD destinations and the spec's error live in model.nbd; re-exported here.
+from blockcopy.model.nbd import NBD_DEFAULT_PORT as NBD_DEFAULT_PORT
+from blockcopy.model.nbd import NetworkDest as NetworkDest
+from blockcopy.model.nbd import SpecError as SpecError
+from blockcopy.model.nbd import parse_network_dest as parse_network_dest
 
 GROUP = "blockcopy.dev"
 VERSION = "v1alpha1"
@@ -53,7 +58,8 @@ class Flag(enum.StrEnum):
 # Fields that cannot change once the job started (the agent keeps what it started with).
 # granularity and bufSize act only at the start, so a later change could only be ignored.
 IMMUTABLE_FIELDS = ("domain", "nodeName", "disk", "dest", "format", "base", "flags",
-                    "granularity", "bufSize", "backingChain", "group", "detectZeroes")
+                    "granularity", "bufSize", "backingChain", "group", "detectZeroes",
+                    "deleteSourcesUnder")
 # Fields whose absence means true.
 TRUE_BY_DEFAULT = ("detectZeroes",)
 
@@ -113,10 +119,6 @@ def started_fields(raw_spec: Mapping[str, Any]) -> dict[str, Any]:
     return {f: raw_spec[f] for f in IMMUTABLE_FIELDS if raw_spec.get(f) not in (None, "", [])}
 
 
-class SpecError(ValueError):
-    """The spec cannot be acted on; the message is shown to the user as is."""
-
-
 class Convergence(enum.StrEnum):
     """spec.convergence: what the agent may do about a copy that does not converge."""
 
@@ -135,70 +137,6 @@ class BackingChain(enum.StrEnum):
     """spec.backingChain: what happens to the images below the active one."""
 
     COPY = "copy"  # move them too, next to dest (the oVirt flow, automated)
-
-
-@dataclasses.dataclass(frozen=True)
-class NetworkDest:
-    """A network destination: an NBD export (TCP or a Unix socket)."""
-
-    export: str
-    host: str | None = None
-    port: int | None = None
-    socket: str | None = None
-    protocol: str = "nbd"
-
-    @property
-    def endpoint(self) -> str:
-        """What --allowed-network-dest names: HOST:PORT, or the socket's path."""
-        return self.socket if self.socket else f"{self.host}:{self.port}"
-
-    @property
-    def uri(self) -> str:
-        """The URI qemu-img and QEMU take for it."""
-        if self.socket:
-            return f"nbd+unix:///{self.export}?socket={self.socket}"
-        return f"nbd://{self._bracketed_host}:{self.port}/{self.export}"
-
-    @property
-    def _bracketed_host(self) -> str:
-        return f"[{self.host}]" if self.host and ":" in self.host else str(self.host)
-
-
-NBD_DEFAULT_PORT = 10809
-
-
-def parse_network_dest(text: str) -> NetworkDest | None:
-    """``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``; None if ``text``
-    is not a URI at all (a path). Raises SpecError for a URI the agent cannot use."""
-    if "://" not in text:
-        return None
-    try:
-        parts = urllib.parse.urlsplit(text)
-    except ValueError as exc:  # an unbalanced [ of an IPv6 host
-        raise SpecError(f"spec.dest {text!r} is not a valid URI: {exc}") from None
-    export = urllib.parse.unquote(parts.path.removeprefix("/"))
-    if not export or "/" in export:
-        raise SpecError(f"spec.dest {text!r}: the NBD export name is missing (…/EXPORT)")
-    if parts.fragment:
-        raise SpecError(f"spec.dest {text!r}: no #fragment in an NBD URI")
-    if parts.scheme == "nbd":
-        if parts.query:
-            raise SpecError(f"spec.dest {text!r}: nbd:// takes no query")
-        try:
-            port = parts.port or NBD_DEFAULT_PORT
-        except ValueError:
-            raise SpecError(f"spec.dest {text!r}: the port is not a number in 1-65535") from None
-        if not parts.hostname:
-            raise SpecError(f"spec.dest {text!r}: nbd://HOST:PORT/EXPORT needs a host")
-        return NetworkDest(export=export, host=parts.hostname, port=port)
-    if parts.scheme == "nbd+unix":
-        query = urllib.parse.parse_qs(parts.query, strict_parsing=bool(parts.query))
-        sockets = query.pop("socket", [])
-        if parts.netloc or query or len(sockets) != 1 or not posixpath.isabs(sockets[0]):
-            raise SpecError(f"spec.dest {text!r}: write nbd+unix:///EXPORT?socket=/ABSOLUTE/PATH")
-        return NetworkDest(export=export, socket=posixpath.normpath(sockets[0]))
-    raise SpecError(f"spec.dest {text!r}: network destinations are NBD URIs "
-                    "(nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +161,10 @@ class BlockCopySpec:
     # None (absent): Sample, but a copy that cannot be checked still pivots (NotVerified);
     # asked for explicitly, a check that cannot be made holds the pivot (NotVerifiable).
     verify: Verify | None = None
+    # Missing directories of dest are made, each like the source's directory at its depth.
+    create_directories: bool = False
+    # After the pivot: the old chain's images under it that no domain uses are deleted.
+    delete_sources_under: str | None = None
 
 
 # Binary and decimal suffixes of Kubernetes quantities, for byte rates.
@@ -286,6 +228,13 @@ def _non_negative_int(raw: Mapping[str, Any], key: str, limit: int = 2**63) -> i
     if value >= limit:
         raise SpecError(f"spec.{key} {value} is too large: libvirt takes at most {limit - 1}")
     return value
+
+
+def _absolute(raw: Mapping[str, Any], key: str) -> str | None:
+    value = _string(raw, key)
+    if value is not None and (not posixpath.isabs(value) or posixpath.normpath(value) == "/"):
+        raise SpecError(f"spec.{key} must be an absolute directory other than /, not {value!r}")
+    return posixpath.normpath(value) if value is not None else None
 
 
 def _bool(raw: Mapping[str, Any], key: str, *, default: bool = False) -> bool:
@@ -370,6 +319,8 @@ def parse_spec(raw: Any) -> BlockCopySpec:
             raise SpecError("a network destination takes a full copy: spec.base and shallow "
                             "would leave it pointing at backing files it cannot reach")
         fmt = "raw"
+        if _bool(raw, "createDirectories"):
+            raise SpecError("spec.createDirectories needs a path destination, not an NBD export")
     if base is not None and fmt not in (None, "qcow2"):
         raise SpecError(f"spec.base needs a qcow2 destination (it gets a backing file); "
                         f"spec.format {fmt!r} cannot hold one")
@@ -392,6 +343,8 @@ def parse_spec(raw: Any) -> BlockCopySpec:
         buf_size=_non_negative_int(raw, "bufSize"),
         pivot=_bool(raw, "pivot"),
         detect_zeroes=_bool(raw, "detectZeroes", default=True),
+        create_directories=_bool(raw, "createDirectories"),
+        delete_sources_under=_absolute(raw, "deleteSourcesUnder"),
         abort=_bool(raw, "abort"),
         verify=_choice(raw, "verify", Verify),
     )

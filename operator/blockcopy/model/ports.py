@@ -234,6 +234,16 @@ class Files(Protocol):
         """What ``path`` is now (after symlinks), None when nothing is there; raises OSError
         when it cannot be looked at."""
 
+    def delete(self, path: str) -> None:
+        """Remove the file ``path`` (source retention: an image no domain uses)."""
+
+    def make_directories(self, dest: str, source: str,
+                         allowed_roots: Sequence[str]) -> tuple[list[str], Refusal | None]:
+        """spec.createDirectories: the missing directories of ``dest``, each made with the
+        owner, group and mode of the directory of ``source`` at the same depth, when the
+        nearest existing one lies under an allowed root. Returns those made (top first) and
+        why not (the ones made before a failure stay)."""
+
 
 # ------------------------------------------------------------------ metrics
 
@@ -348,3 +358,31 @@ class Kube(StatusStore, Protocol):
     async def publish_inventory(self, name: str, status: dict[str, Any]) -> None:
         """Write the status of the DiskInventory ``name`` (cluster-scoped), creating the
         object first if it is missing. Raises on API errors."""
+
+class PlanKube(Protocol):
+    """What the plan controller asks of the Kubernetes API. Listing calls raise on API
+    errors; writes return False when the object is gone (or, for creates, already there)."""
+
+    async def inventories(self) -> list[dict[str, Any]]:
+        """Every DiskInventory object (cluster-scoped, one per node)."""
+
+    async def node_labels(self) -> dict[str, dict[str, str]]:
+        """Every Node's labels, by node name."""
+
+    async def children(self, namespace: str, plan: str) -> list[dict[str, Any]]:
+        """The BlockCopies of the namespace labelled as the plan's."""
+
+    async def copies_of_domain(self, domain: str) -> list[dict[str, Any]]:
+        """Every BlockCopy (all namespaces) whose spec.domain is ``domain``."""
+
+    async def create_copy(self, namespace: str, body: dict[str, Any]) -> bool: ...
+
+    async def patch_copy(self, namespace: str, name: str, patch: dict[str, Any]) -> bool: ...
+
+    async def delete_copy(self, namespace: str, name: str) -> bool: ...
+
+    async def patch_plan_status(self, namespace: str, name: str,
+                                status: dict[str, Any]) -> bool: ...
+
+    async def post_event(self, ref: ObjectRef, *, type: str, reason: str,
+                         message: str) -> None: ...

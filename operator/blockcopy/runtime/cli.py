@@ -27,6 +27,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="blockcopy-operator",
         description="Node agent for BlockCopy objects (blockcopy.dev/v1alpha1): drives libvirt "
         "block-copy jobs for the domains running on this node and reports their status.")
+    parser.add_argument("--mode", choices=["agent", "controller"],
+                        default=os.environ.get("BLOCKCOPY_MODE", "agent"),
+                        help="agent: the node agent (default); controller: the cluster-wide "
+                        "BlockCopyPlan controller (one replica; env BLOCKCOPY_MODE)")
+    parser.add_argument("--agent-timeout", type=float,
+                        default=float(os.environ.get("BLOCKCOPY_AGENT_TIMEOUT", "900")),
+                        metavar="S",
+                        help="controller: a node whose DiskInventory was not updated for S "
+                        "seconds has no agent; its disks wait (default 900: three of the "
+                        "agents' 300 s inventory resyncs)")
     parser.add_argument("--node-name", default=os.environ.get("NODE_NAME"),
                         help="name of this node (env NODE_NAME; default: the host name)")
     parser.add_argument("--libvirt-uri", default=os.environ.get("LIBVIRT_URI", "qemu:///system"),
@@ -144,6 +154,8 @@ def main(argv: list[str] | None = None, *,
     """Run the agent until SIGTERM/SIGINT. ``make_hypervisor``: tests only (fault injection
     through the hypervisor interface); the default is the libvirt client."""
     args = parse_args(argv)
+    if args.mode == "controller":
+        return run_controller(args)
     # Imported here so that --help works without a cluster or libvirt configuration.
     import kopf
 
@@ -167,6 +179,24 @@ def main(argv: list[str] | None = None, *,
         clusterwide=not config.namespaces,
         namespaces=config.namespaces,
     ))
+    return 0
+
+
+def run_controller(args: argparse.Namespace) -> int:
+    """The plan controller until SIGTERM/SIGINT (its handlers only: none of the agent's)."""
+    import kopf
+
+    from blockcopy.controller.plans import ControllerConfig
+    from blockcopy.runtime import controller
+
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        raise SystemExit(f"blockcopy-operator: {exc}") from None
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON
+                   if args.log_format == "json" else kopf.LogFormat.FULL)
+    controller.run(ControllerConfig(policy=policy, agent_timeout=args.agent_timeout),
+                   namespaces=tuple(args.namespace or ()))
     return 0
 
 

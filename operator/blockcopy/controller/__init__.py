@@ -1,0 +1,2 @@
+"""The cluster-wide controller of BlockCopyPlans: it knows the Kubernetes API only through
+``blockcopy.model.ports.PlanKube``."""
