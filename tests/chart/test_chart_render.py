@@ -136,7 +136,7 @@ def test_template_with_every_option(helm):
     assert env["BLOCKCOPY_LOG_FORMAT"] == "json"
     assert agent["args"] == ["--status-interval=1", "--progress-budget=10", "--max-active-copies=0",
                              "--verbose"]
-    assert agent["image"] == "localhost/blockcopy-operator@sha256:" + "0" * 64
+    assert agent["image"] == "ghcr.io/blockcopy/blockcopy-operator@sha256:" + "0" * 64
     assert pod["nodeSelector"] == {"blockcopy.dev/hypervisor": "true"}
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["tolerations"][0]["key"] == "hypervisor"
