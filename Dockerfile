@@ -47,14 +47,17 @@ RUN /opt/blockcopy/bin/pip install --require-virtualenv --require-hashes --no-de
 COPY . /src
 # --no-deps: every dependency is already installed above at its locked version; `pip check`
 # fails the build if pyproject.toml gained a dependency that the lock does not hold.
-# Then the runtime venv is trimmed: it needs neither pip nor setuptools (23 MB), nor bytecode
+# Then the runtime venv is trimmed: it needs none of the build tools of build.txt that the
+# runtime lock does not hold (pip, setuptools: 23 MB; wheel, packaging), nor bytecode
 # (compiled .pyc would add about 50 MB for the kubernetes client's thousands of model modules;
 # Python compiles what it imports in memory, the root filesystem being read-only anyway).
 RUN set -eux; \
     /opt/blockcopy/bin/pip install --require-virtualenv --no-deps --no-build-isolation /src; \
     /opt/blockcopy/bin/pip check; \
     /opt/blockcopy/bin/blockcopy-operator --help >/dev/null; \
-    /opt/blockcopy/bin/pip uninstall -y -q pip setuptools wheel 2>/dev/null || true; \
+    /opt/blockcopy/bin/pip uninstall -y -q $(sed -n 's/^\([A-Za-z0-9._-]*\)==.*/\1/p' \
+        /src/requirements/build.txt | while read -r p; do \
+          grep -qi "^$p==" /src/requirements/runtime.txt || echo "$p"; done); \
     rm -f /opt/blockcopy/bin/pip* /opt/blockcopy/bin/wheel; \
     find /opt/blockcopy -name __pycache__ -type d -prune -exec rm -rf {} +
 

@@ -41,7 +41,8 @@ source "$HACK/lib/env.sh"   # REPO CACHE STATE API_PORT PKI RUN LOGS NODE_NAME N
 SCHED_PORT=${BLOCKCOPY_SCHEDULER_PORT:-16259}
 KUBELET_PORT=${BLOCKCOPY_KUBELET_PORT:-10250}
 KUBELET_HEALTHZ_PORT=${BLOCKCOPY_KUBELET_HEALTHZ_PORT:-10248}
-NODE_IMAGES=${BLOCKCOPY_NODE_IMAGES:-localhost/blockcopy-operator:dev}
+# Unset: the dev image; empty: none (the release tests pull theirs from the local registry).
+NODE_IMAGES=${BLOCKCOPY_NODE_IMAGES-localhost/blockcopy-operator:dev}
 SHARED_PATHS=${BLOCKCOPY_NODE_SHARED_PATHS:-/var/lib/libvirt/images}
 TAINT_KEY=blockcopy.dev/test-node
 BUILDAH=(buildah --storage-driver vfs)

@@ -24,8 +24,8 @@
 # Environment: RELEASE_REGISTRY (default ghcr.io/blockcopy, a placeholder: the project's real
 # registry is not settled; `make release` uses the local registry of hack/registry.sh),
 # BASE_IMAGE (default localhost/debian:bookworm of hack/make-base-image.sh; resolved to its
-# digest and built FROM NAME@sha256:..., or give NAME@sha256:... yourself), HELM, PYTHON (the
-# venv's, for cyclonedx-py).
+# digest and built FROM NAME@sha256:..., or give NAME@sha256:... yourself), DIST (instead of
+# dist/), HELM, PYTHON (the venv's, for cyclonedx-py).
 set -euo pipefail
 
 HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -82,7 +82,7 @@ if [ -n "$(git -C "$REPO" status --porcelain --untracked-files=no)" ]; then
 fi
 SOURCE=https://github.com/blockcopy/blockcopy-operator
 
-OUT="$REPO/dist/$VERSION"
+OUT="${DIST:-$REPO/dist}/$VERSION"
 TMP=$(mktemp -d)
 ctr=
 cleanup() {
@@ -96,7 +96,7 @@ start=$SECONDS
 
 # ---------------------------------------------------------------- chart
 # A copy with the release's version, appVersion and default image repository.
-cp -r "$REPO/charts/$CHART_NAME" "$TMP/chart"
+cp -rL "$REPO/charts/$CHART_NAME" "$TMP/chart"
 sed -i -e "s/^version: .*/version: $VERSION/" -e "s/^appVersion: .*/appVersion: \"$VERSION\"/" \
   "$TMP/chart/Chart.yaml"
 grep -qxF "  repository: $DEFAULT_REPOSITORY" "$TMP/chart/values.yaml" \
@@ -122,9 +122,9 @@ log "chart $(basename "$CHART")"
 log "install.yaml: $(grep -c '^kind: ' "$OUT/install.yaml") objects"
 
 # ---------------------------------------------------------------- SBOM
-"$PYTHON" -m cyclonedx_py requirements --output-format JSON --output-reproducible \
-  --pyproject "$REPO/pyproject.toml" --mc-type container \
-  --output-file "$OUT/sbom.cdx.json" "$REPO/requirements/runtime.txt" 2>"$TMP/sbom.log" \
+"$PYTHON" -m cyclonedx_py requirements --of JSON --output-reproducible \
+  --pyproject "$REPO/pyproject.toml" --mc-type application \
+  -o "$OUT/sbom.cdx.json" "$REPO/requirements/runtime.txt" 2>"$TMP/sbom.log" \
   || { cat "$TMP/sbom.log" >&2; die "cyclonedx-py failed"; }
 log "SBOM: $("$PYTHON" -c 'import json, sys; print(len(json.load(open(sys.argv[1]))["components"]))' "$OUT/sbom.cdx.json") components"
 
