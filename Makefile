@@ -62,7 +62,8 @@ cluster: deps
 # The local environment as a one-node cluster that runs pods (kube-scheduler, kubelet,
 # containerd + runc, a local pause image, the agent image of `make image` imported). The node
 # is tainted blockcopy.dev/test-node=true:NoSchedule: only what tolerates it runs there.
-cluster-node: cluster image
+# Its containerd pulls from the local registry (started here: the release tests push there).
+cluster-node: cluster image registry
 	@./hack/cluster-node.sh
 
 # N simulated nodes for multi-node tests (hack/cluster-nodes.sh): each a libvirt session
