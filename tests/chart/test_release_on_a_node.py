@@ -97,9 +97,14 @@ def released(registry, tmp_path_factory):
     info = json.loads((dist / version / "release.json").read_text())
     image = f"{registry}/blockcopy-operator:{version}"
     pinned = f"{registry}/blockcopy-operator@{info['image']['pushedDigest']}"
+    with tarfile.open(dist / version / info["image"]["archive"]) as tar:
+        manifest = json.load(tar.extractfile(
+            f"blobs/sha256/{info['image']['archiveDigest'].split(':')[1]}"))
+    # containerd also records a pulled image under its ID (the config's digest).
+    refs = (image, pinned, manifest["config"]["digest"])
     yield {"version": version, "dir": dist / version, "info": info, "image": image,
-           "pinned": pinned, "registry": registry}
-    remove_from_containerd(image, pinned)
+           "pinned": pinned, "registry": registry, "refs": refs}
+    remove_from_containerd(*refs)
     for name in (image, f"{image}-builder"):
         subprocess.run(["buildah", "--storage-driver", "vfs", "rmi", name], capture_output=True,
                        check=False)
@@ -184,7 +189,8 @@ def assert_pulled(pod: dict, released) -> None:
 
 
 def test_helm_install_from_the_oci_registry(released, kubectl, cluster_helm, api, vms):
-    assert not in_containerd(released["image"]), "the node has the image before the pull"
+    assert not any(in_containerd(ref) for ref in released["refs"]), \
+        "the node has the image before the pull"
     namespace = create_namespace(kubectl, "rel")
     name = unique("bcr").replace("-", "")
     values = yaml.safe_load(LOCAL_NODE_VALUES.read_text())
@@ -266,9 +272,8 @@ def adapted(docs: list[dict], namespace: str, suffix: str) -> list[dict]:
 
 
 def test_kubectl_apply_install_yaml(released, kubectl, api, vms, tmp_path):
-    image, pinned = released["image"], released["pinned"]
-    remove_from_containerd(image, pinned)  # pulled again, from the registry
-    assert not in_containerd(image)
+    remove_from_containerd(*released["refs"])  # pulled again, from the registry
+    assert not any(in_containerd(ref) for ref in released["refs"])
     docs = [d for d in yaml.safe_load_all((released["dir"] / "install.yaml").read_text()) if d]
     namespace = unique("rel")
     objects = adapted(docs, namespace, f"-{namespace}")
