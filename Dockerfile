@@ -5,12 +5,15 @@
 #   final:   python3 + the libvirt client library (libvirt0) + that virtualenv; nothing else.
 #
 # Both stages start from the same base (the venv's interpreter is the base's /usr/bin/python3).
-# Pin it with --build-arg BASE_IMAGE=debian:bookworm-slim@sha256:... for a reproducible build;
+# Pin it by digest with --build-arg BASE_IMAGE=debian:bookworm-slim@sha256:... (hack/release.sh
+# always does: it resolves the base to its digest and records it);
 # on machines without a registry, hack/make-base-image.sh makes localhost/debian:bookworm and
 # hack/build-image.sh builds this file with buildah on top of it.
 #
-# Versions: the Python dependencies are the exact pins of pyproject.toml; the Debian packages
-# come from the base's suite (bookworm: python3 3.11, libvirt 9.0). Exact Debian versions can be
+# Versions: the Python dependencies are installed from the hashed lock files of hack/lock.sh
+# (requirements/build.txt, then requirements/runtime.txt, pip --require-hashes: every package,
+# transitive ones included, at its locked version and checked against its hash); the Debian
+# packages come from the base's suite (bookworm: python3 3.11, libvirt 9.0). Exact Debian versions can be
 # pinned with the *_VERSION build arguments below (e.g. --build-arg LIBVIRT0_VERSION=9.0.0-4+deb12u2);
 # they are not hard-coded because the Debian mirror drops superseded versions at every point and
 # security release, which would turn each of those into a failing build.
@@ -31,25 +34,30 @@ RUN set -eux; \
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python3 -m venv /opt/blockcopy
 
-# Dependencies first (their own layer: source edits do not rebuild libvirt-python). The pins are
-# read from pyproject.toml, so this file never repeats a version.
-COPY pyproject.toml /src/pyproject.toml
-RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' \
-        >/tmp/requirements.txt
-RUN set -eux; cat /tmp/requirements.txt; \
-    /opt/blockcopy/bin/pip install --require-virtualenv -r /tmp/requirements.txt
+# Dependencies first (their own layers: source edits do not rebuild libvirt-python), from the
+# lock files only: pip and the build backend (build.txt), then the runtime set (runtime.txt).
+# --no-build-isolation: libvirt-python's sdist builds with the locked setuptools, so nothing is
+# fetched without a hash; --no-deps: the lock is complete (`pip check` below proves it).
+COPY requirements/build.txt requirements/runtime.txt /src/requirements/
+RUN /opt/blockcopy/bin/pip install --require-virtualenv --require-hashes --no-deps \
+        -r /src/requirements/build.txt
+RUN /opt/blockcopy/bin/pip install --require-virtualenv --require-hashes --no-deps \
+        --no-build-isolation -r /src/requirements/runtime.txt
 
 COPY . /src
-# --no-deps: every dependency is already installed above at its pinned version; `pip check`
-# fails the build if pyproject.toml gained a dependency that the layer above did not install.
-# Then the runtime venv is trimmed: it needs neither pip nor setuptools (23 MB), nor bytecode
+# --no-deps: every dependency is already installed above at its locked version; `pip check`
+# fails the build if pyproject.toml gained a dependency that the lock does not hold.
+# Then the runtime venv is trimmed: it needs none of the build tools of build.txt that the
+# runtime lock does not hold (pip, setuptools: 23 MB; wheel, packaging), nor bytecode
 # (compiled .pyc would add about 50 MB for the kubernetes client's thousands of model modules;
 # Python compiles what it imports in memory, the root filesystem being read-only anyway).
 RUN set -eux; \
-    /opt/blockcopy/bin/pip install --require-virtualenv --no-deps /src; \
+    /opt/blockcopy/bin/pip install --require-virtualenv --no-deps --no-build-isolation /src; \
     /opt/blockcopy/bin/pip check; \
     /opt/blockcopy/bin/blockcopy-operator --help >/dev/null; \
-    /opt/blockcopy/bin/pip uninstall -y -q pip setuptools wheel 2>/dev/null || true; \
+    /opt/blockcopy/bin/pip uninstall -y -q $(sed -n 's/^\([A-Za-z0-9._-]*\)==.*/\1/p' \
+        /src/requirements/build.txt | while read -r p; do \
+          grep -qi "^$p==" /src/requirements/runtime.txt || echo "$p"; done); \
     rm -f /opt/blockcopy/bin/pip* /opt/blockcopy/bin/wheel; \
     find /opt/blockcopy -name __pycache__ -type d -prune -exec rm -rf {} +
 
@@ -72,9 +80,22 @@ ENV PATH=/opt/blockcopy/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
     PYTHONUNBUFFERED=1 \
     LIBVIRT_URI=qemu:///system
 
+# OCI annotations. hack/release.sh sets version, revision (the commit), created (the commit's
+# time, so that a rebuild of the same commit says the same) and the base image with these
+# build arguments, and also as buildah --label (buildah 1.28 reuses a cached LABEL step whatever
+# the build arguments' values; a --label is applied to the final image regardless).
+ARG VERSION=dev
+ARG REVISION=unknown
+ARG CREATED=
+ARG BASE_IMAGE
 LABEL org.opencontainers.image.title="blockcopy-operator" \
       org.opencontainers.image.description="Node agent for BlockCopy objects: live libvirt disk copies driven from Kubernetes" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/blockcopy/blockcopy-operator" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 # Root on purpose: libvirt's qemu:///system socket accepts root (or, on hosts configured for
 # it, the libvirt group) only. The Helm chart drops every capability and makes the root

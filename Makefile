@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # backports (bookworm-backports: libvirt 11.3, QEMU 10.0); see hack/hypervisor-stack.sh.
 export HYPERVISOR_STACK ?= stock
 
-.PHONY: help deps system-deps venv dist cluster cluster-node cluster-nodes cluster-down lint unit integration e2e soak chart chart-e2e image test test-k8s-oldest demo bench clean
+.PHONY: help deps system-deps venv dist lock registry release cluster cluster-node cluster-nodes cluster-down lint unit integration e2e soak chart chart-e2e image test test-k8s-oldest demo bench clean
 
 help:
 	@echo "make demo          bring up the local environment and show a live disk copy + pivot"
@@ -27,6 +27,10 @@ help:
 	@echo "make chart         Helm chart: lint, render, validate offline (1.29..newest), schema, Argo CD/Flux health checks"
 	@echo "make image         build the agent image with buildah (localhost/blockcopy-operator:dev)"
 	@echo "make dist          the kubectl plugin alone: its wheel, krew archive and manifest in dist/"
+	@echo "make lock          re-lock requirements/*.txt (hashed, uv) after a pyproject.toml change"
+	@echo "make registry      start the local OCI registry (127.0.0.1:$${BLOCKCOPY_REGISTRY_PORT:-15000}); cluster-down stops it"
+	@echo "make release VERSION=x.y.z  dist/VERSION: image (OCI archive), chart, install.yaml, SBOM, SHA256SUMS;"
+	@echo "                   image and chart pushed to RELEASE_REGISTRY (default: the local registry); NO_IMAGE=1: offline"
 	@echo "make bench         numbers: agent vs virsh blockcopy, status writes, latency, memory"
 	@echo "make soak          the e2e tier SOAK (5) times over, stopping at the first failure"
 
@@ -35,12 +39,17 @@ deps: system-deps venv
 system-deps:
 	@./hack/install-system-deps.sh
 
-# The virtualenv is rebuilt when pyproject.toml changes.
+# The virtualenv, from the hashed lock files only (hack/lock.sh): pip and the build backend
+# first, then every dependency at its locked version (--require-hashes; --no-build-isolation,
+# so libvirt-python's sdist builds with the locked setuptools), then this project, editable.
+# Rebuilt when pyproject.toml or a lock file changes.
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements/build.txt requirements/ci.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements/build.txt
+	$(PY) -m pip install -q --require-hashes --no-deps --no-build-isolation -r requirements/ci.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
 
 # The kubectl plugin as a distribution of its own (hack/plugin_dist.py): dist/ gets its wheel
@@ -51,13 +60,19 @@ PLUGIN_URL_BASE ?=
 dist: venv
 	$(PY) hack/plugin_dist.py --out dist $(if $(PLUGIN_URL_BASE),--url-base $(PLUGIN_URL_BASE))
 
+# requirements/*.txt from pyproject.toml and requirements/build.in (uv, pinned; needs PyPI).
+# `hack/lock.sh --check` says whether they are current; `--upgrade` moves every pin.
+lock:
+	./hack/lock.sh
+
 cluster: deps
 	@./hack/cluster-up.sh
 
 # The local environment as a one-node cluster that runs pods (kube-scheduler, kubelet,
 # containerd + runc, a local pause image, the agent image of `make image` imported). The node
 # is tainted blockcopy.dev/test-node=true:NoSchedule: only what tolerates it runs there.
-cluster-node: cluster image
+# Its containerd pulls from the local registry (started here: the release tests push there).
+cluster-node: cluster image registry
 	@./hack/cluster-node.sh
 
 # N simulated nodes for multi-node tests (hack/cluster-nodes.sh): each a libvirt session
@@ -98,10 +113,28 @@ chart: venv
 	$(PY) -m pytest tests/chart -m "not e2e" --deselect tests/chart/test_image_build.py::test_build_image_and_run_help $(PYTEST_ARGS)
 
 chart-e2e: cluster cluster-node
-	$(PY) -m pytest tests/chart/test_helm_install_rbac.py tests/chart/test_dashboard.py tests/chart/test_chart_on_a_node.py -m e2e $(PYTEST_ARGS)
+	$(PY) -m pytest tests/chart/test_helm_install_rbac.py tests/chart/test_dashboard.py tests/chart/test_chart_on_a_node.py tests/chart/test_release_on_a_node.py -m e2e $(PYTEST_ARGS)
 
 image: system-deps
 	./hack/build-image.sh
+
+# The local OCI registry (CNCF distribution, built from Go modules once into the cache):
+# releases are pushed there, the one-node cluster's containerd pulls from it.
+registry:
+	@./hack/registry.sh start
+
+# make release VERSION=x.y.z (hack/release.sh): dist/VERSION/. The image and the chart are
+# pushed to RELEASE_REGISTRY (host[/org]; default: the local registry, started here);
+# NO_IMAGE=1 makes the chart, install.yaml and the SBOM only (nothing pushed).
+RELEASE_REGISTRY ?=
+release: venv system-deps
+	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z [NO_IMAGE=1] [RELEASE_REGISTRY=host/org]" >&2; exit 2; }
+ifeq ($(NO_IMAGE),)
+	registry="$(RELEASE_REGISTRY)"; [ -n "$$registry" ] || registry=$$(./hack/registry.sh start); \
+	RELEASE_REGISTRY="$$registry" ./hack/release.sh "$(VERSION)" --push
+else
+	./hack/release.sh "$(VERSION)" --no-image
+endif
 
 # The whole suite, as CI runs it (the chart's pod on a real kubelet included).
 test: deps lint cluster cluster-node

@@ -5,6 +5,9 @@
 #
 #   hack/build-image.sh                 # -> localhost/blockcopy-operator:dev
 #   IMAGE=localhost/x:y hack/build-image.sh
+#   hack/build-image.sh --label K=V --build-arg K=V   # further arguments go to `buildah bud`
+#   BASE_IMAGE=NAME@sha256:DIGEST hack/build-image.sh # the base pinned by digest: taken from
+#                                       # buildah's storage (pulled when absent there)
 #
 # Layer cache: buildah reuses the layers of an unchanged prefix of the Dockerfile (--layers), so
 # a rebuild after a source edit only redoes the last builder step and the final COPY. The
@@ -32,7 +35,14 @@ die() { echo "[build-image] ERROR: $*" >&2; exit 1; }
 command -v buildah >/dev/null || die "buildah missing: run hack/install-system-deps.sh"
 [ -s "$HOST_CA" ] || die "CA bundle $HOST_CA not found (set HOST_CA)"
 
-BASE_IMAGE="$BASE_IMAGE" BLOCKCOPY_CACHE_DIR="$CACHE" "$HACK/make-base-image.sh"
+if [[ "$BASE_IMAGE" == *@sha256:* ]]; then
+  # A pinned base: exactly that manifest, from local storage or its registry.
+  "${BUILDAH[@]}" inspect --type image "$BASE_IMAGE" >/dev/null 2>&1 \
+    || "${BUILDAH[@]}" pull --quiet "$BASE_IMAGE" >/dev/null \
+    || die "base image $BASE_IMAGE neither in buildah's storage nor pullable"
+else
+  BASE_IMAGE="$BASE_IMAGE" BLOCKCOPY_CACHE_DIR="$CACHE" "$HACK/make-base-image.sh"
+fi
 
 TMP=$(mktemp -d)
 ctr=
@@ -64,6 +74,7 @@ old_builder=$(image_id "$BUILDER_TAG")
   --volume "$TMP/pip.conf:/etc/pip.conf:ro" \
   --file "$REPO/Dockerfile" \
   --tag "$IMAGE" \
+  "$@" \
   "$REPO" 2>&1 | tee "$TMP/bud.log"
 log "built $IMAGE in $((SECONDS - start)) s"
 

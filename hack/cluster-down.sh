@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tears down what hack/cluster-up.sh, hack/cluster-nodes.sh and hack/cluster-node.sh started:
 # the simulated nodes (hack/cluster-nodes-down.sh), the node (kubelet, pods,
-# containerd, kube-scheduler: hack/cluster-node-down.sh), kube-apiserver, etcd (and its data), the test
+# containerd, kube-scheduler: hack/cluster-node-down.sh), the local registry (hack/registry.sh
+# stop), kube-apiserver, etcd (and its data), the test
 # VMs (libvirt domains named bct-*) and their throwaway images, and libvirtd/virtlogd only if
 # cluster-up started them. Keeps $STATE/pki so certificates/tokens survive a restart.
 # BLOCKCOPY_KEEP_VMS=1 leaves the VMs, libvirtd and virtlogd alone (a second environment
@@ -39,6 +40,12 @@ fi
 # while the API server still answers: its Node object goes too.
 if [ -d "$STATE/node" ]; then
   BLOCKCOPY_STATE_DIR="$STATE" "$HACK/cluster-node-down.sh" || status=1
+fi
+
+# ---------------------------------------------------------------- registry
+# The local OCI registry of hack/registry.sh (release tests), with what was pushed to it.
+if [ -d "$STATE/registry" ]; then
+  BLOCKCOPY_STATE_DIR="$STATE" "$HACK/registry.sh" stop || status=1
 fi
 
 # ---------------------------------------------------------------- control plane

@@ -10,6 +10,8 @@
 #                               packed with buildah (no registry is reachable here)
 #   agent image                 localhost/blockcopy-operator:dev from `make image`, imported
 #                               into containerd so that imagePullPolicy IfNotPresent finds it
+#   registry                    containerd pulls 127.0.0.1:$BLOCKCOPY_REGISTRY_PORT/... from the
+#                               local registry of hack/registry.sh over plain HTTP
 #
 # The node is this machine, named after its host name (which must resolve to a loopback
 # address: the API server reaches the kubelet by that name, and the kubelet listens on
@@ -35,11 +37,12 @@ set -euo pipefail
 
 HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib/env.sh
-source "$HACK/lib/env.sh"   # REPO CACHE STATE API_PORT PKI RUN LOGS NODE_NAME NODE SOCK CTR
+source "$HACK/lib/env.sh"   # REPO CACHE STATE API_PORT PKI RUN LOGS NODE_NAME NODE SOCK CTR REGISTRY_ADDRESS
 SCHED_PORT=${BLOCKCOPY_SCHEDULER_PORT:-16259}
 KUBELET_PORT=${BLOCKCOPY_KUBELET_PORT:-10250}
 KUBELET_HEALTHZ_PORT=${BLOCKCOPY_KUBELET_HEALTHZ_PORT:-10248}
-NODE_IMAGES=${BLOCKCOPY_NODE_IMAGES:-localhost/blockcopy-operator:dev}
+# Unset: the dev image; empty: none (the release tests pull theirs from the local registry).
+NODE_IMAGES=${BLOCKCOPY_NODE_IMAGES-localhost/blockcopy-operator:dev}
 SHARED_PATHS=${BLOCKCOPY_NODE_SHARED_PATHS:-/var/lib/libvirt/images}
 TAINT_KEY=blockcopy.dev/test-node
 BUILDAH=(buildah --storage-driver vfs)
@@ -219,7 +222,21 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$NODE/cni/net.d"
+  # Registry hosts: certs.d/HOST:PORT/hosts.toml (read at each pull, no restart needed).
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$NODE/containerd/certs.d"
 EOF
+# The local registry of hack/registry.sh (the release tests push there): plain HTTP on the
+# loopback, so images released there are pulled like from any registry (no import).
+mkdir -p "$NODE/containerd/certs.d/$REGISTRY_ADDRESS"
+cat >"$NODE/containerd/certs.d/$REGISTRY_ADDRESS/hosts.toml.tmp" <<EOF
+# hack/cluster-node.sh: the local registry of hack/registry.sh, plain HTTP.
+server = "http://$REGISTRY_ADDRESS"
+[host."http://$REGISTRY_ADDRESS"]
+  capabilities = ["pull", "resolve"]
+EOF
+replace_if_changed "$NODE/containerd/certs.d/$REGISTRY_ADDRESS/hosts.toml.tmp" \
+  "$NODE/containerd/certs.d/$REGISTRY_ADDRESS/hosts.toml" || true
 config_changed=0
 replace_if_changed "$NODE/containerd.toml.tmp" "$NODE/containerd.toml" && config_changed=1
 [ "$RESTRICT_OOM" = false ] || [ "$config_changed" = 0 ] \

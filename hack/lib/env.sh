@@ -16,3 +16,7 @@ NODE_NAME=${BLOCKCOPY_NODE_NAME:-$(hostname)}
 NODE="$STATE/node"
 SOCK="$NODE/containerd/containerd.sock"
 CTR=(ctr --address "$SOCK" --namespace k8s.io)
+# The local OCI registry (hack/registry.sh): releases are pushed there in tests, and the
+# node's containerd pulls from it over plain HTTP (hack/cluster-node.sh: certs.d/hosts.toml).
+REGISTRY_PORT=${BLOCKCOPY_REGISTRY_PORT:-15000}
+REGISTRY_ADDRESS="127.0.0.1:$REGISTRY_PORT"

@@ -150,7 +150,7 @@ def test_template_with_every_option(helm):
     assert agent["args"] == ["--status-interval=1", "--progress-budget=10", "--max-active-copies=0",
                              "--inventory-interval=300",
                              "--verbose"]
-    assert agent["image"] == "localhost/blockcopy-operator@sha256:" + "0" * 64
+    assert agent["image"] == "ghcr.io/blockcopy/blockcopy-operator@sha256:" + "0" * 64
     assert pod["nodeSelector"] == {"blockcopy.dev/hypervisor": "true"}
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["tolerations"][0]["key"] == "hypervisor"
