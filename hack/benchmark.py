@@ -11,6 +11,9 @@ apart (the local cluster logs BlockCopy and Event requests).
   --short     a quick version (fewer rounds, 10 parallel copies, 20 s windows, 1 GiB disks)
   --smoke     every step once on small disks, in about two minutes: proves the bench runs
               (tests/e2e/test_benchmark_runs.py); its numbers mean little
+  --only P    one part (repeatable): latencies, copy, zeros, scale, isolation, verify, plan
+              (hack/bench_plan.py: a BlockCopyPlan of 40 disks on the 4 simulated nodes of
+              `make cluster-nodes`, brought up when missing, against `virsh blockcopy`), idle
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import uuid
 import kubernetes
 import libvirt
 
+import bench_plan
 import bench_verify
 from blockcopy.model.api import GROUP, KIND, NODE_LABEL, PLURAL, VERSION
 from support import vms as testvm
@@ -482,6 +486,8 @@ class Bench:
             self.isolation(agent)
         if "verify" in wanted:
             bench_verify.run(self, agent)
+        if "plan" in wanted:
+            bench_plan.run(self)
         if "idle" in wanted:
             self.idle()
 
@@ -506,7 +512,7 @@ class Bench:
         kubectl("delete", "namespace", self.namespace, "--wait=false")
 
 
-PARTS = ("latencies", "copy", "zeros", "scale", "isolation", "verify", "idle")
+PARTS = ("latencies", "copy", "zeros", "scale", "isolation", "verify", "plan", "idle")
 
 
 def main() -> int:
