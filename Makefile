@@ -31,7 +31,7 @@ help:
 	@echo "make registry      start the local OCI registry (127.0.0.1:$${BLOCKCOPY_REGISTRY_PORT:-15000}); cluster-down stops it"
 	@echo "make release VERSION=x.y.z  dist/VERSION: image (OCI archive), chart, install.yaml, SBOM, SHA256SUMS;"
 	@echo "                   image and chart pushed to RELEASE_REGISTRY (default: the local registry); NO_IMAGE=1: offline"
-	@echo "make bench         numbers: agent vs virsh blockcopy, status writes, latency, memory"
+	@echo "make bench         numbers: agent vs virsh blockcopy, status writes, latency, memory, a 40-disk plan"
 	@echo "make soak          the e2e tier SOAK (5) times over, stopping at the first failure"
 
 deps: system-deps venv
@@ -160,7 +160,8 @@ test-k8s-oldest: deps
 demo: cluster
 	PYTHONPATH=tests $(PY) hack/demo.py
 
-# Numbers, not pass/fail: agent vs virsh, status-write rate, latency, memory.
+# Numbers, not pass/fail: agent vs virsh, status-write rate, latency, memory; part "plan"
+# (hack/bench_plan.py) brings up the 4 simulated nodes of cluster-nodes itself when missing.
 bench: cluster
 	PYTHONPATH=tests $(PY) hack/benchmark.py $(BENCH_ARGS)
 

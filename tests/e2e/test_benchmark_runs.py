@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
+from support import multinode
 from support.paths import HACK, ROOT, STATE, TESTS
 
 FIGURES = {
@@ -17,7 +19,9 @@ FIGURES = {
     "scale_status_writes_max", "api_requests_per_copy", "foreign_watch_events", "idle_cpu",
     "idle_wakeups_per_minute", "zeros_qcow2_allocation", "zeros_raw_allocation",
     "zeros_qcow2_time_vs_virsh", "zeros_raw_time_vs_virsh", "verify_pause_qcow2_p95",
-    "verify_pause_raw_p95",
+    "verify_pause_raw_p95", "plan_wall", "plan_virsh_parallel", "plan_virsh_serial",
+    "plan_vs_virsh_parallel", "plan_api_requests_per_disk", "plan_controller_rss_max",
+    "plan_controller_cpu", "plan_agent_rss_max", "plan_agent_cpu_max",
 }
 STAGES = {"create -> claimed", "claimed -> Copying", "create -> Copying", "READY -> Mirrored",
           "pivot patch -> Pivoting", "Pivoting -> Pivoted", "pivot patch -> Pivoted"}
@@ -27,7 +31,7 @@ def test_the_benchmark_runs_through_and_writes_every_figure(tmp_path, cluster):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(HACK / "benchmark.py"), "--smoke", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
         env={**os.environ, "PYTHONPATH": str(TESTS), "BLOCKCOPY_STATE_DIR": str(STATE)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads(out.read_text())
@@ -39,7 +43,23 @@ def test_the_benchmark_runs_through_and_writes_every_figure(tmp_path, cluster):
     assert set(results["stages_ms"]) == STAGES
     assert all(v["n"] >= 1 and v["max"] >= v["p50"] >= 0 for v in results["stages_ms"].values())
     assert results["run"]["smoke"] is True
+    # The plan part (hack/bench_plan.py) ran a reduced plan on the 4 simulated nodes, not a
+    # skip: every disk copied three times, the operator's requests counted, each process seen.
+    plan = results["plan_wall"]
+    assert plan["disks"] == 8 and plan["nodes"] == 4, plan
+    assert all(results[k]["measured"] > 0 for k in ("plan_wall", "plan_virsh_parallel",
+                                                   "plan_virsh_serial"))
+    requests = results["plan_api_requests_per_disk"]
+    assert requests["measured"] > 0 and "controller" in requests["by_who"], requests
+    assert requests["by_request"].get("create blockcopies", 0) == 8, requests
+    assert len(results["plan_agent_cpu_max"]["per_agent"]) == 4
+    assert results["plan_controller_rss_max"]["measured"] > 0
     # It cleaned up after itself: no VM and no BlockCopy of its own left behind.
     domains = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
                              capture_output=True, text=True, check=True).stdout.split()
     assert not [d for d in domains if d.startswith("bct-bench-")], domains
+    for node in multinode.load():
+        on_node = subprocess.run(["virsh", "-c", node.libvirt_uri, "list", "--all", "--name"],
+                                 capture_output=True, text=True, check=True).stdout.split()
+        assert not [d for d in on_node if d.startswith("bct-bpl")], (node.name, on_node)
+    assert not list(pathlib.Path("/var/lib/libvirt/images").glob("bct-bpl*"))
