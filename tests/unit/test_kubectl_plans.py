@@ -310,3 +310,36 @@ def test_completion_of_plan_names(monkeypatch):
     assert values("plan", "pivot", "pool-a", "")[0] == []
     assert values("pivot", "")[0] == ["web-1-vda"]
     assert values("pivot", "p")[0] == ["web-1-vda", "plan/pool-a"]
+
+
+# ------------------------------------------------------------------ the API server's errors
+
+
+class Refusal:
+    def __init__(self, status, message):
+        import json
+
+        self.status, self.reason, self.body = status, "", json.dumps({"message": message})
+
+
+def test_api_errors_name_the_plans():
+    from blockcopy.kubectl.cluster import Cluster
+
+    error = Cluster._error("listing BlockCopyPlans", Refusal(
+        404, "the server could not find the requested resource"), "blockcopyplans")
+    assert str(error) == ("listing BlockCopyPlans: the API server does not know BlockCopyPlans "
+                          "(blockcopyplans.blockcopy.dev): is the CRD installed?")
+    assert error.code == errors.FAILURE
+    error = Cluster._error("blockcopyplan 'x' in namespace 'ops'", Refusal(
+        404, 'blockcopyplans.blockcopy.dev "x" not found'), "blockcopyplans")
+    assert (str(error), error.code) == ("blockcopyplan 'x' in namespace 'ops': not found",
+                                        errors.NOT_FOUND)
+    error = Cluster._error("listing BlockCopyPlans", Refusal(
+        403, 'blockcopyplans.blockcopy.dev is forbidden: User "u" cannot list'),
+        "blockcopyplans")
+    assert error.code == errors.FAILURE and str(error).endswith(
+        "ask for a role that grants blockcopyplans.blockcopy.dev)")
+    # BlockCopies' messages as before.
+    error = Cluster._error("listing BlockCopies", Refusal(
+        404, "the server could not find the requested resource"))
+    assert "does not know BlockCopies (blockcopies.blockcopy.dev)" in str(error)
