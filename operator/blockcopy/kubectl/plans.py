@@ -6,6 +6,7 @@ status and its children (BlockCopies labelled blockcopy.dev/plan=NAME)."""
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import time
 from collections.abc import Callable
@@ -191,8 +192,6 @@ def cmd_list(args: argparse.Namespace, cluster: Cluster, namespace: str, *, out:
 
 
 def render_docs(fmt: str, objects: list[dict[str, Any]]) -> str:
-    import json
-
     if fmt == "json":
         return json.dumps(as_list(objects), indent=2)
     return yaml.safe_dump(as_list(objects), sort_keys=False).rstrip()
