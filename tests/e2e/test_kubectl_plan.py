@@ -9,12 +9,13 @@ with pivot Manual (every disk Mirrored, the plan AwaitingPivot, the VMs still on
 sources); `plan wait --for Completed` gives up at its timeout, saying the plan waits for its
 pivot; `kubectl blockcopy pivot plan/NAME`; `plan wait --for Completed`; then the plan's
 status in the API, its children Pivoted, and each VM's live disk on its copy, which holds
-its source's guest view. Not-found plans exit 3."""
+its source's guest view; completion names the plan. Not-found plans exit 3."""
 
 from __future__ import annotations
 
 import pathlib
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -28,6 +29,7 @@ from blockcopy.kubectl.plantext import PLAN_RESOURCE
 from support import multinode
 from support.images import qemu_img_compare
 from support.libvirt_probes import live_disk_source, live_mirror
+from support.paths import KUBECTL
 from support.plans import Plans, delete_inventories, ensure_inventories
 from support.vms import VM, destroy_vm
 
@@ -186,6 +188,17 @@ def test_a_plan_from_the_plugin_preview_wait_pivot_complete(nodes, plans, vms, d
     assert (row["PHASE"], row["PIVOTED"], row["FAILED"]) == ("Completed", "3/3", "0")
     doc = yaml.safe_load(plugin("plan", "status", name, "-o", "yaml").stdout)
     assert [i["kind"] for i in doc["items"]] == ["BlockCopyPlan"] + ["BlockCopy"] * 3
+
+    # kubectl's own completion (kubectl >= 1.26 runs kubectl_complete-blockcopy): the plan's
+    # name from the API server, for `plan status` and for `pivot plan/`.
+    def complete(*words: str) -> list[str]:
+        proc = subprocess.run([str(KUBECTL), "__complete", "blockcopy", *words],
+                              env=plugin.env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return [line.split("\t")[0] for line in proc.stdout.splitlines()[:-1]]
+
+    assert complete("plan", "status", "-n", plans.namespace, name[:5]) == [name]
+    assert complete("pivot", "-n", plans.namespace, "plan/") == [f"plan/{name}"]
 
     # A plan that does not exist: exit 3, named.
     missing = plugin("plan", "status", f"{name}-nope", expect=NOT_FOUND)
