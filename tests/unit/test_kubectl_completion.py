@@ -22,7 +22,7 @@ def values(*args: str) -> tuple[list[str], int]:
 def test_subcommands_with_their_help():
     found, directive = completion.complete([""], PARSER)
     assert [v for v, _ in found] == ["move", "list", "status", "pivot", "abort", "wait",
-                                     "version"]
+                                     "version", "plan"]
     assert dict(found)["wait"] == "wait until BlockCopies reach a phase"
     assert directive == completion.NO_FILES
 
