@@ -277,6 +277,7 @@ def run(bench: Any) -> None:
         with ThreadPoolExecutor(len(nodes)) as pool:
             for made in pool.map(make, nodes):
                 vms.extend(made)
+                bench.made.extend(vm.name for vm in made)
         by_node = {n.name: n for n in nodes}
         uri_node = {n.libvirt_uri: n.name for n in nodes}
         copies = [Copy(uri_node[vm.uri], vm.uri, vm.name, target, chain[0])
@@ -355,7 +356,7 @@ def run(bench: Any) -> None:
               "data_per_disk": size["data"], "maxActive": size["max_active"],
               "maxActivePerNode": size["per_node"], "bandwidth_per_copy": size["bandwidth"],
               "order": "virsh parallel, plan, virsh one node at a time",
-              "part_s": round(took, 1)}
+              "part_s": round(took, 1), "files": str(root)}
     ratio = plan_s / parallel_s
     bench.record("plan_wall", plan_s, "reported", "s", None, **detail)
     bench.record("plan_virsh_parallel", parallel_s, "reported", "s", None)

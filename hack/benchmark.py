@@ -220,6 +220,7 @@ class Bench:
         self.events = LibvirtEvents()
         self.watch = PhaseWatch(self.api, self.namespace)
         self.vms: list[testvm.VM] = []
+        self.made: list[str] = []  # every domain this run made (the test checks they are gone)
         self.agents: list[Agent] = []
         self.results: dict[str, dict] = {}
 
@@ -233,6 +234,7 @@ class Bench:
     def vm(self, purpose: str, **kw) -> testvm.VM:
         vm = testvm.create_vm(f"bench-{purpose}", **kw)
         self.vms.append(vm)
+        self.made.append(vm.name)
         return vm
 
     def create(self, name: str, spec: dict) -> float:
@@ -545,6 +547,7 @@ def main() -> int:
     took = time.monotonic() - started
     results = bench.results
     results["run"] = {"short": short, "smoke": args.smoke, "seconds": round(took, 1),
+                      "domains": bench.made,
                       "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
