@@ -17,8 +17,9 @@ from blockcopy.model.ports import FieldSelectorUnsupported
 class Refusing:
     """list_*_custom_object that records its arguments and answers with an HTTP error."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, body: str | bytes = b"") -> None:
         self.status = status
+        self.body = body or '{"message":"field label not supported: spec.nodeName"}'
         self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     def list_cluster_custom_object(self, *args: Any, **kwargs: Any) -> Any:
@@ -30,7 +31,7 @@ class Refusing:
     def _refuse(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self.calls.append((args, kwargs))
         exc = ApiException(status=self.status, reason="Bad Request")
-        exc.body = '{"message":"field label not supported: spec.nodeName"}'
+        exc.body = self.body
         raise exc
 
 
@@ -50,7 +51,9 @@ async def test_field_selector_refused_is_field_selector_unsupported():
     assert kwargs["label_selector"] == "!blockcopy.dev/node"
     assert kwargs["field_selector"] == "spec.nodeName=n1"
     assert kwargs["watch"] is True and kwargs["timeout_seconds"] == 5
-    with pytest.raises(FieldSelectorUnsupported):
+    refusal = b'{"message":"field label not supported: spec.nodeName"}'  # the body as bytes
+    client._api = api = Refusing(400, refusal)  # type: ignore[assignment]
+    with pytest.raises(FieldSelectorUnsupported, match=r"not supported: spec\.nodeName\"}$"):
         await _drain(client, "ns", "")
     assert api.calls[-1][0][2] == "ns" and api.calls[-1][1]["field_selector"] == "spec.nodeName="
 

@@ -142,9 +142,11 @@ class KubeClient:
                 # ("field label not supported", Kubernetes < 1.32 or an older CRD).
                 refused: Exception = exc
                 if exc.status == 400 and node_name is not None:
+                    body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) \
+                        else str(exc.body or "")
                     refused = FieldSelectorUnsupported(
                         f"{selectors['field_selector']}: {exc.status} {exc.reason}: "
-                        f"{(exc.body or '')[:300]}")
+                        f"{body[:300]}")
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", refused))
             except Exception as exc:
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
