@@ -56,10 +56,12 @@ class Claimer:
         self.fell_back = False  # the API server refused the field selector on spec.nodeName
 
     async def run(self) -> None:
-        """Watch (and re-list every claim_interval: the periodic re-check of objects whose
-        domain ran nowhere) until cancelled."""
+        """Watch, per namespace, the objects naming this node and those naming none (and
+        re-list every claim_interval: the periodic re-check of objects whose domain ran
+        nowhere) until cancelled."""
         nodes = dict.fromkeys((self.node_name, ""))  # this node's objects, those of none
-        watches = [asyncio.create_task(self._watch(ns, node), name=f"claimer:{ns or '*'}")
+        watches = [asyncio.create_task(self._watch(ns, node),
+                                       name=f"claimer:{ns or '*'}:{node or '-'}")
                    for ns in self.namespaces or (None,) for node in nodes]
         try:
             await asyncio.gather(*watches)
