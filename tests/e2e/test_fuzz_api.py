@@ -291,7 +291,7 @@ def strategies(g: dict, node: str, other_node: str) -> st.SearchStrategy[dict]:
         {"domain": fields["domain"], "disk": fields["disk"], "dest": fields["dest"]},
         optional={k: v for k, v in fields.items() if k not in ("domain", "disk", "dest")})
     # 2. A copy of the VM that would work, but for one or two fields; for the agent's node,
-    # for another one (Pending), or for none (claimed by domain).
+    # for another one (never reaches the agent: no status), or for none (claimed by domain).
     near = st.builds(
         lambda n, domain, disk, node_name, overrides: {
             "domain": domain, "disk": disk, "dest": f"{allowed}/c-{n}.qcow2", "pivot": True,
@@ -363,6 +363,11 @@ def targeted(g: dict, node: str) -> list[tuple[str, dict, set[str]]]:
         ("NUL in the domain, claimed by domain",
          copy_spec(vm.name + "\x00", node=None, dest=f"{allowed}/nul.qcow2"),
          {ADMISSION, "Pending"}),
+        # (The random specs' Pending ones were mostly those naming another node, which no
+        # longer reach the agent: this one is Pending for sure.)
+        ("a domain that runs nowhere, claimed by domain",
+         copy_spec("bct-fuzz-absent", node=None, dest=f"{allowed}/absent.qcow2"),
+         {"Pending"}),
     ]
 
 
