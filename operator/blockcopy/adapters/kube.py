@@ -146,7 +146,7 @@ class KubeClient:
                         else str(exc.body or "")
                     refused = FieldSelectorUnsupported(
                         f"{selectors['field_selector']}: {exc.status} {exc.reason}: "
-                        f"{body[:300]}")
+                        f"{body.strip()[:300]}")
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", refused))
             except Exception as exc:
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
