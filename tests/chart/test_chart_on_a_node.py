@@ -121,11 +121,16 @@ def release(cluster_node, kubectl, cluster_helm, api, tmp_path_factory):
     wait_for(lambda: ready_pod(kubectl, namespace, name), 180, interval=1,
              what="the agent's pod to be Running and Ready")
     print(f"helm install -> pod Ready: {time.monotonic() - started:.1f} s")
+    # The plan controller of deploy/local-node/values.yaml runs on the node too.
+    wait_for(lambda: running_controller(kubectl, namespace, name), 120, interval=1,
+             what="the plan controller's pod to be Running and Ready")
     info = {"namespace": namespace, "name": name, "node": cluster_node, "values": path,
             "ports": {k: (values.get(k) or defaults[k])["port"] for k in ("metrics", "liveness")},
             "docs": cluster_helm.manifest(name, namespace)}
     yield info
-    for pod_name in pods_of(kubectl, namespace, name):
+    for pod_name in [*pods_of(kubectl, namespace, name),
+                     *(p["metadata"]["name"] for p in pods(kubectl, namespace, name,
+                                                           controller=True))]:
         print(f"--- kubectl logs {pod_name} ---\n{logs(kubectl, namespace, pod_name)[-6000:]}")
     cluster_helm.run("uninstall", name, "--namespace", namespace, "--wait", check=False)
     untag_image(f"{IMAGE_REPOSITORY}:{NEXT_TAG}")
@@ -135,10 +140,20 @@ def release(cluster_node, kubectl, cluster_helm, api, tmp_path_factory):
     delete_inventory(api, cluster_node)
 
 
-def pods(kubectl, namespace: str, release: str) -> list[dict]:
+def pods(kubectl, namespace: str, release: str, *, controller: bool = False) -> list[dict]:
+    """The release's agent pods (or, ``controller``, its plan controller's)."""
+    component = "app.kubernetes.io/component" + ("=" if controller else "!=") + "controller"
     out = kubectl("get", "pods", "--namespace", namespace, "-o", "json", "-l",
-                  f"app.kubernetes.io/instance={release}").stdout
+                  f"app.kubernetes.io/instance={release},{component}").stdout
     return json.loads(out)["items"]
+
+
+def running_controller(kubectl, namespace: str, release: str) -> dict | None:
+    found = pods(kubectl, namespace, release, controller=True)
+    ready = [p for p in found if p["status"].get("phase") == "Running" and
+             {c["type"]: c["status"] for c in p["status"].get("conditions", [])}
+             .get("Ready") == "True"]
+    return ready[0] if len(found) == 1 and ready else None
 
 
 def pods_of(kubectl, namespace: str, release: str) -> list[str]:

@@ -217,8 +217,13 @@ def test_helm_install_from_the_oci_registry(released, kubectl, cluster_helm, api
             assert "failed to install CRD" in proc.stderr and attempt < 2, proc.stderr
             cluster_helm.run("uninstall", name, "--namespace", namespace, check=False)
         pod = wait_for(lambda: ready_pod(kubectl, namespace,
-                                         f"app.kubernetes.io/instance={name}"),
+                                         f"app.kubernetes.io/instance={name},"
+                                         "app.kubernetes.io/component!=controller"),
                        180, interval=1, what="the release's pod to be Running and Ready")
+        # The plan controller (deploy/local-node/values.yaml puts it on the node too).
+        wait_for(lambda: ready_pod(kubectl, namespace, f"app.kubernetes.io/instance={name},"
+                                   "app.kubernetes.io/component=controller"),
+                 120, interval=1, what="the release's controller to be Running and Ready")
         print(f"helm install oci:// -> pod Ready (image pulled): "
               f"{time.monotonic() - started:.1f} s")
         assert_pulled(pod, released)
@@ -249,6 +254,18 @@ def adapted(docs: list[dict], namespace: str, suffix: str) -> list[dict]:
                                      "verbs": ["list", "watch"]})
         elif kind != "CustomResourceDefinition":
             meta["namespace"] = namespace
+        if kind == "Deployment":  # the plan controller: on the node, this namespace only
+            pod = doc["spec"]["template"]["spec"]
+            pod["nodeSelector"] = {TAINT_KEY: "true"}
+            pod["tolerations"] = [{"key": TAINT_KEY, "operator": "Exists",
+                                   "effect": "NoSchedule"}]
+            pod["hostNetwork"] = True
+            pod["dnsPolicy"] = "ClusterFirstWithHostNet"
+            (controller,) = pod["containers"]
+            controller["args"].append(f"--namespace={namespace}")
+            controller["env"] = [*controller.get("env", []),
+                                 {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+                                 {"name": "KUBERNETES_SERVICE_PORT", "value": str(API_PORT)}]
         if kind == "DaemonSet":
             pod = doc["spec"]["template"]["spec"]
             pod["nodeSelector"] = {TAINT_KEY: "true"}
@@ -290,6 +307,9 @@ def test_kubectl_apply_install_yaml(released, kubectl, api, vms, tmp_path):
                        180, interval=1, what="install.yaml's pod to be Running and Ready")
         print(f"kubectl apply -f install.yaml -> pod Ready (image pulled): "
               f"{time.monotonic() - started:.1f} s")
+        wait_for(lambda: ready_pod(kubectl, namespace,
+                                   "app.kubernetes.io/component=controller"),
+                 120, interval=1, what="install.yaml's plan controller to be Running and Ready")
         assert_pulled(pod, released)
         copies_and_pivots(api, kubectl, vms, namespace, pod)
     finally:

@@ -1,6 +1,7 @@
 """The agent writes its version into every status it builds (status.agentVersion, which
 `kubectl blockcopy version` lists per node), on the fake hypervisor and API of
-tests/support/fakes.py. Read back through the real API server: tests/e2e/test_kubectl_output.py."""
+tests/support/fakes.py. Read back through the real API server:
+tests/e2e/test_kubectl_output_on_server.py."""
 
 from __future__ import annotations
 

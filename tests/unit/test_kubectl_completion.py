@@ -1,7 +1,7 @@
 """kubectl_complete-blockcopy without an API server: subcommands, flags and flag values from
 the plugin's parser, in the format kubectl (>= 1.26) reads (one candidate a line, a tab
 before its description, then Cobra's `:directive`). Names from the real API server, through
-the real kubectl: tests/e2e/test_kubectl_output.py."""
+the real kubectl: tests/e2e/test_kubectl_output_on_server.py."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def values(*args: str) -> tuple[list[str], int]:
 def test_subcommands_with_their_help():
     found, directive = completion.complete([""], PARSER)
     assert [v for v, _ in found] == ["move", "list", "status", "pivot", "abort", "wait",
-                                     "version"]
+                                     "version", "plan"]
     assert dict(found)["wait"] == "wait until BlockCopies reach a phase"
     assert directive == completion.NO_FILES
 

@@ -1,6 +1,6 @@
 """The plugin's output formats (-o table|wide|name|json|yaml), what a watch prints per change,
 and `version`'s view of the agents, without an API server. Against the real API server and
-agent: tests/e2e/test_kubectl_output.py."""
+agent: tests/e2e/test_kubectl_output_on_server.py."""
 
 from __future__ import annotations
 

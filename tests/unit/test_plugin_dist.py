@@ -2,7 +2,7 @@
 import closure (the plugin and the pure names it needs, nothing of the agent), the krew
 archive's contents and the krew manifest's fields (those `kubectl krew` and the krew-index
 validation require). The wheel built and installed into a clean virtualenv, and the archive's
-launcher run: tests/e2e/test_plugin_dist.py."""
+launcher run: tests/e2e/test_plugin_dist_installed.py."""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@ one shipped, in full, and the changelog has a section for the version being buil
 
 from __future__ import annotations
 
+import collections
+import pathlib
 import tomllib
 
 from support.paths import ROOT
@@ -24,3 +26,12 @@ def test_changelog_names_the_package_version() -> None:
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert changelog.startswith("# Changelog")
     assert f"## [{version}]" in changelog or "## [Unreleased]" in changelog
+
+
+def test_no_two_test_files_share_a_name() -> None:
+    """`make test` collects every tier in one pytest run (rootdir imports, no packages): two
+    test modules of one basename stop the whole run at collection, which running one tier at
+    a time (make unit, make e2e) never shows."""
+    tests = pathlib.Path(__file__).resolve().parents[1]
+    names = collections.Counter(p.name for p in tests.rglob("test_*.py"))
+    assert [n for n, count in names.items() if count > 1] == []

@@ -1,8 +1,8 @@
 """The check at the switch (agent.verifier through the follower) on the FAKES: the order of
 its steps, a mismatch, None, the flush only where qcow2 metadata is read, a check that
 cannot be made with and without spec.verify, a mirror that never settles, Full, a VM paused
-by someone else, a pause a dead agent left. The e2e tests (tests/e2e/test_verify.py) run it
-on real images and a real guest."""
+by someone else, a pause a dead agent left. The e2e tests
+(tests/e2e/test_verify_at_the_switch.py) run it on real images and a real guest."""
 
 from __future__ import annotations
 

@@ -8,12 +8,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from blockcopy.kubectl.errors import NOT_FOUND, InventoryCannotTell, PluginError
-from blockcopy.kubectl.names import RESOURCE
 from blockcopy.kubectl.text import group_of
 from blockcopy.model.api import GROUP, PLURAL, VERSION
 from blockcopy.model.inventory import INVENTORY_PLURAL
+from blockcopy.model.plan import PLAN_PLURAL
 
 INVENTORY_RESOURCE = f"{INVENTORY_PLURAL}.{GROUP}"
+# What the plugin calls each kind it reads and writes, in messages: (singular, plural).
+KINDS = {PLURAL: ("blockcopy", "BlockCopies"), PLAN_PLURAL: ("blockcopyplan", "BlockCopyPlans")}
 
 
 class Cluster:
@@ -47,13 +49,13 @@ class Cluster:
         self.api = kubernetes.client.CustomObjectsApi(client)
         self.host = client.configuration.host
 
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any
-              ) -> dict[str, Any]:
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, plural: str = PLURAL,
+              **kw: Any) -> dict[str, Any]:
         ApiException = self._kubernetes.client.exceptions.ApiException
         try:
             return cast(dict[str, Any], fn(*args, **kw))
         except ApiException as exc:
-            raise self._error(what, exc) from None
+            raise self._error(what, exc, plural) from None
         except Exception as exc:  # urllib3's MaxRetryError and friends, an OSError
             if isinstance(exc, OSError) or type(exc).__module__.startswith("urllib3"):
                 raise PluginError(f"cannot reach the API server at {self.host}: "
@@ -61,40 +63,48 @@ class Cluster:
             raise
 
     @staticmethod
-    def _error(what: str, exc: Any) -> PluginError:
+    def _error(what: str, exc: Any, plural: str = PLURAL) -> PluginError:
         try:
             message = json.loads(exc.body)["message"]
         except (TypeError, ValueError, KeyError):
             message = exc.reason or str(exc)
+        kinds = KINDS.get(plural, (plural, plural))[1]
         if exc.status == 404:
             if "the server could not find the requested resource" in message:
-                return PluginError(f"{what}: the API server does not know BlockCopies "
-                                   f"({RESOURCE}): is the CRD installed?", status=404)
+                return PluginError(f"{what}: the API server does not know {kinds} "
+                                   f"({plural}.{GROUP}): is the CRD installed?", status=404)
             return PluginError(f"{what}: not found", NOT_FOUND, status=404)
+        if exc.status == 403 and plural != PLURAL:
+            message += (f" ({kinds} act on many VMs at once: ask for a role that grants "
+                        f"{plural}.{GROUP})")
         return PluginError(f"{what}: {message}", status=exc.status)
 
-    def get(self, namespace: str, name: str) -> dict[str, Any]:
-        return self._call(f"blockcopy {name!r} in namespace {namespace!r}",
+    def get(self, namespace: str, name: str, plural: str = PLURAL) -> dict[str, Any]:
+        return self._call(f"{KINDS[plural][0]} {name!r} in namespace {namespace!r}",
                           self.api.get_namespaced_custom_object, GROUP, VERSION, namespace,
-                          PLURAL, name)
+                          plural, name, plural=plural)
 
-    def objects(self, namespace: str | None) -> list[dict[str, Any]]:
+    def objects(self, namespace: str | None, plural: str = PLURAL, *,
+                label_selector: str | None = None) -> list[dict[str, Any]]:
+        kinds = KINDS[plural][1]
+        kw = {"label_selector": label_selector} if label_selector else {}
         if namespace is None:
-            result = self._call("listing BlockCopies", self.api.list_cluster_custom_object,
-                                GROUP, VERSION, PLURAL)
+            result = self._call(f"listing {kinds}", self.api.list_cluster_custom_object,
+                                GROUP, VERSION, plural, plural=plural, **kw)
         else:
-            result = self._call(f"listing BlockCopies in namespace {namespace!r}",
+            result = self._call(f"listing {kinds} in namespace {namespace!r}",
                                 self.api.list_namespaced_custom_object, GROUP, VERSION,
-                                namespace, PLURAL)
+                                namespace, plural, plural=plural, **kw)
         return sorted(result["items"], key=lambda o: (o["metadata"].get("namespace", ""),
                                                       o["metadata"]["name"]))
 
-    def create(self, body: dict[str, Any], *, dry_run: bool) -> dict[str, Any]:
+    def create(self, body: dict[str, Any], *, dry_run: bool, plural: str = PLURAL
+               ) -> dict[str, Any]:
         meta = body["metadata"]
         kw = {"dry_run": "All"} if dry_run else {}
-        return self._call(f"creating blockcopy {meta['name']!r} in namespace "
+        return self._call(f"creating {KINDS[plural][0]} {meta['name']!r} in namespace "
                           f"{meta['namespace']!r}", self.api.create_namespaced_custom_object,
-                          GROUP, VERSION, meta["namespace"], PLURAL, body, **kw)
+                          GROUP, VERSION, meta["namespace"], plural, body, plural=plural, **kw)
 
     def inventories(self, node: str | None) -> list[dict[str, Any]]:
         """The DiskInventory of ``node``, or every one. InventoryCannotTell (with the reason)
@@ -128,10 +138,11 @@ class Cluster:
                                       "--inventory-interval 0)")
         return cast(list[dict[str, Any]], found)
 
-    def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        return self._call(f"patching blockcopy {name!r} in namespace {namespace!r}",
+    def patch_spec(self, namespace: str, name: str, spec: dict[str, Any],
+                   plural: str = PLURAL) -> dict[str, Any]:
+        return self._call(f"patching {KINDS[plural][0]} {name!r} in namespace {namespace!r}",
                           self.api.patch_namespaced_custom_object, GROUP, VERSION, namespace,
-                          PLURAL, name, {"spec": spec})
+                          plural, name, {"spec": spec}, plural=plural)
 
 
 def select(cluster: Cluster, namespace: str, names: Sequence[str], group: str | None

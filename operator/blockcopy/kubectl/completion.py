@@ -18,8 +18,10 @@ from typing import Any
 
 from blockcopy.kubectl.main import build_parser
 from blockcopy.kubectl.names import PHASES
+from blockcopy.kubectl.plantext import WAIT_FOR
 from blockcopy.kubectl.text import group_of
 from blockcopy.model.api import GROUP, PLURAL, VERSION
+from blockcopy.model.plan import PLAN_PLURAL, PivotMode, Retention
 
 # Cobra's ShellCompDirective values.
 DEFAULT, NO_FILES, DIRS = 0, 4, 16
@@ -48,16 +50,20 @@ def _help(parser: argparse.ArgumentParser, name: str) -> str:
 
 
 class Words:
-    """The words before the one being completed, read as the plugin would read them."""
+    """The words before the one being completed, read as the plugin would read them (a
+    subcommand's own subcommand, as ``plan create``, included)."""
 
     def __init__(self, words: Sequence[str], top: argparse.ArgumentParser):
         self.command: str | None = None
+        self.subcommand: str | None = None
         self.options: dict[str, str] = {}
         self.positionals: list[str] = []
         self.pending: argparse.Action | None = None  # a flag whose value is being typed
         subs = _subparsers(top)
         flags = _flags(top)
         for word in words:
+            if self.pending is not None and self.pending.nargs == "?" and word.startswith("-"):
+                self.pending = None  # an optional value not given (--dry-run --from ...)
             if self.pending is not None:
                 self.options[self.pending.dest] = word
                 self.pending = None
@@ -71,6 +77,10 @@ class Words:
                         self.pending = action
             elif self.command is None and word in subs:
                 self.command = word
+                flags = {**flags, **_flags(subs[word])}
+                subs = _subparsers(subs[word])
+            elif self.command is not None and self.subcommand is None and word in subs:
+                self.subcommand = word
                 flags = {**flags, **_flags(subs[word])}
             else:
                 self.positionals.append(word)
@@ -91,12 +101,13 @@ def _namespace_of(words: Words, cluster: Any) -> str:
     return words.options.get("namespace") or str(cluster.default_namespace)
 
 
-def blockcopies(words: Words) -> list[dict[str, Any]]:
+def blockcopies(words: Words, plural: str = PLURAL) -> list[dict[str, Any]]:
+    """The BlockCopies (or ``plural``: the plans) of the namespace the words name."""
     found: list[dict[str, Any]] = []
 
     def call(cluster: Any, kw: dict[str, Any]) -> list[str]:
         listed = cluster.api.list_namespaced_custom_object(
-            GROUP, VERSION, _namespace_of(words, cluster), PLURAL, **kw)
+            GROUP, VERSION, _namespace_of(words, cluster), plural, **kw)
         found.extend(listed.get("items") or [])
         return []
     _api(words, call)
@@ -138,6 +149,11 @@ def values(action: argparse.Action, words: Words) -> tuple[Candidates, int]:
         return [(str(c), "") for c in action.choices], NO_FILES
     if action.dest == "phase":
         return [(p, "") for p in PHASES], NO_FILES
+    if action.dest == "plan_phase":
+        return [(p, "") for p in WAIT_FOR], NO_FILES
+    if action.dest in ("pivot", "source_retention"):
+        kind = PivotMode if action.dest == "pivot" else Retention
+        return [(m.value, "") for m in kind], NO_FILES
     if action.dest == "group":
         groups = sorted({g for o in blockcopies(words) if (g := group_of(o))})
         return [(g, "group") for g in groups], NO_FILES
@@ -149,7 +165,7 @@ def values(action: argparse.Action, words: Words) -> tuple[Candidates, int]:
         return [(c, "") for c in contexts(words)], NO_FILES
     if action.dest == "kubeconfig":
         return [], DEFAULT
-    if action.dest == "to":
+    if action.dest in ("to", "source", "dest"):
         return [], DIRS
     return [], NO_FILES
 
@@ -160,6 +176,9 @@ def complete(args: Sequence[str], parser: argparse.ArgumentParser) -> tuple[Cand
     words = Words(before, parser)
     subs = _subparsers(parser)
     here = subs[words.command] if words.command else parser
+    inner = _subparsers(here) if words.command else {}
+    if words.subcommand:
+        here = inner[words.subcommand]
     if words.pending is not None:
         return values(words.pending, words)
     if current.startswith("--") and "=" in current:
@@ -174,10 +193,22 @@ def complete(args: Sequence[str], parser: argparse.ArgumentParser) -> tuple[Cand
                 if action.help != argparse.SUPPRESS and opt not in ("-h",)], NO_FILES
     if words.command is None:
         return [(name, _help(parser, name)) for name in subs], NO_FILES
-    if words.command in ("status", "pivot", "abort", "wait"):
-        given = set(words.positionals)
+    if inner and words.subcommand is None:
+        return [(name, _help(subs[words.command], name)) for name in inner], NO_FILES
+    given = set(words.positionals)
+    if words.command == "plan" and words.subcommand in ("status", "pivot", "start", "wait"):
         return [(o["metadata"]["name"], (o.get("status") or {}).get("phase") or "")
-                for o in blockcopies(words) if o["metadata"]["name"] not in given], NO_FILES
+                for o in blockcopies(words, PLAN_PLURAL)
+                if o["metadata"]["name"] not in given], NO_FILES
+    if words.command in ("status", "pivot", "abort", "wait"):
+        found = [(o["metadata"]["name"], (o.get("status") or {}).get("phase") or "")
+                 for o in blockcopies(words) if o["metadata"]["name"] not in given]
+        if words.command == "pivot" and current.startswith("p"):  # pivot plan/NAME
+            found += [(f"plan/{o['metadata']['name']}", "plan "
+                       + ((o.get("status") or {}).get("phase") or ""))
+                      for o in blockcopies(words, PLAN_PLURAL)
+                      if f"plan/{o['metadata']['name']}" not in given]
+        return found, NO_FILES
     return [], NO_FILES
 
 

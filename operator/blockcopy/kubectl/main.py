@@ -12,9 +12,10 @@ import argparse
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from blockcopy import __version__
-from blockcopy.kubectl import version
+from blockcopy.kubectl import plans, version
 from blockcopy.kubectl.cluster import Cluster
 from blockcopy.kubectl.commands import (
     cmd_list,
@@ -42,6 +43,8 @@ EXAMPLES = """examples:
   kubectl blockcopy abort web-1-vdb
   kubectl blockcopy status --group web-1 --watch           (-o wide|name|json|yaml)
   kubectl blockcopy version                                (the plugin's and each agent's)
+  kubectl blockcopy plan create pool-a --from /srv/a --to /srv/b --dry-run   (a pool: plan -h)
+  kubectl blockcopy pivot plan/pool-a                      (= plan pivot pool-a)
 """
 
 
@@ -71,12 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=textwrap.fill(description, 79),
-                           epilog=EXIT_CODES,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    def add_to(subs: Any, name: str, help: str, description: str, *, epilog: str = ""
+               ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = subs.add_parser(
+            name, help=help, description=textwrap.fill(description, 79),
+            epilog=(epilog + "\n" if epilog else "") + EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(p, top=False)
         return p
+
+    def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return add_to(sub, name, help, description)
 
     move = add("move", "create one BlockCopy per disk of a VM, all in one group",
                "Create one BlockCopy per disk of VM, all in one group (default: the VM's "
@@ -142,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="give up after this long (90s, 5m, 1h30m; default 30m)")
     version.add_arguments(add("version", "print the plugin's version and every agent's",
                               version.DESCRIPTION))
+    plans.add_arguments(sub, add_to)
     return parser
 
 
@@ -150,7 +159,25 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Cluster, str], int]] = {
     "pivot": lambda a, c, n: cmd_set("pivot", a, c, n),
     "abort": lambda a, c, n: cmd_set("abort", a, c, n),
     "version": lambda a, c, n: version.cmd_version(a, c, n, out=out),
+    "plan": lambda a, c, n: plans.cmd_plan(a, c, n, out=out, note=note),
 }
+
+
+def plan_refs(args: argparse.Namespace) -> argparse.Namespace | str | None:
+    """``pivot plan/NAME``: the same as ``plan pivot NAME`` (the arguments of that), or an
+    error message when plans are named where they cannot be (None: no plan named)."""
+    refs = [plans.plan_ref(n) for n in args.names]
+    if all(r is None for r in refs):
+        return None
+    if args.command == "abort":
+        return ("to stop a plan, delete it: `kubectl delete bcp NAME` (its copies that have "
+                "not pivoted are cancelled, their VMs stay on their sources)")
+    if args.command != "pivot":
+        return f"for plans: kubectl blockcopy plan {args.command} NAME"
+    if None in refs or args.group is not None or "" in refs:
+        return "name BlockCopies or plans (plan/NAME), not both"
+    return argparse.Namespace(**{**vars(args), "command": "plan", "plan_command": "pivot",
+                                 "names": refs})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,6 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return USAGE
+    if args.command in ("status", "pivot", "abort", "wait") and args.names:
+        routed = plan_refs(args)
+        if isinstance(routed, str):
+            note(f"error: kubectl blockcopy {args.command}: {routed}")
+            return USAGE
+        args = routed or args
     if args.command in ("status", "pivot", "abort", "wait"):
         if bool(args.names) == (args.group is not None):
             note(f"error: kubectl blockcopy {args.command}: name the BlockCopies or give "
@@ -170,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return USAGE
     try:
         if args.command == "move" and args.dry_run and args.namespace and args.disk:
+            cluster, namespace = None, args.namespace
+        elif args.command == "plan" and args.plan_command == "create" and \
+                args.dry_run == "client" and args.namespace:
             cluster, namespace = None, args.namespace
         elif args.command == "version" and args.client:
             cluster, namespace = None, ""

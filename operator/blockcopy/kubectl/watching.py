@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from blockcopy.kubectl.cluster import Cluster, select
+from blockcopy.kubectl.cluster import KINDS, Cluster, select
 from blockcopy.kubectl.errors import NOT_FOUND, NOT_REACHED, OK, PluginError
 from blockcopy.kubectl.names import RESOURCE
 from blockcopy.kubectl.output import Changes
@@ -24,33 +24,37 @@ Object = dict[str, Any]
 STREAM_SECONDS = 300
 
 
-def listing(cluster: Cluster, namespace: str | None) -> tuple[list[Object], str]:
-    """The BlockCopies of ``namespace`` (None: every namespace) and the list's version."""
+def listing(cluster: Cluster, namespace: str | None, plural: str = PLURAL
+            ) -> tuple[list[Object], str]:
+    """The BlockCopies (or ``plural``) of ``namespace`` (None: every namespace) and the
+    list's version."""
+    kinds = KINDS[plural][1]
     if namespace is None:
-        result = cluster._call("listing BlockCopies", cluster.api.list_cluster_custom_object,
-                               GROUP, VERSION, PLURAL)
+        result = cluster._call(f"listing {kinds}", cluster.api.list_cluster_custom_object,
+                               GROUP, VERSION, plural, plural=plural)
     else:
-        result = cluster._call(f"listing BlockCopies in namespace {namespace!r}",
+        result = cluster._call(f"listing {kinds} in namespace {namespace!r}",
                                cluster.api.list_namespaced_custom_object, GROUP, VERSION,
-                               namespace, PLURAL)
+                               namespace, plural, plural=plural)
     items = sorted(result["items"], key=lambda o: (o["metadata"].get("namespace", ""),
                                                    o["metadata"]["name"]))
     return items, str(result["metadata"]["resourceVersion"])
 
 
 def events(cluster: Cluster, namespace: str | None, version: str, *,
-           deadline: float | None = None, field_selector: str | None = None
-           ) -> Iterator[tuple[str, Object]]:
+           deadline: float | None = None, field_selector: str | None = None,
+           plural: str = PLURAL) -> Iterator[tuple[str, Object]]:
     """(ADDED | MODIFIED | DELETED, object) from ``version`` on, until ``deadline``
     (time.monotonic(); None: until interrupted). After a 410 Gone the current objects come
     again as MODIFIED (the consumer keeps the last of each)."""
     import kubernetes
 
+    kinds = KINDS[plural][1]
     if namespace is None:
         source: tuple[Any, ...] = (cluster.api.list_cluster_custom_object, GROUP, VERSION,
-                                   PLURAL)
+                                   plural)
     else:
-        source = (cluster.api.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)
+        source = (cluster.api.list_namespaced_custom_object, GROUP, VERSION, namespace, plural)
     extra = {"field_selector": field_selector} if field_selector else {}
     while deadline is None or time.monotonic() < deadline:
         left = STREAM_SECONDS if deadline is None else deadline - time.monotonic()
@@ -66,13 +70,13 @@ def events(cluster: Cluster, namespace: str | None, version: str, *,
                     if (obj or {}).get("code") == 410:
                         gone = True
                         break
-                    raise PluginError(f"watching BlockCopies: {(obj or {}).get('message')}")
+                    raise PluginError(f"watching {kinds}: {(obj or {}).get('message')}")
                 version = obj["metadata"].get("resourceVersion") or version
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
                     yield kind, obj
         except kubernetes.client.exceptions.ApiException as exc:
             if exc.status != 410:
-                raise cluster._error("watching BlockCopies", exc) from None
+                raise cluster._error(f"watching {kinds}", exc, plural) from None
             gone = True
         except Exception as exc:  # urllib3's errors: the server went away
             if type(exc).__module__.startswith("urllib3") or isinstance(exc, OSError):
@@ -82,7 +86,7 @@ def events(cluster: Cluster, namespace: str | None, version: str, *,
         finally:
             watch.stop()
         if gone:
-            items, version = listing(cluster, namespace)
+            items, version = listing(cluster, namespace, plural)
             for obj in items:
                 yield "MODIFIED", obj
 
