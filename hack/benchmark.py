@@ -31,6 +31,7 @@ import uuid
 import kubernetes
 import libvirt
 
+import bench_foreign
 import bench_verify
 from blockcopy.model.api import GROUP, KIND, NODE_LABEL, PLURAL, VERSION
 from support import vms as testvm
@@ -225,6 +226,7 @@ class Bench:
                              "met": ok, **detail}
 
     pct = staticmethod(pct)
+    kubectl = staticmethod(kubectl)
 
     def vm(self, purpose: str, **kw) -> testvm.VM:
         vm = testvm.create_vm(f"bench-{purpose}", **kw)
@@ -482,6 +484,8 @@ class Bench:
             self.isolation(agent)
         if "verify" in wanted:
             bench_verify.run(self, agent)
+        if "foreign" in wanted:
+            bench_foreign.run(self, Agent)
         if "idle" in wanted:
             self.idle()
 
@@ -506,7 +510,7 @@ class Bench:
         kubectl("delete", "namespace", self.namespace, "--wait=false")
 
 
-PARTS = ("latencies", "copy", "zeros", "scale", "isolation", "verify", "idle")
+PARTS = ("latencies", "copy", "zeros", "scale", "isolation", "verify", "foreign", "idle")
 
 
 def main() -> int:
@@ -525,10 +529,12 @@ def main() -> int:
     args.big_size, args.big_data = ("2G", "512M") if short else ("5G", "2G")  # 4 GiB of data
     args.parallel = 10 if short else 50
     args.window = 20 if short else 60
+    args.foreign, args.foreign_window = 2000, 30  # other nodes' objects, the window after
     args.scale_bandwidth = "1Mi"  # about 96 MiB at 1 MiB/s: a minute and a half of copying
     if args.smoke:
         args.rounds, args.parallel, args.window = 2, 3, 5
         args.size, args.data, args.big_size, args.big_data = "128M", "16M", "256M", "32M"
+        args.foreign, args.foreign_window = 100, 5
 
     bench = Bench(args)
     started = time.monotonic()

@@ -17,7 +17,7 @@ FIGURES = {
     "scale_status_writes_max", "api_requests_per_copy", "foreign_watch_events", "idle_cpu",
     "idle_wakeups_per_minute", "zeros_qcow2_allocation", "zeros_raw_allocation",
     "zeros_qcow2_time_vs_virsh", "zeros_raw_time_vs_virsh", "verify_pause_qcow2_p95",
-    "verify_pause_raw_p95",
+    "verify_pause_raw_p95", "foreign_cpu", "foreign_rss_growth",
 }
 STAGES = {"create -> claimed", "claimed -> Copying", "create -> Copying", "READY -> Mirrored",
           "pivot patch -> Pivoting", "Pivoting -> Pivoted", "pivot patch -> Pivoted"}
