@@ -11,8 +11,8 @@ apart (the local cluster logs BlockCopy and Event requests).
   --short     a quick version (fewer rounds, 10 parallel copies, 20 s windows, 1 GiB disks)
   --smoke     every step once on small disks, in about two minutes: proves the bench runs
               (tests/e2e/test_benchmark_runs.py); its numbers mean little
-  --only P    one part (repeatable): latencies, copy, zeros, scale, isolation, verify, plan
-              (hack/bench_plan.py: a BlockCopyPlan of 40 disks on the 4 simulated nodes of
+  --only P    one part (repeatable): latencies, copy, zeros, scale, isolation, verify, foreign,
+              plan (hack/bench_plan.py: a BlockCopyPlan of 40 disks on the 4 simulated nodes of
               `make cluster-nodes`, brought up when missing, against `virsh blockcopy`), idle
 """
 
@@ -34,6 +34,7 @@ import uuid
 import kubernetes
 import libvirt
 
+import bench_foreign
 import bench_plan
 import bench_verify
 from blockcopy.model.api import GROUP, KIND, NODE_LABEL, PLURAL, VERSION
@@ -230,6 +231,7 @@ class Bench:
                              "met": ok, **detail}
 
     pct = staticmethod(pct)
+    kubectl = staticmethod(kubectl)
 
     def vm(self, purpose: str, **kw) -> testvm.VM:
         vm = testvm.create_vm(f"bench-{purpose}", **kw)
@@ -488,6 +490,8 @@ class Bench:
             self.isolation(agent)
         if "verify" in wanted:
             bench_verify.run(self, agent)
+        if "foreign" in wanted:
+            bench_foreign.run(self, Agent)
         if "plan" in wanted:
             bench_plan.run(self)
         if "idle" in wanted:
@@ -514,7 +518,8 @@ class Bench:
         kubectl("delete", "namespace", self.namespace, "--wait=false")
 
 
-PARTS = ("latencies", "copy", "zeros", "scale", "isolation", "verify", "plan", "idle")
+PARTS = ("latencies", "copy", "zeros", "scale", "isolation", "verify", "foreign", "plan",
+         "idle")
 
 
 def main() -> int:
@@ -533,10 +538,12 @@ def main() -> int:
     args.big_size, args.big_data = ("2G", "512M") if short else ("5G", "2G")  # 4 GiB of data
     args.parallel = 10 if short else 50
     args.window = 20 if short else 60
+    args.foreign, args.foreign_window = 2000, 30  # other nodes' objects, the window after
     args.scale_bandwidth = "1Mi"  # about 96 MiB at 1 MiB/s: a minute and a half of copying
     if args.smoke:
         args.rounds, args.parallel, args.window = 2, 3, 5
         args.size, args.data, args.big_size, args.big_data = "128M", "16M", "256M", "32M"
+        args.foreign, args.foreign_window = 100, 5
 
     bench = Bench(args)
     started = time.monotonic()

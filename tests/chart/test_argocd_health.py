@@ -59,8 +59,8 @@ def blockcopy(phase: str | None = None, *, pivot: bool = False, abort: bool = Fa
 CASES = [
     # (object, expected status, words the message must contain)
     (blockcopy(), "Progressing", ["claim"]),
-    (blockcopy("Pending", message="waiting for the agent on node n1 to claim it"),
-     "Progressing", ["Pending", "waiting for the agent on node n1"]),
+    (blockcopy("Pending", message="no agent has claimed it: domain 'web-1' is not running"),
+     "Progressing", ["Pending", "domain 'web-1' is not running"]),
     (blockcopy("Queued", message="1st in the queue"), "Progressing", ["Queued", "1st"]),
     (blockcopy("Preparing", message="rebasing"), "Progressing", ["Preparing", "rebasing"]),
     (blockcopy("Copying", message="copying vda", progress="42%"),

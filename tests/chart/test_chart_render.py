@@ -22,6 +22,7 @@ from packaging.version import Version
 from blockcopy.core import policy as agent_policy
 from blockcopy.model.api import GROUP, PLURAL
 from blockcopy.model.inventory import INVENTORY_PLURAL
+from blockcopy.model.plan import PLAN_PLURAL
 from support.helm import USER_ROLES, agent_part, by_kind, controller_part, one
 from support.paths import CHART, CRD, CRDS, PLAN_CRD
 
@@ -415,16 +416,18 @@ def test_user_roles(helm):
         assert labels[f"rbac.authorization.k8s.io/aggregate-to-{role}"] == "true"
     verbs = {(r, v) for rule in viewer["rules"] for r in rule["resources"]
              for v in rule["verbs"] if rule["apiGroups"] == [GROUP]}
-    assert verbs == {(r, v) for r in (PLURAL, f"{PLURAL}/status")
+    assert verbs == {(r, v) for r in (PLURAL, f"{PLURAL}/status", PLAN_PLURAL,
+                                      f"{PLAN_PLURAL}/status")
                      for v in ("get", "list", "watch")}
     # Creating a BlockCopy copies a VM's disk: never aggregated into the built-in roles.
     assert not any(k.startswith("rbac.authorization.k8s.io/aggregate")
                    for k in editor["metadata"]["labels"])
-    writes = {v for rule in editor["rules"] if rule["resources"] == [PLURAL]
-              for v in rule["verbs"]}
-    assert {"create", "update", "patch", "delete"} <= writes
-    status = [rule for rule in editor["rules"] if f"{PLURAL}/status" in rule["resources"]]
-    assert [rule["verbs"] for rule in status] == [["get"]]  # status is the agent's
+    for kind in (PLURAL, PLAN_PLURAL):  # a plan creates BlockCopies: the same privilege
+        writes = {v for rule in editor["rules"] if kind in rule["resources"]
+                  for v in rule["verbs"]}
+        assert {"create", "update", "patch", "delete"} <= writes
+        status = [rule for rule in editor["rules"] if f"{kind}/status" in rule["resources"]]
+        assert [rule["verbs"] for rule in status] == [["get"]]  # status is the operator's
 
 
 def test_the_admin_role_reads_the_inventories_and_owns_blockcopies(helm):
@@ -436,9 +439,10 @@ def test_the_admin_role_reads_the_inventories_and_owns_blockcopies(helm):
     verbs = {(r, v) for rule in admin["rules"] if rule["apiGroups"] == [GROUP]
              for r in rule["resources"] for v in rule["verbs"]}
     assert verbs == {
-        *((PLURAL, v) for v in ("get", "list", "watch", "create", "update", "patch", "delete",
-                                "deletecollection")),
-        (f"{PLURAL}/status", "get"),
+        *((kind, v) for kind in (PLURAL, PLAN_PLURAL)
+          for v in ("get", "list", "watch", "create", "update", "patch", "delete",
+                    "deletecollection")),
+        (f"{PLURAL}/status", "get"), (f"{PLAN_PLURAL}/status", "get"),
         *((r, v) for r in (INVENTORY_PLURAL, f"{INVENTORY_PLURAL}/status")
           for v in ("get", "list", "watch"))}
 

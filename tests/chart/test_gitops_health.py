@@ -122,13 +122,15 @@ def written(steps: Sequence[Step]) -> dict[str, Any]:
 
 def claimer_pending(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The status an agent's claimer writes on an object it sees and may not claim (the only
-    writer of Pending): here the object names another node."""
+    writer of Pending): one naming no node whose domain runs nowhere (an object naming
+    another node never reaches the agent)."""
     async def run() -> dict[str, Any]:
         kube = FakeKube()
         recorder = Recorder(kube=kube, node_name=NODE, status_interval=1)
         claimer = Claimer(kube=kube, hv=FakeHypervisor(), recorder=recorder, node_name=NODE,
                           claim_interval=30)
-        await claimer.consider(kube.add("vm-vda", dict(spec)))
+        unnamed = {k: v for k, v in spec.items() if k != "nodeName"}
+        await claimer.consider(kube.add("vm-vda", unnamed))
         await recorder.drain()
         return kube.status_of("vm-vda")
     return asyncio.run(run())

@@ -19,9 +19,10 @@ FIGURES = {
     "scale_status_writes_max", "api_requests_per_copy", "foreign_watch_events", "idle_cpu",
     "idle_wakeups_per_minute", "zeros_qcow2_allocation", "zeros_raw_allocation",
     "zeros_qcow2_time_vs_virsh", "zeros_raw_time_vs_virsh", "verify_pause_qcow2_p95",
-    "verify_pause_raw_p95", "plan_wall", "plan_virsh_parallel", "plan_virsh_serial",
-    "plan_vs_virsh_parallel", "plan_api_requests_per_disk", "plan_controller_rss_max",
-    "plan_controller_cpu", "plan_agent_rss_max", "plan_agent_cpu_max",
+    "verify_pause_raw_p95", "foreign_cpu", "foreign_rss_growth", "plan_wall",
+    "plan_virsh_parallel", "plan_virsh_serial", "plan_vs_virsh_parallel",
+    "plan_api_requests_per_disk", "plan_controller_rss_max", "plan_controller_cpu",
+    "plan_agent_rss_max", "plan_agent_cpu_max",
 }
 STAGES = {"create -> claimed", "claimed -> Copying", "create -> Copying", "READY -> Mirrored",
           "pivot patch -> Pivoting", "Pivoting -> Pivoted", "pivot patch -> Pivoted"}

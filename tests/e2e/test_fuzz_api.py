@@ -6,14 +6,16 @@ the wrong type) and creates each one on the real kube-apiserver, in the test's n
 against a real agent process and a real VM whose name and UUID the specs may use (so that
 some of them reach libvirt with bad values: a format QEMU does not know, a base not in the
 chain; what the CRD's rules refuse must be refused by the API server). Some specs name the
-agent's node, some another node, some none (claimed by domain).
+agent's node, some another node (never sent to this agent: they stay without a status), some
+none (claimed by domain).
 
 What must hold, whatever the spec:
 
 - the API server refuses it (counted: 4xx, never 5xx), or the object ends in a phase of the
   CRD's enum with a reason: a Failed object has a True Failed condition whose reason is one of
   the failure reasons of docs/api.md, a message, and a Warning Event of that reason; a Pending one
-  says why; the others carry their phase's conditions;
+  says why; the others carry their phase's conditions; one naming another node (no agent runs
+  there) has no status and no Event (the agent's watch never receives it);
 - the agent never crashes nor hangs: it still answers /healthz, has logged no traceback,
   removes its finalizers when every object is deleted, and copies and pivots a known-good
   object at the end;
@@ -289,7 +291,7 @@ def strategies(g: dict, node: str, other_node: str) -> st.SearchStrategy[dict]:
         {"domain": fields["domain"], "disk": fields["disk"], "dest": fields["dest"]},
         optional={k: v for k, v in fields.items() if k not in ("domain", "disk", "dest")})
     # 2. A copy of the VM that would work, but for one or two fields; for the agent's node,
-    # for another one (Pending), or for none (claimed by domain).
+    # for another one (never reaches the agent: no status), or for none (claimed by domain).
     near = st.builds(
         lambda n, domain, disk, node_name, overrides: {
             "domain": domain, "disk": disk, "dest": f"{allowed}/c-{n}.qcow2", "pivot": True,
@@ -361,6 +363,11 @@ def targeted(g: dict, node: str) -> list[tuple[str, dict, set[str]]]:
         ("NUL in the domain, claimed by domain",
          copy_spec(vm.name + "\x00", node=None, dest=f"{allowed}/nul.qcow2"),
          {ADMISSION, "Pending"}),
+        # (The random specs' Pending ones were mostly those naming another node, which no
+        # longer reach the agent: this one is Pending for sure.)
+        ("a domain that runs nowhere, claimed by domain",
+         copy_spec("bct-fuzz-absent", node=None, dest=f"{allowed}/absent.qcow2"),
+         {"Pending"}),
     ]
 
 
@@ -370,8 +377,8 @@ def targeted(g: dict, node: str) -> list[tuple[str, dict, set[str]]]:
 class Run:
     """Creates specs on the API server and remembers what became of them."""
 
-    def __init__(self, api, namespace: str, allowed: str):
-        self.api, self.namespace, self.allowed = api, namespace, allowed
+    def __init__(self, api, namespace: str, allowed: str, node: str):
+        self.api, self.namespace, self.allowed, self.node = api, namespace, allowed, node
         self.created: dict[str, dict] = {}
         self.refused: collections.Counter = collections.Counter()
         self.refusal_samples: list[str] = []
@@ -409,12 +416,20 @@ class Run:
                     self.must_not_appear.add(path)
 
 
+def foreign(spec, node: str) -> bool:
+    """The spec names a node other than the agent's: the agent never receives it."""
+    return isinstance(spec, dict) and isinstance(spec.get("nodeName"), str) and \
+        spec["nodeName"] not in ("", node)
+
+
 def settled(run: Run, blockcopies) -> dict[str, dict] | None:
-    """Every object's status, once each has a phase and none is between two phases."""
+    """Every object's status, once each (but those naming another node) has a phase and none
+    is between two phases."""
     items = blockcopies.api.list_namespaced_custom_object(
         GROUP, VERSION, blockcopies.namespace, PLURAL)["items"]
     statuses = {o["metadata"]["name"]: o.get("status") or {} for o in items}
-    missing = [n for n in run.created if not statuses.get(n, {}).get("phase")]
+    missing = [n for n in run.created if not statuses.get(n, {}).get("phase")
+               and not foreign(run.created[n], run.node)]
     moving = [n for n in run.created if statuses.get(n, {}).get("phase") in TRANSITIONAL]
     return None if missing or moving else {n: statuses[n] for n in run.created}
 
@@ -427,7 +442,7 @@ def wait_settled(run: Run, blockcopies) -> dict[str, dict]:
         now = settled(run, blockcopies)
         if now is None:
             return None
-        phases = {n: s["phase"] for n, s in now.items()}
+        phases = {n: s.get("phase") for n, s in now.items()}
         stable = phases == last
         last.clear()
         last.update(phases)
@@ -449,6 +464,9 @@ def check_outcome(name: str, spec: dict, status: dict, events: dict, *, phases: 
                   reasons: set[str], node: str, allowed: str) -> str:
     """The documented outcome of one object; returns its phase or Failed reason."""
     where = f"{name} {spec!r}: {status}"
+    if foreign(spec, node):  # nothing of it reached the agent: nothing written, no Event
+        assert status == {} and not events.get(name), (where, events.get(name))
+        return "another node's"
     phase = status["phase"]
     assert phase in phases, where
     assert status.get("message"), where
@@ -492,7 +510,7 @@ def test_fuzz_specs_through_the_api_server(agent_factory, node, ground, blockcop
     watched = [g["top"], g["sentinel"], vm.workdir]
     before = snapshot(watched, skip=allowed, volatile=("console.log",))
     vm_source = live_disk_source(vm)
-    run = Run(api, blockcopies.namespace, allowed)
+    run = Run(api, blockcopies.namespace, allowed, node)
     started = time.monotonic()
 
     # 1. The targeted specs, the disk idle: each ends with the reason it must.
@@ -542,7 +560,7 @@ def test_fuzz_specs_through_the_api_server(agent_factory, node, ground, blockcop
 
     # Every object: a documented phase with a reason, a Warning Event for each failure.
     phases, reasons = documented_phases(), documented_reasons()
-    failed = {n for n, s in statuses.items() if s["phase"] == "Failed"}
+    failed = {n for n, s in statuses.items() if s.get("phase") == "Failed"}
 
     def events_of_failed():
         events = collections.defaultdict(list)
@@ -556,7 +574,7 @@ def test_fuzz_specs_through_the_api_server(agent_factory, node, ground, blockcop
                       node=node, allowed=allowed) for n in run.created)
     # One block copy per disk: at most one object holds the VM's only disk.
     holding = [n for n, s in statuses.items()
-               if s["phase"] in ("Copying", "Mirrored", "Pivoting", "Aborting")]
+               if s.get("phase") in ("Copying", "Mirrored", "Pivoting", "Aborting")]
     assert len(holding) <= 1, [(n, run.created[n], statuses[n]) for n in holding]
 
     # The agent: alive, answering, no traceback.
@@ -606,3 +624,4 @@ def test_fuzz_specs_through_the_api_server(agent_factory, node, ground, blockcop
     # test_invalid_specs_on_server.py checks that on these strategies against a private copy
     # of the CRD; here the shared one may be another checkout's version.)
     assert outcomes["Pending"] > 0
+    assert outcomes["another node's"] > 0  # some reached the API server, none the agent

@@ -215,7 +215,7 @@ def test_wait_exits_1_on_failed_and_on_timeout_and_errors_are_clear(
     pivot = plugin("pivot", name)
     assert "not patched: it is already Failed" in pivot.stdout
 
-    # No agent on this node: the copy stays Pending, and wait times out with exit 1.
+    # No agent on this node: the copy stays without a status, and wait times out (exit 1).
     nobody = unique_node("nobody")
     plugin("move", vm.name, "--to", str(dest_dir(vm)), "--disk", "vda", "--node", nobody,
            "--group", "orphans", "--prefix", "orphan")

@@ -2,7 +2,9 @@
 second job, progress continues, pivot and abort still work), a restart after the end changes
 nothing, exactly one of two racing agents claims an object, an object whose domain runs
 nowhere stays Pending and is re-checked, each agent receives only its own node's objects plus
-the unclaimed ones, and deletion has a documented way out when the node is gone for good.
+the unclaimed ones naming its node or none (an unclaimed object naming another node never
+reaches it, and gets no status from it), and deletion has a documented way out when the node
+is gone for good.
 
 Real kube-apiserver + etcd, real libvirtd + QEMU, the agents as processes. Several agents
 for different node names share the one libvirtd: that is how "several nodes" are simulated.
@@ -208,8 +210,10 @@ def test_restart_after_end_does_nothing(end, agent_factory, node, vms, blockcopi
 
 
 def _passes(agent) -> list[str]:
-    """The claimer's "pass done" lines in an agent's log (one per --claim-interval)."""
-    return [line for line in agent.log().splitlines() if "claimer pass over" in line]
+    """The "pass done" lines (one per --claim-interval) of the claimer's watch of objects
+    naming no node (its other watch, of this node's objects, logs its own)."""
+    return [line for line in agent.log().splitlines()
+            if "claimer pass over" in line and "(spec.nodeName=" not in line]
 
 
 def _race(agents, vms_list, blockcopies, core, namespace) -> dict[str, str]:
@@ -316,14 +320,15 @@ def test_pending_until_domain_runs(agent_factory, node, vms, blockcopies, core, 
 
 
 def test_pending_phase_has_an_event(agent_factory, node, blockcopies, core):
-    """The claimer's Pending is a phase change like any other: it gets a Normal Event, and
-    posting it does not fail."""
-    absent = unique_node("node-gone")
+    """The claimer's Pending (an object naming no node, its domain running nowhere) is a
+    phase change like any other: it gets a Normal Event, and posting it does not fail."""
     agent = agent_factory(node, extra_args=["--claim-interval", "3"])
-    name = blockcopies.create(copy_spec(unique("bct-nowhere"), node=absent,
-                                        dest="/var/lib/libvirt/images/bct-nowhere.qcow2"))
+    vm_name = unique("bct-nowhere")
+    name = blockcopies.create(copy_spec(vm_name, node=None,
+                                        dest=f"/var/lib/libvirt/images/{vm_name}.qcow2"))
     status = blockcopies.wait_phase(name, "Pending", timeout=30)
-    assert status["message"] == f"waiting for the agent on node {absent} to claim it", status
+    assert status["message"].startswith(
+        f"no agent has claimed it: domain '{vm_name}' is not running on any node"), status
     # The Event is posted after the Pending write, by the same pass: once it is there, the
     # claimer is done with the object, and a failure would have been logged already.
     events = wait_for(events_of(blockcopies, core, name, "Pending"), 10)
@@ -337,12 +342,18 @@ def test_pending_phase_has_an_event(agent_factory, node, blockcopies, core):
 def test_agent_receives_only_its_own_objects(agent_factory, node, vms, blockcopies, core):
     other = unique_node("node-b")
     # Cluster-wide, as in production: no namespace filter hides the other node's object.
-    agent = agent_factory(node, clusterwide=True, extra_args=["--verbose"])
+    agent = agent_factory(node, clusterwide=True,
+                          extra_args=["--verbose", "--claim-interval", "3"])
     vm = vms()
     # Claimed by another node (no agent of that node runs here).
     theirs = blockcopies.create(
         copy_spec(vm, node=other, dest=os.path.join(vm.workdir, "theirs.qcow2")),
         name=unique("bc-theirs"), labels={NODE_LABEL: other})
+    # Naming another node, not claimed (its agent is not running), on a domain this node's
+    # libvirt runs: the field selector on spec.nodeName keeps it from this agent.
+    unclaimed = blockcopies.create(
+        copy_spec(vm, node=other, dest=os.path.join(vm.workdir, "unclaimed.qcow2")),
+        name=unique("bc-theirs-unclaimed"))
     mine = blockcopies.create(
         copy_spec(vm, node=node, dest=os.path.join(vm.workdir, "mine.qcow2"), pivot=True),
         name=unique("bc-mine"))
@@ -362,16 +373,34 @@ def test_agent_receives_only_its_own_objects(agent_factory, node, vms, blockcopi
     wait_for(lambda: handled() > before, 30,
              what="the agent to receive its own object's change")
 
+    # The unclaimed object's change too, and two more passes of the claimer's re-list.
+    passes = len(_passes(agent))
+    blockcopies.patch_spec(unclaimed, {"bandwidth": "5Mi"})
+    wait_for(lambda: len(_passes(agent)) >= passes + 2, 20,
+             what="two more passes of the claimer")
+
     log = agent.log()
     assert mine in log  # verbose: it does log the objects it receives
-    assert theirs not in log, [line for line in log.splitlines() if theirs in line]
-    # The unclaimed watch asks the API server for unlabelled objects only.
-    assert f"{PLURAL}?labelSelector=%21{NODE_LABEL}" in log
-    obj = blockcopies.get(theirs)
-    assert not obj.get("status"), obj.get("status")  # nobody wrote anything to it
-    assert FINALIZER not in (obj["metadata"].get("finalizers") or [])
-    assert not blockcopies.events(core, theirs)
-    assert not os.path.exists(os.path.join(vm.workdir, "theirs.qcow2"))
+    for name in (theirs, unclaimed):
+        assert name not in log, [line for line in log.splitlines() if name in line]
+    # The unclaimed watches ask the API server for unlabelled objects naming this node or
+    # none (spec.nodeName=, which an absent field matches), never for all of them.
+    requests = [line for line in log.splitlines()
+                if f"{PLURAL}?" in line and "labelSelector=%21" in line]
+    assert requests, "no request of the claimer's watches in the verbose log"
+    selectors = {m for line in requests
+                 for m in re.findall(r"fieldSelector=spec.nodeName%3D([^&\s]*)", line)}
+    assert selectors == {node, ""}, requests[:4]
+    assert all("fieldSelector=" in line for line in requests), requests[:4]
+    assert "refuses field selectors" not in log
+    for name in (theirs, unclaimed):
+        obj = blockcopies.get(name)
+        assert not obj.get("status"), obj.get("status")  # nobody wrote anything to it
+        assert FINALIZER not in (obj["metadata"].get("finalizers") or [])
+        assert not blockcopies.events(core, name)
+    assert NODE_LABEL not in (blockcopies.get(unclaimed)["metadata"].get("labels") or {})
+    for dest in ("theirs.qcow2", "unclaimed.qcow2"):
+        assert not os.path.exists(os.path.join(vm.workdir, dest))
 
 
 def test_namespaced_agent_claims_only_in_its_namespace(agent_factory, node, vms, blockcopies,

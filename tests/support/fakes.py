@@ -39,6 +39,7 @@ from blockcopy.model.ports import (
     DataMap,
     DiskSize,
     DomainListener,
+    FieldSelectorUnsupported,
     HypervisorError,
     HypervisorUnavailable,
     ImageError,
@@ -465,6 +466,8 @@ class FakeKube:
         self.failing = 0  # the next N status patches raise (API outage)
         self.failing_lists = 0  # the next N list_namespace calls raise
         self.unclaimed_queue: asyncio.Queue[dict[str, Any]] | None = None
+        self.field_selectors = True  # False: refused, as by Kubernetes < 1.32
+        self.unclaimed_calls: list[tuple[str | None, str | None]] = []  # (namespace, node)
         self.inventories: dict[str, dict[str, Any]] = {}  # DiskInventory name -> status
         self.inventory_writes: list[tuple[float, str]] = []  # (loop time, name)
         self.failing_inventory = 0  # the next N inventory writes raise
@@ -550,11 +553,20 @@ class FakeKube:
             raise ConnectionError("fault injection: the API server is down")
         return [copy.deepcopy(b) for (ns, _), b in self.objects.items() if ns == namespace]
 
-    async def unclaimed(self, namespace: str | None, *, timeout: int
+    async def unclaimed(self, namespace: str | None, *, node_name: str | None, timeout: int
                         ) -> AsyncIterator[dict[str, Any]]:
+        """As the API server filters: no claim label, and spec.nodeName equal to ``node_name``
+        (an absent field reads as ""), unless ``node_name`` is None. With
+        ``field_selectors`` False, a field selector is refused as by Kubernetes < 1.32."""
+        self.unclaimed_calls.append((namespace, node_name))
+        await asyncio.sleep(0)
+        if node_name is not None and not self.field_selectors:
+            raise FieldSelectorUnsupported(
+                f"spec.nodeName={node_name}: 400 Bad Request: field label not supported")
         for (ns, _), body in list(self.objects.items()):
             if (namespace is None or ns == namespace) and \
-                    NODE_LABEL not in body["metadata"]["labels"]:
+                    NODE_LABEL not in body["metadata"]["labels"] and \
+                    node_name in (None, str(body["spec"].get("nodeName") or "")):
                 yield copy.deepcopy(body)
         await asyncio.sleep(timeout)
 

@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from blockcopy.model.api import GROUP, NODE_LABEL, PLURAL, VERSION
 from blockcopy.model.inventory import INVENTORY_KIND, INVENTORY_PLURAL
-from blockcopy.model.ports import ObjectRef
+from blockcopy.model.ports import FieldSelectorUnsupported, ObjectRef
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,11 @@ class KubeClient:
             lambda: self._api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL))
         return list(listed.get("items") or [])
 
-    async def unclaimed(self, namespace: str | None, *, timeout: int
+    async def unclaimed(self, namespace: str | None, *, node_name: str | None, timeout: int
                         ) -> AsyncIterator[dict[str, Any]]:
-        """The client's watch blocks: it runs in a thread that hands objects to the loop."""
+        """The client's watch blocks: it runs in a thread that hands objects to the loop.
+        ``spec.nodeName=`` matches the objects without the field too (the API server reads
+        an absent selectable field as "")."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         watch = kubernetes.watch.Watch()
@@ -124,15 +126,28 @@ class KubeClient:
             source: tuple[Any, ...] = (self._api.list_cluster_custom_object, GROUP, VERSION, PLURAL)
         else:
             source = (self._api.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)
+        selectors = {"label_selector": f"!{NODE_LABEL}"}
+        if node_name is not None:
+            selectors["field_selector"] = node_field_selector(node_name)
 
         def pump() -> None:
             try:
-                for event in watch.stream(*source, label_selector=f"!{NODE_LABEL}",
-                                          timeout_seconds=timeout):
+                for event in watch.stream(*source, **selectors, timeout_seconds=timeout):
                     if stopped.is_set():
                         return
                     if event["type"] in ("ADDED", "MODIFIED"):
                         loop.call_soon_threadsafe(queue.put_nowait, ("object", event["object"]))
+            except ApiException as exc:
+                # 400 for a field selector: the CRD's selectableFields are not served
+                # ("field label not supported", Kubernetes < 1.32 or an older CRD).
+                refused: Exception = exc
+                if exc.status == 400 and node_name is not None:
+                    body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) \
+                        else str(exc.body or "")
+                    refused = FieldSelectorUnsupported(
+                        f"{selectors['field_selector']}: {exc.status} {exc.reason}: "
+                        f"{body.strip()[:300]}")
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", refused))
             except Exception as exc:
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
             else:
@@ -153,3 +168,9 @@ class KubeClient:
             stopped.set()
             with contextlib.suppress(Exception):
                 watch.stop()
+
+
+def node_field_selector(node_name: str) -> str:
+    """``spec.nodeName=NODE``, the value escaped as the API server parses it."""
+    escaped = node_name.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=")
+    return f"spec.nodeName={escaped}"

@@ -1,10 +1,18 @@
 """Claiming: which agent handles an object that no agent handles yet.
 
-Each agent watches only the unclaimed objects (label selector ``!blockcopy.dev/node``,
-evaluated by the API server) and claims those whose ``spec.nodeName`` is its node, or,
-without one, whose domain its libvirt runs. The claim is a label write conditioned on the
-object's resourceVersion, so of two agents only one can win. Once claimed, the object
-leaves this watch and enters the claiming agent's own one (kopf's, by label).
+Each agent watches only the unclaimed objects (label selector ``!blockcopy.dev/node``) that
+name its node or no node (field selectors ``spec.nodeName=NODE`` and ``spec.nodeName=``,
+two watches), all evaluated by the API server: the objects naming other nodes never reach
+it. It claims those naming its node, and those naming none whose domain its libvirt runs.
+The claim is a label write conditioned on the object's resourceVersion, so of two agents
+only one can win. Once claimed, the object leaves these watches and enters the claiming
+agent's own one (kopf's, by label).
+
+An object naming another node gets nothing from this agent (no status until that node's
+agent runs). An API server that refuses the field selector (Kubernetes < 1.32, where the
+CRD's selectableFields are dropped) gets one watch of every unclaimed object instead (one
+per namespace) and a warning in the log: other nodes' objects then reach the agent, which
+leaves them alone.
 """
 
 from __future__ import annotations
@@ -19,7 +27,13 @@ from blockcopy.agent.recorder import Recorder, phase_of
 from blockcopy.core import status
 from blockcopy.core.backoff import API_WATCH, Backoff
 from blockcopy.model.api import FINALIZER, TERMINAL_PHASES, Phase
-from blockcopy.model.ports import Hypervisor, HypervisorError, Kube, ObjectRef
+from blockcopy.model.ports import (
+    FieldSelectorUnsupported,
+    Hypervisor,
+    HypervisorError,
+    Kube,
+    ObjectRef,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +41,8 @@ log = logging.getLogger(__name__)
 class Verdict(enum.StrEnum):
     CLAIMED = "claimed"
     LOST_RACE = "lost the race"
-    PENDING = "pending"  # not ours; marked Pending (once)
-    NOT_MINE = "not mine"
+    PENDING = "pending"  # names no node, its domain runs nowhere: marked Pending (once)
+    NOT_MINE = "not mine"  # another node's, or Pending already
     IGNORED = "ignored"  # deleting or finished
 
 
@@ -39,25 +53,32 @@ class Claimer:
         self.node_name = node_name
         self.namespaces = namespaces  # empty: every namespace
         self.claim_interval = claim_interval
+        self.fell_back = False  # the API server refused the field selector on spec.nodeName
 
     async def run(self) -> None:
-        """Watch (and re-list every claim_interval: the periodic re-check of objects whose
-        domain ran nowhere) until cancelled."""
-        watches = [asyncio.create_task(self._watch(ns), name=f"claimer:{ns or '*'}")
-                   for ns in self.namespaces or (None,)]
+        """Watch, per namespace, the objects naming this node and those naming none (and
+        re-list every claim_interval: the periodic re-check of objects whose domain ran
+        nowhere) until cancelled."""
+        nodes = dict.fromkeys((self.node_name, ""))  # this node's objects, those of none
+        watches = [asyncio.create_task(self._watch(ns, node),
+                                       name=f"claimer:{ns or '*'}:{node or '-'}")
+                   for ns in self.namespaces or (None,) for node in nodes]
         try:
             await asyncio.gather(*watches)
         finally:
             for task in watches:
                 task.cancel()
 
-    async def _watch(self, namespace: str | None) -> None:
+    async def _watch(self, namespace: str | None, node: str) -> None:
         backoff = Backoff(API_WATCH)
         where = f"namespace {namespace}" if namespace else "every namespace"
+        selector: str | None = node  # None: the server refused the field selector
         while True:
+            what = "any spec.nodeName" if selector is None else \
+                f"spec.nodeName={selector}" if selector else "no spec.nodeName"
             try:
                 seen = 0
-                async for body in self.kube.unclaimed(namespace,
+                async for body in self.kube.unclaimed(namespace, node_name=selector,
                                                       timeout=int(self.claim_interval)):
                     backoff.succeeded()
                     seen += 1
@@ -68,10 +89,19 @@ class Claimer:
                                       body.get("metadata", {}).get("name"))
                 # One line per pass: whoever waits for the claimer to have looked (a test,
                 # an operator reading logs) has a positive sign that it did.
-                log.info("claimer pass over %s done: %d unclaimed object(s) considered",
-                         where, seen)
+                log.info("claimer pass over %s (%s) done: %d unclaimed object(s) considered",
+                         where, what, seen)
             except asyncio.CancelledError:
                 raise
+            except FieldSelectorUnsupported as exc:
+                if selector:  # this node's watch: the other one now covers its objects
+                    return
+                if not self.fell_back:
+                    log.warning("the API server refuses field selectors on BlockCopies (%s): "
+                                "watching every unclaimed BlockCopy instead, other nodes' "
+                                "too (Kubernetes >= 1.32 with the CRD's selectableFields "
+                                "spares the agent those)", exc)
+                self.fell_back, selector = True, None
             except Exception as exc:  # API outage: retry with back-off
                 delay = backoff.failed()
                 log.warning("watching unclaimed BlockCopies failed (retry in %g s): %s",
@@ -79,7 +109,9 @@ class Claimer:
                 await asyncio.sleep(delay)
 
     async def consider(self, body: Mapping[str, Any]) -> Verdict:
-        """Claim the object if it is ours; otherwise mark it Pending once."""
+        """Claim the object if it is ours; one naming no node whose domain runs nowhere is
+        marked Pending once; one naming another node is left alone (it reaches this agent
+        only where the API server refuses the field selector)."""
         meta = body["metadata"]
         namespace, name, version = meta["namespace"], meta["name"], meta["resourceVersion"]
         self.recorder.watch_event("unclaimed", body)
@@ -87,14 +119,9 @@ class Claimer:
             return Verdict.IGNORED
         spec = body.get("spec") or {}
         spec_node, domain = spec.get("nodeName"), spec.get("domain")
-        if spec_node:
-            mine = spec_node == self.node_name
-            waiting = f"waiting for the agent on node {spec_node} to claim it"
-        else:
-            mine = isinstance(domain, str) and bool(domain) and await self._runs(domain)
-            waiting = (f"no agent has claimed it: domain {domain!r} is not running on any node "
-                       f"with an agent (re-checked every {self.claim_interval:g} s)")
-        if mine:
+        if spec_node and spec_node != self.node_name:
+            return Verdict.NOT_MINE
+        if spec_node or (isinstance(domain, str) and bool(domain) and await self._runs(domain)):
             # The finalizer comes with the claim: kopf would otherwise add it in a write of
             # its own and wait for that to come back before starting to follow the object.
             finalizers = list(meta.get("finalizers") or [])
@@ -107,6 +134,8 @@ class Claimer:
             log.info("%s/%s: another agent claimed it first", namespace, name)
             return Verdict.LOST_RACE
         if not (body.get("status") or {}).get("phase"):
+            waiting = (f"no agent has claimed it: domain {domain!r} is not running on any node "
+                       f"with an agent (re-checked every {self.claim_interval:g} s)")
             generation = meta.get("generation")
             pending = {"phase": Phase.PENDING.value, "message": waiting, "progress": "0%",
                        "observedGeneration": generation,

@@ -309,6 +309,10 @@ NULL_METRICS = NullMetrics()
 # ------------------------------------------------------------------ Kubernetes API
 
 
+class FieldSelectorUnsupported(Exception):
+    """The API server refused a field selector on spec.nodeName (no selectableFields)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectRef:
     """What an Event needs to name its object."""
@@ -351,9 +355,12 @@ class Kube(StatusStore, Protocol):
         """Every BlockCopy of a namespace, as the API server has them now (a disk group's
         members, including those no agent follows yet). Raises on API errors."""
 
-    def unclaimed(self, namespace: str | None, *, timeout: int) -> AsyncIterator[dict[str, Any]]:
-        """List, then watch for ``timeout`` seconds, the objects without the claim label
-        (filtered by the API server). Raises on API errors."""
+    def unclaimed(self, namespace: str | None, *, node_name: str | None, timeout: int
+                  ) -> AsyncIterator[dict[str, Any]]:
+        """List, then watch for ``timeout`` seconds, the objects without the claim label whose
+        spec.nodeName is ``node_name`` ("": none set), both filtered by the API server; None:
+        whatever spec.nodeName. Raises FieldSelectorUnsupported when the server refuses the
+        field selector (Kubernetes < 1.32), other exceptions on API errors."""
 
     async def publish_inventory(self, name: str, status: dict[str, Any]) -> None:
         """Write the status of the DiskInventory ``name`` (cluster-scoped), creating the
