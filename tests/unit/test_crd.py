@@ -24,7 +24,11 @@ def test_names_and_printer_columns():
     assert (names["kind"], names["plural"], names["shortNames"]) == (KIND, PLURAL, ["bc"])
     version = CRD["spec"]["versions"][0]
     assert version["name"] == VERSION and version["subresources"] == {"status": {}}
-    assert names["categories"] == ["blockcopy"]  # kubectl get blockcopy (all kinds of it)
+    # kubectl get blockcopy-all: copies and plans. Not "blockcopy": a category named like the
+    # singular makes `kubectl delete blockcopy NAME` fail ("you must specify only one
+    # resource"), kubectl expanding the category first.
+    assert names["categories"] == ["blockcopy-all"]
+    assert names["singular"] not in names["categories"]
     columns = version["additionalPrinterColumns"]
     # kubectl get bc: readable at a glance; -o wide adds the priority-1 columns after Age.
     assert [c["name"] for c in columns if not c.get("priority")] == \

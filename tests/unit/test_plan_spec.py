@@ -98,9 +98,8 @@ def test_crd_names():
     names = CRD["spec"]["names"]
     assert (names["kind"], names["plural"], names["shortNames"]) == (PLAN_KIND, PLAN_PLURAL,
                                                                      ["bcp"])
-    # Not in BlockCopy's category "blockcopy" (its singular too: `kubectl delete blockcopy X`
-    # would become ambiguous).
-    assert "categories" not in names and CRD["spec"]["scope"] == "Namespaced"
+    # In the API's category with BlockCopy (kubectl get blockcopy-all).
+    assert names["categories"] == ["blockcopy-all"] and CRD["spec"]["scope"] == "Namespaced"
     version = CRD["spec"]["versions"][0]
     assert version["name"] == VERSION and version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]][:3] == \
