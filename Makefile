@@ -139,7 +139,7 @@ endif
 # The whole suite, as CI runs it (the chart's pod on a real kubelet included).
 test: deps lint cluster cluster-node
 	rm -rf .local/coverage && mkdir -p .local/coverage
-	$(PY) -m pytest tests --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
+	$(PY) -m pytest tests --cov --cov-report=term:skip-covered --durations=30 $(PYTEST_ARGS)
 
 # The oldest Kubernetes release we support, checked at a moderate cost (not part of `make
 # test`): a second local cluster on other ports and its own state dir, the CRD created and
