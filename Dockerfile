@@ -70,7 +70,8 @@ RUN set -eux; \
     apt-get update; \
     apt-get install -y --no-install-recommends \
         python3${PYTHON3_VERSION:+=$PYTHON3_VERSION} \
-        libvirt0${LIBVIRT0_VERSION:+=$LIBVIRT0_VERSION}; \
+        libvirt0${LIBVIRT0_VERSION:+=$LIBVIRT0_VERSION} \
+        qemu-utils; \
     rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log
 
 # PYTHONDONTWRITEBYTECODE: the root filesystem is read-only in the chart, so no attempt to

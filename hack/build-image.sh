@@ -112,7 +112,9 @@ ctr=$("${BUILDAH[@]}" from --pull=false "$IMAGE")
       echo "package $pkg in the final image" >&2; exit 1
     fi
   done
-  echo "runtime packages: $(dpkg-query -W -f="\${Package}=\${Version} " python3 libvirt0)"
+  # qemu-img: the agent reads images with it (the check at the switch, chain moves, sizes)
+  echo "qemu-img in the image: $(qemu-img --version | head -n1)"
+  echo "runtime packages: $(dpkg-query -W -f="\${Package}=\${Version} " python3 libvirt0 qemu-utils)"
 '
 "${BUILDAH[@]}" rm "$ctr" >/dev/null
 ctr=

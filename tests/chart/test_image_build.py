@@ -27,6 +27,7 @@ def test_dockerfile_shape():
     assert 'ENTRYPOINT ["blockcopy-operator"]' in lines
     final = DOCKERFILE.split("FROM ${BASE_IMAGE}\n", 1)[1]
     assert "--no-install-recommends" in final and "libvirt0" in final
+    assert "qemu-utils" in final  # qemu-img: the agent reads images with it
     for build_only in ("gcc", "libvirt-dev", "python3-dev", "pkg-config"):
         assert not re.search(rf"\b{build_only}\b", final), build_only
     ignored = (ROOT / ".dockerignore").read_text().split()
@@ -44,6 +45,8 @@ def test_build_image_and_run_help():
     assert "usage: blockcopy-operator" in proc.stdout, out[-3000:]
     assert "--allowed-path" in proc.stdout and "--liveness-port" in proc.stdout
     assert re.search(r"runtime packages: .*libvirt0=\S+", proc.stdout), out[-3000:]
+    assert re.search(r"runtime packages: .*qemu-utils=\S+", proc.stdout), out[-3000:]
+    assert "qemu-img in the image: qemu-img version" in proc.stdout, out[-3000:]
     assert "image config: entrypoint=[blockcopy-operator] user=0:0" in proc.stdout
     size = re.search(r"image localhost/blockcopy-operator:dev size: (.+)", proc.stdout)
     assert size, out[-3000:]

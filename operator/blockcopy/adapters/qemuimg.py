@@ -25,10 +25,20 @@ log = logging.getLogger(__name__)
 NBD_PROBE_TIMEOUT = 20.0
 
 
+async def _start(*args: str, cwd: str | None = None) -> asyncio.subprocess.Process:
+    """qemu-img with ``args``; a node (or image) without it is an ImageError, which the
+    callers turn into a refusal or an unverified check, never a crashed follower."""
+    try:
+        return await asyncio.create_subprocess_exec(
+            "qemu-img", *args, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except FileNotFoundError:
+        raise ImageError("qemu-img is not installed where the agent runs (Debian: "
+                         "qemu-utils)") from None
+
+
 async def _run(*args: str, cwd: str | None = None, timeout: float | None = None) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-img", *args, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await _start(*args, cwd=cwd)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
@@ -70,10 +80,7 @@ class QemuImg:
         await _run(*args, source, dest, cwd=os.path.dirname(dest))
 
     async def identical(self, a: str, b: str, *, format: str) -> str | None:
-        proc = await asyncio.create_subprocess_exec(
-            "qemu-img", "compare", "-f", format, "-F", format, a, b,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+        proc = await _start("compare", "-f", format, "-F", format, a, b)
         out, err = await proc.communicate()
         if proc.returncode == 0:
             return None
@@ -113,9 +120,7 @@ class QemuImg:
         # The mirror keeps its target locked (and QEMU its source): read both without locks.
         opts = [f"driver={fmt},file.driver={_protocol(path)},file.filename={_opt(path)},"
                 "file.locking=off" for path, fmt in ((a, format_a), (b, format_b))]
-        proc = await asyncio.create_subprocess_exec(
-            "qemu-img", "compare", "--image-opts", *opts, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        proc = await _start("compare", "--image-opts", *opts)
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
         except TimeoutError:
