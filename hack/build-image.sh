@@ -113,7 +113,7 @@ ctr=$("${BUILDAH[@]}" from --pull=false "$IMAGE")
     fi
   done
   # qemu-img: the agent reads images with it (the check at the switch, chain moves, sizes)
-  echo "qemu-img in the image: $(qemu-img --version | head -n1)"
+  echo "qemu-img in the image: $(qemu-img --version | sed -n 1p)"
   echo "runtime packages: $(dpkg-query -W -f="\${Package}=\${Version} " python3 libvirt0 qemu-utils)"
 '
 "${BUILDAH[@]}" rm "$ctr" >/dev/null
