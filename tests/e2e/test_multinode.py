@@ -20,7 +20,6 @@ import json
 import os
 import pathlib
 import signal
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -33,6 +32,7 @@ from support.images import image_digest, qemu_img_compare, qemu_img_info
 from support.libvirt_probes import live_disk_source, live_mirror
 from support.objects import BlockCopies, condition, copy_spec
 from support.vms import VM, destroy_vm, wait_guest_writing
+from support.waits import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -154,8 +154,12 @@ def test_killed_agent_picks_up_again(nodes, node_vms, mn_blockcopies):
         # Dead before the object exists: no other node's agent receives it (field selector
         # on spec.nodeName), so it stays without a status, unclaimed.
         node.stop_agent(signal.SIGKILL)
+        other_since = other.agent_log_size()
         obj = mn_blockcopies.create(copy_spec(vm, node=node.name, dest=dest))
-        time.sleep(5)
+        # The positive signal first: the other agent's next full pass over the unclaimed
+        # objects (every claim interval, 30 s) ran after the object existed.
+        wait_for(lambda: "claimer pass over " in other.agent_log_text(other_since),
+                 60, interval=1, what=f"a claimer pass of {other.name}'s agent")
         unclaimed = mn_blockcopies.get(obj)
         assert not unclaimed.get("status"), unclaimed["status"]
         assert NODE_LABEL not in (unclaimed["metadata"].get("labels") or {})
