@@ -233,6 +233,22 @@ def test_helm_install_from_the_oci_registry(released, kubectl, cluster_helm, api
         release_namespace(api, kubectl, namespace)
 
 
+def _on_the_node(doc: dict, namespace: str) -> list[dict]:
+    """A workload of install.yaml placed on the local node, with the node's network and the
+    API server's address there, watching ``namespace`` only; its containers."""
+    pod = doc["spec"]["template"]["spec"]
+    pod["nodeSelector"] = {TAINT_KEY: "true"}
+    pod["tolerations"] = [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]
+    pod["hostNetwork"] = True
+    pod["dnsPolicy"] = "ClusterFirstWithHostNet"
+    for container in pod["containers"]:
+        container["args"].append(f"--namespace={namespace}")
+        container["env"] = [*container.get("env", []),
+                            {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+                            {"name": "KUBERNETES_SERVICE_PORT", "value": str(API_PORT)}]
+    return list(pod["containers"])
+
+
 def adapted(docs: list[dict], namespace: str, suffix: str) -> list[dict]:
     """install.yaml's objects for this shared test cluster (see the module's docstring)."""
     ports = node_ports()
@@ -254,34 +270,14 @@ def adapted(docs: list[dict], namespace: str, suffix: str) -> list[dict]:
                                      "verbs": ["list", "watch"]})
         elif kind != "CustomResourceDefinition":
             meta["namespace"] = namespace
-        if kind == "Deployment":  # the plan controller: on the node, this namespace only
-            pod = doc["spec"]["template"]["spec"]
-            pod["nodeSelector"] = {TAINT_KEY: "true"}
-            pod["tolerations"] = [{"key": TAINT_KEY, "operator": "Exists",
-                                   "effect": "NoSchedule"}]
-            pod["hostNetwork"] = True
-            pod["dnsPolicy"] = "ClusterFirstWithHostNet"
-            (controller,) = pod["containers"]
-            controller["args"].append(f"--namespace={namespace}")
-            controller["env"] = [*controller.get("env", []),
-                                 {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
-                                 {"name": "KUBERNETES_SERVICE_PORT", "value": str(API_PORT)}]
-        if kind == "DaemonSet":
-            pod = doc["spec"]["template"]["spec"]
-            pod["nodeSelector"] = {TAINT_KEY: "true"}
-            pod["tolerations"] = [{"key": TAINT_KEY, "operator": "Exists",
-                                   "effect": "NoSchedule"}]
-            pod["hostNetwork"] = True
-            pod["dnsPolicy"] = "ClusterFirstWithHostNet"
-            (agent,) = pod["containers"]
-            agent["args"].append(f"--namespace={namespace}")
-            agent["env"] += [{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
-                             {"name": "KUBERNETES_SERVICE_PORT", "value": str(API_PORT)}]
-            for env_var in agent["env"]:
+        if kind in ("Deployment", "DaemonSet"):  # the controller, the agents
+            (container,) = _on_the_node(doc, namespace)
+        if kind == "DaemonSet":  # the agents' ports, free ones where the defaults are taken
+            for env_var in container["env"]:
                 for key in ("metrics", "liveness"):
                     if env_var["name"] == f"BLOCKCOPY_{key.upper()}_PORT":
                         env_var["value"] = str(ports[key])
-            for port in agent["ports"]:
+            for port in container["ports"]:
                 port["containerPort"] = ports["liveness" if port["name"] == "healthz"
                                               else "metrics"]
         out.append(doc)
