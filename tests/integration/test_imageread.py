@@ -25,7 +25,8 @@ SIZE = 8 << 20
 
 
 def run(*args: str, cwd: Path | None = None) -> None:
-    subprocess.run(args, check=True, capture_output=True, cwd=cwd)
+    result = subprocess.run(args, capture_output=True, text=True, cwd=cwd)
+    assert result.returncode == 0, f"{args} exited {result.returncode}: {result.stderr}"
 
 
 def qemu_io(path: Path, fmt: str, commands: list[str]) -> None:
@@ -147,7 +148,8 @@ def test_refusals(tmp_path):
 
     encrypted = tmp_path / "luks.qcow2"
     run("qemu-img", "create", "-q", "--object", "secret,id=s0,data=secret", "-f", "qcow2",
-        "-o", "encrypt.format=luks,encrypt.key-secret=s0", str(encrypted), "1M")
+        "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", str(encrypted),
+        "1M")
     with pytest.raises(ImageError, match="encrypted"):
         imageread.GuestImage(str(encrypted), "qcow2")
 
