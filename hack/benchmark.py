@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import kubernetes
 import libvirt
@@ -224,6 +225,7 @@ class Bench:
         self.made: list[str] = []  # every domain this run made (the test checks they are gone)
         self.agents: list[Agent] = []
         self.results: dict[str, dict] = {}
+        self.parts_s: dict[str, float] = {}  # each part's wall time
 
     def record(self, key: str, measured: float, target: str, unit: str, ok: bool | None,
                **detail) -> None:
@@ -475,27 +477,26 @@ class Bench:
                                        capture_output=True, text=True).stdout.split("\n")[2:4]}
         self.record("agent_rss_idle", agent.rss_mib(), "reported", "MiB", None)
         wanted = set(a.only or PARTS)
-        if "latencies" in wanted:
-            self.latencies(agent)
-        if "copy" in wanted:
-            self.versus_virsh(agent, label="copy_1g", size=a.size, data=a.data,
-                              target_ratio=None, target_extra=0.5)
-            self.versus_virsh(agent, label="copy_big", size=a.big_size, data=a.big_data,
-                              target_ratio=1.10, target_extra=None)
-        if "zeros" in wanted:
-            self.zeros(agent)
-        if "scale" in wanted:
-            self.scale(agent)
-        if "isolation" in wanted:
-            self.isolation(agent)
-        if "verify" in wanted:
-            bench_verify.run(self, agent)
-        if "foreign" in wanted:
-            bench_foreign.run(self, Agent)
-        if "plan" in wanted:
-            bench_plan.run(self)
-        if "idle" in wanted:
-            self.idle()
+        steps: dict[str, Callable[[], object]] = {
+            "latencies": lambda: self.latencies(agent),
+            "copy": lambda: (
+                self.versus_virsh(agent, label="copy_1g", size=a.size, data=a.data,
+                                  target_ratio=None, target_extra=0.5),
+                self.versus_virsh(agent, label="copy_big", size=a.big_size, data=a.big_data,
+                                  target_ratio=1.10, target_extra=None)),
+            "zeros": lambda: self.zeros(agent),
+            "scale": lambda: self.scale(agent),
+            "isolation": lambda: self.isolation(agent),
+            "verify": lambda: bench_verify.run(self, agent),
+            "foreign": lambda: bench_foreign.run(self, Agent),
+            "plan": lambda: bench_plan.run(self),
+            "idle": self.idle,
+        }
+        for part in PARTS:  # in this order; each part's wall time is recorded too
+            if part in wanted:
+                started = time.monotonic()
+                steps[part]()
+                self.parts_s[part] = round(time.monotonic() - started, 1)
 
     def close(self) -> None:
         # The objects go first, while the agents still run to release their finalizers; an
@@ -554,7 +555,7 @@ def main() -> int:
     took = time.monotonic() - started
     results = bench.results
     results["run"] = {"short": short, "smoke": args.smoke, "seconds": round(took, 1),
-                      "domains": bench.made,
+                      "domains": bench.made, "parts_s": bench.parts_s,
                       "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
@@ -572,6 +573,7 @@ def main() -> int:
     for stage, v in results.get("stages_ms", {}).items():
         print(f"  {stage:30} p50 {v['p50']:>8.1f}  p95 {v['p95']:>8.1f}  max {v['max']:>8.1f}"
               f"  (n={v['n']})")
+    print("wall time per part (s): " + ", ".join(f"{k} {v:g}" for k, v in bench.parts_s.items()))
     print(f"written to {args.json}")
     return 0
 

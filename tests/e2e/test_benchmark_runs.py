@@ -44,6 +44,10 @@ def test_the_benchmark_runs_through_and_writes_every_figure(tmp_path, cluster):
     assert set(results["stages_ms"]) == STAGES
     assert all(v["n"] >= 1 and v["max"] >= v["p50"] >= 0 for v in results["stages_ms"].values())
     assert results["run"]["smoke"] is True
+    parts = results["run"]["parts_s"]  # every part ran, its wall time recorded and printed
+    assert list(parts) == ["latencies", "copy", "zeros", "scale", "isolation", "verify",
+                           "foreign", "plan", "idle"], parts
+    assert all(v > 0 for v in parts.values()) and "wall time per part" in proc.stdout
     # The plan part (hack/bench_plan.py) ran a reduced plan on the 4 simulated nodes, not a
     # skip: every disk copied three times, the operator's requests counted, each process seen.
     plan = results["plan_wall"]

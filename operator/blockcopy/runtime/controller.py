@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -26,7 +27,7 @@ ROUND_TIMEOUT = 120.0  # s: a round that takes longer is abandoned, the next one
 
 
 def memo_for(config: ControllerConfig) -> kopf.Memo:
-    return kopf.Memo(config=config, controller=None, wakers={}, generations={})
+    return kopf.Memo(config=config, controller=None, wakers={}, generations={}, children={})
 
 
 def _waker(memo: kopf.Memo, namespace: str, name: str) -> asyncio.Event:
@@ -52,11 +53,35 @@ async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, logger: Logger
                 "inventory update)", memo.config.agent_timeout)
 
 
-def _child_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:
-    """Wakes the child's plan; never lets a handler run (no log line per event)."""
-    labels = body.get("metadata", {}).get("labels") or {}
-    plan, namespace = labels.get(PLAN_LABEL), body.get("metadata", {}).get("namespace")
-    if plan and namespace:
+def child_signature(body: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What of a child a plan's round acts on at once: its phase, its pivot and abort, its
+    deletion. Progress (cur/end, rate) is not in it: the running plan's 2-second rounds take
+    it in, and a round per progress write (every second per copying child) only loaded the
+    API server and slowed the hand-offs it is there for."""
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    status = body.get("status") or {}
+    return (status.get("phase"), spec.get("pivot") is True, spec.get("abort") is True,
+            bool(meta.get("deletionTimestamp")))
+
+
+def _child_event(body: kopf.Body, memo: kopf.Memo, type: str | None = None,
+                 **_: Any) -> bool:
+    """Wakes the child's plan when the child changed in a way its round acts on (or came or
+    went); never lets a handler run (no log line per event)."""
+    meta = body.get("metadata", {})
+    labels = meta.get("labels") or {}
+    plan, namespace = labels.get(PLAN_LABEL), meta.get("namespace")
+    if not (plan and namespace):
+        return False
+    seen: dict[str, tuple[Any, ...]] = memo.children
+    key = str(meta.get("uid") or f"{namespace}/{meta.get('name')}")
+    if type == "DELETED":
+        seen.pop(key, None)
+        _waker(memo, namespace, plan).set()
+        return False
+    signature = child_signature(body)
+    if seen.get(key) != signature:
+        seen[key] = signature
         _waker(memo, namespace, plan).set()
     return False
 
