@@ -29,8 +29,6 @@ from blockcopy.adapters.hypervisor import LibvirtHypervisor
 from blockcopy.model.observation import DiskState, JobEvent
 from blockcopy.model.ports import CopyRequest, DiskSize, HypervisorError, HypervisorUnavailable
 
-pytestmark = pytest.mark.asyncio
-
 # libvirt also prints every error on stderr by default; they still raise.
 libvirt.registerErrorHandler(lambda *_: None, None)
 
@@ -133,6 +131,7 @@ def refusal(raised: pytest.ExceptionInfo[HypervisorError]) -> HypervisorError:
 # ------------------------------------------------------------------ libvirt's test driver
 
 
+@pytest.mark.asyncio
 async def test_a_domain_that_does_not_exist_is_not_found_not_an_error(
         hv: LibvirtHypervisor, opener: Opener) -> None:
     for ref in ("no-such-domain", "6f0c7ad4-6b3e-4d6e-9c1a-2f1d2c7a0fff", "nul\x00in-name"):
@@ -145,6 +144,7 @@ async def test_a_domain_that_does_not_exist_is_not_found_not_an_error(
     assert len(opener.opened) == 1  # one connection throughout
 
 
+@pytest.mark.asyncio
 async def test_observe_a_shut_off_domain_by_name_and_by_uuid(hv: LibvirtHypervisor) -> None:
     for ref in (OFF, OFF_UUID):
         state = await hv.observe(ref, "vda")
@@ -155,6 +155,7 @@ async def test_observe_a_shut_off_domain_by_name_and_by_uuid(hv: LibvirtHypervis
     assert await hv.has_running_domain(OFF) is False
 
 
+@pytest.mark.asyncio
 async def test_observe_a_running_domain_refused_by_the_driver_keeps_libvirts_message(
         hv: LibvirtHypervisor, opener: Opener) -> None:
     """The test driver has no block-job info: a refusal (libvirt's message and code), and the
@@ -179,6 +180,7 @@ async def test_observe_a_running_domain_refused_by_the_driver_keeps_libvirts_mes
     ("set_copy_mode", lambda hv: hv.set_copy_mode(RUNNING, "vda", "write-blocking"),
      "virDomainQemuMonitorCommand"),
 ])
+@pytest.mark.asyncio
 async def test_a_verb_the_driver_does_not_implement_is_refused_with_libvirts_message(
         hv: LibvirtHypervisor, opener: Opener, verb: str,
         call: Callable[[LibvirtHypervisor], Awaitable[None]], function: str) -> None:
@@ -190,6 +192,7 @@ async def test_a_verb_the_driver_does_not_implement_is_refused_with_libvirts_mes
     assert len(opener.opened) == 1
 
 
+@pytest.mark.asyncio
 async def test_a_domain_gone_or_stopped_between_two_calls(hv: LibvirtHypervisor,
                                                           opener: Opener) -> None:
     assert (await hv.observe(OFF, "vda")).domain_found
@@ -205,6 +208,7 @@ async def test_a_domain_gone_or_stopped_between_two_calls(hv: LibvirtHypervisor,
     assert await hv.has_running_domain(RUNNING) is False
 
 
+@pytest.mark.asyncio
 async def test_quiesce_without_a_guest_agent_suspends_and_refuses_a_shut_off_domain(
         hv: LibvirtHypervisor, opener: Opener) -> None:
     """No guest agent in the test driver: suspended, then resumed. A domain that does not run
@@ -219,6 +223,7 @@ async def test_quiesce_without_a_guest_agent_suspends_and_refuses_a_shut_off_dom
     refusal(raised)
 
 
+@pytest.mark.asyncio
 async def test_versions_and_disk_size_as_the_driver_reports_them(hv: LibvirtHypervisor,
                                                                  node_uri: str) -> None:
     with libvirt.open(node_uri) as conn:
@@ -275,6 +280,7 @@ EVERY_VERB: list[Callable[[LibvirtHypervisor], Awaitable[object]]] = [
 ]
 
 
+@pytest.mark.asyncio
 async def test_unreachable_libvirtd_is_unavailable_on_every_verb_and_retried_each_call(
         node_uri: str) -> None:
     """No socket: every verb raises HypervisorUnavailable (libvirt's code is
@@ -297,6 +303,7 @@ async def test_unreachable_libvirtd_is_unavailable_on_every_verb_and_retried_eac
     await hv.close()
 
 
+@pytest.mark.asyncio
 async def test_unreachable_uri_without_an_injected_opener() -> None:
     hv = LibvirtHypervisor(UNREACHABLE)  # libvirt.open itself
     with pytest.raises(HypervisorUnavailable, match="No such file or directory"):
@@ -457,6 +464,7 @@ def fail(exc: libvirt.libvirtError, *, kill: FaultyConnection | None = None
     return fault
 
 
+@pytest.mark.asyncio
 async def test_a_system_error_with_a_working_connection_is_a_refusal(
         faulty: tuple[LibvirtHypervisor, Opener]) -> None:
     """libvirtd's own OS error while serving the call (VIR_ERR_SYSTEM_ERROR, as for a broken
@@ -476,6 +484,7 @@ async def test_a_system_error_with_a_working_connection_is_a_refusal(
 
 @pytest.mark.parametrize("code", [libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_INTERNAL_ERROR,
                                   libvirt.VIR_ERR_OPERATION_FAILED])
+@pytest.mark.asyncio
 async def test_a_connection_that_dies_inside_a_call_is_unavailable_and_reopened(
         faulty: tuple[LibvirtHypervisor, Opener], code: int) -> None:
     """Whatever code the failed call carried: the connection no longer works afterwards, so
@@ -493,6 +502,7 @@ async def test_a_connection_that_dies_inside_a_call_is_unavailable_and_reopened(
 
 
 @pytest.mark.parametrize("code", [libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN])
+@pytest.mark.asyncio
 async def test_a_connection_error_code_is_unavailable_even_if_the_connection_looks_alive(
         faulty: tuple[LibvirtHypervisor, Opener], code: int) -> None:
     hv, opener = faulty
@@ -504,6 +514,7 @@ async def test_a_connection_error_code_is_unavailable_even_if_the_connection_loo
     assert await hv.has_running_domain("vm") and len(opener.opened) == 2
 
 
+@pytest.mark.asyncio
 async def test_a_connection_found_dead_before_a_call_is_replaced(
         faulty: tuple[LibvirtHypervisor, Opener]) -> None:
     hv, opener = faulty
@@ -514,6 +525,7 @@ async def test_a_connection_found_dead_before_a_call_is_replaced(
 
 @pytest.mark.parametrize("method", ["isActive", "UUIDString", "name", "isPersistent",
                                     "XMLDesc", "blockJobInfo"])
+@pytest.mark.asyncio
 async def test_a_domain_gone_between_the_calls_of_one_observation_is_not_found(
         faulty: tuple[LibvirtHypervisor, Opener], method: str) -> None:
     hv, opener = faulty
@@ -526,6 +538,7 @@ async def test_a_domain_gone_between_the_calls_of_one_observation_is_not_found(
 
 
 @pytest.mark.parametrize("method", ["XMLDesc", "blockJobInfo"])
+@pytest.mark.asyncio
 async def test_a_domain_stopped_between_the_calls_of_one_observation_is_not_running(
         faulty: tuple[LibvirtHypervisor, Opener], method: str) -> None:
     """isActive() said running, then the domain stopped: libvirt refuses the next call with
@@ -540,6 +553,7 @@ async def test_a_domain_stopped_between_the_calls_of_one_observation_is_not_runn
             state.job) == (True, "vm", False, False, None)
 
 
+@pytest.mark.asyncio
 async def test_another_error_inside_an_observation_is_a_refusal(
         faulty: tuple[LibvirtHypervisor, Opener]) -> None:
     hv, opener = faulty
@@ -551,6 +565,7 @@ async def test_another_error_inside_an_observation_is_a_refusal(
     assert refusal(raised).code == libvirt.VIR_ERR_INTERNAL_ERROR
 
 
+@pytest.mark.asyncio
 async def test_a_lookup_refused_for_another_reason_is_not_taken_for_a_missing_domain(
         faulty: tuple[LibvirtHypervisor, Opener]) -> None:
     hv, opener = faulty
@@ -578,6 +593,7 @@ STATUSES = {
 }
 
 
+@pytest.mark.asyncio
 async def test_block_job_events_become_job_events_for_every_listener(
         caplog: pytest.LogCaptureFixture) -> None:
     """libvirt's BLOCK_JOB_2 callback (conn, dom, disk, type, status, opaque), as
@@ -603,6 +619,7 @@ async def test_block_job_events_become_job_events_for_every_listener(
     assert [r.getMessage() for r in caplog.records] == ["block-job listener failed"] * 4
 
 
+@pytest.mark.asyncio
 async def test_libvirt_errors_do_not_go_to_stderr_once_the_agent_set_up_libvirt() -> None:
     """libvirt's C library prints each failed call to stderr unless a handler is set: a
     domain of another VM gone mid-listing broke the agent's JSON log lines. In a process of
