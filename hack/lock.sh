@@ -5,7 +5,9 @@
 #   requirements/runtime.txt  what the image installs: pyproject's dependencies and every
 #                             transitive one, pinned with hashes (Dockerfile: pip --require-hashes)
 #   requirements/ci.txt       the CI and development venv (`make venv`): the runtime set plus the
-#                             test and release extras
+#                             test extra
+#   requirements/release.txt  the SBOM tool of hack/release.sh (requirements/release.in), in a
+#                             tool venv of its own
 #   requirements/build.txt    pip and the build backend (requirements/build.in): installed
 #                             first, so that every later install runs --no-build-isolation and
 #                             nothing is installed without a hash
@@ -65,11 +67,12 @@ compile() {
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 compile "$TMP/runtime.txt" pyproject.toml
-compile "$TMP/ci.txt" pyproject.toml --extra test --extra release
+compile "$TMP/ci.txt" pyproject.toml --extra test
+compile "$TMP/release.txt" requirements/release.in
 compile "$TMP/build.txt" requirements/build.in
 
 status=0
-for name in runtime.txt ci.txt build.txt; do
+for name in runtime.txt ci.txt build.txt release.txt; do
   if [ "$check" = 1 ]; then
     if ! diff -u "$REPO/requirements/$name" "$TMP/$name" >&2; then
       log "requirements/$name is not what its inputs lock to: run hack/lock.sh (make lock)"

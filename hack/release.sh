@@ -25,7 +25,7 @@
 # registry is not settled; `make release` uses the local registry of hack/registry.sh),
 # BASE_IMAGE (default localhost/debian:bookworm of hack/make-base-image.sh; resolved to its
 # digest and built FROM NAME@sha256:..., or give NAME@sha256:... yourself), DIST (instead of
-# dist/), HELM, PYTHON (the venv's, for cyclonedx-py).
+# dist/), HELM, PYTHON (any Python 3.11; default the venv's).
 set -euo pipefail
 
 HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -61,7 +61,24 @@ if [ "$VERSION" != "$project_version" ] \
    && ! [[ "$VERSION" =~ ^${project_version//./\\.}-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*$ ]]; then
   die "VERSION $VERSION is neither pyproject.toml's version $project_version nor a pre-release of it ($project_version-rc.1)"
 fi
-[ -x "$PYTHON" ] || die "no $PYTHON: run make venv (cyclonedx-py comes from requirements/ci.txt)"
+[ -x "$PYTHON" ] || die "no $PYTHON: run make venv"
+# The SBOM tool: a venv of its own under the cache directory, named after its lock file
+# (requirements/release.txt), installed once with hashes.
+SBOM_TOOL="$CACHE/tools/cyclonedx-$(sha256sum "$REPO/requirements/release.txt" | cut -c1-16)"
+if [ ! -x "$SBOM_TOOL/bin/cyclonedx-py" ]; then
+  mkdir -p "$CACHE/tools"
+  exec 9>"$CACHE/tools/.cyclonedx.lock"
+  flock 9
+  if [ ! -x "$SBOM_TOOL/bin/cyclonedx-py" ]; then
+    log "installing the SBOM tool (requirements/release.txt) into $SBOM_TOOL"
+    rm -rf "$SBOM_TOOL"
+    "$PYTHON" -m venv --without-pip "$SBOM_TOOL"
+    "$PYTHON" -m pip --python "$SBOM_TOOL/bin/python" install -q --disable-pip-version-check \
+      --require-hashes --no-deps -r "$REPO/requirements/release.txt" \
+      || { rm -rf "$SBOM_TOOL"; die "could not install requirements/release.txt"; }
+  fi
+  exec 9>&-
+fi
 if [ ! -x "$HELM" ]; then
   BLOCKCOPY_STATE_DIR="$STATE" BLOCKCOPY_CACHE_DIR="$CACHE" "$HACK/install-kube-tools.sh" >&2
 fi
@@ -122,7 +139,7 @@ log "chart $(basename "$CHART")"
 log "install.yaml: $(grep -c '^kind: ' "$OUT/install.yaml") objects"
 
 # ---------------------------------------------------------------- SBOM
-"$PYTHON" -m cyclonedx_py requirements --of JSON --output-reproducible \
+"$SBOM_TOOL/bin/cyclonedx-py" requirements --of JSON --output-reproducible \
   --pyproject "$REPO/pyproject.toml" --mc-type application \
   -o "$OUT/sbom.cdx.json" "$REPO/requirements/runtime.txt" 2>"$TMP/sbom.log" \
   || { cat "$TMP/sbom.log" >&2; die "cyclonedx-py failed"; }
