@@ -62,3 +62,80 @@ def test_spec_field_and_its_rule():
                      ({**base, "dest": "nbd://h:1/e", "createDirectories": True}, False),
                      ({**base, "dest": "nbd://h:1/e", "createDirectories": False}, True)):
         assert bool(program.evaluate({"self": celpy.json_to_cel(spec)})) == ok, spec
+
+
+def test_where_the_agent_may_not_write_the_fallback_makes_them(tmp_path, monkeypatch):
+    """The chart's read-only roots (EROFS on mkdir): each missing directory, top first, is
+    made by the fallback (adapters.hostdirs: libvirt) with the source's owner, group and mode.
+    FAULT INJECTION: os.mkdir refused like on a read-only mount (root ignores modes here)."""
+    src = tmp_path / "pool-a" / "vm"
+    src.mkdir(parents=True)
+    src.chmod(0o751)
+    (tmp_path / "pool-a").chmod(0o750)
+    (tmp_path / "pool-b").mkdir()
+    real_mkdir = os.mkdir
+    calls: list[tuple[str, int, int, int]] = []
+
+    def read_only(path, mode=0o777):
+        raise OSError(30, "Read-only file system", path)
+
+    def fallback(path, uid, gid, mode):
+        calls.append((path, uid, gid, mode))
+        real_mkdir(path, mode)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    dest = tmp_path / "pool-b" / "a" / "vm" / "disk.qcow2"
+    made, why = make_directories(str(dest), str(src / "disk.qcow2"), [str(tmp_path)],
+                                 fallback=fallback)
+    assert why is None
+    st = os.stat(src)
+    assert calls == [(str(tmp_path / "pool-b" / "a"), st.st_uid, st.st_gid, 0o750),
+                     (str(tmp_path / "pool-b" / "a" / "vm"), st.st_uid, st.st_gid, 0o751)]
+    assert made == [c[0] for c in calls]
+
+
+def test_without_a_fallback_or_when_it_fails_the_refusal_says_why(tmp_path, monkeypatch):
+    """FAULT INJECTION as above."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+
+    def read_only(path, mode=0o777):
+        raise OSError(30, "Read-only file system", path)
+
+    def failing(path, uid, gid, mode):
+        raise OSError(f"libvirt could not make {path}: denied")
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    dest, source = str(tmp_path / "dst" / "x" / "d.qcow2"), str(tmp_path / "src" / "s.qcow2")
+    made, why = make_directories(dest, source, [str(tmp_path)])
+    assert made == [] and why is not None and why[0] == "DestNotCreatable"
+    assert "Read-only file system" in why[1]
+    made, why = make_directories(dest, source, [str(tmp_path)], fallback=failing)
+    assert made == [] and why is not None and "libvirt could not make" in why[1]
+
+
+def test_a_file_the_agent_may_not_unlink_is_deleted_by_the_fallback(tmp_path, monkeypatch):
+    """LocalFiles.delete: on EROFS the fallback (adapters.hostfs: libvirt) deletes it; other
+    errors are not passed on to it. FAULT INJECTION: os.unlink refused."""
+    from blockcopy.adapters.files import LocalFiles
+    victim = tmp_path / "old.qcow2"
+    victim.write_bytes(b"x")
+    asked: list[str] = []
+    real_unlink = os.unlink
+
+    def fallback(path):
+        asked.append(path)
+        real_unlink(path)
+
+    def read_only(path, *a, **kw):
+        raise OSError(30, "Read-only file system", path)
+
+    monkeypatch.setattr(os, "unlink", read_only)
+    LocalFiles(delete=fallback).delete(str(victim))
+    assert asked == [str(victim)] and not victim.exists()
+    with pytest.raises(OSError, match="Read-only"):
+        LocalFiles().delete(str(tmp_path / "other"))
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    with pytest.raises(FileNotFoundError):  # not a refusal: not the fallback's
+        LocalFiles(delete=fallback).delete(str(tmp_path / "missing"))
+    assert asked == [str(victim)]

@@ -6,10 +6,11 @@ would (symlinks, ``..``) before they are compared."""
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from blockcopy.core.paths import within
 from blockcopy.model.api import BlockCopySpec, Flag
@@ -76,9 +77,36 @@ def refusal(spec: BlockCopySpec, allowed_roots: Iterable[str]) -> tuple[str, str
     return None
 
 
-def make_directories(dest: str, source: str, allowed_roots: Iterable[str]
+# (path, uid, gid, mode): makes one directory by other means (adapters.hostfs: libvirt).
+MakeDirectory = Callable[[str, int, int, int], None]
+# (path): deletes one file by other means (adapters.hostfs: libvirt).
+DeleteFile = Callable[[str], None]
+# Why the agent's own mkdir, chown or chmod may fail where libvirt's would not: the chart's
+# read-only mounts of the allowed roots, and its container without CAP_CHOWN/DAC_OVERRIDE.
+_NOT_OURS_TO_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _make_like(directory: str, st: os.stat_result, fallback: MakeDirectory | None) -> None:
+    """``directory`` made with the owner, group and mode of ``st``: here, else by ``fallback``
+    when the file system refuses this process."""
+    try:
+        if not os.path.isdir(directory):
+            os.mkdir(directory, 0o700)
+        os.chown(directory, st.st_uid, st.st_gid)
+        os.chmod(directory, stat.S_IMODE(st.st_mode))
+    except OSError as exc:
+        if fallback is None or exc.errno not in _NOT_OURS_TO_WRITE:
+            raise
+        fallback(directory, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+        if not os.path.isdir(directory):
+            raise OSError(errno.ENOENT, f"{directory} not made (here: {exc.strerror})") from exc
+
+
+def make_directories(dest: str, source: str, allowed_roots: Iterable[str], *,
+                     fallback: MakeDirectory | None = None
                      ) -> tuple[list[str], tuple[str, str] | None]:
-    """See ``ports.Files.make_directories``."""
+    """See ``ports.Files.make_directories``; ``fallback`` makes a directory this process may
+    not."""
     missing: list[tuple[str, str]] = []
     d, s = os.path.dirname(dest), os.path.dirname(source)
     while not os.path.lexists(d):
@@ -95,11 +123,8 @@ def make_directories(dest: str, source: str, allowed_roots: Iterable[str]
     made: list[str] = []
     for directory, like in reversed(missing):
         try:
-            st = os.stat(like)
-            os.mkdir(directory, 0o700)
+            _make_like(directory, os.stat(like), fallback)
             made.append(directory)
-            os.chown(directory, st.st_uid, st.st_gid)
-            os.chmod(directory, stat.S_IMODE(st.st_mode))
         except OSError as exc:
             return made, ("DestNotCreatable", f"cannot create {directory} like {like}: {exc}")
     return made, None
@@ -204,7 +229,12 @@ def _generation(path: str) -> int | None:
 
 
 class LocalFiles:
-    """``model.ports.Files`` on this node's file system."""
+    """``model.ports.Files`` on this node's file system; ``make_directory`` and ``delete``
+    do what the agent may not do itself (the chart's read-only roots: ``adapters.hostfs``)."""
+
+    def __init__(self, *, make_directory: MakeDirectory | None = None,
+                 delete: DeleteFile | None = None):
+        self._make_directory, self._delete = make_directory, delete
 
     def resolve(self, path: str) -> str:
         return os.path.realpath(path)
@@ -229,11 +259,16 @@ class LocalFiles:
         return allocated(path)
 
     def delete(self, path: str) -> None:
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            if self._delete is None or exc.errno not in _NOT_OURS_TO_WRITE:
+                raise
+            self._delete(path)
 
     def make_directories(self, dest: str, source: str, allowed_roots: Sequence[str]
                          ) -> tuple[list[str], Refusal | None]:
-        return make_directories(dest, source, allowed_roots)
+        return make_directories(dest, source, allowed_roots, fallback=self._make_directory)
 
     def exists(self, path: str) -> bool:
         return os.path.lexists(path)

@@ -17,6 +17,7 @@ import kopf
 
 from blockcopy.adapters import hypervisor
 from blockcopy.adapters.files import LocalFiles
+from blockcopy.adapters.hostfs import LibvirtHostFiles
 from blockcopy.adapters.kube import KubeClient, load_config
 from blockcopy.adapters.metrics import PrometheusMetrics
 from blockcopy.adapters.probes import LivenessServer
@@ -66,8 +67,12 @@ async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, logger: Logger
     except HypervisorError as exc:  # keep running: the follow loops retry with back-off
         logger.warning("libvirt not reachable yet at %s: %s", config.libvirt_uri, exc)
         prometheus.libvirt_up(False)
+    # What the agent may not write itself (the chart's read-only roots), libvirt does.
+    host_files = LibvirtHostFiles(config.libvirt_uri)
     agent = memo.agent = Agent(config, kube=KubeClient(), hv=hv, images=QemuImg(),
-                               files=LocalFiles(), metrics=prometheus)
+                               files=LocalFiles(make_directory=host_files.make_directory,
+                                                delete=host_files.delete),
+                               metrics=prometheus)
     configure_kopf(settings, selector=agent.own_selector)
     await agent.resume_left_paused()
     agent.start_claiming()
