@@ -7,17 +7,17 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import threading
 import uuid
 
 import libvirt
 import pytest
 
-from blockcopy.adapters.hypervisor import LibvirtHypervisor, use_asyncio_loop
+from blockcopy.adapters.hypervisor import LibvirtHypervisor
 from blockcopy.model.api import Flag
 from blockcopy.model.observation import JobEvent, MirrorReady
 from blockcopy.model.ports import CopyRequest, HypervisorError, HypervisorUnavailable
 from support.images import qemu_img_compare
+from support.libvirt_probes import libvirt_event_loop
 from support.waits import wait_for
 
 # libvirtd is part of the local environment (hack/cluster-up.sh, through `cluster`).
@@ -27,14 +27,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cluster")]
 @pytest.fixture(scope="session")
 def libvirt_loop():
     """libvirtaio binds the process's libvirt event handling to one loop for good, so that
-    loop must outlive every later libvirt call of this process: run it in its own thread."""
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True, name="libvirt-events").start()
-
-    async def register():
-        use_asyncio_loop(asyncio.get_running_loop())
-    asyncio.run_coroutine_threadsafe(register(), loop).result(10)
-    return loop
+    loop must outlive every later libvirt call of this process: the test process's one
+    (support.libvirt_probes), run in a thread of its own."""
+    return libvirt_event_loop()
 
 
 class Driver:

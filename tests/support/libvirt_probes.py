@@ -5,14 +5,20 @@ never on what the agent reports about itself."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import libvirt
+
+from blockcopy.adapters.hypervisor import use_asyncio_loop
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from support.vms import VM
@@ -114,22 +120,36 @@ def no_block_job(vm: VM, disk: str = "vda") -> bool:
 
 
 _event_loop_lock = threading.Lock()
-_event_loop_started = False
+_event_loop: asyncio.AbstractEventLoop | None = None
 
 
-def _ensure_libvirt_event_loop() -> None:
-    """libvirt's default event loop, run once per process in a thread of its own."""
-    global _event_loop_started
+def libvirt_event_loop() -> asyncio.AbstractEventLoop:
+    """The test process's libvirt event loop: an asyncio loop in a thread of its own, with
+    libvirtaio registered on it the way the agent registers it
+    (adapters.hypervisor.use_asyncio_loop). libvirt keeps the first event implementation a
+    process registers, so every helper and test that needs libvirt events uses this one (a
+    second implementation left the agent's asyncio callbacks running on a foreign thread,
+    their waiters woken only by chance)."""
+    global _event_loop
     with _event_loop_lock:
-        if not _event_loop_started:
-            libvirt.virEventRegisterDefaultImpl()
+        if _event_loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="libvirt-events",
+                             daemon=True).start()
 
-            def run() -> None:
-                while True:
-                    libvirt.virEventRunDefaultImpl()
+            async def register() -> None:
+                use_asyncio_loop(asyncio.get_running_loop())
+            asyncio.run_coroutine_threadsafe(register(), loop).result(10)
+            _event_loop = loop
+        return _event_loop
 
-            threading.Thread(target=run, name="libvirt-events", daemon=True).start()
-            _event_loop_started = True
+
+def on_event_loop(call: Callable[[], T]) -> T:
+    """``call()`` run on the libvirt event loop's thread (libvirtaio's handles and timers
+    are the loop's: connections that deliver events are opened and closed there)."""
+    async def run() -> T:
+        return call()
+    return asyncio.run_coroutine_threadsafe(run(), libvirt_event_loop()).result(60)
 
 
 class BlockJobEvents:
@@ -137,12 +157,14 @@ class BlockJobEvents:
     [(wall time, monotonic time, status)]."""
 
     def __init__(self, vm: VM):
-        _ensure_libvirt_event_loop()
         self.events: list[tuple[float, float, int]] = []
-        self.conn = libvirt.open(vm.uri)
-        dom = self.conn.lookupByName(vm.name)
-        self.callback_id = self.conn.domainEventRegisterAny(
-            dom, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_event, None)
+
+        def subscribe() -> tuple[libvirt.virConnect, int]:
+            conn = libvirt.open(vm.uri)
+            dom = conn.lookupByName(vm.name)
+            return conn, conn.domainEventRegisterAny(
+                dom, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_event, None)
+        self.conn, self.callback_id = on_event_loop(subscribe)
 
     def _on_event(self, conn: libvirt.virConnect, dom: libvirt.virDomain, disk: str,
                   job_type: int, status: int, opaque: object) -> None:
@@ -159,8 +181,10 @@ class BlockJobEvents:
         return next((m for _w, m, s in self.events if s == status), None)
 
     def close(self) -> None:
-        self.conn.domainEventDeregisterAny(self.callback_id)
-        self.conn.close()
+        def unsubscribe() -> None:
+            self.conn.domainEventDeregisterAny(self.callback_id)
+            self.conn.close()
+        on_event_loop(unsubscribe)
 
 
 def live_source_node(vm: VM, target: str = "vda") -> str:
