@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 
 import pytest
 import yaml
 
+from support.agents import free_port, http_get
 from support.assertions import assert_on_source
 from support.guestwrites import acknowledged_writes, paused, verify
 from support.images import file_sha256, image_digest, qemu_img_compare, qemu_img_info
@@ -48,6 +48,32 @@ def _intact(blockcopies, name: str, reason: str, timeout: float = 30) -> dict:
         lambda s: (c := condition(s, "DestinationIntact")) is not None
         and (c["status"], c["reason"]) == ("False", reason),
         f"{name}: DestinationIntact False ({reason})"), timeout)
+
+
+@pytest.fixture
+def metrics_port(agent_factory) -> int:
+    """The test's agent, serving its metrics on the port returned."""
+    port = free_port()
+    agent_factory(extra_args=["--metrics-port", str(port)])
+    return port
+
+
+def _held_attempts(port: int, reason: str) -> float:
+    """blockcopy_errors_total{reason}: the agent counts every pivot attempt it held."""
+    _, body = http_get(port, "/metrics")
+    for line in body.splitlines():
+        if line.startswith(f'blockcopy_errors_total{{reason="{reason}"}} '):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _another_attempt_held(port: int, reason: str) -> None:
+    """Returns once the agent held the pivot again after the attempt(s) counted now (its
+    follow loop tries again every 5 s): a positive sign, not a quiet pause."""
+    first = wait_for(lambda: _held_attempts(port, reason) or None, 10,
+                     what=f"a pivot attempt held ({reason}) counted")
+    wait_for(lambda: _held_attempts(port, reason) > first, 20,
+             what=f"another pivot attempt held ({reason})")
 
 
 def _assert_held(vm: VM, status: dict, reason: str, dest: str) -> None:
@@ -144,7 +170,7 @@ def test_the_disks_own_chain_is_never_a_destination(which, reason, agent, vms, b
 
 
 @pytest.mark.parametrize("how", ["defined", "attached"])
-def test_a_destination_another_domain_takes_holds_the_pivot(how, agent, vms, users,
+def test_a_destination_another_domain_takes_holds_the_pivot(how, metrics_port, vms, users,
                                                             blockcopies, node, core):
     """While Mirrored, another domain starts using the destination (a new definition on it,
     or a disk attached to a running VM's persistent definition): the pivot asked for is
@@ -166,7 +192,7 @@ def test_a_destination_another_domain_takes_holds_the_pivot(how, agent, vms, use
     assert other.name in condition(status, "DestinationIntact")["message"]
     events = wait_for(events_of(blockcopies, core, name, "DestInUse"), 10)
     assert [e.type for e in events] == ["Warning"]
-    time.sleep(6)  # the next pivot attempts (5 s apart) are held too, one Event in all
+    _another_attempt_held(metrics_port, "DestInUse")  # held too, one Event in all
     _assert_held(vm, blockcopies.status(name), "DestInUse", dest)
     assert len([e for e in blockcopies.events(core, name) if e.reason == "DestInUse"]) == 1
 
@@ -217,8 +243,8 @@ def _abort_and_check_source(vm: VM, blockcopies, name: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["deleted", "renamed"])
-def test_a_vanished_destination_is_never_pivoted_onto(how, agent, vms, blockcopies, node,
-                                                      core):
+def test_a_vanished_destination_is_never_pivoted_onto(how, metrics_port, vms, blockcopies,
+                                                      node, core):
     vm, dest, name = _mirrored_writing_copy(vms, blockcopies, node)
     if how == "deleted":
         os.unlink(dest)
@@ -230,7 +256,7 @@ def test_a_vanished_destination_is_never_pivoted_onto(how, agent, vms, blockcopi
     assert "is gone" in status["message"] and "spec.abort" in status["message"]
     events = wait_for(events_of(blockcopies, core, name, "DestVanished"), 10)
     assert [e.type for e in events] == ["Warning"]
-    time.sleep(6)  # another pivot attempt: still held
+    _another_attempt_held(metrics_port, "DestVanished")  # still held
     _assert_held(vm, blockcopies.status(name), "DestVanished", dest)
     assert not os.path.exists(dest)
     _abort_and_check_source(vm, blockcopies, name)

@@ -196,8 +196,11 @@ class Follower:
             spec, current, seen.disk, was_mirrored=bool(self.recorder.status.get("mirroredTime")),
             last_event=self.last_event, layers_view=seen.layers, group_view=seen.group,
             asking=self.name, created_files=list(self.recorder.status.get("createdFiles") or []))
+        asked = decision.action
         decision, intact = destinations.guard(decision, spec.dest, seen.dest,
                                               previous=self.recorder.status.get("conditions"))
+        if asked == Action.PIVOT and decision.action != Action.PIVOT:
+            self.recorder.agent.metrics.error(decision.reason)  # every held attempt counts
         if intact and intact[0]["status"] == "False" and not destinations.was_held(
                 self.recorder.status.get("conditions"), intact[0]["reason"]):
             self.recorder.event("Warning", intact[0]["reason"], intact[0]["message"])
