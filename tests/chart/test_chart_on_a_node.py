@@ -23,8 +23,11 @@ Every BlockCopy names the node in spec.nodeName and lives in the release's names
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pathlib
+import shutil
 import socket
 import subprocess
 import time
@@ -40,6 +43,7 @@ from support.agents import free_port
 from support.cluster import apply_crd
 from support.helm import one
 from support.images import assert_identical, image_digest
+from support.inventories import wait_domain
 from support.isolation import create_namespace, delete_inventory, release_namespace, unique
 from support.libvirt_probes import (
     blockjob_text,
@@ -61,6 +65,8 @@ from support.node import (
 )
 from support.objects import BlockCopies, copy_spec
 from support.paths import CHART, ROOT
+from support.plans import Plans
+from support.vms import IMAGES
 from support.waits import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -289,6 +295,49 @@ def test_the_pod_copies_and_pivots_a_vm(release, kubectl, api, core, vms):
     text = logs(kubectl, ns, pod["metadata"]["name"])
     assert f"{ns}/{name}: claimed for node {node}" in text
     assert f"{ns}/{name}: Pivoted: the VM now runs on {dest}" in text, text[-3000:]
+
+
+def test_a_plan_moves_a_vm_into_directories_the_pod_may_not_write(release, kubectl, api, vms):
+    """[X] through the chart: the controller's pod plans from the inventory the agent's pod
+    published; the pod mounts the roots read-only, so libvirt makes the child's missing
+    destination directories (owner, group and mode like the source's) and deletes the source
+    image once no domain uses it (sourceRetention: Delete)."""
+    ns, node = release["namespace"], release["node"]
+    vm = vms(name="plan", layers=1)
+    workdir = pathlib.Path(vm.workdir)
+    os.chown(workdir, 0, grp.getgrnam("kvm").gr_gid)  # something libvirt has to set
+    workdir.chmod(0o751)
+    dst_prefix = IMAGES.parent / f"blockcopy-moved-{uuid.uuid4().hex[:8]}"
+    dest = dst_prefix / workdir.name / pathlib.Path(vm.chain[0]).name
+    plans = Plans(api, ns)
+    try:
+        wait_domain(api, node, vm.name, lambda d: d is not None, timeout=60)
+        plan = plans.create(f"{vm.name}-plan", {
+            "source": {"pathPrefix": str(IMAGES), "domains": [vm.name]},
+            "destination": {"pathPrefix": str(dst_prefix)}, "pivot": "Automatic",
+            "sourceRetention": "Delete"})
+        status = plans.wait_phase(plan, "Completed", "Failed", timeout=240)
+        assert status["phase"] == "Completed", status
+        assert (status["total"], status["pivoted"]) == (1, 1), status
+        assert live_disk_source(vm) == str(dest) and live_mirror(vm) is None
+        assert image_digest(str(dest), "qcow2") == vm.initial_digest
+        # (The agent reclaims after the pivot: the plan may be Completed first.)
+        reclaimed = wait_for(lambda: plans.children(plan)[0]["status"].get("reclaimedSources"),
+                             30, what="the child's reclaimedSources")
+        assert reclaimed == {"deleted": [vm.chain[0]], "kept": []}
+        assert not os.path.exists(vm.chain[0])
+        for made, like in ((dest.parent, workdir), (dst_prefix, IMAGES)):
+            assert (made.stat().st_uid, made.stat().st_gid, made.stat().st_mode) == \
+                (like.stat().st_uid, like.stat().st_gid, like.stat().st_mode), made
+        pod = ready_pod(kubectl, ns, release["name"])
+        assert pod is not None
+        text = logs(kubectl, ns, pod["metadata"]["name"])
+        assert f"made {dest.parent} through libvirt" in text, text[-3000:]
+        assert f"deleted {vm.chain[0]} through libvirt" in text, text[-3000:]
+    finally:
+        for made_plan in plans.made:
+            plans.delete(made_plan)
+        shutil.rmtree(dst_prefix, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ destinations
