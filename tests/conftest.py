@@ -25,7 +25,7 @@ from support.cluster import (
 from support.helm import Helm
 from support.objects import BlockCopies
 from support.paths import KUBECONFIG
-from support.vms import VM, create_vm, define_on, destroy_vm
+from support.vms import VM, BackgroundDestroyer, create_vm, define_on, destroy_vm
 
 # Fixtures kept next to the helpers they wrap.
 # gitops_health: Flux's and Argo CD's verdicts; nbd and small_fs: destinations elsewhere
@@ -143,9 +143,27 @@ def agent(agent_factory) -> Agent:
     return agent_factory()
 
 
+@pytest.fixture(scope="session")
+def destroyer() -> Iterator[BackgroundDestroyer]:
+    """Destroys the ``vms`` fixture's VMs in the background (support.vms)."""
+    background = BackgroundDestroyer()
+    yield background
+    background.close()
+
+
+@pytest.fixture(autouse=True)
+def earlier_vms_gone(request: pytest.FixtureRequest, destroyer: BackgroundDestroyer) -> None:
+    """Before a test that does not make VMs with ``vms`` (which drains on its own, after the
+    fixtures before it, such as the agent, started): the earlier tests' VMs are gone."""
+    if "vms" not in request.fixturenames:
+        destroyer.drain()
+
+
 @pytest.fixture
-def vms() -> Iterator[Callable[..., VM]]:
-    """``make(name=None, **create_vm options)``: VMs destroyed at teardown."""
+def vms(destroyer: BackgroundDestroyer) -> Iterator[Callable[..., VM]]:
+    """``make(name=None, **create_vm options)``: VMs destroyed after the test, in the
+    background (the next test's setup overlaps it; see BackgroundDestroyer)."""
+    destroyer.drain()
     made: list[VM] = []
 
     def make(name: str | None = None, **kw) -> VM:
@@ -155,7 +173,7 @@ def vms() -> Iterator[Callable[..., VM]]:
 
     yield make
     for vm in made:
-        destroy_vm(vm)
+        destroyer.destroy(vm)
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -628,6 +629,38 @@ def destroy_vm_by_name(name: str, *, uri: str = DEFAULT_URI,
 
 def destroy_vm(vm: VM) -> None:
     destroy_vm_by_name(vm.name, uri=vm.uri, images_dir=Path(vm.workdir).parent)
+
+
+class BackgroundDestroyer:
+    """Test VMs destroyed off the tests' critical path: libvirt's destroy takes 1-2 s (QEMU's
+    exit and the cleanup after it), which the next test's setup (an agent starting) can
+    overlap. ``destroy`` hands a VM over; ``drain`` returns once every VM handed over is gone,
+    and raises if one could not be destroyed. Whatever needs the earlier tests' VMs gone (a
+    test making VMs, a test listing the host's domains, libvirtd restarted) drains first."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="destroy-vm")
+        self._pending: list[tuple[str, Future[None]]] = []
+
+    def destroy(self, vm: VM) -> None:
+        self._pending.append((vm.name, self._pool.submit(destroy_vm, vm)))
+
+    def drain(self) -> None:
+        pending, self._pending = self._pending, []
+        failed = []
+        for name, future in pending:
+            try:
+                future.result(timeout=120)
+            except Exception as exc:  # every one waited for, then all reported
+                failed.append(f"{name}: {exc!r}")
+        if failed:
+            raise RuntimeError(f"test VMs not destroyed: {'; '.join(failed)}")
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown()
 
 
 def cleanup_all(uri: str = DEFAULT_URI, images_dir: str | Path | None = None) -> list[str]:
