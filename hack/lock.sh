@@ -41,18 +41,9 @@ case "${1:-}" in
 esac
 
 TOOLS="$CACHE/tools/uv-$UV_VERSION"
-if [ ! -x "$TOOLS/bin/uv" ]; then
-  mkdir -p "$CACHE/tools"
-  exec 9>"$CACHE/tools/.uv.lock"
-  flock 9
-  if [ ! -x "$TOOLS/bin/uv" ]; then
-    log "installing uv $UV_VERSION into $TOOLS"
-    rm -rf "$TOOLS"
-    python3 -m venv "$TOOLS"
-    "$TOOLS/bin/pip" install -q --disable-pip-version-check "uv==$UV_VERSION"
-  fi
-  exec 9>&-
-fi
+# shellcheck source=lib/toolvenv.sh
+source "$HACK/lib/toolvenv.sh"
+tool_venv "$TOOLS" uv "uv==$UV_VERSION"
 
 # compile OUTPUT INPUT [ARGS...]: one lock file, into OUTPUT; a lock file already there is
 # copied first: uv keeps its pins where the inputs allow them.

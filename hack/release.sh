@@ -65,20 +65,9 @@ fi
 # The SBOM tool: a venv of its own under the cache directory, named after its lock file
 # (requirements/release.txt), installed once with hashes.
 SBOM_TOOL="$CACHE/tools/cyclonedx-$(sha256sum "$REPO/requirements/release.txt" | cut -c1-16)"
-if [ ! -x "$SBOM_TOOL/bin/cyclonedx-py" ]; then
-  mkdir -p "$CACHE/tools"
-  exec 9>"$CACHE/tools/.cyclonedx.lock"
-  flock 9
-  if [ ! -x "$SBOM_TOOL/bin/cyclonedx-py" ]; then
-    log "installing the SBOM tool (requirements/release.txt) into $SBOM_TOOL"
-    rm -rf "$SBOM_TOOL"
-    "$PYTHON" -m venv --without-pip "$SBOM_TOOL"
-    "$PYTHON" -m pip --python "$SBOM_TOOL/bin/python" install -q --disable-pip-version-check \
-      --require-hashes --no-deps -r "$REPO/requirements/release.txt" \
-      || { rm -rf "$SBOM_TOOL"; die "could not install requirements/release.txt"; }
-  fi
-  exec 9>&-
-fi
+# shellcheck source=lib/toolvenv.sh
+source "$HACK/lib/toolvenv.sh"
+tool_venv "$SBOM_TOOL" cyclonedx-py --require-hashes --no-deps -r "$REPO/requirements/release.txt"
 if [ ! -x "$HELM" ]; then
   BLOCKCOPY_STATE_DIR="$STATE" BLOCKCOPY_CACHE_DIR="$CACHE" "$HACK/install-kube-tools.sh" >&2
 fi
