@@ -1,8 +1,8 @@
 """One BlockCopy's follower. Each step does four things, in this order: observe (the disk
 in libvirt, and what else the decision needs), decide (pure: ``core.gates`` over the
-observation), act (at most one action, through a collaborator: the starter, the hypervisor,
-the group, the convergence assist), record (status, Events, metrics, through the recorder,
-always). ``loop`` runs the steps and sleeps between them.
+observation), act (at most one action, through a collaborator: the starter before the job,
+the job actor while it runs, the convergence assist), record (status, Events, metrics,
+through the recorder, always). ``loop`` runs the steps and sleeps between them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from blockcopy.agent import layers
+from blockcopy.agent.actor import JobActor
 from blockcopy.agent.convergence import ConvergenceAssist
 from blockcopy.agent.groups import Groups, key_of
 from blockcopy.agent.layers import NO_LAYER_COPIES, LayerCopies, NoLayerCopies
@@ -22,15 +23,15 @@ from blockcopy.agent.recorder import ObjectRecorder
 from blockcopy.agent.retries import Retries
 from blockcopy.agent.starter import Starter
 from blockcopy.agent.steps import FollowSettings, Observation, Outcome
-from blockcopy.agent.verifier import Copy, Verifier
-from blockcopy.core import convergence, destinations, gates, reconcile, status, verify, zeroes
+from blockcopy.agent.verifier import Verifier
+from blockcopy.core import convergence, destinations, gates, reconcile, status, verify
 from blockcopy.core.progress import ProgressWindow
 from blockcopy.core.reconcile import Action, Decision
 from blockcopy.core.slots import CopySlots
 from blockcopy.core.specs import read_spec
 from blockcopy.model.api import TERMINAL_PHASES, BlockCopySpec, Phase
 from blockcopy.model.observation import DiskState, JobEvent
-from blockcopy.model.ports import Files, Hypervisor, HypervisorError, HypervisorUnavailable, Images
+from blockcopy.model.ports import Files, Hypervisor, Images
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,10 @@ class Follower:
                                namespace=recorder.ref.namespace, status=lambda: recorder.status,
                                now=lambda: status.timestamp(recorder.agent.clock()))
         self.assist = ConvergenceAssist(hv)
-        self.verifier = verifier
-        self.layers: LayerCopies | NoLayerCopies = NO_LAYER_COPIES
         self.retries = Retries(recorder)
+        self.actor = JobActor(hv=hv, starter=self.starter, verifier=verifier, groups=groups,
+                              recorder=recorder, retries=self.retries, member=self)
+        self.layers: LayerCopies | NoLayerCopies = NO_LAYER_COPIES
         self.window = ProgressWindow()  # rate, time left, convergence
         self.start_lock = start_lock  # of two BlockCopies for one disk only one may start
         self.job_holder = job_holder  # which other object of this agent holds our disk's job
@@ -225,85 +227,9 @@ class Follower:
         outcome = Outcome(decision, seen.disk, [*conditions, *progress.conditions,
                                                 *assist.conditions], fields=fields,
                           estimate=seen.estimate)
-        return await self._act_on_job(spec, current, outcome)
-
-    async def _act_on_job(self, spec: BlockCopySpec, current: Phase, outcome: Outcome
-                          ) -> Outcome:
-        decision, disk = outcome.decision, outcome.disk
-        assert disk is not None
         if decision.phase in (Phase.COPYING, Phase.MIRRORED):
             self.layers.start()  # after a restart: copy again what was not verified
-        if decision.action == Action.NONE:
-            self.retries.acted()
-            return outcome
-        if decision.action in (Action.PIVOT, Action.ABORT) and not self.retries.refusing:
-            # Record the intent first: if the agent dies mid-way, the phase tells the
-            # restarted agent to finish the same thing (the mirror is re-checked).
-            # Not again on retries: a refused pivot stays Mirrored, without flapping.
-            await self.recorder.record(decision, disk=disk, generation=self.generation,
-                                       extra=outcome.conditions, intent=True, spec=spec)
-        try:
-            checked = await self._act(spec, disk, decision)
-        except HypervisorUnavailable:
-            raise
-        except HypervisorError as exc:
-            self.retries.refused()
-            outcome.decision, outcome.refused = reconcile.refused(decision, current, str(exc)), \
-                True
-            return outcome
-        if checked is not None and self._record_check(outcome, checked):
-            return outcome
-        self.retries.acted()
-        return outcome
-
-    def _record_check(self, outcome: Outcome, result: verify.Result) -> bool:
-        """The check at the switch: its condition, status field and Event; the decision a
-        held pivot turns into (Failed on a mismatch, Mirrored while a check asked for
-        cannot be made: True, retried on the refusal back-off)."""
-        outcome.decision = verify.decision(result, outcome.decision)
-        outcome.conditions = [*(c for c in outcome.conditions
-                                if c.get("type") != verify.VERIFIED), verify.condition(result)]
-        outcome.fields = {**(outcome.fields or {}), "verification": verify.status_field(
-            result, status.timestamp(self.recorder.agent.clock()))}
-        event = verify.event(result)
-        if event is not None:
-            self.recorder.event(*event)
-        if result.reason == "NotVerifiable":
-            self.retries.refused()
-            outcome.refused = True
-        return outcome.refused
-
-    async def _act(self, spec: BlockCopySpec, disk: DiskState, decision: Decision
-                   ) -> verify.Result | None:
-        """Act on the decision; a pivot returns its check at the switch."""
-        target = disk.target or spec.disk
-        match decision.action:
-            case Action.PIVOT:
-                self.recorder.pivot_issued = asyncio.get_running_loop().time()
-                checked = await self.verifier.pivot(Copy(
-                    spec, disk, target, self.recorder.status.get("format")))
-                if not checked.held:
-                    await self.starter.zero_detection_back(spec.domain, target)
-                return checked
-            case Action.ABORT:
-                group = key_of(self.body)
-                if group is not None and decision.reason != "LayerCopyFailed":
-                    await self.groups.abort(group, spec.domain, by=self)
-                else:
-                    await self.hv.cancel(spec.domain, target)
-            case Action.SET_BANDWIDTH:
-                if self._throttled_for_zeroes(spec, disk):
-                    # The agent stopped between the throttled start and the reopen: again.
-                    self.recorder.update(zeroDetection=await self.starter.detect_zeroes(
-                        spec.domain, target, spec.bandwidth))
-                else:
-                    await self.hv.set_bandwidth(spec.domain, target, spec.bandwidth)
-        return None
-
-    def _throttled_for_zeroes(self, spec: BlockCopySpec, disk: DiskState) -> bool:
-        return spec.detect_zeroes and disk.job is not None and \
-            disk.job.bandwidth == zeroes.THROTTLE != spec.bandwidth and \
-            self.recorder.status.get("zeroDetection") != "unmap"
+        return await self.actor.act(spec, current, outcome, generation=self.generation)
 
     # -- observing ------------------------------------------------------------------------
     async def _observe_disk(self, spec: BlockCopySpec) -> DiskState:
