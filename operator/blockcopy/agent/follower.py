@@ -21,6 +21,7 @@ from blockcopy.agent.loop import FollowLoop, Step, StopSignal
 from blockcopy.agent.reclaim import reclaim, summary
 from blockcopy.agent.recorder import ObjectRecorder
 from blockcopy.agent.retries import Retries
+from blockcopy.agent.startchecks import StartChecks
 from blockcopy.agent.starter import Starter
 from blockcopy.agent.steps import FollowSettings, Observation, Outcome
 from blockcopy.agent.verifier import Verifier
@@ -48,8 +49,13 @@ class Follower:
                  job_holder: Callable[[Follower], str | None], verifier: Verifier):
         self.body, self.hv, self.images, self.recorder = body, hv, images, recorder
         self.settings, self.slots, self.groups = settings, slots, groups
-        self.starter = Starter(hv=hv, images=images, files=files, settings=settings.start,
-                               namespace=recorder.ref.namespace, status=lambda: recorder.status,
+        start = settings.start
+        self.checks = StartChecks(hv=hv, images=images, files=files,
+                                  allowed_paths=start.allowed_paths,
+                                  allowed_network=start.allowed_network, policy=start.policy,
+                                  namespace=recorder.ref.namespace, status=lambda: recorder.status)
+        self.starter = Starter(hv=hv, images=images, files=files, checks=self.checks,
+                               settings=start, status=lambda: recorder.status,
                                now=lambda: status.timestamp(recorder.agent.clock()))
         self.assist = ConvergenceAssist(hv)
         self.retries = Retries(recorder)
@@ -146,7 +152,7 @@ class Follower:
         # Before libvirt is asked anything (nothing created, and no domain's existence told to
         # a namespace the policy keeps away). An existing dest waits for the look below: it
         # may be the file of a job of ours that a restarted agent adopts.
-        refusal = self.starter.refusal(spec, current)
+        refusal = self.checks.refusal(spec, current)
         # spec.createDirectories: the starter makes them, once the source's are known.
         if refusal is not None and spec.create_directories and \
                 refusal.reason == "DestNotCreatable":
@@ -247,7 +253,7 @@ class Follower:
             self._take_up_layers()
         pivot_due = gates.pivot_due(spec, current, disk)
         group = await self.groups.view(key_of(self.body), listing=pivot_due)
-        dest = await self.starter.dest_check(spec, disk, self.recorder.status.get(
+        dest = await self.checks.dest_check(spec, disk, self.recorder.status.get(
             "destIdentity")) if pivot_due or not self._looked else None
         estimate = None
         if current == Phase.COPYING and disk.job is not None:
@@ -276,7 +282,7 @@ class Follower:
         if reading.spec is None:
             return
         done = await reclaim(reading.spec, self.recorder.status, images=self.images,
-                             files=self.starter.files, in_use=self.starter.in_use)
+                             files=self.checks.files, in_use=self.checks.users)
         if done is not None:
             self.recorder.update(reclaimedSources=done)
             self.recorder.event("Normal", "SourcesReclaimed", summary(done))
