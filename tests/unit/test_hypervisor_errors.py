@@ -609,11 +609,11 @@ async def test_block_job_events_become_job_events_for_every_listener(
     hv.add_listener(lambda *args: first.append(args))
     hv.add_listener(broken)
     hv.add_listener(lambda *args: last.append(args))
-    with caplog.at_level(logging.ERROR, logger="blockcopy.adapters.hypervisor"):
+    with caplog.at_level(logging.ERROR, logger="blockcopy.adapters.connection"):
+        copy = libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY
         for status in STATUSES:
-            hv._on_block_job(None, dom, "vda", libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY, status,
-                             None)
-        hv._on_block_job(None, dom, "vda", libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY, 99, None)
+            hv.connection._on_block_job(None, dom, "vda", copy, status, None)
+        hv.connection._on_block_job(None, dom, "vda", copy, 99, None)
     expected = [(dom.uuid, "vda", event) for event in STATUSES.values()]
     assert first == expected and last == expected
     assert [r.getMessage() for r in caplog.records] == ["block-job listener failed"] * 4

@@ -14,7 +14,7 @@ import libvirt
 import pytest
 import pytest_asyncio
 
-from blockcopy.adapters import hypervisor
+from blockcopy.adapters import connection
 from blockcopy.adapters.hypervisor import LibvirtHypervisor
 from blockcopy.model.inventory import BackingImage, DiskType, DomainState, bounded
 
@@ -149,7 +149,7 @@ async def test_lifecycle_and_device_events_reach_the_domain_listeners(
     # `make test`), opening the connection also announces "look again" ('') on that loop,
     # which may be another thread's (support.libvirt_probes.libvirt_event_loop): let that
     # loop run what it was handed before counting (its callbacks run in order).
-    events_loop = hypervisor._event_impl_loop
+    events_loop = connection._event_impl_loop
     if events_loop is not None and events_loop is not asyncio.get_running_loop():
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(asyncio.sleep(0),
                                                                    events_loop))
@@ -158,7 +158,7 @@ async def test_lifecycle_and_device_events_reach_the_domain_listeners(
     dom = hv.opened[0].lookupByName("inv-running")  # type: ignore[attr-defined]
     # As libvirt calls the callbacks registered in _connection (libvirtaio's loop).
     conn = hv.opened[0]  # type: ignore[attr-defined]
-    hv._on_lifecycle(conn, dom, libvirt.VIR_DOMAIN_EVENT_STOPPED, 0, None)
-    hv._on_device(conn, dom, "virtio-disk1", None)
-    hv._on_domain(None)  # after a reconnection
+    hv.connection._on_lifecycle(conn, dom, libvirt.VIR_DOMAIN_EVENT_STOPPED, 0, None)
+    hv.connection._on_device(conn, dom, "virtio-disk1", None)
+    hv.connection._on_domain(None)  # after a reconnection
     assert seen == [RUNNING_UUID, RUNNING_UUID, ""]

@@ -1,41 +1,37 @@
-"""The libvirt driver: the only module that imports libvirt.
+"""The libvirt driver: with ``adapters.connection``, the only module that imports libvirt
+for the agent's verbs (``domains``, ``monitor`` and ``hostfs`` are its helpers).
 
 Implements ``ports.Hypervisor``: turns libvirt's domains, live XML and block-job calls into
 the plain data of ``observation`` and a few verbs (start a copy, pivot, cancel, set the
 speed). libvirt's calls block, so each verb runs in a worker thread; block-job events arrive
-on the asyncio loop through libvirtaio and are handed to listeners.
-
-"Cannot reach libvirtd" is decided by the connection's state, not by an error code: libvirtd
-also reports its own OS errors while serving a request as VIR_ERR_SYSTEM_ERROR, and such a
-refusal must end the copy with libvirt's message, not be retried forever as an outage.
+on the asyncio loop through libvirtaio and are handed to listeners by the connection, which
+also decides whether a failed call was a refusal or an outage.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import uuid as uuidlib
 from collections.abc import Callable
-from typing import TypeVar
 
 import libvirt
-import libvirtaio
 
 from blockcopy.adapters import domains, monitor
+from blockcopy.adapters.connection import LibvirtConnection, T, use_asyncio_loop
 from blockcopy.core.domainxml import dest_disk_xml, parse_disk, tenant_of
 from blockcopy.model.api import Flag
 from blockcopy.model.inventory import InventoryDomain
-from blockcopy.model.observation import DiskState, ImageUser, JobEvent, JobProgress
+from blockcopy.model.observation import DiskState, ImageUser, JobProgress
 from blockcopy.model.ports import (
     Capabilities,
     CopyRequest,
     DiskSize,
     DomainListener,
     HypervisorError,
-    HypervisorUnavailable,
     JobListener,
 )
+
+__all__ = ["LibvirtHypervisor", "use_asyncio_loop"]  # the runtime sets up libvirt here
 
 log = logging.getLogger(__name__)
 
@@ -45,40 +41,6 @@ _COPY_FLAGS = {
     Flag.TRANSIENT_JOB: libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB,
     Flag.SYNCHRONOUS_WRITES: libvirt.VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES,
 }
-_EVENT_STATUS = {
-    libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: JobEvent.COMPLETED,
-    libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED: JobEvent.FAILED,
-    libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED: JobEvent.CANCELED,
-    libvirt.VIR_DOMAIN_BLOCK_JOB_READY: JobEvent.READY,
-}
-# Codes that can only mean the connection itself is unusable (never a refusal).
-_CONNECTION_LOST = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN}
-
-_event_impl_lock = threading.Lock()
-_event_impl_loop: asyncio.AbstractEventLoop | None = None
-
-T = TypeVar("T")
-
-
-def _libvirt_error(_context: object, error: tuple[object, ...]) -> None:
-    """libvirt's C library prints every failed call to stderr unless a handler is set: that
-    broke the agent's JSON logs (a domain of another VM gone while the agent listed them).
-    The error still reaches the caller as libvirtError; here it is only a debug line."""
-    log.debug("libvirt: %s", error[2] if len(error) > 2 else error)
-
-
-def use_asyncio_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Deliver libvirt events on ``loop``; must run before the first connection opens."""
-    global _event_impl_loop
-    with _event_impl_lock:
-        if _event_impl_loop is None:
-            libvirt.registerErrorHandler(_libvirt_error, None)
-            libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
-            _event_impl_loop = loop
-
-
-def _version_tuple(number: int) -> tuple[int, int, int]:
-    return number // 1000000, number // 1000 % 1000, number % 1000
 
 
 def _looks_like_uuid(ref: str) -> bool:
@@ -90,156 +52,32 @@ def _looks_like_uuid(ref: str) -> bool:
 
 
 class LibvirtHypervisor:
-    """One libvirt connection (reopened when it drops) plus block-job event fan-out."""
+    """The agent's hypervisor (``ports.Hypervisor``) over one libvirt connection."""
 
     def __init__(self, uri: str = "qemu:///system", *,
                  open_connection: Callable[[str], libvirt.virConnect] = libvirt.open):
         self.uri = uri
-        self._open = open_connection  # libvirt.open; unit tests inject fault-injecting fakes
-        self._conn: libvirt.virConnect | None = None
-        self._lock = threading.Lock()
-        self._listeners: list[JobListener] = []
-        self._domain_listeners: list[DomainListener] = []
-        self._callback_ids: list[int] = []
-        self._capabilities: Capabilities | None = None  # of the current connection
+        self.connection = LibvirtConnection(uri, open_connection=open_connection)
         self._sizes: domains.Sizes = {}  # the inventory's disk sizes of its last look
 
-    # -- connection and error classification ----------------------------------------
+    # -- the connection's side ---------------------------------------------------------
     def add_listener(self, listener: JobListener) -> None:
-        self._listeners.append(listener)
+        self.connection.add_listener(listener)
 
     def add_domain_listener(self, listener: DomainListener) -> None:
-        self._domain_listeners.append(listener)
-
-    def _on_domain(self, dom: libvirt.virDomain | None) -> None:
-        domain_uuid = dom.UUIDString() if dom is not None else ""
-        for listener in list(self._domain_listeners):
-            try:
-                listener(domain_uuid)
-            except Exception:
-                log.exception("domain listener failed")
-
-    def _on_lifecycle(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, _event: int,
-                      _detail: int, _opaque: object) -> None:
-        self._on_domain(dom)
-
-    def _on_device(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, _alias: str,
-                   _opaque: object) -> None:
-        self._on_domain(dom)
-
-    def _on_block_job(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, disk: str,
-                      _job_type: int, status: int, _opaque: object) -> None:
-        event = _EVENT_STATUS.get(status)
-        if event is None:
-            return
-        domain_uuid = dom.UUIDString()
-        for listener in list(self._listeners):
-            try:
-                listener(domain_uuid, disk, event)
-            except Exception:  # a listener's bug must not break event delivery
-                log.exception("block-job listener failed")
+        self.connection.add_domain_listener(listener)
 
     def _connection(self) -> libvirt.virConnect:
-        with self._lock:
-            if self._conn is not None:
-                try:
-                    if self._conn.isAlive():
-                        return self._conn
-                except libvirt.libvirtError:
-                    pass
-                self._drop()
-            try:
-                conn = self._open(self.uri)
-            except libvirt.libvirtError as exc:
-                raise HypervisorUnavailable(
-                    f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}",
-                    exc.get_error_code()) from None
-            if _event_impl_loop is not None:
-                # Keepalive lets libvirt notice a dead daemon; events need the loop. A driver
-                # without a daemon (test://, an embedded one) has no keepalive to set.
-                try:
-                    conn.setKeepAlive(5, 3)
-                except libvirt.libvirtError as exc:
-                    if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
-                        raise
-                self._callback_ids = [conn.domainEventRegisterAny(None, event_id, callback, None)
-                                      for event_id, callback in (
-                    (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job),
-                    (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
-                    (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self._on_device),
-                    (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device))]
-                # Events may have been missed while there was no connection.
-                _event_impl_loop.call_soon_threadsafe(self._on_domain, None)
-            self._conn = conn
-            self._capabilities = None  # learned again on the next ask
-            return conn
-
-    def _drop(self) -> None:
-        """Forget a connection that went bad (libvirt frees it; no calls on it any more)."""
-        self._conn = None
-        self._callback_ids = []
-
-    def _connection_works(self) -> bool:
-        """Is the current connection alive, and does a trivial call on it succeed?"""
-        conn = self._conn
-        if conn is None:
-            return False
-        try:
-            return bool(conn.isAlive()) and conn.getLibVersion() > 0
-        except libvirt.libvirtError:
-            return False
-
-    def _error(self, exc: libvirt.libvirtError) -> HypervisorError:
-        """A refusal (HypervisorError, libvirt's message) or an outage (HypervisorUnavailable),
-        decided by whether the connection still works after the failed call."""
-        code = exc.get_error_code()
-        message = exc.get_error_message() or str(exc)
-        if code in _CONNECTION_LOST or not self._connection_works():
-            with self._lock:
-                self._drop()
-            return HypervisorUnavailable(message, code)
-        return HypervisorError(message, code)
-
-    def _call(self, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except libvirt.libvirtError as exc:
-            raise self._error(exc) from None
+        return self.connection.get()
 
     async def _in_thread(self, fn: Callable[[], T]) -> T:
-        return await asyncio.to_thread(self._call, fn)
-
-    def _close_blocking(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                try:
-                    for callback_id in self._callback_ids:
-                        self._conn.domainEventDeregisterAny(callback_id)
-                    self._conn.close()
-                except libvirt.libvirtError:
-                    pass
-                self._drop()
+        return await self.connection.in_thread(fn)
 
     async def close(self) -> None:
-        # Closing removes libvirt's keepalive timer from the loop: kopf would otherwise wait
-        # for it (about 5 s) before exiting.
-        await asyncio.to_thread(self._close_blocking)
-
-    def _learn_capabilities(self) -> Capabilities:
-        with self._lock:
-            known = self._capabilities
-        if known is not None and self._conn is not None:
-            return known
-        conn = self._connection()
-        caps = Capabilities(libvirt=_version_tuple(conn.getLibVersion()),
-                            qemu=_version_tuple(conn.getVersion()))
-        with self._lock:
-            self._capabilities = caps
-        log.info("hypervisor: %s", caps.describe())
-        return caps
+        await self.connection.close()
 
     async def capabilities(self) -> Capabilities:
-        return await self._in_thread(self._learn_capabilities)
+        return await self._in_thread(self.connection.capabilities)
 
     async def set_zero_detection(self, domain: str, target: str, *, on: bool,
                                  mirror: bool) -> None:
