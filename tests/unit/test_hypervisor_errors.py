@@ -1,13 +1,14 @@
-"""The libvirt driver's error classification and observation (blockcopy.adapters.hypervisor),
+"""The libvirt driver's error classification and observation (blockcopy.adapters.hypervisor
+over blockcopy.adapters.connection),
 without QEMU. What libvirt's own ``test://`` driver implements is asked of it, on a node of
 our own (a running domain with a qcow2-over-raw disk and a tenant, a shut-off one); an
 unreachable libvirtd is a real unreachable socket. What no real part produces on demand (a
 system error raised by libvirtd while the connection works, a connection that dies in the
 middle of a call, a domain that goes away or stops between two calls inside one observation)
 comes from FaultyConnection, a fault-injection fake. Block-job events are fed to the
-driver's callback as libvirt calls it.
+connection's callback as libvirt calls it.
 
-The mapping under test (hypervisor.py's docstring): "cannot reach libvirtd" is decided by
+The mapping under test (connection.py's docstring): "cannot reach libvirtd" is decided by
 the connection's state, not by the error code; everything else is a refusal with libvirt's
 message; a domain that is not there is not an error of observe()."""
 

@@ -156,7 +156,7 @@ async def test_lifecycle_and_device_events_reach_the_domain_listeners(
     await asyncio.sleep(0)
     seen.clear()
     dom = hv.opened[0].lookupByName("inv-running")  # type: ignore[attr-defined]
-    # As libvirt calls the callbacks registered in _connection (libvirtaio's loop).
+    # As libvirt calls the callbacks registered in LibvirtConnection.get (libvirtaio's loop).
     conn = hv.opened[0]  # type: ignore[attr-defined]
     hv.connection._on_lifecycle(conn, dom, libvirt.VIR_DOMAIN_EVENT_STOPPED, 0, None)
     hv.connection._on_device(conn, dom, "virtio-disk1", None)

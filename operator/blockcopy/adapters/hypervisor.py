@@ -1,5 +1,5 @@
-"""The libvirt driver: with ``adapters.connection``, the only module that imports libvirt
-for the agent's verbs (``domains``, ``monitor`` and ``hostfs`` are its helpers).
+"""The libvirt driver: the agent's verbs on domains and block jobs, over the connection of
+``adapters.connection`` (with ``domains`` and ``monitor`` as its helpers).
 
 Implements ``ports.Hypervisor``: turns libvirt's domains, live XML and block-job calls into
 the plain data of ``observation`` and a few verbs (start a copy, pivot, cancel, set the

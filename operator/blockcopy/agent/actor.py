@@ -1,8 +1,9 @@
 """The act step of a follower while its job runs: the one action a decision asks for, and
 what its result makes of the outcome the recorder writes (a refusal, the check at the
-switch). Apart from the follower so that the follower is only the order of the four steps
-(observe, decide, act, record), and this the verbs: pivot (through the verifier), abort
-(alone or with the disk's group), set the bandwidth (or turn zero detection on again).
+switch). Apart from the follower so that the follower keeps the order of the four steps
+(observe, decide, act, record) and the start, and this the verbs on a running job: pivot
+(through the verifier), abort (alone or with the disk's group), set the bandwidth (or turn
+zero detection on again).
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """The checks before a copy starts, and before it is switched to: whether the destination
 may be written at all (the file system, the agent's allowed paths and network, the tenant
 policy), whether it is another disk's image or an image of the disk's own chain, whether there
-is room for the copy, and whether the destination is still the file the copy went to. Each
-returns the Failed decision that says why not, or None. Apart from the starter, which does
-the start (files, plans, libvirt's call) and asks these first, so that what is refused and
-what is done can be read apart; the follower asks the pivot's check itself.
+is room for the copy, and whether the destination is still the file the copy went to. The
+refusals return the Failed decision that says why not, or None; ``dest_identity`` and
+``dest_check`` return what they saw. Apart from the starter, which does the start
+(directories, plans, libvirt's call) and asks these before each step, so that what is refused
+and what is done can be read apart; the follower asks the first look's and the pivot's
+checks itself.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class StartChecks:
                     spec.dest in (self._status().get("createdFiles") or []):
                 refused = None  # our own file, from a plan a restarted agent now finishes
         forbidden = self.policy.precheck(namespace=self.namespace, dest=spec.dest,
-                                                  resolved=self._resolved(spec))
+                                         resolved=self._resolved(spec))
         if forbidden is not None:
             return starting.forbidden(forbidden)
         return failed(*refused) if refused is not None else None
@@ -63,8 +65,7 @@ class StartChecks:
             dest=spec.dest, resolved=self._resolved(spec))
         return starting.forbidden(forbidden) if forbidden is not None else None
 
-    async def plain_reuse(self, spec: BlockCopySpec, disk: DiskState
-                              ) -> Decision | None:
+    async def plain_reuse(self, spec: BlockCopySpec, disk: DiskState) -> Decision | None:
         """A pre-created destination of an encrypted disk must be encrypted too (QEMU would
         refuse a plain one anyway, with a less clear message)."""
         if not disk.encrypted or Flag.REUSE_EXTERNAL not in spec.flags or \
@@ -77,7 +78,7 @@ class StartChecks:
         return None if info.encrypted else starting.not_encrypted(spec)
 
     async def in_use(self, spec: BlockCopySpec, disk: DiskState, paths: list[str]
-                             ) -> Decision | None:
+                     ) -> Decision | None:
         """A destination (or a file the agent would make) that another disk uses."""
         if spec.network is not None or not paths:
             return None
@@ -86,7 +87,7 @@ class StartChecks:
             user = holders.get(path)
             if user is not None:
                 visible = self.policy.may_see(namespace=self.namespace,
-                                                       domain=user.domain, tenant=user.tenant)
+                                              domain=user.domain, tenant=user.tenant)
                 what = "dest" if path == spec.dest else "the chain move's target"
                 return destinations.in_use(path, user, visible=visible, what=what)
         return None

@@ -1,11 +1,12 @@
 """Starting a copy: the calls made between "the disk is idle, go" and libvirt's blockCopy (the
 rules themselves are ``core.starting``'s, the checks ``agent.startchecks``').
 
-The checks asked first (nothing is created before they pass), the directories the spec asks
+The checks (``agent.startchecks``) asked before each step, the directories the spec asks
 for, the plan of a layout QEMU's mirror cannot do alone (``core.plans``: recorded first as
 the Preparing phase, then prepared, then re-checked), the request itself and zero detection
-on its destination. Called by the follower with the start lock held (one start per disk at
-a time).
+on its destination. ``start`` is called by the follower with the start lock held (one start
+per disk at a time); ``prepare`` before it, outside that lock (a rebase takes a while); the
+zero-detection verbs by the job actor, after a restart and after the pivot.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The rules of starting a copy, as pure functions: the refusals that need one look at the
 disk (the agent's policy, a destination in the source's own chain, a spec the node cannot
 do), how many bytes the destination must hold, the flags and format libvirt is given, the
-status fields a started job records, and the messages. ``agent.starter`` gathers the facts
-(file system, libvirt, qemu-img) and calls these."""
+status fields a started job records, and the messages. ``agent.startchecks`` and
+``agent.starter`` gather the facts (file system, libvirt, qemu-img) and call these."""
 
 from __future__ import annotations
 
