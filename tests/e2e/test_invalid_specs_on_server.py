@@ -27,6 +27,7 @@ from support import isolation
 from support.cluster import custom_objects
 from support.invalid_specs import INVALID, VALID, Invalid, spec
 from support.paths import CRD
+from support.waits import named, wait_for
 
 FUZZ_EXAMPLES = 600
 
@@ -192,8 +193,12 @@ def test_an_object_admitted_before_the_rules_can_still_be_finished(kubectl, api,
         kubectl("replace", "-f", "-", input=yaml.safe_dump(
             {**crd, "metadata": {**crd["metadata"], "resourceVersion": json.loads(kubectl(
                 "get", "crd", name, "-o", "json").stdout)["metadata"]["resourceVersion"]}}))
-        # The rules are served: the same spec is refused for a new object.
-        assert _refusal(api, group, namespace, bad) is not None
+        # The rules are served: the same spec is refused for a new object. The API server
+        # takes the updated CRD's schema up asynchronously (its storage for the resource is
+        # rebuilt after the update is stored), so a create right after the replace may still
+        # meet the old one: wait for the refusal (the soak's first repetition: admitted once).
+        wait_for(named("the updated CRD's rules served",
+                       lambda: _refusal(api, group, namespace, bad)), timeout=30)
         # What the agent writes still goes through.
         api.patch_namespaced_custom_object_status(
             group, VERSION, namespace, PLURAL, "old",
