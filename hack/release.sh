@@ -61,6 +61,15 @@ if [ "$VERSION" != "$project_version" ] \
    && ! [[ "$VERSION" =~ ^${project_version//./\\.}-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*$ ]]; then
   die "VERSION $VERSION is neither pyproject.toml's version $project_version nor a pre-release of it ($project_version-rc.1)"
 fi
+# SemVer forbids leading zeros in a numeric identifier (rc.01, test.028212); Helm refuses such a
+# chart version only after the build, so say it here, before anything is written.
+IFS=. read -ra identifiers <<< "${VERSION#"$project_version"}"
+for identifier in "${identifiers[@]}"; do
+  identifier=${identifier#-}
+  if [[ "$identifier" =~ ^0[0-9]+$ ]]; then
+    die "VERSION $VERSION is not SemVer: the numeric identifier $identifier has a leading zero"
+  fi
+done
 [ -x "$PYTHON" ] || die "no $PYTHON: run make venv"
 # The SBOM tool: a venv of its own under the cache directory, named after its lock file
 # (requirements/release.txt), installed once with hashes.

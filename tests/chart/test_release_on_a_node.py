@@ -85,7 +85,7 @@ def remove_from_containerd(*refs: str) -> None:
 def released(registry, tmp_path_factory):
     """hack/release.sh VERSION --push, VERSION a pre-release of this checkout's version no
     other run uses (so the node cannot have its image)."""
-    version = f"{PROJECT_VERSION}-e2e.{uuid.uuid4().hex[:6]}"
+    version = f"{PROJECT_VERSION}-e2e.t{uuid.uuid4().hex[:6]}"  # never all digits (SemVer)
     dist = tmp_path_factory.mktemp("dist")
     started = time.monotonic()
     proc = subprocess.run([str(HACK / "release.sh"), version, "--push"], capture_output=True,
