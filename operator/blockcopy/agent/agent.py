@@ -218,7 +218,7 @@ class Agent:
         disk, if any."""
         for (namespace, name), other in self.followers.items():
             if other is not asking and other.holds_job and \
-                    (other.domain_uuid, other.target) == (asking.domain_uuid, asking.target):
+                    other.disk_ref == asking.disk_ref:
                 return f"{namespace}/{name}"
         return None
 

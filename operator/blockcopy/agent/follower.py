@@ -1,8 +1,9 @@
 """One BlockCopy's follower. Each step does four things, in this order: observe (the disk
-in libvirt, and what else the decision needs), decide (pure: ``core.gates`` over the
-observation), act (at most one action, through a collaborator: the starter before the job,
-the job actor while it runs, the convergence assist), record (status, Events, metrics,
-through the recorder, always). ``loop`` runs the steps and sleeps between them.
+in libvirt, and what else the decision needs, through the observer), decide (pure:
+``core.gates`` over the observation), act (at most one action, through a collaborator: the
+launcher before the job, the job actor while it runs, the convergence assist), record
+(status, Events, metrics, through the recorder, always). ``loop`` runs the steps and sleeps
+between them.
 """
 
 from __future__ import annotations
@@ -12,26 +13,25 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from blockcopy.agent import layers
 from blockcopy.agent.actor import JobActor
 from blockcopy.agent.convergence import ConvergenceAssist
 from blockcopy.agent.groups import Groups, key_of
-from blockcopy.agent.layers import NO_LAYER_COPIES, LayerCopies, NoLayerCopies
+from blockcopy.agent.launcher import JobLauncher
 from blockcopy.agent.loop import FollowLoop, Step, StopSignal
+from blockcopy.agent.observer import DiskObserver
 from blockcopy.agent.reclaim import reclaim, summary
 from blockcopy.agent.recorder import ObjectRecorder
 from blockcopy.agent.retries import Retries
 from blockcopy.agent.startchecks import StartChecks
 from blockcopy.agent.starter import Starter
-from blockcopy.agent.steps import FollowSettings, Observation, Outcome
+from blockcopy.agent.steps import FollowSettings, Outcome
 from blockcopy.agent.verifier import Verifier
-from blockcopy.core import convergence, destinations, gates, reconcile, status, verify
-from blockcopy.core.progress import ProgressWindow
+from blockcopy.core import convergence, destinations, gates, status, verify
 from blockcopy.core.reconcile import Action, Decision
 from blockcopy.core.slots import CopySlots
 from blockcopy.core.specs import read_spec
 from blockcopy.model.api import TERMINAL_PHASES, BlockCopySpec, Phase
-from blockcopy.model.observation import DiskState, JobEvent
+from blockcopy.model.observation import JobEvent
 from blockcopy.model.ports import Files, Hypervisor, Images
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Follower:
                  start_lock: asyncio.Lock, slots: CopySlots, groups: Groups,
                  job_holder: Callable[[Follower], str | None], verifier: Verifier):
         self.body, self.hv, self.images, self.recorder = body, hv, images, recorder
-        self.settings, self.slots, self.groups = settings, slots, groups
+        self.settings, self.groups = settings, groups
         start = settings.start
         self.checks = StartChecks(hv=hv, images=images, files=files,
                                   allowed_paths=start.allowed_paths,
@@ -61,19 +61,19 @@ class Follower:
         self.retries = Retries(recorder)
         self.actor = JobActor(hv=hv, starter=self.starter, verifier=verifier, groups=groups,
                               recorder=recorder, retries=self.retries, member=self)
-        self.layers: LayerCopies | NoLayerCopies = NO_LAYER_COPIES
-        self.window = ProgressWindow()  # rate, time left, convergence
-        self.start_lock = start_lock  # of two BlockCopies for one disk only one may start
-        self.job_holder = job_holder  # which other object of this agent holds our disk's job
-        self.holds_job = False  # this object started (or adopted) the disk's job
         self.lock = asyncio.Lock()  # shared with the deletion handler
+        self.observer = DiskObserver(hv=hv, images=images, checks=self.checks, groups=groups,
+                                     recorder=recorder, retries=self.retries,
+                                     group_key=lambda: key_of(self.body),
+                                     on_layers=self.poke)
+        self.launcher = JobLauncher(checks=self.checks, starter=self.starter, slots=slots,
+                                    key=recorder.key, lock=self.lock, start_lock=start_lock,
+                                    observe=self.observer.disk, holder=lambda: job_holder(self))
+        self.holds_job = False  # this object started (or adopted) the disk's job
         self.wake = asyncio.Event()
-        self.domain_uuid: str | None = None  # where libvirt's events for us come from
-        self.target: str | None = None
         self.last_event: JobEvent | None = None
         self.generation: int | None = body.get("metadata", {}).get("generation")
         self.spec_changed = False
-        self._chain: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # last seen, formats
         self._group_recheck: float | None = None  # s until a waiting group may pivot
         self._looked = False  # the first step was recorded (logged once, for whoever waits)
 
@@ -86,6 +86,10 @@ class Follower:
     def phase(self) -> Phase | None:
         return self.recorder.phase
 
+    @property
+    def target(self) -> str | None:
+        return self.observer.target
+
     def poke(self) -> None:
         self.wake.set()
 
@@ -93,8 +97,14 @@ class Follower:
         self.recorder.event(type, reason, message)
 
     # -- wake-ups (called on the event loop) ------------------------------------------
+    @property
+    def disk_ref(self) -> tuple[str | None, str | None]:
+        """Domain uuid and target of the disk, once looked at (where its job's events come
+        from)."""
+        return self.observer.domain_uuid, self.observer.target
+
     def on_job_event(self, domain_uuid: str, target: str, event: JobEvent) -> None:
-        if domain_uuid == self.domain_uuid and target == self.target:
+        if (domain_uuid, target) == self.disk_ref:
             self.last_event = event
             self.wake.set()
 
@@ -121,7 +131,7 @@ class Follower:
         return self.settings.poll_interval  # events do the work; this is a fallback
 
     async def close(self) -> None:
-        await self.layers.stop()  # a restarted agent copies again what was not verified
+        await self.observer.layers.stop()  # a restarted agent copies again what was not verified
         await self.recorder.close()
 
     # -- one step: observe, decide, act, record -----------------------------------------
@@ -149,57 +159,16 @@ class Follower:
     # -- before the job -------------------------------------------------------------------
     async def _start_job(self, spec: BlockCopySpec, raw: Mapping[str, Any],
                          current: Phase | None, conditions: list[dict[str, Any]]) -> Outcome:
-        # Before libvirt is asked anything (nothing created, and no domain's existence told to
-        # a namespace the policy keeps away). An existing dest waits for the look below: it
-        # may be the file of a job of ours that a restarted agent adopts.
-        refusal = self.checks.refusal(spec, current)
-        # spec.createDirectories: the starter makes them, once the source's are known.
-        if refusal is not None and spec.create_directories and \
-                refusal.reason == "DestNotCreatable":
-            refusal = None
-        if refusal is not None and refusal.reason != "DestExists":
-            return Outcome(refusal, None, conditions)
-        async with self.lock:
-            if current == Phase.PREPARING:
-                # The plan's files, made outside the start lock (a rebase takes a while).
-                disk = await self._observe_disk(spec)
-                if reconcile.decide(spec, current, disk).action == Action.START_COPY:
-                    failed = await self.starter.prepare(spec, disk)
-                    if failed is not None:
-                        return Outcome(failed, disk, conditions)
-            # Starts are serialized and decided on a fresh look under the lock: of two
-            # BlockCopies for one disk, the second then sees the first's job (DiskBusy).
-            # The chain is checked once more right before the job starts.
-            async with self.start_lock:
-                disk = await self._observe_disk(spec)
-                created = str(self.body.get("metadata", {}).get("creationTimestamp") or "")
-                decision = gates.decide_start(
-                    spec, current, disk, holder=self.job_holder(self), limit=self.slots.limit,
-                    place=self.slots.place(self.recorder.key, created=created))
-                if refusal is not None and decision.action == Action.START_COPY:
-                    return Outcome(refusal, disk, conditions)
-                return await self._act_start(spec, raw, current, disk, decision, conditions,
-                                             created)
-
-    async def _act_start(self, spec: BlockCopySpec, raw: Mapping[str, Any],
-                         current: Phase | None, disk: DiskState, decision: Decision,
-                         conditions: list[dict[str, Any]], created: str) -> Outcome:
-        if decision.reason == "Adopted":
-            self.holds_job = True
-        if decision.phase == Phase.QUEUED:
-            self.slots.wait(self.recorder.key, created=created)
-        if decision.action != Action.START_COPY:
-            return Outcome(decision, disk, conditions)
-        self.slots.hold(self.recorder.key)
-        started = await self.starter.start(spec, disk, raw, decision, current)
-        self.holds_job = started.fields is not None  # a job, or a plan for one
-        return Outcome(started.decision, disk, conditions, started=started.fields,
-                       intent=started.decision.action == Action.PREPARE)
+        created = str(self.body.get("metadata", {}).get("creationTimestamp") or "")
+        launch = await self.launcher.launch(spec, raw, current, conditions, created=created)
+        if launch.holds_job is not None:
+            self.holds_job = launch.holds_job
+        return launch.outcome
 
     # -- while the job runs ---------------------------------------------------------------
     async def _follow_job(self, spec: BlockCopySpec, current: Phase,
                           conditions: list[dict[str, Any]]) -> Outcome:
-        seen = await self._observe_job(spec, current)
+        seen = await self.observer.job(spec, current, first=not self._looked)
         decision, self._group_recheck = gates.decide_running(
             spec, current, seen.disk, was_mirrored=bool(self.recorder.status.get("mirroredTime")),
             last_event=self.last_event, layers_view=seen.layers, group_view=seen.group,
@@ -234,48 +203,10 @@ class Follower:
                                                 *assist.conditions], fields=fields,
                           estimate=seen.estimate)
         if decision.phase in (Phase.COPYING, Phase.MIRRORED):
-            self.layers.start()  # after a restart: copy again what was not verified
+            self.observer.layers.start()  # after a restart: copy again what was not verified
         return await self.actor.act(spec, current, outcome, generation=self.generation)
 
-    # -- observing ------------------------------------------------------------------------
-    async def _observe_disk(self, spec: BlockCopySpec) -> DiskState:
-        # Once started, follow the disk by target: a source path changes with the pivot.
-        disk = await self.hv.observe(spec.domain, self.recorder.status.get("target") or spec.disk)
-        self.retries.reached()
-        if disk.chain:
-            self._chain = (disk.chain, disk.chain_formats)
-        self.domain_uuid, self.target = disk.domain_uuid, disk.target
-        return disk
-
-    async def _observe_job(self, spec: BlockCopySpec, current: Phase) -> Observation:
-        disk = await self._observe_disk(spec)
-        if isinstance(self.layers, NoLayerCopies):
-            self._take_up_layers()
-        pivot_due = gates.pivot_due(spec, current, disk)
-        group = await self.groups.view(key_of(self.body), listing=pivot_due)
-        dest = await self.checks.dest_check(spec, disk, self.recorder.status.get(
-            "destIdentity")) if pivot_due or not self._looked else None
-        estimate = None
-        if current == Phase.COPYING and disk.job is not None:
-            self.window.add(asyncio.get_running_loop().time(), disk.job.cur, disk.job.end)
-            estimate = self.window.estimate()
-        else:
-            self.window.clear()
-        return Observation(disk, self.layers.view, group, estimate, dest)
-
-    def _take_up_layers(self) -> None:
-        """A chain move recorded in status: its layer copies (started by the act step)."""
-        st = self.recorder.status
-        plan = layers.chain_plan(st.get("plan"), format=st.get("format"),
-                                 chain=self._chain[0], chain_formats=self._chain[1])
-        if plan is not None:
-            self.layers = LayerCopies(plan, self.images, recorded=st.get("layers") or [],
-                                      on_change=self._layers_changed)
-
-    def _layers_changed(self, layer_states: list[dict[str, Any]]) -> None:
-        self.recorder.update(layers=layer_states)
-        self.wake.set()  # a verified (or failed) layer may unblock the pivot (or end it)
-
+    # -- after the job ------------------------------------------------------------------
     async def _reclaim(self) -> None:
         """spec.deleteSourcesUnder, once Pivoted (agent.reclaim)."""
         reading = read_spec(self.body.get("spec"), self.recorder.status, Phase.PIVOTED)
@@ -300,8 +231,8 @@ class Follower:
             spec=outcome.spec)
         self.recorder.progress(decision.phase, outcome.estimate, outcome.conditions)
         if outcome.started and decision.phase == Phase.COPYING:
-            self._take_up_layers()
-            self.layers.start()
+            self.observer.take_up_layers()
+            self.observer.layers.start()
         if phase_changed:
             self.groups.changed(key_of(self.body), by=self)
         terminal = decision.phase in TERMINAL_PHASES
