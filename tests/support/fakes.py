@@ -24,6 +24,7 @@ from blockcopy.model.inventory import (
     InventoryDisk,
     InventoryDomain,
 )
+from blockcopy.model.kubeapi import FieldSelectorUnsupported, ObjectRef
 from blockcopy.model.observation import (
     DiskInfo,
     DiskState,
@@ -39,17 +40,16 @@ from blockcopy.model.ports import (
     DataMap,
     DiskSize,
     DomainListener,
-    FieldSelectorUnsupported,
     HypervisorError,
     HypervisorUnavailable,
     ImageError,
     ImageInfo,
     JobListener,
-    ObjectRef,
 )
 
 if TYPE_CHECKING:
-    from blockcopy.model.ports import Hypervisor, Images, Kube
+    from blockcopy.model.kubeapi import Kube
+    from blockcopy.model.ports import Hypervisor, Images
 
 
 @dataclasses.dataclass
@@ -457,7 +457,7 @@ class RecordedEvent:
 
 
 class FakeKube:
-    """``ports.Kube`` in memory: objects by (namespace, name), with resourceVersions."""
+    """``model.kubeapi.Kube`` in memory: objects by (namespace, name), with resourceVersions."""
 
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}

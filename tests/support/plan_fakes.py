@@ -11,12 +11,12 @@ import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 from blockcopy.model.api import GROUP, KIND, VERSION
+from blockcopy.model.kubeapi import ObjectRef
 from blockcopy.model.plan import PLAN_KIND, PLAN_LABEL
-from blockcopy.model.ports import ObjectRef
 from support.fakes import RecordedEvent, merge_patch
 
 if TYPE_CHECKING:
-    from blockcopy.model.ports import PlanKube
+    from blockcopy.model.kubeapi import PlanKube
 
 NOW = dt.datetime(2026, 12, 4, 5, 0, 0, tzinfo=dt.UTC)
 

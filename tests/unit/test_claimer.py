@@ -118,7 +118,7 @@ async def test_libvirt_up_is_checked_with_no_copy_to_follow():
     """blockcopy_libvirt_up follows libvirtd every libvirt_check_interval, even on an idle
     node (the follow loops report it too, but only while they follow a copy)."""
     from blockcopy.agent.agent import Agent, AgentConfig
-    from blockcopy.model.ports import NullMetrics
+    from blockcopy.model.metrics import NullMetrics
     from support.fakes import FakeImages
 
     class UpMetrics(NullMetrics):

@@ -11,7 +11,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from blockcopy.adapters.kube import KubeClient, node_field_selector
-from blockcopy.model.ports import FieldSelectorUnsupported
+from blockcopy.model.kubeapi import FieldSelectorUnsupported
 
 
 class Refusing:

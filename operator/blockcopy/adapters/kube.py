@@ -1,4 +1,4 @@
-"""The Kubernetes API client of the agent (``ports.Kube``): status patches, claims, Events
+"""The Kubernetes API client of the agent (``model.kubeapi.Kube``): status patches, claims, Events
 and the watch of unclaimed objects. The kubernetes client library blocks, so each call runs
 in a worker thread. No decisions here."""
 
@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from blockcopy.model.api import GROUP, NODE_LABEL, PLURAL, VERSION
 from blockcopy.model.inventory import INVENTORY_KIND, INVENTORY_PLURAL
-from blockcopy.model.ports import FieldSelectorUnsupported, ObjectRef
+from blockcopy.model.kubeapi import FieldSelectorUnsupported, ObjectRef
 
 log = logging.getLogger(__name__)
 

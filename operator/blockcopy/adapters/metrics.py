@@ -1,4 +1,4 @@
-"""Prometheus metrics of the agent (``model.ports.Metrics``, in prometheus-client's default
+"""Prometheus metrics of the agent (``model.metrics.Metrics``, in prometheus-client's default
 registry, served on ``--metrics-port``).
 
 As Prometheus expects them: bytes are a counter (dashboards and alerts compute the rate with
@@ -15,7 +15,8 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from blockcopy import __version__
 from blockcopy.model.api import Phase
-from blockcopy.model.ports import Capabilities, Key
+from blockcopy.model.metrics import Key
+from blockcopy.model.ports import Capabilities
 
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600)
 

@@ -34,17 +34,10 @@ from blockcopy.model.api import (
     SpecError,
     parse_running_spec,
 )
+from blockcopy.model.kubeapi import Kube, ObjectRef
+from blockcopy.model.metrics import NULL_METRICS, Metrics
 from blockcopy.model.observation import JobEvent
-from blockcopy.model.ports import (
-    NULL_METRICS,
-    Files,
-    Hypervisor,
-    HypervisorError,
-    Images,
-    Kube,
-    Metrics,
-    ObjectRef,
-)
+from blockcopy.model.ports import Files, Hypervisor, HypervisorError, Images
 
 log = logging.getLogger(__name__)
 

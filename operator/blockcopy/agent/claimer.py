@@ -27,13 +27,8 @@ from blockcopy.agent.recorder import Recorder, phase_of
 from blockcopy.core import status
 from blockcopy.core.backoff import API_WATCH, Backoff
 from blockcopy.model.api import FINALIZER, TERMINAL_PHASES, Phase
-from blockcopy.model.ports import (
-    FieldSelectorUnsupported,
-    Hypervisor,
-    HypervisorError,
-    Kube,
-    ObjectRef,
-)
+from blockcopy.model.kubeapi import FieldSelectorUnsupported, Kube, ObjectRef
+from blockcopy.model.ports import Hypervisor, HypervisorError
 
 log = logging.getLogger(__name__)
 

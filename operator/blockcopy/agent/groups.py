@@ -24,8 +24,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from blockcopy.model.api import JOB_PHASES, Phase
+from blockcopy.model.kubeapi import Kube
 from blockcopy.model.observation import GroupMember, GroupView
-from blockcopy.model.ports import Hypervisor, HypervisorError, Kube
+from blockcopy.model.ports import Hypervisor, HypervisorError
 
 log = logging.getLogger(__name__)
 

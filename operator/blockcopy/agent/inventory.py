@@ -19,8 +19,9 @@ from blockcopy.core.backoff import Backoff, Schedule
 from blockcopy.core.inventory import LookTimer, chain_unknown, with_chains
 from blockcopy.core.status import timestamp
 from blockcopy.model.inventory import BackingImage, bounded
+from blockcopy.model.kubeapi import Kube
 from blockcopy.model.observation import JobEvent
-from blockcopy.model.ports import Hypervisor, ImageError, Images, Kube
+from blockcopy.model.ports import Hypervisor, ImageError, Images
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ from blockcopy.core.pace import DEFAULT_BUDGET, ProgressPace
 from blockcopy.core.progress import Estimate
 from blockcopy.core.reconcile import Decision
 from blockcopy.model.api import NODE_LABEL, TERMINAL_PHASES, BlockCopySpec, Phase
+from blockcopy.model.kubeapi import Kube, ObjectRef
+from blockcopy.model.metrics import NULL_METRICS, Key, Metrics
 from blockcopy.model.observation import DiskState
-from blockcopy.model.ports import NULL_METRICS, Key, Kube, Metrics, ObjectRef
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from blockcopy.model.ports import StatusStore
+from blockcopy.model.kubeapi import StatusStore
 
 log = logging.getLogger(__name__)
 

@@ -1,2 +1,2 @@
 """The cluster-wide controller of BlockCopyPlans: it knows the Kubernetes API only through
-``blockcopy.model.ports.PlanKube``."""
+``blockcopy.model.kubeapi.PlanKube``."""

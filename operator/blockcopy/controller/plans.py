@@ -1,6 +1,6 @@
 """The plan controller: one round per wake-up of a BlockCopyPlan's daemon. Decide (pure:
 ``core.planning``), act (create children, set pivot, record conflicts), record (the status,
-``core.plan_status``, and Events). The Kubernetes API only through ``model.ports.PlanKube``.
+``core.plan_status``, and Events). The Kubernetes API only through ``model.kubeapi.PlanKube``.
 
 The plan's disk set is selected once, in its first round that is not a dry run, and kept in
 its status (and in memory); each later round compares the children with it. A disk whose
@@ -23,6 +23,7 @@ from blockcopy.core.policy import Policy
 from blockcopy.core.progress import ProgressWindow
 from blockcopy.model.api import FINALIZER, GROUP, KIND, NODE_LABEL, VERSION, Phase
 from blockcopy.model.inventory import NodeInventory
+from blockcopy.model.kubeapi import ObjectRef, PlanKube
 from blockcopy.model.plan import (
     PLAN_KIND,
     PLAN_LABEL,
@@ -31,7 +32,6 @@ from blockcopy.model.plan import (
     Retention,
     parse_plan,
 )
-from blockcopy.model.ports import ObjectRef, PlanKube
 
 log = logging.getLogger(__name__)
 

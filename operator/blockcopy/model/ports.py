@@ -1,5 +1,6 @@
-"""The agent's external clients, as interfaces: the hypervisor (libvirt), qemu-img, the
-node's file system, the Kubernetes API and the metrics. The agent knows only these; the real
+"""The agent's node-side clients, as interfaces: the hypervisor (libvirt) and the node's file
+system; qemu-img's (``Images``) is in ``model.images`` and re-exported here, the Kubernetes
+API's in ``model.kubeapi``, the metrics' in ``model.metrics``. The agent knows only these; the real
 clients live in ``blockcopy.adapters``, fakes for orchestration tests in
 ``tests/support/fakes.py`` (checked against these Protocols by mypy). Also the plain data and
 errors that cross these seams. Pure: no I/O, no framework imports.
@@ -8,8 +9,8 @@ errors that cross these seams. Pure: no I/O, no framework imports.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from blockcopy.model.api import BlockCopySpec, Flag, NetworkDest
 
@@ -243,153 +244,3 @@ class Files(Protocol):
         owner, group and mode of the directory of ``source`` at the same depth, when the
         nearest existing one lies under an allowed root. Returns those made (top first) and
         why not (the ones made before a failure stay)."""
-
-
-# ------------------------------------------------------------------ metrics
-
-Key = tuple[str, str]  # (namespace, name) of a BlockCopy
-
-
-class Metrics(Protocol):
-    """What the agent reports to its metrics (Prometheus in ``adapters.metrics``)."""
-
-    def objects(self, phase: str, count: int) -> None:
-        """How many of this agent's objects are in ``phase``."""
-
-    def copied(self, key: Key, nbytes: int) -> None:
-        """``nbytes`` more were copied by the job of ``key`` (a per-copy counter, kept until
-        ``forget``)."""
-
-    def duration(self, what: str, seconds: float) -> None:
-        """A copy's time to Mirrored ("copy"), time Mirrored ("mirror"), pivot latency
-        ("pivot")."""
-
-    def error(self, reason: str) -> None:
-        """A failure or a refused action, by reason."""
-
-    def progress(self, key: Key, *, eta: float | None, not_converging: bool) -> None:
-        """A Copying copy's estimate (None: no estimate)."""
-
-    def idle(self, key: Key) -> None:
-        """The copy is not Copying (or has no estimate): drop its estimate series (its byte
-        counter stays)."""
-
-    def forget(self, key: Key) -> None:
-        """The object is gone: drop every per-copy series, its byte counter too."""
-
-    def watch_event(self, stream: str, owner: str) -> None:
-        """A watch event received (stream "objects" or "unclaimed"; owner this-node,
-        other-node or unclaimed)."""
-
-    def hypervisor(self, caps: Capabilities) -> None:
-        """The connected libvirt and QEMU."""
-
-    def libvirt_up(self, up: bool) -> None:
-        """Whether the last call reached libvirtd."""
-
-
-class NullMetrics:
-    """Reports nothing (tests that do not look at metrics, tools)."""
-
-    def objects(self, phase: str, count: int) -> None: ...
-    def copied(self, key: Key, nbytes: int) -> None: ...
-    def duration(self, what: str, seconds: float) -> None: ...
-    def error(self, reason: str) -> None: ...
-    def progress(self, key: Key, *, eta: float | None, not_converging: bool) -> None: ...
-    def idle(self, key: Key) -> None: ...
-    def forget(self, key: Key) -> None: ...
-    def watch_event(self, stream: str, owner: str) -> None: ...
-    def hypervisor(self, caps: Capabilities) -> None: ...
-    def libvirt_up(self, up: bool) -> None: ...
-
-
-NULL_METRICS = NullMetrics()
-
-
-# ------------------------------------------------------------------ Kubernetes API
-
-
-class FieldSelectorUnsupported(Exception):
-    """The API server refused a field selector on spec.nodeName (no selectableFields)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ObjectRef:
-    """What an Event needs to name its object."""
-
-    namespace: str
-    name: str
-    uid: str | None = None
-    api_version: str | None = None
-    kind: str | None = None
-    resource_version: str | None = None
-
-    @classmethod
-    def of(cls, body: Any) -> ObjectRef:
-        meta = body["metadata"]
-        return cls(namespace=meta["namespace"], name=meta["name"], uid=meta.get("uid"),
-                   api_version=body.get("apiVersion"), kind=body.get("kind"),
-                   resource_version=meta.get("resourceVersion"))
-
-
-class StatusStore(Protocol):
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any], *,
-                           resource_version: str | None = None) -> bool:
-        """Merge-patch status; with ``resource_version``, only if nobody wrote since
-        (False when the object changed or is gone)."""
-
-
-class Kube(StatusStore, Protocol):
-    """What the agent asks of the Kubernetes API."""
-
-    async def post_event(self, ref: ObjectRef, *, type: str, reason: str,
-                         message: str) -> None:
-        """A core/v1 Event about the object; failures are logged, never raised."""
-
-    async def claim(self, namespace: str, name: str, *, node: str, resource_version: str,
-                    finalizers: list[str]) -> bool:
-        """Label the object as this node's and set its finalizers, unless it changed since
-        ``resource_version``."""
-
-    async def list_namespace(self, namespace: str) -> list[dict[str, Any]]:
-        """Every BlockCopy of a namespace, as the API server has them now (a disk group's
-        members, including those no agent follows yet). Raises on API errors."""
-
-    def unclaimed(self, namespace: str | None, *, node_name: str | None, timeout: int
-                  ) -> AsyncIterator[dict[str, Any]]:
-        """List, then watch for ``timeout`` seconds, the objects without the claim label whose
-        spec.nodeName is ``node_name`` ("": none set), both filtered by the API server; None:
-        whatever spec.nodeName. Raises FieldSelectorUnsupported when the server refuses the
-        field selector (Kubernetes < 1.32), other exceptions on API errors."""
-
-    async def publish_inventory(self, name: str, status: dict[str, Any]) -> None:
-        """Write the status of the DiskInventory ``name`` (cluster-scoped), creating the
-        object first if it is missing. Raises on API errors."""
-
-class PlanKube(Protocol):
-    """What the plan controller asks of the Kubernetes API. Listing calls raise on API
-    errors; writes return False when the object is gone (or, for creates, already there)."""
-
-    async def inventories(self) -> list[dict[str, Any]]:
-        """Every DiskInventory object (cluster-scoped, one per node)."""
-
-    async def node_labels(self) -> dict[str, dict[str, str]]:
-        """Every Node's labels, by node name."""
-
-    async def children(self, namespace: str, plan: str) -> list[dict[str, Any]]:
-        """The BlockCopies of the namespace labelled as the plan's."""
-
-    async def copies_of_domain(self, domain: str) -> list[dict[str, Any]]:
-        """Every BlockCopy (all namespaces) whose spec.domain is ``domain``."""
-
-    async def create_copy(self, namespace: str, body: dict[str, Any]) -> bool: ...
-
-    async def patch_copy(self, namespace: str, name: str, patch: dict[str, Any]) -> bool: ...
-
-    async def delete_copy(self, namespace: str, name: str) -> bool: ...
-
-    async def patch_plan_status(self, namespace: str, name: str,
-                                status: dict[str, Any]) -> bool: ...
-
-    async def post_event(self, ref: ObjectRef, *, type: str, reason: str,
-                         message: str) -> None: ...
