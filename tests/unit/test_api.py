@@ -79,7 +79,11 @@ def test_any_bandwidth_parses_or_gives_a_spec_error(value):
 
 
 def test_running_spec_keeps_started_fields_and_refuses_invalid_edits():
-    from blockcopy.model.api import parse_running_spec, pin_started_fields, started_fields
+    from blockcopy.model.startedspec import (
+        parse_running_spec,
+        pin_started_fields,
+        started_fields,
+    )
 
     started = started_fields({**GOOD, "flags": ["shallow"], "pivot": True})
     assert started == {**GOOD, "flags": ["shallow"]}  # mutable fields are not pinned

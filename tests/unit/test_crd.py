@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from blockcopy.core import verify
-from blockcopy.model.api import GROUP, IMMUTABLE_FIELDS, KIND, PLURAL, VERSION, Flag, Phase, Verify
+from blockcopy.model.api import GROUP, KIND, PLURAL, VERSION, Flag, Phase, Verify
+from blockcopy.model.startedspec import IMMUTABLE_FIELDS
 
 CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "crds" / "blockcopy.yaml").read_text())
 SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]

@@ -32,12 +32,12 @@ from blockcopy.model.api import (
     TERMINAL_PHASES,
     Phase,
     SpecError,
-    parse_running_spec,
 )
 from blockcopy.model.kubeapi import Kube, ObjectRef
 from blockcopy.model.metrics import NULL_METRICS, Metrics
 from blockcopy.model.observation import JobEvent
 from blockcopy.model.ports import Files, Hypervisor, HypervisorError, Images
+from blockcopy.model.startedspec import parse_running_spec
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,9 @@ from blockcopy.model.api import (
     BlockCopySpec,
     Phase,
     SpecError,
-    parse_running_spec,
     parse_spec,
-    pin_started_fields,
 )
+from blockcopy.model.startedspec import parse_running_spec, pin_started_fields
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,9 +13,10 @@ from typing import Any
 from blockcopy.core import reconcile
 from blockcopy.core.plans import Plan, PlanKind
 from blockcopy.core.reconcile import Decision
-from blockcopy.model.api import BlockCopySpec, Flag, Phase, started_fields
+from blockcopy.model.api import BlockCopySpec, Flag, Phase
 from blockcopy.model.observation import DiskState, FileIdentity
 from blockcopy.model.ports import Capabilities, DiskSize
+from blockcopy.model.startedspec import started_fields
 
 
 def failed(reason: str, message: str) -> Decision:
