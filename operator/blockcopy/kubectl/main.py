@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from blockcopy import __version__
-from blockcopy.kubectl import plans, version
+from blockcopy.kubectl import planargs, plans, version
 from blockcopy.kubectl.cluster import Cluster
 from blockcopy.kubectl.commands import (
     cmd_list,
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="give up after this long (90s, 5m, 1h30m; default 30m)")
     version.add_arguments(add("version", "print the plugin's version and every agent's",
                               version.DESCRIPTION))
-    plans.add_arguments(sub, add_to)
+    planargs.add_arguments(sub, add_to)
     return parser
 
 
