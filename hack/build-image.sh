@@ -26,7 +26,8 @@ IMAGE=${IMAGE:-localhost/blockcopy-operator:dev}
 BASE_IMAGE=${BASE_IMAGE:-localhost/debian:bookworm}
 HOST_CA=${HOST_CA:-/etc/ssl/certs/ca-certificates.crt}
 CACHE=${BLOCKCOPY_CACHE_DIR:-/var/cache/blockcopy-operator}
-BUILDAH=(buildah --storage-driver vfs)
+# shellcheck source=lib/buildah.sh
+source "$HACK/lib/buildah.sh"   # BUILDAH, TMP and ctr (removed on exit)
 
 log() { echo "[build-image] $*" >&2; }
 die() { echo "[build-image] ERROR: $*" >&2; exit 1; }
@@ -44,13 +45,6 @@ else
   BASE_IMAGE="$BASE_IMAGE" BLOCKCOPY_CACHE_DIR="$CACHE" "$HACK/make-base-image.sh"
 fi
 
-TMP=$(mktemp -d)
-ctr=
-cleanup() {
-  [ -z "$ctr" ] || "${BUILDAH[@]}" rm "$ctr" >/dev/null 2>&1 || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
 
 printf '[global]\ncert = /run/host-ca.crt\n' >"$TMP/pip.conf"
 

@@ -101,18 +101,26 @@ launch_agent() {
     "$VENV/bin/python" -m blockcopy "${args[@]}"
 }
 
+# await_logged WHAT PIDFILE LOG OFFSET TEXT: until the process logged TEXT after byte OFFSET of
+# LOG (dies with the log's tail after 90 s, or when the process exits first).
+await_logged() {
+  local what=$1 pid log=$3 offset=$4 text=$5
+  pid=$(cat "$2")
+  logged() { tail -c +"$((offset + 1))" "$log" | grep -F "$text" >/dev/null; }
+  if ! wait_for 90 "$pid" logged; then
+    tail -c +"$((offset + 1))" "$log" | tail -n 30 >&2 || true
+    die "$what not ready after 90 s (log: $log)"
+  fi
+  log "$what ready (pid $pid)"
+}
+
 # await_agent NAME: after launch_agent, until the agent logged "agent ready".
 await_agent() {
-  local name=$1 pid offset
+  local name=$1 offset
   [ -n "${AGENT_OFFSET[$name]:-}" ] || return 0   # it was running already
   offset=${AGENT_OFFSET[$name]}
-  pid=$(cat "$RUN/$name.agent.pid")
-  agent_ready() { tail -c +"$((offset + 1))" "$LOGS/$name.agent.log" | grep "agent ready" >/dev/null; }
-  if ! wait_for 90 "$pid" agent_ready; then
-    tail -c +"$((offset + 1))" "$LOGS/$name.agent.log" | tail -n 30 >&2 || true
-    die "agent of $name not ready after 90 s (log: $LOGS/$name.agent.log)"
-  fi
-  log "agent of $name ready (pid $pid)"
+  await_logged "agent of $name" "$RUN/$name.agent.pid" "$LOGS/$name.agent.log" "$offset" \
+    "agent ready"
 }
 
 start_agent() { launch_agent "$1"; await_agent "$1"; }
@@ -130,29 +138,32 @@ start_controller() {
   offset=$(stat -c %s "$LOGS/nodes-controller.log" 2>/dev/null || echo 0)
   start_bg nodes-controller env -u KUBERNETES_SERVICE_HOST -u KUBERNETES_SERVICE_PORT \
     KUBECONFIG="$NODES_STATE/controller.kubeconfig" "$VENV/bin/python" -m blockcopy "${args[@]}"
-  pid=$(cat "$RUN/nodes-controller.pid")
-  controller_ready() { tail -c +"$((offset + 1))" "$LOGS/nodes-controller.log" | grep "plan controller ready" >/dev/null; }
-  if ! wait_for 90 "$pid" controller_ready; then
-    tail -c +"$((offset + 1))" "$LOGS/nodes-controller.log" | tail -n 30 >&2 || true
-    die "plan controller not ready after 90 s (log: $LOGS/nodes-controller.log)"
+  await_logged "plan controller" "$RUN/nodes-controller.pid" "$LOGS/nodes-controller.log" \
+    "$offset" "plan controller ready"
+}
+
+# stop_with WHAT PID SIG: SIGTERM through stop_pid (which escalates), any other signal sent as
+# is (a test's crash), then waited for until the process is gone or a zombie (pid 1 may reap
+# its adopted children late): it runs no more.
+stop_with() {
+  local what=$1 pid=$2 sig=$3
+  if [ "$sig" = TERM ]; then
+    stop_pid "$what" "$pid"
+    return
   fi
-  log "plan controller ready (pid $pid)"
+  log "sending SIG$sig to the $what (pid $pid)"
+  kill -s "$sig" "$pid"
+  while kill -0 "$pid" 2>/dev/null \
+        && [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" != Z ]; do
+    sleep 0.1
+  done
 }
 
 stop_controller() {
   local sig=${1:-TERM} pid
   pid=$(pid_of "$RUN/nodes-controller.pid" "$CONTROLLER_MATCH")
   if [ -z "$pid" ]; then log "the plan controller is not running"; return 0; fi
-  if [ "$sig" = TERM ]; then
-    stop_pid "plan controller" "$pid"
-  else
-    log "sending SIG$sig to the plan controller (pid $pid)"
-    kill -s "$sig" "$pid"
-    while kill -0 "$pid" 2>/dev/null \
-          && [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" != Z ]; do
-      sleep 0.1
-    done
-  fi
+  stop_with "plan controller" "$pid" "$sig"
   rm -f "$RUN/nodes-controller.pid"
 }
 
@@ -162,17 +173,7 @@ stop_agent() {
   pid=$(pid_of "$RUN/$name.agent.pid" "$AGENT_MATCH")
   [ -n "$pid" ] || pid=$(find_ours "$RUN/$name.agent.pid" "$AGENT_MATCH")
   if [ -z "$pid" ]; then log "agent of $name is not running"; return 0; fi
-  if [ "$sig" = TERM ]; then
-    stop_pid "agent of $name" "$pid"
-  else
-    log "sending SIG$sig to the agent of $name (pid $pid)"
-    kill -s "$sig" "$pid"
-    # Gone, or a zombie (pid 1 may reap its adopted children late): it runs no more.
-    while kill -0 "$pid" 2>/dev/null \
-          && [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" != Z ]; do
-      sleep 0.1
-    done
-  fi
+  stop_with "agent of $name" "$pid" "$sig"
   rm -f "$RUN/$name.agent.pid"
 }
 

@@ -38,7 +38,6 @@ PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 HELM=${HELM:-$CACHE/bin/helm}
 NAMESPACE=blockcopy-system
 CHART_NAME=blockcopy-operator
-BUILDAH=(buildah --storage-driver vfs)
 
 log() { echo "[release] $*" >&2; }
 die() { echo "[release] ERROR: $*" >&2; exit 1; }
@@ -98,13 +97,8 @@ fi
 SOURCE=https://github.com/blockcopy/blockcopy-operator
 
 OUT="${DIST:-$REPO/dist}/$VERSION"
-TMP=$(mktemp -d)
-ctr=
-cleanup() {
-  [ -z "$ctr" ] || "${BUILDAH[@]}" rm "$ctr" >/dev/null 2>&1 || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+# shellcheck source=lib/buildah.sh
+source "$HACK/lib/buildah.sh"   # BUILDAH, TMP and ctr (removed on exit)
 rm -rf "$OUT"
 mkdir -p "$OUT"
 start=$SECONDS

@@ -172,10 +172,8 @@ def test_configmap_labels_annotations_and_namespace(helm):
     (["--set", "dashboard.namespace=Not_A_Namespace"], "namespace"),
 ])
 def test_schema_rejects_bad_dashboard_values(helm, args, message):
-    proc = helm.template(*args, check=False)
-    assert proc.returncode != 0
-    assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
-    assert message in proc.stderr
+    stderr = helm.schema_refusal(*args)
+    assert message in stderr, stderr
 
 
 def test_dashboard_needs_metrics(helm):

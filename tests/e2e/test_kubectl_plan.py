@@ -22,7 +22,6 @@ from collections.abc import Iterator
 import pytest
 import yaml
 from test_kubectl_plugin import Plugin, parse_table
-from test_plans import apply_crds
 
 from blockcopy.kubectl.errors import FAILURE, NOT_FOUND, NOT_REACHED, USAGE
 from blockcopy.kubectl.plantext import PLAN_RESOURCE
@@ -30,29 +29,27 @@ from support import multinode
 from support.images import qemu_img_compare
 from support.libvirt_probes import live_disk_source, live_mirror
 from support.paths import KUBECTL
-from support.plans import Plans, delete_inventories, ensure_inventories
+from support.plans import (
+    ALLOWED_ROOT,
+    Plans,
+    apply_crds,
+    delete_inventories,
+    ensure_inventories,
+    plans_on,
+)
 from support.vms import VM, destroy_vm
 
 pytestmark = pytest.mark.e2e
 
-ALLOWED_ROOT = pathlib.Path("/var/lib/libvirt/images")  # the node agents' allowed root
-
 
 @pytest.fixture(scope="module")
 def nodes(cluster) -> list[multinode.Node]:
-    nodes = multinode.bring_up(2)
-    assert multinode.controller_pid() is not None
-    return nodes[:2]
+    return multinode.with_controller(2)
 
 
 @pytest.fixture(scope="module")
 def plans(api, nodes, kubectl) -> Iterator[Plans]:
-    apply_crds(kubectl)
-    namespace = nodes[0].namespaces[0] if nodes[0].namespaces else "default"
-    made = Plans(api, namespace)
-    yield made
-    for name in made.made:
-        made.delete(name, wait=180)
+    yield from plans_on(api, nodes, kubectl)
 
 
 @pytest.fixture(scope="module")

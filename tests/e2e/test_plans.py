@@ -34,29 +34,29 @@ from kubernetes.client.exceptions import ApiException
 from blockcopy.model.api import FINALIZER, NODE_LABEL
 from blockcopy.model.plan import PLAN_KIND, PLAN_LABEL
 from support import multinode
-from support.cluster import apply_crd
 from support.images import image_digest, qemu_img_compare
 from support.libvirt_probes import live_disk_source, live_mirror, live_xml
-from support.paths import PLAN_CRD
 from support.plans import (
+    ALLOWED_ROOT,
     Plans,
     Sampler,
+    apply_crds,
+    assert_moved,
     delete_inventories,
+    destroy_vms_named,
     ensure_inventories,
+    plans_on,
 )
 from support.vms import VM, create_vm, destroy_vm, destroy_vm_by_name
 from support.waits import wait_for
 
 pytestmark = pytest.mark.e2e
 
-ALLOWED_ROOT = pathlib.Path("/var/lib/libvirt/images")  # the node agents' allowed root
 
 
 @pytest.fixture(scope="module")
 def nodes(cluster) -> list[multinode.Node]:
-    nodes = multinode.bring_up(4)
-    assert multinode.controller_pid() is not None
-    return nodes[:4]
+    return multinode.with_controller(4)
 
 
 @pytest.fixture(scope="module")
@@ -78,24 +78,21 @@ def dirs(tag) -> Iterator[dict[str, pathlib.Path]]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def apply_crds(kubectl) -> None:
-    """This checkout's CRDs (BlockCopy with spec.createDirectories, the plan's), again right
-    before a plan starts: on the shared API server, a test of another checkout may have
-    applied an older BlockCopy CRD, whose schema would prune the children's new field."""
-    apply_crd(kubectl)
-    kubectl("apply", "-f", str(PLAN_CRD))
-    kubectl("wait", "--for=condition=Established", "crd/blockcopyplans.blockcopy.dev",
-            "--timeout=60s")
+def one_vm_on_each(nodes: list[multinode.Node], name: str, vms: list[VM], published: list[str],
+                   api, *, disks: list[int] | None = None, **kw) -> list[VM]:
+    """A VM NAME-x, NAME-y, ... on each node (``disks[i]`` disks on the i-th), kept in
+    ``vms`` for the teardown, listed in its node's inventory."""
+    made = [node.create_vm(f"{name}-{suffix}", **kw, **({"disks": disks[i]} if disks else {}))
+            for i, (node, suffix) in enumerate(zip(nodes, "xyzw", strict=False))]
+    vms.extend(made)
+    published.extend(ensure_inventories(api, nodes, {
+        node.name: {vm.name} for node, vm in zip(nodes, made, strict=True)}))
+    return made
 
 
 @pytest.fixture(scope="module")
 def plans(api, nodes, kubectl) -> Iterator[Plans]:
-    apply_crds(kubectl)
-    namespace = nodes[0].namespaces[0] if nodes[0].namespaces else "default"
-    made = Plans(api, namespace)
-    yield made
-    for name in made.made:
-        made.delete(name, wait=180)
+    yield from plans_on(api, nodes, kubectl)
 
 
 @pytest.fixture(scope="module")
@@ -218,11 +215,8 @@ def test_deleting_a_running_plan_cancels_its_copies(nodes, plans, vms, dirs, tag
     os.mkdir(dst_prefix)
     try:
         name = f"bct-pd{tag}"
-        made = [nodes[0].create_vm(f"{name}-x", layers=1, data_per_layer="16M"),
-                nodes[1].create_vm(f"{name}-y", layers=1, data_per_layer="16M")]
-        vms.extend(made)
-        published.extend(ensure_inventories(api, nodes[:2], {
-            nodes[0].name: {made[0].name}, nodes[1].name: {made[1].name}}))
+        made = one_vm_on_each(nodes[:2], name, vms, published, api,
+                              layers=1, data_per_layer="16M")
         apply_crds(kubectl)
         plan = plans.create(name, {
             "source": {"pathPrefix": src_prefix, "domains": [f"{name}-*"]},
@@ -283,11 +277,8 @@ def test_controller_killed_mid_plan_carries_on(nodes, plans, vms, dirs, tag, api
     os.mkdir(dst_prefix)
     try:
         name = f"bct-pk{tag}"
-        made = [nodes[0].create_vm(f"{name}-x", layers=1, disks=2, data_per_layer="8M"),
-                nodes[1].create_vm(f"{name}-y", layers=1, disks=1, data_per_layer="8M")]
-        vms.extend(made)
-        published.extend(ensure_inventories(api, nodes[:2], {
-            nodes[0].name: {made[0].name}, nodes[1].name: {made[1].name}}))
+        made = one_vm_on_each(nodes[:2], name, vms, published, api, layers=1,
+                              disks=[2, 1], data_per_layer="8M")
         apply_crds(kubectl)
         plan = plans.create(name, {
             "source": {"pathPrefix": src_prefix, "domains": [f"{name}-*"]},
@@ -309,19 +300,11 @@ def test_controller_killed_mid_plan_carries_on(nodes, plans, vms, dirs, tag, api
         assert len(children) == 3 and before <= {c["metadata"]["uid"] for c in children}
         assert sampler.error is None and sampler.max_total <= 2
         assert max(sampler.max_per_node.values()) == 1
-        for vm in made:
-            for target, chain in vm.disk_chains.items():
-                dest = dst_prefix + chain[0][len(src_prefix):]
-                assert live_disk_source(vm, target) == dest
-                result = qemu_img_compare(chain[0], dest)
-                assert result.returncode == 0, result.stdout + result.stderr
+        assert_moved(made, src_prefix, dst_prefix)
     finally:
         if multinode.controller_pid() is None:
             multinode.start_controller()
-        for vm in list(vms):
-            if vm.name.startswith(f"bct-pk{tag}"):
-                destroy_vm(vm)
-                vms.remove(vm)
+        destroy_vms_named(vms, f"bct-pk{tag}")
         shutil.rmtree(dst_prefix, ignore_errors=True)
 
 
@@ -365,19 +348,11 @@ def test_agent_killed_mid_plan_the_others_go_on(nodes, plans, vms, dirs, tag, ap
         status = plans.wait_phase(plan, "Completed", "Failed", timeout=300)
         assert status["phase"] == "Completed", status
         assert (status["total"], status["pivoted"]) == (3, 3)
-        for vm in made.values():
-            for target, chain in vm.disk_chains.items():
-                dest = dst_prefix + chain[0][len(src_prefix):]
-                assert live_disk_source(vm, target) == dest
-                result = qemu_img_compare(chain[0], dest)
-                assert result.returncode == 0, result.stdout + result.stderr
+        assert_moved(made.values(), src_prefix, dst_prefix)
     finally:
         if victim.agent_pid() is None:
             victim.start_agent()
-        for vm in list(vms):
-            if vm.name.startswith(f"bct-pa{tag}"):
-                destroy_vm(vm)
-                vms.remove(vm)
+        destroy_vms_named(vms, f"bct-pa{tag}")
         shutil.rmtree(dst_prefix, ignore_errors=True)
 
 

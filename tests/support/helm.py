@@ -51,6 +51,14 @@ class Helm:
         return self.run("template", release, str(CHART), "--namespace", namespace, *args,
                         check=check)
 
+    def schema_refusal(self, *args: str) -> str:
+        """helm template's error for values the chart's values.schema.json refuses (asserted
+        to be that refusal, not another failure)."""
+        proc = self.template(*args, check=False)
+        assert proc.returncode != 0, proc.stdout[:500]
+        assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+        return proc.stderr
+
     def render(self, *args: str, **kw: Any) -> list[dict[str, Any]]:
         """The rendered manifests as objects (empty documents dropped)."""
         out = self.template(*args, **kw).stdout

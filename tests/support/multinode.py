@@ -171,6 +171,13 @@ def bring_up(count: int = 2) -> list[Node]:
     return nodes
 
 
+def with_controller(count: int) -> list[Node]:
+    """The first ``count`` nodes (``bring_up``), the plan controller running beside them."""
+    nodes = bring_up(count)
+    assert controller_pid() is not None
+    return nodes[:count]
+
+
 def by_name(nodes: list[Node], name: str) -> Node:
     return next(n for n in nodes if n.name == name)
 

@@ -6,10 +6,11 @@ plan's children (how many are active, cluster-wide and per node)."""
 from __future__ import annotations
 
 import datetime as dt
+import pathlib
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import kubernetes
@@ -19,10 +20,16 @@ from kubernetes.client.exceptions import ApiException
 from blockcopy.model.api import GROUP, PLURAL, VERSION
 from blockcopy.model.inventory import INVENTORY_KIND, INVENTORY_PLURAL
 from blockcopy.model.plan import PLAN_KIND, PLAN_LABEL, PLAN_PLURAL
+from support.cluster import Kubectl, apply_crd
+from support.images import qemu_img_compare
+from support.libvirt_probes import live_disk_source
 from support.multinode import Node
+from support.paths import PLAN_CRD
+from support.vms import VM, destroy_vm
 from support.waits import wait_for
 
 # Children not yet Mirrored (none may exceed the plan's limits).
+ALLOWED_ROOT = pathlib.Path("/var/lib/libvirt/images")  # the simulated nodes' allowed root
 ACTIVE = (None, "Pending", "Queued", "Preparing", "Copying")
 
 
@@ -128,6 +135,47 @@ class Sampler:
 
 
 # ------------------------------------------------------------------ inventories
+
+
+def apply_crds(kubectl: Kubectl) -> None:
+    """This checkout's CRDs (BlockCopy with spec.createDirectories, the plan's), again right
+    before a plan starts: on the shared API server, a test of another checkout may have
+    applied an older BlockCopy CRD, whose schema would prune the children's new field."""
+    apply_crd(kubectl)
+    kubectl("apply", "-f", str(PLAN_CRD))
+    kubectl("wait", "--for=condition=Established", "crd/blockcopyplans.blockcopy.dev",
+            "--timeout=60s")
+
+
+def plans_on(api: kubernetes.client.CustomObjectsApi, nodes: list[Node], kubectl: Kubectl
+             ) -> Iterator[Plans]:
+    """A module's plans fixture: the CRDs applied, plans made in the first node's namespace,
+    each deleted at the end (its children with it)."""
+    apply_crds(kubectl)
+    namespace = nodes[0].namespaces[0] if nodes[0].namespaces else "default"
+    made = Plans(api, namespace)
+    yield made
+    for name in made.made:
+        made.delete(name, wait=180)
+
+
+def assert_moved(vms: Iterable[VM], src_prefix: str, dst_prefix: str) -> None:
+    """Every disk of ``vms`` runs on its copy below ``dst_prefix`` (the live XML), whose guest
+    view equals the old image's below ``src_prefix`` (qemu-img compare)."""
+    for vm in vms:
+        for target, chain in vm.disk_chains.items():
+            dest = dst_prefix + chain[0][len(src_prefix):]
+            assert live_disk_source(vm, target) == dest
+            result = qemu_img_compare(chain[0], dest)
+            assert result.returncode == 0, result.stdout + result.stderr
+
+
+def destroy_vms_named(vms: list[VM], prefix: str) -> None:
+    """Destroy (and drop from ``vms``) those whose name starts with ``prefix``."""
+    for vm in list(vms):
+        if vm.name.startswith(prefix):
+            destroy_vm(vm)
+            vms.remove(vm)
 
 
 def _domain_entry(dom: libvirt.virDomain) -> dict[str, Any]:
