@@ -62,13 +62,14 @@ if [ "$VERSION" != "$project_version" ] \
 fi
 # SemVer forbids leading zeros in a numeric identifier (rc.01, test.028212); Helm refuses such a
 # chart version only after the build, so say it here, before anything is written.
-IFS=. read -ra identifiers <<< "${VERSION#"$project_version"}"
-for identifier in "${identifiers[@]}"; do
-  identifier=${identifier#-}
-  if [[ "$identifier" =~ ^0[0-9]+$ ]]; then
-    die "VERSION $VERSION is not SemVer: the numeric identifier $identifier has a leading zero"
-  fi
-done
+if [ "$VERSION" != "$project_version" ]; then
+  IFS=. read -ra identifiers <<< "${VERSION#"$project_version"-}"
+  for identifier in "${identifiers[@]}"; do
+    if [[ "$identifier" =~ ^0[0-9]+$ ]]; then
+      die "VERSION $VERSION is not SemVer: the numeric identifier $identifier has a leading zero"
+    fi
+  done
+fi
 [ -x "$PYTHON" ] || die "no $PYTHON: run make venv"
 # The SBOM tool: a venv of its own under the cache directory, named after its lock file
 # (requirements/release.txt), installed once with hashes.

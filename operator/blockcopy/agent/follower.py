@@ -68,7 +68,8 @@ class Follower:
                                      on_layers=self.poke)
         self.launcher = JobLauncher(checks=self.checks, starter=self.starter, slots=slots,
                                     key=recorder.key, lock=self.lock, start_lock=start_lock,
-                                    observe=self.observer.disk, holder=lambda: job_holder(self))
+                                    observe=self.observer.disk, holder=lambda: job_holder(self),
+                                    holds=self._holds)
         self.holds_job = False  # this object started (or adopted) the disk's job
         self.wake = asyncio.Event()
         self.last_event: JobEvent | None = None
@@ -160,10 +161,10 @@ class Follower:
     async def _start_job(self, spec: BlockCopySpec, raw: Mapping[str, Any],
                          current: Phase | None, conditions: list[dict[str, Any]]) -> Outcome:
         created = str(self.body.get("metadata", {}).get("creationTimestamp") or "")
-        launch = await self.launcher.launch(spec, raw, current, conditions, created=created)
-        if launch.holds_job is not None:
-            self.holds_job = launch.holds_job
-        return launch.outcome
+        return await self.launcher.launch(spec, raw, current, conditions, created=created)
+
+    def _holds(self, held: bool) -> None:
+        self.holds_job = held
 
     # -- while the job runs ---------------------------------------------------------------
     async def _follow_job(self, spec: BlockCopySpec, current: Phase,

@@ -8,7 +8,6 @@ start lock (one start per disk at a time), with the disk looked at again under e
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -24,28 +23,23 @@ from blockcopy.model.observation import DiskState
 Observe = Callable[[BlockCopySpec], Awaitable[DiskState]]
 
 
-@dataclasses.dataclass(frozen=True)
-class Launch:
-    """What the follower records, and whether its object now holds the disk's job."""
-
-    outcome: Outcome
-    holds_job: bool | None = None  # None: as before
-
-
 class JobLauncher:
     """Starts (or adopts, queues, refuses) the job of one follower's object ``key``."""
 
     def __init__(self, *, checks: StartChecks, starter: Starter, slots: CopySlots,
                  key: tuple[str, str], lock: asyncio.Lock, start_lock: asyncio.Lock,
-                 observe: Observe, holder: Callable[[], str | None]):
+                 observe: Observe, holder: Callable[[], str | None],
+                 holds: Callable[[bool], None]):
         """``lock``: the object's (the deletion handler takes it too); ``start_lock``: the
         agent's; ``observe``: a fresh look at the disk; ``holder``: which other object of
-        this agent holds the disk's job."""
+        this agent holds the disk's job; ``holds``: told, under the start lock, whether this
+        object now holds it (what ``holder`` answers the others)."""
         self.checks, self.starter, self.slots, self.key = checks, starter, slots, key
         self.lock, self.start_lock, self.observe, self.holder = lock, start_lock, observe, holder
+        self.holds = holds
 
     async def launch(self, spec: BlockCopySpec, raw: Mapping[str, Any], current: Phase | None,
-                     conditions: list[dict[str, Any]], *, created: str) -> Launch:
+                     conditions: list[dict[str, Any]], *, created: str) -> Outcome:
         """``created``: the object's creationTimestamp (its place in the queue)."""
         # Before libvirt is asked anything (nothing created, and no domain's existence told to
         # a namespace the policy keeps away). An existing dest waits for the look below: it
@@ -56,7 +50,7 @@ class JobLauncher:
                 refusal.reason == "DestNotCreatable":
             refusal = None
         if refusal is not None and refusal.reason != "DestExists":
-            return Launch(Outcome(refusal, None, conditions))
+            return (Outcome(refusal, None, conditions))
         async with self.lock:
             if current == Phase.PREPARING:
                 # The plan's files, made outside the start lock (a rebase takes a while).
@@ -64,7 +58,7 @@ class JobLauncher:
                 if reconcile.decide(spec, current, disk).action == Action.START_COPY:
                     failed = await self.starter.prepare(spec, disk)
                     if failed is not None:
-                        return Launch(Outcome(failed, disk, conditions))
+                        return (Outcome(failed, disk, conditions))
             # Starts are serialized and decided on a fresh look under the lock: of two
             # BlockCopies for one disk, the second then sees the first's job (DiskBusy).
             # The chain is checked once more right before the job starts.
@@ -74,20 +68,21 @@ class JobLauncher:
                     spec, current, disk, holder=self.holder(), limit=self.slots.limit,
                     place=self.slots.place(self.key, created=created))
                 if refusal is not None and decision.action == Action.START_COPY:
-                    return Launch(Outcome(refusal, disk, conditions))
+                    return (Outcome(refusal, disk, conditions))
                 return await self._act(spec, raw, current, disk, decision, conditions,
                                        created=created)
 
     async def _act(self, spec: BlockCopySpec, raw: Mapping[str, Any], current: Phase | None,
                    disk: DiskState, decision: Decision, conditions: list[dict[str, Any]], *,
-                   created: str) -> Launch:
-        holds = True if decision.reason == "Adopted" else None
+                   created: str) -> Outcome:
+        if decision.reason == "Adopted":
+            self.holds(True)
         if decision.phase == Phase.QUEUED:
             self.slots.wait(self.key, created=created)
         if decision.action != Action.START_COPY:
-            return Launch(Outcome(decision, disk, conditions), holds)
+            return Outcome(decision, disk, conditions)
         self.slots.hold(self.key)
         started = await self.starter.start(spec, disk, raw, decision, current)
-        return Launch(Outcome(started.decision, disk, conditions, started=started.fields,
-                              intent=started.decision.action == Action.PREPARE),
-                      holds_job=started.fields is not None)  # a job, or a plan for one
+        self.holds(started.fields is not None)  # a job, or a plan for one
+        return Outcome(started.decision, disk, conditions, started=started.fields,
+                       intent=started.decision.action == Action.PREPARE)
