@@ -50,7 +50,7 @@ class JobLauncher:
                 refusal.reason == "DestNotCreatable":
             refusal = None
         if refusal is not None and refusal.reason != "DestExists":
-            return (Outcome(refusal, None, conditions))
+            return Outcome(refusal, None, conditions)
         async with self.lock:
             if current == Phase.PREPARING:
                 # The plan's files, made outside the start lock (a rebase takes a while).
@@ -58,7 +58,7 @@ class JobLauncher:
                 if reconcile.decide(spec, current, disk).action == Action.START_COPY:
                     failed = await self.starter.prepare(spec, disk)
                     if failed is not None:
-                        return (Outcome(failed, disk, conditions))
+                        return Outcome(failed, disk, conditions)
             # Starts are serialized and decided on a fresh look under the lock: of two
             # BlockCopies for one disk, the second then sees the first's job (DiskBusy).
             # The chain is checked once more right before the job starts.
@@ -68,7 +68,7 @@ class JobLauncher:
                     spec, current, disk, holder=self.holder(), limit=self.slots.limit,
                     place=self.slots.place(self.key, created=created))
                 if refusal is not None and decision.action == Action.START_COPY:
-                    return (Outcome(refusal, disk, conditions))
+                    return Outcome(refusal, disk, conditions)
                 return await self._act(spec, raw, current, disk, decision, conditions,
                                        created=created)
 
