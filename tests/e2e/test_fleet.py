@@ -11,7 +11,13 @@ import time
 
 from support.guestwrites import paused, verify
 from support.images import qemu_img_compare
-from support.libvirt_probes import domstate, live_disk_source, live_mirror, no_block_job
+from support.libvirt_probes import (
+    domstate,
+    live_disk_source,
+    live_mirror,
+    no_block_job,
+    qemu_version,
+)
 from support.objects import condition, copy_spec
 from support.vms import wait_guest_writing
 from support.waits import events_of, status_where, wait_for
@@ -110,14 +116,6 @@ def test_a_copy_that_does_not_converge_says_so_until_the_bandwidth_rises(
     assert condition(status, "Converging")["status"] == "True"
 
 
-def _qemu_version() -> tuple[int, int, int]:
-    import libvirt
-
-    with libvirt.open("qemu:///system") as conn:
-        v = conn.getVersion()
-    return v // 1000000, v // 1000 % 1000, v % 1000
-
-
 def test_convergence_auto(agent, vms, blockcopies, node, core):
     """spec.convergence: auto on a copy that does not converge. QEMU >= 8.2 (the backports
     stack): the running mirror is switched to write-blocking and the copy reaches Mirrored and
@@ -139,7 +137,7 @@ def test_convergence_auto(agent, vms, blockcopies, node, core):
                       and condition(s, "ConvergenceAssist") and s, 180,
                       what="the agent to act on a copy that does not converge")
     assist = condition(status, "ConvergenceAssist")
-    if _qemu_version() >= (8, 2, 0):
+    if qemu_version() >= (8, 2, 0):
         assert (assist["status"], assist["reason"]) == ("True", "WriteBlocking"), assist
         assert status["copyMode"] == "write-blocking"
         wait_for(events_of(blockcopies, core, name, "WriteBlocking"), 10)

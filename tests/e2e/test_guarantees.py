@@ -31,6 +31,7 @@ from support.libvirt_probes import (
     live_disk_source,
     live_mirror,
     no_block_job,
+    qemu_version,
     virsh,
 )
 from support.objects import condition, copy_spec
@@ -291,7 +292,10 @@ def _allocated(path: str) -> int:
 def test_written_zeros_are_not_copied_as_data(fmt, detect, agent, vms, blockcopies, node):
     """A 2 GiB disk with 8 MiB of data and 256 MiB of written zeros (real zero bytes,
     allocated in the source): by default the copy holds the data only; with
-    spec.detectZeroes: false it holds the zeros too."""
+    spec.detectZeroes: false it holds the zeros too, like `virsh blockcopy` on the same stack:
+    the source's allocation, except a raw file on QEMU 10 (the backports stack), which the
+    mirror zeroes in full before copying (measured with virsh: 2,048 of 2,048 MiB; qcow2
+    264 MiB)."""
     vm = vms(layers=1, size="2G", data_per_layer="8M",
              extra_writes=[(0, 8 * MiB, 256 * MiB)])
     assert _allocated(vm.chain[0]) > 264 * MiB  # the zeros are data in the source
@@ -314,4 +318,7 @@ def test_written_zeros_are_not_copied_as_data(fmt, detect, agent, vms, blockcopi
         assert allocated < 25 * MiB and actual < 25 * MiB
     else:
         assert status["zeroDetection"] == "off (spec.detectZeroes: false)", status
-        assert 260 * MiB < allocated < 280 * MiB
+        if fmt == "raw" and qemu_version() >= (10, 0, 0):
+            assert allocated >= 2048 * MiB
+        else:
+            assert 260 * MiB < allocated < 280 * MiB

@@ -50,6 +50,16 @@ def daemon_libvirt_version(uri: str = DEFAULT_URI) -> str:
     return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
 
 
+def qemu_version(uri: str = DEFAULT_URI) -> tuple[int, int, int]:
+    """The QEMU the daemon runs ((7, 2, 0) on the stock stack, (10, 0, 2) on backports)."""
+    conn = libvirt.open(uri)
+    try:
+        v = conn.getVersion()
+    finally:
+        conn.close()
+    return v // 1_000_000, v // 1000 % 1000, v % 1000
+
+
 def domstate(vm: VM) -> str:
     return virsh("domstate", vm.name, uri=vm.uri)
 
