@@ -215,7 +215,10 @@ def _restart_libvirtd() -> float:
     began = time.monotonic()
     try:
         os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 30, interval=0.1,
+        # libvirtd waits for its workers on SIGTERM, for 30 s at most, then exits anyway ("Make
+        # forcefull daemon shutdown"): libvirt 11.3 was seen taking all 30 s, so a 30 s wait
+        # here raced with that timer.
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 60, interval=0.1,
                  what=f"libvirtd {pid} to exit")
         print(f"libvirtd {pid} exited {time.monotonic() - began:.1f} s after SIGTERM")
     finally:
