@@ -83,9 +83,10 @@ def layers(decision: Decision, view: LayersView) -> Decision:
 
 
 def group_pivot_blocked(view: GroupView, *, asking: str) -> tuple[str | None, float | None]:
-    """(None, None) when every member is Mirrored (or further) with pivot: true and no member
-    can still be on its way; else (why not, s until a look again without a wake-up, or
-    None). ``asking``: the member whose mirror is ready."""
+    """(None, None) when every member is Mirrored (or further) with pivot: true, followed by
+    this agent unless Pivoted, and no member can still be on its way; else (why not, s until
+    a look again without a wake-up, or None). ``asking``: the member whose mirror is ready
+    (the group's switch asks with "": every member's own phase counts)."""
     prefix = (f"the mirror is ready; group {view.name} pivots when every member is Mirrored "
               "with pivot: true")
     if view.listing_error is not None:  # no pivot on a partial view: stay on the source
@@ -93,6 +94,11 @@ def group_pivot_blocked(view: GroupView, *, asking: str) -> tuple[str | None, fl
     blocked = []
     for member in sorted(view.members, key=lambda m: m.name):
         phase = Phase.MIRRORED.value if member.name == asking else member.phase
+        if phase in (Phase.MIRRORED, Phase.PIVOTING) and not member.followed:
+            # The group switches all or none, in one pause of this agent: a member it does
+            # not follow yet (say, just restarted) cannot be switched with the others.
+            blocked.append(f"{member.name} is {phase} but not followed by this agent yet")
+            continue
         if phase in (Phase.PIVOTING, Phase.PIVOTED):
             continue
         if phase != Phase.MIRRORED:

@@ -31,6 +31,21 @@ READABLE_FORMATS = ("raw", "qcow2")
 
 VERIFIED = "Verified"  # condition type
 MATCH, MISMATCH, NOT_VERIFIED = "Match", "Mismatch", "NotVerified"  # status results
+# A disk group switches all or none (``core.groupswitch``): a member held by another one.
+GROUP_MISMATCH, GROUP_NOT_VERIFIABLE = "GroupMemberMismatch", "GroupMemberNotVerifiable"
+# Held on the source with the job going on: Mirrored, a Warning, looked at again on the
+# refusal back-off (a mismatch ends the job instead).
+KEPT_MIRRORED = ("NotVerifiable", GROUP_NOT_VERIFIABLE, GROUP_MISMATCH)
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+    """The copy to check: the disk as observed, and what the job was started with."""
+
+    spec: BlockCopySpec
+    disk: DiskState
+    target: str
+    dest_format: str | None
 
 
 def _numbers(seed: bytes) -> Iterator[int]:
@@ -143,7 +158,8 @@ def full_limit(size: int) -> float:
 @dataclasses.dataclass(frozen=True)
 class Result:
     """What the check found. ``result``: MATCH, MISMATCH or NOT_VERIFIED (``reason`` says
-    why: NotAsked, NotVerifiable)."""
+    why: NotAsked, NotVerifiable). A group member held by another member keeps what its own
+    check found, with the group's reason (``core.groupswitch``)."""
 
     method: Verify
     result: str
@@ -156,8 +172,14 @@ class Result:
 
     @property
     def held(self) -> bool:
-        """No pivot: the copy differs, or the check was asked for and could not be made."""
-        return self.result == MISMATCH or self.reason == "NotVerifiable"
+        """No pivot: the copy differs, or the check was asked for and could not be made (of
+        this disk, or in a group, of another member)."""
+        return self.result == MISMATCH or self.kept_mirrored
+
+    @property
+    def kept_mirrored(self) -> bool:
+        """Held with the job going on (not a mismatch of this disk): Mirrored, retried."""
+        return self.reason in KEPT_MIRRORED
 
 
 def not_verified(spec: BlockCopySpec, why: str) -> Result:
@@ -211,13 +233,15 @@ def status_field(result: Result, time: str) -> dict[str, Any]:
 
 
 def condition(result: Result) -> dict[str, str]:
-    return {"type": VERIFIED, "status": "True" if result.result == MATCH else "False",
+    """True on a match that lets the pivot go on (a member held by its group: False)."""
+    matched = result.result == MATCH and not result.held
+    return {"type": VERIFIED, "status": "True" if matched else "False",
             "reason": result.reason, "message": result.message}
 
 
 def event(result: Result) -> tuple[str, str, str] | None:
     """The Event of a check that lets the pivot go on (a held one is told by its phase or
-    refusal Event: Failed VerifyMismatch, Mirrored NotVerifiable)."""
+    refusal Event: Failed VerifyMismatch, Mirrored NotVerifiable or a group's reason)."""
     if result.held or result.reason == "NotAsked":
         return None
     if result.result == MATCH:
@@ -227,11 +251,12 @@ def event(result: Result) -> tuple[str, str, str] | None:
 
 def decision(result: Result, current: Decision) -> Decision:
     """The decision once the check is done: the pivot's, a failure on a mismatch (the job
-    ended on the source), or Mirrored while a check asked for cannot be made."""
+    ended on the source), or Mirrored while a check asked for cannot be made (or, in a
+    group, while another member's check holds the group)."""
     if result.result == MISMATCH:
         return Decision(Phase.FAILED, reason="VerifyMismatch", message=result.message)
-    if result.reason == "NotVerifiable":
-        return Decision(Phase.MIRRORED, reason="NotVerifiable", message=result.message,
+    if result.kept_mirrored:
+        return Decision(Phase.MIRRORED, reason=result.reason, message=result.message,
                         warning=True)
     return current
 
