@@ -15,6 +15,7 @@ from typing import Any
 from blockcopy.agent.claimer import Claimer
 from blockcopy.agent.follower import Follower
 from blockcopy.agent.groups import Groups, key_of
+from blockcopy.agent.groupswitch import GroupSwitch
 from blockcopy.agent.inventory import InventoryPublisher
 from blockcopy.agent.loop import StopSignal
 from blockcopy.agent.recorder import Clock, Recorder, phase_of, utc_now
@@ -83,6 +84,7 @@ class Agent:
         self.slots = CopySlots(config.max_active_copies, on_change=self._wake_queued)
         self.verifier = Verifier(hv, images, owner=config.node_name)
         self.groups = Groups(hv, lambda: list(self.followers.values()), kube=kube, clock=clock)
+        self.switch = GroupSwitch(self.verifier, self.groups)
         self._start_lock = asyncio.Lock()  # starts are serialized: one job per disk
         self._claimer_task: asyncio.Task[None] | None = None
         self._libvirt_task: asyncio.Task[None] | None = None
@@ -192,12 +194,13 @@ class Agent:
                             slots=self.slots, groups=self.groups,
                             recorder=self.recorder.for_object(ref, body.get("status")),
                             start_lock=self._start_lock, job_holder=self._job_holder,
-                            verifier=self.verifier)
+                            verifier=self.verifier, switch=self.switch)
         self.followers[key] = follower
         try:
             await follower.run(stop)
         finally:
             self.slots.release(key)  # finished, deleted, or no longer ours to follow
+            self.switch.forget(follower)
             if self.followers.get(key) is follower:
                 del self.followers[key]
 

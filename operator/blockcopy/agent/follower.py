@@ -16,6 +16,7 @@ from typing import Any
 from blockcopy.agent.actor import JobActor
 from blockcopy.agent.convergence import ConvergenceAssist
 from blockcopy.agent.groups import Groups, key_of
+from blockcopy.agent.groupswitch import GroupSwitch
 from blockcopy.agent.launcher import JobLauncher
 from blockcopy.agent.loop import FollowLoop, Step, StopSignal
 from blockcopy.agent.observer import DiskObserver
@@ -30,6 +31,7 @@ from blockcopy.core import convergence, destinations, gates, status, verify
 from blockcopy.core.reconcile import Action, Decision
 from blockcopy.core.slots import CopySlots
 from blockcopy.core.specs import read_spec
+from blockcopy.core.verify import Copy
 from blockcopy.model.api import TERMINAL_PHASES, BlockCopySpec, Phase
 from blockcopy.model.observation import JobEvent
 from blockcopy.model.ports import Files, Hypervisor, Images
@@ -46,7 +48,8 @@ class Follower:
     def __init__(self, body: Mapping[str, Any], *, hv: Hypervisor, images: Images,
                  files: Files, recorder: ObjectRecorder, settings: FollowSettings,
                  start_lock: asyncio.Lock, slots: CopySlots, groups: Groups,
-                 job_holder: Callable[[Follower], str | None], verifier: Verifier):
+                 job_holder: Callable[[Follower], str | None], verifier: Verifier,
+                 switch: GroupSwitch):
         self.body, self.hv, self.images, self.recorder = body, hv, images, recorder
         self.settings, self.groups = settings, groups
         start = settings.start
@@ -59,8 +62,9 @@ class Follower:
                                now=lambda: status.timestamp(recorder.agent.clock()))
         self.assist = ConvergenceAssist(hv)
         self.retries = Retries(recorder)
-        self.actor = JobActor(hv=hv, starter=self.starter, verifier=verifier, groups=groups,
-                              recorder=recorder, retries=self.retries, member=self)
+        self.actor = JobActor(hv=hv, starter=self.starter, verifier=verifier, switch=switch,
+                              groups=groups, recorder=recorder, retries=self.retries,
+                              member=self)
         self.lock = asyncio.Lock()  # shared with the deletion handler
         self.observer = DiskObserver(hv=hv, images=images, checks=self.checks, groups=groups,
                                      recorder=recorder, retries=self.retries,
@@ -96,6 +100,15 @@ class Follower:
 
     def note_event(self, type: str, reason: str, message: str) -> None:
         self.recorder.event(type, reason, message)
+
+    async def switch_copy(self) -> Copy | str:
+        reading = read_spec(self.body.get("spec"), self.recorder.status, self.phase)
+        if reading.spec is None or not reading.started_job:
+            return f"{self.name}: {reading.error or 'no job of it runs'}"
+        ready = await self.observer.ready_to_switch(reading.spec, self.phase, self.name)
+        if not isinstance(ready, str):
+            self.recorder.pivot_issued = asyncio.get_running_loop().time()
+        return ready
 
     # -- wake-ups (called on the event loop) ------------------------------------------
     @property

@@ -3,16 +3,17 @@
 
 libvirt has no multi-disk transaction. The pivot needs none: each mirror holds every write
 until it is ended, so the group waits until every member is Mirrored with ``pivot: true``,
-then each member pivots (all at once, in a row). Who is a member is asked of the API server
-at that moment, not taken from the objects this agent already follows: members created
-together arrive one by one (claimed, then followed), and a fast member must not take a
-group of one for the whole group (``core.gates.group_pivot_blocked`` decides on the view
-this module observes). The abort needs a common point in time for a crash-consistent copy
-across disks: the guest's file systems are frozen through its guest agent when one answers,
-otherwise the VM is suspended; every member's job is cancelled (each destination then holds
-the disk as it was at that instant); then the guest is thawed or resumed, always, whatever
-failed, within a bounded time. All members of a group are on one node (one domain), so one
-agent coordinates them.
+then the whole group switches in one pause of the guest, all or none
+(``agent.groupswitch``). Who is a member is asked of the API server at that moment, not
+taken from the objects this agent already follows: members created together arrive one by
+one (claimed, then followed), and a fast member must not take a group of one for the whole
+group (``core.gates.group_pivot_blocked`` decides on the view this module observes). The
+abort needs a common point in time for a crash-consistent copy across disks: the guest's
+file systems are frozen through its guest agent when one answers, otherwise the VM is
+suspended; every member's job is cancelled (each destination then holds the disk as it was
+at that instant); then the guest is thawed or resumed, always, whatever failed, within a
+bounded time. All members of a group are on one node (one domain), so one agent
+coordinates them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from blockcopy.core.verify import Copy
 from blockcopy.model.api import JOB_PHASES, Phase
 from blockcopy.model.kubeapi import Kube
 from blockcopy.model.observation import GroupMember, GroupView
@@ -55,6 +57,11 @@ class Member(Protocol):
         """Look again soon (a member's phase or spec changed)."""
 
     def note_event(self, type: str, reason: str, message: str) -> None: ...
+
+    async def switch_copy(self) -> Copy | str:
+        """The copy as it is now, for the group's switch (``agent.groupswitch``): the spec in
+        effect, the disk just observed, its target and the destination's format; or why this
+        member is not ready for the pivot after all (its mirror, its destination)."""
 
 
 def key_of(body: Mapping[str, Any]) -> GroupKey | None:

@@ -19,8 +19,10 @@ from blockcopy.agent.recorder import ObjectRecorder
 from blockcopy.agent.retries import Retries
 from blockcopy.agent.startchecks import StartChecks
 from blockcopy.agent.steps import Observation
-from blockcopy.core import gates
+from blockcopy.core import destinations, gates, reconcile
 from blockcopy.core.progress import ProgressWindow
+from blockcopy.core.reconcile import Action, Decision
+from blockcopy.core.verify import Copy
 from blockcopy.model.api import BlockCopySpec, Phase
 from blockcopy.model.observation import DiskState
 from blockcopy.model.ports import Hypervisor, Images
@@ -67,6 +69,24 @@ class DiskObserver:
         else:
             self.window.clear()
         return Observation(disk, self.layers.view, group, estimate, dest)
+
+    async def ready_to_switch(self, spec: BlockCopySpec, current: Phase | None,
+                              name: str) -> Copy | str:
+        """For the group's switch: the copy as it is now, or why ``name`` may not pivot
+        after all (what its own step would hold the pivot for: the phase logic, a chain
+        move's layers, the destination)."""
+        disk = await self.disk(spec)
+        decision = gates.layers(reconcile.decide(spec, current or Phase.MIRRORED, disk),
+                                self.layers.view)
+        if decision.action == Action.PIVOT:
+            check = await self.checks.dest_check(spec, disk, self.recorder.status.get(
+                "destIdentity"))
+            problem = destinations.held(spec.dest, check) if check is not None else None
+            if problem is None:
+                return Copy(spec, disk, disk.target or spec.disk,
+                            self.recorder.status.get("format"))
+            decision = Decision(Phase.MIRRORED, reason=problem[0], message=problem[1])
+        return f"{name} is {decision.phase.value} ({decision.message or decision.reason})"
 
     def take_up_layers(self) -> None:
         """A chain move recorded in status: its layer copies (started by the act step)."""

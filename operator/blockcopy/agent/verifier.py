@@ -6,24 +6,26 @@ compared; on a match the pivot happens while the guest is still paused, and the 
 resumed whatever happened (with retries). A mismatch ends the job on the source. Full
 compares every block with qemu-img (a longer pause: up to 10 s per GiB, 60 s at least).
 
-One pause per VM at a time (the disks of a group pivot one after the other). A VM that was
-already paused by someone else is checked as it is and never resumed by the agent; a VM the
-agent paused carries a mark in its live metadata, so that the node's next agent resumes it
-if this one dies meanwhile (``Agent.resume_left_paused``).
+One pause per VM at a time. The steps are also the group switch's (``agent.groupswitch``):
+``plan`` each member before the pause, then, in one pause (``paused``), ``check`` them all,
+each mirror settled, one flush for all. A VM that was already paused by someone else is
+checked as it is and never resumed by the agent; a VM the agent paused carries a mark in its
+live metadata, so that the node's next agent resumes it if this one dies meanwhile
+(``Agent.resume_left_paused``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from blockcopy.core import verify
-from blockcopy.core.verify import Result
-from blockcopy.model.api import BlockCopySpec, Verify
-from blockcopy.model.observation import DiskState
+from blockcopy.core.verify import Copy, Result
+from blockcopy.model.api import Verify
 from blockcopy.model.ports import (
     Hypervisor,
     HypervisorError,
@@ -43,13 +45,36 @@ class NotChecked(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
-class Copy:
-    """The copy to check: the disk as observed, and what the job was started with."""
+class Planned:
+    """A copy to check in the pause, and the blocks to read there (none for Full)."""
 
-    spec: BlockCopySpec
-    disk: DiskState
-    target: str
-    dest_format: str | None
+    copy: Copy
+    offsets: list[int]
+
+
+class Pause:
+    """One pause of a guest, for the log: when each step in it ended, and how long it was."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.at = self._loop.time()
+        self.steps: dict[str, float] = {}  # step -> loop time it ended
+        self.ms = 0  # the whole pause, once resumed
+
+    def step(self, name: str) -> None:
+        self.steps[name] = self._loop.time()
+        self.ms = _ms(self._loop.time() - self.at)
+
+    def elapsed(self) -> int:
+        return _ms(self._loop.time() - self.at)
+
+    def log(self, domain: str, what: str) -> None:
+        last, took = self.at, []
+        for name, at in self.steps.items():
+            took.append(f"{name} {_ms(at - last)}")
+            last = at
+        log.info("%s: guest paused %d ms for the check at the switch (%s; %s ms)", domain,
+                 self.ms, what, ", ".join(took))
 
 
 class Verifier:
@@ -65,9 +90,28 @@ class Verifier:
         cannot be made and was not asked for explicitly); end the job on a mismatch; leave it
         Mirrored when a check asked for cannot be made. HypervisorError from the pivot
         itself is raised (a refusal) after the guest is resumed."""
+        spec = copy.spec
+        planned = await self.plan(copy)
+        if isinstance(planned, Result):
+            if not planned.held:
+                await self.hv.pivot(spec.domain, copy.target)
+            return planned
+        async with self.paused(spec.domain) as pause:
+            result, = await self.check(pause, [planned])
+            if result.result == verify.MISMATCH:
+                await self.hv.cancel(spec.domain, copy.target)
+                pause.step("cancel")
+            elif not result.held:
+                await self.hv.pivot(spec.domain, copy.target)
+                pause.step("pivot")
+        pause.log(spec.domain, f"{result.method.value}: {result.result}")
+        return dataclasses.replace(result, pause_ms=pause.ms)
+
+    async def plan(self, copy: Copy) -> Result | Planned:
+        """Before the pause: what to read in it, or the result when no check is made there
+        (not asked for, or cannot be made: ``Result.held`` when asked for explicitly)."""
         spec, disk = copy.spec, copy.disk
         if spec.verify == Verify.NONE:
-            await self.hv.pivot(spec.domain, copy.target)
             return verify.not_asked()
         why = verify.not_verifiable(disk, dest=spec.dest, dest_format=copy.dest_format,
                                     network=spec.network is not None)
@@ -79,99 +123,96 @@ class Verifier:
             except ImageError as exc:
                 why = f"cannot map the source's data ({exc})"
         if why is not None:
-            result = verify.not_verified(spec, why)
-            if not result.held:
-                await self.hv.pivot(spec.domain, copy.target)
-            return result
+            return verify.not_verified(spec, why)
         # The blocks are drawn before the pause (the data map is the source's, mapped above).
-        offsets = verify.sample(self.seed(), data.size, data.data) if data else []
-        lock = self._pauses.setdefault(spec.domain, asyncio.Lock())
-        async with lock:
-            return await self._paused(copy, offsets)
+        return Planned(copy, verify.sample(self.seed(), data.size, data.data) if data else [])
 
-    async def _paused(self, copy: Copy, offsets: list[int]) -> Result:
-        spec = copy.spec
-        loop = asyncio.get_running_loop()
-        ours = await self.hv.pause(spec.domain, self.owner)
-        paused_at = loop.time()
-        steps: dict[str, float] = {}  # step -> loop time it ended, for the log
-
-        def step(name: str) -> None:
-            steps[name] = loop.time()
-        try:
+    @contextlib.asynccontextmanager
+    async def paused(self, domain: str) -> AsyncIterator[Pause]:
+        """The guest paused (one pause per VM at a time), resumed whatever happens."""
+        async with self._pauses.setdefault(domain, asyncio.Lock()):
+            ours = await self.hv.pause(domain, self.owner)
+            pause = Pause()
             try:
-                result = await self._check(copy, offsets, step,
-                                           lambda: _ms(loop.time() - paused_at))
+                yield pause
+            finally:
+                if ours:
+                    await self._resume(domain)
+                pause.step("resume")
+
+    async def check(self, pause: Pause, planned: Sequence[Planned]) -> list[Result]:
+        """In the pause: every mirror settled, QEMU's flush (once, where a qcow2 image is
+        read), each copy compared. A check that cannot be made is ``not_verified``."""
+        results: dict[int, Result] = {}
+        deadline = asyncio.get_running_loop().time() + verify.SETTLE
+        for i, each in enumerate(planned):
+            try:
+                await self._settle(each.copy.spec.domain, each.copy.target, deadline)
             except NotChecked as exc:
-                result = verify.not_verified(spec, str(exc))
-            if result.result == verify.MISMATCH:
-                await self.hv.cancel(spec.domain, copy.target)
-                step("cancel")
-            elif not result.held:
-                await self.hv.pivot(spec.domain, copy.target)
-                step("pivot")
-        finally:
-            if ours:
-                await self._resume(spec.domain)
-            step("resume")
-        pause_ms = _ms(loop.time() - paused_at)
-        last, took = paused_at, []
-        for name, at in steps.items():
-            took.append(f"{name} {_ms(at - last)}")
-            last = at
-        log.info("%s: guest paused %d ms for the check at the switch (%s: %s; %s ms)",
-                 spec.domain, pause_ms, result.method.value, result.result, ", ".join(took))
-        return dataclasses.replace(result, pause_ms=pause_ms)
-
-    async def _check(self, copy: Copy, offsets: list[int], step: Callable[[str], None],
-                     elapsed: Callable[[], int]) -> Result:
-        spec, disk = copy.spec, copy.disk
-        source, dest = disk.source or "", spec.dest
-        source_format, dest_format = str(disk.source_format), str(copy.dest_format)
-        await self._settle(spec.domain, copy.target)
-        step("settle")
-        if verify.needs_flush(source_format=source_format, dest_format=dest_format):
+                results[i] = verify.not_verified(each.copy.spec, str(exc))
+        pause.step("settle")
+        flushing = [i for i, each in enumerate(planned) if i not in results and
+                    verify.needs_flush(source_format=str(each.copy.disk.source_format),
+                                       dest_format=str(each.copy.dest_format))]
+        if flushing:
             try:
-                await self.hv.flush_images(spec.domain)
+                await self.hv.flush_images(planned[0].copy.spec.domain)
+                pause.step("flush")
             except HypervisorUnavailable:
                 raise
             except HypervisorError as exc:
-                raise NotChecked(f"QEMU could not flush the images ({exc})") from None
-            step("flush")
+                for i in flushing:
+                    results[i] = verify.not_verified(
+                        planned[i].copy.spec, f"QEMU could not flush the images ({exc})")
+        todo = [i for i in range(len(planned)) if i not in results]
+        compared = await asyncio.gather(*(self._compare(planned[i], pause) for i in todo),
+                                        return_exceptions=True)
+        for i, got in zip(todo, compared, strict=True):
+            if isinstance(got, BaseException):
+                raise got  # all of them ended first (none left running in the pause)
+            results[i] = got
+        return [results[i] for i in range(len(planned))]
+
+    async def _compare(self, planned: Planned, pause: Pause) -> Result:
+        copy, offsets = planned.copy, planned.offsets
+        spec, source, dest = copy.spec, copy.disk.source or "", copy.spec.dest
+        source_format, dest_format = str(copy.disk.source_format), str(copy.dest_format)
         method = spec.verify or Verify.SAMPLE
-        if method == Verify.FULL:
-            size = (await self.hv.disk_size(spec.domain, copy.target)).capacity
+        try:
+            if method == Verify.FULL:
+                size = (await self.hv.disk_size(spec.domain, copy.target)).capacity
+                try:
+                    differ = await self.images.compare_in_use(
+                        source, dest, format_a=source_format, format_b=dest_format,
+                        timeout=verify.full_limit(size))
+                except ImageError as exc:
+                    raise NotChecked(str(exc)) from None
+                if differ is None:
+                    return verify.matched(method, 0, pause.elapsed())
+                return verify.mismatched(method, 0, 1, verify.offset_in(differ),
+                                         pause.elapsed(), detail=differ)
             try:
-                differ = await self.images.compare_in_use(
-                    source, dest, format_a=source_format, format_b=dest_format,
-                    timeout=verify.full_limit(size))
+                views = await asyncio.wait_for(asyncio.gather(
+                    self.images.read_blocks(source, format=source_format, offsets=offsets,
+                                            length=verify.BLOCK),
+                    self.images.read_blocks(dest, format=dest_format, offsets=offsets,
+                                            length=verify.BLOCK)), verify.READ_LIMIT)
+            except TimeoutError:
+                raise NotChecked(f"reading {len(offsets)} blocks of both images took more "
+                                 f"than {verify.READ_LIMIT:g} s") from None
             except ImageError as exc:
                 raise NotChecked(str(exc)) from None
-            if differ is None:
-                return verify.matched(method, 0, elapsed())
-            return verify.mismatched(method, 0, 1, verify.offset_in(differ), elapsed(),
-                                     detail=differ)
-        try:
-            views = await asyncio.wait_for(asyncio.gather(
-                self.images.read_blocks(source, format=source_format, offsets=offsets,
-                                        length=verify.BLOCK),
-                self.images.read_blocks(dest, format=dest_format, offsets=offsets,
-                                        length=verify.BLOCK)), verify.READ_LIMIT)
-        except TimeoutError:
-            raise NotChecked(f"reading {len(offsets)} blocks of both images took more than "
-                             f"{verify.READ_LIMIT:g} s") from None
-        except ImageError as exc:
-            raise NotChecked(str(exc)) from None
-        step("read")
+        except NotChecked as exc:
+            return verify.not_verified(spec, str(exc))
+        pause.step("read")
         mismatches, first = verify.compare(offsets, *views)
         if mismatches:
-            return verify.mismatched(method, len(offsets), mismatches, first, elapsed())
-        return verify.matched(method, len(offsets), elapsed())
+            return verify.mismatched(method, len(offsets), mismatches, first, pause.elapsed())
+        return verify.matched(method, len(offsets), pause.elapsed())
 
-    async def _settle(self, domain: str, target: str) -> None:
+    async def _settle(self, domain: str, target: str, deadline: float) -> None:
         """Wait (paused) until the mirror copied what the guest wrote last."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + verify.SETTLE
         while True:
             job = await self.hv.job_progress(domain, target)
             if job is None:

@@ -120,6 +120,16 @@ def held_by_unverifiable(own: Result, group: str, unverifiable: Sequence[str]) -
         "on its sources, Mirrored, and tries again on the refusal back-off")
 
 
+def settled(name: str, share: Switched) -> str | None:
+    """Why a member cannot be switched again while its follower has yet to record its share
+    of the last switch: its disk pivoted, or its job ended on a mismatch."""
+    if share.pivoted:
+        return f"{name} pivoted already"
+    if share.result is not None and share.result.result == MISMATCH and share.refused is None:
+        return f"the copy of {name} differs from what the guest sees (VerifyMismatch)"
+    return None
+
+
 def waiting(group: str, why: Sequence[str]) -> str:
     """The group was not switched now: a member is not ready after all."""
     return (f"the mirror is ready; group {group} switches all or none and a member is not "

@@ -1,0 +1,347 @@
+"""The check at the switch for a disk group (agent.groupswitch) on the FAKES (fake clock): the
+group switches all or none, in one pause of the guest. All match: one pause, every member
+pivoted inside it; one destination differs: no member pivots, that member Failed
+VerifyMismatch, the others Mirrored GroupMemberMismatch; a check asked for that cannot be
+made on one member: none pivots, retried; the followers reaching the pivot together share
+one switch; a member whose follower was elsewhere records its own share; a pivot libvirt
+refuses mid-group; verify: None everywhere (no pause); an agent that dies mid-switch. The
+pure rules are tests/unit/test_groupswitch.py's; on real QEMU:
+tests/e2e/test_verify_at_the_switch.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from blockcopy.model.ports import HypervisorError
+from support.agent_on_fakes import FakeNode
+from support.fakes import Stop
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
+
+SIZE = 1 << 20  # each guest view: 256 blocks, all of them sampled
+DISKS = ("vda", "vdb", "vdc")
+PAUSE_VERBS = ("pause", "resume")
+
+
+class Env(FakeNode):
+    """Members vda, vdb, vdc (BlockCopies of those names) of group g on domain vm, every
+    source and destination readable (the fake guest views, identical)."""
+
+    def __init__(self, tmp_path, disks=DISKS, **spec):
+        super().__init__(tmp_path)
+        self.hv.add_domain("vm", disks={d: str(tmp_path / f"{d}.qcow2") for d in disks})
+        self.bodies, self.dests = {}, {}
+        for i, d in enumerate(disks):
+            self.dests[d] = str(tmp_path / f"{d}.copy.qcow2")
+            data = bytearray(SIZE)
+            data[i * 4096:(i + 1) * 4096] = d.encode() * 1365 + b"x"
+            self.images.views[str(tmp_path / f"{d}.qcow2")] = data
+            self.images.views[self.dests[d]] = bytearray(data)
+            self.bodies[d] = self.add(d, {"domain": "vm", "disk": d, "group": "g",
+                                          "dest": self.dests[d], **spec},
+                                      created="2025-12-31T23:00:00Z")
+            self.follow(d)
+
+    def follow(self, d):
+        return super().follow(self.bodies[d])
+
+    def edit(self, d, **spec):
+        super().edit(self.bodies[d], **spec)
+
+    async def mirrored(self):
+        await self.until(lambda: all(self.phase(d) == "Copying" for d in self.bodies))
+        for d in self.bodies:
+            self.hv.make_ready("vm", d)
+        await self.until(lambda: all(self.phase(d) == "Mirrored" for d in self.bodies))
+
+    def pivot_all(self):
+        for d in self.bodies:
+            self.edit(d, pivot=True)
+
+    def corrupt(self, d):
+        """The destination holds something else than the mirror wrote there."""
+        self.images.views[self.dests[d]][8192:8197] = b"wrong"
+
+    def pauses(self):
+        return [v for v in self.hv.verbs() if v in PAUSE_VERBS]
+
+    def condition(self, d, kind):
+        return next((c for c in self.status(d).get("conditions", []) if c["type"] == kind),
+                    {})
+
+    def verified(self, d):
+        return self.condition(d, "Verified")
+
+    def on_source(self, d):
+        return self.hv.disk("vm", d).source == str(self.root / f"{d}.qcow2")
+
+    def events(self, reason):
+        return [e for e in self.kube.events if e.reason == reason]
+
+
+async def test_every_member_matches_one_pause_and_every_pivot_inside_it(tmp_path):
+    env = Env(tmp_path)
+    await env.mirrored()
+    env.pivot_all()
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in DISKS))
+    assert env.pauses() == ["pause", "resume"]  # one pause for the whole group
+    verbs = env.hv.verbs()
+    pivots = [i for i, v in enumerate(verbs) if v == "pivot"]
+    assert len(pivots) == 3 and verbs.index("pause") < pivots[0]
+    assert pivots[-1] < verbs.index("resume")  # every pivot inside the pause
+    assert verbs.count("flush_images") == 1  # one flush for all
+    assert env.images.verbs().count("data_map") == 3  # one check of each member
+    assert not env.hv.paused
+    pause_ms = set()
+    for d in DISKS:
+        assert env.hv.disk("vm", d).source == env.dests[d]
+        check = env.status(d)["verification"]
+        assert (check["result"], check["samples"], check["mismatches"]) == ("Match", 256, 0)
+        pause_ms.add(check["pauseMs"])
+        assert (env.verified(d)["status"], env.verified(d)["reason"]) == ("True", "Match")
+    assert len(pause_ms) == 1  # the same pause
+    await env.finish()
+    assert sorted(e.name for e in env.events("Verified")) == list(DISKS)
+
+
+async def test_one_mismatch_and_no_member_pivots(tmp_path):
+    env = Env(tmp_path)
+    await env.mirrored()
+    env.corrupt("vdb")
+    env.pivot_all()
+    await env.until(lambda: env.phase("vdb") == "Failed")
+    await env.until(lambda: all(env.verified(d).get("reason") == "GroupMemberMismatch"
+                                for d in ("vda", "vdc")))
+    assert "pivot" not in env.hv.verbs()
+    assert all(env.on_source(d) for d in DISKS)  # the VM stays on its sources
+    assert env.pauses() == ["pause", "resume"] and not env.hv.paused
+    # vdb: exactly as a single disk's mismatch
+    failed = next(c for c in env.status("vdb")["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "VerifyMismatch"
+    assert env.status("vdb")["verification"]["result"] == "Mismatch"
+    assert env.hv.disk("vm", "vdb").job is None
+    # the others: Mirrored, their jobs running, the group's reason naming vdb
+    for d in ("vda", "vdc"):
+        assert env.phase(d) == "Mirrored" and env.hv.disk("vm", d).job is not None
+        verified = env.verified(d)
+        assert verified["status"] == "False" and "the copy of vdb differs" in \
+            verified["message"]
+        assert env.status(d)["verification"]["result"] == "Match"  # their own check
+    # ... and they stay there (the group gate: a member is Failed), never pivoted
+    await asyncio.sleep(120)
+    assert "pivot" not in env.hv.verbs() and env.pauses() == ["pause", "resume"]
+    assert all(env.phase(d) == "Mirrored" for d in ("vda", "vdc"))
+    assert "vdb is Failed" in env.status("vda")["message"]
+    await env.finish()
+    warnings = env.events("GroupMemberMismatch")
+    assert sorted({e.name for e in warnings}) == ["vda", "vdc"]
+    assert all(e.type == "Warning" and "vdb" in e.message for e in warnings)
+    assert [e.type for e in env.events("VerifyMismatch")] == ["Warning"]
+
+
+async def test_a_check_asked_for_that_cannot_be_made_holds_every_member(tmp_path):
+    env = Env(tmp_path, verify="Sample")
+    source = str(tmp_path / "vdb.qcow2")
+    view = env.images.views.pop(source)  # vdb's source cannot be read
+    await env.mirrored()
+    env.pivot_all()
+    await env.until(lambda: env.verified("vdb").get("reason") == "NotVerifiable")
+    await env.until(lambda: all(env.verified(d).get("reason") == "GroupMemberNotVerifiable"
+                                for d in ("vda", "vdc")))
+    assert all(env.phase(d) == "Mirrored" for d in DISKS)
+    assert "pause" not in env.hv.verbs() and "pivot" not in env.hv.verbs()
+    assert "cannot be made on vdb" in env.verified("vda")["message"]
+    tries = env.images.verbs().count("data_map")
+    await env.until(lambda: env.images.verbs().count("data_map") > tries)  # retried
+    assert "pivot" not in env.hv.verbs()
+    env.images.views[source] = view  # readable again: the next try switches the group
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in DISKS), timeout=300)
+    assert env.pauses() == ["pause", "resume"]
+    assert all(env.verified(d)["reason"] == "Match" for d in DISKS)
+    await env.finish()
+    assert all(e.type == "Warning" for e in env.events("GroupMemberNotVerifiable"))
+
+
+async def test_followers_that_reach_the_pivot_together_share_one_switch(tmp_path):
+    env = Env(tmp_path)
+    env.images.read_delay = 0.5  # the check takes a while: the others arrive meanwhile
+    switch = env.agent.switch
+    runs, callers = [], []
+    run, pivot = switch._switch, switch.pivot
+
+    async def counted_run(key):
+        runs.append(key)
+        await run(key)
+
+    async def counted_pivot(key, *, by):
+        callers.append(by.name)
+        return await pivot(key, by=by)
+    switch._switch, switch.pivot = counted_run, counted_pivot
+    await env.mirrored()
+    env.pivot_all()  # every follower is poked at once
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in DISKS))
+    assert sorted(callers) == list(DISKS)  # each asked...
+    assert len(runs) == 1  # ... and one switch did it
+    assert env.pauses() == ["pause", "resume"]
+    assert env.images.verbs().count("data_map") == 3
+    assert all(env.status(d)["verification"]["result"] == "Match" for d in DISKS)
+    await env.finish()
+
+
+@pytest.mark.parametrize("corrupt", [False, True], ids=["pivoted", "mismatched"])
+async def test_a_member_whose_follower_was_elsewhere_records_its_share(tmp_path, corrupt):
+    """vdc's follower is held up (its lock taken) while vda's and vdb's switch the group:
+    once it looks, it records the check the switch made of vdc, not a bare job end."""
+    env = Env(tmp_path)
+    await env.mirrored()
+    if corrupt:
+        env.corrupt("vdc")
+    lock = env.agent.followers[("ns", "vdc")].lock
+    await lock.acquire()
+    env.pivot_all()
+    if corrupt:
+        await env.until(lambda: env.hv.disk("vm", "vdc").job is None)
+    else:
+        await env.until(lambda: env.phase("vda") == env.phase("vdb") == "Pivoted")
+        assert env.hv.disk("vm", "vdc").source == env.dests["vdc"]
+    await asyncio.sleep(1)
+    assert env.phase("vdc") == "Mirrored"  # not recorded yet
+    lock.release()
+    if corrupt:
+        status = await env.reach("vdc", "Failed")
+        failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "VerifyMismatch"  # not JobCanceled
+        assert status["verification"]["result"] == "Mismatch"
+        assert all(env.on_source(d) for d in DISKS)
+        await env.until(lambda: env.verified("vda").get("reason") == "GroupMemberMismatch")
+    else:
+        status = await env.reach("vdc", "Pivoted")
+        assert status["verification"]["result"] == "Match"
+        assert env.verified("vdc")["reason"] == "Match"
+        assert status["verification"]["pauseMs"] == \
+            env.status("vda")["verification"]["pauseMs"]
+    assert env.pauses() == ["pause", "resume"]
+    await env.finish()
+
+
+async def test_zero_detection_is_put_back_on_every_pivoted_member(tmp_path):
+    env = Env(tmp_path, disks=("vda", "vdb"))
+    await env.until(lambda: all(env.status(d).get("zeroDetection") == "unmap"
+                                for d in ("vda", "vdb")))
+    await env.mirrored()
+    env.pivot_all()
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in ("vda", "vdb")))
+    back = [a for _, v, a in env.hv.calls if v == "set_zero_detection" and not a[2]]
+    assert sorted(back) == [("vm", "vda", False, False), ("vm", "vdb", False, False)]
+    await env.finish()
+
+
+async def test_a_pivot_libvirt_refuses_mid_group(tmp_path):
+    """vda pivoted, then libvirt refuses vdb's: that cannot be undone. vda is Pivoted, vdb
+    (refused) and vdc (not tried) stay Mirrored, say so, and switch together on the retry
+    (vda's phase change wakes them at once)."""
+    env = Env(tmp_path)
+    await env.mirrored()
+    refused = []
+
+    def refuse_vdb():
+        if env.hv.calls[-1][2][1] == "vdb" and not refused:
+            refused.append(env.hv.disk("vm", "vda").source == env.dests["vda"])
+            raise HypervisorError("fault injection: pivot refused")
+    env.hv.on_call["pivot"] = refuse_vdb
+    env.pivot_all()
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in DISKS), timeout=300)
+    assert refused == [True]  # vda was pivoted when vdb's pivot was refused
+    assert [a[1] for _, v, a in env.hv.calls if v == "pivot"] == ["vda", "vdb", "vdb", "vdc"]
+    assert env.pauses() == ["pause", "resume"] * 2  # the retry: vdb and vdc in one pause
+    assert not env.hv.paused
+    for d in ("vdb", "vdc"):
+        assert env.kube.phases_written(d)[-3:] == ["Mirrored", "Pivoting", "Pivoted"]
+    await env.finish()
+    told = {e.name: e.message for e in env.events("PivotRefused")}
+    assert sorted(told) == ["vdb", "vdc"] and all(
+        e.type == "Warning" for e in env.events("PivotRefused"))
+    assert told["vdb"].startswith("Mirrored: libvirt refused the pivot, will retry")
+    assert "vda of group g pivoted before it (a pivot cannot be undone)" in told["vdb"]
+    assert "libvirt refused the pivot of vdb" in told["vdc"]
+
+
+async def test_verify_none_on_every_member_pivots_without_a_pause(tmp_path):
+    env = Env(tmp_path, verify="None")
+    await env.mirrored()
+    env.pivot_all()
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in DISKS))
+    assert env.pauses() == [] and env.hv.verbs().count("pivot") == 3
+    assert "data_map" not in env.images.verbs()
+    assert all(env.verified(d)["reason"] == "NotAsked" for d in DISKS)
+    await env.finish()
+
+
+# -- an agent that dies mid-switch ------------------------------------------------------------
+
+async def _dies_and_restarts(env):
+    """The agent process dies where it is (its tasks never go on); a new one starts on the
+    same hypervisor and API server, resumes the pause it left, and follows every member."""
+    for task in env.tasks:
+        task.cancel()
+    await asyncio.gather(*env.tasks, return_exceptions=True)
+    old = env.agent.switch
+    env.agent, env.stop, env.tasks = env._agent(), Stop(), []
+    assert await env.agent.resume_left_paused() == ["vm"]
+    for d in env.bodies:
+        env.follow(d)
+    return old
+
+
+async def test_an_agent_that_dies_between_two_pivots(tmp_path):
+    env = Env(tmp_path)
+    await env.mirrored()
+    never = asyncio.Event()
+    pivot = env.hv.pivot
+
+    async def dies_at_vdb(domain, target):
+        if target == "vdb":
+            await never.wait()  # the process is gone: nothing after this happens
+        await pivot(domain, target)
+    env.hv.pivot = dies_at_vdb
+    env.pivot_all()
+    await env.until(lambda: env.hv.disk("vm", "vda").source == env.dests["vda"])
+    await asyncio.sleep(1)
+    assert env.hv.paused == {"vm": "n"}
+    env.hv.pivot = pivot
+    old = await _dies_and_restarts(env)
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in DISKS), timeout=300)
+    assert all(env.hv.disk("vm", d).source == env.dests[d] for d in DISKS)
+    assert all(env.status(d)["verification"]["result"] == "Match" for d in ("vdb", "vdc"))
+    assert not env.hv.paused
+    for task in old._running.values():
+        task.cancel()
+    await env.finish()
+
+
+async def test_an_agent_that_dies_after_ending_a_mismatched_job(tmp_path):
+    env = Env(tmp_path)
+    await env.mirrored()
+    env.corrupt("vdb")
+    never = asyncio.Event()
+    resume = env.hv.resume
+
+    async def dies_before_resuming(domain, owner):
+        await never.wait()
+    env.hv.resume = dies_before_resuming
+    env.pivot_all()
+    await env.until(lambda: env.hv.disk("vm", "vdb").job is None)
+    await asyncio.sleep(1)
+    env.hv.resume = resume
+    old = await _dies_and_restarts(env)
+    await env.until(lambda: env.phase("vdb") == "Failed")
+    await env.until(lambda: all("vdb is Failed" in env.status(d).get("message", "")
+                                for d in ("vda", "vdc")))
+    assert all(env.phase(d) == "Mirrored" for d in ("vda", "vdc"))
+    assert "pivot" not in env.hv.verbs() and all(env.on_source(d) for d in DISKS)
+    assert not env.hv.paused
+    for task in old._running.values():
+        task.cancel()
+    await env.finish()
