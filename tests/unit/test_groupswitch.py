@@ -153,3 +153,13 @@ def test_the_switch_asks_on_every_members_own_phase():
     view = _view(GroupMember("a", "Pivoting", pivot=True), GroupMember("b", "Copying",
                                                                        pivot=True))
     assert "b is Copying" in str(gates.group_pivot_blocked(view, asking="")[0])
+
+
+def test_a_member_the_last_switch_pivoted_or_ended_is_not_switched_again():
+    assert groupswitch.settled("b", groupswitch.Switched(MATCH, pivoted=True)) == \
+        "b pivoted already"
+    assert "the copy of b differs" in str(groupswitch.settled("b", groupswitch.Switched(BAD)))
+    # its job still runs: a held member, or a mismatch whose job libvirt would not end
+    held = groupswitch.verdict("g", {"b": MATCH, "c": BAD}).results["b"]
+    assert groupswitch.settled("b", groupswitch.Switched(held)) is None
+    assert groupswitch.settled("b", groupswitch.Switched(BAD, refused="busy")) is None
