@@ -8,6 +8,11 @@ write it acknowledged must be on the image it ends on).
   overwritten by another process while Mirrored (a destination that lies): no pivot, Failed
   VerifyMismatch, the VM on its source with every write.
 - test_verify_none_pivots_unchecked / test_full_on_raw_pivots: the two other values.
+- test_a_group_with_one_corrupt_member_stays_on_its_sources: a disk group switches all or
+  none: vdb's destination overwritten behind QEMU's back, pivot: true on both members:
+  neither pivots (vdb Failed VerifyMismatch, vda Mirrored GroupMemberMismatch), the live
+  domain XML shows both disks on their sources, every write the guest acknowledged is there;
+  then vda's abort ends its job on its source.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import os
 
 from support.guestwrites import Verified, last_acknowledged, paused, verify
+from support.images import image_digest
 from support.libvirt_probes import domstate, live_disk_source, live_mirror
 from support.objects import condition, copy_spec
 from support.vms import VM, wait_guest_writing
@@ -121,3 +127,72 @@ def test_full_on_raw_pivots(agent, vms, blockcopies):
     assert check["method"] == "Full" and check["result"] == "Match", check
     print(f"VERIFY [Full, 128 MiB]: guest paused {check['pauseMs']} ms")
     _runs_on(vm, dest, "Full on raw")
+
+
+def test_a_group_with_one_corrupt_member_stays_on_its_sources(agent, vms, blockcopies, core):
+    # Two disks with chains of their own (16 MiB of layer data each, at [0, 16 MiB)); the
+    # guest writes vda (beyond the layers' data) and never vdb.
+    vm = vms(guest_writes=True, write_slots=SLOTS, disks=2, **DISK)
+    wait_guest_writing(vm)
+    _more_writes(vm, 20)
+    dests = {d: os.path.join(vm.workdir, f"{d}.copy.raw") for d in ("vda", "vdb")}
+    names = {d: blockcopies.create(copy_spec(vm, node=agent.node, dest=dests[d], disk=d,
+                                             format="raw", group="g"), name=f"g-{d}")
+             for d in ("vda", "vdb")}
+    for name in names.values():
+        blockcopies.wait_phase(name, "Mirrored", timeout=180)
+    # 8 MiB of vdb's layer data garbled on its destination, by another process, without
+    # QEMU knowing (a device that drops or misplaces writes); vda's copy is right.
+    with open(dests["vdb"], "r+b") as f:
+        f.seek(4 * MiB)
+        f.write(os.urandom(8 * MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    _more_writes(vm)
+    for name in names.values():
+        blockcopies.patch_spec(name, {"pivot": True})
+    # vdb: exactly as a single disk's mismatch.
+    bad = blockcopies.wait_phase(names["vdb"], "Failed", "Pivoted", timeout=120)
+    assert bad["phase"] == "Failed", bad
+    failed = condition(bad, "Failed")
+    assert failed is not None and failed["reason"] == "VerifyMismatch", bad["conditions"]
+    check = bad["verification"]
+    assert check["result"] == "Mismatch" and check["mismatches"] > 100, check
+    assert 4 * MiB <= check["firstMismatch"] < 12 * MiB, check
+    # vda: held by its group, Mirrored, its own check a match; the group's reason names vdb.
+    good = wait_for(lambda: (s := blockcopies.status(names["vda"])) and (
+        (condition(s, "Verified") or {}).get("reason") == "GroupMemberMismatch") and s, 60,
+        what="vda held by its group's mismatch")
+    assert good["phase"] == "Mirrored", good
+    held = condition(good, "Verified")
+    assert held["status"] == "False" and names["vdb"] in held["message"], held
+    assert good["verification"]["result"] == "Match", good["verification"]
+    assert good["verification"]["pauseMs"] == check["pauseMs"]  # one pause for the group
+    wait_for(events_of(blockcopies, core, names["vdb"], "VerifyMismatch", type="Warning"), 15)
+    wait_for(events_of(blockcopies, core, names["vda"], "GroupMemberMismatch",
+                       type="Warning"), 15)
+    # Neither disk switched: the live domain says so, and the VM runs on.
+    assert domstate(vm) == "running"
+    assert live_disk_source(vm, "vda") == vm.disk_chains["vda"][0]
+    assert live_disk_source(vm, "vdb") == vm.disk_chains["vdb"][0]
+    assert live_mirror(vm, "vdb") is None  # its job ended in the pause
+    assert live_mirror(vm, "vda") is not None  # still mirroring, held
+    _more_writes(vm)
+    with paused(vm):
+        result = verify(vm, vm.chain[0])
+        assert image_digest(vm.disk_chains["vdb"][0]) == vm.initial_digests["vdb"]
+    print(f"VERIFY [group mismatch: vda stays on its source]: {result}")
+    assert result.writes > 0
+    # ... and it stays so: the group gate holds vda (a member is Failed), looked at again
+    # after the held pivot's back-off (5 s).
+    status = wait_for(lambda: (s := blockcopies.status(names["vda"])) and
+                      f"{names['vdb']} is Failed" in s.get("message", "") and s, 60,
+                      what="vda held by the group gate")
+    assert status["phase"] == "Mirrored", status
+    assert condition(status, "Verified")["reason"] == "GroupMemberMismatch"  # kept
+    assert live_disk_source(vm, "vda") == vm.disk_chains["vda"][0]
+    # The user ends the group: vda's job ends on its source, with every write.
+    blockcopies.patch_spec(names["vda"], {"abort": True})
+    aborted = blockcopies.wait_phase(names["vda"], "Aborted", "Failed", "Pivoted", timeout=60)
+    assert aborted["phase"] == "Aborted", aborted
+    _runs_on(vm, vm.chain[0], "group mismatch, then aborted")
