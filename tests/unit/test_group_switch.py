@@ -3,10 +3,10 @@ group switches all or none, in one pause of the guest. All match: one pause, eve
 pivoted inside it; one destination differs: no member pivots, that member Failed
 VerifyMismatch, the others Mirrored GroupMemberMismatch; a check asked for that cannot be
 made on one member: none pivots, retried; the followers reaching the pivot together share
-one switch; a member whose follower was elsewhere records its own share; a pivot libvirt
-refuses mid-group; verify: None everywhere (no pause); an agent that dies mid-switch. The
-pure rules are tests/unit/test_groupswitch.py's; on real QEMU:
-tests/e2e/test_verify_at_the_switch.py."""
+one switch; a member whose follower was elsewhere records its own share; a mismatched job
+libvirt will not end; a pivot libvirt refuses mid-group; verify: None everywhere (no
+pause); an agent that dies mid-switch. The pure rules are tests/unit/test_groupswitch.py's;
+on real QEMU: tests/e2e/test_verify_at_the_switch.py."""
 
 from __future__ import annotations
 
@@ -139,6 +139,23 @@ async def test_one_mismatch_and_no_member_pivots(tmp_path):
     assert sorted({e.name for e in warnings}) == ["vda", "vdc"]
     assert all(e.type == "Warning" and "vdb" in e.message for e in warnings)
     assert [e.type for e in env.events("VerifyMismatch")] == ["Warning"]
+
+
+async def test_a_mismatched_job_libvirt_will_not_end_is_retried_and_never_pivoted(tmp_path):
+    env = Env(tmp_path, disks=("vda", "vdb"))
+    await env.mirrored()
+    env.corrupt("vdb")
+    env.hv.refusals["cancel"] = 1
+    env.pivot_all()
+    await env.until(lambda: env.phase("vdb") == "Failed", timeout=300)
+    assert env.hv.verbs().count("cancel") == 2  # refused, then again on the retry
+    assert "pivot" not in env.hv.verbs() and env.on_source("vda") and env.on_source("vdb")
+    assert env.verified("vdb")["reason"] == "VerifyMismatch"
+    await env.until(lambda: env.verified("vda").get("reason") == "GroupMemberMismatch")
+    assert env.phase("vda") == "Mirrored" and not env.hv.paused
+    await env.finish()
+    (refused,) = [e for e in env.events("PivotRefused") if e.name == "vdb"]
+    assert "libvirt refused to end the job" in refused.message
 
 
 async def test_a_check_asked_for_that_cannot_be_made_holds_every_member(tmp_path):

@@ -109,6 +109,7 @@ class GroupSwitch:
     async def _run(self, key: GroupKey, shares: dict[Member, Switched]) -> None:
         group = key[1]
         view = await self.groups.view(key, listing=True)
+        assert view is not None  # (a key gives a view)
         blocked, _ = gates.group_pivot_blocked(view, asking="")  # on the members' own phases
         members = sorted((m for m in self.groups.members(key) if m.phase in SWITCHABLE),
                          key=lambda m: m.name)
@@ -165,8 +166,7 @@ class GroupSwitch:
         if not verdict.pivot:
             for member in members:
                 result = verdict.results[member.name]
-                shares[member] = Switched(result)
-                if member.name in verdict.cancel:
+                if member.name in verdict.cancel:  # its share once its job ended (or not)
                     try:
                         await self.hv.cancel(copies[member].spec.domain, copies[member].target)
                     except HypervisorUnavailable:
@@ -174,6 +174,8 @@ class GroupSwitch:
                     except HypervisorError as exc:
                         shares[member] = Switched(result,
                                                   refused=groupswitch.cancel_refused(str(exc)))
+                        continue
+                shares[member] = Switched(result)
             log.warning("group %s: no member pivoted (%s)", group, ", ".join(
                 f"{n} {verdict.results[n].reason}" for n in sorted(verdict.results)))
             return
