@@ -362,3 +362,64 @@ async def test_an_agent_that_dies_after_ending_a_mismatched_job(tmp_path):
     for task in old._running.values():
         task.cancel()
     await env.finish()
+
+
+# -- a member the switch reaches before its own follower looked at it ---------------------------
+
+async def test_a_chain_move_member_is_not_switched_before_its_layers_are_taken_up(tmp_path):
+    """After a restart the new agent follows the members one by one. vda is a chain move
+    whose lower images were not all verified when the old agent stopped; its follower exists
+    (the gate counts it followed) but has not looked at its disk yet when vdb's step opens
+    the gate and starts the switch: the switch must see vda's layer copies as its status
+    records them (not verified: hold the pivot), not as a follower without a chain move."""
+    node = FakeNode(tmp_path)
+    (tmp_path / "new").mkdir()
+    node.hv.add_domain("vm", disks={"vda": str(tmp_path / "vda.qcow2"),
+                                    "vdb": str(tmp_path / "vdb.qcow2")})
+    node.hv.disk("vm", "vda").chain = (str(tmp_path / "l1.qcow2"), str(tmp_path / "b.qcow2"))
+    never = asyncio.Event()
+    copy_layer = node.images.copy_layer
+
+    async def stuck(*args, **kw):
+        await never.wait()
+    node.images.copy_layer = stuck  # the old agent's layer copies never end
+    old = {"domain": "vm", "group": "g", "verify": "None"}
+    bodies = {"vda": node.add("vda", {**old, "disk": "vda", "backingChain": "copy",
+                                      "dest": str(tmp_path / "new" / "vda.qcow2")},
+                              created="2025-12-31T23:00:00Z"),
+              "vdb": node.add("vdb", {**old, "disk": "vdb",
+                                      "dest": str(tmp_path / "new" / "vdb.qcow2")},
+                              created="2025-12-31T23:00:00Z")}
+    for body in bodies.values():
+        node.follow(body)
+    await node.until(lambda: all(node.phase(d) == "Copying" for d in bodies))
+    for d in bodies:
+        node.hv.make_ready("vm", d)
+    await node.until(lambda: all(node.phase(d) == "Mirrored" for d in bodies))
+    assert [layer["state"] for layer in node.status("vda")["layers"]] != ["Verified"] * 2
+    await node.restart()
+    node.images.copy_layer = copy_layer
+    for body in bodies.values():
+        body["spec"]["pivot"] = True
+    # The new agent: vdb followed first (held: vda is not followed yet) ...
+    node.follow(bodies["vdb"])
+    await node.until(lambda: "not followed" in node.status("vdb").get("message", ""))
+    # ... then vda, whose first look at its disk takes a while.
+    observe, first = node.hv.observe, asyncio.Event()
+
+    async def slow_first_look(domain, disk):
+        if disk == "vda" and not first.is_set():
+            first.set()
+            await asyncio.sleep(30)
+        return await observe(domain, disk)
+    node.hv.observe = slow_first_look
+    layers_at_pivot = []
+    node.hv.on_call["pivot"] = lambda: layers_at_pivot.append(
+        [layer["state"] for layer in node.status("vda").get("layers", [])])
+    node.follow(bodies["vda"])
+    await node.until(first.is_set)
+    node.agent.followers[("ns", "vdb")].poke()  # vdb looks again: the gate is open
+    await node.until(lambda: all(node.phase(d) == "Pivoted" for d in bodies), timeout=300)
+    assert layers_at_pivot and all(states == ["Verified", "Verified"]
+                                   for states in layers_at_pivot)
+    await node.finish()

@@ -74,8 +74,13 @@ class DiskObserver:
                               name: str) -> Copy | str:
         """For the group's switch: the copy as it is now, or why ``name`` may not pivot
         after all (what its own step would hold the pivot for: the phase logic, a chain
-        move's layers, the destination)."""
+        move's layers, the destination). Another member's step may ask before this
+        follower's first look (a restarted agent follows the members one by one): a chain
+        move's layer copies are taken up from status here too, or its pivot would not wait
+        for them."""
         disk = await self.disk(spec)
+        if isinstance(self.layers, NoLayerCopies):
+            self.take_up_layers()
         decision = gates.layers(reconcile.decide(spec, current or Phase.MIRRORED, disk),
                                 self.layers.view)
         if decision.action == Action.PIVOT:
