@@ -423,3 +423,25 @@ async def test_a_chain_move_member_is_not_switched_before_its_layers_are_taken_u
     assert layers_at_pivot and all(states == ["Verified", "Verified"]
                                    for states in layers_at_pivot)
     await node.finish()
+
+
+async def test_a_member_no_longer_followed_mid_switch_leaves_no_share_behind(tmp_path):
+    """vdc's follower ends while the switch is in its pause (kopf cancels the daemon of an
+    object being deleted, or of an agent stopping, after its cancellation timeout): the share
+    the switch makes for vdc afterwards would never be taken. Nothing of the switch is kept
+    once every follower took its share (a long-lived agent switches many groups)."""
+    env = Env(tmp_path)
+    env.images.read_delay = 1.5  # the pause lasts a while
+    await env.mirrored()
+    env.pivot_all()
+    await env.until(lambda: env.hv.paused)
+    vdc = env.tasks[DISKS.index("vdc")]
+    vdc.cancel()
+    await asyncio.gather(vdc, return_exceptions=True)
+    assert ("ns", "vdc") not in env.agent.followers
+    await env.until(lambda: env.phase("vda") == env.phase("vdb") == "Pivoted")
+    await env.until(lambda: not env.hv.paused)
+    assert env.agent.switch._shares == {}
+    assert env.agent.switch._running == {}
+    env.tasks.remove(vdc)
+    await env.finish()

@@ -4,7 +4,9 @@ When a group's gate opens (``core.gates.group_pivot_blocked``), its members' fol
 their pivot at about the same moment. They share one switch per group: the first starts it,
 the others wait for it, and each takes its own member's share (``Switched``). A member whose
 follower is busy, or asleep, takes its share on its next step (its disk is pivoted by then,
-or its job ended, or it is held): the shares are kept here until taken.
+or its job ended, or it is held): the shares are kept here until taken, or until the
+follower ends (a share made for a follower that ended during the switch is not kept); a
+switch that ended is not kept either.
 
 The switch: the gate again, on a fresh listing of the group; each member's copy as it is now
 (``Member.switch_copy``: its mirror ready, its destination still the copy's); each check
@@ -81,6 +83,7 @@ class GroupSwitch:
             task = self._running[key] = asyncio.create_task(self._switch(key),
                                                             name=f"switch of group {key[1]}")
             task.add_done_callback(_retrieved)
+            task.add_done_callback(lambda done: self._ended(key, done))
         try:
             await asyncio.shield(task)
         except Exception:
@@ -94,12 +97,20 @@ class GroupSwitch:
                                                                   "the switch"]))
         return share
 
+    def _ended(self, key: GroupKey, task: asyncio.Task[None]) -> None:
+        """A switch that ended is not kept (an agent switches many groups in its life)."""
+        if self._running.get(key) is task:
+            del self._running[key]
+
     async def _switch(self, key: GroupKey) -> None:
         shares: dict[Member, Switched] = {}
         try:
             await self._run(key, shares)
         finally:
+            followed = self.groups.members(key)
             for member, share in shares.items():
+                if member not in followed:  # its follower ended meanwhile (``forget``)
+                    continue
                 if share.waiting is None:
                     self._shares[_uid(member)] = share
                     member.poke()  # its follower records it (if it is not waiting for it)
