@@ -445,3 +445,44 @@ async def test_a_member_no_longer_followed_mid_switch_leaves_no_share_behind(tmp
     assert env.agent.switch._running == {}
     env.tasks.remove(vdc)
     await env.finish()
+
+
+
+@pytest.mark.parametrize("verify", ["None", None], ids=["verify-None", "verify-left-out"])
+async def test_a_member_whose_pivot_did_not_happen_records_no_check(tmp_path, verify):
+    """libvirt refuses vdb's pivot (vda pivoted before it): vdb and vdc stay Mirrored,
+    PivotRefused, and switch on the retry. Nothing they record meanwhile may say they
+    pivoted: their check is the retry's (a single disk whose pivot libvirt refuses records
+    no check either)."""
+    env = Env(tmp_path, **({"verify": verify} if verify else {}))
+    if verify is None:  # left out, and cannot be made (no guest views): pivots unchecked
+        for d in DISKS:
+            env.images.views.pop(str(tmp_path / f"{d}.qcow2"))
+    await env.mirrored()
+    refused = []
+
+    def refuse_vdb():
+        if env.hv.calls[-1][2][1] == "vdb" and not refused:
+            refused.append(True)
+            raise HypervisorError("fault injection: pivot refused")
+    env.hv.on_call["pivot"] = refuse_vdb
+    seen = {}  # what vdb and vdc recorded with PivotRefused (retried at once: vda's phase)
+    patch = env.kube.patch_status
+
+    async def recorded(namespace, name, status, **kw):
+        stored = await patch(namespace, name, status, **kw)
+        if name in ("vdb", "vdc") and env.condition(name, "Mirrored").get("reason") == \
+                "PivotRefused":
+            seen.setdefault(name, (env.phase(name), env.verified(name).get("message", "")))
+        return stored
+    env.kube.patch_status = recorded
+    env.pivot_all()
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in DISKS), timeout=300)
+    assert sorted(seen) == ["vdb", "vdc"]
+    for d, (phase, verified) in seen.items():
+        assert phase == "Mirrored" and "pivoted" not in verified, (d, verified)
+    await env.finish()
+    for d in DISKS:  # the check that let it pivot, told once
+        assert "pivoted without a check" in env.verified(d)["message"]
+        told = [e for e in env.events("NotVerified") if e.name == d]
+        assert len(told) == (1 if verify is None else 0), told

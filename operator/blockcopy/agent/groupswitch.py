@@ -198,9 +198,10 @@ class GroupSwitch:
                 raise
             except HypervisorError as exc:
                 for rest in members[i:]:  # the switch stops here: retried with the rest
-                    shares[rest] = Switched(verdict.results[rest.name], refused=groupswitch.
-                                            refused(group, str(exc), member=member.name,
-                                                    pivoted=pivoted, this=rest.name))
+                    # No check recorded (its messages say pivoted): the retry checks again,
+                    # as for a single disk whose pivot libvirt refuses.
+                    shares[rest] = Switched(refused=groupswitch.refused(
+                        group, str(exc), member=member.name, pivoted=pivoted, this=rest.name))
                 log.warning("group %s: libvirt refused the pivot of %s (%s) after %s pivoted",
                             group, member.name, exc, ", ".join(pivoted) or "no member")
                 return

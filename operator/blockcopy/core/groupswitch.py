@@ -27,9 +27,10 @@ NOT_CHECKED = "NotChecked"  # the check was not made: another member held the gr
 @dataclasses.dataclass(frozen=True)
 class Switched:
     """One member's share of its group's switch. ``result``: its check (None when the group
-    was not switched now); ``pivoted``: its pivot was issued; ``refused``: its pivot (or the
-    end of its job) did not happen and is retried, said why; ``waiting``: the group was not
-    switched now, because a member is not ready (said which)."""
+    was not switched now, or when its pivot did not happen: the retry's check is recorded);
+    ``pivoted``: its pivot was issued; ``refused``: its pivot (or the end of its job) did not
+    happen and is retried, said why; ``waiting``: the group was not switched now, because a
+    member is not ready (said which)."""
 
     result: Result | None = None
     pivoted: bool = False
