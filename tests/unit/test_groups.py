@@ -173,3 +173,19 @@ async def test_a_group_whose_members_cannot_be_listed_stays_on_its_sources(tmp_p
     assert "pivot" not in env.hv.verbs()
     await env.until(lambda: all(env.phase(d) == "Pivoted" for d in env.bodies), timeout=60)
     await env.finish()
+
+
+async def test_a_member_claimed_by_another_nodes_agent_is_named_with_its_node(tmp_path):
+    """vdb names the same domain and group, but another node's agent claimed it (a VM of
+    the same name there): this agent never follows it, and vda's status says where it is."""
+    from blockcopy.model.api import NODE_LABEL
+    env = Env(tmp_path, followed=("vda",), pivot=True)
+    vdb = env.bodies["vdb"]
+    vdb["metadata"]["labels"][NODE_LABEL] = "n2"
+    vdb["status"] = {"phase": "Mirrored"}
+    del env.bodies["vdc"], env.kube.objects[("ns", "vdc")]
+    await env.until(lambda: env.phase("vda") == "Copying")
+    env.hv.make_ready("vm", "vda")
+    await env.until(lambda: "on node n2" in env.kube.status_of("vda").get("message", ""))
+    assert env.phase("vda") == "Mirrored" and "pivot" not in env.hv.verbs()
+    await env.finish()

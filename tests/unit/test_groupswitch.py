@@ -163,3 +163,14 @@ def test_a_member_the_last_switch_pivoted_or_ended_is_not_switched_again():
     held = groupswitch.verdict("g", {"b": MATCH, "c": BAD}).results["b"]
     assert groupswitch.settled("b", groupswitch.Switched(held)) is None
     assert groupswitch.settled("b", groupswitch.Switched(BAD, refused="busy")) is None
+
+
+def test_a_member_another_nodes_agent_follows_holds_the_group_and_says_so():
+    """Not a member this agent will follow in a moment: the group can never switch in one
+    pause (a VM of the same name on another node), and the message must not say "yet"."""
+    view = _view(GroupMember("a", "Mirrored", pivot=True),
+                 GroupMember("b", "Mirrored", pivot=True, followed=False, elsewhere="n2"))
+    blocked, recheck = gates.group_pivot_blocked(view, asking="a")
+    assert blocked is not None and recheck is None
+    assert "b is Mirrored on node n2, whose agent follows it" in blocked
+    assert "one VM on one node" in blocked and "yet" not in blocked

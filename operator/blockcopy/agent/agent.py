@@ -83,7 +83,8 @@ class Agent:
         self.followers: dict[tuple[str, str], Follower] = {}
         self.slots = CopySlots(config.max_active_copies, on_change=self._wake_queued)
         self.verifier = Verifier(hv, images, owner=config.node_name)
-        self.groups = Groups(hv, lambda: list(self.followers.values()), kube=kube, clock=clock)
+        self.groups = Groups(hv, lambda: list(self.followers.values()), kube=kube, clock=clock,
+                             node=config.node_name)
         self.switch = GroupSwitch(self.verifier, self.groups)
         self._start_lock = asyncio.Lock()  # starts are serialized: one job per disk
         self._claimer_task: asyncio.Task[None] | None = None

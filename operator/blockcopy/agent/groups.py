@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from blockcopy.core.verify import Copy
-from blockcopy.model.api import JOB_PHASES, Phase
+from blockcopy.model.api import JOB_PHASES, NODE_LABEL, Phase
 from blockcopy.model.kubeapi import Kube
 from blockcopy.model.observation import GroupMember, GroupView
 from blockcopy.model.ports import Hypervisor, HypervisorError
@@ -80,13 +80,14 @@ def _created(body: Mapping[str, Any]) -> dt.datetime | None:
         return None
 
 
-def _listed_member(body: Mapping[str, Any]) -> GroupMember:
+def _listed_member(body: Mapping[str, Any], *, node: str) -> GroupMember:
     spec = body.get("spec") or {}
     raw = (body.get("status") or {}).get("phase")
     phase = raw if raw in {p.value for p in Phase} else None
+    claimed = ((body["metadata"].get("labels") or {}).get(NODE_LABEL)) or None
     return GroupMember(name=body["metadata"]["name"], phase=phase,
                        pivot=spec.get("pivot") is True, abort=spec.get("abort") is True,
-                       followed=False)
+                       followed=False, elsewhere=claimed if claimed != node else None)
 
 
 class Groups:
@@ -94,8 +95,8 @@ class Groups:
     wake-ups between members, and the coordinated abort."""
 
     def __init__(self, hv: Hypervisor, followers: Callable[[], Sequence[Member]], *,
-                 kube: Kube, clock: Callable[[], dt.datetime]):
-        self.hv, self.kube, self.clock = hv, kube, clock
+                 kube: Kube, clock: Callable[[], dt.datetime], node: str = ""):
+        self.hv, self.kube, self.clock, self.node = hv, kube, clock, node
         self._followers = followers
         self._aborting: dict[GroupKey, asyncio.Task[str]] = {}
 
@@ -139,7 +140,7 @@ class Groups:
                   if key_of(b) == key and not b["metadata"].get("deletionTimestamp")]
         members = dict(followed)
         for body in in_api:
-            members.setdefault(body["metadata"]["name"], _listed_member(body))
+            members.setdefault(body["metadata"]["name"], _listed_member(body, node=self.node))
         created = [c for c in map(_created, in_api) if c is not None]
         age = (self.clock() - max(created)).total_seconds() if created else None
         return GroupView(key[1], tuple(members.values()), newest_age=age, listed=True)

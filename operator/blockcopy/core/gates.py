@@ -96,8 +96,13 @@ def group_pivot_blocked(view: GroupView, *, asking: str) -> tuple[str | None, fl
         phase = Phase.MIRRORED.value if member.name == asking else member.phase
         if phase in (Phase.MIRRORED, Phase.PIVOTING) and not member.followed:
             # The group switches all or none, in one pause of this agent: a member it does
-            # not follow yet (say, just restarted) cannot be switched with the others.
-            blocked.append(f"{member.name} is {phase} but not followed by this agent yet")
+            # not follow yet (say, just restarted) cannot be switched with the others, nor
+            # ever one another node's agent follows (a VM of the same name there).
+            blocked.append(
+                f"{member.name} is {phase} on node {member.elsewhere}, whose agent follows it: "
+                "a group switches in one pause of one agent, so its members must be disks of "
+                "one VM on one node; delete the members that are not" if member.elsewhere
+                else f"{member.name} is {phase} but not followed by this agent yet")
             continue
         if phase in (Phase.PIVOTING, Phase.PIVOTED):
             continue

@@ -105,6 +105,7 @@ class GroupMember:
     pivot: bool = False  # spec.pivot
     abort: bool = False  # spec.abort
     followed: bool = True  # followed by this agent (else only listed from the API server)
+    elsewhere: str | None = None  # listed: the other node whose agent claimed it
 
 
 @dataclasses.dataclass(frozen=True)
