@@ -486,3 +486,34 @@ async def test_a_member_whose_pivot_did_not_happen_records_no_check(tmp_path, ve
         assert "pivoted without a check" in env.verified(d)["message"]
         told = [e for e in env.events("NotVerified") if e.name == d]
         assert len(told) == (1 if verify is None else 0), told
+
+
+@pytest.mark.parametrize("verify", [None, "None"], ids=["in-the-pause", "no-pause"])
+async def test_a_member_whose_job_ends_before_the_pivots_holds_the_whole_group(tmp_path,
+                                                                              verify):
+    """vdc's job fails (its destination filled up, say) after the switch looked at it and
+    before the first pivot; with a pause (verify left out: its check finds the job gone and
+    lets it pass, as a lone disk would try its pivot) or without one (verify: None). All or
+    none: no member pivots, vdc ends Failed, the others stay Mirrored on their sources,
+    held by vdc."""
+    env = Env(tmp_path, **({"verify": verify} if verify else {}))
+    await env.mirrored()
+
+    vdc = env.agent.followers[("ns", "vdc")]
+    looked = vdc.switch_copy
+
+    async def then_it_fails():
+        copy = await looked()
+        if env.hv.disk("vm", "vdc").job is not None:
+            env.hv.fail_job("vm", "vdc")
+        return copy
+    vdc.switch_copy = then_it_fails
+    env.pivot_all()
+    await env.until(lambda: env.phase("vdc") == "Failed", timeout=60)
+    await env.until(lambda: all("vdc is Failed" in env.status(d).get("message", "")
+                                for d in ("vda", "vdb")), timeout=60)
+    assert "pivot" not in env.hv.verbs() and all(env.on_source(d) for d in DISKS)
+    assert all(env.phase(d) == "Mirrored" for d in ("vda", "vdb")) and not env.hv.paused
+    await env.finish()
+    assert any("the block job of vdc is gone" in e.message
+               for e in env.events("WaitingForGroup") if e.name == "vda")

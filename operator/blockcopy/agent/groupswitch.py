@@ -13,7 +13,8 @@ The switch: the gate again, on a fresh listing of the group; each member's copy 
 planned before the pause (``Verifier.plan``); then ONE pause of the guest for the whole
 group: every mirror settled, one flush, every checked member compared; then every member
 pivots inside that pause (one pivot per disk), or none does (the jobs of the members whose
-copy differs end there); the guest is resumed whatever happened. A check asked for that
+copy differs end there; a member whose job is gone by then holds them all); the guest is
+resumed whatever happened. A check asked for that
 cannot be made holds every member without a pause; with no check to make at all (verify:
 None, or not verifiable and not asked for) the members pivot one after the other without a
 pause, as a single disk would. A pivot libvirt refuses mid-way cannot be undone: the members
@@ -173,7 +174,8 @@ class GroupSwitch:
 
     async def _apply(self, group: str, members: list[Member], copies: dict[Member, Copy],
                      verdict: Verdict, shares: dict[Member, Switched]) -> None:
-        """Every member pivots, or none (the jobs of those whose copy differs end)."""
+        """Every member pivots, or none (the jobs of those whose copy differs end; or a
+        member's job is gone: the group waits, that member then ends Failed)."""
         if not verdict.pivot:
             for member in members:
                 result = verdict.results[member.name]
@@ -189,6 +191,16 @@ class GroupSwitch:
                 shares[member] = Switched(result)
             log.warning("group %s: no member pivoted (%s)", group, ", ".join(
                 f"{n} {verdict.results[n].reason}" for n in sorted(verdict.results)))
+            return
+        # A job that ended since the member was looked at (its destination failed, say)
+        # cannot pivot: then no member does (its own check, if any, only said it was gone).
+        gone = [m.name for m in members if await self.hv.job_progress(
+            copies[m].spec.domain, copies[m].target) is None]
+        if gone:
+            message = groupswitch.waiting(group, [f"the block job of {n} is gone" for n in gone])
+            shares.update((m, Switched(waiting=message)) for m in members)
+            log.warning("group %s: no member pivoted (the block job of %s is gone)", group,
+                        ", ".join(gone))
             return
         pivoted: list[str] = []
         for i, member in enumerate(members):
