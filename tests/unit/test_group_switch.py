@@ -517,3 +517,27 @@ async def test_a_member_whose_job_ends_before_the_pivots_holds_the_whole_group(t
     await env.finish()
     assert any("the block job of vdc is gone" in e.message
                for e in env.events("WaitingForGroup") if e.name == "vda")
+
+
+async def test_a_guest_whose_resume_failed_is_resumed_once_libvirt_answers(tmp_path):
+    """Every member pivoted in the pause, then libvirt is unreachable for longer than the
+    resume's retries (10 s): nothing will pause this VM again (the group is done), yet the
+    guest must not stay paused until the agent restarts. The agent's libvirt check resumes
+    it once libvirt answers again."""
+    env = Env(tmp_path, disks=("vda", "vdb"))
+    checking = asyncio.create_task(env.agent.check_libvirt())
+    await env.mirrored()
+    loop = asyncio.get_running_loop()
+
+    def outage():
+        if not env.hv.unreachable and "resume" not in env.hv.verbs()[:-1]:
+            env.hv.unreachable = True
+            loop.call_later(10, setattr, env.hv, "unreachable", False)
+    env.hv.on_call["resume"] = outage
+    env.pivot_all()
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in ("vda", "vdb")),
+                    timeout=120)
+    await env.until(lambda: not env.hv.paused, timeout=60)
+    assert env.hv.disk("vm", "vda").source == env.dests["vda"]
+    checking.cancel()
+    await env.finish()

@@ -104,11 +104,15 @@ class Agent:
 
     async def check_libvirt(self) -> None:
         """Whether libvirtd answers, every libvirt_check_interval, for blockcopy_libvirt_up:
-        the follow loops report it too, but only while they have a copy to follow."""
+        the follow loops report it too, but only while they have a copy to follow. Once it
+        answers, a guest whose resume after the check at the switch failed is resumed."""
         while True:
             try:
                 await self.hv.version()
                 self.recorder.metrics.libvirt_up(True)
+                for name in await self.verifier.resume_unresumed():
+                    log.warning("resumed VM %s: its resume after the check at the switch "
+                                "had failed (libvirt unreachable)", name)
             except HypervisorError as exc:
                 log.debug("libvirt check failed: %s", exc)
                 self.recorder.metrics.libvirt_up(False)

@@ -11,7 +11,9 @@ One pause per VM at a time. The steps are also the group switch's (``agent.group
 each mirror settled, one flush for all. A VM that was already paused by someone else is
 checked as it is and never resumed by the agent; a VM the agent paused carries a mark in its
 live metadata, so that the node's next agent resumes it if this one dies meanwhile
-(``Agent.resume_left_paused``).
+(``Agent.resume_left_paused``). A resume that fails every retry (libvirt unreachable for a
+while) is tried again by this agent's libvirt check (``resume_unresumed``): the next pause of
+that VM would resume it too, but after a pivot there may be none.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class Verifier:
                  seed: Callable[[], bytes] = lambda: os.urandom(32)):
         self.hv, self.images, self.owner, self.seed = hv, images, owner, seed
         self._pauses: dict[str, asyncio.Lock] = {}
+        self.unresumed: set[str] = set()  # VMs paused here whose resume failed every retry
 
     async def pivot(self, copy: Copy) -> Result:
         """Check the copy and pivot on a match (or where the check is not asked for, or
@@ -137,8 +140,31 @@ class Verifier:
                 yield pause
             finally:
                 if ours:
-                    await self._resume(domain)
+                    try:
+                        await self._resume(domain)
+                    except BaseException:
+                        self.unresumed.add(domain)
+                        raise
+                    self.unresumed.discard(domain)
                 pause.step("resume")
+
+    async def resume_unresumed(self) -> list[str]:
+        """Resume the VMs whose resume after a check failed every retry (never during a
+        pause of the same VM: its lock is taken). Returns those resumed now."""
+        resumed = []
+        for domain in sorted(self.unresumed):
+            async with self._pauses.setdefault(domain, asyncio.Lock()):
+                if domain not in self.unresumed:  # a pause of it since resumed it
+                    continue
+                try:
+                    await self.hv.resume(domain, self.owner)
+                except HypervisorError as exc:
+                    log.warning("%s: still paused after the check at the switch, resume "
+                                "failed again: %s", domain, exc)
+                    continue
+                self.unresumed.discard(domain)
+                resumed.append(domain)
+        return resumed
 
     async def check(self, pause: Pause, planned: Sequence[Planned]) -> list[Result]:
         """In the pause: every mirror settled, QEMU's flush (once, where a qcow2 image is
