@@ -541,3 +541,28 @@ async def test_a_guest_whose_resume_failed_is_resumed_once_libvirt_answers(tmp_p
     assert env.hv.disk("vm", "vda").source == env.dests["vda"]
     checking.cancel()
     await env.finish()
+
+
+async def test_an_agent_that_stops_mid_switch_resumes_the_guest_before_it_lets_go(tmp_path):
+    """The agent is told to stop while a group's switch is in its pause: kopf stops the
+    followers (cancelled after their timeout), then runs the cleanup (Agent.stop, which
+    closes the libvirt connection). A lone disk's check ran in its follower, so cancelling
+    the follower resumed its guest; the group's switch runs apart from every follower and
+    must be ended (its guest resumed) before the connection goes."""
+    env = Env(tmp_path)
+    env.images.read_delay = 1.5
+    await env.mirrored()
+    env.pivot_all()
+    await env.until(lambda: env.hv.paused)
+    for task in env.tasks:  # kopf cancels the daemons
+        task.cancel()
+    await asyncio.gather(*env.tasks, return_exceptions=True)
+    paused_at_close = []
+    close = env.hv.close
+
+    async def closing():
+        paused_at_close.append(dict(env.hv.paused))
+        await close()
+    env.hv.close = closing
+    await env.agent.stop()
+    assert paused_at_close == [{}]

@@ -145,6 +145,7 @@ class Agent:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.switch.stop()  # its guest resumed while libvirt is still ours
         await self.recorder.drain()
         await self.hv.close()
 

@@ -24,7 +24,8 @@ Restart safety: nothing is written here; each member's follower records its own 
 intent, phase Pivoting, was written before it asked for the switch). An agent that dies
 mid-way leaves each disk pivoted or not, its job running or ended: the next agent's followers
 find out from libvirt (``core.reconcile``), and resume a pause it left
-(``Agent.resume_left_paused``).
+(``Agent.resume_left_paused``). An agent that stops cancels a switch under way, its guest
+resumed, before its libvirt connection is closed (``stop``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ class GroupSwitch:
     def forget(self, member: Member) -> None:
         """The member is no longer followed: a share it did not take goes."""
         self._shares.pop(_uid(member), None)
+
+    async def stop(self) -> None:
+        """The agent stops: end the switches under way (each guest resumed) before the
+        libvirt connection goes. A switch runs apart from every follower, so stopping the
+        followers does not end it (a lone disk's check, in its follower, ends with it)."""
+        running = [task for task in self._running.values() if not task.done()]
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     async def pivot(self, key: GroupKey, *, by: Member) -> Switched:
         """Switch the group ``by`` is a member of (or wait for its switch under way);
