@@ -566,3 +566,31 @@ async def test_an_agent_that_stops_mid_switch_resumes_the_guest_before_it_lets_g
     env.hv.close = closing
     await env.agent.stop()
     assert paused_at_close == [{}]
+
+
+async def test_libvirt_unreachable_after_the_first_pivot_leaves_every_member_true(tmp_path):
+    """vda pivoted, then libvirt cannot be reached (20 s) in the pause: vdb and vdc were not
+    pivoted, the guest cannot be resumed meanwhile. vda is recorded as it is (its share:
+    pivoted, checked); vdb and vdc stay Pivoting, their jobs running, and switch together
+    once libvirt answers, checked again, in a pause that resumes the guest."""
+    env = Env(tmp_path)
+    await env.mirrored()
+    pivot = env.hv.pivot
+
+    async def then_down(domain, target):
+        await pivot(domain, target)
+        if target == "vda":
+            env.hv.unreachable = True
+    env.hv.pivot = then_down
+    env.pivot_all()
+    await env.until(lambda: env.hv.unreachable)
+    await asyncio.sleep(20)
+    assert env.hv.disk("vm", "vda").source == env.dests["vda"]
+    assert env.status("vda")["verification"]["result"] == "Match"
+    assert [env.phase(d) for d in ("vdb", "vdc")] == ["Pivoting", "Pivoting"]
+    assert env.on_source("vdb") and env.on_source("vdc") and env.hv.paused
+    env.hv.unreachable = False
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in DISKS), timeout=300)
+    assert not env.hv.paused and env.pauses().count("pause") == 2
+    assert all(env.status(d)["verification"]["result"] == "Match" for d in DISKS)
+    await env.finish()
