@@ -4,9 +4,13 @@ pivoted inside it; one destination differs: no member pivots, that member Failed
 VerifyMismatch, the others Mirrored GroupMemberMismatch; a check asked for that cannot be
 made on one member: none pivots, retried; the followers reaching the pivot together share
 one switch; a member whose follower was elsewhere records its own share; a mismatched job
-libvirt will not end; a pivot libvirt refuses mid-group; verify: None everywhere (no
-pause); an agent that dies mid-switch. The pure rules are tests/unit/test_groupswitch.py's;
-on real QEMU: tests/e2e/test_verify_at_the_switch.py."""
+libvirt will not end; a pivot libvirt refuses mid-group (no check recorded for it); verify:
+None everywhere (no pause); an agent that dies mid-switch. Then the review's cases: a chain
+move member reached by the switch before its follower's first look; a follower that ends
+mid-switch (nothing kept); a member whose job ends before the pivots (none pivots); a resume
+that failed (retried once libvirt answers); libvirt unreachable after the first pivot; an
+agent that stops mid-switch. The pure rules are tests/unit/test_groupswitch.py's; on real
+QEMU: tests/e2e/test_verify_at_the_switch.py."""
 
 from __future__ import annotations
 
