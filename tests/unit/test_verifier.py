@@ -6,6 +6,8 @@ by someone else, a pause a dead agent left. The e2e tests
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from support.agent_on_fakes import FakeNode
@@ -195,6 +197,24 @@ async def test_a_pause_left_by_a_dead_agent_is_resumed_by_the_next(s):
     assert await s.agent.resume_left_paused() == ["vm"]
     assert s.hv.paused == {"other": None}  # never one paused by someone else
     assert await s.agent.resume_left_paused() == []
+
+
+async def test_a_pause_left_by_a_dead_agent_is_resumed_once_libvirt_answers(s):
+    """libvirt does not answer when the agent starts: the look for VMs its predecessor left
+    paused fails; the agent's libvirt check looks again once libvirt answers."""
+    s.hv.paused["vm"] = NODE
+    s.hv.unreachable = True
+    assert await s.agent.resume_left_paused() == []
+    checking = asyncio.create_task(s.agent.check_libvirt())
+    await asyncio.sleep(s.agent.config.libvirt_check_interval * 2)
+    assert s.hv.paused == {"vm": NODE}  # still unreachable: nothing to do yet
+    s.hv.unreachable = False
+    await s.until(lambda: not s.hv.paused, timeout=s.agent.config.libvirt_check_interval * 2)
+    looks = s.hv.verbs().count("resume_left_paused")
+    await asyncio.sleep(s.agent.config.libvirt_check_interval * 3)
+    assert s.hv.verbs().count("resume_left_paused") == looks  # found: not looked for again
+    checking.cancel()
+    await s.finish()
 
 
 async def test_a_resume_that_fails_is_retried(s):

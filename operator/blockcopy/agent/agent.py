@@ -89,6 +89,7 @@ class Agent:
         self._start_lock = asyncio.Lock()  # starts are serialized: one job per disk
         self._claimer_task: asyncio.Task[None] | None = None
         self._libvirt_task: asyncio.Task[None] | None = None
+        self._left_paused_unknown = False  # the look at start failed: the libvirt check looks
         self.inventory: InventoryPublisher | None = None
         if config.inventory_interval > 0:
             self.inventory = InventoryPublisher(
@@ -105,11 +106,14 @@ class Agent:
     async def check_libvirt(self) -> None:
         """Whether libvirtd answers, every libvirt_check_interval, for blockcopy_libvirt_up:
         the follow loops report it too, but only while they have a copy to follow. Once it
-        answers, a guest whose resume after the check at the switch failed is resumed."""
+        answers, a guest whose resume after the check at the switch failed is resumed, and
+        so are those a previous agent left paused when libvirt did not answer at start."""
         while True:
             try:
                 await self.hv.version()
                 self.recorder.metrics.libvirt_up(True)
+                if self._left_paused_unknown:
+                    await self.resume_left_paused()
                 for name in await self.verifier.resume_unresumed():
                     log.warning("resumed VM %s: its resume after the check at the switch "
                                 "had failed (libvirt unreachable)", name)
@@ -123,12 +127,16 @@ class Agent:
 
     async def resume_left_paused(self) -> list[str]:
         """Resume the VMs this node's previous agent paused for a check at the switch and
-        did not resume (it died meanwhile); never one paused by anyone else."""
+        did not resume (it died meanwhile); never one paused by anyone else. When libvirt
+        does not answer, the libvirt check looks again once it does."""
         try:
             resumed = await self.hv.resume_left_paused(self.config.node_name)
         except HypervisorError as exc:
-            log.error("cannot look for VMs a previous agent left paused: %s", exc)
+            log.error("cannot look for VMs a previous agent left paused (looked for again "
+                      "once libvirt answers): %s", exc)
+            self._left_paused_unknown = True
             return []
+        self._left_paused_unknown = False
         for name in resumed:
             log.warning("resumed VM %s: a previous agent of this node paused it for the check "
                         "at the switch and did not resume it", name)
