@@ -114,15 +114,15 @@ class FakeHypervisor:
         return dom
 
     def disk(self, domain: str, target: str = "vda") -> FakeDisk:
-        return self.domains[domain].disks[target]
+        return self._domain(domain).disks[target]
 
     def emit(self, domain: str, target: str, event: JobEvent) -> None:
         for listener in list(self.listeners):
-            listener(self.domains[domain].uuid, target, event)
+            listener(self._domain(domain).uuid, target, event)
 
     def emit_domain(self, domain: str) -> None:
         """A lifecycle or device event of ``domain`` (or "" after a reconnection)."""
-        uuid = self.domains[domain].uuid if domain else ""
+        uuid = self._domain(domain).uuid if domain else ""
         for listener in list(self.domain_listeners):
             listener(uuid)
 
@@ -315,7 +315,7 @@ class FakeHypervisor:
 
     async def pause(self, domain: str, owner: str) -> bool:
         await self._enter("pause", domain, owner)
-        self._domain(domain)
+        domain = self._domain(domain).name  # one VM, whether named or given by its uuid
         if domain in self.paused:
             return self.paused[domain] == owner
         self.paused[domain] = owner
@@ -323,6 +323,7 @@ class FakeHypervisor:
 
     async def resume(self, domain: str, owner: str) -> None:
         await self._enter("resume", domain, owner)
+        domain = self._domain(domain).name
         if domain in self.paused and self.paused[domain] == owner:
             del self.paused[domain]
 

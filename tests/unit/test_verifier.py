@@ -235,14 +235,19 @@ async def test_reads_that_take_too_long(s):
     await s.finish()
 
 
-async def test_one_pause_per_vm_at_a_time(s):
+@pytest.mark.parametrize("b_names", ["the domain's name", "the domain's uuid"])
+async def test_one_pause_per_vm_at_a_time(s, b_names):
+    """Two copies of one VM's disks pivot at once: their pauses never overlap (the first
+    resume would let the guest run while the second check reads), also when one object
+    names the VM and the other its uuid."""
     s.dom.disks["vdb"] = type(s.hv.disk("vm"))(target="vdb", source="/images/vm-b.qcow2")
     s.images.views["/images/vm-b.qcow2"] = bytearray(SIZE)
     dest_b = str(s.root / "copy-b.qcow2")
     s.images.views[dest_b] = bytearray(SIZE)
     s.images.read_delay = 0.5
     a = s.add("a", {"domain": "vm", "disk": "vda", "dest": s.dest, "pivot": True})
-    b = s.add("b", {"domain": "vm", "disk": "vdb", "dest": dest_b, "pivot": True})
+    b = s.add("b", {"domain": "vm" if b_names.endswith("name") else s.dom.uuid,
+                    "disk": "vdb", "dest": dest_b, "pivot": True})
     s.follow(a)
     s.follow(b)
     await s.until(lambda: s.phase("a") == s.phase("b") == "Copying")

@@ -86,7 +86,8 @@ class Verifier:
                  seed: Callable[[], bytes] = lambda: os.urandom(32)):
         self.hv, self.images, self.owner, self.seed = hv, images, owner, seed
         self._pauses: dict[str, asyncio.Lock] = {}
-        self.unresumed: set[str] = set()  # VMs paused here whose resume failed every retry
+        # VMs paused here whose resume failed every retry: the name used, its pause lock's key
+        self.unresumed: dict[str, str] = {}
 
     async def pivot(self, copy: Copy) -> Result:
         """Check the copy and pivot on a match (or where the check is not asked for, or
@@ -99,7 +100,7 @@ class Verifier:
             if not planned.held:
                 await self.hv.pivot(spec.domain, copy.target)
             return planned
-        async with self.paused(spec.domain) as pause:
+        async with self.paused(spec.domain, uuid=copy.disk.domain_uuid) as pause:
             result, = await self.check(pause, [planned])
             if result.result == verify.MISMATCH:
                 await self.hv.cancel(spec.domain, copy.target)
@@ -131,9 +132,12 @@ class Verifier:
         return Planned(copy, verify.sample(self.seed(), data.size, data.data) if data else [])
 
     @contextlib.asynccontextmanager
-    async def paused(self, domain: str) -> AsyncIterator[Pause]:
-        """The guest paused (one pause per VM at a time), resumed whatever happens."""
-        async with self._pauses.setdefault(domain, asyncio.Lock()):
+    async def paused(self, domain: str, *, uuid: str | None) -> AsyncIterator[Pause]:
+        """The guest paused (one pause per VM at a time: the lock is the domain's uuid where
+        known, as one object may name the VM and another its uuid), resumed whatever
+        happens."""
+        key = uuid or domain
+        async with self._pauses.setdefault(key, asyncio.Lock()):
             ours = await self.hv.pause(domain, self.owner)
             pause = Pause()
             try:
@@ -143,17 +147,17 @@ class Verifier:
                     try:
                         await self._resume(domain)
                     except BaseException:
-                        self.unresumed.add(domain)
+                        self.unresumed[domain] = key
                         raise
-                    self.unresumed.discard(domain)
+                    self.unresumed.pop(domain, None)
                 pause.step("resume")
 
     async def resume_unresumed(self) -> list[str]:
         """Resume the VMs whose resume after a check failed every retry (never during a
         pause of the same VM: its lock is taken). Returns those resumed now."""
         resumed = []
-        for domain in sorted(self.unresumed):
-            async with self._pauses.setdefault(domain, asyncio.Lock()):
+        for domain, key in sorted(self.unresumed.items()):
+            async with self._pauses.setdefault(key, asyncio.Lock()):
                 if domain not in self.unresumed:  # a pause of it since resumed it
                     continue
                 try:
@@ -162,7 +166,7 @@ class Verifier:
                     log.warning("%s: still paused after the check at the switch, resume "
                                 "failed again: %s", domain, exc)
                     continue
-                self.unresumed.discard(domain)
+                self.unresumed.pop(domain, None)
                 resumed.append(domain)
         return resumed
 
