@@ -174,3 +174,34 @@ def test_a_member_another_nodes_agent_follows_holds_the_group_and_says_so():
     assert blocked is not None and recheck is None
     assert "b is Mirrored on node n2, whose agent follows it" in blocked
     assert "one VM on one node" in blocked and "yet" not in blocked
+
+
+# -- every member is in the switch, or it does not go on -----------------------------------
+
+def _phases(**phases):
+    return GroupView("g", tuple(GroupMember(name, phase, pivot=True)
+                                for name, phase in phases.items()))
+
+
+def test_a_member_that_left_mirrored_during_the_listing_holds_the_switch():
+    """The view was built before the listing (vdb Mirrored); during it, vdb's follower found
+    its job gone (Failed): the switch may not go on with vda and vdc alone."""
+    view = _phases(vda="Mirrored", vdb="Mirrored", vdc="Mirrored")
+    why = groupswitch.left_out("g", view, followed={"vda": "Mirrored", "vdb": "Failed",
+                                                     "vdc": "Mirrored"},
+                               switching=["vda", "vdc"])
+    assert why is not None and "vdb is Failed" in why and "vda" not in why
+
+
+def test_a_member_no_longer_followed_is_named_with_its_listed_phase():
+    view = _phases(vda="Mirrored", vdb="Pivoting")
+    why = groupswitch.left_out("g", view, followed={"vda": "Mirrored"}, switching=["vda"])
+    assert why is not None and "vdb is Pivoting" in why
+
+
+def test_pivoted_members_and_those_switched_now_let_the_switch_go_on():
+    view = _phases(vda="Pivoted", vdb="Mirrored", vdc="Pivoting")
+    assert groupswitch.left_out("g", view, followed={"vdb": "Mirrored", "vdc": "Pivoting"},
+                                switching=["vdb", "vdc"]) is None
+    assert groupswitch.left_out("g", view, followed={"vdb": None}, switching=["vdc"]) == \
+        groupswitch.waiting("g", ["vdb is not started"])

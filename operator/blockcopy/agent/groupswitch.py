@@ -133,8 +133,16 @@ class GroupSwitch:
         view = await self.groups.view(key, listing=True)
         assert view is not None  # (a key gives a view)
         blocked, _ = gates.group_pivot_blocked(view, asking="")  # on the members' own phases
-        members = sorted((m for m in self.groups.members(key) if m.phase in SWITCHABLE),
+        followed = {m.name: m for m in self.groups.members(key)}
+        members = sorted((m for m in followed.values() if m.phase in SWITCHABLE),
                          key=lambda m: m.name)
+        if blocked is None:
+            # The view's phases of this agent's members are those before the listing: a
+            # member may have left Mirrored meanwhile (its job found gone, say). All or none:
+            # every member not Pivoted is switched now, or none is.
+            blocked = groupswitch.left_out(group, view, followed={
+                name: m.phase.value if m.phase else None for name, m in followed.items()},
+                switching=[m.name for m in members])
         if blocked is not None:
             shares.update((m, Switched(waiting=blocked)) for m in members)
             return
@@ -166,8 +174,8 @@ class GroupSwitch:
                             for m, p in checking}})
             await self._apply(group, members, copies, verdict, shares)
             return
-        domain = copies[members[0]].spec.domain
-        async with self.verifier.paused(domain) as pause:
+        domain, uuid = copies[members[0]].spec.domain, copies[members[0]].disk.domain_uuid
+        async with self.verifier.paused(domain, uuid=uuid) as pause:
             checked = await self.verifier.check(pause, [p for _, p in checking])
             verdict = groupswitch.verdict(group, {
                 **early, **{m.name: r for (m, _), r in zip(checking, checked, strict=True)}})

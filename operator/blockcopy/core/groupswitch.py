@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 
 from blockcopy.core import verify
 from blockcopy.core.verify import MATCH, MISMATCH, NOT_VERIFIED, Result
-from blockcopy.model.api import Verify
+from blockcopy.model.api import Phase, Verify
+from blockcopy.model.observation import GroupView
 
 NOT_CHECKED = "NotChecked"  # the check was not made: another member held the group first
 
@@ -129,6 +130,19 @@ def settled(name: str, share: Switched) -> str | None:
     if share.result is not None and share.result.result == MISMATCH and share.refused is None:
         return f"the copy of {name} differs from what the guest sees (VerifyMismatch)"
     return None
+
+
+def left_out(group: str, view: GroupView, *, followed: Mapping[str, str | None],
+             switching: Sequence[str]) -> str | None:
+    """Why the switch may not go on: a member of the group (as listed) that is neither
+    Pivoted nor among those switched now (``switching``), with its phase as this agent's
+    follower has it now (``followed``) where it has one. None: every member is in."""
+    out = []
+    for member in sorted(view.members, key=lambda m: m.name):
+        phase = followed.get(member.name, member.phase)
+        if member.name not in switching and phase != Phase.PIVOTED.value:
+            out.append(f"{member.name} is {phase or 'not started'}")
+    return waiting(group, out) if out else None
 
 
 def waiting(group: str, why: Sequence[str]) -> str:
