@@ -570,6 +570,7 @@ async def test_an_agent_that_stops_mid_switch_resumes_the_guest_before_it_lets_g
     env.hv.close = closing
     await env.agent.stop()
     assert paused_at_close == [{}]
+    assert all(task.done() for task in env.tasks) and not env.agent.switch._running
 
 
 async def test_libvirt_unreachable_after_the_first_pivot_leaves_every_member_true(tmp_path):

@@ -161,9 +161,11 @@ class Groups:
         started = loop.time()
         how = await self._hold_still(domain)
         try:
-            await asyncio.wait_for(asyncio.gather(
-                *(self.hv.cancel(domain, t) for t in targets), return_exceptions=True),
-                CANCEL_TIMEOUT)
+            # (asyncio.timeout, not wait_for: a cancelled wait_for leaves the gather's
+            # CancelledError unretrieved, logged whenever the GC finds it.)
+            async with asyncio.timeout(CANCEL_TIMEOUT):
+                await asyncio.gather(*(self.hv.cancel(domain, t) for t in targets),
+                                     return_exceptions=True)
         finally:
             await self._release(domain, how)
         held = (loop.time() - started) * 1000
