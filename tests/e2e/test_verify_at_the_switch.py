@@ -191,8 +191,9 @@ def test_a_group_with_one_corrupt_member_stays_on_its_sources(agent, vms, blockc
     assert status["phase"] == "Mirrored", status
     assert condition(status, "Verified")["reason"] == "GroupMemberMismatch"  # kept
     assert live_disk_source(vm, "vda") == vm.disk_chains["vda"][0]
-    # The user ends the group: vda's job ends on its source, with every write.
-    blockcopies.patch_spec(names["vda"], {"abort": True})
+    # The user ends the group: vda's job ends on its source, with every write (its pivot
+    # given up: the API server refuses pivot and abort both true).
+    blockcopies.patch_spec(names["vda"], {"abort": True, "pivot": False})
     aborted = blockcopies.wait_phase(names["vda"], "Aborted", "Failed", "Pivoted", timeout=60)
     assert aborted["phase"] == "Aborted", aborted
     _runs_on(vm, vm.chain[0], "group mismatch, then aborted")

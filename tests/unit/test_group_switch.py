@@ -138,6 +138,7 @@ async def test_one_mismatch_and_no_member_pivots(tmp_path):
     assert "pivot" not in env.hv.verbs() and env.pauses() == ["pause", "resume"]
     assert all(env.phase(d) == "Mirrored" for d in ("vda", "vdc"))
     assert "vdb is Failed" in env.status("vda")["message"]
+    assert env.verified("vda")["reason"] == "GroupMemberMismatch"  # kept by the gate's looks
     await env.finish()
     warnings = env.events("GroupMemberMismatch")
     assert sorted({e.name for e in warnings}) == ["vda", "vdc"]

@@ -48,7 +48,9 @@ def test_a_mismatch_ends_that_job_and_holds_every_other_member():
     assert "group g: the copy of b differs" in held.message
     assert "no member of the group pivoted" in held.message
     assert "this disk's own check matched (1024 sampled blocks)" in held.message
-    assert "abort: true" in held.message
+    # what to do, as the API server takes it (it refuses pivot and abort both true)
+    assert "abort: true with pivot: false" in held.message
+    assert "kubectl blockcopy abort --group g" in held.message
     assert "not checked (spec.verify: None)" in verdict.results["c"].message
 
 

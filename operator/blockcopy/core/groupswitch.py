@@ -107,8 +107,9 @@ def held_by_mismatch(own: Result, group: str, mismatched: Sequence[str]) -> Resu
         own, reason=verify.GROUP_MISMATCH,
         message=f"group {group}: the copy of {them} {verb} from what the guest sees "
         f"(VerifyMismatch: its job was ended), so no member of the group pivoted; "
-        f"{_own(own)}. The VM stays on its sources: set abort: true on the group's other "
-        "members to end their jobs, or start the group again")
+        f"{_own(own)}. The VM stays on its sources: end the other members' jobs (abort: "
+        f"true with pivot: false, as `kubectl blockcopy abort --group {group}` sets them), "
+        "or start the group again")
 
 
 def held_by_unverifiable(own: Result, group: str, unverifiable: Sequence[str]) -> Result:
