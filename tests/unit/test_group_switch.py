@@ -248,6 +248,36 @@ async def test_a_member_whose_follower_was_elsewhere_records_its_share(tmp_path,
     await env.finish()
 
 
+async def test_a_member_that_looks_after_its_pivot_and_before_the_resume_records_its_share(
+        tmp_path):
+    """vdc's follower was elsewhere (held up) while vda's and vdb's switch the group; it
+    goes on right after the pivots, while the guest is being resumed (on libvirt, the pivot's
+    job event wakes it then). Its own look sees its disk pivoted before the switch has given
+    out the members' shares: it must wait for them and record the check the switch made of
+    vdc, with zero detection put back, not a bare Pivoted."""
+    env = Env(tmp_path)
+    await env.mirrored()
+    lock = env.agent.followers[("ns", "vdc")].lock
+    await lock.acquire()
+    resume = env.hv.resume
+
+    async def slow_resume(domain, owner):
+        if lock.locked():
+            lock.release()  # vdc's follower goes on: its disk is pivoted by now
+        await asyncio.sleep(1)
+        await resume(domain, owner)
+    env.hv.resume = slow_resume
+    env.pivot_all()
+    await env.until(lambda: all(env.phase(d) == "Pivoted" for d in DISKS))
+    assert env.pauses() == ["pause", "resume"]
+    for d in DISKS:
+        assert env.status(d).get("verification", {}).get("result") == "Match", d
+        assert env.verified(d)["reason"] == "Match", d
+    back = [a[1] for _, v, a in env.hv.calls if v == "set_zero_detection" and not a[2]]
+    assert sorted(back) == list(DISKS)
+    await env.finish()
+
+
 async def test_zero_detection_is_put_back_on_every_pivoted_member(tmp_path):
     env = Env(tmp_path, disks=("vda", "vdb"))
     await env.until(lambda: all(env.status(d).get("zeroDetection") == "unmap"

@@ -6,7 +6,8 @@ switch). Apart from the follower so that the follower keeps the order of the fou
 (alone or with the disk's group), set the bandwidth (or turn zero detection on again).
 
 A group member's share of a switch another member started (its follower was elsewhere) is
-taken first, whatever the decision: its disk was pivoted, its job ended, or it is held.
+taken first, whatever the decision: its disk was pivoted, its job ended, or it is held (a
+switch under way is waited for: the step's look may have seen its disk pivoted already).
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ class JobActor:
                   generation: int | None) -> Outcome:
         decision, disk = outcome.decision, outcome.disk
         assert disk is not None
-        share = self.switch.take(self.member)
+        # A step about to pivot joins a switch of its group under way (``GroupSwitch.pivot``:
+        # its look came before its disk was touched); any other step waits for that switch
+        # to end first, as its look may have seen its disk pivoted, or its job ended, there.
+        share = self.switch.take(self.member) if decision.action == Action.PIVOT else \
+            await self.switch.share_of(self.member)
         if share is not None and share.waiting is None:
             # Its group switched while this follower was elsewhere. (A switch that did not
             # happen tells nothing this step's own look does not.)

@@ -6,7 +6,9 @@ the others wait for it, and each takes its own member's share (``Switched``). A 
 follower is busy, or asleep, takes its share on its next step (its disk is pivoted by then,
 or its job ended, or it is held): the shares are kept here until taken, or until the
 follower ends (a share made for a follower that ended during the switch is not kept); a
-switch that ended is not kept either.
+switch that ended is not kept either. A follower whose step comes while a switch of its group
+is under way waits for it before it acts (its look may have seen the switch's work half
+done: its disk pivoted, its share not given out yet).
 
 The switch: the gate again, on a fresh listing of the group; each member's copy as it is now
 (``Member.switch_copy``: its mirror ready, its destination still the copy's); each check
@@ -34,7 +36,7 @@ import asyncio
 import dataclasses
 import logging
 
-from blockcopy.agent.groups import GroupKey, Groups, Member
+from blockcopy.agent.groups import GroupKey, Groups, Member, key_of
 from blockcopy.agent.verifier import Planned, Verifier
 from blockcopy.core import gates, groupswitch
 from blockcopy.core.groupswitch import Switched, Verdict
@@ -69,6 +71,18 @@ class GroupSwitch:
     def take(self, member: Member) -> Switched | None:
         """This member's share of the last switch of its group (once)."""
         return self._shares.pop(_uid(member), None)
+
+    async def share_of(self, member: Member) -> Switched | None:
+        """This member's share, once a switch of its group under way ended. Its follower's
+        own look may have seen its disk pivoted (or its job ended) by that switch, whose
+        shares are given out only after the guest's resume: it waits for them rather than
+        record a bare outcome (no check, zero detection left on). The switch's outcome is
+        the starter's: not raised here."""
+        key = key_of(member.body)
+        task = self._running.get(key) if key is not None else None
+        if task is not None and not task.done():
+            await asyncio.wait([task])
+        return self.take(member)
 
     def forget(self, member: Member) -> None:
         """The member is no longer followed: a share it did not take goes."""
