@@ -483,6 +483,60 @@ async def test_a_member_no_longer_followed_mid_switch_leaves_no_share_behind(tmp
 
 
 
+async def test_a_member_deleted_mid_switch_is_not_cut_out_of_it(tmp_path):
+    """vdc is deleted while the switch is in its pause, after the members' jobs were looked
+    at and right before the first pivot: kopf cancels its follower, and its deletion handler
+    (Agent.cancel_for_deletion) would end its job at once. All or none: the deletion waits
+    for the switch, which had taken vdc in before the deletion came, rather than end vdc's
+    job between the others' pivots (vda and vdb on their copies, vdc on its source)."""
+    env = Env(tmp_path)
+    await env.mirrored()
+    body, deletion = env.bodies["vdc"], []
+    pivot = env.hv.pivot
+
+    async def deleted_before_the_first_pivot(domain, target):
+        if not deletion:
+            body["metadata"]["deletionTimestamp"] = "2026-01-01T00:01:00Z"
+            vdc = env.tasks[DISKS.index("vdc")]
+            vdc.cancel()  # kopf ends the daemon of an object being deleted
+            await asyncio.gather(vdc, return_exceptions=True)
+            deletion.append(asyncio.create_task(env.agent.cancel_for_deletion(body)))
+            await asyncio.sleep(0.1)  # the deletion handler goes on meanwhile
+        await pivot(domain, target)
+    env.hv.pivot = deleted_before_the_first_pivot
+    env.pivot_all()
+    await env.until(lambda: deletion and deletion[0].done() and not env.hv.paused)
+    assert [env.on_source(d) for d in DISKS] == [False, False, False], deletion[0].result()
+    assert deletion[0].result() == "nothing to cancel: no job of this BlockCopy is running"
+    env.tasks.pop(DISKS.index("vdc"))
+    await env.until(lambda: env.phase("vda") == env.phase("vdb") == "Pivoted")
+    await env.finish()
+
+
+async def test_a_member_being_deleted_is_not_switched(tmp_path):
+    """vdc is being deleted (its deletion handler ends its job: the VM stays on that source)
+    while its follower is still in a step: the group does not switch it (WaitingForGroup);
+    once vdc is gone, vda and vdb switch without it. (A follower between two steps ends at
+    once: vdc is then no longer a member.)"""
+    env = Env(tmp_path)
+    await env.mirrored()
+    body = env.bodies["vdc"]
+    follower = env.agent.followers[("ns", "vdc")]
+    await follower.lock.acquire()
+    follower.poke()
+    await asyncio.sleep(1)  # vdc's follower is in a step, held up
+    body["metadata"]["deletionTimestamp"] = "2026-01-01T00:01:00Z"
+    env.pivot_all()
+    await env.until(lambda: "vdc is being deleted" in env.status("vda").get("message", ""))
+    assert "pivot" not in env.hv.verbs() and "pause" not in env.hv.verbs()
+    follower.lock.release()
+    assert (await env.agent.cancel_for_deletion(body)).startswith("cancelled the copy")
+    del env.kube.objects[("ns", "vdc")]  # the finalizer goes, and so does the object
+    await env.until(lambda: env.phase("vda") == env.phase("vdb") == "Pivoted", timeout=60)
+    assert env.on_source("vdc") and env.pauses() == ["pause", "resume"]
+    await env.finish()
+
+
 @pytest.mark.parametrize("verify", ["None", None], ids=["verify-None", "verify-left-out"])
 async def test_a_member_whose_pivot_did_not_happen_records_no_check(tmp_path, verify):
     """libvirt refuses vdb's pivot (vda pivoted before it): vdb and vdc stay Mirrored,

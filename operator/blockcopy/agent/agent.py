@@ -246,6 +246,9 @@ class Agent:
             spec, _ = parse_running_spec(body.get("spec") or {}, raw.get("startedSpec"), 0)
         except SpecError:
             return "nothing to cancel: the spec was invalid before any job started"
+        # A switch of its group under way goes first: it may have taken this disk in before
+        # the deletion came, and a group switches all or none (agent.groupswitch).
+        await self.switch.ended(key_of(body))
         # Share the follow loop's lock if it still runs.
         follower = self.followers.get((meta["namespace"], meta["name"]))
         lock = follower.lock if follower is not None else asyncio.Lock()

@@ -102,6 +102,8 @@ class Follower:
         self.recorder.event(type, reason, message)
 
     async def switch_copy(self) -> Copy | str:
+        if self.body.get("metadata", {}).get("deletionTimestamp"):
+            return f"{self.name} is being deleted"  # its deletion handler ends its job
         reading = read_spec(self.body.get("spec"), self.recorder.status, self.phase)
         if reading.spec is None or not reading.started_job:
             return f"{self.name}: {reading.error or 'no job of it runs'}"

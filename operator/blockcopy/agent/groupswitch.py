@@ -8,7 +8,9 @@ or its job ended, or it is held): the shares are kept here until taken, or until
 follower ends (a share made for a follower that ended during the switch is not kept); a
 switch that ended is not kept either. A follower whose step comes while a switch of its group
 is under way waits for it before it acts (its look may have seen the switch's work half
-done: its disk pivoted, its share not given out yet).
+done: its disk pivoted, its share not given out yet); so does the deletion handler of a
+member (``Agent.cancel_for_deletion``), which would otherwise end its job between the others'
+pivots. A member being deleted is not taken into a switch (its job is about to end).
 
 The switch: the gate again, on a fresh listing of the group; each member's copy as it is now
 (``Member.switch_copy``: its mirror ready, its destination still the copy's); each check
@@ -76,13 +78,16 @@ class GroupSwitch:
         """This member's share, once a switch of its group under way ended. Its follower's
         own look may have seen its disk pivoted (or its job ended) by that switch, whose
         shares are given out only after the guest's resume: it waits for them rather than
-        record a bare outcome (no check, zero detection left on). The switch's outcome is
-        the starter's: not raised here."""
-        key = key_of(member.body)
+        record a bare outcome (no check, zero detection left on)."""
+        await self.ended(key_of(member.body))
+        return self.take(member)
+
+    async def ended(self, key: GroupKey | None) -> None:
+        """Once the switch of this group under way (if any) ended. Its outcome is the
+        starter's: not raised here."""
         task = self._running.get(key) if key is not None else None
         if task is not None and not task.done():
             await asyncio.wait([task])
-        return self.take(member)
 
     def forget(self, member: Member) -> None:
         """The member is no longer followed: a share it did not take goes."""
