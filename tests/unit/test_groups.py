@@ -103,6 +103,35 @@ async def test_a_group_abort_quiesces_once_ends_every_job_and_resumes(tmp_path):
     assert [e.reason for e in env.kube.events].count("GroupAborted") >= 1
 
 
+async def test_a_member_that_looked_before_the_groups_abort_does_not_abort_it_again(tmp_path):
+    """vdc's step looks at its job before the group's abort (started by vda's step) ends it,
+    and asks for the abort after it ended: nothing is left to end, so the guest is not
+    suspended a second time."""
+    env = Env(tmp_path)
+    await env.until(lambda: all(env.phase(d) == "Copying" for d in env.bodies))
+    for d in env.bodies:
+        env.hv.make_ready("vm", d)
+    await env.until(lambda: all(env.phase(d) == "Mirrored" for d in env.bodies))
+    env.edit("vda", abort=True)
+    env.edit("vdb", abort=True)
+    await env.until(lambda: "waiting for abort: true on vdc" in
+                    env.kube.status_of("vda").get("message", ""))
+    observe, stale = env.hv.observe, []
+
+    async def look_then_wait(domain, disk):
+        state = await observe(domain, disk)
+        if disk == "vdc" and env.bodies["vdc"]["spec"].get("abort") and not stale:
+            stale.append(state)  # its job as it was; the group's abort goes on meanwhile
+            await env.until(lambda: "unquiesce" in env.hv.verbs() and not env.hv.suspended)
+        return state
+    env.hv.observe = look_then_wait
+    env.edit("vdc", abort=True)
+    await env.until(lambda: all(env.phase(d) == "Aborted" for d in env.bodies))
+    assert stale and stale[0].job is not None
+    assert env.hv.verbs().count("quiesce") == 1
+    await env.finish()
+
+
 async def test_the_vm_is_resumed_even_when_cancelling_fails(tmp_path):
     env = Env(tmp_path, disks=("vda", "vdb"))
     await env.until(lambda: all(env.phase(d) == "Copying" for d in env.bodies))

@@ -28,7 +28,7 @@ from blockcopy.core.verify import Copy
 from blockcopy.model.api import JOB_PHASES, NODE_LABEL, Phase
 from blockcopy.model.kubeapi import Kube
 from blockcopy.model.observation import GroupMember, GroupView
-from blockcopy.model.ports import Hypervisor, HypervisorError
+from blockcopy.model.ports import Hypervisor, HypervisorError, HypervisorUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,13 @@ class Groups:
         loop = asyncio.get_running_loop()
         targets = sorted({t for m in self.members(key)
                           if (t := m.target) and m.phase in JOB_PHASES})
+        # A member whose step looked before the group's last abort ended its job asks again
+        # once it is over: nothing is left to end, and the guest is not held still again.
+        targets = [t for t in targets if await self._has_job(domain, t)]
+        if not targets:
+            for member in self.members(key):
+                member.poke()
+            return f"group {key[1]}: no job left to end"
         started = loop.time()
         how = await self._hold_still(domain)
         try:
@@ -177,6 +184,14 @@ class Groups:
                 f"{what} for {held:.0f} ms")
         by.note_event("Normal", "GroupAborted", done)
         return done
+
+    async def _has_job(self, domain: str, target: str) -> bool:
+        try:
+            return await self.hv.job_progress(domain, target) is not None
+        except HypervisorUnavailable:
+            raise
+        except HypervisorError:
+            return True  # the cancel finds out, as before
 
     async def _hold_still(self, domain: str) -> str:
         try:
