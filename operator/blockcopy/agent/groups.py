@@ -148,7 +148,8 @@ class Groups:
     # -- abort --------------------------------------------------------------------------
     async def abort(self, key: GroupKey, domain: str, *, by: Member) -> str:
         """End every member's job at one instant (once for all the members that ask at the
-        same time; the first one posts the Event). Returns what was done."""
+        same time; the first one posts the Event; one asking once every job ended holds
+        nothing still). Returns what was done."""
         task = self._aborting.get(key)
         if task is None or task.done():
             task = self._aborting[key] = asyncio.create_task(self._abort(key, domain, by))
