@@ -115,7 +115,11 @@ class FakePlanKube:
     async def patch_copy(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         if (namespace, name) not in self.copies:
             return False
-        self.copies[(namespace, name)] = merge_patch(self.copies[(namespace, name)], patch)
+        patched = merge_patch(self.copies[(namespace, name)], patch)
+        spec = patched.get("spec") or {}
+        if spec.get("pivot") is True and spec.get("abort") is True:  # the CRD's CEL rule
+            raise ValueError(f"422 {name}: spec.pivot and spec.abort cannot both be true")
+        self.copies[(namespace, name)] = patched
         return True
 
     async def delete_copy(self, namespace: str, name: str) -> bool:

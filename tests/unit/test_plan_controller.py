@@ -223,3 +223,26 @@ async def test_delete_retention_asks_the_agents_to_reclaim_the_sources(kube, con
     kept = kube.add_plan(plan("k", maxActive=1))
     await controller.round(kept)
     assert all("deleteSourcesUnder" not in c["spec"] for c in kube.children_of("k").values())
+
+
+async def test_a_failed_disk_aborts_its_vms_other_disks_that_were_asked_to_pivot(kube,
+                                                                                 controller):
+    """web's two disks were asked to pivot (Automatic, both Mirrored); the group's switch
+    finds vdb's copy differs: vdb Failed (VerifyMismatch), vda Mirrored, held by its group
+    (GroupMemberMismatch). The controller aborts vda, giving up its pivot: the API server
+    refuses pivot and abort both true."""
+    kube.inventory.pop("n2")
+    body = kube.add_plan(plan(maxActive=5, maxActivePerNode=5, pivot="Automatic",
+                              source={"pathPrefix": "/src", "domains": ["web"]}))
+    await controller.round(body)
+    for name in kube.children_of("p"):
+        kube.set_phase(name, "Mirrored")
+    await controller.round(body)
+    assert all(c["spec"]["pivot"] for c in kube.children_of("p").values())
+    kube.set_phase("p-0001", "Failed")
+    await controller.round(body)
+    vda = kube.copies[("ns", "p-0000")]["spec"]
+    assert (vda["abort"], vda["pivot"]) == (True, False)
+    kube.set_phase("p-0000", "Aborted")
+    await controller.round(body)
+    assert status(kube)["phase"] == PlanPhase.FAILED

@@ -249,7 +249,11 @@ class PlanController:
                 log.info("%s/%s: created %s for %s/%s on %s", namespace, name,
                          children[disk.index].name, disk.domain, disk.target, disk.node)
         for child_name in decided.abort:
-            if await self.kube.patch_copy(namespace, child_name, {"spec": {"abort": True}}):
+            # Giving up its pivot: an Automatic plan may have asked for it already (the group
+            # held by the failed disk, say its copy differs), and the API server refuses
+            # pivot and abort both true.
+            if await self.kube.patch_copy(namespace, child_name,
+                                          {"spec": {"abort": True, "pivot": False}}):
                 log.info("%s/%s: abort asked of %s (another disk of its VM failed)",
                          namespace, name, child_name)
         for child_name in decided.pivot:
