@@ -5,6 +5,7 @@ disk groups of a VM with several disks."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import time
@@ -182,10 +183,12 @@ def test_a_group_pivots_only_when_every_member_is_mirrored(agent, vms, blockcopi
     names = {disk: _group_member(blockcopies, vm, node, disk, pivot=True,
                                  **({"bandwidth": "1Mi"} if disk == "vdc" else {}))
              for disk in ("vda", "vdb", "vdc")}
-    # vda and vdb are Mirrored quickly and wait for the slow vdc.
+    # vda and vdb are Mirrored quickly and wait for the slow vdc. (They may be Mirrored
+    # before vdc's first phase is written: "g-vdc is not started" first, then Copying.)
     for disk in ("vda", "vdb"):
         status = wait_for(lambda d=disk: (s := blockcopies.status(names[d]))
-                          and s.get("phase") == "Mirrored" and "vdc" in s.get("message", "")
+                          and s.get("phase") == "Mirrored"
+                          and f"{names['vdc']} is Copying" in s.get("message", "")
                           and s, 60, what=f"{disk} waiting for the group")
         assert condition(status, "Mirrored")["reason"] == "WaitingForGroup"
         assert live_disk_source(vm, disk) == vm.disk_chains[disk][0]  # not pivoted
@@ -201,8 +204,9 @@ def test_a_group_pivots_only_when_every_member_is_mirrored(agent, vms, blockcopi
         status = blockcopies.wait_phase(name, "Pivoted", "Failed", timeout=120)
         assert status["phase"] == "Pivoted", status
         assert live_disk_source(vm, disk) == os.path.join(vm.workdir, f"{disk}.copy.qcow2")
-    done = sorted(blockcopies.status(n)["completionTime"] for n in names.values())
-    assert done[0][:16] == done[-1][:16]  # all within the same minute, in a row
+    done = sorted(datetime.datetime.fromisoformat(blockcopies.status(n)["completionTime"])
+                  for n in names.values())
+    assert (done[-1] - done[0]).total_seconds() <= 30, done  # in a row
 
 
 def test_a_group_abort_is_one_point_in_time_across_disks(agent, vms, blockcopies, node, core):

@@ -38,6 +38,28 @@ def _writing_vm(vms) -> VM:
     return vm
 
 
+def _garble(path: str) -> None:
+    """8 MiB of the layers' data (at [4, 12) MiB) overwritten by another process, without
+    QEMU knowing (a device that drops or misplaces writes)."""
+    with open(path, "r+b") as f:
+        f.seek(4 * MiB)
+        f.write(os.urandom(8 * MiB))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _failed_on_the_garbled_blocks(blockcopies, name: str) -> dict:
+    """The copy ended Failed VerifyMismatch, its check naming the garbled range."""
+    status = blockcopies.wait_phase(name, "Failed", "Pivoted", timeout=120)
+    assert status["phase"] == "Failed", status
+    failed = condition(status, "Failed")
+    assert failed is not None and failed["reason"] == "VerifyMismatch", status["conditions"]
+    check = status["verification"]
+    assert check["result"] == "Mismatch" and check["mismatches"] > 100, check
+    assert 4 * MiB <= check["firstMismatch"] < 12 * MiB, check
+    return status
+
+
 def _more_writes(vm: VM, n: int = 10, timeout: float = 90) -> int:
     target = last_acknowledged(vm) + n
     return wait_for(lambda: (seq := last_acknowledged(vm)) >= target and seq, timeout,
@@ -83,20 +105,10 @@ def test_a_destination_changed_behind_qemus_back_is_caught(agent, vms, blockcopi
     blockcopies.wait_phase(name, "Mirrored", timeout=180)
     # The layers' data is at [0, 16 MiB): 8 MiB of it garbled on the destination, by another
     # process, without QEMU knowing (a device that drops or misplaces writes).
-    with open(dest, "r+b") as f:
-        f.seek(4 * MiB)
-        f.write(os.urandom(8 * MiB))
-        f.flush()
-        os.fsync(f.fileno())
+    _garble(dest)
     _more_writes(vm)
     blockcopies.patch_spec(name, {"pivot": True})
-    status = blockcopies.wait_phase(name, "Failed", "Pivoted", timeout=120)
-    assert status["phase"] == "Failed", status
-    failed = condition(status, "Failed")
-    assert failed is not None and failed["reason"] == "VerifyMismatch", status["conditions"]
-    check = status["verification"]
-    assert check["result"] == "Mismatch" and check["mismatches"] > 100, check
-    assert 4 * MiB <= check["firstMismatch"] < 12 * MiB, check
+    status = _failed_on_the_garbled_blocks(blockcopies, name)
     assert condition(status, "Verified")["reason"] == "VerifyMismatch"
     wait_for(events_of(blockcopies, core, name, "VerifyMismatch", type="Warning"), 15)
     _runs_on(vm, vm.chain[0], "mismatch: stays on the source")
@@ -143,22 +155,13 @@ def test_a_group_with_one_corrupt_member_stays_on_its_sources(agent, vms, blockc
         blockcopies.wait_phase(name, "Mirrored", timeout=180)
     # 8 MiB of vdb's layer data garbled on its destination, by another process, without
     # QEMU knowing (a device that drops or misplaces writes); vda's copy is right.
-    with open(dests["vdb"], "r+b") as f:
-        f.seek(4 * MiB)
-        f.write(os.urandom(8 * MiB))
-        f.flush()
-        os.fsync(f.fileno())
+    _garble(dests["vdb"])
     _more_writes(vm)
     for name in names.values():
         blockcopies.patch_spec(name, {"pivot": True})
     # vdb: exactly as a single disk's mismatch.
-    bad = blockcopies.wait_phase(names["vdb"], "Failed", "Pivoted", timeout=120)
-    assert bad["phase"] == "Failed", bad
-    failed = condition(bad, "Failed")
-    assert failed is not None and failed["reason"] == "VerifyMismatch", bad["conditions"]
+    bad = _failed_on_the_garbled_blocks(blockcopies, names["vdb"])
     check = bad["verification"]
-    assert check["result"] == "Mismatch" and check["mismatches"] > 100, check
-    assert 4 * MiB <= check["firstMismatch"] < 12 * MiB, check
     # vda: held by its group, Mirrored, its own check a match; the group's reason names vdb.
     good = wait_for(lambda: (s := blockcopies.status(names["vda"])) and (
         (condition(s, "Verified") or {}).get("reason") == "GroupMemberMismatch") and s, 60,
