@@ -231,3 +231,31 @@ async def test_a_member_claimed_by_another_nodes_agent_is_named_with_its_node(tm
     await env.until(lambda: "on node n2" in env.kube.status_of("vda").get("message", ""))
     assert env.phase("vda") == "Mirrored" and "pivot" not in env.hv.verbs()
     await env.finish()
+
+
+async def test_members_naming_the_vm_by_name_and_by_uuid_hold_each_other(tmp_path):
+    """vdb names the VM by its UUID, vda by its name, in the same group: keyed by how they
+    name it they would be two groups, each switching alone (the VM split between copies and
+    sources). Neither pivots; each says which object names the VM the other way; once the
+    alias is deleted, the rest of the group switches."""
+    env = Env(tmp_path, disks=("vda", "vdb"), followed=("vda",), pivot=True)
+    uuid = env.hv._domain("vm").uuid
+    env.bodies["vdb"]["spec"]["domain"] = uuid
+    env.follow("vdb")
+    await env.until(lambda: env.phase("vda") == "Copying" and env.phase("vdb") == "Copying")
+    env.hv.make_ready("vm", "vda")
+    env.hv.make_ready("vm", "vdb")
+    await env.until(lambda: "names this VM" in env.status("vda").get("message", "")
+                    and "names this VM" in env.status("vdb").get("message", ""))
+    await asyncio.sleep(30)
+    assert [env.phase(d) for d in ("vda", "vdb")] == ["Mirrored", "Mirrored"]
+    assert "pivot" not in env.hv.verbs()
+    assert f"vdb names this VM {uuid!r}" in env.status("vda")["message"]
+    assert "vda names this VM 'vm'" in env.status("vdb")["message"]
+    # vdb aborted (the user's way out): vda's group is vda alone, and it switches.
+    env.edit("vdb", pivot=False, abort=True)
+    await env.until(lambda: env.phase("vdb") == "Aborted")
+    await env.until(lambda: env.phase("vda") == "Pivoted", timeout=60)
+    assert env.hv.disk("vm", "vdb").source == str(tmp_path / "vdb.qcow2")
+    assert env.hv.disk("vm", "vda").source == str(tmp_path / "vda.copy.qcow2")
+    await env.finish()

@@ -21,11 +21,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from blockcopy.core.verify import Copy
-from blockcopy.model.api import JOB_PHASES, NODE_LABEL, Phase
+from blockcopy.model.api import JOB_PHASES, NODE_LABEL, TERMINAL_PHASES, Phase
 from blockcopy.model.kubeapi import Kube
 from blockcopy.model.observation import GroupMember, GroupView
 from blockcopy.model.ports import Hypervisor, HypervisorError, HypervisorUnavailable
@@ -70,6 +70,25 @@ def key_of(body: Mapping[str, Any]) -> GroupKey | None:
     if not isinstance(group, str) or not group:
         return None
     return body["metadata"]["namespace"], group, str(spec.get("domain"))
+
+
+def _aliases(listed: Sequence[Mapping[str, Any]], key: GroupKey,
+             vm: Collection[str]) -> tuple[tuple[str, str], ...]:
+    """Objects of the group's namespace and name whose ``spec.domain`` is another name of the
+    same VM: libvirt takes a domain by name or by UUID, and a group is keyed by how its
+    members name it (one spelling, one group). One that ended (or is being deleted) is
+    not: it switches nothing any more."""
+    names = {n.lower() for n in vm if n} - {key[2].lower()}
+    found = []
+    for body in listed:
+        spec = body.get("spec") or {}
+        domain = str(spec.get("domain"))
+        if (body["metadata"].get("namespace") == key[0] and spec.get("group") == key[1]
+                and domain.lower() in names and domain != key[2]
+                and not body["metadata"].get("deletionTimestamp")
+                and (body.get("status") or {}).get("phase") not in TERMINAL_PHASES):
+            found.append((str(body["metadata"]["name"]), domain))
+    return tuple(sorted(found))
 
 
 def _created(body: Mapping[str, Any]) -> dt.datetime | None:
@@ -119,9 +138,12 @@ class Groups:
         return {"name": key[1],
                 "members": [{"name": m.name, "phase": str(m.phase or "")} for m in members]}
 
-    async def view(self, key: GroupKey | None, *, listing: bool) -> GroupView | None:
+    async def view(self, key: GroupKey | None, *, listing: bool,
+                   vm: Collection[str] = ()) -> GroupView | None:
         """The group as a member sees it now. ``listing`` (a pivot is due): ask the API
-        server for every member too, those no agent follows yet included."""
+        server for every member too, those no agent follows yet included. ``vm``: the VM's
+        name and UUID, as the member's look found them: an object of the group that names
+        the VM the other way is an alias (``GroupView.aliases``)."""
         if key is None:
             return None
         followed = {m.name: GroupMember(
@@ -143,7 +165,8 @@ class Groups:
             members.setdefault(body["metadata"]["name"], _listed_member(body, node=self.node))
         created = [c for c in map(_created, in_api) if c is not None]
         age = (self.clock() - max(created)).total_seconds() if created else None
-        return GroupView(key[1], tuple(members.values()), newest_age=age, listed=True)
+        return GroupView(key[1], tuple(members.values()), newest_age=age, listed=True,
+                         aliases=_aliases(listed, key, vm))
 
     # -- abort --------------------------------------------------------------------------
     async def abort(self, key: GroupKey, domain: str, *, by: Member) -> str:

@@ -59,7 +59,8 @@ class DiskObserver:
         if isinstance(self.layers, NoLayerCopies):
             self.take_up_layers()
         pivot_due = gates.pivot_due(spec, current, disk)
-        group = await self.groups.view(self.group_key(), listing=pivot_due)
+        group = await self.groups.view(self.group_key(), listing=pivot_due,
+                                       vm=(disk.domain_name or "", disk.domain_uuid or ""))
         dest = await self.checks.dest_check(spec, disk, self.recorder.status.get(
             "destIdentity")) if pivot_due or first else None
         estimate = None

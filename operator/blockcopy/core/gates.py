@@ -91,7 +91,10 @@ def group_pivot_blocked(view: GroupView, *, asking: str) -> tuple[str | None, fl
               "with pivot: true")
     if view.listing_error is not None:  # no pivot on a partial view: stay on the source
         return f"{prefix} (its members cannot be listed: {view.listing_error})", LIST_RETRY
-    blocked = []
+    blocked = [f"{name} names this VM {domain!r} in the same group: libvirt takes a VM by "
+               "name or by UUID, and a group's members must all name it the same way, or the "
+               "disks do not switch together; abort or delete one of them and create it again "
+               "naming the VM as the others do" for name, domain in view.aliases]
     for member in sorted(view.members, key=lambda m: m.name):
         phase = Phase.MIRRORED.value if member.name == asking else member.phase
         if phase in (Phase.MIRRORED, Phase.PIVOTING) and not member.followed:

@@ -119,6 +119,9 @@ class GroupView:
     newest_age: float | None = None  # s since the newest member was created (listed only)
     listing_error: str | None = None
     listed: bool = False  # the API server was asked (only when a pivot is due)
+    # (object, how it names the VM): objects of the same group and namespace that name this
+    # VM the other way (by UUID where the members use its name, or the reverse)
+    aliases: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
