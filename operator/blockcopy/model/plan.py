@@ -11,7 +11,14 @@ import posixpath
 from collections.abc import Mapping
 from typing import Any
 
-from blockcopy.model.api import GROUP, BackingChain, Convergence, SpecError, parse_bandwidth
+from blockcopy.model.api import (
+    GROUP,
+    BackingChain,
+    Convergence,
+    SpecError,
+    Verify,
+    parse_bandwidth,
+)
 
 PLAN_KIND = "BlockCopyPlan"
 PLAN_PLURAL = "blockcopyplans"
@@ -80,6 +87,11 @@ class PlanSpec:
     backing_chain: BackingChain | None = None
     bandwidth: int = 0  # bytes/s per copy, 0 = unlimited
     convergence: Convergence | None = None
+    # Passed to each child only when set: absent on the plan, absent on the child, which then
+    # keeps BlockCopy's defaults exactly (zero detection on; Sample, yet a check that cannot
+    # be made still pivots, where an explicit Sample or Full holds the copy).
+    detect_zeroes: bool | None = None
+    verify: Verify | None = None
     max_active: int = DEFAULT_MAX_ACTIVE
     max_active_per_node: int = DEFAULT_MAX_ACTIVE_PER_NODE
     pivot: PivotMode = PivotMode.MANUAL
@@ -172,6 +184,10 @@ def parse_plan(raw: Any) -> PlanSpec:
         bandwidth = parse_bandwidth(dest.get("bandwidth"))
     except SpecError as exc:
         raise PlanError(f"spec.destination.{exc}") from None
+    detect_zeroes = dest.get("detectZeroes")
+    if detect_zeroes is not None and not isinstance(detect_zeroes, bool):
+        raise PlanError(f"spec.destination.detectZeroes must be true or false, not "
+                        f"{detect_zeroes!r}")
     dry_run = raw.get("dryRun", False)
     if not isinstance(dry_run, bool):
         raise PlanError(f"spec.dryRun must be true or false, not {dry_run!r}")
@@ -180,6 +196,8 @@ def parse_plan(raw: Any) -> PlanSpec:
         node_selector=parse_selector(source.get("nodeSelector")),
         format=fmt, backing_chain=chain, bandwidth=bandwidth,
         convergence=_choice(dest, "convergence", Convergence, None),
+        detect_zeroes=detect_zeroes,
+        verify=_choice(raw, "verify", Verify, None),
         max_active=_limit(raw, "maxActive", DEFAULT_MAX_ACTIVE, MAX_ACTIVE_LIMIT),
         max_active_per_node=_limit(raw, "maxActivePerNode", DEFAULT_MAX_ACTIVE_PER_NODE,
                                    MAX_ACTIVE_PER_NODE_LIMIT),
