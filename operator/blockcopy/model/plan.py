@@ -120,7 +120,8 @@ def _limit(raw: Mapping[str, Any], key: str, default: int, top: int) -> int:
     return value
 
 
-def _choice(raw: Mapping[str, Any], key: str, kind: type[enum.StrEnum], default: Any) -> Any:
+def _choice(raw: Mapping[str, Any], key: str, kind: type[enum.StrEnum], default: Any, *,
+            where: str = "spec") -> Any:
     value = raw.get(key)
     if value is None:
         return default
@@ -128,7 +129,7 @@ def _choice(raw: Mapping[str, Any], key: str, kind: type[enum.StrEnum], default:
         return kind(value)
     except ValueError:
         names = ", ".join(m.value for m in kind)
-        raise PlanError(f"spec.{key} {value!r}: one of {names}") from None
+        raise PlanError(f"{where}.{key} {value!r}: one of {names}") from None
 
 
 def parse_selector(raw: Any) -> LabelSelector | None:
@@ -177,7 +178,7 @@ def parse_plan(raw: Any) -> PlanSpec:
     if fmt is not None and (not isinstance(fmt, str)
                             or not fmt.replace("-", "").replace("_", "").isalnum()):
         raise PlanError(f"spec.destination.format {fmt!r} is not an image format name")
-    chain = _choice(dest, "backingChain", BackingChain, None)
+    chain = _choice(dest, "backingChain", BackingChain, None, where="spec.destination")
     if chain is not None and fmt not in (None, "qcow2"):
         raise PlanError("spec.destination.backingChain: copy writes qcow2 images")
     try:
@@ -195,7 +196,7 @@ def parse_plan(raw: Any) -> PlanSpec:
         source_prefix=src_prefix, dest_prefix=dst_prefix, domains=tuple(domains),
         node_selector=parse_selector(source.get("nodeSelector")),
         format=fmt, backing_chain=chain, bandwidth=bandwidth,
-        convergence=_choice(dest, "convergence", Convergence, None),
+        convergence=_choice(dest, "convergence", Convergence, None, where="spec.destination"),
         detect_zeroes=detect_zeroes,
         verify=_choice(raw, "verify", Verify, None),
         max_active=_limit(raw, "maxActive", DEFAULT_MAX_ACTIVE, MAX_ACTIVE_LIMIT),
