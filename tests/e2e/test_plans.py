@@ -8,7 +8,9 @@ an agent each, the plan controller): real API server, libvirt and QEMU.
   maxActive 3 copies active in all nor maxActivePerNode 1 on a node (sampled every 200 ms
   for the whole run), pivots each VM's disks together (Automatic), and each destination
   holds its source's guest view; the disk outside the prefix is left alone.
-- Deleting a running plan cancels its children: the VMs stay on their sources.
+- Deleting a running plan cancels its children: the VMs stay on their sources. That plan
+  also sets verify: None and destination.detectZeroes: false, which its children carry (and
+  their agents start them without zero detection).
 
 The nodes' DiskInventory objects come from their agents where this checkout's agents publish
 them; otherwise the test publishes them from the nodes' libvirt in the same shape
@@ -210,6 +212,10 @@ def test_dry_run_then_a_plan_over_four_nodes(nodes, plans, vms, dirs, tag, api, 
 
 def test_deleting_a_running_plan_cancels_its_copies(nodes, plans, vms, dirs, tag, api,
                                                     published, kubectl):
+    """Also the plan's verify and destination.detectZeroes, copied into its children's
+    specs (the unit tests show they are left out when absent; test_guarantees.py and
+    test_verify_at_the_switch.py what they do on a BlockCopy): checked while they copy, at no
+    extra wait."""
     src_prefix = str(nodes[0].images_dir.parent)
     dst_prefix = str(dirs["dst"]) + "-del"
     os.mkdir(dst_prefix)
@@ -220,16 +226,22 @@ def test_deleting_a_running_plan_cancels_its_copies(nodes, plans, vms, dirs, tag
         apply_crds(kubectl)
         plan = plans.create(name, {
             "source": {"pathPrefix": src_prefix, "domains": [f"{name}-*"]},
-            "destination": {"pathPrefix": dst_prefix, "bandwidth": "256Ki"},
-            "maxActive": 2, "maxActivePerNode": 1, "pivot": "Automatic"})
+            "destination": {"pathPrefix": dst_prefix, "bandwidth": "256Ki",
+                            "detectZeroes": False},
+            "maxActive": 2, "maxActivePerNode": 1, "pivot": "Automatic", "verify": "None"})
 
         def copying() -> list[dict] | None:
             kids = plans.children(plan)
             phases = [(k.get("status") or {}).get("phase") for k in kids]
             return kids if len(kids) == 2 and phases.count("Copying") == 2 else None
 
-        wait_for(copying, 120, what=f"both children of {plan} Copying")
+        children = wait_for(copying, 120, what=f"both children of {plan} Copying")
         assert all(live_mirror(vm, "vda") is not None for vm in made)
+        for child in children:
+            assert (child["spec"]["verify"], child["spec"]["detectZeroes"]) == ("None", False)
+            # Written with the start: the agent read the child's field.
+            assert child["status"]["zeroDetection"] == "off (spec.detectZeroes: false)", \
+                child["status"]
         plans.delete(plan, wait=180)
         # Cancelled: each VM on its source, no job left.
         for vm in made:
@@ -256,7 +268,13 @@ def test_deleting_a_running_plan_cancels_its_copies(nodes, plans, vms, dirs, tag
       "maxActivePerNode": 1000}, "maxActivePerNode"),
     ({"source": {"pathPrefix": "/a"}, "destination": {"pathPrefix": "/b"}, "pivot": "Now"},
      "pivot"),
-], ids=["dest-inside", "source-inside", "relative", "dotdot", "zero", "absurd", "pivot"])
+    ({"source": {"pathPrefix": "/a"}, "destination": {"pathPrefix": "/b"}, "verify": "Quick"},
+     "spec.verify"),
+    ({"source": {"pathPrefix": "/a"},
+      "destination": {"pathPrefix": "/b", "detectZeroes": "no"}},
+     "spec.destination.detectZeroes"),
+], ids=["dest-inside", "source-inside", "relative", "dotdot", "zero", "absurd", "pivot",
+        "verify", "detect-zeroes"])
 def test_bad_plans_refused_at_admission(plans, kubectl, tag, spec, message):
     """The API server itself refuses them (the CRD's schema and CEL rules): nothing exists."""
     apply_crds(kubectl)

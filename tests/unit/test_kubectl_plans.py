@@ -41,7 +41,7 @@ def test_every_flag_lands_in_its_field_and_the_controller_accepts_it():
                 nodes=["rack=r1", "gpu", "!old", "zone!=z9"], format="qcow2",
                 backing_chain="copy", bandwidth="200Mi", convergence="auto", max_active=8,
                 max_active_per_node=2, pivot="Automatic", preview=True,
-                source_retention="Delete")
+                source_retention="Delete", verify="None", detect_zeroes=False)
     spec = made["spec"]
     assert spec == {
         "source": {"pathPrefix": "/srv/a", "domains": ["web-*", "db-*"],
@@ -50,8 +50,8 @@ def test_every_flag_lands_in_its_field_and_the_controller_accepts_it():
                        {"key": "old", "operator": "DoesNotExist"},
                        {"key": "zone", "operator": "NotIn", "values": ["z9"]}]}},
         "destination": {"pathPrefix": "/srv/b/c", "format": "qcow2", "backingChain": "copy",
-                        "bandwidth": "200Mi", "convergence": "auto"},
-        "maxActive": 8, "maxActivePerNode": 2, "pivot": "Automatic",
+                        "bandwidth": "200Mi", "convergence": "auto", "detectZeroes": False},
+        "maxActive": 8, "maxActivePerNode": 2, "pivot": "Automatic", "verify": "None",
         "sourceRetention": "Delete", "dryRun": True}
     parsed = parse_plan(spec)
     assert (parsed.max_active, parsed.bandwidth, parsed.dry_run) == (8, 200 << 20, True)
@@ -73,6 +73,7 @@ def test_every_flag_lands_in_its_field_and_the_controller_accepts_it():
     ({"name": "p" * 53}, "at most 52 characters"),
     ({"nodes": ["rack=r1", "rack=r2"]}, "rack given twice"),
     ({"nodes": ["=x"]}, "not KEY=VALUE"),
+    ({"verify": "Quick"}, "--verify 'Quick': one of None, Sample, Full"),
 ])
 def test_what_the_controller_or_the_server_would_refuse_is_a_usage_error(kw, message):
     with pytest.raises(errors.PluginError) as refused:
@@ -83,9 +84,28 @@ def test_what_the_controller_or_the_server_would_refuse_is_a_usage_error(kw, mes
 def test_flags_in_any_case_and_comma_separated():
     assert planspec.pivot_mode("automatic") == "Automatic"
     assert planspec.retention("DELETE") == "Delete"
+    assert [planspec.verify_mode(v) for v in ("none", "SAMPLE", "Full")] == \
+        ["None", "Sample", "Full"]
+    with pytest.raises(argparse.ArgumentTypeError, match="one of None, Sample, Full"):
+        planspec.verify_mode("quick")
     with pytest.raises(argparse.ArgumentTypeError, match="one of Manual, Automatic"):
         planspec.pivot_mode("now")
     assert planspec.split_items(["a,b", "b", " c "]) == ["a", "b", "c"]
+
+
+def test_verify_and_no_detect_zeroes_flags_only_when_given(capsys):
+    argv = ["plan", "create", "p", "--from", "/a", "--to", "/b", "-n", "x", "--dry-run"]
+    assert main.main([*argv, "--verify", "full", "--no-detect-zeroes"]) == errors.OK
+    spec = yaml.safe_load(capsys.readouterr().out)["spec"]
+    assert spec["verify"] == "Full" and spec["destination"]["detectZeroes"] is False
+    # Not given: not written, so the children keep BlockCopy's defaults (an absent verify is
+    # not an explicit Sample).
+    assert main.main(argv) == errors.OK
+    spec = yaml.safe_load(capsys.readouterr().out)["spec"]
+    assert "verify" not in spec and "detectZeroes" not in spec["destination"]
+    with pytest.raises(SystemExit) as exited:
+        main.main([*argv, "--verify", "quick"])
+    assert exited.value.code == errors.USAGE
 
 
 def test_create_dry_run_prints_the_yaml_offline(capsys):
@@ -292,11 +312,13 @@ def test_completion_of_the_plan_subcommand():
     assert values("plan", "wait", "p", "--for", "") == (list(plantext.WAIT_FOR),
                                                          completion.NO_FILES)
     assert values("plan", "create", "p", "--pivot", "")[0] == ["Manual", "Automatic"]
+    assert values("plan", "create", "p", "--verify", "")[0] == ["None", "Sample", "Full"]
     assert values("plan", "create", "p", "--from", "") == ([], completion.DIRS)
     assert values("plan", "create", "p", "--dry-run", "")[0] == ["none", "client", "server"]
     assert values("plan", "create", "p", "--dry-run", "--to", "") == ([], completion.DIRS)
     flags = values("plan", "create", "p", "--")[0]
-    assert {"--from", "--to", "--max-active", "--node-selector", "--namespace"} <= set(flags)
+    assert {"--from", "--to", "--max-active", "--node-selector", "--namespace", "--verify",
+            "--no-detect-zeroes"} <= set(flags)
     words = completion.Words(["-n", "ops", "plan", "status", "a"], PARSER)
     assert (words.command, words.subcommand, words.positionals) == ("plan", "status", ["a"])
 

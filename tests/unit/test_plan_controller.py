@@ -9,7 +9,7 @@ import pytest
 
 from blockcopy.controller.plans import INVENTORY_TTL, ControllerConfig, PlanController
 from blockcopy.core.plan_status import PlanPhase
-from blockcopy.model.api import FINALIZER, NODE_LABEL
+from blockcopy.model.api import FINALIZER, NODE_LABEL, Verify, parse_spec
 from blockcopy.model.plan import PLAN_LABEL
 from support.plan_fakes import NOW, FakePlanKube, domain, inventory, plan
 
@@ -223,6 +223,50 @@ async def test_delete_retention_asks_the_agents_to_reclaim_the_sources(kube, con
     kept = kube.add_plan(plan("k", maxActive=1))
     await controller.round(kept)
     assert all("deleteSourcesUnder" not in c["spec"] for c in kube.children_of("k").values())
+
+
+@pytest.mark.parametrize(("verify", "detect"), [("None", False), ("Full", True),
+                                              ("Sample", False)])
+async def test_verify_and_detect_zeroes_are_copied_to_every_child(kube, controller, verify,
+                                                                  detect):
+    body = kube.add_plan(plan(maxActive=10, maxActivePerNode=10, verify=verify,
+                              destination={"pathPrefix": "/dst", "detectZeroes": detect}))
+    await controller.round(body)
+    children = kube.children_of("p").values()
+    assert len(children) == 4
+    for child in children:
+        assert (child["spec"]["verify"], child["spec"]["detectZeroes"]) == (verify, detect)
+        parsed = parse_spec(child["spec"])  # as the agent reads it
+        assert (parsed.verify, parsed.detect_zeroes) == (Verify(verify), detect)
+
+
+async def test_verify_and_detect_zeroes_left_out_of_the_children_when_the_plan_has_none(
+        kube, controller):
+    """Absent stays absent: the child's verify is BlockCopy's default, not an explicit
+    Sample (which would hold a copy whose check cannot be made instead of pivoting it)."""
+    body = kube.add_plan(plan(maxActive=10, maxActivePerNode=10))
+    await controller.round(body)
+    children = kube.children_of("p").values()
+    assert len(children) == 4
+    for child in children:
+        assert "verify" not in child["spec"] and "detectZeroes" not in child["spec"]
+        parsed = parse_spec(child["spec"])
+        assert parsed.verify is None and parsed.detect_zeroes is True
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"verify": "Quick"}, "spec.verify 'Quick': one of None, Sample, Full"),
+    ({"destination": {"pathPrefix": "/dst", "detectZeroes": "no"}},
+     "spec.destination.detectZeroes must be true or false, not 'no'"),
+])
+async def test_a_bad_verify_or_detect_zeroes_fails_the_plan_with_the_reason(kube, controller,
+                                                                            spec, message):
+    body = kube.add_plan(plan(**spec))
+    await controller.round(body)
+    st = status(kube)
+    assert st["phase"] == PlanPhase.FAILED and message in st["message"]
+    assert [(e.reason, message in e.message) for e in kube.events] == [("InvalidPlan", True)]
+    assert kube.copies == {}
 
 
 async def test_a_failed_disk_aborts_its_vms_other_disks_that_were_asked_to_pivot(kube,

@@ -11,7 +11,7 @@ import yaml
 
 from blockcopy.core import plan_status
 from blockcopy.core.progress import ProgressWindow
-from blockcopy.model.api import GROUP, VERSION
+from blockcopy.model.api import GROUP, VERSION, Verify
 from blockcopy.model.plan import (
     MAX_NAME,
     PLAN_KIND,
@@ -40,6 +40,8 @@ def test_defaults():
     assert (parsed.max_active, parsed.max_active_per_node) == (4, 1)
     assert parsed.pivot is PivotMode.MANUAL and parsed.retention is Retention.KEEP
     assert not parsed.dry_run and parsed.node_selector is None and parsed.domains == ()
+    # Absent stays absent (not Sample, not true): the children keep BlockCopy's own defaults.
+    assert parsed.verify is None and parsed.detect_zeroes is None
 
 
 def test_everything_parsed():
@@ -49,9 +51,9 @@ def test_everything_parsed():
                                     "matchExpressions": [{"key": "x", "operator": "In",
                                                           "values": ["1", "2"]}]}},
         "destination": {"pathPrefix": "/pool/b", "format": "qcow2", "backingChain": "copy",
-                        "bandwidth": "10Mi", "convergence": "auto"},
+                        "bandwidth": "10Mi", "convergence": "auto", "detectZeroes": False},
         "maxActive": 3, "maxActivePerNode": 2, "pivot": "Automatic", "dryRun": True,
-        "sourceRetention": "Delete"})
+        "sourceRetention": "Delete", "verify": "Full"})
     assert parsed.source_prefix == "/pool/a" and parsed.bandwidth == 10 << 20
     assert parsed.node_selector == LabelSelector((("rack", "r1"),),
                                                  (Requirement("x", "In", ("1", "2")),))
@@ -60,6 +62,15 @@ def test_everything_parsed():
     assert not parsed.node_selector.matches({"rack": "r2", "x": "1"})
     assert parsed.pivot is PivotMode.AUTOMATIC and parsed.dry_run
     assert parsed.retention is Retention.DELETE
+    assert parsed.verify is Verify.FULL and parsed.detect_zeroes is False
+
+
+@pytest.mark.parametrize("verify", list(Verify))
+@pytest.mark.parametrize("detect", [True, False])
+def test_verify_and_detect_zeroes_kept_as_given(verify, detect):
+    parsed = parse_plan(spec(verify=verify.value,
+                             destination={"pathPrefix": "/pool/b", "detectZeroes": detect}))
+    assert (parsed.verify, parsed.detect_zeroes) == (verify, detect)
 
 
 @pytest.mark.parametrize(("raw", "message"), [
@@ -75,6 +86,17 @@ def test_everything_parsed():
     (spec(pivot="Now"), "Manual, Automatic"),
     (spec(sourceRetention="Shred"), "Keep, Delete"),
     (spec(dryRun="yes"), "true or false"),
+    (spec(destination={"pathPrefix": "/b", "convergence": "fast"}),
+     "spec.destination.convergence 'fast': one of auto"),
+    (spec(destination={"pathPrefix": "/b", "backingChain": "move"}),
+     "spec.destination.backingChain 'move': one of copy"),
+    (spec(verify="none"), r"spec.verify 'none': one of None, Sample, Full"),
+    (spec(verify=True), "spec.verify True: one of None, Sample, Full"),
+    (spec(verify=["Full"]), "spec.verify"),
+    (spec(destination={"pathPrefix": "/b", "detectZeroes": "false"}),
+     "spec.destination.detectZeroes must be true or false, not 'false'"),
+    (spec(destination={"pathPrefix": "/b", "detectZeroes": 0}),
+     "spec.destination.detectZeroes must be true or false"),
     ({"source": {"pathPrefix": "/a"}}, "required"),
     (spec(destination={"pathPrefix": "/b", "format": "raw", "backingChain": "copy"}), "qcow2"),
     (spec(destination={"pathPrefix": "/b", "bandwidth": "fast"}), "bandwidth"),
@@ -108,6 +130,19 @@ def test_crd_names():
     assert (limits["maxActive"]["minimum"], limits["maxActive"]["maximum"]) == (1, 1000)
     assert (limits["maxActivePerNode"]["minimum"],
             limits["maxActivePerNode"]["maximum"]) == (1, 64)
+
+
+def test_crd_verify_and_detect_zeroes_as_on_a_blockcopy_without_defaults():
+    """The same values as BlockCopy's fields, and no default: one filled in by the API
+    server would be an explicit value on every child (an explicit Sample holds a copy whose
+    check cannot be made, where an absent one lets it pivot)."""
+    props = SCHEMA["properties"]["spec"]["properties"]
+    verify = props["verify"]
+    zeroes = props["destination"]["properties"]["detectZeroes"]
+    assert verify["type"] == "string" and verify["enum"] == [v.value for v in Verify]
+    assert zeroes["type"] == "boolean"
+    assert "default" not in verify and "default" not in zeroes
+    assert verify["description"] and zeroes["description"]
 
 
 def test_status_schema_holds_what_the_controller_writes():

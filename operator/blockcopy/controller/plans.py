@@ -102,6 +102,12 @@ def child_body(plan: Mapping[str, Any], spec: PlanSpec, disk: PlannedDisk) -> di
         child_spec["bandwidth"] = spec.bandwidth
     if spec.convergence:
         child_spec["convergence"] = spec.convergence.value
+    # Only when the plan sets them: an absent verify is not an explicit Sample (a copy whose
+    # check cannot be made pivots), so the child must not get one in its place.
+    if spec.detect_zeroes is not None:
+        child_spec["detectZeroes"] = spec.detect_zeroes
+    if spec.verify is not None:
+        child_spec["verify"] = spec.verify.value
     if spec.retention is Retention.DELETE:
         child_spec["deleteSourcesUnder"] = spec.source_prefix
     return {

@@ -20,7 +20,7 @@ from blockcopy.kubectl.main import build_parser
 from blockcopy.kubectl.names import PHASES
 from blockcopy.kubectl.plantext import WAIT_FOR
 from blockcopy.kubectl.text import group_of
-from blockcopy.model.api import GROUP, PLURAL, VERSION
+from blockcopy.model.api import GROUP, PLURAL, VERSION, Verify
 from blockcopy.model.plan import PLAN_PLURAL, PivotMode, Retention
 
 # Cobra's ShellCompDirective values.
@@ -151,8 +151,8 @@ def values(action: argparse.Action, words: Words) -> tuple[Candidates, int]:
         return [(p, "") for p in PHASES], NO_FILES
     if action.dest == "plan_phase":
         return [(p, "") for p in WAIT_FOR], NO_FILES
-    if action.dest in ("pivot", "source_retention"):
-        kind = PivotMode if action.dest == "pivot" else Retention
+    if action.dest in ("pivot", "source_retention", "verify"):
+        kind = {"pivot": PivotMode, "source_retention": Retention, "verify": Verify}[action.dest]
         return [(m.value, "") for m in kind], NO_FILES
     if action.dest == "group":
         groups = sorted({g for o in blockcopies(words) if (g := group_of(o))})

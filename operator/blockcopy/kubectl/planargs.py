@@ -66,6 +66,14 @@ def add_arguments(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None
                         help="copy: move each disk with its whole backing chain")
     create.add_argument("--convergence", choices=["auto"],
                         help="auto: copies that do not converge block writes")
+    create.add_argument("--verify", type=planspec.verify_mode, metavar="MODE",
+                        help="the check at each switch: Sample, Full (every block: a longer "
+                        "pause) or None (no check). Default: BlockCopy's (Sample; a copy "
+                        "that cannot be checked still pivots, which a given Sample or Full "
+                        "would hold at Mirrored)")
+    create.add_argument("--no-detect-zeroes", action="store_true",
+                        help="spec.destination.detectZeroes: false, every byte is written "
+                        "(for destinations where zero detection costs too much)")
     create.add_argument("--source-retention", type=planspec.retention, metavar="MODE",
                         help="Keep (default) or Delete: the old images once pivoted")
     create.add_argument("--preview", action="store_true", help="spec.dryRun: the controller "

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from blockcopy.kubectl.errors import USAGE, PluginError
-from blockcopy.model.api import GROUP, VERSION
+from blockcopy.model.api import GROUP, VERSION, Verify
 from blockcopy.model.plan import MAX_NAME, PLAN_KIND, PivotMode, PlanError, Retention, parse_plan
 
 # A plan's name: a DNS subdomain that is also a label value (its children carry it).
@@ -19,7 +19,7 @@ _LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z
                         r"[A-Za-z0-9])?")
 
 
-def _choice(kind: type[PivotMode] | type[Retention]) -> Any:
+def _choice(kind: type[PivotMode] | type[Retention] | type[Verify]) -> Any:
     """An argparse type: a value of ``kind`` in any case (manual, AUTOMATIC)."""
     def parse(text: str) -> str:
         for member in kind:
@@ -33,6 +33,7 @@ def _choice(kind: type[PivotMode] | type[Retention]) -> Any:
 
 pivot_mode = _choice(PivotMode)
 retention = _choice(Retention)
+verify_mode = _choice(Verify)
 
 
 def split_items(values: Sequence[str] | None) -> list[str]:
@@ -93,11 +94,14 @@ def plan_body(*, name: str, namespace: str, source: str, dest: str,
               bandwidth: str | None = None, convergence: str | None = None,
               max_active: int | None = None, max_active_per_node: int | None = None,
               pivot: str = PivotMode.MANUAL.value, preview: bool = False,
-              source_retention: str | None = None) -> dict[str, Any]:
+              source_retention: str | None = None, verify: str | None = None,
+              detect_zeroes: bool | None = None) -> dict[str, Any]:
     """The BlockCopyPlan the flags describe. Fields not given are left out (the API server
     fills its defaults: maxActive 4, maxActivePerNode 1, sourceRetention Keep), except
     ``pivot``, always written (Manual unless asked), and ``dryRun: true`` with ``preview``
-    (the controller lists the disks in status.disks and copies nothing). Raises PluginError
+    (the controller lists the disks in status.disks and copies nothing). ``verify`` and
+    ``detect_zeroes`` are left out unless given: the children then keep BlockCopy's defaults
+    (an absent verify is not an explicit Sample: see docs/api.md). Raises PluginError
     (USAGE) with the reason for what the controller or the API server would refuse."""
     if len(name) > MAX_NAME or not _NAME.fullmatch(name):
         raise PluginError(f"plan name {name!r}: lower-case letters, digits, '-' and '.', at "
@@ -111,7 +115,8 @@ def plan_body(*, name: str, namespace: str, source: str, dest: str,
         src["nodeSelector"] = selector
     dst: dict[str, Any] = {"pathPrefix": _prefix("--to", dest)}
     for key, value in (("format", format), ("backingChain", backing_chain),
-                       ("bandwidth", bandwidth), ("convergence", convergence)):
+                       ("bandwidth", bandwidth), ("convergence", convergence),
+                       ("detectZeroes", detect_zeroes)):
         if value is not None:
             dst[key] = value
     spec: dict[str, Any] = {"source": src, "destination": dst}
@@ -120,6 +125,8 @@ def plan_body(*, name: str, namespace: str, source: str, dest: str,
     if max_active_per_node is not None:
         spec["maxActivePerNode"] = max_active_per_node
     spec["pivot"] = pivot
+    if verify is not None:
+        spec["verify"] = verify
     if source_retention is not None:
         spec["sourceRetention"] = source_retention
     if preview:
@@ -131,6 +138,7 @@ def plan_body(*, name: str, namespace: str, source: str, dest: str,
                 "spec.maxActivePerNode": "--max-active-per-node",
                 "spec.destination.format": "--format",
                 "spec.destination.backingChain": "--backing-chain",
+                "spec.destination.detectZeroes": "--no-detect-zeroes", "spec.verify": "--verify",
                 "spec.destination.pathPrefix": "--to", "spec.source.pathPrefix": "--from"}
         message = str(exc)
         for field, option in flag.items():
@@ -148,4 +156,5 @@ def from_args(args: argparse.Namespace, namespace: str) -> dict[str, Any]:
         format=args.format, backing_chain=args.backing_chain, bandwidth=args.bandwidth,
         convergence=args.convergence, max_active=args.max_active,
         max_active_per_node=args.max_active_per_node, pivot=args.pivot,
-        preview=args.preview, source_retention=args.source_retention)
+        preview=args.preview, source_retention=args.source_retention, verify=args.verify,
+        detect_zeroes=False if args.no_detect_zeroes else None)

@@ -11,7 +11,14 @@ import posixpath
 from collections.abc import Mapping
 from typing import Any
 
-from blockcopy.model.api import GROUP, BackingChain, Convergence, SpecError, parse_bandwidth
+from blockcopy.model.api import (
+    GROUP,
+    BackingChain,
+    Convergence,
+    SpecError,
+    Verify,
+    parse_bandwidth,
+)
 
 PLAN_KIND = "BlockCopyPlan"
 PLAN_PLURAL = "blockcopyplans"
@@ -80,6 +87,11 @@ class PlanSpec:
     backing_chain: BackingChain | None = None
     bandwidth: int = 0  # bytes/s per copy, 0 = unlimited
     convergence: Convergence | None = None
+    # Passed to each child only when set: absent on the plan, absent on the child, which then
+    # keeps BlockCopy's defaults exactly (zero detection on; Sample, yet a check that cannot
+    # be made still pivots, where an explicit Sample or Full holds the copy).
+    detect_zeroes: bool | None = None
+    verify: Verify | None = None
     max_active: int = DEFAULT_MAX_ACTIVE
     max_active_per_node: int = DEFAULT_MAX_ACTIVE_PER_NODE
     pivot: PivotMode = PivotMode.MANUAL
@@ -108,7 +120,8 @@ def _limit(raw: Mapping[str, Any], key: str, default: int, top: int) -> int:
     return value
 
 
-def _choice(raw: Mapping[str, Any], key: str, kind: type[enum.StrEnum], default: Any) -> Any:
+def _choice(raw: Mapping[str, Any], key: str, kind: type[enum.StrEnum], default: Any, *,
+            where: str = "spec") -> Any:
     value = raw.get(key)
     if value is None:
         return default
@@ -116,7 +129,7 @@ def _choice(raw: Mapping[str, Any], key: str, kind: type[enum.StrEnum], default:
         return kind(value)
     except ValueError:
         names = ", ".join(m.value for m in kind)
-        raise PlanError(f"spec.{key} {value!r}: one of {names}") from None
+        raise PlanError(f"{where}.{key} {value!r}: one of {names}") from None
 
 
 def parse_selector(raw: Any) -> LabelSelector | None:
@@ -165,13 +178,17 @@ def parse_plan(raw: Any) -> PlanSpec:
     if fmt is not None and (not isinstance(fmt, str)
                             or not fmt.replace("-", "").replace("_", "").isalnum()):
         raise PlanError(f"spec.destination.format {fmt!r} is not an image format name")
-    chain = _choice(dest, "backingChain", BackingChain, None)
+    chain = _choice(dest, "backingChain", BackingChain, None, where="spec.destination")
     if chain is not None and fmt not in (None, "qcow2"):
         raise PlanError("spec.destination.backingChain: copy writes qcow2 images")
     try:
         bandwidth = parse_bandwidth(dest.get("bandwidth"))
     except SpecError as exc:
         raise PlanError(f"spec.destination.{exc}") from None
+    detect_zeroes = dest.get("detectZeroes")
+    if detect_zeroes is not None and not isinstance(detect_zeroes, bool):
+        raise PlanError(f"spec.destination.detectZeroes must be true or false, not "
+                        f"{detect_zeroes!r}")
     dry_run = raw.get("dryRun", False)
     if not isinstance(dry_run, bool):
         raise PlanError(f"spec.dryRun must be true or false, not {dry_run!r}")
@@ -179,7 +196,9 @@ def parse_plan(raw: Any) -> PlanSpec:
         source_prefix=src_prefix, dest_prefix=dst_prefix, domains=tuple(domains),
         node_selector=parse_selector(source.get("nodeSelector")),
         format=fmt, backing_chain=chain, bandwidth=bandwidth,
-        convergence=_choice(dest, "convergence", Convergence, None),
+        convergence=_choice(dest, "convergence", Convergence, None, where="spec.destination"),
+        detect_zeroes=detect_zeroes,
+        verify=_choice(raw, "verify", Verify, None),
         max_active=_limit(raw, "maxActive", DEFAULT_MAX_ACTIVE, MAX_ACTIVE_LIMIT),
         max_active_per_node=_limit(raw, "maxActivePerNode", DEFAULT_MAX_ACTIVE_PER_NODE,
                                    MAX_ACTIVE_PER_NODE_LIMIT),
