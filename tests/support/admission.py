@@ -15,6 +15,8 @@ from typing import Any
 import celpy
 import jsonschema
 import yaml
+from celpy.adapter import json_to_cel
+from celpy.evaluation import CELEvalError
 
 from support.paths import CRDS
 
@@ -63,8 +65,8 @@ def _cel_refusals(schema: dict[str, Any], value: Any, path: str) -> Iterator[str
         if "oldSelf" in text or any(f in text for f in SERVER_ONLY):
             continue
         try:
-            passed = _program(text).evaluate({"self": celpy.json_to_cel(value)})
-        except celpy.CELEvalError as exc:
+            passed = _program(text).evaluate({"self": json_to_cel(value)})
+        except CELEvalError as exc:
             yield f"{path or '.'}: the rule {text!r} could not be evaluated: {exc}"
             continue
         if not passed:
