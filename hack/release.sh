@@ -7,8 +7,8 @@
 #   blockcopy-operator-VERSION.tgz        the Helm chart, version and appVersion VERSION, its
 #                                         default image RELEASE_REGISTRY/blockcopy-operator:VERSION
 #   install.yaml                          for `kubectl apply -f`: the Namespace blockcopy-system,
-#                                         the CRD, and `helm template` of that chart with its
-#                                         defaults (RBAC, DaemonSet, ...)
+#                                         the CRDs, and `helm template` of that chart with its
+#                                         defaults (RBAC, DaemonSet, plan controller, ...)
 #   sbom.cdx.json                         CycloneDX SBOM of the image's Python dependencies, from
 #                                         requirements/runtime.txt; the build fails when the
 #                                         image's installed packages differ from that lock

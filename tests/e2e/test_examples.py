@@ -5,6 +5,7 @@ libvirt and in the images, so the examples cannot rot."""
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 
 import pytest
@@ -38,10 +39,14 @@ def apply(blockcopies, manifest: dict) -> str:
 def test_every_example_is_covered():
     tested = {"full-copy.yaml", "shallow-reuse-external.yaml", "format-conversion.yaml",
               "bandwidth-limited.yaml", "pivot-from-start.yaml", "abort-point-in-time.yaml",
-              "any-base.yaml", "chain-move.yaml", "nbd-destination.yaml"}
-    assert {p.name for p in EXAMPLES.glob("*.yaml")} == tested
+              "any-base.yaml", "chain-move.yaml", "nbd-destination.yaml", "disk-group.yaml"}
+    # A plan needs the simulated nodes and the plan controller: tests/e2e/test_plans.py.
+    on_the_nodes = {"move-a-pool.yaml"}
+    assert {p.name for p in EXAMPLES.glob("*.yaml")} == tested | on_the_nodes
+    plans_tests = (pathlib.Path(__file__).parent / "test_plans.py").read_text()
+    assert all(f'"{name}"' in plans_tests for name in on_the_nodes)
     readme = (EXAMPLES / "README.md").read_text()
-    for name in tested:
+    for name in tested | on_the_nodes:
         assert f"`{name}`" in readme, name
 
 
@@ -177,3 +182,28 @@ def test_nbd_destination(agent_factory, vms, blockcopies, node):
                         vm.chain[0]], check=True)
     finally:
         subprocess.run(["kill", open(pidfile).read().strip()], check=False)
+
+
+def test_disk_group(agent, vms, blockcopies):
+    """Both members in one apply (as the example says): each pivots, the VM runs on both
+    copies, each holding its disk's guest view."""
+    vm = vms(disks=2, layers=1, size="64M", data_per_layer="16M")
+    docs = [d for d in yaml.safe_load_all((EXAMPLES / "disk-group.yaml").read_text()) if d]
+    dests, names = {}, {}
+    for doc in docs:
+        spec = doc["spec"]
+        assert spec["domain"] == "my-vm" and spec["group"] == "my-vm" and spec["pivot"] is True
+        assert spec["dest"].startswith("/var/lib/libvirt/images/")
+        disk = spec["disk"]
+        dests[disk] = os.path.join(vm.workdir, f"{disk}.group.qcow2")
+        spec.update(domain=vm.name, dest=dests[disk], nodeName=agent.node, group=vm.name)
+        doc["metadata"]["name"] += "-" + vm.name.rsplit("-", 1)[-1]
+        names[disk] = doc["metadata"]["name"]
+    assert set(names) == {"vda", "vdb"}
+    blockcopies.apply_manifest({"apiVersion": "v1", "kind": "List", "items": docs})
+    for name in names.values():
+        status = blockcopies.wait_phase(name, "Pivoted", "Failed", timeout=120)
+        assert status["phase"] == "Pivoted", status
+    for disk, dest in dests.items():
+        assert live_disk_source(vm, disk) == dest and live_mirror(vm, disk) is None
+        assert qemu_img_compare(vm.disk_chains[disk][0], dest).returncode == 0

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 
 import libvirt
 import pytest
+import yaml
 from kubernetes.client.exceptions import ApiException
 
 from blockcopy.model.api import FINALIZER, NODE_LABEL
@@ -38,6 +39,7 @@ from blockcopy.model.plan import PLAN_KIND, PLAN_LABEL
 from support import multinode
 from support.images import image_digest, qemu_img_compare
 from support.libvirt_probes import live_disk_source, live_mirror, live_xml
+from support.paths import EXAMPLES
 from support.plans import (
     ALLOWED_ROOT,
     Plans,
@@ -208,6 +210,29 @@ def test_dry_run_then_a_plan_over_four_nodes(nodes, plans, vms, dirs, tag, api, 
     # The disk outside the prefix was left alone.
     assert live_disk_source(outside, "vda") == outside.chain[0]
     assert not any(c["spec"]["domain"] == outside.name for c in children)
+
+
+def test_the_example_plan_starts_with_a_dry_run(nodes, plans, vms, dirs, tag, api, published):
+    """examples/move-a-pool.yaml, its prefixes and domain glob moved onto two of the nodes: it
+    lists the disks under the prefix (Planned) and creates nothing."""
+    example = yaml.safe_load((EXAMPLES / "move-a-pool.yaml").read_text())
+    spec = example["spec"]
+    assert spec["dryRun"] is True and spec["source"]["domains"] == ["my-vm*"]
+    name = f"bct-ex{tag}"
+    made = one_vm_on_each(nodes[:2], name, vms, published, api, layers=1)
+    src_prefix, dst_prefix = str(nodes[0].images_dir.parent), str(dirs["dst"])
+    spec["source"].update(pathPrefix=src_prefix, domains=[f"{name}-*"])
+    spec["destination"]["pathPrefix"] = dst_prefix
+    plan = plans.create(f"{name}-{example['metadata']['name']}", spec)
+    status = plans.wait_phase(plan, "Planned", "Failed", timeout=60)
+    assert status["phase"] == "Planned", status
+    expected = expected_disks({node.name: [vm] for node, vm in zip(nodes, made, strict=False)},
+                              src_prefix, dst_prefix)
+    assert expected
+    assert {(e["node"], e["domain"], e["disk"], e["source"], e["destination"])
+            for e in status["disks"]} == expected
+    assert status["total"] == len(expected) and plans.children(plan) == []
+    plans.delete(plan)
 
 
 def test_deleting_a_running_plan_cancels_its_copies(nodes, plans, vms, dirs, tag, api,

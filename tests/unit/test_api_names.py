@@ -13,7 +13,7 @@ import yaml
 
 from blockcopy.model.api import GROUP, KIND, PLURAL, VERSION
 from blockcopy.model.inventory import INVENTORY_PLURAL
-from blockcopy.model.plan import PLAN_PLURAL
+from blockcopy.model.plan import PLAN_KIND, PLAN_PLURAL
 from support.paths import CHART, EXAMPLES, HACK
 
 TEMPLATES = sorted((CHART / "templates").glob("*.yaml"))
@@ -61,7 +61,7 @@ def test_every_rule_of_the_chart_names_our_group_and_resources_as_the_code_does(
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_the_examples_are_objects_of_this_api(example):
     docs = [d for d in yaml.safe_load_all(example.read_text()) if d]
-    assert docs and all((d["apiVersion"], d["kind"]) == (f"{GROUP}/{VERSION}", KIND)
+    assert docs and all(d["apiVersion"] == f"{GROUP}/{VERSION}" and d["kind"] in (KIND, PLAN_KIND)
                         for d in docs)
 
 

@@ -4,6 +4,7 @@ evaluated with cel-python (the local 1.20 API server cannot run them)."""
 from __future__ import annotations
 
 import pathlib
+import re
 
 import celpy
 import pytest
@@ -126,3 +127,24 @@ def test_mutable_fields_change_freely_after_the_start():
     new = {"spec": {**BASE, "pivot": True, "abort": True, "bandwidth": "10Mi"},
            "status": STARTED}
     assert violations(old, new) == []
+
+
+def _named_before(text: str, marker: str) -> set[str]:
+    """The `names` of the paragraph (or table cell) that ``marker`` (once in ``text``) ends."""
+    assert text.count(marker) == 1, marker
+    before = text.partition(marker)[0]
+    start = max(before.rfind("\n\n"), before.rfind("| "))
+    return set(re.findall(r"`([A-Za-z]+)`", before[start:]))
+
+
+def test_the_documentation_names_every_immutable_field():
+    """docs/api.md, the README's troubleshooting and kubectl explain list the fields that
+    cannot change once the job started: exactly those the CEL rules and the agent hold."""
+    root = pathlib.Path(__file__).parents[2]
+    api_md = (root / "docs" / "api.md").read_text()
+    readme = (root / "README.md").read_text()
+    assert _named_before(api_md, " cannot change once the job") == set(IMMUTABLE_FIELDS)
+    assert _named_before(readme, " are fixed once the job started") == set(IMMUTABLE_FIELDS)
+    started = " ".join(STATUS["properties"]["startedSpec"]["description"].split())
+    listed = started.partition("(")[2].partition(")")[0].split(", ")
+    assert set(listed) == set(IMMUTABLE_FIELDS)

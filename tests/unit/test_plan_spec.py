@@ -124,8 +124,20 @@ def test_crd_names():
     assert names["categories"] == ["blockcopy-all"] and CRD["spec"]["scope"] == "Namespaced"
     version = CRD["spec"]["versions"][0]
     assert version["name"] == VERSION and version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]][:3] == \
-        ["Phase", "Pivoted", "Copying"]
+    columns = version["additionalPrinterColumns"]
+    # kubectl get bcp: readable at a glance, no raw byte count (the rate in bytes/s only with
+    # -o wide, after Age, as for BlockCopy); every column reads a field the schema has.
+    assert [c["name"] for c in columns if not c.get("priority")] == \
+        ["Phase", "Pivoted", "Copying", "Failed", "ETA", "Age"]
+    assert [c["name"] for c in columns if c.get("priority") == 1] == ["Rate", "Pivot"]
+    assert all(c.get("priority") == 1 for c in columns if c.get("format") == "int64")
+    for c in columns:
+        parts = c["jsonPath"].split(".")[1:]
+        if parts[0] != "metadata":
+            node = SCHEMA
+            for part in parts:
+                node = node["properties"][part]
+            assert node["type"] == c["type"], c
     limits = SCHEMA["properties"]["spec"]["properties"]
     assert (limits["maxActive"]["minimum"], limits["maxActive"]["maximum"]) == (1, 1000)
     assert (limits["maxActivePerNode"]["minimum"],
