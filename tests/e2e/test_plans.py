@@ -298,8 +298,11 @@ def test_deleting_a_running_plan_cancels_its_copies(nodes, plans, vms, dirs, tag
     ({"source": {"pathPrefix": "/a"},
       "destination": {"pathPrefix": "/b", "detectZeroes": "no"}},
      "spec.destination.detectZeroes"),
+    ({"source": {"pathPrefix": "/a"},
+      "destination": {"pathPrefix": "/b", "bandwidth": "fast"}},
+     "spec.destination.bandwidth must be a quantity of bytes per second"),
 ], ids=["dest-inside", "source-inside", "relative", "dotdot", "zero", "absurd", "pivot",
-        "verify", "detect-zeroes"])
+        "verify", "detect-zeroes", "bandwidth"])
 def test_bad_plans_refused_at_admission(plans, kubectl, tag, spec, message):
     """The API server itself refuses them (the CRD's schema and CEL rules): nothing exists."""
     apply_crds(kubectl)
