@@ -170,6 +170,10 @@ class FakeHypervisor:
             raise HypervisorError(f"fault injection: {verb} refused")
 
     def _domain(self, ref: str) -> FakeDomain:
+        try:  # as libvirt reads a UUID: in any case, with or without its hyphens
+            ref = str(uuidlib.UUID(ref))
+        except ValueError:
+            pass
         for dom in self.domains.values():
             if ref in (dom.name, dom.uuid):
                 return dom

@@ -9,6 +9,7 @@ import datetime as dt
 
 import pytest
 
+from blockcopy.agent.groups import _aliases
 from blockcopy.model.ports import HypervisorError
 from support.agent_on_fakes import FakeNode
 
@@ -259,3 +260,62 @@ async def test_members_naming_the_vm_by_name_and_by_uuid_hold_each_other(tmp_pat
     assert env.hv.disk("vm", "vdb").source == str(tmp_path / "vdb.qcow2")
     assert env.hv.disk("vm", "vda").source == str(tmp_path / "vda.copy.qcow2")
     await env.finish()
+
+
+async def test_an_alias_created_after_a_members_look_holds_the_groups_switch(tmp_path):
+    """vda's look lists the group (no alias yet) and opens its gate; vdb, naming the VM by
+    its UUID in the same group, is created before the switch lists the group again. The
+    switch's own gate, on that fresh listing, must see vdb as an alias too: otherwise vda
+    pivots alone and vdb, a group of its own, switches later or never (the VM split
+    between copies and sources)."""
+    env = Env(tmp_path, disks=("vda", "vdb"), followed=("vda",), pivot=True)
+    uuid = env.hv._domain("vm").uuid
+    vdb = env.kube.objects.pop(("ns", "vdb"))
+    vdb["spec"]["domain"] = uuid
+    await env.until(lambda: env.phase("vda") == "Copying")
+    listing, lists = env.kube.list_namespace, []
+
+    async def list_namespace(namespace):
+        listed = await listing(namespace)
+        lists.append(len(listed))
+        if len(lists) == 1:  # vda's look has its listing: vdb arrives right after
+            env.kube.objects[("ns", "vdb")] = vdb
+        return listed
+    env.kube.list_namespace = list_namespace
+    env.hv.make_ready("vm", "vda")
+    await env.until(lambda: len(lists) >= 2 and "names this VM" in
+                    env.status("vda").get("message", ""))
+    await asyncio.sleep(30)
+    assert env.phase("vda") == "Mirrored" and "pivot" not in env.hv.verbs()
+    await env.finish()
+
+
+@pytest.mark.parametrize("spelling", [str.upper, lambda u: u.replace("-", "")],
+                         ids=["upper-case", "no-hyphens"])
+async def test_members_naming_the_vm_by_two_spellings_of_its_uuid_hold_each_other(
+        tmp_path, spelling):
+    """libvirt reads a UUID in any case, with or without its hyphens: vda and vdb name one
+    VM by two spellings of its UUID, two groups by their keys; neither may switch alone."""
+    env = Env(tmp_path, disks=("vda", "vdb"), followed=(), pivot=True)
+    uuid = env.hv._domain("vm").uuid
+    env.bodies["vda"]["spec"]["domain"] = uuid
+    env.bodies["vdb"]["spec"]["domain"] = spelling(uuid)
+    env.follow("vda")
+    env.follow("vdb")
+    await env.until(lambda: env.phase("vda") == "Copying" and env.phase("vdb") == "Copying")
+    env.hv.make_ready("vm", "vda")
+    env.hv.make_ready("vm", "vdb")
+    await env.until(lambda: "names this VM" in env.status("vda").get("message", "")
+                    and "names this VM" in env.status("vdb").get("message", ""))
+    assert "pivot" not in env.hv.verbs()
+    await env.finish()
+
+
+async def test_a_vm_named_alike_in_another_case_is_not_an_alias():
+    """libvirt's names are case-sensitive: "VM" is another VM than "vm" (no hold)."""
+    listed = [{"metadata": {"namespace": "ns", "name": "vdb"},
+               "spec": {"domain": "VM", "group": "g"}}]
+    assert _aliases(listed, ("ns", "g", "1b4e28ba-2fa1-11d2-883f-0016d3cca427"),
+                    ("vm", "1b4e28ba-2fa1-11d2-883f-0016d3cca427")) == ()
+    assert _aliases(listed, ("ns", "g", "1b4e28ba-2fa1-11d2-883f-0016d3cca427"),
+                    ("VM", "1b4e28ba-2fa1-11d2-883f-0016d3cca427")) == (("vdb", "VM"),)

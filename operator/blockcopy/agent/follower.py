@@ -95,6 +95,10 @@ class Follower:
     def target(self) -> str | None:
         return self.observer.target
 
+    @property
+    def vm(self) -> tuple[str, str]:
+        return self.observer.domain_name or "", self.observer.domain_uuid or ""
+
     def poke(self) -> None:
         self.wake.set()
 

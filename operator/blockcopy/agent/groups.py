@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import uuid as uuidlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -53,6 +54,10 @@ class Member(Protocol):
     @property
     def target(self) -> str | None: ...
 
+    @property
+    def vm(self) -> tuple[str, str]:
+        """The VM's name and UUID as this member's last look found them ("" before it)."""
+
     def poke(self) -> None:
         """Look again soon (a member's phase or spec changed)."""
 
@@ -72,19 +77,29 @@ def key_of(body: Mapping[str, Any]) -> GroupKey | None:
     return body["metadata"]["namespace"], group, str(spec.get("domain"))
 
 
+def _vm_ref(ref: str) -> str:
+    """A domain reference as libvirt reads it: a UUID in any case, with or without its
+    hyphens, is one VM (``adapters.hypervisor`` looks such a reference up by UUID); a name
+    is case-sensitive."""
+    try:
+        return str(uuidlib.UUID(ref))
+    except ValueError:
+        return ref
+
+
 def _aliases(listed: Sequence[Mapping[str, Any]], key: GroupKey,
              vm: Collection[str]) -> tuple[tuple[str, str], ...]:
     """Objects of the group's namespace and name whose ``spec.domain`` is another name of the
-    same VM: libvirt takes a domain by name or by UUID, and a group is keyed by how its
-    members name it (one spelling, one group). One that ended (or is being deleted) is
-    not: it switches nothing any more."""
-    names = {n.lower() for n in vm if n} - {key[2].lower()}
+    same VM: libvirt takes a domain by name or by UUID (in any spelling of it), and a group
+    is keyed by how its members name it (one spelling, one group). One that ended (or is
+    being deleted) is not: it switches nothing any more."""
+    names = {_vm_ref(n) for n in (*vm, key[2]) if n}
     found = []
     for body in listed:
         spec = body.get("spec") or {}
         domain = str(spec.get("domain"))
         if (body["metadata"].get("namespace") == key[0] and spec.get("group") == key[1]
-                and domain.lower() in names and domain != key[2]
+                and domain != key[2] and _vm_ref(domain) in names
                 and not body["metadata"].get("deletionTimestamp")
                 and (body.get("status") or {}).get("phase") not in TERMINAL_PHASES):
             found.append((str(body["metadata"]["name"]), domain))

@@ -149,7 +149,10 @@ class GroupSwitch:
 
     async def _run(self, key: GroupKey, shares: dict[Member, Switched]) -> None:
         group = key[1]
-        view = await self.groups.view(key, listing=True)
+        # The VM's other names, as the members' looks found them: an object of the group
+        # created since those looks that names it the other way holds the switch too.
+        vm = sorted({n for m in self.groups.members(key) for n in m.vm if n})
+        view = await self.groups.view(key, listing=True, vm=vm)
         assert view is not None  # (a key gives a view)
         blocked, _ = gates.group_pivot_blocked(view, asking="")  # on the members' own phases
         followed = {m.name: m for m in self.groups.members(key)}

@@ -41,6 +41,7 @@ class DiskObserver:
         self.layers: LayerCopies | NoLayerCopies = NO_LAYER_COPIES
         self.window = ProgressWindow()  # rate, time left, convergence
         self.domain_uuid: str | None = None  # where libvirt's events for us come from
+        self.domain_name: str | None = None  # (with the uuid: the VM's names, for its group)
         self.target: str | None = None
         self._chain: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # last seen, formats
 
@@ -51,6 +52,7 @@ class DiskObserver:
         if disk.chain:
             self._chain = (disk.chain, disk.chain_formats)
         self.domain_uuid, self.target = disk.domain_uuid, disk.target
+        self.domain_name = disk.domain_name
         return disk
 
     async def job(self, spec: BlockCopySpec, current: Phase, *, first: bool) -> Observation:
