@@ -34,7 +34,8 @@ def crds_by_kind() -> dict[str, dict[str, Any]]:
 
 
 @functools.cache
-def _program(rule: str) -> Any:
+def program(rule: str) -> Any:
+    """A CEL rule compiled by cel-python (once per rule)."""
     env = celpy.Environment()
     return env.program(env.compile(rule))
 
@@ -65,7 +66,7 @@ def _cel_refusals(schema: dict[str, Any], value: Any, path: str) -> Iterator[str
         if "oldSelf" in text or any(f in text for f in SERVER_ONLY):
             continue
         try:
-            passed = _program(text).evaluate({"self": json_to_cel(value)})
+            passed = program(text).evaluate({"self": json_to_cel(value)})
         except CELEvalError as exc:
             yield f"{path or '.'}: the rule {text!r} could not be evaluated: {exc}"
             continue

@@ -234,6 +234,15 @@ async def test_a_member_claimed_by_another_nodes_agent_is_named_with_its_node(tm
     await env.finish()
 
 
+async def _both_ready_and_held_as_aliases(env):
+    """vda and vdb copy, their mirrors get ready, and each names the other as an alias."""
+    await env.until(lambda: env.phase("vda") == "Copying" and env.phase("vdb") == "Copying")
+    env.hv.make_ready("vm", "vda")
+    env.hv.make_ready("vm", "vdb")
+    await env.until(lambda: "names this VM" in env.status("vda").get("message", "")
+                    and "names this VM" in env.status("vdb").get("message", ""))
+
+
 async def test_members_naming_the_vm_by_name_and_by_uuid_hold_each_other(tmp_path):
     """vdb names the VM by its UUID, vda by its name, in the same group: keyed by how they
     name it they would be two groups, each switching alone (the VM split between copies and
@@ -243,11 +252,7 @@ async def test_members_naming_the_vm_by_name_and_by_uuid_hold_each_other(tmp_pat
     uuid = env.hv._domain("vm").uuid
     env.bodies["vdb"]["spec"]["domain"] = uuid
     env.follow("vdb")
-    await env.until(lambda: env.phase("vda") == "Copying" and env.phase("vdb") == "Copying")
-    env.hv.make_ready("vm", "vda")
-    env.hv.make_ready("vm", "vdb")
-    await env.until(lambda: "names this VM" in env.status("vda").get("message", "")
-                    and "names this VM" in env.status("vdb").get("message", ""))
+    await _both_ready_and_held_as_aliases(env)
     await asyncio.sleep(30)
     assert [env.phase(d) for d in ("vda", "vdb")] == ["Mirrored", "Mirrored"]
     assert "pivot" not in env.hv.verbs()
@@ -302,11 +307,7 @@ async def test_members_naming_the_vm_by_two_spellings_of_its_uuid_hold_each_othe
     env.bodies["vdb"]["spec"]["domain"] = spelling(uuid)
     env.follow("vda")
     env.follow("vdb")
-    await env.until(lambda: env.phase("vda") == "Copying" and env.phase("vdb") == "Copying")
-    env.hv.make_ready("vm", "vda")
-    env.hv.make_ready("vm", "vdb")
-    await env.until(lambda: "names this VM" in env.status("vda").get("message", "")
-                    and "names this VM" in env.status("vdb").get("message", ""))
+    await _both_ready_and_held_as_aliases(env)
     assert "pivot" not in env.hv.verbs()
     await env.finish()
 

@@ -17,6 +17,7 @@ import yaml
 
 from blockcopy.model import api
 from blockcopy.model.api import SpecError, parse_spec
+from support.admission import SERVER_ONLY, program
 from support.invalid_specs import INVALID, NOT_IN_CEL, VALID, Invalid
 from support.paths import CRD, ROOT
 
@@ -78,8 +79,6 @@ def test_ids_are_unique_and_valid_specs_parse():
 
 # ------------------------------------------------------------------ the CRD's CEL rules
 
-ENV = celpy.Environment()
-SERVER_ONLY = ("isQuantity(",)  # Kubernetes' CEL libraries: cel-python has no quantity()
 
 
 def _rules() -> Iterator[tuple[str | None, str, str]]:
@@ -92,7 +91,7 @@ def _rules() -> Iterator[tuple[str | None, str, str]]:
 
 
 RULES = list(_rules())
-PROGRAMS = {rule: ENV.program(ENV.compile(rule)) for _, rule, _ in RULES
+PROGRAMS = {rule: program(rule) for _, rule, _ in RULES
             if not any(f in rule for f in SERVER_ONLY)}
 
 
