@@ -12,6 +12,7 @@ import pytest
 from blockcopy.agent.groups import _aliases
 from blockcopy.model.ports import HypervisorError
 from support.agent_on_fakes import FakeNode
+from support.fakes import Stop
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 
@@ -261,7 +262,33 @@ async def test_members_naming_the_vm_by_name_and_by_uuid_hold_each_other(tmp_pat
     # vdb aborted (the user's way out): vda's group is vda alone, and it switches.
     env.edit("vdb", pivot=False, abort=True)
     await env.until(lambda: env.phase("vdb") == "Aborted")
-    await env.until(lambda: env.phase("vda") == "Pivoted", timeout=60)
+    # vdb's end wakes vda (another key, the same group): it switches now, not at its next
+    # fallback look.
+    await env.until(lambda: env.phase("vda") == "Pivoted", timeout=3)
+    assert env.hv.disk("vm", "vdb").source == str(tmp_path / "vdb.qcow2")
+    assert env.hv.disk("vm", "vda").source == str(tmp_path / "vda.copy.qcow2")
+    await env.finish()
+
+
+async def test_an_alias_deleted_wakes_the_member_it_held(tmp_path):
+    """vdb (naming the VM by its UUID) is deleted while it holds vda: kopf stops vdb's
+    daemon, and vda, no longer held (an object being deleted switches nothing), switches
+    at once rather than at its next fallback look; vdb's copy ends on its source."""
+    env = Env(tmp_path, disks=("vda", "vdb"), followed=("vda",), pivot=True)
+    env.bodies["vdb"]["spec"]["domain"] = env.hv._domain("vm").uuid
+    own_stop = Stop()
+    vdb = asyncio.create_task(env.agent.follow(env.bodies["vdb"], own_stop))
+    await _both_ready_and_held_as_aliases(env)
+    await asyncio.sleep(30)
+    assert env.phase("vda") == "Mirrored" and "pivot" not in env.hv.verbs()
+    env.bodies["vdb"]["metadata"]["deletionTimestamp"] = "2026-01-01T00:05:00Z"
+    own_stop.set()  # kopf stops the daemon of an object being deleted
+    await vdb
+    stopped = asyncio.get_running_loop().time()
+    pivoted = await env.until(lambda: env.phase("vda") == "Pivoted", timeout=60)
+    assert pivoted - stopped < 3, f"vda switched {pivoted - stopped:.1f} s after vdb went"
+    assert (await env.agent.cancel_for_deletion(env.bodies["vdb"])).startswith(
+        "cancelled the copy")
     assert env.hv.disk("vm", "vdb").source == str(tmp_path / "vdb.qcow2")
     assert env.hv.disk("vm", "vda").source == str(tmp_path / "vda.copy.qcow2")
     await env.finish()

@@ -217,6 +217,7 @@ class Agent:
             self.switch.forget(follower)
             if self.followers.get(key) is follower:
                 del self.followers[key]
+            self.groups.changed(key_of(follower.body), by=follower)  # one member fewer
 
     def _wake_queued(self) -> None:
         for follower in self.followers.values():

@@ -140,9 +140,14 @@ class Groups:
         return [f for f in self._followers() if key_of(f.body) == key]
 
     def changed(self, key: GroupKey | None, *, by: Member) -> None:
-        """A member's phase or spec changed: the others look again."""
-        for member in self.members(key):
-            if member is not by:
+        """A member's phase or spec changed, or it is no longer followed: the others look
+        again. Those naming the VM another way too (same namespace and group, another key):
+        an alias that ends releases their hold now, not at their next fallback look."""
+        if key is None:
+            return
+        for member in self._followers():
+            other = key_of(member.body)
+            if member is not by and other is not None and other[:2] == key[:2]:
                 member.poke()
 
     def summary(self, key: GroupKey | None) -> dict[str, Any] | None:
