@@ -78,6 +78,29 @@ ADMIN=("$STATE/bin/kubectl" --kubeconfig "$STATE/kubeconfig" --request-timeout=3
 HELM="$STATE/bin/helm"
 [ -x "$HELM" ] || HELM=helm
 
+# ---------------------------------------------------------------- code
+# A long-lived agent or controller started from other code than the caller's (the checkout
+# edited since, or another checkout's tests pointed at this state dir) is restarted, not
+# reused: $RUN/WHAT.code holds the fingerprint (hack/code_fingerprint.py) it started with.
+CODE=""
+code_now() {
+  [ -z "$CODE" ] || return 0
+  [ -x "$VENV/bin/python" ] || die "no $VENV/bin/python: run make venv (or set BLOCKCOPY_VENV)"
+  CODE=$("$VENV/bin/python" "$HACK/code_fingerprint.py") \
+    || die "cannot fingerprint the blockcopy code of $VENV/bin/python"
+}
+# stop_if_other_code WHAT PID: stops PID (pid file $RUN/WHAT.pid) when it runs other code;
+# true when it did (the caller starts it again).
+stop_if_other_code() {
+  local what=$1 pid=$2 had
+  code_now
+  had=$(cat "$RUN/$what.code" 2>/dev/null || echo unknown)
+  [ "$had" != "$CODE" ] || return 1
+  log "$what (pid $pid) runs code $had, this checkout's is $CODE: restarting it"
+  stop_pid "$what" "$pid"
+  rm -f "$RUN/$what.pid"
+}
+
 # ---------------------------------------------------------------- agents
 # launch_agent NAME: starts the node's agent unless it runs (the agent's command line: one
 # place, for the bring-up and start-agent), without waiting: await_agent NAME does. The
@@ -88,17 +111,18 @@ launch_agent() {
   node_vars "$name"
   pid=$(pid_of "$RUN/$name.agent.pid" "$AGENT_MATCH")
   [ -n "$pid" ] || pid=$(find_ours "$RUN/$name.agent.pid" "$AGENT_MATCH")
-  [ -z "$pid" ] || return 0
+  if [ -n "$pid" ]; then stop_if_other_code "$name.agent" "$pid" || return 0; fi
   local args=(--node-name "$name" --libvirt-uri "$URI" --allowed-path "$ALLOWED_ROOT")
   if [ "$NAMESPACES" != "*" ]; then
     for ns in $NAMESPACES; do args+=(--namespace "$ns"); done
   fi
-  [ -x "$VENV/bin/python" ] || die "no $VENV/bin/python: run make venv (or set BLOCKCOPY_VENV)"
+  code_now
   AGENT_OFFSET[$name]=$(stat -c %s "$LOGS/$name.agent.log" 2>/dev/null || echo 0)
   # No in-cluster service environment may take precedence over the kubeconfig.
   start_bg "$name.agent" env -u KUBERNETES_SERVICE_HOST -u KUBERNETES_SERVICE_PORT \
     KUBECONFIG="$NODES_STATE/$name/agent.kubeconfig" NODE_NAME="$name" \
     "$VENV/bin/python" -m blockcopy "${args[@]}"
+  echo "$CODE" >"$RUN/$name.agent.code"
 }
 
 # await_logged WHAT PIDFILE LOG OFFSET TEXT: until the process logged TEXT after byte OFFSET of
@@ -131,13 +155,15 @@ start_agent() { launch_agent "$1"; await_agent "$1"; }
 start_controller() {
   local pid offset ns args=(--mode controller --agent-timeout "$AGENT_TIMEOUT")
   pid=$(pid_of "$RUN/nodes-controller.pid" "$CONTROLLER_MATCH")
-  [ -z "$pid" ] || return 0
+  if [ -n "$pid" ]; then stop_if_other_code nodes-controller "$pid" || return 0; fi
   if [ "$NAMESPACES" != "*" ]; then
     for ns in $NAMESPACES; do args+=(--namespace "$ns"); done
   fi
   offset=$(stat -c %s "$LOGS/nodes-controller.log" 2>/dev/null || echo 0)
+  code_now
   start_bg nodes-controller env -u KUBERNETES_SERVICE_HOST -u KUBERNETES_SERVICE_PORT \
     KUBECONFIG="$NODES_STATE/controller.kubeconfig" "$VENV/bin/python" -m blockcopy "${args[@]}"
+  echo "$CODE" >"$RUN/nodes-controller.code"
   await_logged "plan controller" "$RUN/nodes-controller.pid" "$LOGS/nodes-controller.log" \
     "$offset" "plan controller ready"
 }
@@ -164,7 +190,7 @@ stop_controller() {
   pid=$(pid_of "$RUN/nodes-controller.pid" "$CONTROLLER_MATCH")
   if [ -z "$pid" ]; then log "the plan controller is not running"; return 0; fi
   stop_with "plan controller" "$pid" "$sig"
-  rm -f "$RUN/nodes-controller.pid"
+  rm -f "$RUN/nodes-controller.pid" "$RUN/nodes-controller.code"
 }
 
 stop_agent() {
@@ -174,7 +200,7 @@ stop_agent() {
   [ -n "$pid" ] || pid=$(find_ours "$RUN/$name.agent.pid" "$AGENT_MATCH")
   if [ -z "$pid" ]; then log "agent of $name is not running"; return 0; fi
   stop_with "agent of $name" "$pid" "$sig"
-  rm -f "$RUN/$name.agent.pid"
+  rm -f "$RUN/$name.agent.pid" "$RUN/$name.agent.code"
 }
 
 # One bring-up (or agent start/stop) at a time per state dir. Its own lock: cluster-up.sh

@@ -8,7 +8,8 @@ work to be testable here at all:
   domain's live XML through its own URI, the bytes with qemu-img compare, the copy owned by
   the node's user, whose QEMU wrote it);
 - a node's agent killed (SIGKILL) before it claimed an object, and again while its copy of
-  a writing guest's disk is Mirrored, picks the object up when started again, and pivots it.
+  a writing guest's disk is Mirrored, picks the object up when started again, and pivots it;
+- an agent started from other code than the test's is restarted on bring-up, not reused.
 
 The agents are the script's long-lived processes: they watch the namespace(s) it gave them
 (nodes.json "namespaces"), so the objects here live there, with names of their own.
@@ -187,3 +188,33 @@ def test_killed_agent_picks_up_again(nodes, node_vms, mn_blockcopies):
     writes = pathlib.Path(vm.console_log).read_text().count(WRITE_MARK)
     wait_guest_writing(vm, writes=writes + 2)
     assert other.agent_pid() is not None
+
+
+def test_an_agent_started_from_other_code_is_restarted_not_reused(nodes):
+    """The nodes' agents and the plan controller outlive a test session: one started from
+    other code (the checkout edited since, or another checkout's tests on this cluster)
+    would be judged in this run's place. Bring-up restarts exactly those, and only those."""
+    node, other = nodes[:2]
+    before = {n.name: n.agent_pid() for n in (node, other)}
+    controller = multinode.controller_pid()
+    assert None not in before.values() and controller is not None
+    assert not multinode.runs_other_code(node.agent_pid_file)
+    # As if node's agent had been started from another checkout.
+    node.agent_pid_file.with_suffix(".code").write_text("0123456789abcdef\n")
+    assert multinode.runs_other_code(node.agent_pid_file)
+    since = node.agent_log_size()
+    try:
+        multinode.bring_up(2)
+    finally:
+        if node.agent_pid() is None:
+            node.start_agent()
+    restarted = node.agent_pid()
+    assert restarted is not None and restarted != before[node.name]
+    assert "agent ready" in node.agent_log_text(since)
+    assert not multinode.runs_other_code(node.agent_pid_file)
+    # The rest ran this code already: left running.
+    assert other.agent_pid() == before[other.name]
+    assert multinode.controller_pid() == controller
+    # Nothing differs now: a second bring-up restarts nothing.
+    multinode.bring_up(2)
+    assert node.agent_pid() == restarted and multinode.controller_pid() == controller

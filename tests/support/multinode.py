@@ -11,11 +11,13 @@ script was given (``Node.namespaces``; default ``blockcopy-nodes``; empty: all).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +154,24 @@ def _script(*args: str, env: dict[str, str] | None = None, timeout: float = 600
     return proc
 
 
+@functools.cache
+def _code() -> str:
+    """The fingerprint of the blockcopy code this test process imports
+    (hack/code_fingerprint.py): the script's long-lived agents and controller must run it."""
+    return subprocess.run([sys.executable, str(HACK / "code_fingerprint.py")], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def runs_other_code(pid_file: pathlib.Path) -> bool:
+    """The process of ``pid_file`` was started from other code than this test's (the script
+    records the fingerprint beside the pid file, and restarts such a process on bring-up):
+    a test must not judge old code."""
+    try:
+        return pid_file.with_suffix(".code").read_text().strip() != _code()
+    except FileNotFoundError:
+        return True
+
+
 def load(path: pathlib.Path = NODES_JSON) -> list[Node]:
     """The nodes of nodes.json (none if it does not exist)."""
     if not path.exists():
@@ -160,11 +180,13 @@ def load(path: pathlib.Path = NODES_JSON) -> list[Node]:
 
 
 def bring_up(count: int = 2) -> list[Node]:
-    """At least ``count`` nodes, their agents running: hack/cluster-nodes.sh (idempotent:
-    a few seconds when they are up), never shrinking a larger set someone brought up."""
+    """At least ``count`` nodes, their agents (and the plan controller) running this test's
+    code: hack/cluster-nodes.sh (idempotent: a few seconds when they are up), never
+    shrinking a larger set someone brought up."""
     nodes = load()
     if len(nodes) < count or any(n.agent_pid() is None for n in nodes) \
-            or controller_pid() is None:
+            or controller_pid() is None or runs_other_code(CONTROLLER_PID_FILE) \
+            or any(runs_other_code(n.agent_pid_file) for n in nodes):
         _script(env={"NODES": str(max(count, len(nodes)))})
         nodes = load()
     assert len(nodes) >= count, nodes
