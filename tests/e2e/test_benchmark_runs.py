@@ -19,7 +19,8 @@ FIGURES = {
     "scale_status_writes_max", "api_requests_per_copy", "foreign_watch_events", "idle_cpu",
     "idle_wakeups_per_minute", "zeros_qcow2_allocation", "zeros_raw_allocation",
     "zeros_qcow2_time_vs_virsh", "zeros_raw_time_vs_virsh", "verify_pause_qcow2_p95",
-    "verify_pause_raw_p95", "foreign_cpu", "foreign_rss_growth", "plan_wall",
+    "verify_pause_raw_p95", "verify_pause_group_p95", "foreign_cpu", "foreign_rss_growth",
+    "plan_wall",
     "plan_virsh_parallel", "plan_virsh_serial", "plan_vs_virsh_parallel",
     "plan_api_requests_per_disk", "plan_controller_rss_max", "plan_controller_cpu",
     "plan_agent_rss_max", "plan_agent_cpu_max",
@@ -44,6 +45,8 @@ def test_the_benchmark_runs_through_and_writes_every_figure(tmp_path, cluster):
     assert set(results["stages_ms"]) == STAGES
     assert all(v["n"] >= 1 and v["max"] >= v["p50"] >= 0 for v in results["stages_ms"].values())
     assert results["run"]["smoke"] is True
+    group = results["verify_pause_group_p95"]  # one pause per group switch, both members in it
+    assert group["n"] >= 1 and group["members"] == 2 and group["results"] == ["Match"], group
     parts = results["run"]["parts_s"]  # every part ran, its wall time recorded and printed
     assert list(parts) == ["latencies", "copy", "zeros", "scale", "isolation", "verify",
                            "foreign", "plan", "idle"], parts
