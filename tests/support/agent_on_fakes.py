@@ -1,6 +1,7 @@
 """One agent on the FAKES of ``support.fakes`` (hypervisor, API, qemu-img) with the real file
 system under a test's tmp_path, on the event loop's clock (looptime makes it a fake one):
-the harness of every orchestration test of the agent (follower, groups, layouts, slots).
+the harness of every orchestration test of the agent (follower, groups, layouts, slots);
+``GroupNode``: the same with the members of one disk group on one VM.
 The e2e tests run the same paths on real parts."""
 
 from __future__ import annotations
@@ -99,3 +100,43 @@ class FakeNode:
         self.stop.set()
         await asyncio.gather(*self.tasks)
         await self.agent.recorder.drain()
+
+
+class GroupNode(FakeNode):
+    """Members of group g on domain vm, one BlockCopy per disk named after it (the copy of
+    ``vdX`` is ``vdX.copy.qcow2``); ``followed``: those the agent follows from the start (the
+    others exist in the API only, like objects not yet claimed; default all); ``created``:
+    their creationTimestamp (an hour old by default: the group's settle time is over);
+    ``spec``: more fields of every member's spec."""
+
+    def __init__(self, root: Path, *, disks: tuple[str, ...] = ("vda", "vdb", "vdc"),
+                 followed: tuple[str, ...] | None = None,
+                 created: str = "2025-12-31T23:00:00Z", **spec: Any):
+        super().__init__(root)
+        self.hv.add_domain("vm", disks={d: str(root / f"{d}.qcow2") for d in disks})
+        self.bodies: dict[str, dict[str, Any]] = {}
+        self.dests: dict[str, str] = {}
+        for d in disks:
+            self.dests[d] = str(root / f"{d}.copy.qcow2")
+            self.bodies[d] = self.add(d, {"domain": "vm", "disk": d, "group": "g",
+                                          "dest": self.dests[d], **spec}, created=created)
+            if followed is None or d in followed:
+                self.follow(d)
+
+    def follow(self, body: str | dict[str, Any]) -> asyncio.Task[None]:
+        """A member by its disk (or any body)."""
+        return super().follow(self.bodies[body] if isinstance(body, str) else body)
+
+    def edit(self, body: str | dict[str, Any], **spec: Any) -> None:
+        super().edit(self.bodies[body] if isinstance(body, str) else body, **spec)
+
+    async def mirrored(self) -> None:
+        """Every member copies, then every mirror is ready: all Mirrored."""
+        await self.until(lambda: all(self.phase(d) == "Copying" for d in self.bodies))
+        for d in self.bodies:
+            self.hv.make_ready("vm", d)
+        await self.until(lambda: all(self.phase(d) == "Mirrored" for d in self.bodies))
+
+    def pivot_all(self) -> None:
+        for d in self.bodies:
+            self.edit(d, pivot=True)

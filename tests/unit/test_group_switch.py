@@ -19,7 +19,7 @@ import asyncio
 import pytest
 
 from blockcopy.model.ports import HypervisorError
-from support.agent_on_fakes import FakeNode
+from support.agent_on_fakes import FakeNode, GroupNode
 from support.fakes import Stop
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
@@ -29,40 +29,17 @@ DISKS = ("vda", "vdb", "vdc")
 PAUSE_VERBS = ("pause", "resume")
 
 
-class Env(FakeNode):
-    """Members vda, vdb, vdc (BlockCopies of those names) of group g on domain vm, every
-    source and destination readable (the fake guest views, identical)."""
+class Env(GroupNode):
+    """Members vda, vdb, vdc of group g on domain vm (support.agent_on_fakes.GroupNode),
+    every source and destination readable (the fake guest views, identical)."""
 
     def __init__(self, tmp_path, disks=DISKS, **spec):
-        super().__init__(tmp_path)
-        self.hv.add_domain("vm", disks={d: str(tmp_path / f"{d}.qcow2") for d in disks})
-        self.bodies, self.dests = {}, {}
+        super().__init__(tmp_path, disks=disks, **spec)  # the members' loops start later
         for i, d in enumerate(disks):
-            self.dests[d] = str(tmp_path / f"{d}.copy.qcow2")
             data = bytearray(SIZE)
             data[i * 4096:(i + 1) * 4096] = d.encode() * 1365 + b"x"
             self.images.views[str(tmp_path / f"{d}.qcow2")] = data
             self.images.views[self.dests[d]] = bytearray(data)
-            self.bodies[d] = self.add(d, {"domain": "vm", "disk": d, "group": "g",
-                                          "dest": self.dests[d], **spec},
-                                      created="2025-12-31T23:00:00Z")
-            self.follow(d)
-
-    def follow(self, d):
-        return super().follow(self.bodies[d])
-
-    def edit(self, d, **spec):
-        super().edit(self.bodies[d], **spec)
-
-    async def mirrored(self):
-        await self.until(lambda: all(self.phase(d) == "Copying" for d in self.bodies))
-        for d in self.bodies:
-            self.hv.make_ready("vm", d)
-        await self.until(lambda: all(self.phase(d) == "Mirrored" for d in self.bodies))
-
-    def pivot_all(self):
-        for d in self.bodies:
-            self.edit(d, pivot=True)
 
     def corrupt(self, d):
         """The destination holds something else than the mirror wrote there."""

@@ -11,7 +11,7 @@ import pytest
 
 from blockcopy.agent.groups import _aliases
 from blockcopy.model.ports import HypervisorError
-from support.agent_on_fakes import FakeNode
+from support.agent_on_fakes import GroupNode
 from support.fakes import Stop
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
@@ -20,28 +20,12 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
-class Env(FakeNode):
-    """Members of group g on domain vm; ``followed``: those the agent follows from the start
-    (the others exist in the API only, like objects not yet claimed); ``created``: their
-    creationTimestamp."""
+class Env(GroupNode):
+    """A group's members (support.agent_on_fakes.GroupNode); ``pivot``: each with pivot:
+    true from the start."""
 
-    def __init__(self, tmp_path, disks=("vda", "vdb", "vdc"), followed=None,
-                 created="2025-12-31T23:00:00Z", pivot=False):
-        super().__init__(tmp_path)
-        self.hv.add_domain("vm", disks={d: str(tmp_path / f"{d}.qcow2") for d in disks})
-        self.bodies = {}
-        for d in disks:
-            spec = {"domain": "vm", "disk": d, "group": "g",
-                    "dest": str(tmp_path / f"{d}.copy.qcow2"), **({"pivot": True} if pivot else {})}
-            self.bodies[d] = self.add(d, spec, created=created)
-            if followed is None or d in followed:
-                self.follow(d)
-
-    def follow(self, d):
-        return super().follow(self.bodies[d])
-
-    def edit(self, d, **spec):
-        super().edit(self.bodies[d], **spec)
+    def __init__(self, tmp_path, pivot=False, **kw):
+        super().__init__(tmp_path, **kw, **({"pivot": True} if pivot else {}))
 
 
 async def test_no_member_pivots_until_every_member_is_mirrored_with_pivot(tmp_path):
@@ -81,10 +65,7 @@ async def test_a_member_without_pivot_true_holds_the_group(tmp_path):
 
 async def test_a_group_abort_quiesces_once_ends_every_job_and_resumes(tmp_path):
     env = Env(tmp_path)
-    await env.until(lambda: all(env.phase(d) == "Copying" for d in env.bodies))
-    for d in env.bodies:
-        env.hv.make_ready("vm", d)
-    await env.until(lambda: all(env.phase(d) == "Mirrored" for d in env.bodies))
+    await env.mirrored()
     env.edit("vda", abort=True)
     env.edit("vdb", abort=True)
     await asyncio.sleep(3)
@@ -110,10 +91,7 @@ async def test_a_member_that_looked_before_the_groups_abort_does_not_abort_it_ag
     and asks for the abort after it ended: nothing is left to end, so the guest is not
     suspended a second time."""
     env = Env(tmp_path)
-    await env.until(lambda: all(env.phase(d) == "Copying" for d in env.bodies))
-    for d in env.bodies:
-        env.hv.make_ready("vm", d)
-    await env.until(lambda: all(env.phase(d) == "Mirrored" for d in env.bodies))
+    await env.mirrored()
     env.edit("vda", abort=True)
     env.edit("vdb", abort=True)
     await env.until(lambda: "waiting for abort: true on vdc" in
@@ -136,10 +114,7 @@ async def test_a_member_that_looked_before_the_groups_abort_does_not_abort_it_ag
 
 async def test_the_vm_is_resumed_even_when_cancelling_fails(tmp_path):
     env = Env(tmp_path, disks=("vda", "vdb"))
-    await env.until(lambda: all(env.phase(d) == "Copying" for d in env.bodies))
-    for d in env.bodies:
-        env.hv.make_ready("vm", d)
-    await env.until(lambda: all(env.phase(d) == "Mirrored" for d in env.bodies))
+    await env.mirrored()
     original = env.hv.cancel
 
     async def failing_cancel(domain, target):
