@@ -229,25 +229,12 @@ def virsh_copy(copy: Copy, dest: str, bandwidth: int) -> None:
                          f"{proc.stderr.strip()}")
 
 
-def audit_lines(path: pathlib.Path, offset: int) -> Iterable[str]:
-    """The audit log from byte ``offset`` on (from its start, and its rotated file's, if it
-    was rotated meanwhile)."""
-    files = [path]
-    if path.stat().st_size < offset:
-        files = sorted(path.parent.glob("audit*.log"))
-        offset = 0
-    for file in files:
-        with open(file) as f:
-            f.seek(offset if file == path else 0)
-            yield from f
-
-
 def run(bench: Any) -> None:
     """``bench``: hack/benchmark.py's Bench (its args, record(), the API client)."""
     from blockcopy.model.api import VERSION, parse_bandwidth
     from blockcopy.model.inventory import INVENTORY_PLURAL
     from blockcopy.model.plan import PLAN_PLURAL
-    from support import multinode
+    from support import audit, multinode
     from support.plans import Plans, inventory_status
     from support.vms import destroy_vm
 
@@ -308,8 +295,7 @@ def run(bench: Any) -> None:
         inventory_by_bench = wait_inventories(api, nodes, copies, INVENTORY_PLURAL, VERSION,
                                               by_node, inventory_status)
         subprocess.run(["sync"], check=True)
-        audit = bench_audit_log()
-        offset = audit.stat().st_size
+        offset = audit.size()
         name = f"bench-plan-{tag}"
         with ProcWatch(pids) as watch:
             since = dt.datetime.now(dt.UTC)
@@ -330,7 +316,7 @@ def run(bench: Any) -> None:
                              f"pivoted, {len(copies)} disks expected")
         time.sleep(3)  # the last status writes of the children and of the plan
         until = dt.datetime.now(dt.UTC)
-        requests = count_requests(audit_lines(audit, offset), since, until)
+        requests = count_requests(audit.lines(audit.AUDIT_LOG, offset), since, until)
         children = plans.children(name)
         assert len(children) == len(copies), len(children)
         copies = [dataclasses.replace(c, source=dest_for(c.source, plan_src, str(plan_dst)))
@@ -381,11 +367,6 @@ def run(bench: Any) -> None:
                  "reported", "% of one core", None,
                  per_agent={k: v["cpu_pct"] for k, v in agents.items()},
                  during_virsh_parallel={k: v["cpu_pct"] for k, v in virsh_watch.result.items()})
-
-
-def bench_audit_log() -> pathlib.Path:
-    from support.paths import STATE
-    return STATE / "log" / "audit.log"
 
 
 def wait_plan(api: Any, namespace: str, name: str, plural: str, version: str, *,

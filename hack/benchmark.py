@@ -42,10 +42,10 @@ from blockcopy.model.api import GROUP, KIND, NODE_LABEL, PLURAL, VERSION
 from support import vms as testvm
 from support.agents import Agent as AgentProcess
 from support.agents import free_port, http_get
+from support.audit import AUDIT_LOG
 from support.cluster import Kubectl, apply_crd, bring_up, custom_objects, token_kubeconfig
 from support.paths import STATE
 
-AUDIT_LOG = STATE / "log" / "audit.log"
 ADMIN = Kubectl()  # the admin kubeconfig
 kubectl = ADMIN.output
 

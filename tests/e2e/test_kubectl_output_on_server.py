@@ -22,7 +22,9 @@ from test_kubectl_plugin import Plugin, dest_dir, parse_table
 
 import blockcopy
 from blockcopy.kubectl.names import RESOURCE
+from support import audit
 from support.paths import KUBECTL
+from support.waits import wait_for
 
 
 def test_list_in_every_format_and_version_shows_the_agents_version(
@@ -114,6 +116,7 @@ def test_watches_print_the_phases_and_wait_follows_a_watch(
     status = Follow(plugin, "status", name, "--watch")
     listed = Follow(plugin, "list", "--watch", "-o", "wide", "--group", "watched")
     names = Follow(plugin, "list", "-w", "-o", "json")
+    since = audit.size()
     waiting = subprocess.Popen([str(KUBECTL), "blockcopy", "wait", name, "--for", "Mirrored",
                                 "--timeout", "300s", "-n", namespace], env=plugin.env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -122,8 +125,12 @@ def test_watches_print_the_phases_and_wait_follows_a_watch(
         status.until(lambda line: line.startswith(name), 60)  # the row as it is now
         listed.until(lambda line: line.startswith("NAME") and "AGENT" in line, 60)
         names.until(lambda line: json.loads(line)["metadata"]["name"] == name, 60)
-        time.sleep(1)  # every watch is open before the agent starts
-        assert waiting.poll() is None  # still waiting: nothing is Mirrored
+        # The positive signal first: wait judged what it listed and opened its watch (the
+        # only one of this object's name, by field selector) ...
+        wait_for(lambda: audit.watch_opened(namespace, "blockcopies", since=since,
+                                            field_selector=f"metadata.name={name}"),
+                 60, interval=0.2, what="the watch of kubectl blockcopy wait")
+        assert waiting.poll() is None  # ... and still waits: nothing is Mirrored
 
         agent_factory()
         mirrored = status.until(lambda line: cell(line, header, "PHASE") == "Mirrored", 300)
