@@ -20,12 +20,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
-class Env(GroupNode):
-    """A group's members (support.agent_on_fakes.GroupNode); ``pivot``: each with pivot:
-    true from the start."""
-
-    def __init__(self, tmp_path, pivot=False, **kw):
-        super().__init__(tmp_path, **kw, **({"pivot": True} if pivot else {}))
+Env = GroupNode  # pivot=True: every member with pivot: true from the start
 
 
 async def test_no_member_pivots_until_every_member_is_mirrored_with_pivot(tmp_path):
